@@ -1,0 +1,99 @@
+//! Source-IP access control lists for endpoints.
+//!
+//! Semantics (the contract in DESIGN.md): an empty allow list admits every source; a source
+//! matching any deny entry is refused even if an allow entry matches too. IPv4 clients that
+//! reach a dual-stack listener as IPv4-mapped IPv6 addresses are matched as IPv4.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// An endpoint's allow and deny lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acl {
+    /// Networks admitted; empty means every source.
+    pub allow: Vec<IpNet>,
+    /// Networks refused; a match here wins over any allow entry.
+    pub deny: Vec<IpNet>,
+}
+
+impl Acl {
+    /// Whether a connection from `source` may proceed.
+    pub fn permits(&self, source: IpAddr) -> bool {
+        let source = source.to_canonical();
+        if self.deny.iter().any(|net| net.contains(&source)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&source))
+    }
+}
+
+/// Parses an ACL entry: a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address, which
+/// stands for itself alone (/32 or /128).
+pub fn parse_acl_entry(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        if net.trunc() != net {
+            return Err(format!(
+                "`{text}` has host bits set; did you mean `{}`?",
+                net.trunc()
+            ));
+        }
+        return Ok(net);
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("`{text}` is not a CIDR block or IP address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acl(allow: &[&str], deny: &[&str]) -> Acl {
+        let parse = |v: &[&str]| v.iter().map(|s| parse_acl_entry(s).expect("entry")).collect();
+        Acl { allow: parse(allow), deny: parse(deny) }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn empty_allow_admits_everyone() {
+        assert!(acl(&[], &[]).permits(ip("198.51.100.7")));
+        assert!(acl(&[], &[]).permits(ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn allow_list_restricts() {
+        let a = acl(&["203.0.113.0/24", "2001:db8::/32"], &[]);
+        assert!(a.permits(ip("203.0.113.9")));
+        assert!(a.permits(ip("2001:db8:1::9")));
+        assert!(!a.permits(ip("198.51.100.7")));
+        assert!(!a.permits(ip("2001:db9::1")));
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let a = acl(&["10.0.0.0/8"], &["10.1.0.0/16", "10.2.3.4"]);
+        assert!(a.permits(ip("10.3.0.1")));
+        assert!(!a.permits(ip("10.1.2.3")));
+        assert!(!a.permits(ip("10.2.3.4")));
+        assert!(!acl(&[], &["0.0.0.0/0"]).permits(ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn mapped_ipv4_is_matched_as_ipv4() {
+        let a = acl(&["203.0.113.0/24"], &["203.0.113.66/32"]);
+        assert!(a.permits(ip("::ffff:203.0.113.5")));
+        assert!(!a.permits(ip("::ffff:203.0.113.66")));
+    }
+
+    #[test]
+    fn entries_are_validated() {
+        assert!(parse_acl_entry("10.0.0.300/8").is_err());
+        assert!(parse_acl_entry("10.0.0.0/33").is_err());
+        assert!(parse_acl_entry("10.0.0.1/8").expect_err("host bits").contains("10.0.0.0/8"));
+        assert_eq!(parse_acl_entry("::1").expect("addr").prefix_len(), 128);
+    }
+}

@@ -1,0 +1,233 @@
+//! Shared configuration plumbing: reading a TOML file into typed values with errors that name
+//! the file, the line and the key, and the value syntaxes both configs use (durations with
+//! units such as `"60s"`).
+//!
+//! Parsing goes through `serde_path_to_error`, so a bad value anywhere reports its full key
+//! path (`endpoint[1].acl.allow[0]`); checks that span several fields (unknown connector,
+//! duplicate names) use [`toml::Spanned`] positions and [`ConfigSource::error_at`].
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{DeserializeOwned, Deserializer, Error as _};
+use serde::Deserialize;
+
+/// A configuration file that could not be used. Display: `file:line: key: message`.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a position.
+    pub line: Option<usize>,
+    /// Dotted key path (`endpoint[0].listen`), empty for file-level problems.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The text of a configuration file, kept so positions can be turned into line numbers.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    path: PathBuf,
+    text: String,
+}
+
+impl ConfigSource {
+    /// Reads a file. A missing or unreadable file is a [`ConfigError`] naming it.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Ok(Self::from_text(path, text))
+    }
+
+    /// Wraps text that came from somewhere other than a file (tests, the demo).
+    pub fn from_text(path: impl Into<PathBuf>, text: impl Into<String>) -> Self {
+        Self { path: path.into(), text: text.into() }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Parses the whole file into `T`, reporting the first problem with line and key.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        let deserializer = toml::de::Deserializer::parse(&self.text)
+            .map_err(|e| self.error_at(e.span(), "", e.message().trim_end()))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let key = if key == "." { String::new() } else { key };
+            self.error_at(inner.span(), &key, inner.message().trim_end())
+        })
+    }
+
+    /// An error at a byte range of the file (`None`: no position known).
+    pub fn error_at(
+        &self,
+        span: Option<Range<usize>>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.path.clone(),
+            line: span.map(|s| self.line_of(s.start)),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// An error about a value whose position is known from a [`toml::Spanned`].
+    pub fn error_for<T>(
+        &self,
+        spanned: &toml::Spanned<T>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        self.error_at(Some(spanned.span()), key, message)
+    }
+
+    /// 1-based line of a byte offset.
+    pub fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    /// Resolves a path written in this file relative to the file's directory.
+    pub fn resolve_path(&self, written: &Path) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if written.is_relative() => dir.join(written),
+            _ => written.to_owned(),
+        }
+    }
+}
+
+/// Parses a duration written with a unit: `250ms`, `60s`, `5m`, `2h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let help = || format!("`{text}` is not a duration; write a whole number with a unit: ms, s, m or h (e.g. \"60s\")");
+    let value: u64 = number.parse().map_err(|_| help())?;
+    let millis_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(help()),
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is too long a duration"))
+}
+
+/// Serde helper: a duration string with a unit (zero allowed).
+pub fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(D::Error::custom)
+}
+
+/// Serde helper: a duration string with a unit that must be greater than zero.
+pub fn deserialize_positive_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Duration, D::Error> {
+    let duration = deserialize_duration(d)?;
+    if duration.is_zero() {
+        return Err(D::Error::custom("the duration must be greater than zero"));
+    }
+    Ok(duration)
+}
+
+/// Serde helper for optional durations (fields with `#[serde(default)]`).
+pub fn deserialize_optional_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_positive_duration(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code, reason = "fields exist to be parsed")]
+    struct Sample {
+        #[serde(deserialize_with = "deserialize_positive_duration")]
+        timeout: Duration,
+        #[serde(default)]
+        item: Vec<Item>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code, reason = "fields exist to be parsed")]
+    struct Item {
+        name: toml::Spanned<String>,
+        #[serde(default)]
+        port: u16,
+    }
+
+    fn parse(text: &str) -> Result<Sample, ConfigError> {
+        ConfigSource::from_text("sample.toml", text).parse()
+    }
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["5", "s", "1.5s", "-1s", "10 sec", "", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let err = parse("timeout = \"5s\"\n\n[[item]]\nname = \"a\"\nport = \"x\"\n").expect_err("bad port");
+        assert_eq!(err.line, Some(5));
+        assert_eq!(err.key, "item[0].port");
+        let shown = err.to_string();
+        assert!(shown.starts_with("sample.toml:5: key `item[0].port`"), "{shown}");
+
+        let err = parse("timeout = \"0s\"\n").expect_err("zero");
+        assert_eq!((err.line, err.key.as_str()), (Some(1), "timeout"));
+        assert!(err.message.contains("greater than zero"));
+
+        let err = parse("timeout = \"1s\"\n[[item]]\nname = \"a\"\nnmae = \"b\"\n").expect_err("unknown");
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(err.message.contains("unknown field `nmae`"), "{err}");
+
+        let err = parse("timeout = \n").expect_err("syntax");
+        assert_eq!(err.line, Some(1));
+    }
+
+    #[test]
+    fn spans_survive_path_tracking() {
+        let source = ConfigSource::from_text("s.toml", "timeout = \"1s\"\n\n[[item]]\nname = \"dup\"\n");
+        let sample: Sample = source.parse().expect("valid");
+        let err = source.error_for(&sample.item[0].name, "item[0].name", "duplicate");
+        assert_eq!(err.line, Some(4));
+    }
+}

@@ -1,0 +1,142 @@
+//! Reading and writing one frame on an async byte stream.
+//!
+//! Reads take exactly the frame's bytes (header, then the announced body) so nothing that
+//! follows — a client's first bytes behind an open header — is consumed. Every read has a
+//! size bound (checked before the body is allocated) and a deadline.
+
+use std::io;
+use std::time::Duration;
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{self, FrameError, HEADER_LEN};
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    /// The stream ended cleanly before a frame started.
+    #[error("stream closed before a frame arrived")]
+    Closed,
+    /// The deadline passed before the whole frame arrived.
+    #[error("no complete frame within {0:?}")]
+    Timeout(Duration),
+    /// The bytes were not a valid frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The stream failed.
+    #[error("stream error while reading a frame: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// Why a frame could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteFrameError {
+    /// The message could not be encoded.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The stream failed.
+    #[error("stream error while writing a frame: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads one frame whose body is at most `max_body` bytes, within `deadline`.
+pub async fn read_frame<T, R>(
+    reader: &mut R,
+    max_body: usize,
+    deadline: Duration,
+) -> Result<T, ReadFrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    tokio::time::timeout(deadline, read_frame_unbounded_time(reader, max_body))
+        .await
+        .map_err(|_| ReadFrameError::Timeout(deadline))?
+}
+
+/// Reads one frame with a size bound but no deadline: for long-lived control streams where
+/// silence is normal and liveness is watched by heartbeats and the transport's keep-alive.
+pub async fn read_frame_unbounded_time<T, R>(
+    reader: &mut R,
+    max_body: usize,
+) -> Result<T, ReadFrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut header = [0u8; HEADER_LEN];
+    let first = reader.read(&mut header).await.map_err(ReadFrameError::Io)?;
+    if first == 0 {
+        return Err(ReadFrameError::Closed);
+    }
+    reader.read_exact(&mut header[first..]).await.map_err(ReadFrameError::Io)?;
+    let len = frame::decode_header(&header, max_body)?;
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await.map_err(ReadFrameError::Io)?;
+    Ok(frame::decode_body(&body)?)
+}
+
+/// Encodes and writes one frame, then flushes.
+pub async fn write_frame<T, W>(writer: &mut W, message: &T) -> Result<(), WriteFrameError>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    let bytes = frame::encode(message)?;
+    writer.write_all(&bytes).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Control, OpenReply};
+
+    #[tokio::test]
+    async fn reads_exactly_one_frame_and_leaves_the_rest() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        write_frame(&mut a, &OpenReply::Opened).await.expect("write");
+        a.write_all(b"payload").await.expect("payload");
+        drop(a);
+        let reply: OpenReply =
+            read_frame(&mut b, 1024, Duration::from_secs(5)).await.expect("frame");
+        assert_eq!(reply, OpenReply::Opened);
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.expect("rest");
+        assert_eq!(rest, b"payload");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_hits_the_deadline() {
+        let (_a, mut b) = tokio::io::duplex(64);
+        let err = read_frame::<Control, _>(&mut b, 1024, Duration::from_secs(3))
+            .await
+            .expect_err("silent");
+        assert!(matches!(err, ReadFrameError::Timeout(_)));
+    }
+
+    #[tokio::test]
+    async fn clean_close_and_truncation_are_told_apart() {
+        let (a, mut b) = tokio::io::duplex(64);
+        drop(a);
+        let err = read_frame::<Control, _>(&mut b, 1024, Duration::from_secs(1)).await;
+        assert!(matches!(err, Err(ReadFrameError::Closed)));
+
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&[frame::FRAME_VERSION, 0, 0]).await.expect("write");
+        drop(a);
+        let err = read_frame::<Control, _>(&mut b, 1024, Duration::from_secs(1)).await;
+        assert!(matches!(err, Err(ReadFrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof));
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_the_body() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        // Announce 1 MiB and never send it: the bound must trip without waiting.
+        a.write_all(&[frame::FRAME_VERSION, 0, 0x10, 0, 0]).await.expect("write");
+        let err = read_frame::<Control, _>(&mut b, 1024, Duration::from_secs(5)).await;
+        assert!(matches!(err, Err(ReadFrameError::Frame(FrameError::TooLarge { .. }))));
+    }
+}

@@ -1,0 +1,266 @@
+//! Messages carried in frames: the control stream's conversation and the data stream's
+//! open header and reply.
+//!
+//! Control stream (the first stream the relay opens on a tunnel connection): the relay speaks
+//! first with [`Control::RelayHello`] — a QUIC stream only becomes visible to the peer once
+//! bytes are sent on it — then the agent sends [`Control::Hello`], the relay answers
+//! [`Control::Welcome`] or [`Control::Refused`], and the agent answers
+//! [`Control::Verdicts`]. After that either side sends heartbeats and drain notices.
+//!
+//! Data stream (one per client connection): the relay writes an [`Open`] frame followed at
+//! once by the client's bytes; the agent answers one [`OpenReply`] frame followed by the
+//! destination's bytes.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version carried in hellos. The major version is also in the ALPN name.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// A connector token. Its bytes never appear in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a token string.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token's bytes, for hashing. Never log them.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Messages on the control stream, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Relay → agent, first frame on the control stream.
+    RelayHello {
+        /// The relay's [`PROTOCOL_VERSION`].
+        protocol_version: u16,
+        /// The relay's software version, for logs.
+        software_version: String,
+    },
+    /// Agent → relay: who the agent is and what it will open.
+    Hello(Hello),
+    /// Relay → agent: authentication succeeded; these endpoints are assigned to the connector.
+    Welcome {
+        /// The connector's endpoints, each of which the agent must approve or reject.
+        endpoints: Vec<EndpointAssignment>,
+    },
+    /// Relay → agent: the hello was refused; the relay closes the connection after this.
+    Refused {
+        /// Human-readable reason (never contains the token).
+        reason: String,
+    },
+    /// Agent → relay: the agent's verdict on each assigned endpoint.
+    Verdicts(Vec<EndpointVerdict>),
+    /// Either way: liveness and load.
+    Heartbeat {
+        /// Data streams the sender currently carries.
+        active_streams: u32,
+    },
+    /// Either way: the sender is shutting down; no new streams should be started.
+    Drain {
+        /// Why, for logs.
+        reason: String,
+    },
+}
+
+/// The agent's introduction on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// Connector this agent serves.
+    pub connector: String,
+    /// The connector's token.
+    pub token: Token,
+    /// Operator-chosen agent name (defaults to the host name).
+    pub agent_name: String,
+    /// Random id of this agent process, to tell restarts apart.
+    pub agent_id: String,
+    /// Agent software version.
+    pub software_version: String,
+    /// The agent's allowlist patterns, for the relay's status view.
+    pub allowed: Vec<String>,
+}
+
+/// One endpoint the relay asks the agent to serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointAssignment {
+    /// Endpoint name.
+    pub name: String,
+    /// Destination as `host:port`.
+    pub destination: String,
+}
+
+/// The agent's answer for one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointVerdict {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Approved or rejected.
+    pub verdict: Verdict,
+}
+
+/// Whether an agent consents to open an endpoint's destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The destination matches the agent's allowlist.
+    Approved,
+    /// The agent will not open this destination.
+    Rejected {
+        /// Why, shown in the relay's status.
+        reason: String,
+    },
+}
+
+/// Relay → agent, first frame of every data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    /// Endpoint the client connected to.
+    pub endpoint: String,
+    /// Destination as `host:port`; the agent re-checks it against its allowlist.
+    pub destination: String,
+    /// The client's address as the relay saw it, for the agent's logs.
+    pub client_addr: SocketAddr,
+    /// The endpoint's inactivity timeout in milliseconds; the agent applies it too.
+    pub inactivity_timeout_ms: u64,
+}
+
+/// Agent → relay, first frame the agent writes on a data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpenReply {
+    /// Connected to the destination; raw bytes follow.
+    Opened,
+    /// The destination was not opened; the agent closes the stream after this.
+    Failed(OpenFailure),
+}
+
+/// Why an agent did not open a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("agent could not open the destination ({code}): {message}")]
+pub struct OpenFailure {
+    /// Machine-readable cause.
+    pub code: OpenFailCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Machine-readable causes of an open failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpenFailCode {
+    /// The destination is outside the agent's allowlist, or resolves only to addresses the
+    /// agent refuses (loopback, link-local, metadata) without a rule naming them.
+    NotAllowed,
+    /// The name did not resolve.
+    DnsFailure,
+    /// Every address refused the connection.
+    Refused,
+    /// The connect deadline passed.
+    Timeout,
+    /// Another network error (unreachable network or host, …).
+    Unreachable,
+    /// The open header itself was invalid.
+    BadRequest,
+}
+
+impl fmt::Display for OpenFailCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotAllowed => "not-allowed",
+            Self::DnsFailure => "dns-failure",
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::BadRequest => "bad-request",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{MAX_BODY_LEN, decode, encode};
+
+    fn round_trip<T>(message: T)
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        let bytes = encode(&message).expect("encode");
+        let (back, used) = decode::<T>(&bytes, MAX_BODY_LEN).expect("decode").expect("whole frame");
+        assert_eq!(used, bytes.len());
+        assert_eq!(back, message);
+    }
+
+    #[test]
+    fn every_control_message_round_trips() {
+        round_trip(Control::RelayHello { protocol_version: 1, software_version: "0.1.0".into() });
+        round_trip(Control::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            connector: "onprem-east".into(),
+            token: Token::new("s3cret"),
+            agent_name: "agent-1".into(),
+            agent_id: "a1b2".into(),
+            software_version: "0.1.0".into(),
+            allowed: vec!["*.privatelink.vaultcore.azure.net:443".into()],
+        }));
+        round_trip(Control::Welcome {
+            endpoints: vec![EndpointAssignment {
+                name: "kv".into(),
+                destination: "kv.privatelink.vaultcore.azure.net:443".into(),
+            }],
+        });
+        round_trip(Control::Refused { reason: "bad token".into() });
+        round_trip(Control::Verdicts(vec![
+            EndpointVerdict { endpoint: "a".into(), verdict: Verdict::Approved },
+            EndpointVerdict {
+                endpoint: "b".into(),
+                verdict: Verdict::Rejected { reason: "outside allowlist".into() },
+            },
+        ]));
+        round_trip(Control::Heartbeat { active_streams: u32::MAX });
+        round_trip(Control::Drain { reason: "shutdown".into() });
+    }
+
+    #[test]
+    fn data_stream_headers_round_trip() {
+        round_trip(Open {
+            endpoint: "kv".into(),
+            destination: "kv.vault.azure.net:443".into(),
+            client_addr: "[2001:db8::1]:50000".parse().expect("addr"),
+            inactivity_timeout_ms: 60_000,
+        });
+        round_trip(OpenReply::Opened);
+        round_trip(OpenReply::Failed(OpenFailure {
+            code: OpenFailCode::DnsFailure,
+            message: "no such host".into(),
+        }));
+    }
+
+    #[test]
+    fn tokens_are_redacted_in_debug() {
+        let hello = Hello {
+            protocol_version: 1,
+            connector: "c".into(),
+            token: Token::new("topsecretvalue"),
+            agent_name: String::new(),
+            agent_id: String::new(),
+            software_version: String::new(),
+            allowed: vec![],
+        };
+        assert!(!format!("{hello:?}").contains("topsecretvalue"));
+    }
+}

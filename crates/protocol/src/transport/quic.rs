@@ -1,0 +1,200 @@
+//! QUIC endpoints tuned for a tunnel rather than for quinn's defaults.
+//!
+//! * Receive windows sized for 1 Gbit/s at 50 ms RTT on a single stream (the bandwidth-delay
+//!   product is 6.25 MB; the stream window is 8 MiB and the connection window holds eight such
+//!   streams).
+//! * The agent admits up to [`MAX_CONCURRENT_STREAMS`] relay-opened streams; the relay admits
+//!   none from the agent (the relay opens every stream).
+//! * Keep-alives every [`KEEP_ALIVE`] and an idle timeout of [`IDLE_TIMEOUT`], so a dead peer
+//!   is noticed within seconds.
+//! * UDP socket buffers raised to [`UDP_BUFFER_BYTES`]; what the kernel granted is logged.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+use super::TunnelConnection;
+use crate::tls::TlsError;
+
+/// Concurrent streams the relay may open on one agent connection (plus the control stream).
+pub const MAX_CONCURRENT_STREAMS: u32 = 16_384;
+/// Per-stream receive window: above the 6.25 MB bandwidth-delay product of 1 Gbit/s × 50 ms.
+pub const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+/// Per-connection receive window: eight full-speed streams.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
+/// Send buffer per connection.
+pub const SEND_WINDOW: u64 = 64 * 1024 * 1024;
+/// Interval of QUIC keep-alive packets.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Silence after which a peer is declared dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+/// Requested UDP socket buffer size for each direction.
+pub const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Which end of the tunnel a QUIC endpoint serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Listens for agents and opens streams.
+    Relay,
+    /// Dials relays and accepts streams.
+    Agent,
+}
+
+/// The transport parameters both ends use, with the stream limit set for `role`.
+pub fn transport_config(role: Role) -> quinn::TransportConfig {
+    let mut config = quinn::TransportConfig::default();
+    let incoming_streams = match role {
+        Role::Agent => MAX_CONCURRENT_STREAMS + 1,
+        Role::Relay => 0,
+    };
+    config
+        .max_concurrent_bidi_streams(incoming_streams.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
+        .receive_window(CONNECTION_RECEIVE_WINDOW.into())
+        .send_window(SEND_WINDOW)
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT.try_into().unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(8_000))),
+        ));
+    config
+}
+
+/// Binds a UDP socket with raised buffers and logs what the kernel granted.
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Accept IPv4 too when bound to [::], as the TCP listeners do.
+        let _ = socket.set_only_v6(false);
+    }
+    // Failures here only cost throughput; the kernel clamps to net.core.[rw]mem_max.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    let granted_recv = socket.recv_buffer_size().unwrap_or(0);
+    let granted_send = socket.send_buffer_size().unwrap_or(0);
+    if granted_recv < UDP_BUFFER_BYTES || granted_send < UDP_BUFFER_BYTES {
+        tracing::info!(
+            requested = UDP_BUFFER_BYTES,
+            granted_recv,
+            granted_send,
+            "UDP socket buffers smaller than requested; raise net.core.rmem_max/wmem_max for \
+             high-bandwidth tunnels"
+        );
+    } else {
+        tracing::debug!(granted_recv, granted_send, "UDP socket buffers");
+    }
+    Ok(socket.into())
+}
+
+/// A QUIC endpoint for the relay, listening for agents on `listen`.
+pub fn relay_endpoint(
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<quinn::Endpoint, QuicSetupError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(Role::Relay)));
+    let socket = bind_udp(listen).map_err(|e| QuicSetupError::Bind(listen, e))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| QuicSetupError::Bind(listen, e))
+}
+
+/// A QUIC endpoint for the agent, dialling out from an ephemeral port on `bind`.
+pub fn agent_endpoint(
+    bind: SocketAddr,
+    tls: rustls::ClientConfig,
+) -> Result<quinn::Endpoint, QuicSetupError> {
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport_config(Role::Agent)));
+    let socket = bind_udp(bind).map_err(|e| QuicSetupError::Bind(bind, e))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| QuicSetupError::Bind(bind, e))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Dials a relay and completes the QUIC handshake within `deadline`.
+pub async fn dial(
+    endpoint: &quinn::Endpoint,
+    relay: SocketAddr,
+    server_name: &str,
+    deadline: Duration,
+) -> Result<TunnelConnection, DialError> {
+    let connecting = endpoint
+        .connect(relay, server_name)
+        .map_err(|e| DialError::Handshake(e.to_string()))?;
+    match tokio::time::timeout(deadline, connecting).await {
+        Ok(Ok(connection)) => Ok(TunnelConnection::from_quic(connection)),
+        Ok(Err(e)) => Err(DialError::Handshake(describe_handshake_error(&e))),
+        Err(_) => Err(DialError::Timeout(deadline)),
+    }
+}
+
+/// Accepts the next incoming agent connection and completes its handshake within `deadline`.
+/// Call it from a task of its own: a stalled peer must not block the accept loop.
+pub async fn handshake(
+    incoming: quinn::Incoming,
+    deadline: Duration,
+) -> Result<TunnelConnection, DialError> {
+    match tokio::time::timeout(deadline, incoming).await {
+        Ok(Ok(connection)) => Ok(TunnelConnection::from_quic(connection)),
+        Ok(Err(e)) => Err(DialError::Handshake(describe_handshake_error(&e))),
+        Err(_) => Err(DialError::Timeout(deadline)),
+    }
+}
+
+fn describe_handshake_error(error: &quinn::ConnectionError) -> String {
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.reason.as_ref() == b"peer doesn't support any known protocol" =>
+        {
+            "the relay does not speak privlink/1 (ALPN mismatch)".to_owned()
+        }
+        quinn::ConnectionError::TransportError(e) => format!("handshake failed: {e}"),
+        other => format!("handshake failed: {other}"),
+    }
+}
+
+/// Why a QUIC endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicSetupError {
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {0}: {1}")]
+    Bind(SocketAddr, #[source] io::Error),
+    /// The TLS configuration is unusable for QUIC.
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Tls(String),
+}
+
+impl From<TlsError> for QuicSetupError {
+    fn from(e: TlsError) -> Self {
+        Self::Tls(e.to_string())
+    }
+}
+
+/// Why a tunnel connection could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// No handshake completed before the deadline (UDP blocked, relay down, …).
+    #[error("no QUIC handshake within {0:?}")]
+    Timeout(Duration),
+    /// The handshake failed (certificate, ALPN, refused, …).
+    #[error("{0}")]
+    Handshake(String),
+}
