@@ -1,1 +1,137 @@
-//! placeholder
+//! The privlink agent: runs inside the private network, dials *out* to relays (no inbound
+//! port), authenticates with its connector token, and opens TCP connections to destinations
+//! on the relay's behalf — only those its own allowlist admits, and never loopback,
+//! link-local or metadata addresses unless a rule names them.
+//!
+//! It is a thin driver over `privlink-protocol`. It does not listen for anything and it never
+//! decrypts the traffic it carries.
+//!
+//! # Layout
+//!
+//! * [`config`] — `agent.toml` and its validation into [`AgentConfig`].
+//! * [`allowlist`] — rules, matching and the special-address refusal.
+//! * [`link`] — relay connections: resolve, dial, handshake, heartbeats, reconnect.
+//! * [`forward`] — one data stream: check, resolve, connect, reply, copy.
+#![forbid(unsafe_code)]
+
+pub mod allowlist;
+pub mod config;
+pub mod forward;
+pub mod link;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use privlink_protocol::tls;
+use privlink_protocol::transport::quic;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use crate::config::AgentConfig;
+use crate::config::TransportChoice;
+use crate::forward::StreamPolicy;
+
+/// How long closing tunnel connections may take at the very end of a shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The relay CA could not be used.
+    #[error("relay trust anchors: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The QUIC endpoint could not be set up.
+    #[error("QUIC endpoint: {0}")]
+    Quic(#[from] quic::QuicSetupError),
+}
+
+/// State every link and stream of the agent shares.
+#[derive(Debug)]
+pub(crate) struct AgentShared {
+    pub(crate) config: AgentConfig,
+    pub(crate) policy: Arc<StreamPolicy>,
+    pub(crate) agent_id: String,
+    pub(crate) quic: quinn::Endpoint,
+    /// Stop dialling and accepting streams.
+    pub(crate) shutdown: CancellationToken,
+    /// Abort streams still running after the grace period.
+    pub(crate) force: CancellationToken,
+}
+
+/// A configured agent, ready to [`run`](Agent::run).
+#[derive(Debug)]
+pub struct Agent {
+    shared: Arc<AgentShared>,
+}
+
+impl Agent {
+    /// Prepares the agent: TLS trust, QUIC endpoint.
+    pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let tls = tls::tunnel_client_config(&config.relay_roots)?;
+        // One dual-stack socket serves IPv4 and IPv6 relays; hosts without IPv6 get IPv4.
+        let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
+            .or_else(|_| quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls))?;
+        let policy = Arc::new(StreamPolicy {
+            allowlist: config.allowlist.clone(),
+            dns_timeout: config.dns_timeout,
+            connect_timeout: config.connect_timeout,
+        });
+        let shutdown = CancellationToken::new();
+        Ok(Self {
+            shared: Arc::new(AgentShared {
+                config,
+                policy,
+                agent_id: random_id(),
+                quic,
+                force: CancellationToken::new(),
+                shutdown,
+            }),
+        })
+    }
+
+    /// Runs until `shutdown` is cancelled, then tells relays it is draining, lets open streams
+    /// finish for the grace period, and closes its connections.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let shared = self.shared;
+        let config = &shared.config;
+        if config.transport == TransportChoice::Auto {
+            info!("transport \"auto\": using QUIC (the TLS/TCP fallback is not available in this version)");
+        }
+        if config.allowlist.rules.is_empty() {
+            warn!("the allowlist is empty: every endpoint will be rejected");
+        }
+        info!(
+            agent = %config.name,
+            connector = %config.connector,
+            relays = config.relays.len(),
+            rules = config.allowlist.rules.len(),
+            "agent starting"
+        );
+        let tracker = TaskTracker::new();
+        for relay in &config.relays {
+            tracker.spawn(link::maintain_relay(relay.clone(), Arc::clone(&shared), tracker.clone()));
+        }
+        shutdown.cancelled().await;
+        info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
+        shared.shutdown.cancel();
+        tracker.close();
+        if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
+            warn!("grace period over; closing the remaining streams");
+            shared.force.cancel();
+            tracker.wait().await;
+        }
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, shared.quic.wait_idle()).await;
+        info!("agent stopped");
+    }
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 8];
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        return "unknown".to_owned();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -14,6 +14,9 @@ use std::time::Duration;
 use serde::de::{DeserializeOwned, Deserializer, Error as _};
 use serde::Deserialize;
 
+/// A value with its position in the file, for checks that span several fields.
+pub use toml::Spanned;
+
 /// A configuration file that could not be used. Display: `file:line: key: message`.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {

@@ -18,6 +18,9 @@
 //! * [`config`] — TOML loading with errors that name file, line and key; durations with units.
 //! * [`io`] — reading and writing one frame on an async stream, with a size bound and deadline.
 //! * [`copy`] — the bidirectional copy loop with inactivity timeout and byte counts.
+//! * `pki` (feature `pki`) — a private CA and server certificates for first deployments,
+//!   the demo and tests.
+//! * [`tcp`] — TCP helpers (closing with a reset).
 //! * [`tls`] — PEM loading and the rustls configurations of the tunnel.
 //! * [`transport`] — the tunnel connection and stream types (QUIC via quinn).
 #![forbid(unsafe_code)]
@@ -29,6 +32,9 @@ pub mod destination;
 pub mod frame;
 pub mod io;
 pub mod message;
+#[cfg(feature = "pki")]
+pub mod pki;
+pub mod tcp;
 pub mod tls;
 pub mod transport;
 

@@ -1,1 +1,267 @@
-//! placeholder
+//! The privlink relay: runs where the clients are, accepts agents' outbound tunnel
+//! connections, and exposes endpoints whose client connections it forwards, one tunnel
+//! stream each, to an agent that approved the endpoint.
+//!
+//! It is a thin driver over `privlink-protocol`: it owns sockets, policy (ACL, connection
+//! limits, inactivity timeouts), the registry of agents and the shutdown sequence; it never
+//! terminates the clients' TLS — bytes pass through unread.
+//!
+//! # Layout
+//!
+//! * [`config`] — `relay.toml` and its validation into [`RelayConfig`].
+//! * [`auth`] — token digests, constant-time comparison, failed-attempt limiting.
+//! * [`registry`] — connected agents, their verdicts, endpoint status, load-based choice.
+//! * [`tunnel`] — accepting agents and running their control streams.
+//! * [`endpoint`] — accepting clients, policy on accept, forwarding and flow logs.
+//!
+//! [`Relay::bind`] binds every socket first (so a test or the demo can bind port 0 and read
+//! the addresses back), then [`Relay::run`] serves until its shutdown token is cancelled.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod endpoint;
+pub mod registry;
+pub mod tunnel;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use privlink_protocol::tls;
+use privlink_protocol::transport::{CloseCode, quic};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use crate::config::RelayConfig;
+use crate::endpoint::Endpoint;
+pub use crate::registry::EndpointStatus;
+use crate::registry::Registry;
+use crate::tunnel::TunnelContext;
+
+/// How long closing tunnel connections may take at the very end of a shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The tunnel's QUIC endpoint could not be set up.
+    #[error("tunnel listener: {0}")]
+    Tunnel(#[from] quic::QuicSetupError),
+    /// The TLS identity is unusable.
+    #[error("tunnel TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// An endpoint's listener could not be bound.
+    #[error("endpoint `{endpoint}`: cannot listen on {addr}: {source}")]
+    EndpointBind {
+        /// Endpoint name.
+        endpoint: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A relay whose sockets are bound, ready to [`run`](Relay::run).
+#[derive(Debug)]
+pub struct Relay {
+    config: Arc<RelayConfig>,
+    quic: quinn::Endpoint,
+    listeners: Vec<(Arc<Endpoint>, TcpListener)>,
+    handle: RelayHandle,
+}
+
+/// A cheap, cloneable view of a running relay: addresses and endpoint status.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    registry: Arc<Registry>,
+    endpoints: Arc<HashMap<String, (Arc<Endpoint>, SocketAddr)>>,
+    tunnel_addr: SocketAddr,
+}
+
+impl Relay {
+    /// Binds the tunnel endpoint and every endpoint listener.
+    pub async fn bind(config: RelayConfig) -> Result<Self, RelayError> {
+        let tls = tls::tunnel_server_config(
+            config.identity.chain.clone(),
+            config.identity.key.clone_key(),
+        )?;
+        let quic = quic::relay_endpoint(config.tunnel_listen, tls)?;
+        let tunnel_addr = quic
+            .local_addr()
+            .map_err(|e| quic::QuicSetupError::Bind(config.tunnel_listen, e))?;
+
+        let mut listeners = Vec::new();
+        let mut by_name = HashMap::new();
+        for spec in &config.endpoints {
+            let listener = TcpListener::bind(spec.listen).await.map_err(|source| {
+                RelayError::EndpointBind { endpoint: spec.name.clone(), addr: spec.listen, source }
+            })?;
+            let addr = listener.local_addr().map_err(|source| RelayError::EndpointBind {
+                endpoint: spec.name.clone(),
+                addr: spec.listen,
+                source,
+            })?;
+            let endpoint = Arc::new(Endpoint::new(spec.clone()));
+            by_name.insert(spec.name.clone(), (Arc::clone(&endpoint), addr));
+            listeners.push((endpoint, listener));
+        }
+        if config.admin_listen.is_some() {
+            warn!("[admin] is configured but the admin API is not implemented in this version");
+        }
+        let handle = RelayHandle {
+            registry: Arc::new(Registry::default()),
+            endpoints: Arc::new(by_name),
+            tunnel_addr,
+        };
+        Ok(Self { config: Arc::new(config), quic, listeners, handle })
+    }
+
+    /// A handle for status queries.
+    pub fn handle(&self) -> RelayHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets connections finish for
+    /// the configured grace period, and closes everything that is left.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Self { config, quic, listeners, handle } = self;
+        let force = CancellationToken::new();
+        let clients = TaskTracker::new();
+        let agents = TaskTracker::new();
+        let ctx = Arc::new(TunnelContext {
+            config: Arc::clone(&config),
+            registry: Arc::clone(&handle.registry),
+            failures: Mutex::default(),
+            draining: CancellationToken::new(),
+        });
+
+        info!(tunnel = %handle.tunnel_addr, "relay listening for agents (QUIC)");
+        let mut acceptors = TaskTracker::new();
+        for (endpoint, listener) in listeners {
+            let addr = handle.endpoints.get(&endpoint.spec.name).map(|(_, a)| *a);
+            info!(
+                endpoint = %endpoint.spec.name,
+                listen = ?addr,
+                destination = %endpoint.spec.destination,
+                connector = %endpoint.spec.connector,
+                "endpoint listening"
+            );
+            acceptors.spawn(endpoint::accept_clients(
+                listener,
+                endpoint,
+                Arc::clone(&handle.registry),
+                shutdown.clone(),
+                force.clone(),
+                clients.clone(),
+            ));
+        }
+        let tunnel_stop = CancellationToken::new();
+        acceptors.spawn(tunnel::accept_agents(
+            quic.clone(),
+            Arc::clone(&ctx),
+            tunnel_stop.clone(),
+            agents.clone(),
+        ));
+        acceptors.close();
+
+        shutdown.cancelled().await;
+        info!(grace = ?config.shutdown_grace, "shutting down: no new connections; waiting for open ones");
+        ctx.draining.cancel();
+        // Endpoint accept loops end on `shutdown`, dropping their listeners: new clients are
+        // refused from here on. Agents stay connected so in-flight streams can finish.
+        clients.close();
+        if tokio::time::timeout(config.shutdown_grace, clients.wait()).await.is_err() {
+            warn!(remaining = clients.len(), "grace period over; closing the remaining connections");
+            force.cancel();
+            clients.wait().await;
+        }
+        tunnel_stop.cancel();
+        acceptors.wait().await;
+        acceptors = TaskTracker::new();
+        drop(acceptors);
+        for connection in handle.registry.connections() {
+            connection.close(CloseCode::Shutdown, "relay shutting down");
+        }
+        quic.close(quinn::VarInt::from_u32(CloseCode::Shutdown as u32), b"relay shutting down");
+        agents.close();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            agents.wait().await;
+            quic.wait_idle().await;
+        })
+        .await;
+        info!("relay stopped");
+    }
+}
+
+impl RelayHandle {
+    /// The address agents connect to.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel_addr
+    }
+
+    /// The bound address of an endpoint.
+    pub fn endpoint_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.endpoints.get(name).map(|(_, addr)| *addr)
+    }
+
+    /// The status of an endpoint (`None` for an unknown name).
+    pub fn endpoint_status(&self, name: &str) -> Option<EndpointStatus> {
+        let (endpoint, _) = self.endpoints.get(name)?;
+        Some(self.registry.status(&endpoint.spec.connector, name))
+    }
+
+    /// Connections denied by the ACL and refused over the limit, for an endpoint.
+    pub fn endpoint_refusals(&self, name: &str) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (endpoint, _) = self.endpoints.get(name)?;
+        Some((endpoint.counters.denied.load(Relaxed), endpoint.counters.over_limit.load(Relaxed)))
+    }
+
+    /// Agents connected for a connector.
+    pub fn agent_count(&self, connector: &str) -> usize {
+        self.registry.agent_count(connector)
+    }
+
+    /// Waits until `predicate` holds for the endpoint's status, or `timeout` passes. Returns
+    /// the last status seen.
+    pub async fn wait_for_status(
+        &self,
+        name: &str,
+        timeout: Duration,
+        predicate: impl Fn(&EndpointStatus) -> bool,
+    ) -> Option<EndpointStatus> {
+        let mut changes = self.registry.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.endpoint_status(name)?;
+            if predicate(&status) {
+                return Some(status);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return Some(status);
+            }
+        }
+    }
+
+    /// Waits until `count(connector)` satisfies `predicate`, or `timeout` passes.
+    pub async fn wait_for_agents(
+        &self,
+        connector: &str,
+        timeout: Duration,
+        predicate: impl Fn(usize) -> bool,
+    ) -> usize {
+        let mut changes = self.registry.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let count = self.agent_count(connector);
+            if predicate(count) || tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return count;
+            }
+        }
+    }
+}

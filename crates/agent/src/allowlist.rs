@@ -1,0 +1,210 @@
+//! The agent's consent: which destinations it opens. The agent is the last line of defence
+//! for the private network, so the relay's word is never enough: every endpoint and every
+//! stream is checked here.
+//!
+//! A rule is `host:port` with an exact port; the host is an exact name, an IP literal, or
+//! `*.suffix`, where `*` stands for exactly one DNS label (as in TLS wildcard certificates).
+//! Independently of the rules, addresses that reach the agent's own host or the cloud's
+//! instance services — loopback, link-local (which contains 169.254.169.254), unspecified,
+//! multicast, and the IPv6 metadata address fd00:ec2::254 — are refused unless the matching
+//! rule names them explicitly (the same IP literal, or `localhost` for loopback).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use privlink_protocol::destination::{
+    Destination, DestinationError, Host, normalize_dns_name, parse_port, split_host_port,
+};
+
+/// The host part of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Exactly this name.
+    Exact(String),
+    /// `*.suffix`: one label, then this suffix (stored without the leading `*.`).
+    Wildcard(String),
+    /// Exactly this address.
+    Ip(IpAddr),
+}
+
+/// One `[[allow]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    /// Host pattern.
+    pub host: HostPattern,
+    /// Exact port.
+    pub port: u16,
+}
+
+impl fmt::Display for AllowRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            HostPattern::Exact(name) => write!(f, "{name}:{}", self.port),
+            HostPattern::Wildcard(suffix) => write!(f, "*.{suffix}:{}", self.port),
+            HostPattern::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            HostPattern::Ip(ip) => write!(f, "{ip}:{}", self.port),
+        }
+    }
+}
+
+impl FromStr for AllowRule {
+    type Err = DestinationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, port) = split_host_port(s)?;
+        let port = parse_port(port)?;
+        let host = if let Some(suffix) = host.strip_prefix("*.") {
+            HostPattern::Wildcard(normalize_dns_name(suffix)?)
+        } else if host.contains('*') {
+            return Err(DestinationError::BadHost(format!(
+                "{host} (a wildcard must be the whole first label: *.example.net)"
+            )));
+        } else {
+            match host.parse::<Host>()? {
+                Host::Name(name) => HostPattern::Exact(name),
+                Host::Ip(ip) => HostPattern::Ip(ip.to_canonical()),
+            }
+        };
+        Ok(Self { host, port })
+    }
+}
+
+impl AllowRule {
+    /// Whether the rule admits `destination` (by name or literal; not yet resolved).
+    pub fn matches(&self, destination: &Destination) -> bool {
+        if destination.port != self.port {
+            return false;
+        }
+        match (&self.host, &destination.host) {
+            (HostPattern::Exact(rule), Host::Name(name)) => rule == name,
+            (HostPattern::Wildcard(suffix), Host::Name(name)) => name
+                .strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+            (HostPattern::Ip(rule), Host::Ip(ip)) => *rule == ip.to_canonical(),
+            _ => false,
+        }
+    }
+
+    /// Whether the rule names `ip` explicitly, which lifts the special-address refusal.
+    pub fn names_address(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match &self.host {
+            HostPattern::Ip(rule) => *rule == ip,
+            HostPattern::Exact(name) => name == "localhost" && ip.is_loopback(),
+            HostPattern::Wildcard(_) => false,
+        }
+    }
+}
+
+/// AWS's IPv6 instance metadata address.
+const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+/// The instance metadata address of most clouds (inside link-local, named for clearer errors).
+const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// The kind of a special address the agent refuses by default, or `None` for an ordinary one.
+pub fn special_address_kind(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if v4 == METADATA_V4 => Some("cloud metadata"),
+        IpAddr::V4(v4) if v4.is_loopback() => Some("loopback"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() => Some("unspecified/broadcast"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("multicast"),
+        IpAddr::V6(v6) if v6 == AWS_METADATA_V6 => Some("cloud metadata"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("loopback"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("unspecified"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("multicast"),
+        _ => None,
+    }
+}
+
+/// The agent's rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    /// Rules in configuration order.
+    pub rules: Vec<AllowRule>,
+}
+
+impl Allowlist {
+    /// The first rule that admits `destination`.
+    pub fn matching(&self, destination: &Destination) -> Option<&AllowRule> {
+        self.rules.iter().find(|r| r.matches(destination))
+    }
+
+    /// The rules as text, for the hello.
+    pub fn describe(&self) -> Vec<String> {
+        self.rules.iter().map(ToString::to_string).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(s: &str) -> AllowRule {
+        s.parse().expect("rule")
+    }
+
+    fn dest(s: &str) -> Destination {
+        s.parse().expect("destination")
+    }
+
+    #[test]
+    fn wildcards_match_exactly_one_label_and_the_port() {
+        let r = rule("*.privatelink.vaultcore.azure.net:443");
+        assert!(r.matches(&dest("contoso-kv.privatelink.vaultcore.azure.net:443")));
+        assert!(r.matches(&dest("CONTOSO-KV.PrivateLink.VaultCore.Azure.Net.:443")));
+        assert!(!r.matches(&dest("contoso-kv.privatelink.vaultcore.azure.net:8443")));
+        assert!(!r.matches(&dest("a.b.privatelink.vaultcore.azure.net:443")));
+        assert!(!r.matches(&dest("privatelink.vaultcore.azure.net:443")));
+        assert!(!r.matches(&dest("evilprivatelink.vaultcore.azure.net:443")));
+        assert!(!r.matches(&dest("x.privatelink.vaultcore.azure.net.evil.com:443")));
+    }
+
+    #[test]
+    fn exact_names_and_literals() {
+        assert!(rule("db.internal:5432").matches(&dest("DB.internal:5432")));
+        assert!(!rule("db.internal:5432").matches(&dest("db2.internal:5432")));
+        assert!(rule("10.0.0.4:443").matches(&dest("10.0.0.4:443")));
+        assert!(!rule("10.0.0.4:443").matches(&dest("10.0.0.5:443")));
+        assert!(rule("[2001:db8::4]:443").matches(&dest("[2001:db8::4]:443")));
+        // A name rule does not admit a literal that happens to be its address, nor vice versa.
+        assert!(!rule("db.internal:443").matches(&dest("10.0.0.4:443")));
+    }
+
+    #[test]
+    fn malformed_rules_are_refused() {
+        for bad in ["*.example.net", "a.*.example.net:443", "*example.net:443", "*:443", "x:0"] {
+            assert!(bad.parse::<AllowRule>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn special_addresses_are_classified() {
+        let kind = |s: &str| special_address_kind(s.parse().expect("ip"));
+        assert_eq!(kind("127.0.0.1"), Some("loopback"));
+        assert_eq!(kind("127.8.9.10"), Some("loopback"));
+        assert_eq!(kind("::1"), Some("loopback"));
+        assert_eq!(kind("::ffff:127.0.0.1"), Some("loopback"));
+        assert_eq!(kind("169.254.169.254"), Some("cloud metadata"));
+        assert_eq!(kind("fd00:ec2::254"), Some("cloud metadata"));
+        assert_eq!(kind("169.254.1.1"), Some("link-local"));
+        assert_eq!(kind("fe80::1"), Some("link-local"));
+        assert_eq!(kind("0.0.0.0"), Some("unspecified/broadcast"));
+        assert_eq!(kind("10.1.2.3"), None);
+        assert_eq!(kind("2001:db8::1"), None);
+    }
+
+    #[test]
+    fn only_explicit_rules_lift_the_special_refusal() {
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert!(rule("127.0.0.1:8443").names_address(lo));
+        assert!(rule("localhost:8443").names_address(lo));
+        assert!(!rule("127.0.0.2:8443").names_address(lo));
+        assert!(!rule("vault.internal:8443").names_address(lo));
+        assert!(!rule("*.internal:8443").names_address(lo));
+        assert!(!rule("localhost:80").names_address("169.254.169.254".parse().expect("ip")));
+    }
+}

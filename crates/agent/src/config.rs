@@ -1,0 +1,223 @@
+//! The agent's configuration: `agent.toml` as written (the contract in DESIGN.md) and the
+//! validated [`AgentConfig`] the agent runs from. The token comes from `token_file` or the
+//! `PRIVLINK_TOKEN` environment variable and is never logged.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use privlink_protocol::config::{
+    ConfigError, ConfigSource, Spanned, deserialize_duration, deserialize_positive_duration,
+};
+use privlink_protocol::destination::{Host, parse_port, split_host_port};
+use privlink_protocol::message::Token;
+use privlink_protocol::tls;
+use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
+
+use crate::allowlist::{AllowRule, Allowlist};
+
+/// Environment variable that may carry the token instead of `token_file`.
+pub const TOKEN_ENV: &str = "PRIVLINK_TOKEN";
+/// Default deadline for connecting to a destination (all its addresses together).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default deadline for resolving a destination.
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time open streams get to finish on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// How the agent reaches relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// QUIC first, TLS over TCP when UDP does not get through (TCP arrives in a later
+    /// version; until then `auto` uses QUIC).
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS over TCP only (not available in this version).
+    Tcp,
+}
+
+/// A relay to dial: a name or address and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayAddress {
+    /// Host name (also the TLS server name) or IP literal.
+    pub host: Host,
+    /// Port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for RelayAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// A validated agent configuration.
+#[derive(Debug)]
+pub struct AgentConfig {
+    /// Name shown on the relay (defaults to the host name).
+    pub name: String,
+    /// Connector served.
+    pub connector: String,
+    /// The connector token.
+    pub token: Token,
+    /// Relays to keep connections to.
+    pub relays: Vec<RelayAddress>,
+    /// Trust anchors for the relay's certificate.
+    pub relay_roots: Vec<CertificateDer<'static>>,
+    /// Transport selection.
+    pub transport: TransportChoice,
+    /// Destinations this agent consents to open.
+    pub allowlist: Allowlist,
+    /// Deadline for connecting to a destination.
+    pub connect_timeout: Duration,
+    /// Deadline for resolving a destination.
+    pub dns_timeout: Duration,
+    /// Time open streams get to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    name: Option<String>,
+    connector: String,
+    #[serde(default)]
+    token_file: Option<Spanned<PathBuf>>,
+    relays: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    relay_ca: Option<Spanned<PathBuf>>,
+    #[serde(default = "default_transport")]
+    transport: TransportChoice,
+    #[serde(default, deserialize_with = "positive_opt")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "positive_opt")]
+    dns_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default)]
+    allow: Vec<RawAllow>,
+}
+
+fn default_transport() -> TransportChoice {
+    TransportChoice::Auto
+}
+
+fn positive_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_positive_duration(d).map(Some)
+}
+
+fn duration_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    destination: RuleText,
+}
+
+#[derive(Debug)]
+struct RuleText(AllowRule);
+
+impl<'de> Deserialize<'de> for RuleText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(RuleText).map_err(serde::de::Error::custom)
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates an agent configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_source(&ConfigSource::read(path)?, std::env::var(TOKEN_ENV).ok())
+    }
+
+    /// Validates a configuration already in memory; `env_token` stands for `PRIVLINK_TOKEN`.
+    pub fn from_source(source: &ConfigSource, env_token: Option<String>) -> Result<Self, ConfigError> {
+        let raw: RawConfig = source.parse()?;
+
+        if raw.connector.is_empty() {
+            return Err(source.error_at(None, "connector", "must not be empty"));
+        }
+        let token = match (&raw.token_file, env_token) {
+            (Some(file), _) => {
+                let path = source.resolve_path(file.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    source.error_for(file, "token_file", format!("cannot read {}: {e}", path.display()))
+                })?;
+                let token = text.trim();
+                if token.is_empty() {
+                    return Err(source.error_for(file, "token_file", format!("{} is empty", path.display())));
+                }
+                Token::new(token)
+            }
+            (None, Some(env)) if !env.trim().is_empty() => Token::new(env.trim()),
+            (None, _) => {
+                return Err(source.error_at(
+                    None,
+                    "token_file",
+                    format!("no token: set token_file or the {TOKEN_ENV} environment variable"),
+                ));
+            }
+        };
+
+        if raw.relays.get_ref().is_empty() {
+            return Err(source.error_for(&raw.relays, "relays", "list at least one relay (host:port)"));
+        }
+        let mut relays = Vec::new();
+        for (i, text) in raw.relays.get_ref().iter().enumerate() {
+            let parsed = split_host_port(text.get_ref()).and_then(|(host, port)| {
+                Ok(RelayAddress { host: host.parse()?, port: parse_port(port)? })
+            });
+            relays.push(parsed.map_err(|e| source.error_for(text, &format!("relays[{i}]"), e.to_string()))?);
+        }
+
+        let relay_roots = match &raw.relay_ca {
+            Some(file) => tls::load_certs(&source.resolve_path(file.get_ref()))
+                .map_err(|e| source.error_for(file, "relay_ca", e.to_string()))?,
+            None => {
+                return Err(source.error_at(
+                    None,
+                    "relay_ca",
+                    "missing: name the CA certificate that signed the relay's certificate \
+                     (`privlink certs init` writes one)",
+                ));
+            }
+        };
+
+        if raw.transport == TransportChoice::Tcp {
+            return Err(source.error_at(
+                None,
+                "transport",
+                "`tcp` is not available in this version; use \"quic\" or \"auto\"",
+            ));
+        }
+
+        let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(default_agent_name);
+        Ok(Self {
+            name,
+            connector: raw.connector,
+            token,
+            relays,
+            relay_roots,
+            transport: raw.transport,
+            allowlist: Allowlist { rules: raw.allow.into_iter().map(|a| a.destination.0).collect() },
+            connect_timeout: raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            dns_timeout: raw.dns_timeout.unwrap_or(DEFAULT_DNS_TIMEOUT),
+            shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        })
+    }
+}
+
+/// The host name, or "agent" when it cannot be read.
+fn default_agent_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "agent".to_owned())
+}

@@ -1,0 +1,212 @@
+//! One data stream on the agent: read the relay's open header, re-check the destination
+//! against the allowlist, resolve it with the system resolver, connect (trying every address
+//! within one deadline), answer opened or a precise failure, then copy both ways with the
+//! endpoint's inactivity timeout.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use privlink_protocol::copy::{CopyEnd, DEFAULT_BUFFER_SIZE, Side, copy_bidirectional_metered};
+use privlink_protocol::destination::{Destination, Host};
+use privlink_protocol::io::{read_frame, write_frame};
+use privlink_protocol::message::{Open, OpenFailCode, OpenFailure, OpenReply};
+use privlink_protocol::tcp::abort;
+use privlink_protocol::transport::{ResetCode, TunnelStream};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::allowlist::{Allowlist, special_address_kind};
+
+/// Deadline for the open header to arrive after the relay opened the stream.
+pub const OPEN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest open header accepted.
+const MAX_OPEN_BODY: usize = 4096;
+/// Inactivity timeout used when the relay sends none.
+const FALLBACK_INACTIVITY: Duration = Duration::from_secs(60);
+
+/// What a stream needs from the agent's configuration.
+#[derive(Debug)]
+pub struct StreamPolicy {
+    /// Destinations the agent opens.
+    pub allowlist: Allowlist,
+    /// Deadline for resolving a destination.
+    pub dns_timeout: Duration,
+    /// Deadline for connecting to a destination.
+    pub connect_timeout: Duration,
+}
+
+/// Serves one relay-opened stream to completion.
+pub async fn serve_stream(mut stream: TunnelStream, policy: &StreamPolicy, force: &CancellationToken) {
+    let open: Open = match read_frame(&mut stream, MAX_OPEN_BODY, OPEN_HEADER_TIMEOUT).await {
+        Ok(open) => open,
+        Err(e) => {
+            warn!("bad open header from relay: {e}");
+            stream.reset(ResetCode::ProtocolError);
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "stream",
+        endpoint = %open.endpoint,
+        client = %open.client_addr,
+        destination = %open.destination,
+    );
+    forward(stream, open, policy, force).instrument(span).await;
+}
+
+async fn forward(mut stream: TunnelStream, open: Open, policy: &StreamPolicy, force: &CancellationToken) {
+    let started = Instant::now();
+    let mut socket = match connect_allowed(&open.destination, policy).await {
+        Ok(socket) => socket,
+        Err(failure) => {
+            if failure.code == OpenFailCode::NotAllowed {
+                warn!("refused: {}", failure.message);
+            } else {
+                info!(code = %failure.code, "destination not opened: {}", failure.message);
+            }
+            // Tell the relay why, then finish our side; dropping the stream stops theirs.
+            let _ = write_frame(&mut stream, &OpenReply::Failed(failure)).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            return;
+        }
+    };
+    if let Err(e) = write_frame(&mut stream, &OpenReply::Opened).await {
+        debug!("relay went away before the reply: {e}");
+        abort(socket);
+        return;
+    }
+    let timeout = match open.inactivity_timeout_ms {
+        0 => FALLBACK_INACTIVITY,
+        ms => Duration::from_millis(ms),
+    };
+    let report = copy_bidirectional_metered(
+        &mut socket,
+        &mut stream,
+        timeout,
+        DEFAULT_BUFFER_SIZE,
+        force.cancelled(),
+    )
+    .await;
+    let end = match report.end {
+        CopyEnd::Finished => "completed".to_owned(),
+        CopyEnd::IdleTimeout => {
+            stream.reset(ResetCode::IdleTimeout);
+            "idle-timeout".to_owned()
+        }
+        CopyEnd::Cancelled => {
+            stream.reset(ResetCode::Shutdown);
+            abort(socket);
+            "shutdown".to_owned()
+        }
+        CopyEnd::Failed { side: Side::Socket, error } => {
+            stream.reset(ResetCode::PeerReset);
+            format!("destination-error: {error}")
+        }
+        CopyEnd::Failed { side: Side::Tunnel, error } => {
+            // A reset from the relay (client reset, timeout, shutdown) becomes a TCP reset.
+            abort(socket);
+            format!("relay-side: {error}")
+        }
+    };
+    debug!(
+        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        bytes_to_destination = report.tunnel_to_socket,
+        bytes_from_destination = report.socket_to_tunnel,
+        end = %end,
+        "stream closed"
+    );
+}
+
+fn failure(code: OpenFailCode, message: impl Into<String>) -> OpenFailure {
+    OpenFailure { code, message: message.into() }
+}
+
+/// Checks, resolves and connects, or says precisely why not.
+pub async fn connect_allowed(destination: &str, policy: &StreamPolicy) -> Result<TcpStream, OpenFailure> {
+    let destination: Destination = destination
+        .parse()
+        .map_err(|e| failure(OpenFailCode::BadRequest, format!("invalid destination: {e}")))?;
+    let rule = policy.allowlist.matching(&destination).ok_or_else(|| {
+        failure(
+            OpenFailCode::NotAllowed,
+            format!("{destination} is not in this agent's allowlist"),
+        )
+    })?;
+
+    let resolved: Vec<SocketAddr> = match &destination.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, destination.port)],
+        Host::Name(name) => {
+            let lookup = tokio::net::lookup_host((name.as_str(), destination.port));
+            match tokio::time::timeout(policy.dns_timeout, lookup).await {
+                Ok(Ok(addrs)) => addrs.collect(),
+                Ok(Err(e)) => {
+                    return Err(failure(OpenFailCode::DnsFailure, format!("cannot resolve {name}: {e}")));
+                }
+                Err(_) => {
+                    return Err(failure(
+                        OpenFailCode::DnsFailure,
+                        format!("resolving {name} took longer than {:?}", policy.dns_timeout),
+                    ));
+                }
+            }
+        }
+    };
+    let mut refused_special: Vec<(IpAddr, &str)> = Vec::new();
+    let candidates: Vec<SocketAddr> = resolved
+        .into_iter()
+        .filter(|addr| match special_address_kind(addr.ip()) {
+            Some(kind) if !rule.names_address(addr.ip()) => {
+                refused_special.push((addr.ip(), kind));
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Err(match refused_special.first() {
+            Some((ip, kind)) => failure(
+                OpenFailCode::NotAllowed,
+                format!(
+                    "{destination} resolves to {ip}, a {kind} address, which is refused unless an \
+                     [[allow]] rule names it explicitly"
+                ),
+            ),
+            None => failure(OpenFailCode::DnsFailure, format!("{destination} resolved to no address")),
+        });
+    }
+    connect_any(&candidates, policy.connect_timeout).await
+}
+
+/// Tries each address in turn until one connects or the deadline passes.
+async fn connect_any(candidates: &[SocketAddr], deadline: Duration) -> Result<TcpStream, OpenFailure> {
+    let give_up = Instant::now() + deadline;
+    let mut last_error: Option<(SocketAddr, io::Error)> = None;
+    for addr in candidates {
+        match tokio::time::timeout_at(give_up, TcpStream::connect(addr)).await {
+            Ok(Ok(socket)) => {
+                let _ = socket.set_nodelay(true);
+                return Ok(socket);
+            }
+            Ok(Err(e)) => {
+                debug!(%addr, "connect failed: {e}");
+                last_error = Some((*addr, e));
+            }
+            Err(_) => {
+                return Err(failure(
+                    OpenFailCode::Timeout,
+                    format!("no connection within {deadline:?} (last tried {addr})"),
+                ));
+            }
+        }
+    }
+    Err(match last_error {
+        Some((addr, e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            failure(OpenFailCode::Refused, format!("{addr} refused the connection"))
+        }
+        Some((addr, e)) => failure(OpenFailCode::Unreachable, format!("{addr}: {e}")),
+        None => failure(OpenFailCode::DnsFailure, "no address to connect to"),
+    })
+}

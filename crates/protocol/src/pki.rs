@@ -1,0 +1,94 @@
+//! A small private PKI (feature `pki`): a CA and the certificates it signs, for
+//! `privlink certs init`, the demo and tests. Production deployments may use any CA; this
+//! exists so a first deployment needs nothing else.
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Why a certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("certificate generation: {0}")]
+pub struct PkiError(#[from] rcgen::Error);
+
+/// A certificate and its private key, in PEM and DER.
+pub struct Issued {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// The certificate, DER.
+    pub cert_der: CertificateDer<'static>,
+    /// The private key, DER.
+    pub key_der: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").field("key", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+fn issued(cert_pem: String, cert_der: CertificateDer<'static>, key: &KeyPair) -> Issued {
+    Issued {
+        cert_pem,
+        key_pem: key.serialize_pem(),
+        cert_der,
+        key_der: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    }
+}
+
+/// A certificate authority that can sign server certificates.
+#[derive(Debug)]
+pub struct CertificateAuthority {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    /// The CA's own certificate and key.
+    pub identity: Issued,
+}
+
+impl CertificateAuthority {
+    /// A new self-signed CA with the given common name.
+    pub fn new(common_name: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let identity_key_pem = key.serialize_pem();
+        let identity_key_der = key.serialize_der();
+        let issuer = CertifiedIssuer::self_signed(params, key)?;
+        let identity = Issued {
+            cert_pem: issuer.pem(),
+            key_pem: identity_key_pem,
+            cert_der: issuer.der().clone(),
+            key_der: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity_key_der)),
+        };
+        Ok(Self { issuer, identity })
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses), signed by this CA.
+    pub fn issue_server(&self, names: &[&str]) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().copied().unwrap_or("privlink"));
+        params.distinguished_name = dn;
+        for name in names {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*name).try_into()?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(issued(cert.pem(), cert.der().clone(), &key))
+    }
+}

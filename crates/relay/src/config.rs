@@ -1,0 +1,351 @@
+//! The relay's configuration: `relay.toml` as written (the contract in DESIGN.md) and the
+//! validated, typed [`RelayConfig`] the relay runs from. Everything is checked here, before
+//! any port is bound: unknown keys, bad CIDRs and durations, unknown connectors, duplicate
+//! names and listen addresses, unreadable or mismatched certificates.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use privlink_protocol::acl::{Acl, parse_acl_entry};
+use privlink_protocol::config::{
+    ConfigError, ConfigSource, Spanned, deserialize_duration, deserialize_positive_duration,
+};
+use privlink_protocol::destination::Destination;
+use privlink_protocol::tls;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+/// Default inactivity timeout of an endpoint.
+pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default connection limit of an endpoint.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default time in-flight connections get to finish on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A validated relay configuration.
+#[derive(Debug)]
+pub struct RelayConfig {
+    /// Where agents connect (QUIC on UDP).
+    pub tunnel_listen: SocketAddr,
+    /// The relay's certificate chain and key.
+    pub identity: TlsIdentity,
+    /// Admin API address (reserved: the admin API is not served yet).
+    pub admin_listen: Option<SocketAddr>,
+    /// How long in-flight connections may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Connectors and their token hashes.
+    pub connectors: Vec<ConnectorSpec>,
+    /// Endpoints clients connect to.
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// A certificate chain and its private key. `Debug` never shows the key.
+pub struct TlsIdentity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("chain_len", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A connector: a name agents authenticate as, and the SHA-256 of its token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectorSpec {
+    /// Connector name.
+    pub name: String,
+    /// SHA-256 of the token's bytes.
+    pub token_sha256: [u8; 32],
+}
+
+impl fmt::Debug for ConnectorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectorSpec").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// An endpoint: a listening port mapped to a destination reached through a connector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// Endpoint name (unique).
+    pub name: String,
+    /// Connector whose agents serve it.
+    pub connector: String,
+    /// Where the agent connects.
+    pub destination: Destination,
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// Close after this long with no byte in either direction.
+    pub inactivity_timeout: Duration,
+    /// Concurrent connections beyond which new ones are refused.
+    pub max_connections: usize,
+    /// Source-IP rules.
+    pub acl: Acl,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default, deserialize_with = "deserialize_duration_opt")]
+    shutdown_grace: Option<Duration>,
+    tunnel: RawTunnel,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    connector: Vec<RawConnector>,
+    #[serde(default)]
+    endpoint: Vec<RawEndpoint>,
+}
+
+fn deserialize_duration_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    listen: SocketAddr,
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: SocketAddr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnector {
+    name: Spanned<String>,
+    #[serde(deserialize_with = "deserialize_sha256_hex")]
+    token_sha256: [u8; 32],
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    name: Spanned<String>,
+    connector: Spanned<String>,
+    destination: Destination,
+    listen: Spanned<SocketAddr>,
+    #[serde(default, deserialize_with = "deserialize_positive_duration_opt")]
+    inactivity_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "deserialize_limit")]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    acl: RawAcl,
+}
+
+fn deserialize_positive_duration_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_positive_duration(d).map(Some)
+}
+
+fn deserialize_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n == 0 {
+        return Err(serde::de::Error::custom("max_connections must be at least 1"));
+    }
+    Ok(Some(n as usize))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcl {
+    #[serde(default)]
+    allow: Vec<AclEntry>,
+    #[serde(default)]
+    deny: Vec<AclEntry>,
+}
+
+#[derive(Debug)]
+struct AclEntry(IpNet);
+
+impl<'de> Deserialize<'de> for AclEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_acl_entry(&text).map(AclEntry).map_err(serde::de::Error::custom)
+    }
+}
+
+fn deserialize_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+    let text = String::deserialize(d)?;
+    parse_sha256_hex(&text).ok_or_else(|| {
+        serde::de::Error::custom(
+            "expected 64 lowercase hex digits (the SHA-256 that `privlink token new` prints)",
+        )
+    })
+}
+
+/// Parses 64 lowercase hex digits into a SHA-256 digest.
+pub fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    // Hand-written: two dozen lines do not justify a hex crate dependency.
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+impl RelayConfig {
+    /// Reads and validates a relay configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_source(&ConfigSource::read(path)?)
+    }
+
+    /// Validates a configuration whose text is already in memory. Relative certificate paths
+    /// are resolved against the source's directory.
+    pub fn from_source(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let raw: RawConfig = source.parse()?;
+
+        let mut connectors = Vec::with_capacity(raw.connector.len());
+        let mut seen = HashMap::new();
+        for (i, c) in raw.connector.iter().enumerate() {
+            let key = format!("connector[{i}].name");
+            check_name(source, &c.name, &key)?;
+            if let Some(first) = seen.insert(c.name.get_ref().clone(), i) {
+                return Err(source.error_for(
+                    &c.name,
+                    &key,
+                    format!("duplicate connector name `{}` (also connector[{first}])", c.name.get_ref()),
+                ));
+            }
+            connectors.push(ConnectorSpec {
+                name: c.name.get_ref().clone(),
+                token_sha256: c.token_sha256,
+            });
+        }
+
+        let mut endpoints = Vec::with_capacity(raw.endpoint.len());
+        let mut names = HashMap::new();
+        let mut listens = HashMap::new();
+        for (i, e) in raw.endpoint.into_iter().enumerate() {
+            let name_key = format!("endpoint[{i}].name");
+            check_name(source, &e.name, &name_key)?;
+            if let Some(first) = names.insert(e.name.get_ref().clone(), i) {
+                return Err(source.error_for(
+                    &e.name,
+                    &name_key,
+                    format!("duplicate endpoint name `{}` (also endpoint[{first}])", e.name.get_ref()),
+                ));
+            }
+            if !seen.contains_key(e.connector.get_ref()) {
+                return Err(source.error_for(
+                    &e.connector,
+                    &format!("endpoint[{i}].connector"),
+                    format!("unknown connector `{}`; declare it in a [[connector]] table", e.connector.get_ref()),
+                ));
+            }
+            let listen = *e.listen.get_ref();
+            let listen_key = format!("endpoint[{i}].listen");
+            if let Some(first) = listens.insert(listen, i) {
+                return Err(source.error_for(
+                    &e.listen,
+                    &listen_key,
+                    format!("listen address {listen} is already used by endpoint[{first}]"),
+                ));
+            }
+            if listen == raw.tunnel.listen && listen.port() != 0 {
+                return Err(source.error_for(
+                    &e.listen,
+                    &listen_key,
+                    format!("listen address {listen} is the tunnel's address"),
+                ));
+            }
+            endpoints.push(EndpointSpec {
+                name: e.name.into_inner(),
+                connector: e.connector.into_inner(),
+                destination: e.destination,
+                listen,
+                inactivity_timeout: e.inactivity_timeout.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
+                max_connections: e.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                acl: Acl {
+                    allow: e.acl.allow.into_iter().map(|a| a.0).collect(),
+                    deny: e.acl.deny.into_iter().map(|a| a.0).collect(),
+                },
+            });
+        }
+
+        let cert_path = source.resolve_path(raw.tunnel.cert.get_ref());
+        let chain = tls::load_certs(&cert_path)
+            .map_err(|e| source.error_for(&raw.tunnel.cert, "tunnel.cert", e.to_string()))?;
+        let key_path = source.resolve_path(raw.tunnel.key.get_ref());
+        let key = tls::load_key(&key_path)
+            .map_err(|e| source.error_for(&raw.tunnel.key, "tunnel.key", e.to_string()))?;
+        // Build the TLS configuration once now so a key that does not match the certificate
+        // is a configuration error, not a failure at the first agent's handshake.
+        tls::tunnel_server_config(chain.clone(), key.clone_key()).map_err(|e| {
+            source.error_for(&raw.tunnel.key, "tunnel.key", format!("does not fit tunnel.cert: {e}"))
+        })?;
+
+        Ok(Self {
+            tunnel_listen: raw.tunnel.listen,
+            identity: TlsIdentity { chain, key },
+            admin_listen: raw.admin.map(|a| a.listen),
+            shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            connectors,
+            endpoints,
+        })
+    }
+
+    /// The endpoints served by `connector`.
+    pub fn endpoints_of<'a>(&'a self, connector: &'a str) -> impl Iterator<Item = &'a EndpointSpec> {
+        self.endpoints.iter().filter(move |e| e.connector == connector)
+    }
+}
+
+/// Names are used in logs, metrics and URLs: keep them to a safe alphabet.
+fn check_name(source: &ConfigSource, name: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
+    let n = name.get_ref();
+    let ok = !n.is_empty()
+        && n.len() <= 64
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(source.error_for(
+            name,
+            key,
+            format!("`{n}` is not a valid name (1–64 of A–Z a–z 0–9 . _ -)"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_hex_is_strict() {
+        let good = "ab".repeat(32);
+        assert_eq!(parse_sha256_hex(&good), Some([0xab; 32]));
+        assert_eq!(parse_sha256_hex(&"AB".repeat(32)), None);
+        assert_eq!(parse_sha256_hex(&"ab".repeat(31)), None);
+        assert_eq!(parse_sha256_hex(&format!("{}zz", "ab".repeat(31))), None);
+    }
+}

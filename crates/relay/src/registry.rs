@@ -1,0 +1,230 @@
+//! The agents connected to this relay, what each said about each endpoint, and how load is
+//! spread over them.
+//!
+//! An agent is registered once it has authenticated (its endpoints are then `Pending`) and
+//! stays until its connection ends (the [`AgentRegistration`] guard removes it). A new client
+//! connection goes to the approving agent with the fewest active streams. Every change bumps
+//! a watch channel so callers (the status view, tests, the demo) can wait for a state.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use privlink_protocol::message::Verdict;
+use privlink_protocol::transport::TunnelConnection;
+use tokio::sync::watch;
+
+/// An endpoint's status, in the vocabulary of Azure private-endpoint connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointStatus {
+    /// No agent of its connector is connected.
+    Disconnected,
+    /// An agent is connected but has not given its verdict yet.
+    Pending,
+    /// At least one connected agent approved it.
+    Approved,
+    /// Every connected agent rejected it.
+    Rejected {
+        /// One rejecting agent's reason.
+        reason: String,
+    },
+}
+
+impl fmt::Display for EndpointStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Disconnected => f.write_str("Disconnected"),
+            Self::Pending => f.write_str("Pending"),
+            Self::Approved => f.write_str("Approved"),
+            Self::Rejected { reason } => write!(f, "Rejected ({reason})"),
+        }
+    }
+}
+
+/// One connected agent.
+#[derive(Debug)]
+struct AgentEntry {
+    connector: String,
+    name: String,
+    connection: TunnelConnection,
+    /// Endpoint name → verdict; an absent endpoint is still pending.
+    verdicts: HashMap<String, Verdict>,
+    /// Set once the agent announced a drain: it gets no new streams.
+    draining: bool,
+    active_streams: Arc<AtomicU32>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    agents: HashMap<u64, AgentEntry>,
+    next_id: u64,
+}
+
+/// The registry of connected agents.
+#[derive(Debug)]
+pub struct Registry {
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self { state: Mutex::default(), changed: watch::Sender::new(0) }
+    }
+}
+
+/// An agent chosen to carry one client connection. Holding it counts one active stream.
+#[derive(Debug)]
+pub struct ChosenAgent {
+    /// The agent's name, for logs.
+    pub name: String,
+    /// Its tunnel connection.
+    pub connection: TunnelConnection,
+    active_streams: Arc<AtomicU32>,
+}
+
+impl Drop for ChosenAgent {
+    fn drop(&mut self) {
+        self.active_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps an agent registered; dropping it removes the agent.
+#[derive(Debug)]
+pub struct AgentRegistration {
+    registry: Arc<Registry>,
+    id: u64,
+    active_streams: Arc<AtomicU32>,
+}
+
+impl AgentRegistration {
+    /// Records the agent's verdicts (replacing earlier ones for the same endpoints).
+    pub fn set_verdicts(&self, verdicts: impl IntoIterator<Item = (String, Verdict)>) {
+        self.registry.update(|state| {
+            if let Some(agent) = state.agents.get_mut(&self.id) {
+                agent.verdicts.extend(verdicts);
+            }
+        });
+    }
+
+    /// Stops giving this agent new streams.
+    pub fn set_draining(&self) {
+        self.registry.update(|state| {
+            if let Some(agent) = state.agents.get_mut(&self.id) {
+                agent.draining = true;
+            }
+        });
+    }
+
+    /// Streams the relay currently has open on this agent.
+    pub fn active_streams(&self) -> u32 {
+        self.active_streams.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for AgentRegistration {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.registry.update(|state| {
+            state.agents.remove(&id);
+        });
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the maps half-updated in a way that
+        // matters more than losing the relay, so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn update(&self, change: impl FnOnce(&mut State)) {
+        change(&mut self.lock());
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Adds an authenticated agent; its endpoints are pending until it sends verdicts.
+    pub fn register(
+        self: &Arc<Self>,
+        connector: &str,
+        name: &str,
+        connection: TunnelConnection,
+    ) -> AgentRegistration {
+        let active_streams = Arc::new(AtomicU32::new(0));
+        let mut id = 0;
+        self.update(|state| {
+            id = state.next_id;
+            state.next_id += 1;
+            state.agents.insert(
+                id,
+                AgentEntry {
+                    connector: connector.to_owned(),
+                    name: name.to_owned(),
+                    connection,
+                    verdicts: HashMap::new(),
+                    draining: false,
+                    active_streams: Arc::clone(&active_streams),
+                },
+            );
+        });
+        AgentRegistration { registry: Arc::clone(self), id, active_streams }
+    }
+
+    /// Chooses the approving agent with the fewest active streams, and counts the new stream.
+    pub fn choose(&self, connector: &str, endpoint: &str) -> Option<ChosenAgent> {
+        let state = self.lock();
+        let agent = state
+            .agents
+            .values()
+            .filter(|a| {
+                a.connector == connector
+                    && !a.draining
+                    && matches!(a.verdicts.get(endpoint), Some(Verdict::Approved))
+                    && a.connection.close_reason().is_none()
+            })
+            .min_by_key(|a| a.active_streams.load(Ordering::Relaxed))?;
+        agent.active_streams.fetch_add(1, Ordering::Relaxed);
+        Some(ChosenAgent {
+            name: agent.name.clone(),
+            connection: agent.connection.clone(),
+            active_streams: Arc::clone(&agent.active_streams),
+        })
+    }
+
+    /// The status of `endpoint`, served by `connector`.
+    pub fn status(&self, connector: &str, endpoint: &str) -> EndpointStatus {
+        let state = self.lock();
+        let mut connected = false;
+        let mut pending = false;
+        let mut rejection = None;
+        for agent in state.agents.values().filter(|a| a.connector == connector) {
+            connected = true;
+            match agent.verdicts.get(endpoint) {
+                Some(Verdict::Approved) => return EndpointStatus::Approved,
+                Some(Verdict::Rejected { reason }) => rejection = Some(reason.clone()),
+                None => pending = true,
+            }
+        }
+        match (connected, pending, rejection) {
+            (false, _, _) => EndpointStatus::Disconnected,
+            (true, true, _) | (true, false, None) => EndpointStatus::Pending,
+            (true, false, Some(reason)) => EndpointStatus::Rejected { reason },
+        }
+    }
+
+    /// Number of agents connected for `connector`.
+    pub fn agent_count(&self, connector: &str) -> usize {
+        self.lock().agents.values().filter(|a| a.connector == connector).count()
+    }
+
+    /// Tunnel connections of every registered agent (for closing them on shutdown).
+    pub fn connections(&self) -> Vec<TunnelConnection> {
+        self.lock().agents.values().map(|a| a.connection.clone()).collect()
+    }
+
+    /// A receiver that sees a new value after every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}

@@ -1,0 +1,286 @@
+//! The agent-facing side of the relay: accepts tunnel connections, runs the control-stream
+//! handshake (relay hello → agent hello → welcome or refusal → verdicts), registers the agent,
+//! and keeps its control stream (heartbeats, drain notices) until the connection ends.
+//!
+//! Each incoming connection is handled in a task of its own, spawned before the handshake, so
+//! a stalled peer never blocks the accept loop; every handshake step has a deadline.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use privlink_protocol::frame::MAX_BODY_LEN;
+use privlink_protocol::io::{ReadFrameError, WriteFrameError, read_frame, read_frame_unbounded_time, write_frame};
+use privlink_protocol::message::{Control, EndpointAssignment, Hello, PROTOCOL_VERSION};
+use privlink_protocol::transport::{CloseCode, StreamError, TunnelConnection, TunnelStream, quic};
+use privlink_protocol::SOFTWARE_VERSION;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::auth::{AuthFailure, FailureLimiter, authenticate};
+use crate::config::RelayConfig;
+use crate::registry::{AgentRegistration, Registry};
+
+/// Deadline for the QUIC handshake and for each control-stream handshake step.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval between heartbeats on the control stream.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Why an agent's tunnel connection ended before or during its session.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentSessionError {
+    /// The QUIC handshake did not complete.
+    #[error("tunnel handshake: {0}")]
+    Handshake(#[from] quic::DialError),
+    /// The control stream could not be opened.
+    #[error("control stream: {0}")]
+    ControlStream(#[from] StreamError),
+    /// The agent sent something other than what the protocol expects, or nothing in time.
+    #[error("agent protocol error: {0}")]
+    Protocol(String),
+    /// Reading a control frame failed.
+    #[error("reading from agent: {0}")]
+    Read(#[from] ReadFrameError),
+    /// Writing a control frame failed.
+    #[error("writing to agent: {0}")]
+    Write(#[from] WriteFrameError),
+    /// The agent failed to authenticate.
+    #[error("authentication failed: {0:?}")]
+    Auth(AuthFailure),
+    /// The agent speaks another protocol version.
+    #[error("agent speaks protocol version {0}, relay speaks {PROTOCOL_VERSION}")]
+    Version(u16),
+}
+
+/// Shared state of the agent-facing side.
+#[derive(Debug)]
+pub(crate) struct TunnelContext {
+    pub(crate) config: Arc<RelayConfig>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) failures: Mutex<FailureLimiter>,
+    /// Cancelled when the relay starts shutting down: agents are told to drain.
+    pub(crate) draining: CancellationToken,
+}
+
+/// Accepts agent connections until `stop` is cancelled.
+pub(crate) async fn accept_agents(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<TunnelContext>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            () = stop.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let remote = incoming.remote_address();
+        let blocked = ctx
+            .failures
+            .lock()
+            .map(|f| f.is_blocked(remote.ip(), Instant::now()))
+            .unwrap_or(false);
+        if blocked {
+            debug!(%remote, "refusing tunnel connection: too many failed authentications");
+            incoming.refuse();
+            continue;
+        }
+        let span = tracing::info_span!("agent", %remote);
+        let ctx = Arc::clone(&ctx);
+        tracker.spawn(
+            async move {
+                match serve_agent(incoming, remote, &ctx).await {
+                    Ok(()) => {}
+                    Err(AgentSessionError::Auth(_)) => {} // logged where it happened
+                    Err(e) => warn!("agent session ended: {e}"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_agent(
+    incoming: quinn::Incoming,
+    remote: SocketAddr,
+    ctx: &TunnelContext,
+) -> Result<(), AgentSessionError> {
+    let connection = quic::handshake(incoming, HANDSHAKE_TIMEOUT).await?;
+    let mut control = connection.open_stream(HANDSHAKE_TIMEOUT).await?;
+    write_frame(
+        &mut control,
+        &Control::RelayHello {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: SOFTWARE_VERSION.to_owned(),
+        },
+    )
+    .await?;
+
+    let hello = match read_frame(&mut control, MAX_BODY_LEN, HANDSHAKE_TIMEOUT).await? {
+        Control::Hello(hello) => hello,
+        other => {
+            connection.close(CloseCode::ProtocolError, "expected hello");
+            return Err(AgentSessionError::Protocol(format!("expected Hello, got {other:?}")));
+        }
+    };
+    let (registration, agent_label) = admit(&connection, &mut control, remote, hello, ctx).await?;
+    let agent_span = tracing::info_span!("session", agent = %agent_label);
+    run_control(&connection, &mut control, &registration, ctx).instrument(agent_span).await
+}
+
+/// Checks version and token, answers welcome or refusal, reads verdicts, registers.
+async fn admit(
+    connection: &TunnelConnection,
+    control: &mut TunnelStream,
+    remote: SocketAddr,
+    hello: Hello,
+    ctx: &TunnelContext,
+) -> Result<(AgentRegistration, String), AgentSessionError> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        warn!(version = hello.protocol_version, "refusing agent: unsupported protocol version");
+        let reason = format!(
+            "protocol version {} is not supported by this relay (it speaks {PROTOCOL_VERSION})",
+            hello.protocol_version
+        );
+        refuse(connection, control, &reason).await;
+        return Err(AgentSessionError::Version(hello.protocol_version));
+    }
+    if let Err(failure) = authenticate(&ctx.config.connectors, &hello.connector, hello.token.expose()) {
+        let now_blocked = ctx
+            .failures
+            .lock()
+            .map(|mut f| f.record_failure(remote.ip(), now()))
+            .unwrap_or(false);
+        let cause = match failure {
+            AuthFailure::UnknownConnector => "unknown connector",
+            AuthFailure::WrongToken => "wrong token",
+        };
+        warn!(
+            connector = %hello.connector,
+            agent = %hello.agent_name,
+            cause,
+            "refusing agent: authentication failed{}",
+            if now_blocked { "; further attempts from this address are refused for a minute" } else { "" }
+        );
+        let reason = format!(
+            "authentication failed for connector `{}`: unknown connector or wrong token",
+            hello.connector
+        );
+        refuse(connection, control, &reason).await;
+        return Err(AgentSessionError::Auth(failure));
+    }
+
+    let endpoints: Vec<EndpointAssignment> = ctx
+        .config
+        .endpoints_of(&hello.connector)
+        .map(|e| EndpointAssignment { name: e.name.clone(), destination: e.destination.to_string() })
+        .collect();
+    write_frame(&mut *control, &Control::Welcome { endpoints }).await?;
+    let label = format!("{}/{}", hello.connector, hello.agent_name);
+    let registration = ctx.registry.register(&hello.connector, &hello.agent_name, connection.clone());
+    info!(
+        connector = %hello.connector,
+        agent = %hello.agent_name,
+        agent_id = %hello.agent_id,
+        version = %hello.software_version,
+        transport = %connection.kind(),
+        "agent connected"
+    );
+
+    match read_frame(&mut *control, MAX_BODY_LEN, HANDSHAKE_TIMEOUT).await? {
+        Control::Verdicts(verdicts) => record_verdicts(&registration, verdicts),
+        other => {
+            connection.close(CloseCode::ProtocolError, "expected verdicts");
+            return Err(AgentSessionError::Protocol(format!("expected Verdicts, got {other:?}")));
+        }
+    }
+    Ok((registration, label))
+}
+
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// Tells the agent why it was refused, then closes the connection with that reason.
+async fn refuse(connection: &TunnelConnection, control: &mut TunnelStream, reason: &str) {
+    // Best effort: the close below carries the reason too.
+    let _ = write_frame(control, &Control::Refused { reason: reason.to_owned() }).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(control).await;
+    connection.close(CloseCode::Refused, reason);
+}
+
+fn record_verdicts(
+    registration: &AgentRegistration,
+    verdicts: Vec<privlink_protocol::message::EndpointVerdict>,
+) {
+    for v in &verdicts {
+        match &v.verdict {
+            privlink_protocol::message::Verdict::Approved => {
+                info!(endpoint = %v.endpoint, "endpoint approved by agent");
+            }
+            privlink_protocol::message::Verdict::Rejected { reason } => {
+                warn!(endpoint = %v.endpoint, %reason, "endpoint rejected by agent");
+            }
+        }
+    }
+    registration.set_verdicts(verdicts.into_iter().map(|v| (v.endpoint, v.verdict)));
+}
+
+/// Heartbeats and notices until the connection ends.
+async fn run_control(
+    connection: &TunnelConnection,
+    control: &mut TunnelStream,
+    registration: &AgentRegistration,
+    ctx: &TunnelContext,
+) -> Result<(), AgentSessionError> {
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.tick().await;
+    let mut drain_sent = false;
+    loop {
+        tokio::select! {
+            reason = connection.closed() => {
+                info!(%reason, "agent disconnected");
+                return Ok(());
+            }
+            () = ctx.draining.cancelled(), if !drain_sent => {
+                drain_sent = true;
+                // Best effort: the agent learns it should stop expecting new streams here.
+                let _ = write_frame(&mut *control, &Control::Drain { reason: "relay shutting down".into() }).await;
+            }
+            _ = heartbeat.tick() => {
+                let beat = Control::Heartbeat { active_streams: registration.active_streams() };
+                write_frame(&mut *control, &beat).await?;
+            }
+            frame = read_frame_unbounded_time::<Control, _>(&mut *control, MAX_BODY_LEN) => match frame {
+                Ok(Control::Heartbeat { active_streams }) => debug!(active_streams, "agent heartbeat"),
+                Ok(Control::Verdicts(verdicts)) => record_verdicts(registration, verdicts),
+                Ok(Control::Drain { reason }) => {
+                    info!(%reason, "agent is draining: no new streams go to it");
+                    registration.set_draining();
+                }
+                Ok(other) => {
+                    connection.close(CloseCode::ProtocolError, "unexpected control message");
+                    return Err(AgentSessionError::Protocol(format!("unexpected control message {other:?}")));
+                }
+                Err(ReadFrameError::Closed) => {
+                    // The agent finished its control stream: it is leaving. Wait for the close.
+                    let reason = connection.closed().await;
+                    info!(%reason, "agent disconnected");
+                    return Ok(());
+                }
+                Err(e) => {
+                    if let Some(reason) = connection.close_reason() {
+                        info!(%reason, "agent disconnected");
+                        return Ok(());
+                    }
+                    connection.close(CloseCode::ProtocolError, "bad control frame");
+                    return Err(e.into());
+                }
+            },
+        }
+    }
+}
