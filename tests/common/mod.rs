@@ -1,0 +1,241 @@
+//! Shared pieces of the end-to-end tests: a private CA, a relay and agents running in this
+//! process on loopback (real sockets, real QUIC, real TLS), and small destination servers.
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different subset")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use privlink_agent::allowlist::Allowlist;
+use privlink_agent::config::{AgentConfig, RelayAddress, TransportChoice};
+use privlink_agent::Agent;
+use privlink_protocol::acl::Acl;
+use privlink_protocol::destination::Host;
+use privlink_protocol::message::Token;
+use privlink_protocol::pki::{CertificateAuthority, Issued};
+use privlink_relay::config::{ConnectorSpec, EndpointSpec, RelayConfig, TlsIdentity};
+use privlink_relay::{EndpointStatus, Relay, RelayHandle};
+use ring::rand::SecureRandom as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Upper bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(15);
+pub const CONNECTOR: &str = "test-connector";
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A CA and a relay certificate for localhost / 127.0.0.1.
+pub struct Pki {
+    pub ca: CertificateAuthority,
+    pub relay: Issued,
+}
+
+pub fn pki() -> Pki {
+    let ca = CertificateAuthority::new("privlink test CA").expect("CA");
+    let relay = ca.issue_server(&["localhost", "127.0.0.1"]).expect("relay cert");
+    Pki { ca, relay }
+}
+
+/// An endpoint on an ephemeral loopback port with generous defaults.
+pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
+    EndpointSpec {
+        name: name.to_owned(),
+        connector: CONNECTOR.to_owned(),
+        destination: destination.to_string().parse().expect("destination"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        inactivity_timeout: Duration::from_secs(60),
+        max_connections: 1024,
+        acl: Acl::default(),
+    }
+}
+
+/// A relay on loopback, plus any agents the test starts.
+pub struct Harness {
+    pub relay: RelayHandle,
+    pub pki: Pki,
+    pub token: String,
+    relay_stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Harness {
+    pub async fn start(endpoints: Vec<EndpointSpec>) -> Self {
+        init_tracing();
+        let pki = pki();
+        let token = format!("test-token-{}", hex(&random_bytes(8)));
+        let config = RelayConfig {
+            tunnel_listen: "127.0.0.1:0".parse().expect("addr"),
+            identity: TlsIdentity {
+                chain: vec![pki.relay.cert_der.clone()],
+                key: pki.relay.key_der.clone_key(),
+            },
+            admin_listen: None,
+            shutdown_grace: Duration::from_secs(5),
+            connectors: vec![ConnectorSpec {
+                name: CONNECTOR.to_owned(),
+                token_sha256: privlink_relay::auth::token_digest(token.as_bytes()),
+            }],
+            endpoints,
+        };
+        let relay = Relay::bind(config).await.expect("relay binds");
+        let handle = relay.handle();
+        let relay_stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(relay.run(relay_stop.clone()));
+        Self { relay: handle, pki, token, relay_stop, tasks }
+    }
+
+    /// An agent configuration for this relay admitting `allow`.
+    pub fn agent_config(&self, allow: &[String]) -> AgentConfig {
+        AgentConfig {
+            name: "test-agent".to_owned(),
+            connector: CONNECTOR.to_owned(),
+            token: Token::new(self.token.clone()),
+            relays: vec![RelayAddress {
+                host: Host::Ip([127, 0, 0, 1].into()),
+                port: self.relay.tunnel_addr().port(),
+            }],
+            relay_roots: vec![self.pki.ca.identity.cert_der.clone()],
+            transport: TransportChoice::Quic,
+            allowlist: Allowlist {
+                rules: allow.iter().map(|r| r.parse().expect("rule")).collect(),
+            },
+            connect_timeout: Duration::from_secs(5),
+            dns_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// Starts an agent; cancel the returned token to stop it.
+    pub fn spawn_agent(&self, config: AgentConfig) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let agent = Agent::new(config).expect("agent starts");
+        self.tasks.spawn(agent.run(stop.clone()));
+        stop
+    }
+
+    /// Waits until `endpoint` has `want`, failing the test with the last status otherwise.
+    pub async fn wait_status(&self, endpoint: &str, want: impl Fn(&EndpointStatus) -> bool) -> EndpointStatus {
+        let status = self.relay.wait_for_status(endpoint, WAIT, &want).await.expect("known endpoint");
+        assert!(want(&status), "endpoint {endpoint} stayed {status:?}");
+        status
+    }
+
+    pub async fn wait_approved(&self, endpoint: &str) {
+        self.wait_status(endpoint, |s| *s == EndpointStatus::Approved).await;
+    }
+
+    pub fn addr(&self, endpoint: &str) -> SocketAddr {
+        self.relay.endpoint_addr(endpoint).expect("endpoint exists")
+    }
+
+    /// Starts the relay's graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.relay_stop.cancel();
+    }
+
+    /// Stops the relay and every agent and waits for them.
+    pub async fn shutdown(self, agents: &[CancellationToken]) {
+        for agent in agents {
+            agent.cancel();
+        }
+        self.relay_stop.cancel();
+        self.tasks.close();
+        tokio::time::timeout(WAIT, self.tasks.wait()).await.expect("relay and agents stop in time");
+    }
+}
+
+/// The allow rule that admits exactly `addr`.
+pub fn rule_for(addr: SocketAddr) -> String {
+    addr.to_string()
+}
+
+/// A TCP echo server; each connection echoes until EOF, then closes its write side.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = socket.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A server that reads until EOF and only then answers with the SHA-256 of what it read.
+pub async fn reply_after_eof_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                if socket.read_to_end(&mut got).await.is_ok() {
+                    let _ = socket.write_all(&sha256(&got)).await;
+                    let _ = socket.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n];
+    ring::rand::SystemRandom::new().fill(&mut bytes).expect("random");
+    bytes
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    privlink_relay::auth::token_digest(bytes)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends `payload` through `socket` while reading everything back; returns what came back.
+pub async fn echo_round_trip(socket: TcpStream, payload: &[u8]) -> Vec<u8> {
+    let (mut r, mut w) = socket.into_split();
+    let payload = payload.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.expect("write payload");
+        w.shutdown().await.expect("shutdown write");
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.expect("read echo");
+    writer.await.expect("writer");
+    back
+}
+
+/// Connects from a chosen loopback source address.
+pub async fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().expect("source"))?;
+    socket.connect(to).await
+}
+
+/// True when the relay closed the connection without forwarding: the connect itself is reset,
+/// or the first read sees EOF or a reset before any echo.
+pub async fn is_refused(connected: std::io::Result<TcpStream>) -> bool {
+    let Ok(mut socket) = connected else { return true };
+    let _ = socket.write_all(b"ping").await;
+    let mut buf = [0u8; 4];
+    match tokio::time::timeout(WAIT, socket.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => panic!("connection neither served nor refused within {WAIT:?}"),
+    }
+}
