@@ -51,28 +51,47 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
     write_file(&ca_path, &ca.identity.cert_pem, 0o644)?;
 
     // The "key vault": a TLS server only the agent's side can see (here: loopback).
-    let vault_tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![vault_cert.cert_der.clone()], vault_cert.key_der.clone_key())?;
-    let vault_listener = TcpListener::bind("127.0.0.1:0").await.context("binding the demo vault")?;
+    let vault_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![vault_cert.cert_der.clone()],
+        vault_cert.key_der.clone_key(),
+    )?;
+    let vault_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the demo vault")?;
     let vault_addr = vault_listener.local_addr()?;
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(serve_vault(vault_listener, Arc::new(vault_tls), shutdown.clone()));
+    tasks.spawn(serve_vault(
+        vault_listener,
+        Arc::new(vault_tls),
+        shutdown.clone(),
+    ));
 
     let token = new_token()?;
     let endpoint = |listen: SocketAddr| EndpointSpec {
         name: "contoso-kv".into(),
         connector: "demo".into(),
-        destination: format!("{vault_addr}").parse().expect("a socket address is a destination"),
+        destination: format!("{vault_addr}")
+            .parse()
+            .expect("a socket address is a destination"),
         listen,
         inactivity_timeout: Duration::from_secs(60),
         max_connections: 1024,
-        acl: Acl { allow: vec!["127.0.0.0/8".parse().expect("cidr")], deny: vec![] },
+        acl: Acl {
+            allow: vec!["127.0.0.0/8".parse().expect("cidr")],
+            deny: vec![],
+        },
     };
     let relay_config = |listen| RelayConfig {
         tunnel_listen: "127.0.0.1:0".parse().expect("addr"),
-        identity: TlsIdentity { chain: vec![relay_cert.cert_der.clone()], key: relay_cert.key_der.clone_key() },
+        identity: TlsIdentity {
+            chain: vec![relay_cert.cert_der.clone()],
+            key: relay_cert.key_der.clone_key(),
+        },
         admin_listen: None,
         shutdown_grace: Duration::from_secs(5),
         connectors: vec![ConnectorSpec {
@@ -91,7 +110,9 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         Err(e) => return Err(e.into()),
     };
     let relay_handle = relay.handle();
-    let endpoint_addr = relay_handle.endpoint_addr("contoso-kv").context("endpoint address")?;
+    let endpoint_addr = relay_handle
+        .endpoint_addr("contoso-kv")
+        .context("endpoint address")?;
     let relay_stop = CancellationToken::new();
     tasks.spawn(relay.run(relay_stop.clone()));
 
@@ -99,10 +120,15 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         name: "demo-agent".into(),
         connector: "demo".into(),
         token: Token::new(token),
-        relays: vec![RelayAddress { host: Host::Ip([127, 0, 0, 1].into()), port: relay_handle.tunnel_addr().port() }],
+        relays: vec![RelayAddress {
+            host: Host::Ip([127, 0, 0, 1].into()),
+            port: relay_handle.tunnel_addr().port(),
+        }],
         relay_roots: vec![ca.identity.cert_der.clone()],
         transport: TransportChoice::Quic,
-        allowlist: Allowlist { rules: vec![vault_addr.to_string().parse()?] },
+        allowlist: Allowlist {
+            rules: vec![vault_addr.to_string().parse()?],
+        },
         connect_timeout: Duration::from_secs(5),
         dns_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
@@ -113,14 +139,25 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
     tasks.close();
 
     let status = relay_handle
-        .wait_for_status("contoso-kv", STEP_TIMEOUT, |s| *s == EndpointStatus::Approved)
+        .wait_for_status("contoso-kv", STEP_TIMEOUT, |s| {
+            *s == EndpointStatus::Approved
+        })
         .await;
     if status != Some(EndpointStatus::Approved) {
-        return Err(Unavailable(format!("the agent did not approve the endpoint in time (status {status:?})")).into());
+        return Err(Unavailable(format!(
+            "the agent did not approve the endpoint in time (status {status:?})"
+        ))
+        .into());
     }
 
     let outcome = request_through_tunnel(endpoint_addr, &ca).await;
-    print_report(endpoint_addr, vault_addr, relay_handle.tunnel_addr(), &ca_path, &outcome);
+    print_report(
+        endpoint_addr,
+        vault_addr,
+        relay_handle.tunnel_addr(),
+        &ca_path,
+        &outcome,
+    );
     if outcome.is_err() {
         relay_stop.cancel();
         agent_stop.cancel();
@@ -145,28 +182,48 @@ struct Seen {
     body: String,
 }
 
-async fn request_through_tunnel(endpoint: SocketAddr, ca: &CertificateAuthority) -> anyhow::Result<Seen> {
+async fn request_through_tunnel(
+    endpoint: SocketAddr,
+    ca: &CertificateAuthority,
+) -> anyhow::Result<Seen> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.identity.cert_der.clone())?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let started = Instant::now();
     let work = async {
-        let tcp = TcpStream::connect(endpoint).await.context("connecting to the relay endpoint")?;
+        let tcp = TcpStream::connect(endpoint)
+            .await
+            .context("connecting to the relay endpoint")?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let mut tls = connector
             .connect(ServerName::try_from(VAULT_NAME)?, tcp)
             .await
             .context("TLS handshake with the vault through the tunnel")?;
         let (_, session) = tls.get_ref();
-        let tls_version = format!("{:?}", session.protocol_version().context("no TLS version")?);
-        let cipher = format!("{:?}", session.negotiated_cipher_suite().context("no cipher suite")?.suite());
-        let request = format!("GET {REQUEST_PATH} HTTP/1.1\r\nHost: {VAULT_NAME}\r\nConnection: close\r\n\r\n");
+        let tls_version = format!(
+            "{:?}",
+            session.protocol_version().context("no TLS version")?
+        );
+        let cipher = format!(
+            "{:?}",
+            session
+                .negotiated_cipher_suite()
+                .context("no cipher suite")?
+                .suite()
+        );
+        let request = format!(
+            "GET {REQUEST_PATH} HTTP/1.1\r\nHost: {VAULT_NAME}\r\nConnection: close\r\n\r\n"
+        );
         tls.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
-        tls.read_to_end(&mut response).await.context("reading the response")?;
+        tls.read_to_end(&mut response)
+            .await
+            .context("reading the response")?;
         let text = String::from_utf8_lossy(&response).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         anyhow::Ok(Seen {
@@ -177,7 +234,9 @@ async fn request_through_tunnel(endpoint: SocketAddr, ca: &CertificateAuthority)
             body: body.to_owned(),
         })
     };
-    tokio::time::timeout(STEP_TIMEOUT, work).await.context("the request timed out")?
+    tokio::time::timeout(STEP_TIMEOUT, work)
+        .await
+        .context("the request timed out")?
 }
 
 fn print_report(
@@ -196,11 +255,19 @@ fn print_report(
     match outcome {
         Ok(seen) => {
             println!("GET https://{VAULT_NAME}{REQUEST_PATH}  (sent to {endpoint})");
-            println!("  TLS: {} {}, certificate for {VAULT_NAME} verified against the demo CA", seen.tls_version, seen.cipher);
-            println!("       → the TLS session runs end to end; relay and agent only carried bytes");
+            println!(
+                "  TLS: {} {}, certificate for {VAULT_NAME} verified against the demo CA",
+                seen.tls_version, seen.cipher
+            );
+            println!(
+                "       → the TLS session runs end to end; relay and agent only carried bytes"
+            );
             println!("  {}", seen.status_line);
             println!("  {}", seen.body.trim());
-            println!("  round trip including TCP, TLS and the tunnel: {:.1} ms", seen.elapsed.as_secs_f64() * 1e3);
+            println!(
+                "  round trip including TCP, TLS and the tunnel: {:.1} ms",
+                seen.elapsed.as_secs_f64() * 1e3
+            );
         }
         Err(e) => println!("The request through the tunnel FAILED: {e:#}"),
     }
@@ -211,16 +278,27 @@ fn print_report(
         ca_path.display(),
         port = endpoint.port()
     );
-    println!("  openssl s_client -connect {endpoint} -servername {VAULT_NAME} -CAfile {}", ca_path.display());
-    println!("  Each connection prints one flow-log line (client, endpoint, bytes, outcome) on stderr.");
+    println!(
+        "  openssl s_client -connect {endpoint} -servername {VAULT_NAME} -CAfile {}",
+        ca_path.display()
+    );
+    println!(
+        "  Each connection prints one flow-log line (client, endpoint, bytes, outcome) on stderr."
+    );
     println!("  For real deployments: privlink token new; privlink certs init --dir certs;");
-    println!("  then privlink relay --config config/relay.toml and privlink agent --config config/agent.toml.");
+    println!(
+        "  then privlink relay --config config/relay.toml and privlink agent --config config/agent.toml."
+    );
     println!();
     println!("Press Ctrl-C to stop.");
 }
 
 /// The demo vault: answers every HTTPS request with a Key Vault-shaped JSON secret.
-async fn serve_vault(listener: TcpListener, tls: Arc<rustls::ServerConfig>, stop: CancellationToken) {
+async fn serve_vault(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let connections = tokio_util::task::TaskTracker::new();
     loop {

@@ -20,7 +20,11 @@ const EXIT_USAGE: u8 = 64;
 const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Debug, Parser)]
-#[command(name = "privlink", version, about = "Reach TCP/TLS destinations inside a private network through an outbound-only tunnel")]
+#[command(
+    name = "privlink",
+    version,
+    about = "Reach TCP/TLS destinations inside a private network through an outbound-only tunnel"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -90,13 +94,19 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 
     let result = match cli.command {
-        Command::Token { command: TokenCommand::New } => setup::token_new(),
-        Command::Certs { command: CertsCommand::Init { dir, names, force } } => {
-            setup::certs_init(&dir, &names, force)
-        }
+        Command::Token {
+            command: TokenCommand::New,
+        } => setup::token_new(),
+        Command::Certs {
+            command: CertsCommand::Init { dir, names, force },
+        } => setup::certs_init(&dir, &names, force),
         command => runtime().and_then(|rt| rt.block_on(run_service(command))),
     };
     match result {
@@ -115,7 +125,10 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 async fn run_service(command: Command) -> anyhow::Result<()> {
@@ -124,7 +137,9 @@ async fn run_service(command: Command) -> anyhow::Result<()> {
         Command::Relay { config } => {
             // Parse and validate everything before binding anything.
             let config = privlink_relay::RelayConfig::load(&config)?;
-            let relay = privlink_relay::Relay::bind(config).await.context("starting the relay")?;
+            let relay = privlink_relay::Relay::bind(config)
+                .await
+                .context("starting the relay")?;
             relay.run(shutdown).await;
             Ok(())
         }
@@ -143,7 +158,8 @@ async fn run_service(command: Command) -> anyhow::Result<()> {
 fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let cancel = token.clone();
     tokio::spawn(async move {

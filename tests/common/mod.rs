@@ -1,13 +1,17 @@
 //! Shared pieces of the end-to-end tests: a private CA, a relay and agents running in this
 //! process on loopback (real sockets, real QUIC, real TLS), and small destination servers.
-#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different subset")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test binary uses a different subset"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use privlink_agent::Agent;
 use privlink_agent::allowlist::Allowlist;
 use privlink_agent::config::{AgentConfig, RelayAddress, TransportChoice};
-use privlink_agent::Agent;
 use privlink_protocol::acl::Acl;
 use privlink_protocol::destination::Host;
 use privlink_protocol::message::Token;
@@ -39,7 +43,9 @@ pub struct Pki {
 
 pub fn pki() -> Pki {
     let ca = CertificateAuthority::new("privlink test CA").expect("CA");
-    let relay = ca.issue_server(&["localhost", "127.0.0.1"]).expect("relay cert");
+    let relay = ca
+        .issue_server(&["localhost", "127.0.0.1"])
+        .expect("relay cert");
     Pki { ca, relay }
 }
 
@@ -89,7 +95,13 @@ impl Harness {
         let relay_stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(relay.run(relay_stop.clone()));
-        Self { relay: handle, pki, token, relay_stop, tasks }
+        Self {
+            relay: handle,
+            pki,
+            token,
+            relay_stop,
+            tasks,
+        }
     }
 
     /// An agent configuration for this relay admitting `allow`.
@@ -122,14 +134,23 @@ impl Harness {
     }
 
     /// Waits until `endpoint` has `want`, failing the test with the last status otherwise.
-    pub async fn wait_status(&self, endpoint: &str, want: impl Fn(&EndpointStatus) -> bool) -> EndpointStatus {
-        let status = self.relay.wait_for_status(endpoint, WAIT, &want).await.expect("known endpoint");
+    pub async fn wait_status(
+        &self,
+        endpoint: &str,
+        want: impl Fn(&EndpointStatus) -> bool,
+    ) -> EndpointStatus {
+        let status = self
+            .relay
+            .wait_for_status(endpoint, WAIT, &want)
+            .await
+            .expect("known endpoint");
         assert!(want(&status), "endpoint {endpoint} stayed {status:?}");
         status
     }
 
     pub async fn wait_approved(&self, endpoint: &str) {
-        self.wait_status(endpoint, |s| *s == EndpointStatus::Approved).await;
+        self.wait_status(endpoint, |s| *s == EndpointStatus::Approved)
+            .await;
     }
 
     pub fn addr(&self, endpoint: &str) -> SocketAddr {
@@ -148,7 +169,9 @@ impl Harness {
         }
         self.relay_stop.cancel();
         self.tasks.close();
-        tokio::time::timeout(WAIT, self.tasks.wait()).await.expect("relay and agents stop in time");
+        tokio::time::timeout(WAIT, self.tasks.wait())
+            .await
+            .expect("relay and agents stop in time");
     }
 }
 
@@ -194,7 +217,9 @@ pub async fn reply_after_eof_server() -> SocketAddr {
 
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; n];
-    ring::rand::SystemRandom::new().fill(&mut bytes).expect("random");
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("random");
     bytes
 }
 
@@ -230,7 +255,9 @@ pub async fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpSt
 /// True when the relay closed the connection without forwarding: the connect itself is reset,
 /// or the first read sees EOF or a reset before any echo.
 pub async fn is_refused(connected: std::io::Result<TcpStream>) -> bool {
-    let Ok(mut socket) = connected else { return true };
+    let Ok(mut socket) = connected else {
+        return true;
+    };
     let _ = socket.write_all(b"ping").await;
     let mut buf = [0u8; 4];
     match tokio::time::timeout(WAIT, socket.read(&mut buf)).await {

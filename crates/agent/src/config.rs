@@ -136,7 +136,10 @@ impl AgentConfig {
     }
 
     /// Validates a configuration already in memory; `env_token` stands for `PRIVLINK_TOKEN`.
-    pub fn from_source(source: &ConfigSource, env_token: Option<String>) -> Result<Self, ConfigError> {
+    pub fn from_source(
+        source: &ConfigSource,
+        env_token: Option<String>,
+    ) -> Result<Self, ConfigError> {
         let raw: RawConfig = source.parse()?;
 
         if raw.connector.is_empty() {
@@ -146,11 +149,19 @@ impl AgentConfig {
             (Some(file), _) => {
                 let path = source.resolve_path(file.get_ref());
                 let text = std::fs::read_to_string(&path).map_err(|e| {
-                    source.error_for(file, "token_file", format!("cannot read {}: {e}", path.display()))
+                    source.error_for(
+                        file,
+                        "token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
                 })?;
                 let token = text.trim();
                 if token.is_empty() {
-                    return Err(source.error_for(file, "token_file", format!("{} is empty", path.display())));
+                    return Err(source.error_for(
+                        file,
+                        "token_file",
+                        format!("{} is empty", path.display()),
+                    ));
                 }
                 Token::new(token)
             }
@@ -165,14 +176,24 @@ impl AgentConfig {
         };
 
         if raw.relays.get_ref().is_empty() {
-            return Err(source.error_for(&raw.relays, "relays", "list at least one relay (host:port)"));
+            return Err(source.error_for(
+                &raw.relays,
+                "relays",
+                "list at least one relay (host:port)",
+            ));
         }
         let mut relays = Vec::new();
         for (i, text) in raw.relays.get_ref().iter().enumerate() {
             let parsed = split_host_port(text.get_ref()).and_then(|(host, port)| {
-                Ok(RelayAddress { host: host.parse()?, port: parse_port(port)? })
+                Ok(RelayAddress {
+                    host: host.parse()?,
+                    port: parse_port(port)?,
+                })
             });
-            relays.push(parsed.map_err(|e| source.error_for(text, &format!("relays[{i}]"), e.to_string()))?);
+            relays.push(
+                parsed
+                    .map_err(|e| source.error_for(text, &format!("relays[{i}]"), e.to_string()))?,
+            );
         }
 
         let relay_roots = match &raw.relay_ca {
@@ -196,7 +217,10 @@ impl AgentConfig {
             ));
         }
 
-        let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(default_agent_name);
+        let name = raw
+            .name
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(default_agent_name);
         Ok(Self {
             name,
             connector: raw.connector,
@@ -204,7 +228,9 @@ impl AgentConfig {
             relays,
             relay_roots,
             transport: raw.transport,
-            allowlist: Allowlist { rules: raw.allow.into_iter().map(|a| a.destination.0).collect() },
+            allowlist: Allowlist {
+                rules: raw.allow.into_iter().map(|a| a.destination.0).collect(),
+            },
             connect_timeout: raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             dns_timeout: raw.dns_timeout.unwrap_or(DEFAULT_DNS_TIMEOUT),
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),

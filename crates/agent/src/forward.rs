@@ -39,7 +39,11 @@ pub struct StreamPolicy {
 }
 
 /// Serves one relay-opened stream to completion.
-pub async fn serve_stream(mut stream: TunnelStream, policy: &StreamPolicy, force: &CancellationToken) {
+pub async fn serve_stream(
+    mut stream: TunnelStream,
+    policy: &StreamPolicy,
+    force: &CancellationToken,
+) {
     let open: Open = match read_frame(&mut stream, MAX_OPEN_BODY, OPEN_HEADER_TIMEOUT).await {
         Ok(open) => open,
         Err(e) => {
@@ -57,7 +61,12 @@ pub async fn serve_stream(mut stream: TunnelStream, policy: &StreamPolicy, force
     forward(stream, open, policy, force).instrument(span).await;
 }
 
-async fn forward(mut stream: TunnelStream, open: Open, policy: &StreamPolicy, force: &CancellationToken) {
+async fn forward(
+    mut stream: TunnelStream,
+    open: Open,
+    policy: &StreamPolicy,
+    force: &CancellationToken,
+) {
     let started = Instant::now();
     let mut socket = match connect_allowed(&open.destination, policy).await {
         Ok(socket) => socket,
@@ -101,11 +110,17 @@ async fn forward(mut stream: TunnelStream, open: Open, policy: &StreamPolicy, fo
             abort(socket);
             "shutdown".to_owned()
         }
-        CopyEnd::Failed { side: Side::Socket, error } => {
+        CopyEnd::Failed {
+            side: Side::Socket,
+            error,
+        } => {
             stream.reset(ResetCode::PeerReset);
             format!("destination-error: {error}")
         }
-        CopyEnd::Failed { side: Side::Tunnel, error } => {
+        CopyEnd::Failed {
+            side: Side::Tunnel,
+            error,
+        } => {
             // A reset from the relay (client reset, timeout, shutdown) becomes a TCP reset.
             abort(socket);
             format!("relay-side: {error}")
@@ -121,14 +136,23 @@ async fn forward(mut stream: TunnelStream, open: Open, policy: &StreamPolicy, fo
 }
 
 fn failure(code: OpenFailCode, message: impl Into<String>) -> OpenFailure {
-    OpenFailure { code, message: message.into() }
+    OpenFailure {
+        code,
+        message: message.into(),
+    }
 }
 
 /// Checks, resolves and connects, or says precisely why not.
-pub async fn connect_allowed(destination: &str, policy: &StreamPolicy) -> Result<TcpStream, OpenFailure> {
-    let destination: Destination = destination
-        .parse()
-        .map_err(|e| failure(OpenFailCode::BadRequest, format!("invalid destination: {e}")))?;
+pub async fn connect_allowed(
+    destination: &str,
+    policy: &StreamPolicy,
+) -> Result<TcpStream, OpenFailure> {
+    let destination: Destination = destination.parse().map_err(|e| {
+        failure(
+            OpenFailCode::BadRequest,
+            format!("invalid destination: {e}"),
+        )
+    })?;
     let rule = policy.allowlist.matching(&destination).ok_or_else(|| {
         failure(
             OpenFailCode::NotAllowed,
@@ -143,7 +167,10 @@ pub async fn connect_allowed(destination: &str, policy: &StreamPolicy) -> Result
             match tokio::time::timeout(policy.dns_timeout, lookup).await {
                 Ok(Ok(addrs)) => addrs.collect(),
                 Ok(Err(e)) => {
-                    return Err(failure(OpenFailCode::DnsFailure, format!("cannot resolve {name}: {e}")));
+                    return Err(failure(
+                        OpenFailCode::DnsFailure,
+                        format!("cannot resolve {name}: {e}"),
+                    ));
                 }
                 Err(_) => {
                     return Err(failure(
@@ -174,14 +201,20 @@ pub async fn connect_allowed(destination: &str, policy: &StreamPolicy) -> Result
                      [[allow]] rule names it explicitly"
                 ),
             ),
-            None => failure(OpenFailCode::DnsFailure, format!("{destination} resolved to no address")),
+            None => failure(
+                OpenFailCode::DnsFailure,
+                format!("{destination} resolved to no address"),
+            ),
         });
     }
     connect_any(&candidates, policy.connect_timeout).await
 }
 
 /// Tries each address in turn until one connects or the deadline passes.
-async fn connect_any(candidates: &[SocketAddr], deadline: Duration) -> Result<TcpStream, OpenFailure> {
+async fn connect_any(
+    candidates: &[SocketAddr],
+    deadline: Duration,
+) -> Result<TcpStream, OpenFailure> {
     let give_up = Instant::now() + deadline;
     let mut last_error: Option<(SocketAddr, io::Error)> = None;
     for addr in candidates {
@@ -203,9 +236,10 @@ async fn connect_any(candidates: &[SocketAddr], deadline: Duration) -> Result<Tc
         }
     }
     Err(match last_error {
-        Some((addr, e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            failure(OpenFailCode::Refused, format!("{addr} refused the connection"))
-        }
+        Some((addr, e)) if e.kind() == io::ErrorKind::ConnectionRefused => failure(
+            OpenFailCode::Refused,
+            format!("{addr} refused the connection"),
+        ),
         Some((addr, e)) => failure(OpenFailCode::Unreachable, format!("{addr}: {e}")),
         None => failure(OpenFailCode::DnsFailure, "no address to connect to"),
     })

@@ -98,7 +98,9 @@ impl Agent {
         let shared = self.shared;
         let config = &shared.config;
         if config.transport == TransportChoice::Auto {
-            info!("transport \"auto\": using QUIC (the TLS/TCP fallback is not available in this version)");
+            info!(
+                "transport \"auto\": using QUIC (the TLS/TCP fallback is not available in this version)"
+            );
         }
         if config.allowlist.rules.is_empty() {
             warn!("the allowlist is empty: every endpoint will be rejected");
@@ -112,13 +114,20 @@ impl Agent {
         );
         let tracker = TaskTracker::new();
         for relay in &config.relays {
-            tracker.spawn(link::maintain_relay(relay.clone(), Arc::clone(&shared), tracker.clone()));
+            tracker.spawn(link::maintain_relay(
+                relay.clone(),
+                Arc::clone(&shared),
+                tracker.clone(),
+            ));
         }
         shutdown.cancelled().await;
         info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
         shared.shutdown.cancel();
         tracker.close();
-        if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
             warn!("grace period over; closing the remaining streams");
             shared.force.cancel();
             tracker.wait().await;

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use privlink_protocol::frame::MAX_BODY_LEN;
-use privlink_protocol::io::{ReadFrameError, WriteFrameError, read_frame, read_frame_unbounded_time, write_frame};
+use privlink_protocol::io::{
+    ReadFrameError, WriteFrameError, read_frame, read_frame_unbounded_time, write_frame,
+};
 use privlink_protocol::message::{Control, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict};
 use privlink_protocol::transport::{CloseCode, StreamError, TunnelConnection, quic};
 use privlink_protocol::{SOFTWARE_VERSION, destination::Destination};
@@ -66,7 +68,11 @@ pub enum SessionError {
 }
 
 /// Keeps links to every address of one relay name until `shutdown`.
-pub(crate) async fn maintain_relay(relay: RelayAddress, shared: Arc<AgentShared>, tracker: TaskTracker) {
+pub(crate) async fn maintain_relay(
+    relay: RelayAddress,
+    shared: Arc<AgentShared>,
+    tracker: TaskTracker,
+) {
     let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     let mut backoff = Backoff::new();
     loop {
@@ -90,7 +96,8 @@ pub(crate) async fn maintain_relay(relay: RelayAddress, shared: Arc<AgentShared>
                     links.insert(addr, stop.clone());
                     let span = tracing::info_span!("relay", relay = %relay, %addr);
                     tracker.spawn(
-                        maintain_link(relay.clone(), addr, Arc::clone(&shared), stop).instrument(span),
+                        maintain_link(relay.clone(), addr, Arc::clone(&shared), stop)
+                            .instrument(span),
                     );
                 }
                 RESOLVE_INTERVAL
@@ -110,17 +117,26 @@ pub(crate) async fn maintain_relay(relay: RelayAddress, shared: Arc<AgentShared>
 
 async fn resolve(relay: &RelayAddress) -> std::io::Result<Vec<SocketAddr>> {
     let host = match &relay.host {
-        privlink_protocol::destination::Host::Ip(ip) => return Ok(vec![SocketAddr::new(*ip, relay.port)]),
+        privlink_protocol::destination::Host::Ip(ip) => {
+            return Ok(vec![SocketAddr::new(*ip, relay.port)]);
+        }
         privlink_protocol::destination::Host::Name(name) => name.clone(),
     };
-    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), relay.port)).await?.collect();
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), relay.port))
+        .await?
+        .collect();
     addrs.sort_unstable();
     addrs.dedup();
     Ok(addrs)
 }
 
 /// Dials one relay address again and again until `stop`.
-async fn maintain_link(relay: RelayAddress, addr: SocketAddr, shared: Arc<AgentShared>, stop: CancellationToken) {
+async fn maintain_link(
+    relay: RelayAddress,
+    addr: SocketAddr,
+    shared: Arc<AgentShared>,
+    stop: CancellationToken,
+) {
     let mut backoff = Backoff::new();
     loop {
         let started = Instant::now();
@@ -134,7 +150,9 @@ async fn maintain_link(relay: RelayAddress, addr: SocketAddr, shared: Arc<AgentS
         let delay = backoff.next_delay();
         match result {
             Ok(()) => info!("relay link ended; reconnecting in {delay:?}"),
-            Err(SessionError::Refused(reason)) => error!("relay refused this agent: {reason}; retrying in {delay:?}"),
+            Err(SessionError::Refused(reason)) => {
+                error!("relay refused this agent: {reason}; retrying in {delay:?}")
+            }
             Err(e) => warn!("relay link down: {e}; reconnecting in {delay:?}"),
         }
         tokio::select! {
@@ -165,8 +183,19 @@ async fn session(
         () = streams.wait() => {}
         () = shared.force.cancelled() => streams.wait().await,
     }
-    let reason = if stop.is_cancelled() { "agent shutting down" } else { "session ended" };
-    connection.close(if stop.is_cancelled() { CloseCode::Shutdown } else { CloseCode::Normal }, reason);
+    let reason = if stop.is_cancelled() {
+        "agent shutting down"
+    } else {
+        "session ended"
+    };
+    connection.close(
+        if stop.is_cancelled() {
+            CloseCode::Shutdown
+        } else {
+            CloseCode::Normal
+        },
+        reason,
+    );
     result
 }
 
@@ -181,7 +210,10 @@ async fn run_session(
         .await
         .map_err(|_| SessionError::Protocol("relay opened no control stream".into()))??;
     match read_frame(&mut control, MAX_BODY_LEN, HANDSHAKE_TIMEOUT).await? {
-        Control::RelayHello { protocol_version, software_version } => {
+        Control::RelayHello {
+            protocol_version,
+            software_version,
+        } => {
             if protocol_version != PROTOCOL_VERSION {
                 return Err(SessionError::Protocol(format!(
                     "relay speaks protocol version {protocol_version}, this agent speaks {PROTOCOL_VERSION}"
@@ -189,7 +221,11 @@ async fn run_session(
             }
             debug!(relay_version = %software_version, "relay hello");
         }
-        other => return Err(SessionError::Protocol(format!("expected RelayHello, got {other:?}"))),
+        other => {
+            return Err(SessionError::Protocol(format!(
+                "expected RelayHello, got {other:?}"
+            )));
+        }
     }
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -204,7 +240,11 @@ async fn run_session(
     let endpoints = match read_frame(&mut control, MAX_BODY_LEN, HANDSHAKE_TIMEOUT).await {
         Ok(Control::Welcome { endpoints }) => endpoints,
         Ok(Control::Refused { reason }) => return Err(SessionError::Refused(reason)),
-        Ok(other) => return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
+        Ok(other) => {
+            return Err(SessionError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            )));
+        }
         Err(e) => {
             // A refusal may arrive as the connection's close reason instead of a frame.
             return Err(match connection.close_reason() {
@@ -215,12 +255,17 @@ async fn run_session(
     };
     let verdicts: Vec<EndpointVerdict> = endpoints
         .iter()
-        .map(|e| EndpointVerdict { endpoint: e.name.clone(), verdict: verdict_for(&e.destination, shared) })
+        .map(|e| EndpointVerdict {
+            endpoint: e.name.clone(),
+            verdict: verdict_for(&e.destination, shared),
+        })
         .collect();
     for v in &verdicts {
         match &v.verdict {
             Verdict::Approved => info!(endpoint = %v.endpoint, "endpoint approved"),
-            Verdict::Rejected { reason } => warn!(endpoint = %v.endpoint, %reason, "endpoint rejected"),
+            Verdict::Rejected { reason } => {
+                warn!(endpoint = %v.endpoint, %reason, "endpoint rejected")
+            }
         }
     }
     write_frame(&mut control, &Control::Verdicts(verdicts)).await?;
@@ -266,8 +311,12 @@ async fn run_session(
 fn verdict_for(destination: &str, shared: &AgentShared) -> Verdict {
     match destination.parse::<Destination>() {
         Ok(d) if shared.policy.allowlist.matching(&d).is_some() => Verdict::Approved,
-        Ok(d) => Verdict::Rejected { reason: format!("{d} is not in the agent's allowlist") },
-        Err(e) => Verdict::Rejected { reason: format!("invalid destination: {e}") },
+        Ok(d) => Verdict::Rejected {
+            reason: format!("{d} is not in the agent's allowlist"),
+        },
+        Err(e) => Verdict::Rejected {
+            reason: format!("invalid destination: {e}"),
+        },
     }
 }
 
@@ -281,7 +330,10 @@ struct Backoff {
 
 impl Backoff {
     fn new() -> Self {
-        Self { attempt: 0, random: SystemRandom::new() }
+        Self {
+            attempt: 0,
+            random: SystemRandom::new(),
+        }
     }
 
     fn reset(&mut self) {
@@ -309,7 +361,10 @@ mod tests {
     fn backoff_grows_is_capped_and_jittered() {
         let mut b = Backoff::new();
         let first = b.next_delay();
-        assert!(first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL, "{first:?}");
+        assert!(
+            first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL,
+            "{first:?}"
+        );
         let mut last = first;
         for _ in 0..40 {
             last = b.next_delay();

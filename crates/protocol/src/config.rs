@@ -11,8 +11,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{DeserializeOwned, Deserializer, Error as _};
 use serde::Deserialize;
+use serde::de::{DeserializeOwned, Deserializer, Error as _};
 
 /// A value with its position in the file, for checks that span several fields.
 pub use toml::Spanned;
@@ -64,7 +64,10 @@ impl ConfigSource {
 
     /// Wraps text that came from somewhere other than a file (tests, the demo).
     pub fn from_text(path: impl Into<PathBuf>, text: impl Into<String>) -> Self {
-        Self { path: path.into(), text: text.into() }
+        Self {
+            path: path.into(),
+            text: text.into(),
+        }
     }
 
     /// The file's path.
@@ -112,7 +115,11 @@ impl ConfigSource {
     /// 1-based line of a byte offset.
     pub fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
     }
 
     /// Resolves a path written in this file relative to the file's directory.
@@ -127,9 +134,15 @@ impl ConfigSource {
 /// Parses a duration written with a unit: `250ms`, `60s`, `5m`, `2h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let help = || format!("`{text}` is not a duration; write a whole number with a unit: ms, s, m or h (e.g. \"60s\")");
+    let help = || {
+        format!(
+            "`{text}` is not a duration; write a whole number with a unit: ms, s, m or h (e.g. \"60s\")"
+        )
+    };
     let value: u64 = number.parse().map_err(|_| help())?;
     let millis_per_unit: u64 = match unit {
         "ms" => 1,
@@ -201,24 +214,37 @@ mod tests {
         assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["5", "s", "1.5s", "-1s", "10 sec", "", "99999999999999999999h"] {
+        for bad in [
+            "5",
+            "s",
+            "1.5s",
+            "-1s",
+            "10 sec",
+            "",
+            "99999999999999999999h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn errors_name_file_line_and_key() {
-        let err = parse("timeout = \"5s\"\n\n[[item]]\nname = \"a\"\nport = \"x\"\n").expect_err("bad port");
+        let err = parse("timeout = \"5s\"\n\n[[item]]\nname = \"a\"\nport = \"x\"\n")
+            .expect_err("bad port");
         assert_eq!(err.line, Some(5));
         assert_eq!(err.key, "item[0].port");
         let shown = err.to_string();
-        assert!(shown.starts_with("sample.toml:5: key `item[0].port`"), "{shown}");
+        assert!(
+            shown.starts_with("sample.toml:5: key `item[0].port`"),
+            "{shown}"
+        );
 
         let err = parse("timeout = \"0s\"\n").expect_err("zero");
         assert_eq!((err.line, err.key.as_str()), (Some(1), "timeout"));
         assert!(err.message.contains("greater than zero"));
 
-        let err = parse("timeout = \"1s\"\n[[item]]\nname = \"a\"\nnmae = \"b\"\n").expect_err("unknown");
+        let err =
+            parse("timeout = \"1s\"\n[[item]]\nname = \"a\"\nnmae = \"b\"\n").expect_err("unknown");
         assert_eq!(err.line, Some(4), "{err}");
         assert!(err.message.contains("unknown field `nmae`"), "{err}");
 
@@ -228,7 +254,8 @@ mod tests {
 
     #[test]
     fn spans_survive_path_tracking() {
-        let source = ConfigSource::from_text("s.toml", "timeout = \"1s\"\n\n[[item]]\nname = \"dup\"\n");
+        let source =
+            ConfigSource::from_text("s.toml", "timeout = \"1s\"\n\n[[item]]\nname = \"dup\"\n");
         let sample: Sample = source.parse().expect("valid");
         let err = source.error_for(&sample.item[0].name, "item[0].name", "duplicate");
         assert_eq!(err.line, Some(4));

@@ -78,8 +78,16 @@ where
     let activity = ActivityClock::new();
     let socket_meter = SideMeter::default();
     let tunnel_meter = SideMeter::default();
-    let mut socket_side = Metered { inner: socket, meter: &socket_meter, clock: &activity };
-    let mut tunnel_side = Metered { inner: tunnel, meter: &tunnel_meter, clock: &activity };
+    let mut socket_side = Metered {
+        inner: socket,
+        meter: &socket_meter,
+        clock: &activity,
+    };
+    let mut tunnel_side = Metered {
+        inner: tunnel,
+        meter: &tunnel_meter,
+        clock: &activity,
+    };
 
     let end = tokio::select! {
         result = tokio::io::copy_bidirectional_with_sizes(
@@ -112,7 +120,10 @@ struct ActivityClock {
 
 impl ActivityClock {
     fn new() -> Self {
-        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
     }
 
     fn touch(&self) {
@@ -256,7 +267,9 @@ mod tests {
             let mut got = Vec::new();
             b.read_to_end(&mut got).await.expect("read to eof");
             assert_eq!(got, b"request");
-            b.write_all(b"response").await.expect("reply after peer FIN");
+            b.write_all(b"response")
+                .await
+                .expect("reply after peer FIN");
             b.shutdown().await.expect("shutdown b");
             let mut got = Vec::new();
             a.read_to_end(&mut got).await.expect("read reply");
@@ -271,7 +284,8 @@ mod tests {
         run_both_orders(|mut a, mut b, copy| async move {
             // Fill a→b until it backs up (nobody reads b), then b→a must still flow.
             let filler = vec![7u8; 64 * 1024];
-            let stuck = tokio::time::timeout(Duration::from_millis(200), a.write_all(&filler)).await;
+            let stuck =
+                tokio::time::timeout(Duration::from_millis(200), a.write_all(&filler)).await;
             assert!(stuck.is_err(), "a→b should be backed up");
             b.write_all(b"still flowing").await.expect("write b");
             let mut buf = [0u8; 13];
@@ -301,12 +315,23 @@ mod tests {
                 tunnel_far.write_all(b"y").await.expect("write");
                 socket_far.read_exact(&mut byte).await.expect("read");
             }
-            assert!(!copy.is_finished(), "busy connection closed in round {round}");
+            assert!(
+                !copy.is_finished(),
+                "busy connection closed in round {round}"
+            );
         }
         let went_quiet = Instant::now();
         let report = copy.await.expect("join");
-        assert!(matches!(report.end, CopyEnd::IdleTimeout), "{:?}", report.end);
-        assert!(went_quiet.elapsed() <= timeout, "closed {:?} after going quiet", went_quiet.elapsed());
+        assert!(
+            matches!(report.end, CopyEnd::IdleTimeout),
+            "{:?}",
+            report.end
+        );
+        assert!(
+            went_quiet.elapsed() <= timeout,
+            "closed {:?} after going quiet",
+            went_quiet.elapsed()
+        );
         assert_eq!((report.socket_to_tunnel, report.tunnel_to_socket), (3, 3));
     }
 
@@ -322,13 +347,21 @@ mod tests {
     struct Resetting;
 
     impl AsyncRead for Resetting {
-        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
             Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
         }
     }
 
     impl AsyncWrite for Resetting {
-        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
             Poll::Ready(Ok(buf.len()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -342,13 +375,28 @@ mod tests {
     #[tokio::test]
     async fn failures_name_their_side() {
         let (mut healthy, _far) = duplex(64);
-        let report = copy_bidirectional_metered(&mut Resetting, &mut healthy, LONG, 64, pending()).await;
-        assert!(matches!(report.end, CopyEnd::Failed { side: Side::Socket, .. }), "{:?}", report.end);
+        let report =
+            copy_bidirectional_metered(&mut Resetting, &mut healthy, LONG, 64, pending()).await;
+        assert!(
+            matches!(
+                report.end,
+                CopyEnd::Failed {
+                    side: Side::Socket,
+                    ..
+                }
+            ),
+            "{:?}",
+            report.end
+        );
 
         let (mut healthy, _far) = duplex(64);
-        let report = copy_bidirectional_metered(&mut healthy, &mut Resetting, LONG, 64, pending()).await;
+        let report =
+            copy_bidirectional_metered(&mut healthy, &mut Resetting, LONG, 64, pending()).await;
         match report.end {
-            CopyEnd::Failed { side: Side::Tunnel, error } => {
+            CopyEnd::Failed {
+                side: Side::Tunnel,
+                error,
+            } => {
                 assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
             }
             other => panic!("expected a tunnel failure, got {other:?}"),

@@ -71,7 +71,9 @@ pub struct ConnectorSpec {
 
 impl fmt::Debug for ConnectorSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConnectorSpec").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ConnectorSpec")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -160,7 +162,9 @@ fn deserialize_positive_duration_opt<'de, D: serde::Deserializer<'de>>(
 fn deserialize_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     let n = u32::deserialize(d)?;
     if n == 0 {
-        return Err(serde::de::Error::custom("max_connections must be at least 1"));
+        return Err(serde::de::Error::custom(
+            "max_connections must be at least 1",
+        ));
     }
     Ok(Some(n as usize))
 }
@@ -180,7 +184,9 @@ struct AclEntry(IpNet);
 impl<'de> Deserialize<'de> for AclEntry {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        parse_acl_entry(&text).map(AclEntry).map_err(serde::de::Error::custom)
+        parse_acl_entry(&text)
+            .map(AclEntry)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -232,7 +238,10 @@ impl RelayConfig {
                 return Err(source.error_for(
                     &c.name,
                     &key,
-                    format!("duplicate connector name `{}` (also connector[{first}])", c.name.get_ref()),
+                    format!(
+                        "duplicate connector name `{}` (also connector[{first}])",
+                        c.name.get_ref()
+                    ),
                 ));
             }
             connectors.push(ConnectorSpec {
@@ -251,14 +260,20 @@ impl RelayConfig {
                 return Err(source.error_for(
                     &e.name,
                     &name_key,
-                    format!("duplicate endpoint name `{}` (also endpoint[{first}])", e.name.get_ref()),
+                    format!(
+                        "duplicate endpoint name `{}` (also endpoint[{first}])",
+                        e.name.get_ref()
+                    ),
                 ));
             }
             if !seen.contains_key(e.connector.get_ref()) {
                 return Err(source.error_for(
                     &e.connector,
                     &format!("endpoint[{i}].connector"),
-                    format!("unknown connector `{}`; declare it in a [[connector]] table", e.connector.get_ref()),
+                    format!(
+                        "unknown connector `{}`; declare it in a [[connector]] table",
+                        e.connector.get_ref()
+                    ),
                 ));
             }
             let listen = *e.listen.get_ref();
@@ -300,7 +315,11 @@ impl RelayConfig {
         // Build the TLS configuration once now so a key that does not match the certificate
         // is a configuration error, not a failure at the first agent's handshake.
         tls::tunnel_server_config(chain.clone(), key.clone_key()).map_err(|e| {
-            source.error_for(&raw.tunnel.key, "tunnel.key", format!("does not fit tunnel.cert: {e}"))
+            source.error_for(
+                &raw.tunnel.key,
+                "tunnel.key",
+                format!("does not fit tunnel.cert: {e}"),
+            )
         })?;
 
         Ok(Self {
@@ -314,8 +333,13 @@ impl RelayConfig {
     }
 
     /// The endpoints served by `connector`.
-    pub fn endpoints_of<'a>(&'a self, connector: &'a str) -> impl Iterator<Item = &'a EndpointSpec> {
-        self.endpoints.iter().filter(move |e| e.connector == connector)
+    pub fn endpoints_of<'a>(
+        &'a self,
+        connector: &'a str,
+    ) -> impl Iterator<Item = &'a EndpointSpec> {
+        self.endpoints
+            .iter()
+            .filter(move |e| e.connector == connector)
     }
 }
 
@@ -324,7 +348,8 @@ fn check_name(source: &ConfigSource, name: &Spanned<String>, key: &str) -> Resul
     let n = name.get_ref();
     let ok = !n.is_empty()
         && n.len() <= 64
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {

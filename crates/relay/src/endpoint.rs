@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-
 use crate::config::EndpointSpec;
 use crate::registry::Registry;
 
@@ -57,7 +56,11 @@ pub(crate) struct Endpoint {
 impl Endpoint {
     pub(crate) fn new(spec: EndpointSpec) -> Self {
         let slots = Arc::new(Semaphore::new(spec.max_connections));
-        Self { spec, slots, counters: EndpointCounters::default() }
+        Self {
+            spec,
+            slots,
+            counters: EndpointCounters::default(),
+        }
     }
 }
 
@@ -116,7 +119,6 @@ pub(crate) async fn accept_clients(
     }
 }
 
-
 /// How a client connection ended, for the flow log. Tagged by where the cause lies.
 #[derive(Debug)]
 enum Outcome {
@@ -149,7 +151,11 @@ impl fmt::Display for Outcome {
             Self::Client(e) => write!(f, "client-error: {e}"),
             Self::Agent(e) => write!(f, "agent-error: {e}"),
             Self::Destination(failure) => {
-                write!(f, "destination-failed ({}): {}", failure.code, failure.message)
+                write!(
+                    f,
+                    "destination-failed ({}): {}",
+                    failure.code, failure.message
+                )
             }
         }
     }
@@ -185,7 +191,8 @@ async fn forward(
             endpoint: spec.name.clone(),
             destination: spec.destination.to_string(),
             client_addr: client,
-            inactivity_timeout_ms: u64::try_from(spec.inactivity_timeout.as_millis()).unwrap_or(u64::MAX),
+            inactivity_timeout_ms: u64::try_from(spec.inactivity_timeout.as_millis())
+                .unwrap_or(u64::MAX),
         };
         // The header is written now and the client's bytes follow in the copy below, without
         // waiting for the agent's reply: no round trip before data flows.
@@ -214,14 +221,23 @@ async fn forward(
                 abort(socket);
                 Outcome::Shutdown
             }
-            CopyEnd::Failed { side: Side::Socket, error } => {
+            CopyEnd::Failed {
+                side: Side::Socket,
+                error,
+            } => {
                 stream.reset(ResetCode::PeerReset);
                 Outcome::Client(error)
             }
-            CopyEnd::Failed { side: Side::Tunnel, error } => {
+            CopyEnd::Failed {
+                side: Side::Tunnel,
+                error,
+            } => {
                 stream.reset(ResetCode::PeerReset);
                 abort(socket);
-                match error.get_ref().and_then(|e| e.downcast_ref::<OpenFailure>()) {
+                match error
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<OpenFailure>())
+                {
                     Some(failure) => Outcome::Destination(failure.clone()),
                     None => Outcome::Agent(error),
                 }
@@ -257,14 +273,26 @@ struct OpenReplyGate<'a> {
 
 #[derive(Debug)]
 enum GateState {
-    Header { buf: [u8; HEADER_LEN], filled: usize },
-    Body { buf: Vec<u8>, filled: usize },
+    Header {
+        buf: [u8; HEADER_LEN],
+        filled: usize,
+    },
+    Body {
+        buf: Vec<u8>,
+        filled: usize,
+    },
     Open,
 }
 
 impl<'a> OpenReplyGate<'a> {
     fn new(stream: &'a mut TunnelStream) -> Self {
-        Self { stream, state: GateState::Header { buf: [0; HEADER_LEN], filled: 0 } }
+        Self {
+            stream,
+            state: GateState::Header {
+                buf: [0; HEADER_LEN],
+                filled: 0,
+            },
+        }
     }
 
     /// Reads into `dest` from the stream, never more than `dest` holds: the reply frame is
@@ -302,7 +330,10 @@ impl AsyncRead for OpenReplyGate<'_> {
                     if *filled == HEADER_LEN {
                         let len = frame::decode_header(buf, MAX_REPLY_BODY)
                             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                        this.state = GateState::Body { buf: vec![0; len], filled: 0 };
+                        this.state = GateState::Body {
+                            buf: vec![0; len],
+                            filled: 0,
+                        };
                     }
                 }
                 GateState::Body { buf, filled } => {

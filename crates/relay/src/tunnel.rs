@@ -9,11 +9,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use privlink_protocol::SOFTWARE_VERSION;
 use privlink_protocol::frame::MAX_BODY_LEN;
-use privlink_protocol::io::{ReadFrameError, WriteFrameError, read_frame, read_frame_unbounded_time, write_frame};
+use privlink_protocol::io::{
+    ReadFrameError, WriteFrameError, read_frame, read_frame_unbounded_time, write_frame,
+};
 use privlink_protocol::message::{Control, EndpointAssignment, Hello, PROTOCOL_VERSION};
 use privlink_protocol::transport::{CloseCode, StreamError, TunnelConnection, TunnelStream, quic};
-use privlink_protocol::SOFTWARE_VERSION;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
@@ -24,6 +26,8 @@ use crate::registry::{AgentRegistration, Registry};
 
 /// Deadline for the QUIC handshake and for each control-stream handshake step.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused agent gets to read the refusal before the relay closes.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// Interval between heartbeats on the control stream.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 
@@ -124,12 +128,16 @@ async fn serve_agent(
         Control::Hello(hello) => hello,
         other => {
             connection.close(CloseCode::ProtocolError, "expected hello");
-            return Err(AgentSessionError::Protocol(format!("expected Hello, got {other:?}")));
+            return Err(AgentSessionError::Protocol(format!(
+                "expected Hello, got {other:?}"
+            )));
         }
     };
     let (registration, agent_label) = admit(&connection, &mut control, remote, hello, ctx).await?;
     let agent_span = tracing::info_span!("session", agent = %agent_label);
-    run_control(&connection, &mut control, &registration, ctx).instrument(agent_span).await
+    run_control(&connection, &mut control, &registration, ctx)
+        .instrument(agent_span)
+        .await
 }
 
 /// Checks version and token, answers welcome or refusal, reads verdicts, registers.
@@ -141,7 +149,10 @@ async fn admit(
     ctx: &TunnelContext,
 ) -> Result<(AgentRegistration, String), AgentSessionError> {
     if hello.protocol_version != PROTOCOL_VERSION {
-        warn!(version = hello.protocol_version, "refusing agent: unsupported protocol version");
+        warn!(
+            version = hello.protocol_version,
+            "refusing agent: unsupported protocol version"
+        );
         let reason = format!(
             "protocol version {} is not supported by this relay (it speaks {PROTOCOL_VERSION})",
             hello.protocol_version
@@ -149,7 +160,11 @@ async fn admit(
         refuse(connection, control, &reason).await;
         return Err(AgentSessionError::Version(hello.protocol_version));
     }
-    if let Err(failure) = authenticate(&ctx.config.connectors, &hello.connector, hello.token.expose()) {
+    if let Err(failure) = authenticate(
+        &ctx.config.connectors,
+        &hello.connector,
+        hello.token.expose(),
+    ) {
         let now_blocked = ctx
             .failures
             .lock()
@@ -177,11 +192,16 @@ async fn admit(
     let endpoints: Vec<EndpointAssignment> = ctx
         .config
         .endpoints_of(&hello.connector)
-        .map(|e| EndpointAssignment { name: e.name.clone(), destination: e.destination.to_string() })
+        .map(|e| EndpointAssignment {
+            name: e.name.clone(),
+            destination: e.destination.to_string(),
+        })
         .collect();
     write_frame(&mut *control, &Control::Welcome { endpoints }).await?;
     let label = format!("{}/{}", hello.connector, hello.agent_name);
-    let registration = ctx.registry.register(&hello.connector, &hello.agent_name, connection.clone());
+    let registration =
+        ctx.registry
+            .register(&hello.connector, &hello.agent_name, connection.clone());
     info!(
         connector = %hello.connector,
         agent = %hello.agent_name,
@@ -195,7 +215,9 @@ async fn admit(
         Control::Verdicts(verdicts) => record_verdicts(&registration, verdicts),
         other => {
             connection.close(CloseCode::ProtocolError, "expected verdicts");
-            return Err(AgentSessionError::Protocol(format!("expected Verdicts, got {other:?}")));
+            return Err(AgentSessionError::Protocol(format!(
+                "expected Verdicts, got {other:?}"
+            )));
         }
     }
     Ok((registration, label))
@@ -208,8 +230,17 @@ fn now() -> Instant {
 /// Tells the agent why it was refused, then closes the connection with that reason.
 async fn refuse(connection: &TunnelConnection, control: &mut TunnelStream, reason: &str) {
     // Best effort: the close below carries the reason too.
-    let _ = write_frame(control, &Control::Refused { reason: reason.to_owned() }).await;
+    let _ = write_frame(
+        control,
+        &Control::Refused {
+            reason: reason.to_owned(),
+        },
+    )
+    .await;
     let _ = tokio::io::AsyncWriteExt::shutdown(control).await;
+    // Closing now would discard the frame in flight: give the agent a moment to read it and
+    // hang up itself, then close regardless.
+    let _ = tokio::time::timeout(REFUSAL_LINGER, connection.closed()).await;
     connection.close(CloseCode::Refused, reason);
 }
 

@@ -57,9 +57,9 @@ pub fn transport_config(role: Role) -> quinn::TransportConfig {
         .receive_window(CONNECTION_RECEIVE_WINDOW.into())
         .send_window(SEND_WINDOW)
         .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(
-            IDLE_TIMEOUT.try_into().unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(8_000))),
-        ));
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or_else(|_| {
+            quinn::IdleTimeout::from(quinn::VarInt::from_u32(8_000))
+        })));
     config
 }
 

@@ -1,0 +1,361 @@
+//! Tests of the real `privlink` binary as separate processes: the example configs in config/
+//! run as shipped (with ports and secrets filled in), the agent survives being killed and
+//! restarted, the agent reconnects on its own when the relay is killed and restarted, and
+//! invalid configurations exit 64 naming file, line and key.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{echo_round_trip, echo_server};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_privlink");
+/// Generous bound for process start-up and reconnection (the relay notices a killed peer
+/// through the QUIC idle timeout, 8 s).
+const PROCESS_WAIT: Duration = Duration::from_secs(30);
+
+/// A child process whose stderr lines are collected by a thread.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start privlink");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle` (a readiness signal), failing after a bound.
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + PROCESS_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.seen.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {PROCESS_WAIT:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn kill_hard(mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run privlink");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Lays out a deployment in `dir` from the shipped example configs: certs from
+/// `privlink certs init`, a token from `privlink token new`, and loopback ports.
+fn deploy(dir: &Path, destination: SocketAddr) -> (PathBuf, PathBuf, SocketAddr) {
+    let certs = dir.join("certs");
+    let (code, _, err) = run(&["certs", "init", "--dir", certs.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "certs init: {err}");
+    let (code, out, err) = run(&["token", "new"]);
+    assert_eq!(code, 0, "token new: {err}");
+    let token = out
+        .lines()
+        .find(|l| l.starts_with("plk_"))
+        .expect("token line");
+    let hash_line = out
+        .lines()
+        .find(|l| l.starts_with("token_sha256 = "))
+        .expect("hash line");
+    std::fs::write(certs.join("token"), format!("{token}\n")).expect("token file");
+
+    let tunnel = format!("127.0.0.1:{}", free_udp_port());
+    let endpoint: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+        .parse()
+        .expect("addr");
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config).expect("config dir");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let relay = std::fs::read_to_string(manifest.join("config/relay.toml"))
+        .expect("example relay.toml")
+        .replace("0.0.0.0:7443", &tunnel)
+        .replace("0.0.0.0:8443", &endpoint.to_string())
+        .replace(
+            "contoso-kv.privatelink.vaultcore.azure.net:443",
+            &destination.to_string(),
+        )
+        .replace(
+            "token_sha256 = \"REPLACE-with-the-token_sha256-line-from-privlink-token-new\"",
+            hash_line,
+        );
+    let agent = std::fs::read_to_string(manifest.join("config/agent.toml"))
+        .expect("example agent.toml")
+        .replace("127.0.0.1:7443", &tunnel)
+        .replace(
+            "*.privatelink.vaultcore.azure.net:443",
+            &destination.to_string(),
+        );
+    let relay_path = config.join("relay.toml");
+    let agent_path = config.join("agent.toml");
+    std::fs::write(&relay_path, relay).expect("write relay.toml");
+    std::fs::write(&agent_path, agent).expect("write agent.toml");
+    (relay_path, agent_path, endpoint)
+}
+
+async fn assert_endpoint_serves(endpoint: SocketAddr) {
+    let socket = TcpStream::connect(endpoint)
+        .await
+        .expect("connect endpoint");
+    let back = tokio::time::timeout(common::WAIT, echo_round_trip(socket, b"through the tunnel"))
+        .await
+        .expect("echo in time");
+    assert_eq!(back, b"through the tunnel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_configs_run_and_survive_agent_and_relay_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let destination = echo_server().await;
+    let (relay_cfg, agent_cfg, endpoint) = deploy(dir.path(), destination);
+    let relay_args = ["relay", "--config", relay_cfg.to_str().expect("utf-8")];
+    let agent_args = ["agent", "--config", agent_cfg.to_str().expect("utf-8")];
+
+    let mut relay = Running::start(&relay_args);
+    relay.wait_for("endpoint listening");
+    let mut agent = Running::start(&agent_args);
+    agent.wait_for("connected to relay");
+    relay.wait_for("endpoint approved by agent");
+    assert_endpoint_serves(endpoint).await;
+
+    // kill -9 the agent and start a new one: new connections work once it is approved.
+    agent.kill_hard();
+    let mut agent = Running::start(&agent_args);
+    agent.wait_for("connected to relay");
+    relay.wait_for("endpoint approved by agent");
+    assert_endpoint_serves(endpoint).await;
+
+    // kill -9 the relay and start it again on the same ports: the agent reconnects by itself.
+    relay.kill_hard();
+    let mut relay = Running::start(&relay_args);
+    relay.wait_for("endpoint listening");
+    relay.wait_for("endpoint approved by agent");
+    agent.wait_for("connected to relay");
+    assert_endpoint_serves(endpoint).await;
+
+    // SIGTERM: both exit cleanly.
+    assert!(agent.terminate().success(), "agent exits 0 on SIGTERM");
+    assert!(relay.terminate().success(), "relay exits 0 on SIGTERM");
+}
+
+/// Writes `text` as a config file and checks the binary refuses it with exit code 64 and a
+/// message naming the file, the line and the key.
+fn assert_config_rejected(kind: &str, text: &str, line: usize, key: &str, dir: &Path) {
+    let path = dir.join(format!("{kind}-{}.toml", key.replace(['[', ']', '.'], "_")));
+    std::fs::write(&path, text).expect("write config");
+    let (code, _, stderr) = run(&[kind, "--config", path.to_str().expect("utf-8")]);
+    assert_eq!(
+        code, 64,
+        "{kind} config with a bad `{key}` must exit 64; stderr: {stderr}"
+    );
+    let expected = format!("{}:{line}: key `{key}`", path.display());
+    assert!(
+        stderr.contains(&expected),
+        "expected {expected:?} in: {stderr}"
+    );
+}
+
+#[test]
+fn invalid_configs_exit_64_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let (code, _, err) = run(&["certs", "init", "--dir", certs.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{err}");
+    let hash = "ab".repeat(32);
+    let relay = |endpoint_extra: &str, acl: &str| {
+        format!(
+            "[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"certs/relay.crt\"\nkey = \"certs/relay.key\"\n\n\
+             [[connector]]\nname = \"c\"\ntoken_sha256 = \"{hash}\"\n\n\
+             [[endpoint]]\nname = \"e\"\nconnector = \"c\"\ndestination = \"vault.internal:443\"\nlisten = \"127.0.0.1:8443\"\n{endpoint_extra}\n\
+             [endpoint.acl]\n{acl}\n"
+        )
+    };
+    // Lines: 1 [tunnel] … 5 blank, 6 [[connector]] 7 name 8 token, 9 blank, 10 [[endpoint]]
+    // 11 name 12 connector 13 destination 14 listen 15 extra.
+    let d = dir.path();
+    assert_config_rejected(
+        "relay",
+        &relay("listn = \"x\"", ""),
+        15,
+        "endpoint[0].listn",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
+        &relay("inactivity_timeout = \"60\"", ""),
+        15,
+        "endpoint[0].inactivity_timeout",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
+        &relay("", "allow = [\"10.0.0.0/8\", \"10.0.0.300/8\"]"),
+        17,
+        "endpoint[0].acl.allow[1]",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
+        &relay("", "").replace("connector = \"c\"\ndest", "connector = \"d\"\ndest"),
+        12,
+        "endpoint[0].connector",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
+        &relay("", "").replace("token_sha256 = \"ab", "token_sha256 = \"xy"),
+        8,
+        "connector[0].token_sha256",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
+        &relay("", "").replace("certs/relay.crt", "certs/missing.crt"),
+        3,
+        "tunnel.cert",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
+        &relay("", "").replace("certs/relay.key", "certs/ca.key"),
+        4,
+        "tunnel.key",
+        d,
+    );
+    let duplicate_name = format!(
+        "{}\n[[endpoint]]\nname = \"e\"\nconnector = \"c\"\ndestination = \"v.internal:443\"\nlisten = \"127.0.0.1:8444\"\n",
+        relay("", "")
+    );
+    assert_config_rejected("relay", &duplicate_name, 20, "endpoint[1].name", d);
+    let duplicate_listen = duplicate_name
+        .replace(
+            "name = \"e\"\nconnector = \"c\"\ndestination = \"v.",
+            "name = \"e2\"\nconnector = \"c\"\ndestination = \"v.",
+        )
+        .replace("8444", "8443");
+    assert_config_rejected("relay", &duplicate_listen, 23, "endpoint[1].listen", d);
+
+    let agent = |extra: &str| {
+        format!(
+            "connector = \"c\"\ntoken_file = \"certs/ca.crt\"\nrelays = [\"127.0.0.1:7443\"]\nrelay_ca = \"certs/ca.crt\"\n{extra}\n"
+        )
+    };
+    assert_config_rejected(
+        "agent",
+        &agent("[[allow]]\ndestination = \"*.vault.azure.net\""),
+        6,
+        "allow[0].destination",
+        d,
+    );
+    assert_config_rejected("agent", &agent("transport = \"udp\""), 5, "transport", d);
+    assert_config_rejected(
+        "agent",
+        &agent("").replace("127.0.0.1:7443", "relay.example.com"),
+        3,
+        "relays[0]",
+        d,
+    );
+    assert_config_rejected(
+        "agent",
+        &agent("").replace(
+            "token_file = \"certs/ca.crt\"",
+            "token_file = \"certs/none\"",
+        ),
+        2,
+        "token_file",
+        d,
+    );
+    assert_config_rejected(
+        "agent",
+        &agent("").replace(
+            "relay_ca = \"certs/ca.crt\"",
+            "relay_ca = \"certs/relay.key\"",
+        ),
+        4,
+        "relay_ca",
+        d,
+    );
+
+    // A file that does not exist is a usage error too.
+    let (code, _, stderr) = run(&["relay", "--config", "/nonexistent/relay.toml"]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("/nonexistent/relay.toml"), "{stderr}");
+}

@@ -1,0 +1,225 @@
+//! Tests that drive one side of the tunnel by hand with the protocol crate, to check what the
+//! other side does when its peer misbehaves: a wrong token, a relay asking for a destination
+//! the agent never allowed.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use privlink_protocol::frame::MAX_BODY_LEN;
+use privlink_protocol::io::{read_frame, write_frame};
+use privlink_protocol::message::{
+    Control, EndpointAssignment, Hello, Open, OpenFailCode, OpenReply, PROTOCOL_VERSION, Token,
+    Verdict,
+};
+use privlink_protocol::tls;
+use privlink_protocol::transport::{TunnelConnection, quic};
+use tokio::net::TcpListener;
+
+/// Dials the relay as an agent would and presents `connector` / `token`; returns the relay's
+/// answer to the hello.
+async fn hello_with(harness: &Harness, connector: &str, token: &str) -> Result<Control, String> {
+    let client_tls =
+        tls::tunnel_client_config(&[harness.pki.ca.identity.cert_der.clone()]).expect("tls");
+    let endpoint =
+        quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls).expect("endpoint");
+    let connection = quic::dial(&endpoint, harness.relay.tunnel_addr(), "localhost", WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut control = connection
+        .accept_stream()
+        .await
+        .map_err(|e| e.to_string())?;
+    let relay_hello: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    assert!(matches!(
+        relay_hello,
+        Control::RelayHello {
+            protocol_version: PROTOCOL_VERSION,
+            ..
+        }
+    ));
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        connector: connector.to_owned(),
+        token: Token::new(token),
+        agent_name: "raw".into(),
+        agent_id: "raw".into(),
+        software_version: "test".into(),
+        allowed: vec![],
+    };
+    write_frame(&mut control, &Control::Hello(hello))
+        .await
+        .map_err(|e| e.to_string())?;
+    read_frame(&mut control, MAX_BODY_LEN, WAIT)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_are_refused_and_repeat_offenders_are_cut_off() {
+    let harness = Harness::start(vec![endpoint("e", echo_server().await)]).await;
+
+    let answer = hello_with(&harness, CONNECTOR, "not-the-token")
+        .await
+        .expect("an answer");
+    let Control::Refused { reason } = answer else {
+        panic!("expected a refusal, got {answer:?}")
+    };
+    assert!(reason.contains("authentication failed"), "{reason}");
+    assert!(
+        !reason.contains("not-the-token"),
+        "the refusal must not echo the token"
+    );
+    assert_eq!(harness.relay.agent_count(CONNECTOR), 0);
+
+    let answer = hello_with(&harness, "no-such-connector", &harness.token)
+        .await
+        .expect("an answer");
+    assert!(matches!(answer, Control::Refused { .. }), "{answer:?}");
+
+    // The right token is welcomed (so the refusals above were about the token).
+    let answer = hello_with(&harness, CONNECTOR, &harness.token.clone())
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(answer, Control::Welcome { ref endpoints } if endpoints.len() == 1),
+        "{answer:?}"
+    );
+
+    // Five failures from one address within a minute: the next attempt is refused before any
+    // handshake completes.
+    for _ in 0..3 {
+        let _ = hello_with(&harness, CONNECTOR, "wrong").await;
+    }
+    let blocked = hello_with(&harness, CONNECTOR, &harness.token.clone()).await;
+    assert!(
+        blocked.is_err(),
+        "a source with five failures must be refused, got {blocked:?}"
+    );
+    harness.shutdown(&[]).await;
+}
+
+/// A relay that does not follow the rules: it assigns and then opens a destination the agent
+/// never allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks() {
+    init_tracing();
+    let pki = pki();
+    let server_tls = tls::tunnel_server_config(
+        vec![pki.relay.cert_der.clone()],
+        pki.relay.key_der.clone_key(),
+    )
+    .expect("tls");
+    let fake_relay =
+        quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls).expect("endpoint");
+    let relay_addr = fake_relay.local_addr().expect("addr");
+
+    // A private service the agent must not open, and one it may.
+    let secret_service = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let secret_addr = secret_service.local_addr().expect("addr");
+    let allowed = echo_server().await;
+
+    // A harness only for its agent-config builder; its own relay is not used.
+    let harness = Harness::start(vec![]).await;
+    let mut config = harness.agent_config(&[rule_for(allowed)]);
+    config.relays[0].port = relay_addr.port();
+    config.relay_roots = vec![pki.ca.identity.cert_der.clone()];
+    let agent = harness.spawn_agent(config);
+
+    let incoming = tokio::time::timeout(WAIT, fake_relay.accept())
+        .await
+        .expect("agent dials")
+        .expect("incoming");
+    let connection: TunnelConnection = quic::handshake(incoming, WAIT).await.expect("handshake");
+    let mut control = connection.open_stream(WAIT).await.expect("control stream");
+    write_frame(
+        &mut control,
+        &Control::RelayHello {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: "evil".into(),
+        },
+    )
+    .await
+    .expect("relay hello");
+    let hello: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT)
+        .await
+        .expect("hello");
+    assert!(matches!(hello, Control::Hello(_)));
+    write_frame(
+        &mut control,
+        &Control::Welcome {
+            endpoints: vec![EndpointAssignment {
+                name: "sneaky".into(),
+                destination: secret_addr.to_string(),
+            }],
+        },
+    )
+    .await
+    .expect("welcome");
+    let verdicts: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT)
+        .await
+        .expect("verdicts");
+    let Control::Verdicts(verdicts) = verdicts else {
+        panic!("expected verdicts, got {verdicts:?}")
+    };
+    assert!(
+        matches!(verdicts[0].verdict, Verdict::Rejected { .. }),
+        "{verdicts:?}"
+    );
+
+    // Ask anyway, for the rejected destination and for the cloud metadata address.
+    for (destination, client) in [
+        (secret_addr.to_string(), "198.51.100.7:50000"),
+        ("169.254.169.254:80".into(), "198.51.100.7:50001"),
+    ] {
+        let mut stream = connection.open_stream(WAIT).await.expect("data stream");
+        let open = Open {
+            endpoint: "sneaky".into(),
+            destination: destination.clone(),
+            client_addr: client.parse::<SocketAddr>().expect("addr"),
+            inactivity_timeout_ms: 60_000,
+        };
+        write_frame(&mut stream, &open).await.expect("open");
+        let reply: OpenReply = read_frame(&mut stream, MAX_BODY_LEN, WAIT)
+            .await
+            .expect("reply");
+        match reply {
+            OpenReply::Failed(failure) => assert_eq!(
+                failure.code,
+                OpenFailCode::NotAllowed,
+                "{destination}: {failure}"
+            ),
+            OpenReply::Opened => panic!("the agent opened {destination}, which it never allowed"),
+        }
+    }
+    // Nothing reached the private service.
+    let reached = tokio::time::timeout(Duration::from_millis(200), secret_service.accept()).await;
+    assert!(
+        reached.is_err(),
+        "the agent connected to a destination outside its allowlist"
+    );
+
+    // The allowed destination, asked properly, is opened: the refusals above were policy.
+    let mut stream = connection.open_stream(WAIT).await.expect("data stream");
+    let open = Open {
+        endpoint: "fine".into(),
+        destination: allowed.to_string(),
+        client_addr: "198.51.100.7:50002".parse().expect("addr"),
+        inactivity_timeout_ms: 60_000,
+    };
+    write_frame(&mut stream, &open).await.expect("open");
+    let reply: OpenReply = read_frame(&mut stream, MAX_BODY_LEN, WAIT)
+        .await
+        .expect("reply");
+    assert_eq!(reply, OpenReply::Opened);
+
+    connection.close(
+        privlink_protocol::transport::CloseCode::Shutdown,
+        "test over",
+    );
+    harness.shutdown(&[agent]).await;
+}
