@@ -5,7 +5,7 @@
 //! happened and what to try next, and runs until Ctrl-C.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -243,7 +243,7 @@ fn print_report(
     endpoint: SocketAddr,
     vault: SocketAddr,
     tunnel: SocketAddr,
-    ca_path: &PathBuf,
+    ca_path: &Path,
     outcome: &anyhow::Result<Seen>,
 ) {
     println!();

@@ -22,7 +22,8 @@ use tokio::net::TcpListener;
 /// answer to the hello.
 async fn hello_with(harness: &Harness, connector: &str, token: &str) -> Result<Control, String> {
     let client_tls =
-        tls::tunnel_client_config(&[harness.pki.ca.identity.cert_der.clone()]).expect("tls");
+        tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der))
+            .expect("tls");
     let endpoint =
         quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls).expect("endpoint");
     let connection = quic::dial(&endpoint, harness.relay.tunnel_addr(), "localhost", WAIT)

@@ -157,7 +157,7 @@ impl Relay {
         });
 
         info!(tunnel = %handle.tunnel_addr, "relay listening for agents (QUIC)");
-        let mut acceptors = TaskTracker::new();
+        let acceptors = TaskTracker::new();
         for (endpoint, listener) in listeners {
             let addr = handle.endpoints.get(&endpoint.spec.name).map(|(_, a)| *a);
             info!(
@@ -204,8 +204,6 @@ impl Relay {
         }
         tunnel_stop.cancel();
         acceptors.wait().await;
-        acceptors = TaskTracker::new();
-        drop(acceptors);
         for connection in handle.registry.connections() {
             connection.close(CloseCode::Shutdown, "relay shutting down");
         }
