@@ -224,3 +224,48 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
     );
     harness.shutdown(&[agent]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
+    let pki = pki();
+    let server_tls = tls::tunnel_server_config(
+        vec![pki.relay.cert_der.clone()],
+        pki.relay.key_der.clone_key(),
+    )
+    .expect("tls");
+    let relay =
+        quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls).expect("relay");
+    let client_tls =
+        tls::tunnel_client_config(std::slice::from_ref(&pki.ca.identity.cert_der)).expect("tls");
+    let agent =
+        quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls).expect("agent");
+    let relay_addr = relay.local_addr().expect("addr");
+    let (dialed, accepted) =
+        tokio::join!(quic::dial(&agent, relay_addr, "localhost", WAIT), async {
+            let incoming = relay.accept().await.expect("incoming");
+            quic::handshake(incoming, WAIT).await
+        });
+    let _agent_side = dialed.expect("dial");
+    let relay_side = accepted.expect("handshake");
+
+    // The agent admits MAX_CONCURRENT_STREAMS data streams plus the control stream.
+    let mut open = Vec::new();
+    for _ in 0..=quic::MAX_CONCURRENT_STREAMS {
+        open.push(
+            relay_side
+                .open_stream(WAIT)
+                .await
+                .expect("within the limit"),
+        );
+    }
+    let started = std::time::Instant::now();
+    let wait = Duration::from_millis(300);
+    match relay_side.open_stream(wait).await {
+        Err(privlink_protocol::transport::StreamError::LimitReached(waited)) => {
+            assert_eq!(waited, wait);
+            assert!(started.elapsed() < WAIT, "the wait must be bounded");
+        }
+        Ok(_) => panic!("a stream beyond the agent's limit was opened"),
+        Err(other) => panic!("expected LimitReached, got {other}"),
+    }
+}

@@ -357,3 +357,79 @@ async fn relay_shutdown_lets_inflight_transfers_finish_and_refuses_new_ones() {
     );
     harness.shutdown(&[agent]).await;
 }
+
+/// What a destination's read loop ended with.
+async fn read_until_end(socket: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if socket.read(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_reaches_the_destination_as_a_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let destination = listener.local_addr().expect("addr");
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut hello = [0u8; 5];
+        socket.read_exact(&mut hello).await.expect("hello");
+        socket.write_all(&hello).await.expect("echo hello");
+        let _ = ended_tx.send(read_until_end(&mut socket).await);
+    });
+    let (harness, agent) = single(destination).await;
+    let mut client = TcpStream::connect(harness.addr("e"))
+        .await
+        .expect("connect");
+    client.write_all(b"hello").await.expect("write");
+    let mut echoed = [0u8; 5];
+    client
+        .read_exact(&mut echoed)
+        .await
+        .expect("the path is up");
+    privlink_protocol::tcp::abort(client);
+    let ended = tokio::time::timeout(WAIT, ended_rx)
+        .await
+        .expect("in time")
+        .expect("result");
+    let error = ended.expect_err("the destination must see a reset, not a clean FIN");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    harness.shutdown(&[agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_reset_reaches_the_client_as_a_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let destination = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut hello = [0u8; 5];
+        socket.read_exact(&mut hello).await.expect("hello");
+        socket.write_all(&hello).await.expect("echo hello");
+        // Let the echo leave before the reset overtakes it.
+        socket.flush().await.expect("flush");
+        let mut more = [0u8; 3];
+        socket.read_exact(&mut more).await.expect("ack");
+        privlink_protocol::tcp::abort(socket);
+    });
+    let (harness, agent) = single(destination).await;
+    let mut client = TcpStream::connect(harness.addr("e"))
+        .await
+        .expect("connect");
+    client.write_all(b"hello").await.expect("write");
+    let mut echoed = [0u8; 5];
+    client
+        .read_exact(&mut echoed)
+        .await
+        .expect("the path is up");
+    client.write_all(b"ack").await.expect("ack");
+    let ended = tokio::time::timeout(WAIT, read_until_end(&mut client))
+        .await
+        .expect("in time");
+    let error = ended.expect_err("the client must see a reset, not a clean FIN");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    harness.shutdown(&[agent]).await;
+}

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::allowlist::{Allowlist, special_address_kind};
+use crate::allowlist::{AllowRule, Allowlist, special_address_kind};
 
 /// Deadline for the open header to arrive after the relay opened the stream.
 pub const OPEN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -181,33 +181,44 @@ pub async fn connect_allowed(
             }
         }
     };
-    let mut refused_special: Vec<(IpAddr, &str)> = Vec::new();
+    let candidates = admissible_addresses(&destination, rule, resolved)?;
+    connect_any(&candidates, policy.connect_timeout).await
+}
+
+/// Drops resolved addresses the agent refuses by default (loopback, link-local, metadata, …)
+/// unless `rule` names them explicitly; fails when nothing admissible is left.
+pub fn admissible_addresses(
+    destination: &Destination,
+    rule: &AllowRule,
+    resolved: Vec<SocketAddr>,
+) -> Result<Vec<SocketAddr>, OpenFailure> {
+    let mut refused_special: Option<(IpAddr, &str)> = None;
     let candidates: Vec<SocketAddr> = resolved
         .into_iter()
         .filter(|addr| match special_address_kind(addr.ip()) {
             Some(kind) if !rule.names_address(addr.ip()) => {
-                refused_special.push((addr.ip(), kind));
+                refused_special.get_or_insert((addr.ip(), kind));
                 false
             }
             _ => true,
         })
         .collect();
-    if candidates.is_empty() {
-        return Err(match refused_special.first() {
-            Some((ip, kind)) => failure(
-                OpenFailCode::NotAllowed,
-                format!(
-                    "{destination} resolves to {ip}, a {kind} address, which is refused unless an \
-                     [[allow]] rule names it explicitly"
-                ),
-            ),
-            None => failure(
-                OpenFailCode::DnsFailure,
-                format!("{destination} resolved to no address"),
-            ),
-        });
+    if !candidates.is_empty() {
+        return Ok(candidates);
     }
-    connect_any(&candidates, policy.connect_timeout).await
+    Err(match refused_special {
+        Some((ip, kind)) => failure(
+            OpenFailCode::NotAllowed,
+            format!(
+                "{destination} resolves to {ip}, a {kind} address, which is refused unless an \
+                 [[allow]] rule names it explicitly"
+            ),
+        ),
+        None => failure(
+            OpenFailCode::DnsFailure,
+            format!("{destination} resolved to no address"),
+        ),
+    })
 }
 
 /// Tries each address in turn until one connects or the deadline passes.
@@ -243,4 +254,84 @@ async fn connect_any(
         Some((addr, e)) => failure(OpenFailCode::Unreachable, format!("{addr}: {e}")),
         None => failure(OpenFailCode::DnsFailure, "no address to connect to"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().expect("addr")).collect()
+    }
+
+    #[test]
+    fn names_resolving_to_special_addresses_are_refused() {
+        let destination: Destination = "vault.internal:443".parse().expect("dest");
+        let rule: AllowRule = "*.internal:443".parse().expect("rule");
+        let refused = admissible_addresses(&destination, &rule, addrs(&["169.254.169.254:443"]))
+            .expect_err("metadata");
+        assert_eq!(refused.code, OpenFailCode::NotAllowed);
+        assert!(
+            refused.message.contains("cloud metadata"),
+            "{}",
+            refused.message
+        );
+        // Mixed answers keep only the ordinary addresses.
+        let kept = admissible_addresses(
+            &destination,
+            &rule,
+            addrs(&["127.0.0.1:443", "10.0.0.4:443"]),
+        )
+        .expect("one ordinary address");
+        assert_eq!(kept, addrs(&["10.0.0.4:443"]));
+        // A rule naming the address lifts the refusal.
+        let explicit: AllowRule = "127.0.0.1:443".parse().expect("rule");
+        let lo: Destination = "127.0.0.1:443".parse().expect("dest");
+        assert!(admissible_addresses(&lo, &explicit, addrs(&["127.0.0.1:443"])).is_ok());
+    }
+
+    fn policy(rule: &str) -> StreamPolicy {
+        StreamPolicy {
+            allowlist: Allowlist {
+                rules: vec![rule.parse().expect("rule")],
+            },
+            dns_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_carry_precise_codes() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = closed.local_addr().expect("addr").to_string();
+        drop(closed);
+        let refused = connect_allowed(&addr, &policy(&addr))
+            .await
+            .expect_err("nothing listens");
+        assert_eq!(refused.code, OpenFailCode::Refused, "{refused}");
+
+        let outside = connect_allowed("10.9.9.9:443", &policy(&addr))
+            .await
+            .expect_err("not allowed");
+        assert_eq!(outside.code, OpenFailCode::NotAllowed);
+
+        // `.invalid` never resolves (RFC 2606), with or without a reachable DNS server.
+        let dns = connect_allowed("vault.invalid:443", &policy("*.invalid:443"))
+            .await
+            .expect_err("nxdomain");
+        assert_eq!(dns.code, OpenFailCode::DnsFailure, "{dns}");
+
+        let bad = connect_allowed("not a destination", &policy(&addr))
+            .await
+            .expect_err("garbage");
+        assert_eq!(bad.code, OpenFailCode::BadRequest);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let open = listener.local_addr().expect("addr").to_string();
+        assert!(connect_allowed(&open, &policy(&open)).await.is_ok());
+    }
 }
