@@ -56,35 +56,22 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
-    .with_single_cert(
-        vec![vault_cert.cert_der.clone()],
-        vault_cert.key_der.clone_key(),
-    )?;
-    let vault_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the demo vault")?;
+    .with_single_cert(vec![vault_cert.cert_der.clone()], vault_cert.key_der.clone_key())?;
+    let vault_listener =
+        TcpListener::bind("127.0.0.1:0").await.context("binding the demo vault")?;
     let vault_addr = vault_listener.local_addr()?;
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(serve_vault(
-        vault_listener,
-        Arc::new(vault_tls),
-        shutdown.clone(),
-    ));
+    tasks.spawn(serve_vault(vault_listener, Arc::new(vault_tls), shutdown.clone()));
 
     let token = new_token()?;
     let endpoint = |listen: SocketAddr| EndpointSpec {
         name: "contoso-kv".into(),
         connector: "demo".into(),
-        destination: format!("{vault_addr}")
-            .parse()
-            .expect("a socket address is a destination"),
+        destination: format!("{vault_addr}").parse().expect("a socket address is a destination"),
         listen,
         inactivity_timeout: Duration::from_secs(60),
         max_connections: 1024,
-        acl: Acl {
-            allow: vec!["127.0.0.0/8".parse().expect("cidr")],
-            deny: vec![],
-        },
+        acl: Acl { allow: vec!["127.0.0.0/8".parse().expect("cidr")], deny: vec![] },
     };
     let relay_config = |listen| RelayConfig {
         tunnel_listen: "127.0.0.1:0".parse().expect("addr"),
@@ -110,9 +97,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         Err(e) => return Err(e.into()),
     };
     let relay_handle = relay.handle();
-    let endpoint_addr = relay_handle
-        .endpoint_addr("contoso-kv")
-        .context("endpoint address")?;
+    let endpoint_addr = relay_handle.endpoint_addr("contoso-kv").context("endpoint address")?;
     let relay_stop = CancellationToken::new();
     tasks.spawn(relay.run(relay_stop.clone()));
 
@@ -126,9 +111,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         }],
         relay_roots: vec![ca.identity.cert_der.clone()],
         transport: TransportChoice::Quic,
-        allowlist: Allowlist {
-            rules: vec![vault_addr.to_string().parse()?],
-        },
+        allowlist: Allowlist { rules: vec![vault_addr.to_string().parse()?] },
         connect_timeout: Duration::from_secs(5),
         dns_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
@@ -139,9 +122,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
     tasks.close();
 
     let status = relay_handle
-        .wait_for_status("contoso-kv", STEP_TIMEOUT, |s| {
-            *s == EndpointStatus::Approved
-        })
+        .wait_for_status("contoso-kv", STEP_TIMEOUT, |s| *s == EndpointStatus::Approved)
         .await;
     if status != Some(EndpointStatus::Approved) {
         return Err(Unavailable(format!(
@@ -151,13 +132,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
     }
 
     let outcome = request_through_tunnel(endpoint_addr, &ca).await;
-    print_report(
-        endpoint_addr,
-        vault_addr,
-        relay_handle.tunnel_addr(),
-        &ca_path,
-        &outcome,
-    );
+    print_report(endpoint_addr, vault_addr, relay_handle.tunnel_addr(), &ca_path, &outcome);
     if outcome.is_err() {
         relay_stop.cancel();
         agent_stop.cancel();
@@ -196,34 +171,22 @@ async fn request_through_tunnel(
     .with_no_client_auth();
     let started = Instant::now();
     let work = async {
-        let tcp = TcpStream::connect(endpoint)
-            .await
-            .context("connecting to the relay endpoint")?;
+        let tcp = TcpStream::connect(endpoint).await.context("connecting to the relay endpoint")?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let mut tls = connector
             .connect(ServerName::try_from(VAULT_NAME)?, tcp)
             .await
             .context("TLS handshake with the vault through the tunnel")?;
         let (_, session) = tls.get_ref();
-        let tls_version = format!(
-            "{:?}",
-            session.protocol_version().context("no TLS version")?
-        );
-        let cipher = format!(
-            "{:?}",
-            session
-                .negotiated_cipher_suite()
-                .context("no cipher suite")?
-                .suite()
-        );
+        let tls_version = format!("{:?}", session.protocol_version().context("no TLS version")?);
+        let cipher =
+            format!("{:?}", session.negotiated_cipher_suite().context("no cipher suite")?.suite());
         let request = format!(
             "GET {REQUEST_PATH} HTTP/1.1\r\nHost: {VAULT_NAME}\r\nConnection: close\r\n\r\n"
         );
         tls.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
-        tls.read_to_end(&mut response)
-            .await
-            .context("reading the response")?;
+        tls.read_to_end(&mut response).await.context("reading the response")?;
         let text = String::from_utf8_lossy(&response).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         anyhow::Ok(Seen {
@@ -234,9 +197,7 @@ async fn request_through_tunnel(
             body: body.to_owned(),
         })
     };
-    tokio::time::timeout(STEP_TIMEOUT, work)
-        .await
-        .context("the request timed out")?
+    tokio::time::timeout(STEP_TIMEOUT, work).await.context("the request timed out")?
 }
 
 fn print_report(

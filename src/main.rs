@@ -101,12 +101,10 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Token {
-            command: TokenCommand::New,
-        } => setup::token_new(),
-        Command::Certs {
-            command: CertsCommand::Init { dir, names, force },
-        } => setup::certs_init(&dir, &names, force),
+        Command::Token { command: TokenCommand::New } => setup::token_new(),
+        Command::Certs { command: CertsCommand::Init { dir, names, force } } => {
+            setup::certs_init(&dir, &names, force)
+        }
         command => runtime().and_then(|rt| rt.block_on(run_service(command))),
     };
     match result {
@@ -137,9 +135,7 @@ async fn run_service(command: Command) -> anyhow::Result<()> {
         Command::Relay { config } => {
             // Parse and validate everything before binding anything.
             let config = privlink_relay::RelayConfig::load(&config)?;
-            let relay = privlink_relay::Relay::bind(config)
-                .await
-                .context("starting the relay")?;
+            let relay = privlink_relay::Relay::bind(config).await.context("starting the relay")?;
             relay.run(shutdown).await;
             Ok(())
         }

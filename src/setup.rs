@@ -15,12 +15,10 @@ const TOKEN_BYTES: usize = 32;
 /// Lowercase hex of `bytes`. Hand-written: a few lines do not justify a dependency.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// A new random connector token.
@@ -52,27 +50,19 @@ pub(crate) fn certs_init(dir: &Path, extra_names: &[String], force: bool) -> any
     let files = ["ca.crt", "ca.key", "relay.crt", "relay.key"];
     if !force {
         if let Some(existing) = files.iter().map(|f| dir.join(f)).find(|p| p.exists()) {
-            bail!(
-                "{} already exists; pass --force to overwrite",
-                existing.display()
-            );
+            bail!("{} already exists; pass --force to overwrite", existing.display());
         }
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = CertificateAuthority::new("privlink private CA").context("creating the CA")?;
     let mut names: Vec<&str> = vec!["localhost", "127.0.0.1", "::1"];
     names.extend(extra_names.iter().map(String::as_str));
-    let relay = ca
-        .issue_server(&names)
-        .context("issuing the relay certificate")?;
+    let relay = ca.issue_server(&names).context("issuing the relay certificate")?;
     write_file(&dir.join("ca.crt"), &ca.identity.cert_pem, 0o644)?;
     write_file(&dir.join("ca.key"), &ca.identity.key_pem, 0o600)?;
     write_file(&dir.join("relay.crt"), &relay.cert_pem, 0o644)?;
     write_file(&dir.join("relay.key"), &relay.key_pem, 0o600)?;
-    println!(
-        "Wrote {}/{{ca.crt,ca.key,relay.crt,relay.key}}.",
-        dir.display()
-    );
+    println!("Wrote {}/{{ca.crt,ca.key,relay.crt,relay.key}}.", dir.display());
     println!("Relay certificate names: {}", names.join(", "));
     println!(
         "relay.toml: [tunnel] cert = \"relay.crt\", key = \"relay.key\"; agent.toml: relay_ca = \"ca.crt\"."
@@ -90,8 +80,7 @@ pub(crate) fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Resu
         .mode(mode)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

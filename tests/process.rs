@@ -45,11 +45,7 @@ impl Running {
                 }
             }
         });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
+        Self { child, lines, seen: Vec::new() }
     }
 
     /// Waits for a log line containing `needle` (a readiness signal), failing after a bound.
@@ -80,10 +76,7 @@ impl Running {
 
     fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
         self.child.wait().expect("wait")
     }
 }
@@ -96,19 +89,11 @@ impl Drop for Running {
 }
 
 fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -128,20 +113,12 @@ fn deploy(dir: &Path, destination: SocketAddr) -> (PathBuf, PathBuf, SocketAddr)
     assert_eq!(code, 0, "certs init: {err}");
     let (code, out, err) = run(&["token", "new"]);
     assert_eq!(code, 0, "token new: {err}");
-    let token = out
-        .lines()
-        .find(|l| l.starts_with("plk_"))
-        .expect("token line");
-    let hash_line = out
-        .lines()
-        .find(|l| l.starts_with("token_sha256 = "))
-        .expect("hash line");
+    let token = out.lines().find(|l| l.starts_with("plk_")).expect("token line");
+    let hash_line = out.lines().find(|l| l.starts_with("token_sha256 = ")).expect("hash line");
     std::fs::write(certs.join("token"), format!("{token}\n")).expect("token file");
 
     let tunnel = format!("127.0.0.1:{}", free_udp_port());
-    let endpoint: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
-        .parse()
-        .expect("addr");
+    let endpoint: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().expect("addr");
     let config = dir.join("config");
     std::fs::create_dir_all(&config).expect("config dir");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -149,10 +126,7 @@ fn deploy(dir: &Path, destination: SocketAddr) -> (PathBuf, PathBuf, SocketAddr)
         .expect("example relay.toml")
         .replace("0.0.0.0:7443", &tunnel)
         .replace("0.0.0.0:8443", &endpoint.to_string())
-        .replace(
-            "contoso-kv.privatelink.vaultcore.azure.net:443",
-            &destination.to_string(),
-        )
+        .replace("contoso-kv.privatelink.vaultcore.azure.net:443", &destination.to_string())
         .replace(
             "token_sha256 = \"REPLACE-with-the-token_sha256-line-from-privlink-token-new\"",
             hash_line,
@@ -160,10 +134,7 @@ fn deploy(dir: &Path, destination: SocketAddr) -> (PathBuf, PathBuf, SocketAddr)
     let agent = std::fs::read_to_string(manifest.join("config/agent.toml"))
         .expect("example agent.toml")
         .replace("127.0.0.1:7443", &tunnel)
-        .replace(
-            "*.privatelink.vaultcore.azure.net:443",
-            &destination.to_string(),
-        );
+        .replace("*.privatelink.vaultcore.azure.net:443", &destination.to_string());
     let relay_path = config.join("relay.toml");
     let agent_path = config.join("agent.toml");
     std::fs::write(&relay_path, relay).expect("write relay.toml");
@@ -172,9 +143,7 @@ fn deploy(dir: &Path, destination: SocketAddr) -> (PathBuf, PathBuf, SocketAddr)
 }
 
 async fn assert_endpoint_serves(endpoint: SocketAddr) {
-    let socket = TcpStream::connect(endpoint)
-        .await
-        .expect("connect endpoint");
+    let socket = TcpStream::connect(endpoint).await.expect("connect endpoint");
     let back = tokio::time::timeout(common::WAIT, echo_round_trip(socket, b"through the tunnel"))
         .await
         .expect("echo in time");
@@ -222,15 +191,9 @@ fn assert_config_rejected(kind: &str, text: &str, line: usize, key: &str, dir: &
     let path = dir.join(format!("{kind}-{}.toml", key.replace(['[', ']', '.'], "_")));
     std::fs::write(&path, text).expect("write config");
     let (code, _, stderr) = run(&[kind, "--config", path.to_str().expect("utf-8")]);
-    assert_eq!(
-        code, 64,
-        "{kind} config with a bad `{key}` must exit 64; stderr: {stderr}"
-    );
+    assert_eq!(code, 64, "{kind} config with a bad `{key}` must exit 64; stderr: {stderr}");
     let expected = format!("{}:{line}: key `{key}`", path.display());
-    assert!(
-        stderr.contains(&expected),
-        "expected {expected:?} in: {stderr}"
-    );
+    assert!(stderr.contains(&expected), "expected {expected:?} in: {stderr}");
 }
 
 #[test]
@@ -251,13 +214,7 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     // Lines: 1 [tunnel] … 5 blank, 6 [[connector]] 7 name 8 token, 9 blank, 10 [[endpoint]]
     // 11 name 12 connector 13 destination 14 listen 15 extra.
     let d = dir.path();
-    assert_config_rejected(
-        "relay",
-        &relay("listn = \"x\"", ""),
-        15,
-        "endpoint[0].listn",
-        d,
-    );
+    assert_config_rejected("relay", &relay("listn = \"x\"", ""), 15, "endpoint[0].listn", d);
     assert_config_rejected(
         "relay",
         &relay("inactivity_timeout = \"60\"", ""),
@@ -335,20 +292,14 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     );
     assert_config_rejected(
         "agent",
-        &agent("").replace(
-            "token_file = \"certs/ca.crt\"",
-            "token_file = \"certs/none\"",
-        ),
+        &agent("").replace("token_file = \"certs/ca.crt\"", "token_file = \"certs/none\""),
         2,
         "token_file",
         d,
     );
     assert_config_rejected(
         "agent",
-        &agent("").replace(
-            "relay_ca = \"certs/ca.crt\"",
-            "relay_ca = \"certs/relay.key\"",
-        ),
+        &agent("").replace("relay_ca = \"certs/ca.crt\"", "relay_ca = \"certs/relay.key\""),
         4,
         "relay_ca",
         d,

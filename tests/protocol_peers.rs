@@ -29,20 +29,10 @@ async fn hello_with(harness: &Harness, connector: &str, token: &str) -> Result<C
     let connection = quic::dial(&endpoint, harness.relay.tunnel_addr(), "localhost", WAIT)
         .await
         .map_err(|e| e.to_string())?;
-    let mut control = connection
-        .accept_stream()
-        .await
-        .map_err(|e| e.to_string())?;
-    let relay_hello: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT)
-        .await
-        .map_err(|e| e.to_string())?;
-    assert!(matches!(
-        relay_hello,
-        Control::RelayHello {
-            protocol_version: PROTOCOL_VERSION,
-            ..
-        }
-    ));
+    let mut control = connection.accept_stream().await.map_err(|e| e.to_string())?;
+    let relay_hello: Control =
+        read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())?;
+    assert!(matches!(relay_hello, Control::RelayHello { protocol_version: PROTOCOL_VERSION, .. }));
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         connector: connector.to_owned(),
@@ -52,40 +42,26 @@ async fn hello_with(harness: &Harness, connector: &str, token: &str) -> Result<C
         software_version: "test".into(),
         allowed: vec![],
     };
-    write_frame(&mut control, &Control::Hello(hello))
-        .await
-        .map_err(|e| e.to_string())?;
-    read_frame(&mut control, MAX_BODY_LEN, WAIT)
-        .await
-        .map_err(|e| e.to_string())
+    write_frame(&mut control, &Control::Hello(hello)).await.map_err(|e| e.to_string())?;
+    read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_tokens_are_refused_and_repeat_offenders_are_cut_off() {
     let harness = Harness::start(vec![endpoint("e", echo_server().await)]).await;
 
-    let answer = hello_with(&harness, CONNECTOR, "not-the-token")
-        .await
-        .expect("an answer");
-    let Control::Refused { reason } = answer else {
-        panic!("expected a refusal, got {answer:?}")
-    };
+    let answer = hello_with(&harness, CONNECTOR, "not-the-token").await.expect("an answer");
+    let Control::Refused { reason } = answer else { panic!("expected a refusal, got {answer:?}") };
     assert!(reason.contains("authentication failed"), "{reason}");
-    assert!(
-        !reason.contains("not-the-token"),
-        "the refusal must not echo the token"
-    );
+    assert!(!reason.contains("not-the-token"), "the refusal must not echo the token");
     assert_eq!(harness.relay.agent_count(CONNECTOR), 0);
 
-    let answer = hello_with(&harness, "no-such-connector", &harness.token)
-        .await
-        .expect("an answer");
+    let answer =
+        hello_with(&harness, "no-such-connector", &harness.token).await.expect("an answer");
     assert!(matches!(answer, Control::Refused { .. }), "{answer:?}");
 
     // The right token is welcomed (so the refusals above were about the token).
-    let answer = hello_with(&harness, CONNECTOR, &harness.token.clone())
-        .await
-        .expect("an answer");
+    let answer = hello_with(&harness, CONNECTOR, &harness.token.clone()).await.expect("an answer");
     assert!(
         matches!(answer, Control::Welcome { ref endpoints } if endpoints.len() == 1),
         "{answer:?}"
@@ -97,11 +73,17 @@ async fn wrong_tokens_are_refused_and_repeat_offenders_are_cut_off() {
         let _ = hello_with(&harness, CONNECTOR, "wrong").await;
     }
     let blocked = hello_with(&harness, CONNECTOR, &harness.token.clone()).await;
-    assert!(
-        blocked.is_err(),
-        "a source with five failures must be refused, got {blocked:?}"
-    );
+    assert!(blocked.is_err(), "a source with five failures must be refused, got {blocked:?}");
     harness.shutdown(&[]).await;
+}
+
+/// A QUIC endpoint with the relay's certificate and transport settings but no relay logic:
+/// the test plays the relay by hand.
+fn bare_relay_endpoint(pki: &Pki) -> quinn::Endpoint {
+    let server_tls =
+        tls::tunnel_server_config(vec![pki.relay.cert_der.clone()], pki.relay.key_der.clone_key())
+            .expect("tls");
+    quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls).expect("endpoint")
 }
 
 /// A relay that does not follow the rules: it assigns and then opens a destination the agent
@@ -110,13 +92,7 @@ async fn wrong_tokens_are_refused_and_repeat_offenders_are_cut_off() {
 async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks() {
     init_tracing();
     let pki = pki();
-    let server_tls = tls::tunnel_server_config(
-        vec![pki.relay.cert_der.clone()],
-        pki.relay.key_der.clone_key(),
-    )
-    .expect("tls");
-    let fake_relay =
-        quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls).expect("endpoint");
+    let fake_relay = bare_relay_endpoint(&pki);
     let relay_addr = fake_relay.local_addr().expect("addr");
 
     // A private service the agent must not open, and one it may.
@@ -146,9 +122,7 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
     )
     .await
     .expect("relay hello");
-    let hello: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT)
-        .await
-        .expect("hello");
+    let hello: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT).await.expect("hello");
     assert!(matches!(hello, Control::Hello(_)));
     write_frame(
         &mut control,
@@ -161,16 +135,11 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
     )
     .await
     .expect("welcome");
-    let verdicts: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT)
-        .await
-        .expect("verdicts");
+    let verdicts: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT).await.expect("verdicts");
     let Control::Verdicts(verdicts) = verdicts else {
         panic!("expected verdicts, got {verdicts:?}")
     };
-    assert!(
-        matches!(verdicts[0].verdict, Verdict::Rejected { .. }),
-        "{verdicts:?}"
-    );
+    assert!(matches!(verdicts[0].verdict, Verdict::Rejected { .. }), "{verdicts:?}");
 
     // Ask anyway, for the rejected destination and for the cloud metadata address.
     for (destination, client) in [
@@ -185,24 +154,17 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
             inactivity_timeout_ms: 60_000,
         };
         write_frame(&mut stream, &open).await.expect("open");
-        let reply: OpenReply = read_frame(&mut stream, MAX_BODY_LEN, WAIT)
-            .await
-            .expect("reply");
+        let reply: OpenReply = read_frame(&mut stream, MAX_BODY_LEN, WAIT).await.expect("reply");
         match reply {
-            OpenReply::Failed(failure) => assert_eq!(
-                failure.code,
-                OpenFailCode::NotAllowed,
-                "{destination}: {failure}"
-            ),
+            OpenReply::Failed(failure) => {
+                assert_eq!(failure.code, OpenFailCode::NotAllowed, "{destination}: {failure}")
+            }
             OpenReply::Opened => panic!("the agent opened {destination}, which it never allowed"),
         }
     }
     // Nothing reached the private service.
     let reached = tokio::time::timeout(Duration::from_millis(200), secret_service.accept()).await;
-    assert!(
-        reached.is_err(),
-        "the agent connected to a destination outside its allowlist"
-    );
+    assert!(reached.is_err(), "the agent connected to a destination outside its allowlist");
 
     // The allowed destination, asked properly, is opened: the refusals above were policy.
     let mut stream = connection.open_stream(WAIT).await.expect("data stream");
@@ -213,28 +175,17 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
         inactivity_timeout_ms: 60_000,
     };
     write_frame(&mut stream, &open).await.expect("open");
-    let reply: OpenReply = read_frame(&mut stream, MAX_BODY_LEN, WAIT)
-        .await
-        .expect("reply");
+    let reply: OpenReply = read_frame(&mut stream, MAX_BODY_LEN, WAIT).await.expect("reply");
     assert_eq!(reply, OpenReply::Opened);
 
-    connection.close(
-        privlink_protocol::transport::CloseCode::Shutdown,
-        "test over",
-    );
+    connection.close(privlink_protocol::transport::CloseCode::Shutdown, "test over");
     harness.shutdown(&[agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
     let pki = pki();
-    let server_tls = tls::tunnel_server_config(
-        vec![pki.relay.cert_der.clone()],
-        pki.relay.key_der.clone_key(),
-    )
-    .expect("tls");
-    let relay =
-        quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls).expect("relay");
+    let relay = bare_relay_endpoint(&pki);
     let client_tls =
         tls::tunnel_client_config(std::slice::from_ref(&pki.ca.identity.cert_der)).expect("tls");
     let agent =
@@ -251,12 +202,7 @@ async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
     // The agent admits MAX_CONCURRENT_STREAMS data streams plus the control stream.
     let mut open = Vec::new();
     for _ in 0..=quic::MAX_CONCURRENT_STREAMS {
-        open.push(
-            relay_side
-                .open_stream(WAIT)
-                .await
-                .expect("within the limit"),
-        );
+        open.push(relay_side.open_stream(WAIT).await.expect("within the limit"));
     }
     let started = std::time::Instant::now();
     let wait = Duration::from_millis(300);

@@ -26,19 +26,13 @@ async fn tls_destination_is_verified_end_to_end() {
     init_tracing();
     // The vault: TLS with a certificate for its public name, from the test CA.
     let pki = pki();
-    let vault_cert = pki
-        .ca
-        .issue_server(&["contoso-kv.vault.azure.net"])
-        .expect("cert");
+    let vault_cert = pki.ca.issue_server(&["contoso-kv.vault.azure.net"]).expect("cert");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_no_client_auth()
-        .with_single_cert(
-            vec![vault_cert.cert_der.clone()],
-            vault_cert.key_der.clone_key(),
-        )
+        .with_single_cert(vec![vault_cert.cert_der.clone()], vault_cert.key_der.clone_key())
         .expect("server config");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let vault = listener.local_addr().expect("addr");
@@ -64,16 +58,11 @@ async fn tls_destination_is_verified_end_to_end() {
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
-    let tcp = TcpStream::connect(harness.addr("e"))
-        .await
-        .expect("connect endpoint");
+    let tcp = TcpStream::connect(harness.addr("e")).await.expect("connect endpoint");
     let name = ServerName::try_from("contoso-kv.vault.azure.net").expect("name");
     // The handshake verifies the vault's certificate chain and name: it can only succeed if
     // the TLS session runs end to end, untouched by relay and agent.
-    let mut tls = connector
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake through the tunnel");
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake through the tunnel");
     tls.write_all(
         b"GET /secrets/s?api-version=7.4 HTTP/1.1\r\nHost: contoso-kv.vault.azure.net\r\n\r\n",
     )
@@ -87,9 +76,7 @@ async fn tls_destination_is_verified_end_to_end() {
     // A client that trusts a different CA must fail: the certificate it sees is the vault's.
     let other = common::pki();
     let mut other_roots = rustls::RootCertStore::empty();
-    other_roots
-        .add(other.ca.identity.cert_der.clone())
-        .expect("root");
+    other_roots.add(other.ca.identity.cert_der.clone()).expect("root");
     let untrusting = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -97,19 +84,11 @@ async fn tls_destination_is_verified_end_to_end() {
     .expect("versions")
     .with_root_certificates(other_roots)
     .with_no_client_auth();
-    let tcp = TcpStream::connect(harness.addr("e"))
-        .await
-        .expect("connect endpoint");
+    let tcp = TcpStream::connect(harness.addr("e")).await.expect("connect endpoint");
     let result = tokio_rustls::TlsConnector::from(Arc::new(untrusting))
-        .connect(
-            ServerName::try_from("contoso-kv.vault.azure.net").expect("name"),
-            tcp,
-        )
+        .connect(ServerName::try_from("contoso-kv.vault.azure.net").expect("name"), tcp)
         .await;
-    assert!(
-        result.is_err(),
-        "a client with another CA must not accept the vault's certificate"
-    );
+    assert!(result.is_err(), "a client with another CA must not accept the vault's certificate");
     harness.shutdown(&[agent]).await;
 }
 
@@ -117,27 +96,19 @@ async fn tls_destination_is_verified_end_to_end() {
 async fn bulk_64_mib_each_way_arrives_intact() {
     let (harness, agent) = single(echo_server().await).await;
     let payload = random_bytes(64 * 1024 * 1024);
-    let socket = TcpStream::connect(harness.addr("e"))
-        .await
-        .expect("connect");
+    let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     let back = tokio::time::timeout(Duration::from_secs(120), echo_round_trip(socket, &payload))
         .await
         .expect("64 MiB each way within two minutes");
     assert_eq!(back.len(), payload.len());
-    assert_eq!(
-        sha256(&back),
-        sha256(&payload),
-        "SHA-256 of what came back differs"
-    );
+    assert_eq!(sha256(&back), sha256(&payload), "SHA-256 of what came back differs");
     harness.shutdown(&[agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_reaches_the_destination_and_the_reply_still_arrives() {
     let (harness, agent) = single(reply_after_eof_server().await).await;
-    let mut socket = TcpStream::connect(harness.addr("e"))
-        .await
-        .expect("connect");
+    let mut socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     let request = random_bytes(100_000);
     socket.write_all(&request).await.expect("write");
     // The server answers only after it sees EOF: the FIN must cross the tunnel, and the
@@ -187,12 +158,8 @@ async fn inactivity_timeout_closes_idle_connections_and_spares_busy_ones() {
     let agent = harness.spawn_agent(harness.agent_config(&[rule_for(destination)]));
     harness.wait_approved("e").await;
 
-    let mut idle = TcpStream::connect(harness.addr("e"))
-        .await
-        .expect("connect idle");
-    let mut busy = TcpStream::connect(harness.addr("e"))
-        .await
-        .expect("connect busy");
+    let mut idle = TcpStream::connect(harness.addr("e")).await.expect("connect idle");
+    let mut busy = TcpStream::connect(harness.addr("e")).await.expect("connect busy");
     let mut byte = [0u8; 1];
     for socket in [&mut idle, &mut busy] {
         socket.write_all(b"x").await.expect("write");
@@ -203,21 +170,13 @@ async fn inactivity_timeout_closes_idle_connections_and_spares_busy_ones() {
     let mut ticks = tokio::time::interval(Duration::from_millis(200));
     for _ in 0..16 {
         ticks.tick().await;
-        busy.write_all(b"y")
-            .await
-            .expect("busy connection still open");
-        busy.read_exact(&mut byte)
-            .await
-            .expect("busy connection still echoes");
+        busy.write_all(b"y").await.expect("busy connection still open");
+        busy.read_exact(&mut byte).await.expect("busy connection still echoes");
     }
     // Idle: closed by now (EOF or reset), not before the timeout.
-    let closed = tokio::time::timeout(WAIT, idle.read(&mut byte))
-        .await
-        .expect("idle closed in time");
-    assert!(
-        matches!(closed, Ok(0) | Err(_)),
-        "idle connection still delivered data: {closed:?}"
-    );
+    let closed =
+        tokio::time::timeout(WAIT, idle.read(&mut byte)).await.expect("idle closed in time");
+    assert!(matches!(closed, Ok(0) | Err(_)), "idle connection still delivered data: {closed:?}");
     assert!(idle_started.elapsed() >= timeout);
     harness.shutdown(&[agent]).await;
 }
@@ -237,23 +196,11 @@ async fn acl_allows_denies_and_deny_wins() {
 
     let served = |socket| async move { echo_round_trip(socket, b"hello").await == b"hello" };
     let a = harness.addr("only-dot-2");
-    assert!(
-        served(connect_from("127.0.0.2", a).await.expect("connect")).await,
-        "allowed source"
-    );
-    assert!(
-        is_refused(connect_from("127.0.0.3", a).await).await,
-        "source outside allow"
-    );
+    assert!(served(connect_from("127.0.0.2", a).await.expect("connect")).await, "allowed source");
+    assert!(is_refused(connect_from("127.0.0.3", a).await).await, "source outside allow");
     let b = harness.addr("deny-dot-3");
-    assert!(
-        served(connect_from("127.0.0.2", b).await.expect("connect")).await,
-        "allowed source"
-    );
-    assert!(
-        is_refused(connect_from("127.0.0.3", b).await).await,
-        "deny must win"
-    );
+    assert!(served(connect_from("127.0.0.2", b).await.expect("connect")).await, "allowed source");
+    assert!(is_refused(connect_from("127.0.0.3", b).await).await, "deny must win");
     assert_eq!(harness.relay.endpoint_refusals("only-dot-2"), Some((1, 0)));
     assert_eq!(harness.relay.endpoint_refusals("deny-dot-3"), Some((1, 0)));
     harness.shutdown(&[agent]).await;
@@ -270,9 +217,7 @@ async fn max_connections_refuses_the_excess_and_leaves_the_rest_alone() {
 
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut socket = TcpStream::connect(harness.addr("e"))
-            .await
-            .expect("connect");
+        let mut socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
         let mut byte = [0u8; 1];
         socket.write_all(b"a").await.expect("write");
         socket.read_exact(&mut byte).await.expect("served");
@@ -293,11 +238,7 @@ async fn max_connections_refuses_the_excess_and_leaves_the_rest_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_destination_closes_the_client_connection() {
     // A port with nothing listening.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
     let (harness, agent) = single(closed).await;
     assert!(is_refused(TcpStream::connect(harness.addr("e")).await).await);
     harness.shutdown(&[agent]).await;
@@ -310,9 +251,8 @@ async fn agent_rejects_endpoints_outside_its_allowlist() {
     let harness = Harness::start(vec![endpoint("ok", allowed), endpoint("nope", forbidden)]).await;
     let agent = harness.spawn_agent(harness.agent_config(&[rule_for(allowed)]));
     harness.wait_approved("ok").await;
-    let status = harness
-        .wait_status("nope", |s| matches!(s, EndpointStatus::Rejected { .. }))
-        .await;
+    let status =
+        harness.wait_status("nope", |s| matches!(s, EndpointStatus::Rejected { .. })).await;
     assert!(status.to_string().contains("allowlist"), "{status}");
     assert!(
         is_refused(TcpStream::connect(harness.addr("nope")).await).await,
@@ -343,22 +283,41 @@ async fn relay_shutdown_lets_inflight_transfers_finish_and_refuses_new_ones() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(
-        refused,
-        "the endpoint still accepts connections during shutdown"
-    );
+    assert!(refused, "the endpoint still accepts connections during shutdown");
     // The in-flight transfer completes within the grace period.
     let rest = random_bytes(4 << 20);
     let back = echo_round_trip(inflight, &rest).await;
-    assert_eq!(
-        sha256(&back),
-        sha256(&rest),
-        "in-flight data lost during shutdown"
-    );
+    assert_eq!(sha256(&back), sha256(&rest), "in-flight data lost during shutdown");
     harness.shutdown(&[agent]).await;
 }
 
-/// What a destination's read loop ended with.
+/// A tunnel to a destination that echoes a 5-byte hello and then hands its socket to `then`;
+/// returns once the client has its echo back, so the whole path is known to be up.
+async fn connected_hello<F, Fut>(
+    then: F,
+) -> (Harness, tokio_util::sync::CancellationToken, TcpStream)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let destination = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut hello = [0u8; 5];
+        socket.read_exact(&mut hello).await.expect("hello");
+        socket.write_all(&hello).await.expect("echo hello");
+        then(socket).await;
+    });
+    let (harness, agent) = single(destination).await;
+    let mut client = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    client.write_all(b"hello").await.expect("write");
+    let mut echoed = [0u8; 5];
+    client.read_exact(&mut echoed).await.expect("the path is up");
+    (harness, agent, client)
+}
+
+/// What a read loop ended with: `Ok` for a clean EOF.
 async fn read_until_end(socket: &mut TcpStream) -> std::io::Result<()> {
     let mut buf = [0u8; 4096];
     loop {
@@ -370,31 +329,13 @@ async fn read_until_end(socket: &mut TcpStream) -> std::io::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reset_reaches_the_destination_as_a_reset() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let destination = listener.local_addr().expect("addr");
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut hello = [0u8; 5];
-        socket.read_exact(&mut hello).await.expect("hello");
-        socket.write_all(&hello).await.expect("echo hello");
+    let (harness, agent, client) = connected_hello(|mut socket| async move {
         let _ = ended_tx.send(read_until_end(&mut socket).await);
-    });
-    let (harness, agent) = single(destination).await;
-    let mut client = TcpStream::connect(harness.addr("e"))
-        .await
-        .expect("connect");
-    client.write_all(b"hello").await.expect("write");
-    let mut echoed = [0u8; 5];
-    client
-        .read_exact(&mut echoed)
-        .await
-        .expect("the path is up");
+    })
+    .await;
     privlink_protocol::tcp::abort(client);
-    let ended = tokio::time::timeout(WAIT, ended_rx)
-        .await
-        .expect("in time")
-        .expect("result");
+    let ended = tokio::time::timeout(WAIT, ended_rx).await.expect("in time").expect("result");
     let error = ended.expect_err("the destination must see a reset, not a clean FIN");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
     harness.shutdown(&[agent]).await;
@@ -402,33 +343,15 @@ async fn a_client_reset_reaches_the_destination_as_a_reset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_reset_reaches_the_client_as_a_reset() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let destination = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut hello = [0u8; 5];
-        socket.read_exact(&mut hello).await.expect("hello");
-        socket.write_all(&hello).await.expect("echo hello");
-        // Let the echo leave before the reset overtakes it.
-        socket.flush().await.expect("flush");
-        let mut more = [0u8; 3];
-        socket.read_exact(&mut more).await.expect("ack");
+    let (harness, agent, mut client) = connected_hello(|mut socket| async move {
+        // Reset only once the client has seen the echo and answered.
+        let mut ack = [0u8; 3];
+        socket.read_exact(&mut ack).await.expect("ack");
         privlink_protocol::tcp::abort(socket);
-    });
-    let (harness, agent) = single(destination).await;
-    let mut client = TcpStream::connect(harness.addr("e"))
-        .await
-        .expect("connect");
-    client.write_all(b"hello").await.expect("write");
-    let mut echoed = [0u8; 5];
-    client
-        .read_exact(&mut echoed)
-        .await
-        .expect("the path is up");
+    })
+    .await;
     client.write_all(b"ack").await.expect("ack");
-    let ended = tokio::time::timeout(WAIT, read_until_end(&mut client))
-        .await
-        .expect("in time");
+    let ended = tokio::time::timeout(WAIT, read_until_end(&mut client)).await.expect("in time");
     let error = ended.expect_err("the client must see a reset, not a clean FIN");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
     harness.shutdown(&[agent]).await;

@@ -1,10 +1,6 @@
 //! Shared pieces of the end-to-end tests: a private CA, a relay and agents running in this
 //! process on loopback (real sockets, real QUIC, real TLS), and small destination servers.
-#![allow(
-    dead_code,
-    unreachable_pub,
-    reason = "each test binary uses a different subset"
-)]
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different subset")]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -43,9 +39,7 @@ pub struct Pki {
 
 pub fn pki() -> Pki {
     let ca = CertificateAuthority::new("privlink test CA").expect("CA");
-    let relay = ca
-        .issue_server(&["localhost", "127.0.0.1"])
-        .expect("relay cert");
+    let relay = ca.issue_server(&["localhost", "127.0.0.1"]).expect("relay cert");
     Pki { ca, relay }
 }
 
@@ -95,13 +89,7 @@ impl Harness {
         let relay_stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(relay.run(relay_stop.clone()));
-        Self {
-            relay: handle,
-            pki,
-            token,
-            relay_stop,
-            tasks,
-        }
+        Self { relay: handle, pki, token, relay_stop, tasks }
     }
 
     /// An agent configuration for this relay admitting `allow`.
@@ -139,18 +127,14 @@ impl Harness {
         endpoint: &str,
         want: impl Fn(&EndpointStatus) -> bool,
     ) -> EndpointStatus {
-        let status = self
-            .relay
-            .wait_for_status(endpoint, WAIT, &want)
-            .await
-            .expect("known endpoint");
+        let status =
+            self.relay.wait_for_status(endpoint, WAIT, &want).await.expect("known endpoint");
         assert!(want(&status), "endpoint {endpoint} stayed {status:?}");
         status
     }
 
     pub async fn wait_approved(&self, endpoint: &str) {
-        self.wait_status(endpoint, |s| *s == EndpointStatus::Approved)
-            .await;
+        self.wait_status(endpoint, |s| *s == EndpointStatus::Approved).await;
     }
 
     pub fn addr(&self, endpoint: &str) -> SocketAddr {
@@ -169,9 +153,7 @@ impl Harness {
         }
         self.relay_stop.cancel();
         self.tasks.close();
-        tokio::time::timeout(WAIT, self.tasks.wait())
-            .await
-            .expect("relay and agents stop in time");
+        tokio::time::timeout(WAIT, self.tasks.wait()).await.expect("relay and agents stop in time");
     }
 }
 
@@ -217,9 +199,7 @@ pub async fn reply_after_eof_server() -> SocketAddr {
 
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; n];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("random");
+    ring::rand::SystemRandom::new().fill(&mut bytes).expect("random");
     bytes
 }
 

@@ -185,10 +185,7 @@ impl AgentConfig {
         let mut relays = Vec::new();
         for (i, text) in raw.relays.get_ref().iter().enumerate() {
             let parsed = split_host_port(text.get_ref()).and_then(|(host, port)| {
-                Ok(RelayAddress {
-                    host: host.parse()?,
-                    port: parse_port(port)?,
-                })
+                Ok(RelayAddress { host: host.parse()?, port: parse_port(port)? })
             });
             relays.push(
                 parsed
@@ -217,10 +214,7 @@ impl AgentConfig {
             ));
         }
 
-        let name = raw
-            .name
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(default_agent_name);
+        let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(default_agent_name);
         Ok(Self {
             name,
             connector: raw.connector,

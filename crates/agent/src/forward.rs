@@ -110,17 +110,11 @@ async fn forward(
             abort(socket);
             "shutdown".to_owned()
         }
-        CopyEnd::Failed {
-            side: Side::Socket,
-            error,
-        } => {
+        CopyEnd::Failed { side: Side::Socket, error } => {
             stream.reset(ResetCode::PeerReset);
             format!("destination-error: {error}")
         }
-        CopyEnd::Failed {
-            side: Side::Tunnel,
-            error,
-        } => {
+        CopyEnd::Failed { side: Side::Tunnel, error } => {
             // A reset from the relay (client reset, timeout, shutdown) becomes a TCP reset.
             abort(socket);
             format!("relay-side: {error}")
@@ -136,10 +130,7 @@ async fn forward(
 }
 
 fn failure(code: OpenFailCode, message: impl Into<String>) -> OpenFailure {
-    OpenFailure {
-        code,
-        message: message.into(),
-    }
+    OpenFailure { code, message: message.into() }
 }
 
 /// Checks, resolves and connects, or says precisely why not.
@@ -147,17 +138,11 @@ pub async fn connect_allowed(
     destination: &str,
     policy: &StreamPolicy,
 ) -> Result<TcpStream, OpenFailure> {
-    let destination: Destination = destination.parse().map_err(|e| {
-        failure(
-            OpenFailCode::BadRequest,
-            format!("invalid destination: {e}"),
-        )
-    })?;
+    let destination: Destination = destination
+        .parse()
+        .map_err(|e| failure(OpenFailCode::BadRequest, format!("invalid destination: {e}")))?;
     let rule = policy.allowlist.matching(&destination).ok_or_else(|| {
-        failure(
-            OpenFailCode::NotAllowed,
-            format!("{destination} is not in this agent's allowlist"),
-        )
+        failure(OpenFailCode::NotAllowed, format!("{destination} is not in this agent's allowlist"))
     })?;
 
     let resolved: Vec<SocketAddr> = match &destination.host {
@@ -214,10 +199,7 @@ pub fn admissible_addresses(
                  [[allow]] rule names it explicitly"
             ),
         ),
-        None => failure(
-            OpenFailCode::DnsFailure,
-            format!("{destination} resolved to no address"),
-        ),
+        None => failure(OpenFailCode::DnsFailure, format!("{destination} resolved to no address")),
     })
 }
 
@@ -247,10 +229,9 @@ async fn connect_any(
         }
     }
     Err(match last_error {
-        Some((addr, e)) if e.kind() == io::ErrorKind::ConnectionRefused => failure(
-            OpenFailCode::Refused,
-            format!("{addr} refused the connection"),
-        ),
+        Some((addr, e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            failure(OpenFailCode::Refused, format!("{addr} refused the connection"))
+        }
         Some((addr, e)) => failure(OpenFailCode::Unreachable, format!("{addr}: {e}")),
         None => failure(OpenFailCode::DnsFailure, "no address to connect to"),
     })
@@ -271,18 +252,11 @@ mod tests {
         let refused = admissible_addresses(&destination, &rule, addrs(&["169.254.169.254:443"]))
             .expect_err("metadata");
         assert_eq!(refused.code, OpenFailCode::NotAllowed);
-        assert!(
-            refused.message.contains("cloud metadata"),
-            "{}",
-            refused.message
-        );
+        assert!(refused.message.contains("cloud metadata"), "{}", refused.message);
         // Mixed answers keep only the ordinary addresses.
-        let kept = admissible_addresses(
-            &destination,
-            &rule,
-            addrs(&["127.0.0.1:443", "10.0.0.4:443"]),
-        )
-        .expect("one ordinary address");
+        let kept =
+            admissible_addresses(&destination, &rule, addrs(&["127.0.0.1:443", "10.0.0.4:443"]))
+                .expect("one ordinary address");
         assert_eq!(kept, addrs(&["10.0.0.4:443"]));
         // A rule naming the address lifts the refusal.
         let explicit: AllowRule = "127.0.0.1:443".parse().expect("rule");
@@ -292,9 +266,7 @@ mod tests {
 
     fn policy(rule: &str) -> StreamPolicy {
         StreamPolicy {
-            allowlist: Allowlist {
-                rules: vec![rule.parse().expect("rule")],
-            },
+            allowlist: Allowlist { rules: vec![rule.parse().expect("rule")] },
             dns_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
         }
@@ -302,19 +274,14 @@ mod tests {
 
     #[tokio::test]
     async fn failures_carry_precise_codes() {
-        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = closed.local_addr().expect("addr").to_string();
         drop(closed);
-        let refused = connect_allowed(&addr, &policy(&addr))
-            .await
-            .expect_err("nothing listens");
+        let refused = connect_allowed(&addr, &policy(&addr)).await.expect_err("nothing listens");
         assert_eq!(refused.code, OpenFailCode::Refused, "{refused}");
 
-        let outside = connect_allowed("10.9.9.9:443", &policy(&addr))
-            .await
-            .expect_err("not allowed");
+        let outside =
+            connect_allowed("10.9.9.9:443", &policy(&addr)).await.expect_err("not allowed");
         assert_eq!(outside.code, OpenFailCode::NotAllowed);
 
         // `.invalid` never resolves (RFC 2606), with or without a reachable DNS server.
@@ -323,14 +290,10 @@ mod tests {
             .expect_err("nxdomain");
         assert_eq!(dns.code, OpenFailCode::DnsFailure, "{dns}");
 
-        let bad = connect_allowed("not a destination", &policy(&addr))
-            .await
-            .expect_err("garbage");
+        let bad = connect_allowed("not a destination", &policy(&addr)).await.expect_err("garbage");
         assert_eq!(bad.code, OpenFailCode::BadRequest);
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let open = listener.local_addr().expect("addr").to_string();
         assert!(connect_allowed(&open, &policy(&open)).await.is_ok());
     }

@@ -124,10 +124,7 @@ impl Agent {
         info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
         shared.shutdown.cancel();
         tracker.close();
-        if tokio::time::timeout(config.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
             warn!("grace period over; closing the remaining streams");
             shared.force.cancel();
             tracker.wait().await;

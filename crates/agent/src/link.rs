@@ -122,9 +122,8 @@ async fn resolve(relay: &RelayAddress) -> std::io::Result<Vec<SocketAddr>> {
         }
         privlink_protocol::destination::Host::Name(name) => name.clone(),
     };
-    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), relay.port))
-        .await?
-        .collect();
+    let mut addrs: Vec<SocketAddr> =
+        tokio::net::lookup_host((host.as_str(), relay.port)).await?.collect();
     addrs.sort_unstable();
     addrs.dedup();
     Ok(addrs)
@@ -183,19 +182,9 @@ async fn session(
         () = streams.wait() => {}
         () = shared.force.cancelled() => streams.wait().await,
     }
-    let reason = if stop.is_cancelled() {
-        "agent shutting down"
-    } else {
-        "session ended"
-    };
-    connection.close(
-        if stop.is_cancelled() {
-            CloseCode::Shutdown
-        } else {
-            CloseCode::Normal
-        },
-        reason,
-    );
+    let reason = if stop.is_cancelled() { "agent shutting down" } else { "session ended" };
+    connection
+        .close(if stop.is_cancelled() { CloseCode::Shutdown } else { CloseCode::Normal }, reason);
     result
 }
 
@@ -210,10 +199,7 @@ async fn run_session(
         .await
         .map_err(|_| SessionError::Protocol("relay opened no control stream".into()))??;
     match read_frame(&mut control, MAX_BODY_LEN, HANDSHAKE_TIMEOUT).await? {
-        Control::RelayHello {
-            protocol_version,
-            software_version,
-        } => {
+        Control::RelayHello { protocol_version, software_version } => {
             if protocol_version != PROTOCOL_VERSION {
                 return Err(SessionError::Protocol(format!(
                     "relay speaks protocol version {protocol_version}, this agent speaks {PROTOCOL_VERSION}"
@@ -222,9 +208,7 @@ async fn run_session(
             debug!(relay_version = %software_version, "relay hello");
         }
         other => {
-            return Err(SessionError::Protocol(format!(
-                "expected RelayHello, got {other:?}"
-            )));
+            return Err(SessionError::Protocol(format!("expected RelayHello, got {other:?}")));
         }
     }
     let hello = Hello {
@@ -241,9 +225,7 @@ async fn run_session(
         Ok(Control::Welcome { endpoints }) => endpoints,
         Ok(Control::Refused { reason }) => return Err(SessionError::Refused(reason)),
         Ok(other) => {
-            return Err(SessionError::Protocol(format!(
-                "expected Welcome, got {other:?}"
-            )));
+            return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}")));
         }
         Err(e) => {
             // A refusal may arrive as the connection's close reason instead of a frame.
@@ -311,12 +293,8 @@ async fn run_session(
 fn verdict_for(destination: &str, shared: &AgentShared) -> Verdict {
     match destination.parse::<Destination>() {
         Ok(d) if shared.policy.allowlist.matching(&d).is_some() => Verdict::Approved,
-        Ok(d) => Verdict::Rejected {
-            reason: format!("{d} is not in the agent's allowlist"),
-        },
-        Err(e) => Verdict::Rejected {
-            reason: format!("invalid destination: {e}"),
-        },
+        Ok(d) => Verdict::Rejected { reason: format!("{d} is not in the agent's allowlist") },
+        Err(e) => Verdict::Rejected { reason: format!("invalid destination: {e}") },
     }
 }
 
@@ -330,10 +308,7 @@ struct Backoff {
 
 impl Backoff {
     fn new() -> Self {
-        Self {
-            attempt: 0,
-            random: SystemRandom::new(),
-        }
+        Self { attempt: 0, random: SystemRandom::new() }
     }
 
     fn reset(&mut self) {
@@ -361,10 +336,7 @@ mod tests {
     fn backoff_grows_is_capped_and_jittered() {
         let mut b = Backoff::new();
         let first = b.next_delay();
-        assert!(
-            first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL,
-            "{first:?}"
-        );
+        assert!(first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL, "{first:?}");
         let mut last = first;
         for _ in 0..40 {
             last = b.next_delay();

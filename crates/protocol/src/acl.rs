@@ -33,10 +33,7 @@ impl Acl {
 pub fn parse_acl_entry(text: &str) -> Result<IpNet, String> {
     if let Ok(net) = text.parse::<IpNet>() {
         if net.trunc() != net {
-            return Err(format!(
-                "`{text}` has host bits set; did you mean `{}`?",
-                net.trunc()
-            ));
+            return Err(format!("`{text}` has host bits set; did you mean `{}`?", net.trunc()));
         }
         return Ok(net);
     }
@@ -50,15 +47,8 @@ mod tests {
     use super::*;
 
     fn acl(allow: &[&str], deny: &[&str]) -> Acl {
-        let parse = |v: &[&str]| {
-            v.iter()
-                .map(|s| parse_acl_entry(s).expect("entry"))
-                .collect()
-        };
-        Acl {
-            allow: parse(allow),
-            deny: parse(deny),
-        }
+        let parse = |v: &[&str]| v.iter().map(|s| parse_acl_entry(s).expect("entry")).collect();
+        Acl { allow: parse(allow), deny: parse(deny) }
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -100,11 +90,7 @@ mod tests {
     fn entries_are_validated() {
         assert!(parse_acl_entry("10.0.0.300/8").is_err());
         assert!(parse_acl_entry("10.0.0.0/33").is_err());
-        assert!(
-            parse_acl_entry("10.0.0.1/8")
-                .expect_err("host bits")
-                .contains("10.0.0.0/8")
-        );
+        assert!(parse_acl_entry("10.0.0.1/8").expect_err("host bits").contains("10.0.0.0/8"));
         assert_eq!(parse_acl_entry("::1").expect("addr").prefix_len(), 128);
     }
 }

@@ -64,10 +64,7 @@ impl ConfigSource {
 
     /// Wraps text that came from somewhere other than a file (tests, the demo).
     pub fn from_text(path: impl Into<PathBuf>, text: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            text: text.into(),
-        }
+        Self { path: path.into(), text: text.into() }
     }
 
     /// The file's path.
@@ -115,11 +112,7 @@ impl ConfigSource {
     /// 1-based line of a byte offset.
     pub fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
     }
 
     /// Resolves a path written in this file relative to the file's directory.
@@ -134,9 +127,7 @@ impl ConfigSource {
 /// Parses a duration written with a unit: `250ms`, `60s`, `5m`, `2h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let help = || {
         format!(
@@ -214,15 +205,7 @@ mod tests {
         assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in [
-            "5",
-            "s",
-            "1.5s",
-            "-1s",
-            "10 sec",
-            "",
-            "99999999999999999999h",
-        ] {
+        for bad in ["5", "s", "1.5s", "-1s", "10 sec", "", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
@@ -234,10 +217,7 @@ mod tests {
         assert_eq!(err.line, Some(5));
         assert_eq!(err.key, "item[0].port");
         let shown = err.to_string();
-        assert!(
-            shown.starts_with("sample.toml:5: key `item[0].port`"),
-            "{shown}"
-        );
+        assert!(shown.starts_with("sample.toml:5: key `item[0].port`"), "{shown}");
 
         let err = parse("timeout = \"0s\"\n").expect_err("zero");
         assert_eq!((err.line, err.key.as_str()), (Some(1), "timeout"));

@@ -78,16 +78,8 @@ where
     let activity = ActivityClock::new();
     let socket_meter = SideMeter::default();
     let tunnel_meter = SideMeter::default();
-    let mut socket_side = Metered {
-        inner: socket,
-        meter: &socket_meter,
-        clock: &activity,
-    };
-    let mut tunnel_side = Metered {
-        inner: tunnel,
-        meter: &tunnel_meter,
-        clock: &activity,
-    };
+    let mut socket_side = Metered { inner: socket, meter: &socket_meter, clock: &activity };
+    let mut tunnel_side = Metered { inner: tunnel, meter: &tunnel_meter, clock: &activity };
 
     let end = tokio::select! {
         result = tokio::io::copy_bidirectional_with_sizes(
@@ -120,10 +112,7 @@ struct ActivityClock {
 
 impl ActivityClock {
     fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
+        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
     fn touch(&self) {
@@ -267,9 +256,7 @@ mod tests {
             let mut got = Vec::new();
             b.read_to_end(&mut got).await.expect("read to eof");
             assert_eq!(got, b"request");
-            b.write_all(b"response")
-                .await
-                .expect("reply after peer FIN");
+            b.write_all(b"response").await.expect("reply after peer FIN");
             b.shutdown().await.expect("shutdown b");
             let mut got = Vec::new();
             a.read_to_end(&mut got).await.expect("read reply");
@@ -315,18 +302,11 @@ mod tests {
                 tunnel_far.write_all(b"y").await.expect("write");
                 socket_far.read_exact(&mut byte).await.expect("read");
             }
-            assert!(
-                !copy.is_finished(),
-                "busy connection closed in round {round}"
-            );
+            assert!(!copy.is_finished(), "busy connection closed in round {round}");
         }
         let went_quiet = Instant::now();
         let report = copy.await.expect("join");
-        assert!(
-            matches!(report.end, CopyEnd::IdleTimeout),
-            "{:?}",
-            report.end
-        );
+        assert!(matches!(report.end, CopyEnd::IdleTimeout), "{:?}", report.end);
         assert!(
             went_quiet.elapsed() <= timeout,
             "closed {:?} after going quiet",
@@ -378,13 +358,7 @@ mod tests {
         let report =
             copy_bidirectional_metered(&mut Resetting, &mut healthy, LONG, 64, pending()).await;
         assert!(
-            matches!(
-                report.end,
-                CopyEnd::Failed {
-                    side: Side::Socket,
-                    ..
-                }
-            ),
+            matches!(report.end, CopyEnd::Failed { side: Side::Socket, .. }),
             "{:?}",
             report.end
         );
@@ -393,10 +367,7 @@ mod tests {
         let report =
             copy_bidirectional_metered(&mut healthy, &mut Resetting, LONG, 64, pending()).await;
         match report.end {
-            CopyEnd::Failed {
-                side: Side::Tunnel,
-                error,
-            } => {
+            CopyEnd::Failed { side: Side::Tunnel, error } => {
                 assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
             }
             other => panic!("expected a tunnel failure, got {other:?}"),

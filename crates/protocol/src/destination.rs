@@ -61,17 +61,14 @@ pub enum DestinationError {
 /// Splits `host:port` (with `[v6]:port` for IPv6) into its parts.
 pub fn split_host_port(s: &str) -> Result<(&str, &str), DestinationError> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (host, after) = rest
-            .split_once(']')
-            .ok_or_else(|| DestinationError::BadHost(s.to_owned()))?;
-        let port = after
-            .strip_prefix(':')
-            .ok_or_else(|| DestinationError::MissingPort(s.to_owned()))?;
+        let (host, after) =
+            rest.split_once(']').ok_or_else(|| DestinationError::BadHost(s.to_owned()))?;
+        let port =
+            after.strip_prefix(':').ok_or_else(|| DestinationError::MissingPort(s.to_owned()))?;
         (host, port)
     } else {
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| DestinationError::MissingPort(s.to_owned()))?;
+        let (host, port) =
+            s.rsplit_once(':').ok_or_else(|| DestinationError::MissingPort(s.to_owned()))?;
         if host.contains(':') {
             // An unbracketed IPv6 address: ambiguous, refuse rather than guess.
             return Err(DestinationError::BadHost(s.to_owned()));
@@ -98,9 +95,7 @@ pub fn normalize_dns_name(name: &str) -> Result<String, DestinationError> {
             && label.len() <= MAX_LABEL_LEN
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if trimmed.is_empty() || trimmed.len() > MAX_NAME_LEN || !trimmed.split('.').all(valid_label) {
         return Err(DestinationError::BadHost(name.to_owned()));
@@ -133,10 +128,7 @@ impl FromStr for Destination {
         } else {
             host.parse()?
         };
-        Ok(Self {
-            host,
-            port: parse_port(port)?,
-        })
+        Ok(Self { host, port: parse_port(port)? })
     }
 }
 
@@ -153,18 +145,11 @@ mod tests {
 
     #[test]
     fn parses_names_and_literals() {
-        let d: Destination = "Contoso-KV.privatelink.vaultcore.azure.net.:443"
-            .parse()
-            .expect("name");
-        assert_eq!(
-            d.host,
-            Host::Name("contoso-kv.privatelink.vaultcore.azure.net".into())
-        );
+        let d: Destination =
+            "Contoso-KV.privatelink.vaultcore.azure.net.:443".parse().expect("name");
+        assert_eq!(d.host, Host::Name("contoso-kv.privatelink.vaultcore.azure.net".into()));
         assert_eq!(d.port, 443);
-        assert_eq!(
-            d.to_string(),
-            "contoso-kv.privatelink.vaultcore.azure.net:443"
-        );
+        assert_eq!(d.to_string(), "contoso-kv.privatelink.vaultcore.azure.net:443");
 
         let d: Destination = "10.1.2.3:8443".parse().expect("v4");
         assert_eq!(d.host, Host::Ip("10.1.2.3".parse().expect("ip")));
@@ -189,10 +174,7 @@ mod tests {
             "[vault]:443",
             "[::1]443",
         ] {
-            assert!(
-                bad.parse::<Destination>().is_err(),
-                "{bad} should be refused"
-            );
+            assert!(bad.parse::<Destination>().is_err(), "{bad} should be refused");
         }
         let long_label = format!("{}.net:443", "a".repeat(64));
         assert!(long_label.parse::<Destination>().is_err());

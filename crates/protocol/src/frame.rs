@@ -49,15 +49,10 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
     let body_len = out.len() - HEADER_LEN;
     if body_len > MAX_BODY_LEN {
-        return Err(FrameError::TooLarge {
-            len: body_len,
-            max: MAX_BODY_LEN,
-        });
+        return Err(FrameError::TooLarge { len: body_len, max: MAX_BODY_LEN });
     }
-    let declared = u32::try_from(body_len).map_err(|_| FrameError::TooLarge {
-        len: body_len,
-        max: MAX_BODY_LEN,
-    })?;
+    let declared = u32::try_from(body_len)
+        .map_err(|_| FrameError::TooLarge { len: body_len, max: MAX_BODY_LEN })?;
     out[0] = FRAME_VERSION;
     out[1..HEADER_LEN].copy_from_slice(&declared.to_be_bytes());
     Ok(out)
@@ -118,9 +113,8 @@ mod tests {
         let mut buf = encode(&reply).expect("encode");
         let frame_len = buf.len();
         buf.extend_from_slice(b"client bytes");
-        let (decoded, used) = decode::<OpenReply>(&buf, MAX_BODY_LEN)
-            .expect("decode")
-            .expect("whole");
+        let (decoded, used) =
+            decode::<OpenReply>(&buf, MAX_BODY_LEN).expect("decode").expect("whole");
         assert_eq!(decoded, reply);
         assert_eq!(used, frame_len);
         assert_eq!(&buf[used..], b"client bytes");
@@ -130,11 +124,7 @@ mod tests {
     fn partial_frames_ask_for_more() {
         let buf = encode(&Control::Heartbeat { active_streams: 7 }).expect("encode");
         for cut in 0..buf.len() {
-            assert_eq!(
-                decode::<Control>(&buf[..cut], MAX_BODY_LEN),
-                Ok(None),
-                "cut at {cut}"
-            );
+            assert_eq!(decode::<Control>(&buf[..cut], MAX_BODY_LEN), Ok(None), "cut at {cut}");
         }
     }
 
@@ -153,20 +143,11 @@ mod tests {
         let header = [FRAME_VERSION, 0xff, 0xff, 0xff, 0xff];
         assert!(matches!(
             decode::<Control>(&header, MAX_BODY_LEN),
-            Err(FrameError::TooLarge {
-                max: MAX_BODY_LEN,
-                ..
-            })
+            Err(FrameError::TooLarge { max: MAX_BODY_LEN, .. })
         ));
         // A caller's tighter bound wins over the global one.
-        let buf = encode(&Control::Refused {
-            reason: "x".repeat(100),
-        })
-        .expect("encode");
-        assert!(matches!(
-            decode::<Control>(&buf, 16),
-            Err(FrameError::TooLarge { max: 16, .. })
-        ));
+        let buf = encode(&Control::Refused { reason: "x".repeat(100) }).expect("encode");
+        assert!(matches!(decode::<Control>(&buf, 16), Err(FrameError::TooLarge { max: 16, .. })));
     }
 
     #[test]
@@ -175,17 +156,12 @@ mod tests {
         buf.push(0);
         let len = u32::try_from(buf.len() - HEADER_LEN).expect("small");
         buf[1..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
-        assert_eq!(
-            decode::<OpenReply>(&buf, MAX_BODY_LEN),
-            Err(FrameError::TrailingBytes(1))
-        );
+        assert_eq!(decode::<OpenReply>(&buf, MAX_BODY_LEN), Err(FrameError::TrailingBytes(1)));
     }
 
     #[test]
     fn oversized_messages_are_not_encoded() {
-        let huge = Control::Refused {
-            reason: "x".repeat(MAX_BODY_LEN + 1),
-        };
+        let huge = Control::Refused { reason: "x".repeat(MAX_BODY_LEN + 1) };
         assert!(matches!(encode(&huge), Err(FrameError::TooLarge { .. })));
     }
 

@@ -70,16 +70,10 @@ where
     if first == 0 {
         return Err(ReadFrameError::Closed);
     }
-    reader
-        .read_exact(&mut header[first..])
-        .await
-        .map_err(ReadFrameError::Io)?;
+    reader.read_exact(&mut header[first..]).await.map_err(ReadFrameError::Io)?;
     let len = frame::decode_header(&header, max_body)?;
     let mut body = vec![0u8; len];
-    reader
-        .read_exact(&mut body)
-        .await
-        .map_err(ReadFrameError::Io)?;
+    reader.read_exact(&mut body).await.map_err(ReadFrameError::Io)?;
     Ok(frame::decode_body(&body)?)
 }
 
@@ -103,14 +97,11 @@ mod tests {
     #[tokio::test]
     async fn reads_exactly_one_frame_and_leaves_the_rest() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        write_frame(&mut a, &OpenReply::Opened)
-            .await
-            .expect("write");
+        write_frame(&mut a, &OpenReply::Opened).await.expect("write");
         a.write_all(b"payload").await.expect("payload");
         drop(a);
-        let reply: OpenReply = read_frame(&mut b, 1024, Duration::from_secs(5))
-            .await
-            .expect("frame");
+        let reply: OpenReply =
+            read_frame(&mut b, 1024, Duration::from_secs(5)).await.expect("frame");
         assert_eq!(reply, OpenReply::Opened);
         let mut rest = Vec::new();
         b.read_to_end(&mut rest).await.expect("rest");
@@ -134,9 +125,7 @@ mod tests {
         assert!(matches!(err, Err(ReadFrameError::Closed)));
 
         let (mut a, mut b) = tokio::io::duplex(64);
-        a.write_all(&[frame::FRAME_VERSION, 0, 0])
-            .await
-            .expect("write");
+        a.write_all(&[frame::FRAME_VERSION, 0, 0]).await.expect("write");
         drop(a);
         let err = read_frame::<Control, _>(&mut b, 1024, Duration::from_secs(1)).await;
         assert!(
@@ -148,13 +137,8 @@ mod tests {
     async fn oversized_frames_are_refused_before_the_body() {
         let (mut a, mut b) = tokio::io::duplex(64);
         // Announce 1 MiB and never send it: the bound must trip without waiting.
-        a.write_all(&[frame::FRAME_VERSION, 0, 0x10, 0, 0])
-            .await
-            .expect("write");
+        a.write_all(&[frame::FRAME_VERSION, 0, 0x10, 0, 0]).await.expect("write");
         let err = read_frame::<Control, _>(&mut b, 1024, Duration::from_secs(5)).await;
-        assert!(matches!(
-            err,
-            Err(ReadFrameError::Frame(FrameError::TooLarge { .. }))
-        ));
+        assert!(matches!(err, Err(ReadFrameError::Frame(FrameError::TooLarge { .. }))));
     }
 }

@@ -200,19 +200,14 @@ mod tests {
         T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
     {
         let bytes = encode(&message).expect("encode");
-        let (back, used) = decode::<T>(&bytes, MAX_BODY_LEN)
-            .expect("decode")
-            .expect("whole frame");
+        let (back, used) = decode::<T>(&bytes, MAX_BODY_LEN).expect("decode").expect("whole frame");
         assert_eq!(used, bytes.len());
         assert_eq!(back, message);
     }
 
     #[test]
     fn every_control_message_round_trips() {
-        round_trip(Control::RelayHello {
-            protocol_version: 1,
-            software_version: "0.1.0".into(),
-        });
+        round_trip(Control::RelayHello { protocol_version: 1, software_version: "0.1.0".into() });
         round_trip(Control::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             connector: "onprem-east".into(),
@@ -228,27 +223,16 @@ mod tests {
                 destination: "kv.privatelink.vaultcore.azure.net:443".into(),
             }],
         });
-        round_trip(Control::Refused {
-            reason: "bad token".into(),
-        });
+        round_trip(Control::Refused { reason: "bad token".into() });
         round_trip(Control::Verdicts(vec![
-            EndpointVerdict {
-                endpoint: "a".into(),
-                verdict: Verdict::Approved,
-            },
+            EndpointVerdict { endpoint: "a".into(), verdict: Verdict::Approved },
             EndpointVerdict {
                 endpoint: "b".into(),
-                verdict: Verdict::Rejected {
-                    reason: "outside allowlist".into(),
-                },
+                verdict: Verdict::Rejected { reason: "outside allowlist".into() },
             },
         ]));
-        round_trip(Control::Heartbeat {
-            active_streams: u32::MAX,
-        });
-        round_trip(Control::Drain {
-            reason: "shutdown".into(),
-        });
+        round_trip(Control::Heartbeat { active_streams: u32::MAX });
+        round_trip(Control::Drain { reason: "shutdown".into() });
     }
 
     #[test]

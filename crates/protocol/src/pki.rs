@@ -29,9 +29,7 @@ pub struct Issued {
 
 impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued")
-            .field("key", &"<redacted>")
-            .finish_non_exhaustive()
+        f.debug_struct("Issued").field("key", &"<redacted>").finish_non_exhaustive()
     }
 }
 
@@ -79,10 +77,7 @@ impl CertificateAuthority {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            names.first().copied().unwrap_or("privlink"),
-        );
+        dn.push(DnType::CommonName, names.first().copied().unwrap_or("privlink"));
         params.distinguished_name = dn;
         for name in names {
             let san = match name.parse::<IpAddr>() {

@@ -29,10 +29,7 @@ pub enum TlsError {
 
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_err = |message: String| TlsError::Pem {
-        path: path.display().to_string(),
-        message,
-    };
+    let pem_err = |message: String| TlsError::Pem { path: path.display().to_string(), message };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem_err(format!("cannot read certificates: {e}")))?
         .collect::<Result<Vec<_>, _>>()

@@ -72,8 +72,7 @@ impl FailureLimiter {
     /// Records a failure; returns true when this failure used up the window's allowance.
     pub fn record_failure(&mut self, source: IpAddr, now: Instant) -> bool {
         if self.windows.len() >= SWEEP_THRESHOLD {
-            self.windows
-                .retain(|_, (start, _)| now.duration_since(*start) < FAILURE_WINDOW);
+            self.windows.retain(|_, (start, _)| now.duration_since(*start) < FAILURE_WINDOW);
         }
         let entry = self.windows.entry(source).or_insert((now, 0));
         if now.duration_since(entry.0) >= FAILURE_WINDOW {
@@ -89,19 +88,13 @@ mod tests {
     use super::*;
 
     fn connectors() -> Vec<ConnectorSpec> {
-        vec![ConnectorSpec {
-            name: "east".into(),
-            token_sha256: token_digest(b"right"),
-        }]
+        vec![ConnectorSpec { name: "east".into(), token_sha256: token_digest(b"right") }]
     }
 
     #[test]
     fn tokens_are_checked_by_digest() {
         assert_eq!(authenticate(&connectors(), "east", b"right"), Ok(()));
-        assert_eq!(
-            authenticate(&connectors(), "east", b"wrong"),
-            Err(AuthFailure::WrongToken)
-        );
+        assert_eq!(authenticate(&connectors(), "east", b"wrong"), Err(AuthFailure::WrongToken));
         assert_eq!(
             authenticate(&connectors(), "west", b"right"),
             Err(AuthFailure::UnknownConnector)

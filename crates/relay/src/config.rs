@@ -71,9 +71,7 @@ pub struct ConnectorSpec {
 
 impl fmt::Debug for ConnectorSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConnectorSpec")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("ConnectorSpec").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -162,9 +160,7 @@ fn deserialize_positive_duration_opt<'de, D: serde::Deserializer<'de>>(
 fn deserialize_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     let n = u32::deserialize(d)?;
     if n == 0 {
-        return Err(serde::de::Error::custom(
-            "max_connections must be at least 1",
-        ));
+        return Err(serde::de::Error::custom("max_connections must be at least 1"));
     }
     Ok(Some(n as usize))
 }
@@ -184,9 +180,7 @@ struct AclEntry(IpNet);
 impl<'de> Deserialize<'de> for AclEntry {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        parse_acl_entry(&text)
-            .map(AclEntry)
-            .map_err(serde::de::Error::custom)
+        parse_acl_entry(&text).map(AclEntry).map_err(serde::de::Error::custom)
     }
 }
 
@@ -337,9 +331,7 @@ impl RelayConfig {
         &'a self,
         connector: &'a str,
     ) -> impl Iterator<Item = &'a EndpointSpec> {
-        self.endpoints
-            .iter()
-            .filter(move |e| e.connector == connector)
+        self.endpoints.iter().filter(move |e| e.connector == connector)
     }
 }
 
@@ -348,8 +340,7 @@ fn check_name(source: &ConfigSource, name: &Spanned<String>, key: &str) -> Resul
     let n = name.get_ref();
     let ok = !n.is_empty()
         && n.len() <= 64
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {

@@ -56,11 +56,7 @@ pub(crate) struct Endpoint {
 impl Endpoint {
     pub(crate) fn new(spec: EndpointSpec) -> Self {
         let slots = Arc::new(Semaphore::new(spec.max_connections));
-        Self {
-            spec,
-            slots,
-            counters: EndpointCounters::default(),
-        }
+        Self { spec, slots, counters: EndpointCounters::default() }
     }
 }
 
@@ -151,11 +147,7 @@ impl fmt::Display for Outcome {
             Self::Client(e) => write!(f, "client-error: {e}"),
             Self::Agent(e) => write!(f, "agent-error: {e}"),
             Self::Destination(failure) => {
-                write!(
-                    f,
-                    "destination-failed ({}): {}",
-                    failure.code, failure.message
-                )
+                write!(f, "destination-failed ({}): {}", failure.code, failure.message)
             }
         }
     }
@@ -221,23 +213,14 @@ async fn forward(
                 abort(socket);
                 Outcome::Shutdown
             }
-            CopyEnd::Failed {
-                side: Side::Socket,
-                error,
-            } => {
+            CopyEnd::Failed { side: Side::Socket, error } => {
                 stream.reset(ResetCode::PeerReset);
                 Outcome::Client(error)
             }
-            CopyEnd::Failed {
-                side: Side::Tunnel,
-                error,
-            } => {
+            CopyEnd::Failed { side: Side::Tunnel, error } => {
                 stream.reset(ResetCode::PeerReset);
                 abort(socket);
-                match error
-                    .get_ref()
-                    .and_then(|e| e.downcast_ref::<OpenFailure>())
-                {
+                match error.get_ref().and_then(|e| e.downcast_ref::<OpenFailure>()) {
                     Some(failure) => Outcome::Destination(failure.clone()),
                     None => Outcome::Agent(error),
                 }
@@ -273,26 +256,14 @@ struct OpenReplyGate<'a> {
 
 #[derive(Debug)]
 enum GateState {
-    Header {
-        buf: [u8; HEADER_LEN],
-        filled: usize,
-    },
-    Body {
-        buf: Vec<u8>,
-        filled: usize,
-    },
+    Header { buf: [u8; HEADER_LEN], filled: usize },
+    Body { buf: Vec<u8>, filled: usize },
     Open,
 }
 
 impl<'a> OpenReplyGate<'a> {
     fn new(stream: &'a mut TunnelStream) -> Self {
-        Self {
-            stream,
-            state: GateState::Header {
-                buf: [0; HEADER_LEN],
-                filled: 0,
-            },
-        }
+        Self { stream, state: GateState::Header { buf: [0; HEADER_LEN], filled: 0 } }
     }
 
     /// Reads into `dest` from the stream, never more than `dest` holds: the reply frame is
@@ -330,10 +301,7 @@ impl AsyncRead for OpenReplyGate<'_> {
                     if *filled == HEADER_LEN {
                         let len = frame::decode_header(buf, MAX_REPLY_BODY)
                             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                        this.state = GateState::Body {
-                            buf: vec![0; len],
-                            filled: 0,
-                        };
+                        this.state = GateState::Body { buf: vec![0; len], filled: 0 };
                     }
                 }
                 GateState::Body { buf, filled } => {

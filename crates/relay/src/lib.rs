@@ -91,27 +91,20 @@ impl Relay {
             config.identity.key.clone_key(),
         )?;
         let quic = quic::relay_endpoint(config.tunnel_listen, tls)?;
-        let tunnel_addr = quic
-            .local_addr()
-            .map_err(|e| quic::QuicSetupError::Bind(config.tunnel_listen, e))?;
+        let tunnel_addr =
+            quic.local_addr().map_err(|e| quic::QuicSetupError::Bind(config.tunnel_listen, e))?;
 
         let mut listeners = Vec::new();
         let mut by_name = HashMap::new();
         for spec in &config.endpoints {
             let listener = TcpListener::bind(spec.listen).await.map_err(|source| {
-                RelayError::EndpointBind {
-                    endpoint: spec.name.clone(),
-                    addr: spec.listen,
-                    source,
-                }
+                RelayError::EndpointBind { endpoint: spec.name.clone(), addr: spec.listen, source }
             })?;
-            let addr = listener
-                .local_addr()
-                .map_err(|source| RelayError::EndpointBind {
-                    endpoint: spec.name.clone(),
-                    addr: spec.listen,
-                    source,
-                })?;
+            let addr = listener.local_addr().map_err(|source| RelayError::EndpointBind {
+                endpoint: spec.name.clone(),
+                addr: spec.listen,
+                source,
+            })?;
             let endpoint = Arc::new(Endpoint::new(spec.clone()));
             by_name.insert(spec.name.clone(), (Arc::clone(&endpoint), addr));
             listeners.push((endpoint, listener));
@@ -124,12 +117,7 @@ impl Relay {
             endpoints: Arc::new(by_name),
             tunnel_addr,
         };
-        Ok(Self {
-            config: Arc::new(config),
-            quic,
-            listeners,
-            handle,
-        })
+        Ok(Self { config: Arc::new(config), quic, listeners, handle })
     }
 
     /// A handle for status queries.
@@ -140,12 +128,7 @@ impl Relay {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets connections finish for
     /// the configured grace period, and closes everything that is left.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self {
-            config,
-            quic,
-            listeners,
-            handle,
-        } = self;
+        let Self { config, quic, listeners, handle } = self;
         let force = CancellationToken::new();
         let clients = TaskTracker::new();
         let agents = TaskTracker::new();
@@ -191,10 +174,7 @@ impl Relay {
         // Endpoint accept loops end on `shutdown`, dropping their listeners: new clients are
         // refused from here on. Agents stay connected so in-flight streams can finish.
         clients.close();
-        if tokio::time::timeout(config.shutdown_grace, clients.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(config.shutdown_grace, clients.wait()).await.is_err() {
             warn!(
                 remaining = clients.len(),
                 "grace period over; closing the remaining connections"
@@ -207,10 +187,7 @@ impl Relay {
         for connection in handle.registry.connections() {
             connection.close(CloseCode::Shutdown, "relay shutting down");
         }
-        quic.close(
-            quinn::VarInt::from_u32(CloseCode::Shutdown as u32),
-            b"relay shutting down",
-        );
+        quic.close(quinn::VarInt::from_u32(CloseCode::Shutdown as u32), b"relay shutting down");
         agents.close();
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             agents.wait().await;
@@ -242,10 +219,7 @@ impl RelayHandle {
     pub fn endpoint_refusals(&self, name: &str) -> Option<(u64, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
         let (endpoint, _) = self.endpoints.get(name)?;
-        Some((
-            endpoint.counters.denied.load(Relaxed),
-            endpoint.counters.over_limit.load(Relaxed),
-        ))
+        Some((endpoint.counters.denied.load(Relaxed), endpoint.counters.over_limit.load(Relaxed)))
     }
 
     /// Agents connected for a connector.
@@ -268,10 +242,7 @@ impl RelayHandle {
             if predicate(&status) {
                 return Some(status);
             }
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
                 return Some(status);
             }
         }
@@ -289,9 +260,7 @@ impl RelayHandle {
         loop {
             let count = self.agent_count(connector);
             if predicate(count)
-                || tokio::time::timeout_at(deadline, changes.changed())
-                    .await
-                    .is_err()
+                || tokio::time::timeout_at(deadline, changes.changed()).await.is_err()
             {
                 return count;
             }

@@ -70,10 +70,7 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self {
-            state: Mutex::default(),
-            changed: watch::Sender::new(0),
-        }
+        Self { state: Mutex::default(), changed: watch::Sender::new(0) }
     }
 }
 
@@ -139,9 +136,7 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the maps half-updated in a way that
         // matters more than losing the relay, so a poisoned lock is used as is.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn update(&self, change: impl FnOnce(&mut State)) {
@@ -173,11 +168,7 @@ impl Registry {
                 },
             );
         });
-        AgentRegistration {
-            registry: Arc::clone(self),
-            id,
-            active_streams,
-        }
+        AgentRegistration { registry: Arc::clone(self), id, active_streams }
     }
 
     /// Chooses the approving agent with the fewest active streams, and counts the new stream.
@@ -195,10 +186,7 @@ impl Registry {
             // Fewest active streams; among equals the most recently connected agent, which is
             // the likeliest to be alive when an older one died without a word.
             .min_by_key(|(id, a)| {
-                (
-                    a.active_streams.load(Ordering::Relaxed),
-                    std::cmp::Reverse(**id),
-                )
+                (a.active_streams.load(Ordering::Relaxed), std::cmp::Reverse(**id))
             })
             .map(|(_, a)| a)?;
         agent.active_streams.fetch_add(1, Ordering::Relaxed);
@@ -232,20 +220,12 @@ impl Registry {
 
     /// Number of agents connected for `connector`.
     pub fn agent_count(&self, connector: &str) -> usize {
-        self.lock()
-            .agents
-            .values()
-            .filter(|a| a.connector == connector)
-            .count()
+        self.lock().agents.values().filter(|a| a.connector == connector).count()
     }
 
     /// Tunnel connections of every registered agent (for closing them on shutdown).
     pub fn connections(&self) -> Vec<TunnelConnection> {
-        self.lock()
-            .agents
-            .values()
-            .map(|a| a.connection.clone())
-            .collect()
+        self.lock().agents.values().map(|a| a.connection.clone()).collect()
     }
 
     /// A receiver that sees a new value after every change.

@@ -83,11 +83,8 @@ pub(crate) async fn accept_agents(
             },
         };
         let remote = incoming.remote_address();
-        let blocked = ctx
-            .failures
-            .lock()
-            .map(|f| f.is_blocked(remote.ip(), Instant::now()))
-            .unwrap_or(false);
+        let blocked =
+            ctx.failures.lock().map(|f| f.is_blocked(remote.ip(), Instant::now())).unwrap_or(false);
         if blocked {
             debug!(%remote, "refusing tunnel connection: too many failed authentications");
             incoming.refuse();
@@ -128,16 +125,12 @@ async fn serve_agent(
         Control::Hello(hello) => hello,
         other => {
             connection.close(CloseCode::ProtocolError, "expected hello");
-            return Err(AgentSessionError::Protocol(format!(
-                "expected Hello, got {other:?}"
-            )));
+            return Err(AgentSessionError::Protocol(format!("expected Hello, got {other:?}")));
         }
     };
     let (registration, agent_label) = admit(&connection, &mut control, remote, hello, ctx).await?;
     let agent_span = tracing::info_span!("session", agent = %agent_label);
-    run_control(&connection, &mut control, &registration, ctx)
-        .instrument(agent_span)
-        .await
+    run_control(&connection, &mut control, &registration, ctx).instrument(agent_span).await
 }
 
 /// Checks version and token, answers welcome or refusal, reads verdicts, registers.
@@ -149,10 +142,7 @@ async fn admit(
     ctx: &TunnelContext,
 ) -> Result<(AgentRegistration, String), AgentSessionError> {
     if hello.protocol_version != PROTOCOL_VERSION {
-        warn!(
-            version = hello.protocol_version,
-            "refusing agent: unsupported protocol version"
-        );
+        warn!(version = hello.protocol_version, "refusing agent: unsupported protocol version");
         let reason = format!(
             "protocol version {} is not supported by this relay (it speaks {PROTOCOL_VERSION})",
             hello.protocol_version
@@ -160,16 +150,11 @@ async fn admit(
         refuse(connection, control, &reason).await;
         return Err(AgentSessionError::Version(hello.protocol_version));
     }
-    if let Err(failure) = authenticate(
-        &ctx.config.connectors,
-        &hello.connector,
-        hello.token.expose(),
-    ) {
-        let now_blocked = ctx
-            .failures
-            .lock()
-            .map(|mut f| f.record_failure(remote.ip(), now()))
-            .unwrap_or(false);
+    if let Err(failure) =
+        authenticate(&ctx.config.connectors, &hello.connector, hello.token.expose())
+    {
+        let now_blocked =
+            ctx.failures.lock().map(|mut f| f.record_failure(remote.ip(), now())).unwrap_or(false);
         let cause = match failure {
             AuthFailure::UnknownConnector => "unknown connector",
             AuthFailure::WrongToken => "wrong token",
@@ -200,8 +185,7 @@ async fn admit(
     write_frame(&mut *control, &Control::Welcome { endpoints }).await?;
     let label = format!("{}/{}", hello.connector, hello.agent_name);
     let registration =
-        ctx.registry
-            .register(&hello.connector, &hello.agent_name, connection.clone());
+        ctx.registry.register(&hello.connector, &hello.agent_name, connection.clone());
     info!(
         connector = %hello.connector,
         agent = %hello.agent_name,
@@ -215,9 +199,7 @@ async fn admit(
         Control::Verdicts(verdicts) => record_verdicts(&registration, verdicts),
         other => {
             connection.close(CloseCode::ProtocolError, "expected verdicts");
-            return Err(AgentSessionError::Protocol(format!(
-                "expected Verdicts, got {other:?}"
-            )));
+            return Err(AgentSessionError::Protocol(format!("expected Verdicts, got {other:?}")));
         }
     }
     Ok((registration, label))
@@ -230,13 +212,7 @@ fn now() -> Instant {
 /// Tells the agent why it was refused, then closes the connection with that reason.
 async fn refuse(connection: &TunnelConnection, control: &mut TunnelStream, reason: &str) {
     // Best effort: the close below carries the reason too.
-    let _ = write_frame(
-        control,
-        &Control::Refused {
-            reason: reason.to_owned(),
-        },
-    )
-    .await;
+    let _ = write_frame(control, &Control::Refused { reason: reason.to_owned() }).await;
     let _ = tokio::io::AsyncWriteExt::shutdown(control).await;
     // Closing now would discard the frame in flight: give the agent a moment to read it and
     // hang up itself, then close regardless.

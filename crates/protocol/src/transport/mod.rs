@@ -115,8 +115,7 @@ impl TunnelConnection {
 
     /// Closes the connection with a code and a reason the peer will see.
     pub fn close(&self, code: CloseCode, reason: &str) {
-        self.inner
-            .close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+        self.inner.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
     }
 
     /// Resolves when the connection is closed, with a description of why.

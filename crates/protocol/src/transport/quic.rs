@@ -57,9 +57,11 @@ pub fn transport_config(role: Role) -> quinn::TransportConfig {
         .receive_window(CONNECTION_RECEIVE_WINDOW.into())
         .send_window(SEND_WINDOW)
         .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or_else(|_| {
-            quinn::IdleTimeout::from(quinn::VarInt::from_u32(8_000))
-        })));
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(8_000))),
+        ));
     config
 }
 
@@ -136,9 +138,8 @@ pub async fn dial(
     server_name: &str,
     deadline: Duration,
 ) -> Result<TunnelConnection, DialError> {
-    let connecting = endpoint
-        .connect(relay, server_name)
-        .map_err(|e| DialError::Handshake(e.to_string()))?;
+    let connecting =
+        endpoint.connect(relay, server_name).map_err(|e| DialError::Handshake(e.to_string()))?;
     match tokio::time::timeout(deadline, connecting).await {
         Ok(Ok(connection)) => Ok(TunnelConnection::from_quic(connection)),
         Ok(Err(e)) => Err(DialError::Handshake(describe_handshake_error(&e))),
