@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use privlink_protocol::frame::MAX_BODY_LEN;
 use privlink_protocol::io::{
-    ReadFrameError, WriteFrameError, read_frame, read_frame_unbounded_time, write_frame,
+    FrameReader, ReadFrameError, WriteFrameError, read_frame, write_frame,
 };
 use privlink_protocol::message::{Control, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict};
 use privlink_protocol::transport::{CloseCode, StreamError, TunnelConnection, quic};
@@ -253,6 +253,8 @@ async fn run_session(
     write_frame(&mut control, &Control::Verdicts(verdicts)).await?;
     info!(transport = %connection.kind(), endpoints = endpoints.len(), "connected to relay");
 
+    // Cancel-safe: the select! below may drop a read in the middle of a frame.
+    let mut frames = FrameReader::new();
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.tick().await;
     loop {
@@ -273,7 +275,7 @@ async fn run_session(
                 let active = u32::try_from(streams.len()).unwrap_or(u32::MAX);
                 write_frame(&mut control, &Control::Heartbeat { active_streams: active }).await?;
             }
-            frame = read_frame_unbounded_time::<Control, _>(&mut control, MAX_BODY_LEN) => match frame {
+            frame = frames.next::<Control, _>(&mut control, MAX_BODY_LEN) => match frame {
                 Ok(Control::Heartbeat { active_streams }) => debug!(active_streams, "relay heartbeat"),
                 Ok(Control::Drain { reason }) => info!(%reason, "relay is draining"),
                 Ok(other) => {

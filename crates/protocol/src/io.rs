@@ -50,17 +50,12 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
-    tokio::time::timeout(deadline, read_frame_unbounded_time(reader, max_body))
+    tokio::time::timeout(deadline, read_exact_frame(reader, max_body))
         .await
         .map_err(|_| ReadFrameError::Timeout(deadline))?
 }
 
-/// Reads one frame with a size bound but no deadline: for long-lived control streams where
-/// silence is normal and liveness is watched by heartbeats and the transport's keep-alive.
-pub async fn read_frame_unbounded_time<T, R>(
-    reader: &mut R,
-    max_body: usize,
-) -> Result<T, ReadFrameError>
+async fn read_exact_frame<T, R>(reader: &mut R, max_body: usize) -> Result<T, ReadFrameError>
 where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
@@ -75,6 +70,52 @@ where
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body).await.map_err(ReadFrameError::Io)?;
     Ok(frame::decode_body(&body)?)
+}
+
+/// Reads frame after frame from a long-lived stream (the control stream), keeping partial
+/// frames in its own buffer so that [`FrameReader::next`] is cancel-safe: it can sit in a
+/// `select!` next to timers and other events without losing bytes when another branch wins.
+///
+/// It may read past the end of a frame (the surplus stays buffered for the next call), so use
+/// it only on streams that carry nothing but frames; [`read_frame`] reads exactly one frame.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// An empty reader.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next frame (body at most `max_body` bytes). No deadline: silence on a control stream
+    /// is normal; liveness is the transport's keep-alive and the heartbeats' business.
+    pub async fn next<T, R>(&mut self, reader: &mut R, max_body: usize) -> Result<T, ReadFrameError>
+    where
+        T: DeserializeOwned,
+        R: AsyncRead + Unpin,
+    {
+        loop {
+            // The decoder checks the declared length before the body is buffered, so the
+            // buffer never grows beyond one header, one bounded body and one read's surplus.
+            if let Some((message, used)) = frame::decode(&self.buf, max_body)? {
+                self.buf.drain(..used);
+                return Ok(message);
+            }
+            let mut chunk = [0u8; 4096];
+            // `read` is cancel-safe: if this future is dropped, no byte has been taken.
+            let n = reader.read(&mut chunk).await.map_err(ReadFrameError::Io)?;
+            if n == 0 {
+                return Err(if self.buf.is_empty() {
+                    ReadFrameError::Closed
+                } else {
+                    ReadFrameError::Io(io::ErrorKind::UnexpectedEof.into())
+                });
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
 }
 
 /// Encodes and writes one frame, then flushes.
@@ -131,6 +172,45 @@ mod tests {
         assert!(
             matches!(err, Err(ReadFrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof)
         );
+    }
+
+    #[tokio::test]
+    async fn frame_reader_survives_cancellation_mid_frame() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let first = frame::encode(&Control::Heartbeat { active_streams: 1 }).expect("encode");
+        let second = frame::encode(&Control::Drain { reason: "bye".into() }).expect("encode");
+        let mut reader = FrameReader::new();
+        // Half a frame arrives, and the read is abandoned (as when another select! branch wins).
+        a.write_all(&first[..3]).await.expect("write");
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(50),
+            reader.next::<Control, _>(&mut b, 1024),
+        )
+        .await;
+        assert!(abandoned.is_err(), "no whole frame yet");
+        // The rest, and a second frame in the same write.
+        a.write_all(&[&first[3..], &second[..]].concat()).await.expect("write");
+        assert_eq!(
+            reader.next::<Control, _>(&mut b, 1024).await.expect("first"),
+            Control::Heartbeat { active_streams: 1 }
+        );
+        assert_eq!(
+            reader.next::<Control, _>(&mut b, 1024).await.expect("second"),
+            Control::Drain { reason: "bye".into() }
+        );
+        drop(a);
+        assert!(matches!(
+            reader.next::<Control, _>(&mut b, 1024).await,
+            Err(ReadFrameError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn frame_reader_refuses_oversized_frames_before_buffering_them() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&[frame::FRAME_VERSION, 0, 0x10, 0, 0]).await.expect("write");
+        let err = FrameReader::new().next::<Control, _>(&mut b, 1024).await;
+        assert!(matches!(err, Err(ReadFrameError::Frame(FrameError::TooLarge { .. }))));
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use privlink_protocol::SOFTWARE_VERSION;
 use privlink_protocol::frame::MAX_BODY_LEN;
 use privlink_protocol::io::{
-    ReadFrameError, WriteFrameError, read_frame, read_frame_unbounded_time, write_frame,
+    FrameReader, ReadFrameError, WriteFrameError, read_frame, write_frame,
 };
 use privlink_protocol::message::{Control, EndpointAssignment, Hello, PROTOCOL_VERSION};
 use privlink_protocol::transport::{CloseCode, StreamError, TunnelConnection, TunnelStream, quic};
@@ -244,6 +244,8 @@ async fn run_control(
     registration: &AgentRegistration,
     ctx: &TunnelContext,
 ) -> Result<(), AgentSessionError> {
+    // Cancel-safe: the select! below may drop a read in the middle of a frame.
+    let mut frames = FrameReader::new();
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.tick().await;
     let mut drain_sent = false;
@@ -262,7 +264,7 @@ async fn run_control(
                 let beat = Control::Heartbeat { active_streams: registration.active_streams() };
                 write_frame(&mut *control, &beat).await?;
             }
-            frame = read_frame_unbounded_time::<Control, _>(&mut *control, MAX_BODY_LEN) => match frame {
+            frame = frames.next::<Control, _>(&mut *control, MAX_BODY_LEN) => match frame {
                 Ok(Control::Heartbeat { active_streams }) => debug!(active_streams, "agent heartbeat"),
                 Ok(Control::Verdicts(verdicts)) => record_verdicts(registration, verdicts),
                 Ok(Control::Drain { reason }) => {
