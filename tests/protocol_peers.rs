@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use privlink_agent::config::TransportChoice;
 use privlink_protocol::frame::MAX_BODY_LEN;
 use privlink_protocol::io::{read_frame, write_frame};
 use privlink_protocol::message::{
@@ -102,7 +103,7 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
 
     // A harness only for its agent-config builder; its own relay is not used.
     let harness = Harness::start(vec![]).await;
-    let mut config = harness.agent_config(&[rule_for(allowed)]);
+    let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(allowed)]);
     config.relays[0].port = relay_addr.port();
     config.relay_roots = vec![pki.ca.identity.cert_der.clone()];
     let agent = harness.spawn_agent(config);

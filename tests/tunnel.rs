@@ -1,5 +1,6 @@
 //! End-to-end tests of the tunnel core on loopback: a relay and an agent in this process,
-//! real TCP sockets, real QUIC, real TLS certificates from a test CA.
+//! real TCP sockets, real QUIC and TLS/TCP tunnels, real TLS certificates from a test CA.
+//! Every scenario runs once per transport (modules `quic` and `tcp`).
 
 mod common;
 
@@ -8,21 +9,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use privlink_agent::config::TransportChoice;
 use privlink_relay::EndpointStatus;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// One relay with one endpoint `e` in front of `destination`, and an agent that allows it.
-async fn single(destination: SocketAddr) -> (Harness, tokio_util::sync::CancellationToken) {
+async fn single(
+    transport: TransportChoice,
+    destination: SocketAddr,
+) -> (Harness, tokio_util::sync::CancellationToken) {
     let harness = Harness::start(vec![endpoint("e", destination)]).await;
-    let agent = harness.spawn_agent(harness.agent_config(&[rule_for(destination)]));
+    let agent = harness.spawn_agent(harness.agent_config(transport, &[rule_for(destination)]));
     harness.wait_approved("e").await;
     (harness, agent)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_destination_is_verified_end_to_end() {
+async fn tls_destination_is_verified_end_to_end(transport: TransportChoice) {
     init_tracing();
     // The vault: TLS with a certificate for its public name, from the test CA.
     let pki = pki();
@@ -49,7 +53,7 @@ async fn tls_destination_is_verified_end_to_end() {
         tls.shutdown().await.expect("close_notify");
     });
 
-    let (harness, agent) = single(vault).await;
+    let (harness, agent) = single(transport, vault).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.identity.cert_der.clone()).expect("root");
     let client_config = rustls::ClientConfig::builder_with_provider(provider)
@@ -92,9 +96,8 @@ async fn tls_destination_is_verified_end_to_end() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_64_mib_each_way_arrives_intact() {
-    let (harness, agent) = single(echo_server().await).await;
+async fn bulk_64_mib_each_way_arrives_intact(transport: TransportChoice) {
+    let (harness, agent) = single(transport, echo_server().await).await;
     let payload = random_bytes(64 * 1024 * 1024);
     let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     let back = tokio::time::timeout(Duration::from_secs(120), echo_round_trip(socket, &payload))
@@ -105,9 +108,10 @@ async fn bulk_64_mib_each_way_arrives_intact() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_reaches_the_destination_and_the_reply_still_arrives() {
-    let (harness, agent) = single(reply_after_eof_server().await).await;
+async fn half_close_reaches_the_destination_and_the_reply_still_arrives(
+    transport: TransportChoice,
+) {
+    let (harness, agent) = single(transport, reply_after_eof_server().await).await;
     let mut socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     let request = random_bytes(100_000);
     socket.write_all(&request).await.expect("write");
@@ -123,9 +127,8 @@ async fn half_close_reaches_the_destination_and_the_reply_still_arrives() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_hundred_concurrent_connections_are_all_correct() {
-    let (harness, agent) = single(echo_server().await).await;
+async fn five_hundred_concurrent_connections_are_all_correct(transport: TransportChoice) {
+    let (harness, agent) = single(transport, echo_server().await).await;
     let addr = harness.addr("e");
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..500u32 {
@@ -148,14 +151,15 @@ async fn five_hundred_concurrent_connections_are_all_correct() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inactivity_timeout_closes_idle_connections_and_spares_busy_ones() {
+async fn inactivity_timeout_closes_idle_connections_and_spares_busy_ones(
+    transport: TransportChoice,
+) {
     let destination = echo_server().await;
     let mut spec = endpoint("e", destination);
     let timeout = Duration::from_millis(800);
     spec.inactivity_timeout = timeout;
     let harness = Harness::start(vec![spec]).await;
-    let agent = harness.spawn_agent(harness.agent_config(&[rule_for(destination)]));
+    let agent = harness.spawn_agent(harness.agent_config(transport, &[rule_for(destination)]));
     harness.wait_approved("e").await;
 
     let mut idle = TcpStream::connect(harness.addr("e")).await.expect("connect idle");
@@ -181,8 +185,7 @@ async fn inactivity_timeout_closes_idle_connections_and_spares_busy_ones() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acl_allows_denies_and_deny_wins() {
+async fn acl_allows_denies_and_deny_wins(transport: TransportChoice) {
     let destination = echo_server().await;
     let mut only = endpoint("only-dot-2", destination);
     only.acl.allow = vec!["127.0.0.2/32".parse().expect("cidr")];
@@ -190,7 +193,7 @@ async fn acl_allows_denies_and_deny_wins() {
     deny_wins.acl.allow = vec!["127.0.0.0/8".parse().expect("cidr")];
     deny_wins.acl.deny = vec!["127.0.0.3/32".parse().expect("cidr")];
     let harness = Harness::start(vec![only, deny_wins]).await;
-    let agent = harness.spawn_agent(harness.agent_config(&[rule_for(destination)]));
+    let agent = harness.spawn_agent(harness.agent_config(transport, &[rule_for(destination)]));
     harness.wait_approved("only-dot-2").await;
     harness.wait_approved("deny-dot-3").await;
 
@@ -206,13 +209,12 @@ async fn acl_allows_denies_and_deny_wins() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_refuses_the_excess_and_leaves_the_rest_alone() {
+async fn max_connections_refuses_the_excess_and_leaves_the_rest_alone(transport: TransportChoice) {
     let destination = echo_server().await;
     let mut spec = endpoint("e", destination);
     spec.max_connections = 2;
     let harness = Harness::start(vec![spec]).await;
-    let agent = harness.spawn_agent(harness.agent_config(&[rule_for(destination)]));
+    let agent = harness.spawn_agent(harness.agent_config(transport, &[rule_for(destination)]));
     harness.wait_approved("e").await;
 
     let mut held = Vec::new();
@@ -235,21 +237,19 @@ async fn max_connections_refuses_the_excess_and_leaves_the_rest_alone() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_destination_closes_the_client_connection() {
+async fn unreachable_destination_closes_the_client_connection(transport: TransportChoice) {
     // A port with nothing listening.
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
-    let (harness, agent) = single(closed).await;
+    let (harness, agent) = single(transport, closed).await;
     assert!(is_refused(TcpStream::connect(harness.addr("e")).await).await);
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_rejects_endpoints_outside_its_allowlist() {
+async fn agent_rejects_endpoints_outside_its_allowlist(transport: TransportChoice) {
     let allowed = echo_server().await;
     let forbidden = echo_server().await;
     let harness = Harness::start(vec![endpoint("ok", allowed), endpoint("nope", forbidden)]).await;
-    let agent = harness.spawn_agent(harness.agent_config(&[rule_for(allowed)]));
+    let agent = harness.spawn_agent(harness.agent_config(transport, &[rule_for(allowed)]));
     harness.wait_approved("ok").await;
     let status =
         harness.wait_status("nope", |s| matches!(s, EndpointStatus::Rejected { .. })).await;
@@ -261,9 +261,10 @@ async fn agent_rejects_endpoints_outside_its_allowlist() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_shutdown_lets_inflight_transfers_finish_and_refuses_new_ones() {
-    let (harness, agent) = single(echo_server().await).await;
+async fn relay_shutdown_lets_inflight_transfers_finish_and_refuses_new_ones(
+    transport: TransportChoice,
+) {
+    let (harness, agent) = single(transport, echo_server().await).await;
     let addr = harness.addr("e");
     let mut inflight = TcpStream::connect(addr).await.expect("connect");
     // Readiness: an echo proves the connection is forwarded, not waiting in the backlog.
@@ -294,6 +295,7 @@ async fn relay_shutdown_lets_inflight_transfers_finish_and_refuses_new_ones() {
 /// A tunnel to a destination that echoes a 5-byte hello and then hands its socket to `then`;
 /// returns once the client has its echo back, so the whole path is known to be up.
 async fn connected_hello<F, Fut>(
+    transport: TransportChoice,
     then: F,
 ) -> (Harness, tokio_util::sync::CancellationToken, TcpStream)
 where
@@ -309,7 +311,7 @@ where
         socket.write_all(&hello).await.expect("echo hello");
         then(socket).await;
     });
-    let (harness, agent) = single(destination).await;
+    let (harness, agent) = single(transport, destination).await;
     let mut client = TcpStream::connect(harness.addr("e")).await.expect("connect");
     client.write_all(b"hello").await.expect("write");
     let mut echoed = [0u8; 5];
@@ -327,10 +329,9 @@ async fn read_until_end(socket: &mut TcpStream) -> std::io::Result<()> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_reset_reaches_the_destination_as_a_reset() {
+async fn a_client_reset_reaches_the_destination_as_a_reset(transport: TransportChoice) {
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
-    let (harness, agent, client) = connected_hello(|mut socket| async move {
+    let (harness, agent, client) = connected_hello(transport, |mut socket| async move {
         let _ = ended_tx.send(read_until_end(&mut socket).await);
     })
     .await;
@@ -341,9 +342,8 @@ async fn a_client_reset_reaches_the_destination_as_a_reset() {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_destination_reset_reaches_the_client_as_a_reset() {
-    let (harness, agent, mut client) = connected_hello(|mut socket| async move {
+async fn a_destination_reset_reaches_the_client_as_a_reset(transport: TransportChoice) {
+    let (harness, agent, mut client) = connected_hello(transport, |mut socket| async move {
         // Reset only once the client has seen the echo and answered.
         let mut ack = [0u8; 3];
         socket.read_exact(&mut ack).await.expect("ack");
@@ -356,3 +356,40 @@ async fn a_destination_reset_reaches_the_client_as_a_reset() {
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
     harness.shutdown(&[agent]).await;
 }
+
+/// Runs each scenario once per transport, as `quic::<name>` and `tcp::<name>`.
+macro_rules! on_both_transports {
+    ($($scenario:ident),* $(,)?) => {
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::TransportChoice::Quic).await;
+                }
+            )*
+        }
+        mod tcp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::TransportChoice::Tcp).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_transports!(
+    tls_destination_is_verified_end_to_end,
+    bulk_64_mib_each_way_arrives_intact,
+    half_close_reaches_the_destination_and_the_reply_still_arrives,
+    five_hundred_concurrent_connections_are_all_correct,
+    inactivity_timeout_closes_idle_connections_and_spares_busy_ones,
+    acl_allows_denies_and_deny_wins,
+    max_connections_refuses_the_excess_and_leaves_the_rest_alone,
+    unreachable_destination_closes_the_client_connection,
+    agent_rejects_endpoints_outside_its_allowlist,
+    relay_shutdown_lets_inflight_transfers_finish_and_refuses_new_ones,
+    a_client_reset_reaches_the_destination_as_a_reset,
+    a_destination_reset_reaches_the_client_as_a_reset,
+);

@@ -92,8 +92,8 @@ impl Harness {
         Self { relay: handle, pki, token, relay_stop, tasks }
     }
 
-    /// An agent configuration for this relay admitting `allow`.
-    pub fn agent_config(&self, allow: &[String]) -> AgentConfig {
+    /// An agent configuration for this relay admitting `allow`, on `transport`.
+    pub fn agent_config(&self, transport: TransportChoice, allow: &[String]) -> AgentConfig {
         AgentConfig {
             name: "test-agent".to_owned(),
             connector: CONNECTOR.to_owned(),
@@ -103,7 +103,9 @@ impl Harness {
                 port: self.relay.tunnel_addr().port(),
             }],
             relay_roots: vec![self.pki.ca.identity.cert_der.clone()],
-            transport: TransportChoice::Quic,
+            transport,
+            quic_fallback_after: Duration::from_secs(2),
+            quic_probe_interval: Duration::from_millis(200),
             allowlist: Allowlist {
                 rules: allow.iter().map(|r| r.parse().expect("rule")).collect(),
             },

@@ -22,6 +22,10 @@ pub const TOKEN_ENV: &str = "PRIVLINK_TOKEN";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default deadline for resolving a destination.
 pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default wait for a QUIC handshake before `auto` falls back to TCP.
+pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+/// Default interval between QUIC probes while `auto` runs on TCP.
+pub const DEFAULT_QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// Default time open streams get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -29,12 +33,13 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportChoice {
-    /// QUIC first, TLS over TCP when UDP does not get through (TCP arrives in a later
-    /// version; until then `auto` uses QUIC).
+    /// QUIC first; TLS over TCP when no QUIC handshake completes within
+    /// `quic_fallback_after`, probing QUIC in the background and moving new streams back to it
+    /// once it works again.
     Auto,
     /// QUIC only.
     Quic,
-    /// TLS over TCP only (not available in this version).
+    /// TLS over TCP only.
     Tcp,
 }
 
@@ -68,6 +73,10 @@ pub struct AgentConfig {
     pub relay_roots: Vec<CertificateDer<'static>>,
     /// Transport selection.
     pub transport: TransportChoice,
+    /// `auto`: how long a QUIC handshake may take before falling back to TCP.
+    pub quic_fallback_after: Duration,
+    /// `auto`: how often QUIC is retried while on TCP.
+    pub quic_probe_interval: Duration,
     /// Destinations this agent consents to open.
     pub allowlist: Allowlist,
     /// Deadline for connecting to a destination.
@@ -91,6 +100,10 @@ struct RawConfig {
     relay_ca: Option<Spanned<PathBuf>>,
     #[serde(default = "default_transport")]
     transport: TransportChoice,
+    #[serde(default, deserialize_with = "positive_opt")]
+    quic_fallback_after: Option<Duration>,
+    #[serde(default, deserialize_with = "positive_opt")]
+    quic_probe_interval: Option<Duration>,
     #[serde(default, deserialize_with = "positive_opt")]
     connect_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "positive_opt")]
@@ -206,14 +219,6 @@ impl AgentConfig {
             }
         };
 
-        if raw.transport == TransportChoice::Tcp {
-            return Err(source.error_at(
-                None,
-                "transport",
-                "`tcp` is not available in this version; use \"quic\" or \"auto\"",
-            ));
-        }
-
         let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(default_agent_name);
         Ok(Self {
             name,
@@ -222,6 +227,8 @@ impl AgentConfig {
             relays,
             relay_roots,
             transport: raw.transport,
+            quic_fallback_after: raw.quic_fallback_after.unwrap_or(DEFAULT_QUIC_FALLBACK_AFTER),
+            quic_probe_interval: raw.quic_probe_interval.unwrap_or(DEFAULT_QUIC_PROBE_INTERVAL),
             allowlist: Allowlist {
                 rules: raw.allow.into_iter().map(|a| a.destination.0).collect(),
             },

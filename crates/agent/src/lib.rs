@@ -31,7 +31,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use crate::config::AgentConfig;
-use crate::config::TransportChoice;
 use crate::forward::StreamPolicy;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
@@ -55,6 +54,8 @@ pub(crate) struct AgentShared {
     pub(crate) policy: Arc<StreamPolicy>,
     pub(crate) agent_id: String,
     pub(crate) quic: quinn::Endpoint,
+    /// TLS client configuration for the TCP transport.
+    pub(crate) tls: Arc<rustls::ClientConfig>,
     /// Stop dialling and accepting streams.
     pub(crate) shutdown: CancellationToken,
     /// Abort streams still running after the grace period.
@@ -71,6 +72,7 @@ impl Agent {
     /// Prepares the agent: TLS trust, QUIC endpoint.
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
         let tls = tls::tunnel_client_config(&config.relay_roots)?;
+        let tls_for_tcp = tls.clone();
         // One dual-stack socket serves IPv4 and IPv6 relays; hosts without IPv6 get IPv4.
         let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
             .or_else(|_| quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls))?;
@@ -86,6 +88,7 @@ impl Agent {
                 policy,
                 agent_id: random_id(),
                 quic,
+                tls: Arc::new(tls_for_tcp),
                 force: CancellationToken::new(),
                 shutdown,
             }),
@@ -97,11 +100,6 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared;
         let config = &shared.config;
-        if config.transport == TransportChoice::Auto {
-            info!(
-                "transport \"auto\": using QUIC (the TLS/TCP fallback is not available in this version)"
-            );
-        }
         if config.allowlist.rules.is_empty() {
             warn!("the allowlist is empty: every endpoint will be rejected");
         }
@@ -109,6 +107,7 @@ impl Agent {
             agent = %config.name,
             connector = %config.connector,
             relays = config.relays.len(),
+            transport = ?config.transport,
             rules = config.allowlist.rules.len(),
             "agent starting"
         );

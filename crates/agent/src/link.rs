@@ -16,16 +16,21 @@ use privlink_protocol::io::{
     FrameReader, ReadFrameError, WriteFrameError, read_frame, write_frame,
 };
 use privlink_protocol::message::{Control, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict};
-use privlink_protocol::transport::{CloseCode, StreamError, TunnelConnection, quic};
+use privlink_protocol::transport::{
+    CloseCode, StreamError, TransportKind, TunnelConnection, h2, quic,
+};
 use privlink_protocol::{SOFTWARE_VERSION, destination::Destination};
 use ring::rand::{SecureRandom, SystemRandom};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::AgentShared;
-use crate::config::RelayAddress;
+use crate::config::{RelayAddress, TransportChoice};
 use crate::forward::serve_stream;
 
 /// Deadline for the QUIC handshake and each control-stream handshake step.
@@ -161,30 +166,142 @@ async fn maintain_link(
     }
 }
 
-/// One tunnel connection from dial to close.
+/// One session with a relay address on the transport(s) the configuration asks for.
 async fn session(
     relay: &RelayAddress,
     addr: SocketAddr,
     shared: &AgentShared,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let server_name = relay.host.to_string();
-    let server_name = server_name.trim_start_matches('[').trim_end_matches(']');
+    let only = match shared.config.transport {
+        TransportChoice::Auto => return auto_session(relay, addr, shared, stop).await,
+        TransportChoice::Quic => TransportKind::Quic,
+        TransportChoice::Tcp => TransportKind::Tcp,
+    };
     let connection = tokio::select! {
         () = stop.cancelled() => return Ok(()),
-        dialed = quic::dial(&shared.quic, addr, server_name, HANDSHAKE_TIMEOUT) => dialed?,
+        dialed = dial(only, relay, addr, shared, HANDSHAKE_TIMEOUT) => dialed?,
     };
+    serve_connection(&connection, shared, stop).await
+}
+
+/// `transport = "auto"`: QUIC if a handshake completes within `quic_fallback_after`, else TLS
+/// over TCP. While on TCP, QUIC is probed every `quic_probe_interval`; once it works, a QUIC
+/// session starts (the relay prefers the newest agent connection) and the TCP session drains:
+/// it tells the relay to send it no new streams and closes when its open streams are done.
+async fn auto_session(
+    relay: &RelayAddress,
+    addr: SocketAddr,
+    shared: &AgentShared,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let fallback_after = shared.config.quic_fallback_after;
+    let quic_failure = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        dialed = dial(TransportKind::Quic, relay, addr, shared, fallback_after) => match dialed {
+            Ok(connection) => return serve_connection(&connection, shared, stop).await,
+            Err(e) => e,
+        },
+    };
+    warn!("QUIC did not get through ({quic_failure}); falling back to TLS over TCP");
+    let tcp = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        dialed = dial(TransportKind::Tcp, relay, addr, shared, HANDSHAKE_TIMEOUT) => dialed?,
+    };
+    let tcp_wind_down = stop.child_token();
+    let mut on_tcp = std::pin::pin!(serve_connection(&tcp, shared, &tcp_wind_down));
+    let quic = tokio::select! {
+        result = &mut on_tcp => return result,
+        quic = probe_quic(relay, addr, shared) => quic,
+    };
+    info!("QUIC gets through again: new streams move to QUIC; open TCP streams run to completion");
+    tcp_wind_down.cancel();
+    let (on_quic, tcp_tail) = tokio::join!(serve_connection(&quic, shared, stop), on_tcp);
+    if let Err(e) = tcp_tail {
+        debug!("TCP session after the move to QUIC: {e}");
+    }
+    on_quic
+}
+
+/// Dials QUIC every `quic_probe_interval` until a handshake completes.
+async fn probe_quic(
+    relay: &RelayAddress,
+    addr: SocketAddr,
+    shared: &AgentShared,
+) -> TunnelConnection {
+    let mut ticks = tokio::time::interval(shared.config.quic_probe_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match dial(TransportKind::Quic, relay, addr, shared, shared.config.quic_fallback_after)
+            .await
+        {
+            Ok(connection) => return connection,
+            Err(e) => debug!("QUIC probe: {e}"),
+        }
+    }
+}
+
+/// Establishes a tunnel connection on one transport within `deadline`.
+async fn dial(
+    kind: TransportKind,
+    relay: &RelayAddress,
+    addr: SocketAddr,
+    shared: &AgentShared,
+    deadline: Duration,
+) -> Result<TunnelConnection, SessionError> {
+    let server_name = relay.host.to_string();
+    let server_name = server_name.trim_start_matches('[').trim_end_matches(']');
+    match kind {
+        TransportKind::Quic => Ok(quic::dial(&shared.quic, addr, server_name, deadline).await?),
+        TransportKind::Tcp => {
+            let name = ServerName::try_from(server_name.to_owned())
+                .map_err(|e| quic::DialError::Handshake(format!("relay name: {e}")))?;
+            let steps = async {
+                let socket =
+                    TcpStream::connect(addr).await.map_err(|e| format!("TCP connect: {e}"))?;
+                h2::tune_socket(&socket);
+                let tls = TlsConnector::from(Arc::clone(&shared.tls))
+                    .connect(name, socket)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                h2::agent_handshake(tls, addr)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake failed: {e}"))
+            };
+            match tokio::time::timeout(deadline, steps).await {
+                Ok(Ok(acceptor)) => Ok(acceptor.into()),
+                Ok(Err(e)) => Err(quic::DialError::Handshake(e).into()),
+                Err(_) => Err(quic::DialError::Timeout(deadline).into()),
+            }
+        }
+    }
+}
+
+/// Runs a session on an established connection until it ends or `wind_down` is cancelled,
+/// then lets its streams finish (or be forced) and closes the connection.
+async fn serve_connection(
+    connection: &TunnelConnection,
+    shared: &AgentShared,
+    wind_down: &CancellationToken,
+) -> Result<(), SessionError> {
     let streams = TaskTracker::new();
-    let result = run_session(&connection, shared, stop, &streams).await;
+    let result = run_session(connection, shared, wind_down, &streams).await;
     // Streams already running finish (or are forced) before this link re-dials.
     streams.close();
     tokio::select! {
         () = streams.wait() => {}
         () = shared.force.cancelled() => streams.wait().await,
     }
-    let reason = if stop.is_cancelled() { "agent shutting down" } else { "session ended" };
-    connection
-        .close(if stop.is_cancelled() { CloseCode::Shutdown } else { CloseCode::Normal }, reason);
+    let (code, reason) = if shared.shutdown.is_cancelled() {
+        (CloseCode::Shutdown, "agent shutting down")
+    } else if wind_down.is_cancelled() {
+        (CloseCode::Normal, "agent moved to another transport")
+    } else {
+        (CloseCode::Normal, "session ended")
+    };
+    connection.close(code, reason);
     result
 }
 
@@ -260,7 +377,8 @@ async fn run_session(
     loop {
         tokio::select! {
             () = stop.cancelled() => {
-                let _ = write_frame(&mut control, &Control::Drain { reason: "agent shutting down".into() }).await;
+                let reason = if shared.shutdown.is_cancelled() { "agent shutting down" } else { "agent moving to another transport" };
+                let _ = write_frame(&mut control, &Control::Drain { reason: reason.into() }).await;
                 return Ok(());
             }
             accepted = connection.accept_stream() => match accepted {

@@ -51,6 +51,14 @@ pub enum RelayError {
     /// The tunnel's QUIC endpoint could not be set up.
     #[error("tunnel listener: {0}")]
     Tunnel(#[from] quic::QuicSetupError),
+    /// The tunnel's TCP listener could not be bound.
+    #[error("tunnel listener: cannot listen on TCP {addr}: {source}")]
+    TunnelTcp {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The TLS identity is unusable.
     #[error("tunnel TLS: {0}")]
     Tls(#[from] tls::TlsError),
@@ -71,6 +79,8 @@ pub enum RelayError {
 pub struct Relay {
     config: Arc<RelayConfig>,
     quic: quinn::Endpoint,
+    tunnel_tcp: TcpListener,
+    tunnel_tls: Arc<rustls::ServerConfig>,
     listeners: Vec<(Arc<Endpoint>, TcpListener)>,
     handle: RelayHandle,
 }
@@ -90,9 +100,11 @@ impl Relay {
             config.identity.chain.clone(),
             config.identity.key.clone_key(),
         )?;
-        let quic = quic::relay_endpoint(config.tunnel_listen, tls)?;
-        let tunnel_addr =
-            quic.local_addr().map_err(|e| quic::QuicSetupError::Bind(config.tunnel_listen, e))?;
+        let tunnel_tls = Arc::new(tls);
+        let (quic, tunnel_tcp) = bind_tunnel(config.tunnel_listen, &tunnel_tls).await?;
+        let tunnel_addr = tunnel_tcp
+            .local_addr()
+            .map_err(|source| RelayError::TunnelTcp { addr: config.tunnel_listen, source })?;
 
         let mut listeners = Vec::new();
         let mut by_name = HashMap::new();
@@ -117,7 +129,7 @@ impl Relay {
             endpoints: Arc::new(by_name),
             tunnel_addr,
         };
-        Ok(Self { config: Arc::new(config), quic, listeners, handle })
+        Ok(Self { config: Arc::new(config), quic, tunnel_tcp, tunnel_tls, listeners, handle })
     }
 
     /// A handle for status queries.
@@ -128,7 +140,7 @@ impl Relay {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets connections finish for
     /// the configured grace period, and closes everything that is left.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { config, quic, listeners, handle } = self;
+        let Self { config, quic, tunnel_tcp, tunnel_tls, listeners, handle } = self;
         let force = CancellationToken::new();
         let clients = TaskTracker::new();
         let agents = TaskTracker::new();
@@ -139,7 +151,7 @@ impl Relay {
             draining: CancellationToken::new(),
         });
 
-        info!(tunnel = %handle.tunnel_addr, "relay listening for agents (QUIC)");
+        info!(tunnel = %handle.tunnel_addr, "relay listening for agents (QUIC on UDP, TLS on TCP)");
         let acceptors = TaskTracker::new();
         for (endpoint, listener) in listeners {
             let addr = handle.endpoints.get(&endpoint.spec.name).map(|(_, a)| *a);
@@ -160,8 +172,15 @@ impl Relay {
             ));
         }
         let tunnel_stop = CancellationToken::new();
-        acceptors.spawn(tunnel::accept_agents(
+        acceptors.spawn(tunnel::accept_quic_agents(
             quic.clone(),
+            Arc::clone(&ctx),
+            tunnel_stop.clone(),
+            agents.clone(),
+        ));
+        acceptors.spawn(tunnel::accept_tcp_agents(
+            tunnel_tcp,
+            tunnel_tls,
             Arc::clone(&ctx),
             tunnel_stop.clone(),
             agents.clone(),
@@ -195,6 +214,30 @@ impl Relay {
         })
         .await;
         info!("relay stopped");
+    }
+}
+
+/// Binds the tunnel's UDP (QUIC) and TCP (TLS) sockets on the same port number. With port 0
+/// the kernel picks the UDP port and TCP follows it; if that TCP port is taken, a new pair is
+/// tried a few times.
+async fn bind_tunnel(
+    listen: SocketAddr,
+    tls: &Arc<rustls::ServerConfig>,
+) -> Result<(quinn::Endpoint, TcpListener), RelayError> {
+    const ATTEMPTS: usize = 8;
+    let mut attempt = 1;
+    loop {
+        let quic = quic::relay_endpoint(listen, (**tls).clone())?;
+        let port = quic.local_addr().map_err(|e| quic::QuicSetupError::Bind(listen, e))?.port();
+        let tcp_addr = SocketAddr::new(listen.ip(), port);
+        match TcpListener::bind(tcp_addr).await {
+            Ok(tcp) => return Ok((quic, tcp)),
+            Err(e) if listen.port() == 0 && attempt < ATTEMPTS => {
+                tracing::debug!(%tcp_addr, "TCP side of the tunnel port is taken ({e}); trying another");
+                attempt += 1;
+            }
+            Err(source) => return Err(RelayError::TunnelTcp { addr: tcp_addr, source }),
+        }
     }
 }
 

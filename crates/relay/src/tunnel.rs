@@ -5,6 +5,7 @@
 //! Each incoming connection is handled in a task of its own, spawned before the handshake, so
 //! a stalled peer never blocks the accept loop; every handshake step has a deadline.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,8 +15,13 @@ use privlink_protocol::frame::MAX_BODY_LEN;
 use privlink_protocol::io::{
     FrameReader, ReadFrameError, WriteFrameError, read_frame, write_frame,
 };
-use privlink_protocol::message::{Control, EndpointAssignment, Hello, PROTOCOL_VERSION};
-use privlink_protocol::transport::{CloseCode, StreamError, TunnelConnection, TunnelStream, quic};
+use privlink_protocol::message::{
+    Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict,
+};
+use privlink_protocol::transport::{
+    CloseCode, StreamError, TunnelConnection, TunnelStream, h2, quic,
+};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
@@ -67,8 +73,16 @@ pub(crate) struct TunnelContext {
     pub(crate) draining: CancellationToken,
 }
 
-/// Accepts agent connections until `stop` is cancelled.
-pub(crate) async fn accept_agents(
+impl TunnelContext {
+    /// Whether a source has used up its failed authentications; such peers are turned away
+    /// before any handshake work.
+    fn is_blocked(&self, remote: SocketAddr) -> bool {
+        self.failures.lock().map(|f| f.is_blocked(remote.ip(), Instant::now())).unwrap_or(false)
+    }
+}
+
+/// Accepts QUIC agent connections until `stop` is cancelled.
+pub(crate) async fn accept_quic_agents(
     endpoint: quinn::Endpoint,
     ctx: Arc<TunnelContext>,
     stop: CancellationToken,
@@ -83,34 +97,91 @@ pub(crate) async fn accept_agents(
             },
         };
         let remote = incoming.remote_address();
-        let blocked =
-            ctx.failures.lock().map(|f| f.is_blocked(remote.ip(), Instant::now())).unwrap_or(false);
-        if blocked {
+        if ctx.is_blocked(remote) {
             debug!(%remote, "refusing tunnel connection: too many failed authentications");
             incoming.refuse();
             continue;
         }
-        let span = tracing::info_span!("agent", %remote);
         let ctx = Arc::clone(&ctx);
+        let handshake = async move { Ok(quic::handshake(incoming, HANDSHAKE_TIMEOUT).await?) };
         tracker.spawn(
-            async move {
-                match serve_agent(incoming, remote, &ctx).await {
-                    Ok(()) => {}
-                    Err(AgentSessionError::Auth(_)) => {} // logged where it happened
-                    Err(e) => warn!("agent session ended: {e}"),
-                }
-            }
-            .instrument(span),
+            serve_agent(handshake, remote, ctx)
+                .instrument(tracing::info_span!("agent", %remote, transport = "quic")),
         );
     }
 }
 
+/// Accepts TLS/TCP agent connections until `stop` is cancelled.
+pub(crate) async fn accept_tcp_agents(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: Arc<TunnelContext>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (socket, remote) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!("tunnel accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if ctx.is_blocked(remote) {
+            debug!(%remote, "refusing tunnel connection: too many failed authentications");
+            privlink_protocol::tcp::abort(socket);
+            continue;
+        }
+        let ctx = Arc::clone(&ctx);
+        let acceptor = acceptor.clone();
+        let handshake = async move {
+            h2::tune_socket(&socket);
+            let steps = async {
+                let tls = acceptor.accept(socket).await.map_err(|e| format!("TLS: {e}"))?;
+                h2::relay_handshake(tls, remote).await.map_err(|e| format!("HTTP/2: {e}"))
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await {
+                Ok(Ok(opener)) => Ok(TunnelConnection::from(opener)),
+                Ok(Err(e)) => Err(AgentSessionError::Handshake(quic::DialError::Handshake(e))),
+                Err(_) => {
+                    Err(AgentSessionError::Handshake(quic::DialError::Timeout(HANDSHAKE_TIMEOUT)))
+                }
+            }
+        };
+        tracker.spawn(
+            serve_agent(handshake, remote, ctx)
+                .instrument(tracing::info_span!("agent", %remote, transport = "tcp")),
+        );
+    }
+}
+
+/// Runs one agent's session after its transport handshake, logging how it ended.
 async fn serve_agent(
-    incoming: quinn::Incoming,
+    handshake: impl Future<Output = Result<TunnelConnection, AgentSessionError>>,
+    remote: SocketAddr,
+    ctx: Arc<TunnelContext>,
+) {
+    let result = async {
+        let connection = handshake.await?;
+        run_agent(&connection, remote, &ctx).await
+    }
+    .await;
+    match result {
+        Ok(()) | Err(AgentSessionError::Auth(_)) => {} // logged where it happened
+        Err(e) => warn!("agent session ended: {e}"),
+    }
+}
+
+async fn run_agent(
+    connection: &TunnelConnection,
     remote: SocketAddr,
     ctx: &TunnelContext,
 ) -> Result<(), AgentSessionError> {
-    let connection = quic::handshake(incoming, HANDSHAKE_TIMEOUT).await?;
     let mut control = connection.open_stream(HANDSHAKE_TIMEOUT).await?;
     write_frame(
         &mut control,
@@ -128,9 +199,9 @@ async fn serve_agent(
             return Err(AgentSessionError::Protocol(format!("expected Hello, got {other:?}")));
         }
     };
-    let (registration, agent_label) = admit(&connection, &mut control, remote, hello, ctx).await?;
+    let (registration, agent_label) = admit(connection, &mut control, remote, hello, ctx).await?;
     let agent_span = tracing::info_span!("session", agent = %agent_label);
-    run_control(&connection, &mut control, &registration, ctx).instrument(agent_span).await
+    run_control(connection, &mut control, &registration, ctx).instrument(agent_span).await
 }
 
 /// Checks version and token, answers welcome or refusal, reads verdicts, registers.
@@ -220,21 +291,17 @@ async fn refuse(connection: &TunnelConnection, control: &mut TunnelStream, reaso
     connection.close(CloseCode::Refused, reason);
 }
 
-fn record_verdicts(
-    registration: &AgentRegistration,
-    verdicts: Vec<privlink_protocol::message::EndpointVerdict>,
-) {
+fn record_verdicts(registration: &AgentRegistration, verdicts: Vec<EndpointVerdict>) {
+    // Record before logging: the log line is a readiness signal operators and tests act on.
+    registration.set_verdicts(verdicts.iter().map(|v| (v.endpoint.clone(), v.verdict.clone())));
     for v in &verdicts {
         match &v.verdict {
-            privlink_protocol::message::Verdict::Approved => {
-                info!(endpoint = %v.endpoint, "endpoint approved by agent");
-            }
-            privlink_protocol::message::Verdict::Rejected { reason } => {
+            Verdict::Approved => info!(endpoint = %v.endpoint, "endpoint approved by agent"),
+            Verdict::Rejected { reason } => {
                 warn!(endpoint = %v.endpoint, %reason, "endpoint rejected by agent");
             }
         }
     }
-    registration.set_verdicts(verdicts.into_iter().map(|v| (v.endpoint, v.verdict)));
 }
 
 /// Heartbeats and notices until the connection ends.

@@ -2,9 +2,10 @@
 //! connection on which the relay opens byte streams and the agent accepts them; a
 //! [`TunnelStream`] is one such stream, an ordinary `AsyncRead + AsyncWrite` that carries FIN
 //! as FIN and can be reset. The relay, the agent and the copy loop use only these types, so
-//! they do not know which transport carries a stream. QUIC ([`quic`]) is the transport today;
-//! TLS over TCP with an HTTP/2 multiplexer will be a second variant of the same types.
+//! they do not know which transport carries a stream: QUIC ([`quic`]) or TLS over TCP with
+//! an HTTP/2 multiplexer ([`h2`]).
 
+pub mod h2;
 pub mod quic;
 
 use std::fmt;
@@ -21,12 +22,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub enum TransportKind {
     /// QUIC over UDP.
     Quic,
+    /// TLS 1.3 over TCP carrying HTTP/2.
+    Tcp,
 }
 
 impl fmt::Display for TransportKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Quic => "quic",
+            Self::Tcp => "tcp",
         })
     }
 }
@@ -73,64 +77,117 @@ pub enum StreamError {
 /// A multiplexed tunnel connection between a relay and an agent.
 #[derive(Debug, Clone)]
 pub struct TunnelConnection {
-    inner: quinn::Connection,
+    inner: Connection,
+}
+
+#[derive(Debug, Clone)]
+enum Connection {
+    Quic(quinn::Connection),
+    /// Relay side of TLS/TCP: opens streams.
+    H2Opener(h2::H2Opener),
+    /// Agent side of TLS/TCP: accepts streams.
+    H2Acceptor(h2::H2Acceptor),
+}
+
+impl From<h2::H2Opener> for TunnelConnection {
+    fn from(opener: h2::H2Opener) -> Self {
+        Self { inner: Connection::H2Opener(opener) }
+    }
+}
+
+impl From<h2::H2Acceptor> for TunnelConnection {
+    fn from(acceptor: h2::H2Acceptor) -> Self {
+        Self { inner: Connection::H2Acceptor(acceptor) }
+    }
 }
 
 impl TunnelConnection {
     /// Wraps an established QUIC connection.
     pub fn from_quic(connection: quinn::Connection) -> Self {
-        Self { inner: connection }
+        Self { inner: Connection::Quic(connection) }
     }
 
     /// The transport in use.
     pub fn kind(&self) -> TransportKind {
-        TransportKind::Quic
+        match self.inner {
+            Connection::Quic(_) => TransportKind::Quic,
+            Connection::H2Opener(_) | Connection::H2Acceptor(_) => TransportKind::Tcp,
+        }
     }
 
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
-        self.inner.remote_address()
+        match &self.inner {
+            Connection::Quic(c) => c.remote_address(),
+            Connection::H2Opener(c) => c.remote_address(),
+            Connection::H2Acceptor(c) => c.remote_address(),
+        }
     }
 
     /// Opens a stream, waiting at most `wait` for the peer's stream limit to allow it.
     ///
-    /// Nothing is sent until the caller writes, so the open header and the first data go
-    /// out together: opening costs no round trip.
+    /// Nothing but the stream's opening is sent until the caller writes, and the open header
+    /// and the first data go out together: opening costs no round trip.
     pub async fn open_stream(&self, wait: Duration) -> Result<TunnelStream, StreamError> {
-        match tokio::time::timeout(wait, self.inner.open_bi()).await {
-            Ok(Ok((send, recv))) => Ok(TunnelStream { send, recv }),
-            Ok(Err(e)) => Err(StreamError::ConnectionClosed(e.to_string())),
-            Err(_) => Err(StreamError::LimitReached(wait)),
+        match &self.inner {
+            Connection::Quic(c) => match tokio::time::timeout(wait, c.open_bi()).await {
+                Ok(Ok((send, recv))) => Ok(TunnelStream { inner: Stream::Quic { send, recv } }),
+                Ok(Err(e)) => Err(StreamError::ConnectionClosed(e.to_string())),
+                Err(_) => Err(StreamError::LimitReached(wait)),
+            },
+            Connection::H2Opener(c) => {
+                c.open_stream(wait).await.map(|s| TunnelStream { inner: Stream::H2(s) })
+            }
+            Connection::H2Acceptor(_) => Err(StreamError::ConnectionClosed(
+                "the agent side of a TLS/TCP tunnel does not open streams".to_owned(),
+            )),
         }
     }
 
     /// Waits for the peer to open a stream.
     pub async fn accept_stream(&self) -> Result<TunnelStream, StreamError> {
-        self.inner
-            .accept_bi()
-            .await
-            .map(|(send, recv)| TunnelStream { send, recv })
-            .map_err(|e| StreamError::ConnectionClosed(e.to_string()))
+        match &self.inner {
+            Connection::Quic(c) => c
+                .accept_bi()
+                .await
+                .map(|(send, recv)| TunnelStream { inner: Stream::Quic { send, recv } })
+                .map_err(|e| StreamError::ConnectionClosed(describe_close(&e))),
+            Connection::H2Acceptor(c) => {
+                c.accept_stream().await.map(|s| TunnelStream { inner: Stream::H2(s) })
+            }
+            Connection::H2Opener(c) => {
+                // The relay never accepts streams: wait for the connection to end instead.
+                Err(StreamError::ConnectionClosed(c.closed().await))
+            }
+        }
     }
 
-    /// Closes the connection with a code and a reason the peer will see.
+    /// Closes the connection with a code and a reason (QUIC delivers both to the peer; over
+    /// TLS/TCP the reason travels on the control stream before this is called).
     pub fn close(&self, code: CloseCode, reason: &str) {
-        self.inner.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+        match &self.inner {
+            Connection::Quic(c) => c.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes()),
+            Connection::H2Opener(c) => c.close(reason),
+            Connection::H2Acceptor(c) => c.close(reason),
+        }
     }
 
     /// Resolves when the connection is closed, with a description of why.
     pub async fn closed(&self) -> String {
-        describe_close(&self.inner.closed().await)
+        match &self.inner {
+            Connection::Quic(c) => describe_close(&c.closed().await),
+            Connection::H2Opener(c) => c.closed().await,
+            Connection::H2Acceptor(c) => c.closed().await,
+        }
     }
 
     /// The close reason if the connection is already closed.
     pub fn close_reason(&self) -> Option<String> {
-        self.inner.close_reason().map(|e| describe_close(&e))
-    }
-
-    /// Smoothed round-trip time.
-    pub fn rtt(&self) -> Duration {
-        self.inner.rtt()
+        match &self.inner {
+            Connection::Quic(c) => c.close_reason().map(|e| describe_close(&e)),
+            Connection::H2Opener(c) => c.close_reason(),
+            Connection::H2Acceptor(c) => c.close_reason(),
+        }
     }
 }
 
@@ -151,17 +208,27 @@ fn describe_close(error: &quinn::ConnectionError) -> String {
 /// [`TunnelStream::reset`] aborts both directions.
 #[derive(Debug)]
 pub struct TunnelStream {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    inner: Stream,
+}
+
+#[derive(Debug)]
+enum Stream {
+    Quic { send: quinn::SendStream, recv: quinn::RecvStream },
+    H2(h2::H2Stream),
 }
 
 impl TunnelStream {
     /// Aborts the stream both ways: the peer's reads fail with a reset and its writes stop.
     pub fn reset(&mut self, code: ResetCode) {
-        let code = quinn::VarInt::from_u32(code as u32);
-        // Either half may already be finished or stopped; resetting what is left is enough.
-        let _ = self.send.reset(code);
-        let _ = self.recv.stop(code);
+        match &mut self.inner {
+            Stream::Quic { send, recv } => {
+                let code = quinn::VarInt::from_u32(code as u32);
+                // Either half may already be finished or stopped; resetting the rest is enough.
+                let _ = send.reset(code);
+                let _ = recv.stop(code);
+            }
+            Stream::H2(s) => s.reset(code),
+        }
     }
 }
 
@@ -171,7 +238,10 @@ impl AsyncRead for TunnelStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.recv).poll_read(cx, buf)
+        match &mut self.inner {
+            Stream::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
+            Stream::H2(s) => Pin::new(s).poll_read(cx, buf),
+        }
     }
 }
 
@@ -181,14 +251,23 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+        match &mut self.inner {
+            Stream::Quic { send, .. } => AsyncWrite::poll_write(Pin::new(send), cx, buf),
+            Stream::H2(s) => Pin::new(s).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+        match &mut self.inner {
+            Stream::Quic { send, .. } => AsyncWrite::poll_flush(Pin::new(send), cx),
+            Stream::H2(s) => Pin::new(s).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+        match &mut self.inner {
+            Stream::Quic { send, .. } => AsyncWrite::poll_shutdown(Pin::new(send), cx),
+            Stream::H2(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

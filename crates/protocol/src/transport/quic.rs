@@ -193,7 +193,7 @@ impl From<TlsError> for QuicSetupError {
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     /// No handshake completed before the deadline (UDP blocked, relay down, …).
-    #[error("no QUIC handshake within {0:?}")]
+    #[error("no handshake within {0:?}")]
     Timeout(Duration),
     /// The handshake failed (certificate, ALPN, refused, …).
     #[error("{0}")]

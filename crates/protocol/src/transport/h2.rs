@@ -1,0 +1,364 @@
+//! The TLS-over-TCP transport: TLS 1.3 (tokio-rustls) carrying an HTTP/2 multiplexer (the `h2`
+//! crate) with roles reversed — the agent dials and is the HTTP/2 *server*, the relay is the
+//! HTTP/2 *client* and opens one request stream per tunnel stream (cloudflared's http2
+//! transport works this way). Each request body carries relay→agent bytes, each response
+//! body agent→relay bytes; END_STREAM is FIN, RST_STREAM is reset.
+//!
+//! Flow control is HTTP/2's own: windows are sized like the QUIC ones, and receive capacity is
+//! released only as the copy loop consumes data, so a slow reader holds back its own stream
+//! and no other.
+//!
+//! A dead peer is noticed by TCP keep-alives and `TCP_USER_TIMEOUT` (about ten seconds), the
+//! counterpart of QUIC's idle timeout.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::quic::{CONNECTION_RECEIVE_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_RECEIVE_WINDOW};
+use super::{ResetCode, StreamError};
+
+/// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB; 256 KiB
+/// keeps per-frame latency low while cutting per-frame overhead for bulk transfers).
+const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// Bytes the h2 layer may buffer per stream before `poll_write` waits for the socket.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// TCP keep-alive: first probe after this much silence.
+const KEEPALIVE_TIME: Duration = Duration::from_secs(4);
+/// TCP keep-alive: interval between probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// Unacknowledged data older than this aborts the connection (`TCP_USER_TIMEOUT`).
+const USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Applies the socket options a tunnel TCP connection needs (no Nagle, fast dead-peer
+/// detection).
+pub fn tune_socket(socket: &TcpStream) {
+    let _ = socket.set_nodelay(true);
+    let sock = socket2::SockRef::from(socket);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_TIME)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
+/// Shared close state of one h2 tunnel connection.
+#[derive(Debug)]
+struct CloseState {
+    /// Cancelled to tear the connection down.
+    stop: CancellationToken,
+    /// Why it closed, once it has.
+    reason: watch::Sender<Option<String>>,
+    remote: SocketAddr,
+}
+
+impl CloseState {
+    fn new(remote: SocketAddr) -> Arc<Self> {
+        Arc::new(Self { stop: CancellationToken::new(), reason: watch::Sender::new(None), remote })
+    }
+
+    fn set_reason(&self, reason: String) {
+        self.reason.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+type Incoming = (http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>);
+
+/// The relay's side of an h2 tunnel connection: it opens streams.
+#[derive(Debug, Clone)]
+pub struct H2Opener {
+    send_request: h2::client::SendRequest<Bytes>,
+    state: Arc<CloseState>,
+}
+
+/// The agent's side of an h2 tunnel connection: it accepts streams.
+#[derive(Debug, Clone)]
+pub struct H2Acceptor {
+    incoming: Arc<Mutex<mpsc::UnboundedReceiver<Incoming>>>,
+    state: Arc<CloseState>,
+}
+
+/// Relay side: runs the HTTP/2 client handshake over an accepted, TLS-wrapped TCP connection
+/// and spawns the task that drives it.
+pub async fn relay_handshake<S>(io: S, remote: SocketAddr) -> Result<H2Opener, h2::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send_request, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_RECEIVE_WINDOW)
+        .initial_connection_window_size(CONNECTION_RECEIVE_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(0)
+        .enable_push(false)
+        .handshake(io)
+        .await?;
+    let state = CloseState::new(remote);
+    let driver = Arc::clone(&state);
+    tokio::spawn(async move {
+        let reason = tokio::select! {
+            result = connection => match result {
+                Ok(()) => "closed by peer".to_owned(),
+                Err(e) => describe(&e),
+            },
+            () = driver.stop.cancelled() => "closed locally".to_owned(),
+        };
+        driver.set_reason(reason);
+    });
+    Ok(H2Opener { send_request, state })
+}
+
+/// Agent side: runs the HTTP/2 server handshake over a dialled, TLS-wrapped TCP connection and
+/// spawns the task that drives it and queues the relay's streams.
+pub async fn agent_handshake<S>(io: S, remote: SocketAddr) -> Result<H2Acceptor, h2::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_RECEIVE_WINDOW)
+        .initial_connection_window_size(CONNECTION_RECEIVE_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS + 1)
+        .handshake(io)
+        .await?;
+    let state = CloseState::new(remote);
+    let driver = Arc::clone(&state);
+    let (queue, incoming) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        // Polling `accept` is what drives the connection's I/O, so it runs for the connection's
+        // whole life, not only when someone waits for a stream.
+        let reason = loop {
+            tokio::select! {
+                next = connection.accept() => match next {
+                    Some(Ok(stream)) => {
+                        if queue.send(stream).is_err() {
+                            break "closed locally".to_owned();
+                        }
+                    }
+                    Some(Err(e)) => break describe(&e),
+                    None => break "closed by peer".to_owned(),
+                },
+                () = driver.stop.cancelled() => break "closed locally".to_owned(),
+            }
+        };
+        driver.set_reason(reason);
+    });
+    Ok(H2Acceptor { incoming: Arc::new(Mutex::new(incoming)), state })
+}
+
+fn describe(error: &h2::Error) -> String {
+    if error.is_go_away() {
+        format!("peer sent GOAWAY ({:?})", error.reason())
+    } else if error.is_io() {
+        format!("connection lost: {error}")
+    } else {
+        error.to_string()
+    }
+}
+
+impl H2Opener {
+    pub(super) fn remote_address(&self) -> SocketAddr {
+        self.state.remote
+    }
+
+    pub(super) async fn open_stream(&self, wait: Duration) -> Result<H2Stream, StreamError> {
+        let open = async {
+            let mut ready = self.send_request.clone().ready().await?;
+            let request = http::Request::post("https://privlink/stream")
+                .body(())
+                .map_err(|_| h2::Error::from(h2::Reason::INTERNAL_ERROR))?;
+            let (response, send) = ready.send_request(request, false)?;
+            Ok::<_, h2::Error>(H2Stream { send, recv: RecvState::Waiting(response) })
+        };
+        match tokio::time::timeout(wait, open).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(StreamError::ConnectionClosed(describe(&e))),
+            Err(_) => Err(StreamError::LimitReached(wait)),
+        }
+    }
+
+    pub(super) fn close(&self, reason: &str) {
+        self.state.set_reason(format!("closed locally: {reason}"));
+        self.state.stop.cancel();
+    }
+
+    pub(super) async fn closed(&self) -> String {
+        wait_closed(&self.state).await
+    }
+
+    pub(super) fn close_reason(&self) -> Option<String> {
+        self.state.reason.borrow().clone()
+    }
+}
+
+impl H2Acceptor {
+    pub(super) fn remote_address(&self) -> SocketAddr {
+        self.state.remote
+    }
+
+    pub(super) async fn accept_stream(&self) -> Result<H2Stream, StreamError> {
+        let next = self.incoming.lock().await.recv().await;
+        let Some((request, mut respond)) = next else {
+            return Err(StreamError::ConnectionClosed(
+                self.close_reason().unwrap_or_else(|| "closed".to_owned()),
+            ));
+        };
+        let send = respond
+            .send_response(http::Response::new(()), false)
+            .map_err(|e| StreamError::ConnectionClosed(describe(&e)))?;
+        Ok(H2Stream { send, recv: RecvState::Body(request.into_body(), Bytes::new()) })
+    }
+
+    pub(super) fn close(&self, reason: &str) {
+        self.state.set_reason(format!("closed locally: {reason}"));
+        self.state.stop.cancel();
+    }
+
+    pub(super) async fn closed(&self) -> String {
+        wait_closed(&self.state).await
+    }
+
+    pub(super) fn close_reason(&self) -> Option<String> {
+        self.state.reason.borrow().clone()
+    }
+}
+
+async fn wait_closed(state: &CloseState) -> String {
+    let mut reason = state.reason.subscribe();
+    match reason.wait_for(Option::is_some).await {
+        Ok(r) => r.clone().unwrap_or_default(),
+        Err(_) => "closed".to_owned(),
+    }
+}
+
+/// The receiving half of an h2 tunnel stream.
+#[derive(Debug)]
+enum RecvState {
+    /// Relay side: the agent's response headers have not arrived yet.
+    Waiting(h2::client::ResponseFuture),
+    /// A body being read, with the unread rest of the last DATA frame.
+    Body(h2::RecvStream, Bytes),
+    /// End of stream.
+    Done,
+}
+
+/// One h2 tunnel stream as a byte stream.
+#[derive(Debug)]
+pub struct H2Stream {
+    send: h2::SendStream<Bytes>,
+    recv: RecvState,
+}
+
+fn to_io(error: h2::Error) -> io::Error {
+    if error.is_io() {
+        return error.into_io().unwrap_or_else(|| io::ErrorKind::BrokenPipe.into());
+    }
+    let kind = if error.is_reset() || error.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, error)
+}
+
+impl H2Stream {
+    pub(super) fn reset(&mut self, code: ResetCode) {
+        self.send.send_reset(h2::Reason::from(code as u32));
+        self.recv = RecvState::Done;
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.recv {
+                RecvState::Done => return Poll::Ready(Ok(())),
+                RecvState::Waiting(response) => {
+                    let response = ready!(Pin::new(response).poll(cx)).map_err(to_io)?;
+                    if response.status() != http::StatusCode::OK {
+                        return Poll::Ready(Err(io::Error::other(format!(
+                            "agent answered the stream with HTTP status {}",
+                            response.status()
+                        ))));
+                    }
+                    self.recv = RecvState::Body(response.into_body(), Bytes::new());
+                }
+                RecvState::Body(body, rest) => {
+                    if !rest.is_empty() {
+                        let n = rest.len().min(out.remaining());
+                        out.put_slice(&rest.split_to(n));
+                        // Capacity goes back to the sender only as data is consumed.
+                        body.flow_control().release_capacity(n).map_err(to_io)?;
+                        return Poll::Ready(Ok(()));
+                    }
+                    match ready!(body.poll_data(cx)) {
+                        Some(Ok(data)) => *rest = data,
+                        Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                        None => {
+                            self.recv = RecvState::Done;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(granted)) => {
+                    let n = granted.min(buf.len());
+                    self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(to_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 sends as soon as its connection task runs; there is nothing to flush here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // END_STREAM on an empty DATA frame: the peer reads EOF (FIN).
+        Poll::Ready(self.send.send_data(Bytes::new(), true).map_err(to_io))
+    }
+}
