@@ -182,7 +182,7 @@ async fn session(
         () = stop.cancelled() => return Ok(()),
         dialed = dial(only, relay, addr, shared, HANDSHAKE_TIMEOUT) => dialed?,
     };
-    serve_connection(&connection, shared, stop).await
+    serve_connection(&connection, shared, stop, &CancellationToken::new()).await
 }
 
 /// `transport = "auto"`: QUIC if a handshake completes within `quic_fallback_after`, else TLS
@@ -199,7 +199,7 @@ async fn auto_session(
     let quic_failure = tokio::select! {
         () = stop.cancelled() => return Ok(()),
         dialed = dial(TransportKind::Quic, relay, addr, shared, fallback_after) => match dialed {
-            Ok(connection) => return serve_connection(&connection, shared, stop).await,
+            Ok(connection) => return serve_connection(&connection, shared, stop, &CancellationToken::new()).await,
             Err(e) => e,
         },
     };
@@ -209,14 +209,29 @@ async fn auto_session(
         dialed = dial(TransportKind::Tcp, relay, addr, shared, HANDSHAKE_TIMEOUT) => dialed?,
     };
     let tcp_wind_down = stop.child_token();
-    let mut on_tcp = std::pin::pin!(serve_connection(&tcp, shared, &tcp_wind_down));
+    let tcp_ready = CancellationToken::new();
+    let mut on_tcp = std::pin::pin!(serve_connection(&tcp, shared, &tcp_wind_down, &tcp_ready));
     let quic = tokio::select! {
         result = &mut on_tcp => return result,
         quic = probe_quic(relay, addr, shared) => quic,
     };
-    info!("QUIC gets through again: new streams move to QUIC; open TCP streams run to completion");
-    tcp_wind_down.cancel();
-    let (on_quic, tcp_tail) = tokio::join!(serve_connection(&quic, shared, stop), on_tcp);
+    info!(
+        "QUIC gets through again: new streams move to QUIC once it is approved; open TCP streams run to completion"
+    );
+    let quic_ready = CancellationToken::new();
+    // Drain TCP only once the QUIC session has given its verdicts, so the relay always has an
+    // approving agent; if the QUIC session fails before that, TCP simply carries on.
+    let drain_tcp = async {
+        tokio::select! {
+            () = quic_ready.cancelled() => {
+                tcp_wind_down.cancel();
+                on_tcp.await
+            }
+            result = &mut on_tcp => result,
+        }
+    };
+    let (on_quic, tcp_tail) =
+        tokio::join!(serve_connection(&quic, shared, stop, &quic_ready), drain_tcp);
     if let Err(e) = tcp_tail {
         debug!("TCP session after the move to QUIC: {e}");
     }
@@ -280,14 +295,16 @@ async fn dial(
 }
 
 /// Runs a session on an established connection until it ends or `wind_down` is cancelled,
-/// then lets its streams finish (or be forced) and closes the connection.
+/// then lets its streams finish (or be forced) and closes the connection. `ready` is cancelled
+/// once the relay has the agent's verdicts (the session can carry streams).
 async fn serve_connection(
     connection: &TunnelConnection,
     shared: &AgentShared,
     wind_down: &CancellationToken,
+    ready: &CancellationToken,
 ) -> Result<(), SessionError> {
     let streams = TaskTracker::new();
-    let result = run_session(connection, shared, wind_down, &streams).await;
+    let result = run_session(connection, shared, wind_down, ready, &streams).await;
     // Streams already running finish (or are forced) before this link re-dials.
     streams.close();
     tokio::select! {
@@ -309,6 +326,7 @@ async fn run_session(
     connection: &TunnelConnection,
     shared: &AgentShared,
     stop: &CancellationToken,
+    ready: &CancellationToken,
     streams: &TaskTracker,
 ) -> Result<(), SessionError> {
     let accept_control = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_stream());
@@ -369,6 +387,7 @@ async fn run_session(
     }
     write_frame(&mut control, &Control::Verdicts(verdicts)).await?;
     info!(transport = %connection.kind(), endpoints = endpoints.len(), "connected to relay");
+    ready.cancel();
 
     // Cancel-safe: the select! below may drop a read in the middle of a frame.
     let mut frames = FrameReader::new();
@@ -379,6 +398,16 @@ async fn run_session(
             () = stop.cancelled() => {
                 let reason = if shared.shutdown.is_cancelled() { "agent shutting down" } else { "agent moving to another transport" };
                 let _ = write_frame(&mut control, &Control::Drain { reason: reason.into() }).await;
+                // Keep the control stream until the streams already running are done (dropping
+                // it would reset it, which the relay takes for a broken agent), then end it
+                // with FIN.
+                streams.close();
+                tokio::select! {
+                    () = streams.wait() => {}
+                    () = shared.force.cancelled() => {}
+                    _ = connection.closed() => {}
+                }
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut control).await;
                 return Ok(());
             }
             accepted = connection.accept_stream() => match accepted {

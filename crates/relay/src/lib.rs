@@ -38,8 +38,8 @@ use tracing::{info, warn};
 
 pub use crate::config::RelayConfig;
 use crate::endpoint::Endpoint;
-pub use crate::registry::EndpointStatus;
 use crate::registry::Registry;
+pub use crate::registry::{AgentView, EndpointStatus};
 use crate::tunnel::TunnelContext;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
@@ -265,9 +265,9 @@ impl RelayHandle {
         Some((endpoint.counters.denied.load(Relaxed), endpoint.counters.over_limit.load(Relaxed)))
     }
 
-    /// Agents connected for a connector.
-    pub fn agent_count(&self, connector: &str) -> usize {
-        self.registry.agent_count(connector)
+    /// Agents connected for a connector, oldest connection first.
+    pub fn agents(&self, connector: &str) -> Vec<AgentView> {
+        self.registry.agents(connector)
     }
 
     /// Waits until `predicate` holds for the endpoint's status, or `timeout` passes. Returns
@@ -291,21 +291,22 @@ impl RelayHandle {
         }
     }
 
-    /// Waits until `count(connector)` satisfies `predicate`, or `timeout` passes.
+    /// Waits until the connector's agents satisfy `predicate`, or `timeout` passes; returns
+    /// the last view seen.
     pub async fn wait_for_agents(
         &self,
         connector: &str,
         timeout: Duration,
-        predicate: impl Fn(usize) -> bool,
-    ) -> usize {
+        predicate: impl Fn(&[AgentView]) -> bool,
+    ) -> Vec<AgentView> {
         let mut changes = self.registry.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let count = self.agent_count(connector);
-            if predicate(count)
+            let agents = self.agents(connector);
+            if predicate(&agents)
                 || tokio::time::timeout_at(deadline, changes.changed()).await.is_err()
             {
-                return count;
+                return agents;
             }
         }
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use privlink_protocol::message::Verdict;
-use privlink_protocol::transport::TunnelConnection;
+use privlink_protocol::transport::{TransportKind, TunnelConnection};
 use tokio::sync::watch;
 
 /// An endpoint's status, in the vocabulary of Azure private-endpoint connections.
@@ -40,6 +40,19 @@ impl fmt::Display for EndpointStatus {
             Self::Rejected { reason } => write!(f, "Rejected ({reason})"),
         }
     }
+}
+
+/// What the relay knows of one connected agent, for status views.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentView {
+    /// The agent's name.
+    pub name: String,
+    /// The transport its connection uses.
+    pub transport: TransportKind,
+    /// Whether it announced a drain (it gets no new streams).
+    pub draining: bool,
+    /// Streams the relay has open on it.
+    pub active_streams: u32,
 }
 
 /// One connected agent.
@@ -203,7 +216,8 @@ impl Registry {
         let mut connected = false;
         let mut pending = false;
         let mut rejection = None;
-        for agent in state.agents.values().filter(|a| a.connector == connector) {
+        // A draining agent takes no new connections, so its verdict no longer counts.
+        for agent in state.agents.values().filter(|a| a.connector == connector && !a.draining) {
             connected = true;
             match agent.verdicts.get(endpoint) {
                 Some(Verdict::Approved) => return EndpointStatus::Approved,
@@ -218,9 +232,25 @@ impl Registry {
         }
     }
 
-    /// Number of agents connected for `connector`.
-    pub fn agent_count(&self, connector: &str) -> usize {
-        self.lock().agents.values().filter(|a| a.connector == connector).count()
+    /// The agents connected for `connector`, oldest connection first.
+    pub fn agents(&self, connector: &str) -> Vec<AgentView> {
+        let state = self.lock();
+        let mut agents: Vec<(u64, AgentView)> = state
+            .agents
+            .iter()
+            .filter(|(_, a)| a.connector == connector)
+            .map(|(id, a)| {
+                let view = AgentView {
+                    name: a.name.clone(),
+                    transport: a.connection.kind(),
+                    draining: a.draining,
+                    active_streams: a.active_streams.load(Ordering::Relaxed),
+                };
+                (*id, view)
+            })
+            .collect();
+        agents.sort_unstable_by_key(|(id, _)| *id);
+        agents.into_iter().map(|(_, view)| view).collect()
     }
 
     /// Tunnel connections of every registered agent (for closing them on shutdown).

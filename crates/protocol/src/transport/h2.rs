@@ -33,6 +33,8 @@ use super::{ResetCode, StreamError};
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Bytes the h2 layer may buffer per stream before `poll_write` waits for the socket.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// How long a graceful close may take to flush what is queued.
+const GRACEFUL_CLOSE: Duration = Duration::from_secs(3);
 /// TCP keep-alive: first probe after this much silence.
 const KEEPALIVE_TIME: Duration = Duration::from_secs(4);
 /// TCP keep-alive: interval between probes.
@@ -157,7 +159,15 @@ where
                     Some(Err(e)) => break describe(&e),
                     None => break "closed by peer".to_owned(),
                 },
-                () = driver.stop.cancelled() => break "closed locally".to_owned(),
+                () = driver.stop.cancelled() => {
+                    // GOAWAY, then keep driving the connection so frames already queued (the
+                    // last DATA and END_STREAM of finished streams) reach the relay before the
+                    // TCP connection closes. New streams arriving meanwhile are refused.
+                    connection.graceful_shutdown();
+                    let flush = async { while let Some(Ok(_refused)) = connection.accept().await {} };
+                    let _ = tokio::time::timeout(GRACEFUL_CLOSE, flush).await;
+                    break "closed locally".to_owned();
+                }
             }
         };
         driver.set_reason(reason);
