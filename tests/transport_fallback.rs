@@ -112,3 +112,31 @@ async fn quic_only_agents_do_not_fall_back() {
     assert_eq!(status, Some(privlink_relay::EndpointStatus::Disconnected));
     harness.shutdown(&[agent]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_when_udp_is_blocked_mid_way() {
+    let destination = echo_server().await;
+    let harness = Harness::start(vec![endpoint("e", destination)]).await;
+    let mut gate = TunnelGate::tcp_only(harness.relay.tunnel_addr()).await;
+    gate.open_udp().await;
+    let mut config = harness.agent_config(TransportChoice::Auto, &[rule_for(destination)]);
+    config.relays[0].port = gate.port;
+    config.quic_fallback_after = Duration::from_millis(500);
+    let agent = harness.spawn_agent(config);
+    harness.wait_approved("e").await;
+    assert!(harness.relay.agents(CONNECTOR).iter().all(on(TransportKind::Quic)));
+
+    // UDP stops getting through: QUIC's idle timeout notices, and the agent lands on TCP.
+    gate.close_udp();
+    let agents = harness
+        .relay
+        .wait_for_agents(CONNECTOR, Duration::from_secs(30), |agents| {
+            agents.len() == 1 && on(TransportKind::Tcp)(&agents[0])
+        })
+        .await;
+    assert!(agents.len() == 1 && on(TransportKind::Tcp)(&agents[0]), "{agents:?}");
+    harness.wait_approved("e").await;
+    let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    assert_eq!(echo_round_trip(socket, b"after the fallback").await, b"after the fallback");
+    harness.shutdown(&[agent]).await;
+}

@@ -303,6 +303,15 @@ impl TunnelGate {
     }
 }
 
+impl TunnelGate {
+    /// Stops forwarding UDP: datagrams to the port go nowhere from now on.
+    pub fn close_udp(&mut self) {
+        if let Some(udp) = self.udp.take() {
+            udp.abort();
+        }
+    }
+}
+
 impl Drop for TunnelGate {
     fn drop(&mut self) {
         if let Some(udp) = self.udp.take() {
