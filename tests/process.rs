@@ -5,88 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::{echo_round_trip, echo_server};
+use common::{BIN, Running, echo_round_trip, echo_server};
 use tokio::net::TcpStream;
-
-const BIN: &str = env!("CARGO_BIN_EXE_privlink");
-/// Generous bound for process start-up and reconnection (the relay notices a killed peer
-/// through the QUIC idle timeout, 8 s).
-const PROCESS_WAIT: Duration = Duration::from_secs(30);
-
-/// A child process whose stderr lines are collected by a thread.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start privlink");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, seen: Vec::new() }
-    }
-
-    /// Waits for a log line containing `needle` (a readiness signal), failing after a bound.
-    fn wait_for(&mut self, needle: &str) {
-        let deadline = Instant::now() + PROCESS_WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let hit = line.contains(needle);
-                    self.seen.push(line);
-                    if hit {
-                        return;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line containing {needle:?} within {PROCESS_WAIT:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn kill_hard(mut self) {
-        self.child.kill().expect("SIGKILL");
-        let _ = self.child.wait();
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
-        self.child.wait().expect("wait")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
@@ -158,23 +82,23 @@ async fn example_configs_run_and_survive_agent_and_relay_restarts() {
     let relay_args = ["relay", "--config", relay_cfg.to_str().expect("utf-8")];
     let agent_args = ["agent", "--config", agent_cfg.to_str().expect("utf-8")];
 
-    let mut relay = Running::start(&relay_args);
+    let mut relay = Running::privlink(&relay_args);
     relay.wait_for("endpoint listening");
-    let mut agent = Running::start(&agent_args);
+    let mut agent = Running::privlink(&agent_args);
     agent.wait_for("connected to relay");
     relay.wait_for("endpoint approved by agent");
     assert_endpoint_serves(endpoint).await;
 
     // kill -9 the agent and start a new one: new connections work once it is approved.
     agent.kill_hard();
-    let mut agent = Running::start(&agent_args);
+    let mut agent = Running::privlink(&agent_args);
     agent.wait_for("connected to relay");
     relay.wait_for("endpoint approved by agent");
     assert_endpoint_serves(endpoint).await;
 
     // kill -9 the relay and start it again on the same ports: the agent reconnects by itself.
     relay.kill_hard();
-    let mut relay = Running::start(&relay_args);
+    let mut relay = Running::privlink(&relay_args);
     relay.wait_for("endpoint listening");
     relay.wait_for("endpoint approved by agent");
     agent.wait_for("connected to relay");

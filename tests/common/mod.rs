@@ -2,8 +2,11 @@
 //! process on loopback (real sockets, real QUIC, real TLS), and small destination servers.
 #![allow(dead_code, unreachable_pub, reason = "each test binary uses a different subset")]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use privlink_agent::Agent;
 use privlink_agent::allowlist::Allowlist;
@@ -166,7 +169,8 @@ pub fn rule_for(addr: SocketAddr) -> String {
 
 /// A TCP echo server; each connection echoes until EOF, then closes its write side.
 pub async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let listener =
+        privlink_protocol::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind echo");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
@@ -183,7 +187,8 @@ pub async fn echo_server() -> SocketAddr {
 
 /// A server that reads until EOF and only then answers with the SHA-256 of what it read.
 pub async fn reply_after_eof_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener =
+        privlink_protocol::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
@@ -316,6 +321,91 @@ impl Drop for TunnelGate {
     fn drop(&mut self) {
         if let Some(udp) = self.udp.take() {
             udp.abort();
+        }
+    }
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_privlink");
+/// Generous bound for process start-up and reconnection (the relay notices a killed peer
+/// through the QUIC idle timeout, 8 s).
+pub const PROCESS_WAIT: Duration = Duration::from_secs(30);
+
+/// A child process whose stderr lines are collected by a thread.
+pub struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    /// Runs `privlink ARGS`.
+    pub fn privlink(args: &[&str]) -> Self {
+        let mut command = Command::new(BIN);
+        command.args(args);
+        Self::spawn(command)
+    }
+
+    /// Runs a prepared command, collecting its stderr (and stdout, for helper scripts).
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start process");
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let stdout = child.stdout.take().expect("stdout");
+        let tx_out = tx.clone();
+        std::thread::spawn(move || forward_lines(stderr, &tx));
+        std::thread::spawn(move || forward_lines(stdout, &tx_out));
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a log line containing `needle` (a readiness signal), failing after a bound.
+    pub fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + PROCESS_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.seen.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {PROCESS_WAIT:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn kill_hard(mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn forward_lines(from: impl std::io::Read, to: &mpsc::Sender<String>) {
+    for line in BufReader::new(from).lines().map_while(Result::ok) {
+        if to.send(line).is_err() {
+            break;
         }
     }
 }

@@ -14,3 +14,21 @@ pub fn abort(socket: TcpStream) {
     let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
     drop(socket);
 }
+
+/// Listen backlog for endpoint and tunnel listeners. `TcpListener::bind` uses std's 128, which
+/// a burst of client connections overflows (the kernel then drops or resets connections the
+/// relay never sees); the kernel caps this at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a TCP listener with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (so a restarted relay can
+/// bind its ports again at once).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}

@@ -109,7 +109,7 @@ impl Relay {
         let mut listeners = Vec::new();
         let mut by_name = HashMap::new();
         for spec in &config.endpoints {
-            let listener = TcpListener::bind(spec.listen).await.map_err(|source| {
+            let listener = privlink_protocol::tcp::listen(spec.listen).map_err(|source| {
                 RelayError::EndpointBind { endpoint: spec.name.clone(), addr: spec.listen, source }
             })?;
             let addr = listener.local_addr().map_err(|source| RelayError::EndpointBind {
@@ -230,7 +230,7 @@ async fn bind_tunnel(
         let quic = quic::relay_endpoint(listen, (**tls).clone())?;
         let port = quic.local_addr().map_err(|e| quic::QuicSetupError::Bind(listen, e))?.port();
         let tcp_addr = SocketAddr::new(listen.ip(), port);
-        match TcpListener::bind(tcp_addr).await {
+        match privlink_protocol::tcp::listen(tcp_addr) {
             Ok(tcp) => return Ok((quic, tcp)),
             Err(e) if listen.port() == 0 && attempt < ATTEMPTS => {
                 tracing::debug!(%tcp_addr, "TCP side of the tunnel port is taken ({e}); trying another");

@@ -349,13 +349,16 @@ impl AsyncWrite for H2Stream {
         }
         self.send.reserve_capacity(buf.len());
         loop {
+            // `poll_capacity` reports *changes* of capacity: capacity granted synchronously by
+            // `reserve_capacity` never wakes it, so look at what is already there first.
+            let available = self.send.capacity();
+            if available > 0 {
+                let n = available.min(buf.len());
+                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(to_io)?;
+                return Poll::Ready(Ok(n));
+            }
             match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(granted)) => {
-                    let n = granted.min(buf.len());
-                    self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(to_io)?;
-                    return Poll::Ready(Ok(n));
-                }
+                Some(Ok(_)) => {}
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             }
