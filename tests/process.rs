@@ -12,12 +12,26 @@ use std::process::Command;
 use common::{BIN, Running, echo_round_trip, echo_server};
 use tokio::net::TcpStream;
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// A port free for both TCP and UDP, chosen below the kernel's ephemeral range (as a real
+/// deployment's fixed ports are): a port from that range, freed by a killed relay, can be taken
+/// by any outgoing connection before the restarted relay binds it again.
+fn free_fixed_port() -> u16 {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral_start: u16 =
+        range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
+    let low = 10_000u16.min(ephemeral_start / 2);
+    let span = ephemeral_start - low;
+    for _ in 0..200 {
+        let random = u16::from_le_bytes([common::random_bytes(1)[0], common::random_bytes(1)[0]]);
+        let port = low + random % span;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -41,8 +55,8 @@ fn deploy(dir: &Path, destination: SocketAddr) -> (PathBuf, PathBuf, SocketAddr)
     let hash_line = out.lines().find(|l| l.starts_with("token_sha256 = ")).expect("hash line");
     std::fs::write(certs.join("token"), format!("{token}\n")).expect("token file");
 
-    let tunnel = format!("127.0.0.1:{}", free_udp_port());
-    let endpoint: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().expect("addr");
+    let tunnel = format!("127.0.0.1:{}", free_fixed_port());
+    let endpoint: SocketAddr = format!("127.0.0.1:{}", free_fixed_port()).parse().expect("addr");
     let config = dir.join("config");
     std::fs::create_dir_all(&config).expect("config dir");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -75,10 +89,24 @@ async fn assert_endpoint_serves(endpoint: SocketAddr) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn example_configs_run_and_survive_agent_and_relay_restarts() {
+async fn example_configs_run_and_survive_agent_and_relay_restarts_auto() {
+    survive_restarts("auto").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_configs_run_and_survive_agent_and_relay_restarts_tcp() {
+    survive_restarts("tcp").await;
+}
+
+/// The shipped configs with `transport` set as given (`auto` lands on QUIC here).
+async fn survive_restarts(transport: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let destination = echo_server().await;
     let (relay_cfg, agent_cfg, endpoint) = deploy(dir.path(), destination);
+    let agent_text = std::fs::read_to_string(&agent_cfg).expect("agent.toml");
+    let agent_text =
+        agent_text.replace("transport = \"auto\"", &format!("transport = \"{transport}\""));
+    std::fs::write(&agent_cfg, agent_text).expect("agent.toml");
     let relay_args = ["relay", "--config", relay_cfg.to_str().expect("utf-8")];
     let agent_args = ["agent", "--config", agent_cfg.to_str().expect("utf-8")];
 
@@ -87,6 +115,8 @@ async fn example_configs_run_and_survive_agent_and_relay_restarts() {
     let mut agent = Running::privlink(&agent_args);
     agent.wait_for("connected to relay");
     relay.wait_for("endpoint approved by agent");
+    let expected = if transport == "tcp" { "transport=tcp" } else { "transport=quic" };
+    assert!(agent.seen_contains(expected), "agent is not on {expected}");
     assert_endpoint_serves(endpoint).await;
 
     // kill -9 the agent and start a new one: new connections work once it is approved.

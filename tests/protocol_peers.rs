@@ -16,20 +16,37 @@ use privlink_protocol::message::{
     Verdict,
 };
 use privlink_protocol::tls;
-use privlink_protocol::transport::{TunnelConnection, quic};
+use privlink_protocol::transport::{TransportKind, TunnelConnection, h2, quic};
 use tokio::net::TcpListener;
 
-/// Dials the relay as an agent would and presents `connector` / `token`; returns the relay's
-/// answer to the hello.
-async fn hello_with(harness: &Harness, connector: &str, token: &str) -> Result<Control, String> {
+/// Dials the relay as an agent would on `transport` and presents `connector` / `token`;
+/// returns the relay's answer to the hello.
+async fn hello_with(
+    harness: &Harness,
+    transport: TransportKind,
+    connector: &str,
+    token: &str,
+) -> Result<Control, String> {
     let client_tls =
         tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der))
             .expect("tls");
-    let endpoint =
-        quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls).expect("endpoint");
-    let connection = quic::dial(&endpoint, harness.relay.tunnel_addr(), "localhost", WAIT)
-        .await
-        .map_err(|e| e.to_string())?;
+    let relay = harness.relay.tunnel_addr();
+    let connection: TunnelConnection = match transport {
+        TransportKind::Quic => {
+            let endpoint = quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls)
+                .expect("endpoint");
+            quic::dial(&endpoint, relay, "localhost", WAIT).await.map_err(|e| e.to_string())?
+        }
+        TransportKind::Tcp => {
+            let socket = tokio::net::TcpStream::connect(relay).await.map_err(|e| e.to_string())?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls))
+                .connect(name, socket)
+                .await
+                .map_err(|e| e.to_string())?;
+            h2::agent_handshake(tls, relay).await.map_err(|e| e.to_string())?.into()
+        }
+    };
     let mut control = connection.accept_stream().await.map_err(|e| e.to_string())?;
     let relay_hello: Control =
         read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())?;
@@ -48,21 +65,34 @@ async fn hello_with(harness: &Harness, connector: &str, token: &str) -> Result<C
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_tokens_are_refused_and_repeat_offenders_are_cut_off() {
+async fn wrong_tokens_are_refused_and_repeat_offenders_are_cut_off_quic() {
+    wrong_tokens(TransportKind::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_are_refused_and_repeat_offenders_are_cut_off_tcp() {
+    wrong_tokens(TransportKind::Tcp).await;
+}
+
+async fn wrong_tokens(transport: TransportKind) {
     let harness = Harness::start(vec![endpoint("e", echo_server().await)]).await;
 
-    let answer = hello_with(&harness, CONNECTOR, "not-the-token").await.expect("an answer");
+    let answer =
+        hello_with(&harness, transport, CONNECTOR, "not-the-token").await.expect("an answer");
     let Control::Refused { reason } = answer else { panic!("expected a refusal, got {answer:?}") };
     assert!(reason.contains("authentication failed"), "{reason}");
     assert!(!reason.contains("not-the-token"), "the refusal must not echo the token");
     assert!(harness.relay.agents(CONNECTOR).is_empty());
 
-    let answer =
-        hello_with(&harness, "no-such-connector", &harness.token).await.expect("an answer");
+    let answer = hello_with(&harness, transport, "no-such-connector", &harness.token)
+        .await
+        .expect("an answer");
     assert!(matches!(answer, Control::Refused { .. }), "{answer:?}");
 
     // The right token is welcomed (so the refusals above were about the token).
-    let answer = hello_with(&harness, CONNECTOR, &harness.token.clone()).await.expect("an answer");
+    let answer = hello_with(&harness, transport, CONNECTOR, &harness.token.clone())
+        .await
+        .expect("an answer");
     assert!(
         matches!(answer, Control::Welcome { ref endpoints } if endpoints.len() == 1),
         "{answer:?}"
@@ -71,9 +101,9 @@ async fn wrong_tokens_are_refused_and_repeat_offenders_are_cut_off() {
     // Five failures from one address within a minute: the next attempt is refused before any
     // handshake completes.
     for _ in 0..3 {
-        let _ = hello_with(&harness, CONNECTOR, "wrong").await;
+        let _ = hello_with(&harness, transport, CONNECTOR, "wrong").await;
     }
-    let blocked = hello_with(&harness, CONNECTOR, &harness.token.clone()).await;
+    let blocked = hello_with(&harness, transport, CONNECTOR, &harness.token.clone()).await;
     assert!(blocked.is_err(), "a source with five failures must be refused, got {blocked:?}");
     harness.shutdown(&[]).await;
 }

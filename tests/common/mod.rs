@@ -383,6 +383,11 @@ impl Running {
         }
     }
 
+    /// Whether a line seen so far contains `needle`.
+    pub fn seen_contains(&self, needle: &str) -> bool {
+        self.seen.iter().any(|l| l.contains(needle))
+    }
+
     pub fn kill_hard(mut self) {
         self.child.kill().expect("SIGKILL");
         let _ = self.child.wait();

@@ -57,7 +57,7 @@ pub fn tune_socket(socket: &TcpStream) {
 
 /// Shared close state of one h2 tunnel connection.
 #[derive(Debug)]
-struct CloseState {
+pub(super) struct CloseState {
     /// Cancelled to tear the connection down.
     stop: CancellationToken,
     /// Why it closed, once it has.
@@ -68,6 +68,28 @@ struct CloseState {
 impl CloseState {
     fn new(remote: SocketAddr) -> Arc<Self> {
         Arc::new(Self { stop: CancellationToken::new(), reason: watch::Sender::new(None), remote })
+    }
+
+    pub(super) fn remote_address(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// Tears the connection down; the reason is what `closed` reports.
+    pub(super) fn close(&self, reason: &str) {
+        self.set_reason(format!("closed locally: {reason}"));
+        self.stop.cancel();
+    }
+
+    pub(super) async fn closed(&self) -> String {
+        let mut reason = self.reason.subscribe();
+        match reason.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().unwrap_or_default(),
+            Err(_) => "closed".to_owned(),
+        }
+    }
+
+    pub(super) fn close_reason(&self) -> Option<String> {
+        self.reason.borrow().clone()
     }
 
     fn set_reason(&self, reason: String) {
@@ -186,10 +208,6 @@ fn describe(error: &h2::Error) -> String {
 }
 
 impl H2Opener {
-    pub(super) fn remote_address(&self) -> SocketAddr {
-        self.state.remote
-    }
-
     pub(super) async fn open_stream(&self, wait: Duration) -> Result<H2Stream, StreamError> {
         let open = async {
             let mut ready = self.send_request.clone().ready().await?;
@@ -206,30 +224,18 @@ impl H2Opener {
         }
     }
 
-    pub(super) fn close(&self, reason: &str) {
-        self.state.set_reason(format!("closed locally: {reason}"));
-        self.state.stop.cancel();
-    }
-
-    pub(super) async fn closed(&self) -> String {
-        wait_closed(&self.state).await
-    }
-
-    pub(super) fn close_reason(&self) -> Option<String> {
-        self.state.reason.borrow().clone()
+    /// Close state shared with the connection's driver task.
+    pub(super) fn state(&self) -> &CloseState {
+        &self.state
     }
 }
 
 impl H2Acceptor {
-    pub(super) fn remote_address(&self) -> SocketAddr {
-        self.state.remote
-    }
-
     pub(super) async fn accept_stream(&self) -> Result<H2Stream, StreamError> {
         let next = self.incoming.lock().await.recv().await;
         let Some((request, mut respond)) = next else {
             return Err(StreamError::ConnectionClosed(
-                self.close_reason().unwrap_or_else(|| "closed".to_owned()),
+                self.state.close_reason().unwrap_or_else(|| "closed".to_owned()),
             ));
         };
         let send = respond
@@ -238,25 +244,9 @@ impl H2Acceptor {
         Ok(H2Stream { send, recv: RecvState::Body(request.into_body(), Bytes::new()) })
     }
 
-    pub(super) fn close(&self, reason: &str) {
-        self.state.set_reason(format!("closed locally: {reason}"));
-        self.state.stop.cancel();
-    }
-
-    pub(super) async fn closed(&self) -> String {
-        wait_closed(&self.state).await
-    }
-
-    pub(super) fn close_reason(&self) -> Option<String> {
-        self.state.reason.borrow().clone()
-    }
-}
-
-async fn wait_closed(state: &CloseState) -> String {
-    let mut reason = state.reason.subscribe();
-    match reason.wait_for(Option::is_some).await {
-        Ok(r) => r.clone().unwrap_or_default(),
-        Err(_) => "closed".to_owned(),
+    /// Close state shared with the connection's driver task.
+    pub(super) fn state(&self) -> &CloseState {
+        &self.state
     }
 }
 

@@ -107,6 +107,15 @@ impl TunnelConnection {
         Self { inner: Connection::Quic(connection) }
     }
 
+    /// The close state of a TLS/TCP connection (callers match on the variant first).
+    fn h2_state(&self) -> &h2::CloseState {
+        match &self.inner {
+            Connection::H2Opener(c) => c.state(),
+            Connection::H2Acceptor(c) => c.state(),
+            Connection::Quic(_) => unreachable!("only called for h2 connections"),
+        }
+    }
+
     /// The transport in use.
     pub fn kind(&self) -> TransportKind {
         match self.inner {
@@ -119,8 +128,7 @@ impl TunnelConnection {
     pub fn remote_address(&self) -> SocketAddr {
         match &self.inner {
             Connection::Quic(c) => c.remote_address(),
-            Connection::H2Opener(c) => c.remote_address(),
-            Connection::H2Acceptor(c) => c.remote_address(),
+            Connection::H2Opener(_) | Connection::H2Acceptor(_) => self.h2_state().remote_address(),
         }
     }
 
@@ -157,7 +165,7 @@ impl TunnelConnection {
             }
             Connection::H2Opener(c) => {
                 // The relay never accepts streams: wait for the connection to end instead.
-                Err(StreamError::ConnectionClosed(c.closed().await))
+                Err(StreamError::ConnectionClosed(c.state().closed().await))
             }
         }
     }
@@ -167,8 +175,7 @@ impl TunnelConnection {
     pub fn close(&self, code: CloseCode, reason: &str) {
         match &self.inner {
             Connection::Quic(c) => c.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes()),
-            Connection::H2Opener(c) => c.close(reason),
-            Connection::H2Acceptor(c) => c.close(reason),
+            Connection::H2Opener(_) | Connection::H2Acceptor(_) => self.h2_state().close(reason),
         }
     }
 
@@ -176,8 +183,7 @@ impl TunnelConnection {
     pub async fn closed(&self) -> String {
         match &self.inner {
             Connection::Quic(c) => describe_close(&c.closed().await),
-            Connection::H2Opener(c) => c.closed().await,
-            Connection::H2Acceptor(c) => c.closed().await,
+            Connection::H2Opener(_) | Connection::H2Acceptor(_) => self.h2_state().closed().await,
         }
     }
 
@@ -185,8 +191,7 @@ impl TunnelConnection {
     pub fn close_reason(&self) -> Option<String> {
         match &self.inner {
             Connection::Quic(c) => c.close_reason().map(|e| describe_close(&e)),
-            Connection::H2Opener(c) => c.close_reason(),
-            Connection::H2Acceptor(c) => c.close_reason(),
+            Connection::H2Opener(_) | Connection::H2Acceptor(_) => self.h2_state().close_reason(),
         }
     }
 }
