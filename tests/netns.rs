@@ -30,14 +30,21 @@ fn must(program: &str, args: &[&str]) {
     assert!(ok, "{program} {}: {stderr}", args.join(" "));
 }
 
-/// Two namespaces joined by a veth pair; deleted on drop.
+/// Network namespaces joined by veth pairs (no routing between them unless a test adds it),
+/// with optional per-namespace hosts files; everything is deleted on drop.
 struct Topology {
-    cloud: String,
-    vnet: String,
+    namespaces: Vec<String>,
+    hosts_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Topology {
-    fn create() -> Result<Self, String> {
+    /// Creates `names` (suffixed to be unique) and, for each link `(a, b, a_addr, b_addr)`, a
+    /// veth pair with /30 addresses. Fails (for a loud skip) where namespaces cannot be made.
+    fn create(
+        tag: &str,
+        names: &[&str],
+        links: &[(usize, usize, &str, &str)],
+    ) -> Result<Self, String> {
         let (root, _) = sh("sh", &["-c", "[ \"$(id -u)\" = 0 ]"]);
         if !root {
             return Err("not running as root".into());
@@ -48,24 +55,42 @@ impl Topology {
             }
         }
         let id = std::process::id();
-        let topology = Self { cloud: format!("plk-cloud-{id}"), vnet: format!("plk-vnet-{id}") };
-        for ns in [&topology.cloud, &topology.vnet] {
-            let (ok, stderr) = sh("ip", &["netns", "add", ns]);
+        let mut topology = Self { namespaces: Vec::new(), hosts_dirs: Vec::new() };
+        for name in names {
+            let ns = format!("plk-{tag}-{name}-{id}");
+            let (ok, stderr) = sh("ip", &["netns", "add", &ns]);
             if !ok {
                 return Err(format!("cannot create a network namespace: {stderr}"));
             }
+            must("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+            topology.namespaces.push(ns);
         }
-        let (c_if, v_if) = (format!("plkc{id}"), format!("plkv{id}"));
-        must("ip", &["link", "add", &c_if, "type", "veth", "peer", "name", &v_if]);
-        for (ns, ifname, addr) in
-            [(&topology.cloud, &c_if, CLOUD_ADDR), (&topology.vnet, &v_if, VNET_ADDR)]
-        {
-            must("ip", &["link", "set", ifname, "netns", ns]);
-            must("ip", &["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", ifname]);
-            must("ip", &["-n", ns, "link", "set", ifname, "up"]);
-            must("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        for (n, (a, b, a_addr, b_addr)) in links.iter().enumerate() {
+            // Interface names are limited to 15 bytes.
+            let (a_if, b_if) =
+                (format!("p{tag}{n}a{}", id % 100_000), format!("p{tag}{n}b{}", id % 100_000));
+            must("ip", &["link", "add", &a_if, "type", "veth", "peer", "name", &b_if]);
+            for (ns, ifname, addr) in [(*a, &a_if, a_addr), (*b, &b_if, b_addr)] {
+                let ns = &topology.namespaces[ns];
+                must("ip", &["link", "set", ifname, "netns", ns]);
+                must("ip", &["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", ifname]);
+                must("ip", &["-n", ns, "link", "set", ifname, "up"]);
+            }
         }
         Ok(topology)
+    }
+
+    fn ns(&self, index: usize) -> &str {
+        &self.namespaces[index]
+    }
+
+    /// Gives a namespace its own /etc/hosts (`ip netns exec` bind-mounts /etc/netns/NAME/*).
+    fn set_hosts(&mut self, index: usize, hosts: &str) {
+        let dir = Path::new("/etc/netns").join(&self.namespaces[index]);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{hosts}\n"))
+            .expect("hosts");
+        self.hosts_dirs.push(dir);
     }
 
     fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Command {
@@ -73,13 +98,27 @@ impl Topology {
         command.args(["netns", "exec", ns, program]).args(args);
         command
     }
+
+    /// Runs a program in a namespace to completion; returns success, stdout and stderr.
+    fn run(&self, ns: &str, program: &str, args: &[&str]) -> (bool, String, String) {
+        let out = self.exec(ns, program, args).output().expect("run in namespace");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        // Deleting a namespace removes its end of the veth pair, and so the pair.
-        let _ = sh("ip", &["netns", "del", &self.cloud]);
-        let _ = sh("ip", &["netns", "del", &self.vnet]);
+        // Deleting a namespace removes its veth ends, and so the pairs.
+        for ns in &self.namespaces {
+            let _ = sh("ip", &["netns", "del", ns]);
+        }
+        for dir in &self.hosts_dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -138,16 +177,17 @@ fn write_configs(dir: &Path) -> (String, String) {
 
 #[test]
 fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_quic() {
-    let topology = match Topology::create() {
-        Ok(t) => t,
-        Err(reason) => {
-            eprintln!("\n*** SKIPPED: network-namespace test not run: {reason} ***\n");
-            return;
-        }
-    };
+    let topology =
+        match Topology::create("fb", &["cloud", "vnet"], &[(0, 1, CLOUD_ADDR, VNET_ADDR)]) {
+            Ok(t) => t,
+            Err(reason) => {
+                eprintln!("\n*** SKIPPED: network-namespace test not run: {reason} ***\n");
+                return;
+            }
+        };
     let dir = tempfile::tempdir().expect("tempdir");
     let (relay_cfg, agent_cfg) = write_configs(dir.path());
-    let (cloud, vnet) = (topology.cloud.as_str(), topology.vnet.as_str());
+    let (cloud, vnet) = (topology.ns(0), topology.ns(1));
 
     // The private network drops every outbound UDP datagram.
     must("ip", &["netns", "exec", vnet, "nft", "add", "table", "inet", "plk"]);
@@ -200,4 +240,250 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
     assert!(agent.terminate().success());
     assert!(relay.terminate().success());
     drop(echo);
+}
+
+/// The vault's names: the public one on its certificate and in the client's SNI, and the
+/// private-link name that only the private network can resolve.
+const VAULT_NAME: &str = "contoso-kv.vault.azure.net";
+const VAULT_PRIVATE_NAME: &str = "contoso-kv.privatelink.vaultcore.azure.net";
+/// Addresses: client ⇄ cloud on one link, cloud ⇄ vnet on another; no routing across cloud.
+const KV_CLIENT_ADDR: &str = "10.231.1.2";
+const KV_CLOUD_FRONT: &str = "10.231.1.1";
+const KV_CLOUD_BACK: &str = "10.231.2.1";
+const KV_VNET_ADDR: &str = "10.231.2.2";
+/// A Key Vault "get secret" answer, returned byte for byte.
+const SECRET_JSON: &str = r#"{"value":"s3cr3t-from-the-vnet","id":"https://contoso-kv.vault.azure.net/secrets/db-password/6b2c","attributes":{"enabled":true,"created":1763800000,"updated":1763800000,"recoveryLevel":"Recoverable+Purgeable"}}"#;
+
+/// An HTTPS server shaped like Key Vault's REST API: GET /secrets/NAME?api-version=7.4.
+const VAULT_SERVER: &str = r#"
+import http.server, ssl, sys
+body = sys.argv[4].encode()
+class Vault(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path.startswith("/secrets/db-password") and "api-version=7.4" in self.path:
+            self.send_response(200); self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+        else:
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *args): pass
+server = http.server.ThreadingHTTPServer((sys.argv[1], 443), Vault)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+print("vault ready", flush=True)
+server.serve_forever()
+"#;
+
+/// A client using only Python's standard library `ssl`: verifies the vault's certificate for
+/// its public name against the given CA, prints the response body.
+const PYTHON_CLIENT: &str = r#"
+import socket, ssl, sys
+host, port, name, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(cafile=cafile)
+with socket.create_connection((host, port), timeout=15) as raw:
+    with ctx.wrap_socket(raw, server_hostname=name) as tls:
+        tls.sendall(f"GET /secrets/db-password?api-version=7.4 HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = tls.recv(65536)
+            if not chunk: break
+            data += chunk
+head, _, body = data.partition(b"\r\n\r\n")
+assert head.startswith(b"HTTP/1.1 200"), head
+sys.stdout.write(body.decode())
+"#;
+
+const CONNECT_PROBE: &str = r#"
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+except OSError as e:
+    print("unreachable:", e); sys.exit(0)
+sys.exit(1)
+"#;
+
+const RESOLVE_PROBE: &str = r#"
+import socket, sys
+try:
+    socket.getaddrinfo(sys.argv[1], 443)
+except OSError as e:
+    print("unresolvable:", e); sys.exit(0)
+sys.exit(1)
+"#;
+
+#[test]
+fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients() {
+    // client ⇄ cloud ⇄ vnet; cloud does not route, so client and vnet cannot reach each other.
+    let mut topology = match Topology::create(
+        "kv",
+        &["client", "cloud", "vnet"],
+        &[(0, 1, KV_CLIENT_ADDR, KV_CLOUD_FRONT), (1, 2, KV_CLOUD_BACK, KV_VNET_ADDR)],
+    ) {
+        Ok(t) => t,
+        Err(reason) => {
+            eprintln!("\n*** SKIPPED: network-namespace test not run: {reason} ***\n");
+            return;
+        }
+    };
+    // The private-link name resolves only inside the private network.
+    topology.set_hosts(2, &format!("{KV_VNET_ADDR} {VAULT_PRIVATE_NAME}"));
+    let (client, cloud, vnet) =
+        (topology.ns(0).to_owned(), topology.ns(1).to_owned(), topology.ns(2).to_owned());
+
+    // Isolation first: from the client network the vault can be neither reached nor resolved.
+    let (ok, out, err) =
+        topology.run(&client, "python3", &["-c", CONNECT_PROBE, KV_VNET_ADDR, "443"]);
+    assert!(ok, "the client network reaches the vnet directly: {out}{err}");
+    let (ok, out, err) =
+        topology.run(&client, "python3", &["-c", RESOLVE_PROBE, VAULT_PRIVATE_NAME]);
+    assert!(ok, "the client network resolves the private name: {out}{err}");
+
+    // Certificates: the vault's from its own CA; the relay's from another.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vault_dir = dir.path().join("vault");
+    let relay_dir = dir.path().join("certs");
+    for (d, names) in
+        [(&vault_dir, vec![VAULT_NAME, VAULT_PRIVATE_NAME]), (&relay_dir, vec![KV_CLOUD_BACK])]
+    {
+        let mut args = vec!["certs", "init", "--dir", d.to_str().expect("utf-8")];
+        for n in &names {
+            args.extend(["--name", n]);
+        }
+        let (ok, stderr) = sh(common::BIN, &args);
+        assert!(ok, "certs init: {stderr}");
+    }
+    let vault_ca = vault_dir.join("ca.crt");
+    let vault_ca = vault_ca.to_str().expect("utf-8");
+    let token = "plk_kv_namespace_test";
+    std::fs::write(relay_dir.join("token"), token).expect("token");
+    let digest = common::hex(&common::sha256(token.as_bytes()));
+    let relay_cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &relay_cfg,
+        format!(
+            "[tunnel]\nlisten = \"{KV_CLOUD_BACK}:7443\"\ncert = \"certs/relay.crt\"\nkey = \"certs/relay.key\"\n\n\
+             [[connector]]\nname = \"vnet\"\ntoken_sha256 = \"{digest}\"\n\n\
+             [[endpoint]]\nname = \"contoso-kv\"\nconnector = \"vnet\"\ndestination = \"{VAULT_PRIVATE_NAME}:443\"\nlisten = \"{KV_CLOUD_FRONT}:8443\"\n\
+             [endpoint.acl]\nallow = [\"{KV_CLIENT_ADDR}/32\"]\n"
+        ),
+    )
+    .expect("relay.toml");
+    let agent_cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            "connector = \"vnet\"\ntoken_file = \"certs/token\"\nrelays = [\"{KV_CLOUD_BACK}:7443\"]\n\
+             relay_ca = \"certs/ca.crt\"\n\n[[allow]]\ndestination = \"*.privatelink.vaultcore.azure.net:443\"\n"
+        ),
+    )
+    .expect("agent.toml");
+
+    let (vault_cert, vault_key) = (vault_dir.join("relay.crt"), vault_dir.join("relay.key"));
+    let mut vault = Running::spawn(topology.exec(
+        &vnet,
+        "python3",
+        &[
+            "-c",
+            VAULT_SERVER,
+            KV_VNET_ADDR,
+            vault_cert.to_str().expect("utf-8"),
+            vault_key.to_str().expect("utf-8"),
+            SECRET_JSON,
+        ],
+    ));
+    vault.wait_for("vault ready");
+    let mut relay = Running::spawn(topology.exec(
+        &cloud,
+        common::BIN,
+        &["relay", "--config", relay_cfg.to_str().expect("utf-8")],
+    ));
+    relay.wait_for("endpoint listening");
+    let mut agent = Running::spawn(topology.exec(
+        &vnet,
+        common::BIN,
+        &["agent", "--config", agent_cfg.to_str().expect("utf-8")],
+    ));
+    agent.wait_for("connected to relay");
+    relay.wait_for("endpoint approved by agent");
+
+    // curl, verifying the vault's certificate for its public name through the endpoint.
+    let url = format!("https://{VAULT_NAME}:8443/secrets/db-password?api-version=7.4");
+    let resolve = format!("{VAULT_NAME}:8443:{KV_CLOUD_FRONT}");
+    let (ok, body, err) = topology.run(
+        &client,
+        "curl",
+        &[
+            "--silent",
+            "--show-error",
+            "--fail",
+            "--max-time",
+            "15",
+            "--cacert",
+            vault_ca,
+            "--resolve",
+            &resolve,
+            &url,
+        ],
+    );
+    assert!(ok, "curl failed: {err}");
+    assert_eq!(body, SECRET_JSON, "curl got a different body");
+
+    // openssl s_client: certificate verification and hostname check must pass.
+    let connect = format!("{KV_CLOUD_FRONT}:8443");
+    let request = format!(
+        "GET /secrets/db-password?api-version=7.4 HTTP/1.1\r\nHost: {VAULT_NAME}\r\nConnection: close\r\n\r\n"
+    );
+    let mut s_client = topology.exec(
+        &client,
+        "openssl",
+        &[
+            "s_client",
+            "-connect",
+            &connect,
+            "-servername",
+            VAULT_NAME,
+            "-CAfile",
+            vault_ca,
+            "-verify_return_error",
+            "-verify_hostname",
+            VAULT_NAME,
+            "-quiet",
+        ],
+    );
+    let out = run_with_stdin(&mut s_client, &request);
+    assert!(out.contains(SECRET_JSON), "openssl s_client did not get the secret: {out}");
+
+    // Python's ssl module.
+    let (ok, body, err) = topology.run(
+        &client,
+        "python3",
+        &["-c", PYTHON_CLIENT, KV_CLOUD_FRONT, "8443", VAULT_NAME, vault_ca],
+    );
+    assert!(ok, "python client failed: {err}");
+    assert_eq!(body, SECRET_JSON);
+
+    // The relay saw three connections from the client network, each completed (flow log).
+    for _ in 0..3 {
+        relay.wait_for(&format!("client={KV_CLIENT_ADDR}"));
+        assert!(relay.last_seen().contains("outcome=completed"), "{}", relay.last_seen());
+    }
+
+    assert!(agent.terminate().success());
+    assert!(relay.terminate().success());
+    drop(vault);
+}
+
+/// Runs a command with `input` on stdin and returns its stdout (bounded by the command's own
+/// timeouts and the test's).
+fn run_with_stdin(command: &mut Command, input: &str) -> String {
+    use std::io::Write as _;
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }

@@ -383,6 +383,11 @@ impl Running {
         }
     }
 
+    /// The last line seen.
+    pub fn last_seen(&self) -> &str {
+        self.seen.last().map_or("", String::as_str)
+    }
+
     /// Whether a line seen so far contains `needle`.
     pub fn seen_contains(&self, needle: &str) -> bool {
         self.seen.iter().any(|l| l.contains(needle))
