@@ -555,3 +555,104 @@ fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from() {
     assert!(relay.terminate().success());
     drop(echo);
 }
+
+/// 50 connections through the endpoint, each sending 1 KiB every 100 ms and reading its echo.
+/// Prints `live` once all 50 have echoed, then, as each connection ends (EOF or error), the
+/// wall-clock time it ended; exits 0 when all have ended, 1 if any is still open after 30 s.
+const LIVE_TRANSFERS: &str = r#"
+import socket, sys, threading, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
+for c in conns:
+    c.sendall(b"x" * 1024)
+for c in conns:
+    got = 0
+    while got < 1024:
+        d = c.recv(65536)
+        if not d: sys.exit(2)
+        got += len(d)
+print("live", flush=True)
+ended = []
+lock = threading.Lock()
+def pump(c):
+    try:
+        while True:
+            c.sendall(b"y" * 1024)
+            got = 0
+            while got < 1024:
+                d = c.recv(65536)
+                if not d: raise EOFError()
+                got += len(d)
+            time.sleep(0.1)
+    except Exception:
+        with lock: ended.append(time.time())
+for c in conns: threading.Thread(target=pump, args=(c,), daemon=True).start()
+deadline = time.time() + 30
+while time.time() < deadline:
+    with lock:
+        if len(ended) == n: break
+    time.sleep(0.05)
+with lock:
+    print("ended", len(ended), max(ended) if ended else 0, flush=True)
+    sys.exit(0 if len(ended) == n else 1)
+"#;
+
+#[test]
+fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again() {
+    let links = [(0, 1, CLOUD_ADDR, VNET_ADDR)];
+    let topology = match Topology::create("k9", &["cloud", "vnet"], &links) {
+        Ok(t) => t,
+        Err(reason) => {
+            eprintln!("\n*** SKIPPED: network-namespace test not run: {reason} ***\n");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (relay_cfg, agent_cfg) = write_configs(dir.path());
+    let (cloud, vnet) = (topology.ns(0), topology.ns(1));
+    let mut echo =
+        Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
+    echo.wait_for("echo ready");
+    let mut relay =
+        Running::spawn(topology.exec(cloud, common::BIN, &["relay", "--config", &relay_cfg]));
+    relay.wait_for("endpoint listening");
+    let agent_args = ["agent", "--config", agent_cfg.as_str()];
+    let mut agent = Running::spawn(topology.exec(vnet, common::BIN, &agent_args));
+    agent.wait_for("connected to relay");
+    relay.wait_for("endpoint approved by agent");
+
+    let mut transfers =
+        Running::spawn(topology.exec(cloud, "python3", &["-c", LIVE_TRANSFERS, "8443", "50"]));
+    transfers.wait_for("live");
+    let killed_at = std::time::SystemTime::now();
+    agent.kill_hard();
+    // The relay notices the dead agent (QUIC idle timeout) and closes every client connection.
+    transfers.wait_for("ended");
+    let report = transfers.last_seen().to_owned();
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    assert_eq!(fields.get(1), Some(&"50"), "not every transfer was closed: {report}");
+    let last_end: f64 = fields.get(2).and_then(|f| f.parse().ok()).expect("end time");
+    let killed: f64 = killed_at.duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    let closed_after = last_end - killed;
+    assert!(
+        closed_after < 20.0,
+        "client connections hung for {closed_after:.1}s after the agent died"
+    );
+
+    // A new agent process serves new connections.
+    let restarted = std::time::Instant::now();
+    let mut agent = Running::spawn(topology.exec(vnet, common::BIN, &agent_args));
+    agent.wait_for("connected to relay");
+    relay.wait_for("endpoint approved by agent");
+    let back_after = restarted.elapsed();
+    let status =
+        topology.exec(cloud, "python3", &["-c", ECHO_CLIENT, "8443"]).status().expect("client");
+    assert!(status.success(), "no service after the agent restarted");
+    eprintln!(
+        "kill -9 agent: all 50 client connections closed {closed_after:.2}s after the kill; \
+         restarted agent approved after {back_after:?}"
+    );
+    assert!(agent.terminate().success());
+    assert!(relay.terminate().success());
+    drop(echo);
+}
