@@ -13,129 +13,12 @@ use std::path::Path;
 use std::process::Command;
 
 use common::Running;
+use privlink_testbed::netns::{must, sh, skip_notice};
+use privlink_testbed::{Link, Topology};
 
 /// Addresses inside the namespaces this test creates (nothing outside them is ever contacted).
 const CLOUD_ADDR: &str = "10.231.0.1";
 const VNET_ADDR: &str = "10.231.0.2";
-
-/// Runs a command, returning whether it succeeded and its stderr.
-fn sh(program: &str, args: &[&str]) -> (bool, String) {
-    match Command::new(program).args(args).output() {
-        Ok(out) => (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-fn must(program: &str, args: &[&str]) {
-    let (ok, stderr) = sh(program, args);
-    assert!(ok, "{program} {}: {stderr}", args.join(" "));
-}
-
-/// Network namespaces joined by veth pairs (no routing between them unless a test adds it),
-/// with optional per-namespace hosts files; everything is deleted on drop.
-struct Topology {
-    namespaces: Vec<String>,
-    hosts_dirs: Vec<std::path::PathBuf>,
-}
-
-impl Topology {
-    /// Creates `names` (suffixed to be unique) and, for each link `(a, b, a_addr, b_addr)`, a
-    /// veth pair with /30 addresses. Fails (for a loud skip) where namespaces cannot be made.
-    fn create(
-        tag: &str,
-        names: &[&str],
-        links: &[(usize, usize, &str, &str)],
-    ) -> Result<Self, String> {
-        let (root, _) = sh("sh", &["-c", "[ \"$(id -u)\" = 0 ]"]);
-        if !root {
-            return Err("not running as root".into());
-        }
-        for tool in ["ip", "nft"] {
-            if !sh("sh", &["-c", &format!("command -v {tool}")]).0 {
-                return Err(format!("`{tool}` is not installed"));
-            }
-        }
-        let id = std::process::id();
-        let mut topology = Self { namespaces: Vec::new(), hosts_dirs: Vec::new() };
-        for name in names {
-            let ns = format!("plk-{tag}-{name}-{id}");
-            let (ok, stderr) = sh("ip", &["netns", "add", &ns]);
-            if !ok {
-                return Err(format!("cannot create a network namespace: {stderr}"));
-            }
-            must("ip", &["-n", &ns, "link", "set", "lo", "up"]);
-            topology.namespaces.push(ns);
-        }
-        for (n, (a, b, a_addr, b_addr)) in links.iter().enumerate() {
-            // Interface names are limited to 15 bytes.
-            let (a_if, b_if) =
-                (format!("p{tag}{n}a{}", id % 100_000), format!("p{tag}{n}b{}", id % 100_000));
-            must("ip", &["link", "add", &a_if, "type", "veth", "peer", "name", &b_if]);
-            for (ns, ifname, addr) in [(*a, &a_if, a_addr), (*b, &b_if, b_addr)] {
-                let ns = &topology.namespaces[ns];
-                must("ip", &["link", "set", ifname, "netns", ns]);
-                must("ip", &["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", ifname]);
-                must("ip", &["-n", ns, "link", "set", ifname, "up"]);
-            }
-        }
-        Ok(topology)
-    }
-
-    /// Takes both ends of link `n` down or up (a cut cable, a broken path).
-    fn set_link(&self, n: usize, links: &[(usize, usize, &str, &str)], up: bool) {
-        let id = std::process::id() % 100_000;
-        let tag = self.namespaces[0].split('-').nth(1).unwrap_or_default().to_owned();
-        let state = if up { "up" } else { "down" };
-        let (a, b, _, _) = links[n];
-        for (ns, end) in [(a, 'a'), (b, 'b')] {
-            must(
-                "ip",
-                &["-n", &self.namespaces[ns], "link", "set", &format!("p{tag}{n}{end}{id}"), state],
-            );
-        }
-    }
-
-    fn ns(&self, index: usize) -> &str {
-        &self.namespaces[index]
-    }
-
-    /// Gives a namespace its own /etc/hosts (`ip netns exec` bind-mounts /etc/netns/NAME/*).
-    fn set_hosts(&mut self, index: usize, hosts: &str) {
-        let dir = Path::new("/etc/netns").join(&self.namespaces[index]);
-        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
-        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{hosts}\n"))
-            .expect("hosts");
-        self.hosts_dirs.push(dir);
-    }
-
-    fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", ns, program]).args(args);
-        command
-    }
-
-    /// Runs a program in a namespace to completion; returns success, stdout and stderr.
-    fn run(&self, ns: &str, program: &str, args: &[&str]) -> (bool, String, String) {
-        let out = self.exec(ns, program, args).output().expect("run in namespace");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        // Deleting a namespace removes its veth ends, and so the pairs.
-        for ns in &self.namespaces {
-            let _ = sh("ip", &["netns", "del", ns]);
-        }
-        for dir in &self.hosts_dirs {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
 
 const ECHO_SERVER: &str = r#"
 import socket, sys, threading
@@ -165,7 +48,20 @@ while True:
 sys.exit(0 if got == payload else 1)
 "#;
 
-fn write_configs(dir: &Path) -> (String, String) {
+/// Makes a topology or prints the loud skip notice.
+fn topology_or_skip(tag: &str, names: &[&str], links: &[Link]) -> Option<Topology> {
+    for client in ["curl", "openssl", "python3"] {
+        if !sh("sh", &["-c", &format!("command -v {client}")]).0 {
+            skip_notice(&format!("`{client}` is not installed"));
+            return None;
+        }
+    }
+    Topology::create(tag, names, links).map_err(|reason| skip_notice(&reason)).ok()
+}
+
+/// Writes certificates, a relay config (tunnel on the cloud address, endpoint `vault` on
+/// cloud's loopback port 8443 to the vnet's port 9000) and an agent config with `transport`.
+fn write_configs(dir: &Path, transport: &str) -> (String, String) {
     let certs = dir.join("certs");
     let certs_s = certs.to_str().expect("utf-8");
     let (ok, stderr) = sh(common::BIN, &["certs", "init", "--dir", certs_s, "--name", CLOUD_ADDR]);
@@ -180,7 +76,7 @@ fn write_configs(dir: &Path) -> (String, String) {
     );
     let agent = format!(
         "connector = \"vnet\"\ntoken_file = \"certs/token\"\nrelays = [\"{CLOUD_ADDR}:7443\"]\n\
-         relay_ca = \"certs/ca.crt\"\ntransport = \"auto\"\nquic_fallback_after = \"1s\"\n\
+         relay_ca = \"certs/ca.crt\"\ntransport = \"{transport}\"\nquic_fallback_after = \"1s\"\n\
          quic_probe_interval = \"500ms\"\n\n[[allow]]\ndestination = \"{VNET_ADDR}:9000\"\n"
     );
     let relay_path = dir.join("relay.toml");
@@ -192,16 +88,10 @@ fn write_configs(dir: &Path) -> (String, String) {
 
 #[test]
 fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_quic() {
-    let topology =
-        match Topology::create("fb", &["cloud", "vnet"], &[(0, 1, CLOUD_ADDR, VNET_ADDR)]) {
-            Ok(t) => t,
-            Err(reason) => {
-                eprintln!("\n*** SKIPPED: network-namespace test not run: {reason} ***\n");
-                return;
-            }
-        };
+    let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
+    let Some(topology) = topology_or_skip("fb", &["cloud", "vnet"], &links) else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path());
+    let (relay_cfg, agent_cfg) = write_configs(dir.path(), "auto");
     let (cloud, vnet) = (topology.ns(0), topology.ns(1));
 
     // The private network drops every outbound UDP datagram.
@@ -329,16 +219,12 @@ sys.exit(1)
 #[test]
 fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients() {
     // client ⇄ cloud ⇄ vnet; cloud does not route, so client and vnet cannot reach each other.
-    let mut topology = match Topology::create(
-        "kv",
-        &["client", "cloud", "vnet"],
-        &[(0, 1, KV_CLIENT_ADDR, KV_CLOUD_FRONT), (1, 2, KV_CLOUD_BACK, KV_VNET_ADDR)],
-    ) {
-        Ok(t) => t,
-        Err(reason) => {
-            eprintln!("\n*** SKIPPED: network-namespace test not run: {reason} ***\n");
-            return;
-        }
+    let links = [
+        Link::veth(0, 1, KV_CLIENT_ADDR, KV_CLOUD_FRONT),
+        Link::veth(1, 2, KV_CLOUD_BACK, KV_VNET_ADDR),
+    ];
+    let Some(mut topology) = topology_or_skip("kv", &["client", "cloud", "vnet"], &links) else {
+        return;
     };
     // The private-link name resolves only inside the private network.
     topology.set_hosts(2, &format!("{KV_VNET_ADDR} {VAULT_PRIVATE_NAME}"));
@@ -505,16 +391,10 @@ fn run_with_stdin(command: &mut Command, input: &str) -> String {
 
 #[test]
 fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from() {
-    let links = [(0, 1, CLOUD_ADDR, VNET_ADDR)];
-    let topology = match Topology::create("lc", &["cloud", "vnet"], &links) {
-        Ok(t) => t,
-        Err(reason) => {
-            eprintln!("\n*** SKIPPED: network-namespace test not run: {reason} ***\n");
-            return;
-        }
-    };
+    let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
+    let Some(topology) = topology_or_skip("lc", &["cloud", "vnet"], &links) else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path());
+    let (relay_cfg, agent_cfg) = write_configs(dir.path(), "auto");
     let (cloud, vnet) = (topology.ns(0), topology.ns(1));
     let mut echo =
         Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
@@ -537,11 +417,11 @@ fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from() {
 
     // Cut the cloud–vnet link for longer than the keep-alive/idle timeout.
     let cut = std::time::Instant::now();
-    topology.set_link(0, &links, false);
+    topology.set_link_up(0, false);
     agent.wait_for("relay link down");
     let noticed = cut.elapsed();
     relay.wait_for("agent disconnected");
-    topology.set_link(0, &links, true);
+    topology.set_link_up(0, true);
     let restored = std::time::Instant::now();
     agent.wait_for("connected to relay");
     relay.wait_for("endpoint approved by agent");
@@ -599,16 +479,10 @@ with lock:
 
 #[test]
 fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again() {
-    let links = [(0, 1, CLOUD_ADDR, VNET_ADDR)];
-    let topology = match Topology::create("k9", &["cloud", "vnet"], &links) {
-        Ok(t) => t,
-        Err(reason) => {
-            eprintln!("\n*** SKIPPED: network-namespace test not run: {reason} ***\n");
-            return;
-        }
-    };
+    let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
+    let Some(topology) = topology_or_skip("k9", &["cloud", "vnet"], &links) else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path());
+    let (relay_cfg, agent_cfg) = write_configs(dir.path(), "auto");
     let (cloud, vnet) = (topology.ns(0), topology.ns(1));
     let mut echo =
         Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
@@ -655,4 +529,94 @@ fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_a
     assert!(agent.terminate().success());
     assert!(relay.terminate().success());
     drop(echo);
+}
+
+/// One-way delay and loss on the emulated cloud–vnet link of the WAN tests.
+const WAN_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+const WAN_LOSS: f64 = 0.02;
+const WAN_BYTES: usize = 128 * 1024 * 1024;
+
+/// 128 MiB from a server in the vnet to a client in the cloud, through the tunnel over an
+/// emulated WAN link (50 ms each way, 2 % loss each way); the SHA-256 must match.
+fn bulk_transfer_over_a_lossy_wan_arrives_intact(transport: &str, tag: &str) {
+    use privlink_testbed::LinkProfile;
+    use privlink_testbed::netns::spawn_in_namespace;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let links =
+        [Link::emulated(0, 1, CLOUD_ADDR, VNET_ADDR, LinkProfile::wan(WAN_DELAY, WAN_LOSS))];
+    let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (relay_cfg, agent_cfg) = write_configs(dir.path(), transport);
+    let (cloud, vnet) = (topology.ns(0), topology.ns(1));
+
+    let payload = std::sync::Arc::new(common::random_bytes(WAN_BYTES));
+    let expected = common::sha256(&payload);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = {
+        let payload = payload.clone();
+        spawn_in_namespace(vnet, move || async move {
+            let listener =
+                tokio::net::TcpListener::bind((VNET_ADDR, 9000)).await.expect("bind server");
+            ready_tx.send(()).expect("ready");
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            conn.write_all(&payload).await.expect("send payload");
+            conn.shutdown().await.expect("shutdown");
+        })
+    };
+    ready_rx.recv_timeout(common::WAIT).expect("server ready");
+    let mut relay =
+        Running::spawn(topology.exec(cloud, common::BIN, &["relay", "--config", &relay_cfg]));
+    relay.wait_for("endpoint listening");
+    let mut agent =
+        Running::spawn(topology.exec(vnet, common::BIN, &["agent", "--config", &agent_cfg]));
+    agent.wait_for("connected to relay");
+    relay.wait_for("endpoint approved by agent");
+
+    let started = std::time::Instant::now();
+    let (received, digest) = spawn_in_namespace(cloud, || async {
+        let mut conn = tokio::net::TcpStream::connect("127.0.0.1:8443").await.expect("connect");
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut received = 0usize;
+        loop {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(30), conn.read(&mut buf))
+                .await
+                .expect("the transfer stalled for 30 s")
+                .expect("read");
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            received += n;
+        }
+        (received, hasher.finish())
+    })
+    .join()
+    .expect("client thread")
+    .expect("client in namespace");
+    let elapsed = started.elapsed();
+    server.join().expect("server thread").expect("server in namespace");
+    assert_eq!(received, WAN_BYTES);
+    assert_eq!(digest.as_ref(), &expected[..], "the bytes changed on the way");
+    let emulator = topology.emulator(0).expect("emulated link");
+    let (fwd, lost, _, _) = emulator.b_to_a().snapshot();
+    eprintln!(
+        "{transport}: 128 MiB over {WAN_DELAY:?} each way / {}% loss in {elapsed:.1?} \
+         ({:.1} Mbit/s); vnet→cloud packets forwarded {fwd}, lost {lost}",
+        WAN_LOSS * 100.0,
+        WAN_BYTES as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
+    );
+    assert!(agent.terminate().success());
+    assert!(relay.terminate().success());
+}
+
+#[test]
+fn bulk_transfer_over_a_lossy_wan_arrives_intact_over_quic() {
+    bulk_transfer_over_a_lossy_wan_arrives_intact("quic", "wq");
+}
+
+#[test]
+fn bulk_transfer_over_a_lossy_wan_arrives_intact_over_tcp() {
+    bulk_transfer_over_a_lossy_wan_arrives_intact("tcp", "wt");
 }

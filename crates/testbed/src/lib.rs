@@ -1,0 +1,11 @@
+//! Test and benchmark support for privlink, shared by the end-to-end tests in `tests/` and the
+//! harness in `benches/` (never published, never linked into the product): network namespaces
+//! joined by veth pairs or by a userspace link emulator ([`netns`]), the emulator itself — two
+//! TUN interfaces and a forwarder that adds delay, jitter, loss and a bandwidth cap to every IP
+//! packet ([`linkemu`]) — and helpers to run code inside a namespace.
+
+pub mod linkemu;
+pub mod netns;
+
+pub use linkemu::{LinkEmulator, LinkProfile, LinkStats};
+pub use netns::{Link, Topology};
