@@ -114,7 +114,9 @@ fn bare_relay_endpoint(pki: &Pki) -> quinn::Endpoint {
     let server_tls =
         tls::tunnel_server_config(vec![pki.relay.cert_der.clone()], pki.relay.key_der.clone_key())
             .expect("tls");
-    quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls).expect("endpoint")
+    let reset_secret = pki.relay.key_der.secret_der();
+    quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls, reset_secret)
+        .expect("endpoint")
 }
 
 /// A relay that does not follow the rules: it assigns and then opens a destination the agent

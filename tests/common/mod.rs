@@ -399,8 +399,18 @@ impl Running {
     }
 
     pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal_terminate();
+        self.child.wait().expect("wait")
+    }
+
+    /// Sends SIGTERM without waiting for the process to exit.
+    pub fn signal_terminate(&self) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    }
+
+    /// Waits for the exit of a process that has announced it is stopping.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
         self.child.wait().expect("wait")
     }
 }

@@ -101,7 +101,9 @@ impl Relay {
             config.identity.key.clone_key(),
         )?;
         let tunnel_tls = Arc::new(tls);
-        let (quic, tunnel_tcp) = bind_tunnel(config.tunnel_listen, &tunnel_tls).await?;
+        let reset_secret = config.identity.key.secret_der();
+        let (quic, tunnel_tcp) =
+            bind_tunnel(config.tunnel_listen, &tunnel_tls, reset_secret).await?;
         let tunnel_addr = tunnel_tcp
             .local_addr()
             .map_err(|source| RelayError::TunnelTcp { addr: config.tunnel_listen, source })?;
@@ -223,11 +225,12 @@ impl Relay {
 async fn bind_tunnel(
     listen: SocketAddr,
     tls: &Arc<rustls::ServerConfig>,
+    reset_secret: &[u8],
 ) -> Result<(quinn::Endpoint, TcpListener), RelayError> {
     const ATTEMPTS: usize = 8;
     let mut attempt = 1;
     loop {
-        let quic = quic::relay_endpoint(listen, (**tls).clone())?;
+        let quic = quic::relay_endpoint(listen, (**tls).clone(), reset_secret)?;
         let port = quic.local_addr().map_err(|e| quic::QuicSetupError::Bind(listen, e))?.port();
         let tcp_addr = SocketAddr::new(listen.ip(), port);
         match privlink_protocol::tcp::listen(tcp_addr) {

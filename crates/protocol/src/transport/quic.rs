@@ -14,6 +14,11 @@
 //!   over such a link had not finished after 18 minutes with Cubic; with BBR it takes about
 //!   6 s. This machine's kernel uses BBR for TCP too, so both transports behave alike. quinn
 //!   marks its BBR experimental; the lossy-WAN namespace test exercises it.
+//! * The relay's stateless-reset key and connection-ID key are derived from its private key
+//!   rather than drawn at random, so a relay that restarts (crash, kill -9, upgrade)
+//!   recognises the agent's next packet as one of its own connection IDs and answers it with a
+//!   reset the agent accepts (RFC 9000 §10.3): the agent re-dials at once instead of waiting
+//!   out the idle timeout.
 
 use std::io;
 use std::net::SocketAddr;
@@ -100,17 +105,55 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// A QUIC endpoint for the relay, listening for agents on `listen`.
+/// Keys derived from a secret that survives restarts — the relay's private key — so that a
+/// restarted relay recognises the connection IDs an earlier run of it issued and produces the
+/// same stateless-reset tokens for them. The derivation is HKDF-Extract (HMAC-SHA256 keyed
+/// with a label of each purpose); neither key reveals anything about the secret.
+struct RestartStableKeys {
+    reset: ring::hmac::Key,
+    connection_id: u64,
+}
+
+impl RestartStableKeys {
+    fn derive(secret: &[u8]) -> Self {
+        let extract = |label: &[u8]| {
+            let salt = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, label);
+            ring::hmac::sign(&salt, secret)
+        };
+        let reset = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            extract(b"privlink QUIC stateless reset v1").as_ref(),
+        );
+        let cid = extract(b"privlink QUIC connection id v1");
+        let mut connection_id = [0u8; 8];
+        connection_id.copy_from_slice(&cid.as_ref()[..8]);
+        Self { reset, connection_id: u64::from_le_bytes(connection_id) }
+    }
+
+    fn endpoint_config(self) -> quinn::EndpointConfig {
+        let mut config = quinn::EndpointConfig::new(Arc::new(self.reset));
+        let key = self.connection_id;
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(key))
+        });
+        config
+    }
+}
+
+/// A QUIC endpoint for the relay, listening for agents on `listen`. `reset_secret` (the
+/// relay's private key) seeds the stateless-reset and connection-ID keys; see the module
+/// notes.
 pub fn relay_endpoint(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
+    reset_secret: &[u8],
 ) -> Result<quinn::Endpoint, QuicSetupError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config(Role::Relay)));
     let socket = bind_udp(listen).map_err(|e| QuicSetupError::Bind(listen, e))?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        RestartStableKeys::derive(reset_secret).endpoint_config(),
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -205,4 +248,28 @@ pub enum DialError {
     /// The handshake failed (certificate, ALPN, refused, …).
     #[error("{0}")]
     Handshake(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RestartStableKeys;
+
+    fn token(secret: &[u8], connection_id: &[u8]) -> Vec<u8> {
+        ring::hmac::sign(&RestartStableKeys::derive(secret).reset, connection_id).as_ref().to_vec()
+    }
+
+    #[test]
+    fn a_restarted_relay_derives_the_same_keys_and_another_relay_does_not() {
+        let relay_key = b"relay private key (DER)";
+        assert_eq!(token(relay_key, b"cid-1"), token(relay_key, b"cid-1"));
+        assert_ne!(token(relay_key, b"cid-1"), token(relay_key, b"cid-2"));
+        assert_ne!(token(relay_key, b"cid-1"), token(b"another relay's key", b"cid-1"));
+        // The reset key is derived, not the secret itself.
+        let raw = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, relay_key);
+        assert_ne!(token(relay_key, b"cid-1"), ring::hmac::sign(&raw, b"cid-1").as_ref());
+
+        let cid_key = |secret: &[u8]| RestartStableKeys::derive(secret).connection_id;
+        assert_eq!(cid_key(relay_key), cid_key(relay_key));
+        assert_ne!(cid_key(relay_key), cid_key(b"another relay's key"));
+    }
 }
