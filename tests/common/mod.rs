@@ -383,6 +383,11 @@ impl Running {
         }
     }
 
+    /// The process id (for reading its memory use).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The last line seen.
     pub fn last_seen(&self) -> &str {
         self.seen.last().map_or("", String::as_str)

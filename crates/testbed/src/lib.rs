@@ -2,9 +2,11 @@
 //! harness in `benches/` (never published, never linked into the product): network namespaces
 //! joined by veth pairs or by a userspace link emulator ([`netns`]), the emulator itself — two
 //! TUN interfaces and a forwarder that adds delay, jitter, loss and a bandwidth cap to every IP
-//! packet ([`linkemu`]) — and helpers to run code inside a namespace.
+//! packet ([`linkemu`]) — helpers to run code inside a namespace, and the load tool the
+//! benchmark harness measures with ([`load`]).
 
 pub mod linkemu;
+pub mod load;
 pub mod netns;
 
 pub use linkemu::{LinkEmulator, LinkProfile, LinkStats};
