@@ -8,7 +8,8 @@
 //! of a new TLS connection against the round trips it physically needs and single-stream bulk
 //! against direct TCP over the same path. It prints a Markdown report (every figure also as a
 //! ratio to direct) and writes it to `target/e2e-report.md`; `docs/benchmarks.md` explains it.
-//! Set `E2E_QUICK=1` for a short smoke run. Nothing here asserts on timing.
+//! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, quic,
+//! tcp, wan) to run a subset, e.g. under a profiler. Nothing here asserts on timing.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -109,10 +110,14 @@ fn main() {
     });
     eprintln!("backend on {backend}");
 
-    let mut columns: Vec<(&str, Option<Figures>)> = Vec::new();
-    columns.push(("direct", Some(runtime.block_on(measure(backend, budget, None)))));
+    let only = std::env::var("E2E_ONLY").unwrap_or_default();
+    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
 
-    let haproxy = start_haproxy(dir.path(), backend);
+    let mut columns: Vec<(&str, Option<Figures>)> = Vec::new();
+    let direct = wanted("direct").then(|| runtime.block_on(measure(backend, budget, None)));
+    columns.push(("direct", direct));
+
+    let haproxy = wanted("haproxy").then(|| start_haproxy(dir.path(), backend)).flatten();
     columns.push((
         "HAProxy (tcp)",
         haproxy.map(|(running, addr)| {
@@ -123,21 +128,22 @@ fn main() {
     ));
 
     let certs = make_certs(dir.path(), "127.0.0.1");
-    for transport in ["quic", "tcp"] {
+    for (transport, label) in [("quic", "privlink QUIC"), ("tcp", "privlink TCP")] {
+        if !wanted(transport) {
+            columns.push((label, None));
+            continue;
+        }
         let tunnel = Tunnel::start(&certs, "127.0.0.1", transport, backend, None);
         let pids = [tunnel.relay.pid(), tunnel.agent.pid()];
         let figures = runtime.block_on(measure(tunnel.endpoint, budget, Some(&pids)));
-        columns.push((
-            if transport == "quic" { "privlink QUIC" } else { "privlink TCP" },
-            Some(figures),
-        ));
+        columns.push((label, Some(figures)));
         tunnel.stop();
     }
 
     let mut report = String::new();
     let _ = writeln!(report, "{}", machine_line());
     write_loopback_table(&mut report, &columns, budget);
-    match wan(dir.path(), budget) {
+    match if wanted("wan") { wan(dir.path(), budget) } else { Err("not selected".to_owned()) } {
         Ok(wan_report) => report.push_str(&wan_report),
         Err(reason) => {
             let _ = writeln!(report, "\nWAN part skipped: {reason}");
@@ -359,7 +365,11 @@ fn machine_line() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    let kernel = sh("uname", &["-r"]).1.trim().to_owned();
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     format!("Machine: {cores} cores ({cpu}), Linux {kernel}.")
 }
 

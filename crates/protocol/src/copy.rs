@@ -7,8 +7,10 @@
 //! is honoured) with one change, made for memory: tokio allocates two buffers per connection
 //! for its whole life, 128 KiB per tunnelled connection across relay and agent, which the
 //! benchmark harness measured as most of an idle connection's cost. Here each read lands in a
-//! buffer on the stack and is written on at once; only bytes the writer cannot take yet move
-//! to a heap buffer, which is freed as soon as it drains. An idle connection holds no buffer.
+//! buffer on the stack and is written on at once; only when the writer cannot take it all does
+//! the rest move to a heap buffer, and from then on the loop is tokio's until that buffer has
+//! drained and the reader has nothing more, when it is freed. An idle connection holds no
+//! buffer.
 //! Around the loop: a thin [`Metered`] wrapper on each side that counts bytes read, stamps the
 //! time of the last byte, and remembers whether that side failed; and a watchdog that ends the
 //! copy when no byte has moved in either direction for the timeout (HAProxy's `timeout
@@ -134,10 +136,14 @@ where
 struct OneWay {
     /// Largest single read.
     max_read: usize,
-    /// Bytes read but not yet accepted by the writer; exists only while there are such bytes.
-    backlog: Option<Vec<u8>>,
-    /// How much of `backlog` has been written.
-    written: usize,
+    /// A heap buffer, taken when the writer first could not keep up and kept while bytes keep
+    /// arriving (from then on the loop is tokio's); freed once it is drained and the reader
+    /// has nothing more.
+    buf: Option<Box<[u8]>>,
+    /// Start of the bytes in `buf` not yet written.
+    pos: usize,
+    /// End of the bytes in `buf`.
+    cap: usize,
     /// The reader reached EOF.
     read_done: bool,
     /// Bytes were written since the last flush.
@@ -150,8 +156,9 @@ impl OneWay {
     fn new(max_read: usize) -> Self {
         Self {
             max_read,
-            backlog: None,
-            written: 0,
+            buf: None,
+            pos: 0,
+            cap: 0,
             read_done: false,
             need_flush: false,
             done: false,
@@ -177,16 +184,10 @@ impl OneWay {
             // Each round consumes tokio's cooperative budget, so a connection that is always
             // ready yields to the scheduler instead of starving the others on its worker.
             let coop = ready!(tokio::task::coop::poll_proceed(cx));
-            // First whatever the writer could not take before.
-            if let Some(backlog) = &self.backlog {
-                while self.written < backlog.len() {
-                    let n = ready!(poll_write_some(cx, writer, &backlog[self.written..]))?;
-                    coop.made_progress();
-                    self.written += n;
-                    self.need_flush = true;
-                }
-                self.backlog = None;
-                self.written = 0;
+            if self.buf.is_some() {
+                ready!(self.poll_buffered(cx, reader, writer))?;
+                coop.made_progress();
+                continue;
             }
             if self.read_done {
                 if self.need_flush {
@@ -197,9 +198,10 @@ impl OneWay {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            // No buffer: read onto the stack and hand the bytes straight to the writer.
             let mut stack = [MaybeUninit::<u8>::uninit(); MAX_READ];
-            let mut buf = ReadBuf::uninit(&mut stack[..self.max_read]);
-            match read_some(cx, reader, &mut buf) {
+            let mut read = ReadBuf::uninit(&mut stack[..self.max_read]);
+            match read_some(cx, reader, &mut read) {
                 Poll::Ready(Ok(())) => coop.made_progress(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
@@ -210,7 +212,7 @@ impl OneWay {
                     return Poll::Pending;
                 }
             }
-            let read = buf.filled();
+            let read = read.filled();
             if read.is_empty() {
                 self.read_done = true;
                 continue;
@@ -224,14 +226,59 @@ impl OneWay {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        // The writer is full: keep the rest until it has room (it woke us).
-                        self.backlog = Some(read[sent..].to_vec());
-                        self.written = 0;
+                        // The writer is full (and will wake us): keep the rest on the heap.
+                        let rest = &read[sent..];
+                        let mut buf = vec![0u8; self.max_read].into_boxed_slice();
+                        buf[..rest.len()].copy_from_slice(rest);
+                        (self.buf, self.pos, self.cap) = (Some(buf), 0, rest.len());
                         return Poll::Pending;
                     }
                 }
             }
         }
+    }
+
+    /// One round of tokio's buffered copy: top the buffer up while the reader has bytes, write
+    /// what it holds. Ready once the buffer is free again (drained, reader idle or at EOF).
+    fn poll_buffered<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let Some(buf) = self.buf.as_mut() else { return Poll::Ready(Ok(())) };
+        let mut reader_idle = self.read_done;
+        if !self.read_done && self.cap < buf.len() {
+            let mut read = ReadBuf::new(&mut buf[self.cap..]);
+            match read_some(cx, reader, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => self.read_done = true,
+                Poll::Ready(Ok(())) => self.cap += read.filled().len(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => reader_idle = true,
+            }
+        }
+        while self.pos < self.cap {
+            let n = ready!(poll_write_some(cx, writer, &buf[self.pos..self.cap]))?;
+            self.pos += n;
+            self.need_flush = true;
+        }
+        (self.pos, self.cap) = (0, 0);
+        if reader_idle || self.read_done {
+            // Drained and nothing more to read right now: an idle direction holds no buffer.
+            self.buf = None;
+            if !self.read_done {
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -540,7 +587,7 @@ mod tests {
         let (mut writer, _far) = duplex(64);
         let mut one_way = OneWay::new(DEFAULT_BUFFER_SIZE);
         assert!(one_way.poll(&mut cx, &mut idle_reader, &mut writer).is_pending());
-        assert!(one_way.backlog.is_none());
+        assert!(one_way.buf.is_none());
     }
 
     #[tokio::test(start_paused = true)]
