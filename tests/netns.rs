@@ -89,6 +89,67 @@ fn write_configs(dir: &Path, transport: &str) -> (String, String) {
     (relay_path.to_str().expect("utf-8").to_owned(), agent_path.to_str().expect("utf-8").to_owned())
 }
 
+/// The starting point of the fault tests: an echo server and the agent in vnet, the relay in
+/// cloud (endpoint on cloud's 127.0.0.1:8443), connected, the endpoint approved.
+struct EchoTunnel {
+    relay: Running,
+    agent: Running,
+    relay_args: [String; 3],
+    agent_args: [String; 3],
+    _echo: Running,
+    _dir: tempfile::TempDir,
+}
+
+impl EchoTunnel {
+    fn start(topology: &Topology, transport: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (relay_cfg, agent_cfg) = write_configs(dir.path(), transport);
+        let (cloud, vnet) = (topology.ns(0), topology.ns(1));
+        let mut echo =
+            Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
+        echo.wait_for("echo ready");
+        let relay_args = ["relay".to_owned(), "--config".to_owned(), relay_cfg];
+        let agent_args = ["agent".to_owned(), "--config".to_owned(), agent_cfg];
+        let mut relay = Running::spawn(topology.exec(cloud, common::BIN, &strs(&relay_args)));
+        relay.wait_for("endpoint listening");
+        let mut agent = Running::spawn(topology.exec(vnet, common::BIN, &strs(&agent_args)));
+        agent.wait_for("connected to relay");
+        relay.wait_for("endpoint approved by agent");
+        Self { relay, agent, relay_args, agent_args, _echo: echo, _dir: dir }
+    }
+
+    /// Starts the relay again (after it was killed); returns at once.
+    fn restart_relay(&mut self, topology: &Topology) {
+        self.relay =
+            Running::spawn(topology.exec(topology.ns(0), common::BIN, &strs(&self.relay_args)));
+    }
+
+    /// Starts the agent again (after it was killed); returns at once.
+    fn restart_agent(&mut self, topology: &Topology) {
+        self.agent =
+            Running::spawn(topology.exec(topology.ns(1), common::BIN, &strs(&self.agent_args)));
+    }
+
+    /// SIGTERM to both; each must exit cleanly.
+    fn stop(self) {
+        assert!(self.agent.terminate().success());
+        assert!(self.relay.terminate().success());
+    }
+}
+
+fn strs(args: &[String; 3]) -> [&str; 3] {
+    [args[0].as_str(), args[1].as_str(), args[2].as_str()]
+}
+
+/// Sends 256 KiB through the endpoint from cloud and checks the echo.
+fn echo_through_the_tunnel(topology: &Topology, label: &str) {
+    let status = topology
+        .exec(topology.ns(0), "python3", &["-c", ECHO_CLIENT, "8443"])
+        .status()
+        .expect("run client");
+    assert!(status.success(), "client through the tunnel ({label}) failed");
+}
+
 #[test]
 fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_quic() {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
@@ -400,47 +461,26 @@ fn run_with_stdin(command: &mut Command, input: &str) -> String {
 fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from() {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip("lc", &["cloud", "vnet"], &links) else { return };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path(), "auto");
-    let (cloud, vnet) = (topology.ns(0), topology.ns(1));
-    let mut echo =
-        Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
-    echo.wait_for("echo ready");
-    let mut relay =
-        Running::spawn(topology.exec(cloud, common::BIN, &["relay", "--config", &relay_cfg]));
-    relay.wait_for("endpoint listening");
-    let mut agent =
-        Running::spawn(topology.exec(vnet, common::BIN, &["agent", "--config", &agent_cfg]));
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
-    let client = |label: &str| {
-        let status = topology
-            .exec(cloud, "python3", &["-c", ECHO_CLIENT, "8443"])
-            .status()
-            .expect("run client");
-        assert!(status.success(), "client through the tunnel ({label}) failed");
-    };
-    client("before the cut");
+    let mut tunnel = EchoTunnel::start(&topology, "auto");
+    echo_through_the_tunnel(&topology, "before the cut");
 
     // Cut the cloud–vnet link for longer than the keep-alive/idle timeout.
     let cut = std::time::Instant::now();
     topology.set_link_up(0, false);
-    agent.wait_for("relay link down");
+    tunnel.agent.wait_for("relay link down");
     let noticed = cut.elapsed();
-    relay.wait_for("agent disconnected");
+    tunnel.relay.wait_for("agent disconnected");
     topology.set_link_up(0, true);
     let restored = std::time::Instant::now();
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
+    tunnel.agent.wait_for("connected to relay");
+    tunnel.relay.wait_for("endpoint approved by agent");
     let recovered = restored.elapsed();
-    client("after the link came back");
+    echo_through_the_tunnel(&topology, "after the link came back");
     eprintln!(
         "link cut: agent noticed after {noticed:?}; reconnected {recovered:?} after the link came back"
     );
 
-    assert!(agent.terminate().success());
-    assert!(relay.terminate().success());
-    drop(echo);
+    tunnel.stop();
 }
 
 /// 50 connections through the endpoint, each sending 1 KiB every 100 ms and reading its echo.
@@ -488,25 +528,14 @@ with lock:
 fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again() {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip("k9", &["cloud", "vnet"], &links) else { return };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path(), "auto");
-    let (cloud, vnet) = (topology.ns(0), topology.ns(1));
-    let mut echo =
-        Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
-    echo.wait_for("echo ready");
-    let mut relay =
-        Running::spawn(topology.exec(cloud, common::BIN, &["relay", "--config", &relay_cfg]));
-    relay.wait_for("endpoint listening");
-    let agent_args = ["agent", "--config", agent_cfg.as_str()];
-    let mut agent = Running::spawn(topology.exec(vnet, common::BIN, &agent_args));
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
+    let mut tunnel = EchoTunnel::start(&topology, "auto");
+    let cloud = topology.ns(0);
 
     let mut transfers =
         Running::spawn(topology.exec(cloud, "python3", &["-c", LIVE_TRANSFERS, "8443", "50"]));
     transfers.wait_for("live");
     let killed_at = std::time::SystemTime::now();
-    agent.kill_hard();
+    tunnel.agent.kill_hard();
     // The relay notices the dead agent (QUIC idle timeout) and closes every client connection.
     transfers.wait_for("ended");
     let report = transfers.last_seen().to_owned();
@@ -522,20 +551,16 @@ fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_a
 
     // A new agent process serves new connections.
     let restarted = std::time::Instant::now();
-    let mut agent = Running::spawn(topology.exec(vnet, common::BIN, &agent_args));
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
+    tunnel.restart_agent(&topology);
+    tunnel.agent.wait_for("connected to relay");
+    tunnel.relay.wait_for("endpoint approved by agent");
     let back_after = restarted.elapsed();
-    let status =
-        topology.exec(cloud, "python3", &["-c", ECHO_CLIENT, "8443"]).status().expect("client");
-    assert!(status.success(), "no service after the agent restarted");
+    echo_through_the_tunnel(&topology, "after the agent restarted");
     eprintln!(
         "kill -9 agent: all 50 client connections closed {closed_after:.2}s after the kill; \
          restarted agent approved after {back_after:?}"
     );
-    assert!(agent.terminate().success());
-    assert!(relay.terminate().success());
-    drop(echo);
+    tunnel.stop();
 }
 
 /// One-way delay and loss on the emulated cloud–vnet link of the WAN tests.
@@ -633,52 +658,31 @@ fn bulk_transfer_over_a_lossy_wan_arrives_intact_over_tcp() {
 fn killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own(transport: &str, tag: &str) {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path(), transport);
-    let (cloud, vnet) = (topology.ns(0), topology.ns(1));
-    let mut echo =
-        Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
-    echo.wait_for("echo ready");
-    let relay_args = ["relay", "--config", relay_cfg.as_str()];
-    let mut relay = Running::spawn(topology.exec(cloud, common::BIN, &relay_args));
-    relay.wait_for("endpoint listening");
-    let mut agent =
-        Running::spawn(topology.exec(vnet, common::BIN, &["agent", "--config", &agent_cfg]));
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
-    let client = |label: &str| {
-        let status = topology
-            .exec(cloud, "python3", &["-c", ECHO_CLIENT, "8443"])
-            .status()
-            .expect("run client");
-        assert!(status.success(), "client through the tunnel ({label}) failed");
-    };
-    client("before the kill");
+    let mut tunnel = EchoTunnel::start(&topology, transport);
+    echo_through_the_tunnel(&topology, "before the kill");
 
     let killed = std::time::Instant::now();
-    relay.kill_hard();
-    let mut relay = Running::spawn(topology.exec(cloud, common::BIN, &relay_args));
-    relay.wait_for("endpoint listening");
+    tunnel.relay.kill_hard();
+    tunnel.restart_relay(&topology);
+    tunnel.relay.wait_for("endpoint listening");
     let relay_up = killed.elapsed();
-    agent.wait_for("relay link down");
+    tunnel.agent.wait_for("relay link down");
     let noticed = killed.elapsed();
-    let why = agent.last_seen().to_owned();
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
+    let why = tunnel.agent.last_seen().to_owned();
+    tunnel.agent.wait_for("connected to relay");
+    tunnel.relay.wait_for("endpoint approved by agent");
     let served = killed.elapsed();
     if transport == "quic" {
         // The restarted relay recognises the old connection's IDs and answers with a stateless
         // reset, instead of leaving the agent to wait out the idle timeout.
         assert!(why.contains("reset"), "the agent did not see a stateless reset: {why}");
     }
-    client("after the relay restarted");
+    echo_through_the_tunnel(&topology, "after the relay restarted");
     eprintln!(
         "kill -9 relay ({transport}): new relay listening after {relay_up:?}; agent noticed the \
          dead link after {noticed:?} ({why}); endpoint approved again {served:?} after the kill"
     );
-    assert!(agent.terminate().success());
-    assert!(relay.terminate().success());
-    drop(echo);
+    tunnel.stop();
 }
 
 #[test]
@@ -744,19 +748,8 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
     const TRANSFERS: &str = "20";
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip("st", &["cloud", "vnet"], &links) else { return };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path(), "auto");
-    let (cloud, vnet) = (topology.ns(0), topology.ns(1));
-    let mut echo =
-        Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
-    echo.wait_for("echo ready");
-    let mut relay =
-        Running::spawn(topology.exec(cloud, common::BIN, &["relay", "--config", &relay_cfg]));
-    relay.wait_for("endpoint listening");
-    let mut agent =
-        Running::spawn(topology.exec(vnet, common::BIN, &["agent", "--config", &agent_cfg]));
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
+    let EchoTunnel { mut relay, agent, _echo, _dir, .. } = EchoTunnel::start(&topology, "auto");
+    let cloud = topology.ns(0);
 
     let mut transfers = Running::spawn(topology.exec(
         cloud,
@@ -795,7 +788,6 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
          refused during the drain, relay exited {stopped:?} after the signal"
     );
     assert!(agent.terminate().success());
-    drop(echo);
 }
 
 /// The relay's default shutdown grace period (the test configs do not set one).

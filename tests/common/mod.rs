@@ -398,7 +398,8 @@ impl Running {
         self.seen.iter().any(|l| l.contains(needle))
     }
 
-    pub fn kill_hard(mut self) {
+    /// SIGKILL and reap (the value can then be replaced by a restarted process).
+    pub fn kill_hard(&mut self) {
         self.child.kill().expect("SIGKILL");
         let _ = self.child.wait();
     }

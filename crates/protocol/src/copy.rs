@@ -523,23 +523,33 @@ mod tests {
         .await;
     }
 
-    /// Reads never end and writes always succeed: a connection that is always ready.
-    struct AlwaysReady;
+    /// A stream whose writes always succeed at once and whose reads either never end (an
+    /// always-ready connection) or fail with a reset.
+    enum Scripted {
+        AlwaysReady,
+        Resetting,
+    }
+    use Scripted::{AlwaysReady, Resetting};
 
-    impl AsyncRead for AlwaysReady {
+    impl AsyncRead for Scripted {
         fn poll_read(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            let n = buf.remaining();
-            buf.initialize_unfilled();
-            buf.advance(n);
-            Poll::Ready(Ok(()))
+            match *self {
+                AlwaysReady => {
+                    let n = buf.remaining();
+                    buf.initialize_unfilled();
+                    buf.advance(n);
+                    Poll::Ready(Ok(()))
+                }
+                Resetting => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            }
         }
     }
 
-    impl AsyncWrite for AlwaysReady {
+    impl AsyncWrite for Scripted {
         fn poll_write(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
@@ -628,35 +638,6 @@ mod tests {
         let (mut tunnel, _tunnel_far) = duplex(64);
         let report = copy_bidirectional_metered(&mut socket, &mut tunnel, LONG, 64, async {}).await;
         assert!(matches!(report.end, CopyEnd::Cancelled));
-    }
-
-    /// A stream whose reads fail with a reset.
-    struct Resetting;
-
-    impl AsyncRead for Resetting {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
-        }
-    }
-
-    impl AsyncWrite for Resetting {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
     }
 
     #[tokio::test]

@@ -250,8 +250,8 @@ pub async fn request_response(
     .await
 }
 
-/// Connect, one `size`-byte echo round trip, close.
-async fn connect_and_round_trip(addr: SocketAddr, size: usize) -> io::Result<()> {
+/// Connect, one `size`-byte echo round trip; the connection is returned open.
+async fn connect_and_round_trip(addr: SocketAddr, size: usize) -> io::Result<TcpStream> {
     let mut conn = TcpStream::connect(addr).await?;
     conn.set_nodelay(true)?;
     let mut request = vec![0x17u8; size + 1];
@@ -262,7 +262,24 @@ async fn connect_and_round_trip(addr: SocketAddr, size: usize) -> io::Result<()>
     if response[..] != request[1..] {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "echo came back changed"));
     }
-    Ok(())
+    Ok(conn)
+}
+
+/// Connections one after another, each timed from connect to the end of its round trip and
+/// then closed, until `count` are done or `started + duration` has passed.
+async fn time_connections(
+    addr: SocketAddr,
+    count: usize,
+    started: Instant,
+    duration: Duration,
+) -> io::Result<Vec<Duration>> {
+    let mut samples = Vec::new();
+    while samples.len() < count && started.elapsed() < duration {
+        let begun = Instant::now();
+        drop(connect_and_round_trip(addr, 64).await?);
+        samples.push(begun.elapsed());
+    }
+    Ok(samples)
 }
 
 /// New connections one after another, each with a 64-byte round trip: up to `count` or `limit`.
@@ -272,13 +289,8 @@ pub async fn sequential_connections(
     limit: Duration,
 ) -> io::Result<Latencies> {
     bounded(limit + STALL, async {
-        let mut samples = Vec::with_capacity(count);
         let started = Instant::now();
-        while samples.len() < count && started.elapsed() < limit {
-            let begun = Instant::now();
-            connect_and_round_trip(addr, 64).await?;
-            samples.push(begun.elapsed());
-        }
+        let samples = time_connections(addr, count, started, limit).await?;
         Ok(Latencies::new(samples, started.elapsed()))
     })
     .await
@@ -294,17 +306,7 @@ pub async fn concurrent_connections(
     bounded(duration + STALL, async {
         let started = Instant::now();
         let loops: Vec<_> = (0..workers)
-            .map(|_| {
-                tokio::spawn(async move {
-                    let mut samples = Vec::new();
-                    while started.elapsed() < duration {
-                        let begun = Instant::now();
-                        connect_and_round_trip(addr, 64).await?;
-                        samples.push(begun.elapsed());
-                    }
-                    io::Result::Ok(samples)
-                })
-            })
+            .map(|_| tokio::spawn(time_connections(addr, usize::MAX, started, duration)))
             .collect();
         let mut all = Vec::new();
         for one in loops {
@@ -324,13 +326,7 @@ pub async fn open_idle(
     bounded(limit, async {
         let mut open = Vec::with_capacity(count);
         for _ in 0..count {
-            let mut conn = TcpStream::connect(addr).await?;
-            let mut request = [0x33u8; 65];
-            request[0] = ECHO;
-            conn.write_all(&request).await?;
-            let mut response = [0u8; 64];
-            conn.read_exact(&mut response).await?;
-            open.push(conn);
+            open.push(connect_and_round_trip(addr, 64).await?);
         }
         Ok(open)
     })
