@@ -8,8 +8,8 @@
 //! of a new TLS connection against the round trips it physically needs and single-stream bulk
 //! against direct TCP over the same path. It prints a Markdown report (every figure also as a
 //! ratio to direct) and writes it to `target/e2e-report.md`; `docs/benchmarks.md` explains it.
-//! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, quic,
-//! tcp, wan) to run a subset, e.g. under a profiler. Nothing here asserts on timing.
+//! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, haproxy2,
+//! quic, tcp, wan) to run a subset, e.g. under a profiler. Nothing here asserts on timing.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -123,6 +123,24 @@ fn main() {
         haproxy.map(|(running, addr)| {
             let figures = runtime.block_on(measure(addr, budget, Some(&[running.pid()])));
             drop(running);
+            figures
+        }),
+    ));
+    // Two HAProxy processes in a row: what two user-space hops without a tunnel cost here,
+    // the reference for privlink's relay + agent.
+    let chained = wanted("haproxy2")
+        .then(|| {
+            let (second, second_addr) = start_haproxy(dir.path(), backend)?;
+            let (first, first_addr) = start_haproxy(dir.path(), second_addr)?;
+            Some((first, second, first_addr))
+        })
+        .flatten();
+    columns.push((
+        "2 × HAProxy",
+        chained.map(|(first, second, addr)| {
+            let pids = [first.pid(), second.pid()];
+            let figures = runtime.block_on(measure(addr, budget, Some(&pids)));
+            drop((first, second));
             figures
         }),
     ));
@@ -264,8 +282,8 @@ fn start_haproxy(dir: &Path, backend: SocketAddr) -> Option<(Running, SocketAddr
          timeout server 300s\n\nfrontend bench\n  bind {addr}\n  default_backend backend\n\n\
          backend backend\n  server b1 {backend}\n"
     );
-    let path = dir.join("haproxy.cfg");
-    std::fs::write(&path, config).expect("haproxy.cfg");
+    let path = dir.join(format!("haproxy-{}.cfg", addr.port()));
+    std::fs::write(&path, config).expect("haproxy config");
     let mut command = Command::new("haproxy");
     command.args(["-db", "-f", path.to_str().expect("utf-8")]);
     let running = Running::spawn(command);
