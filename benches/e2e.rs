@@ -9,7 +9,8 @@
 //! against direct TCP over the same path. It prints a Markdown report (every figure also as a
 //! ratio to direct) and writes it to `target/e2e-report.md`; `docs/benchmarks.md` explains it.
 //! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, haproxy2,
-//! quic, tcp, wan) to run a subset, e.g. under a profiler. Nothing here asserts on timing.
+//! quic, tcp, wan) to run a subset and `E2E_MEASURES=connections` (any of memory, bulk, rr,
+//! connections) to run only some measurements, e.g. under a profiler. Nothing here asserts on timing.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -179,28 +180,36 @@ fn main() {
 /// idle-connection figure counts (none for the direct connection).
 async fn measure(addr: SocketAddr, budget: Budget, pids: Option<&[u32]>) -> Figures {
     let mut figures = Figures::default();
+    let only = std::env::var("E2E_MEASURES").unwrap_or_default();
+    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
     // Memory first, while the processes are fresh: a heap that already served bulk transfers
     // would hand its free space to the idle connections and hide their cost.
-    if let Some(pids) = pids {
+    if let Some(pids) = pids.filter(|_| wanted("memory")) {
         figures.idle_kib = idle_memory(addr, budget.idle, pids).await;
     }
     let bulk = |direction, streams| async move {
         let result = load::parallel_bulk(addr, direction, streams, budget.bulk).await;
         result.map(|t| t.gbit_per_s()).unwrap_or_else(|e| fail("bulk", &e))
     };
-    figures.up1 = bulk(Direction::Upload, 1).await;
-    figures.down1 = bulk(Direction::Download, 1).await;
-    figures.up8 = bulk(Direction::Upload, 8).await;
-    figures.down8 = bulk(Direction::Download, 8).await;
-    figures.rr = load::request_response(addr, 1024, budget.round_trips, budget.latency)
-        .await
-        .unwrap_or_else(|e| fail("request/response", &e));
-    figures.sequential = load::sequential_connections(addr, budget.sequential, budget.latency)
-        .await
-        .unwrap_or_else(|e| fail("sequential connections", &e));
-    figures.concurrent = load::concurrent_connections(addr, 64, budget.concurrent)
-        .await
-        .unwrap_or_else(|e| fail("concurrent connections", &e));
+    if wanted("bulk") {
+        figures.up1 = bulk(Direction::Upload, 1).await;
+        figures.down1 = bulk(Direction::Download, 1).await;
+        figures.up8 = bulk(Direction::Upload, 8).await;
+        figures.down8 = bulk(Direction::Download, 8).await;
+    }
+    if wanted("rr") {
+        figures.rr = load::request_response(addr, 1024, budget.round_trips, budget.latency)
+            .await
+            .unwrap_or_else(|e| fail("request/response", &e));
+    }
+    if wanted("connections") {
+        figures.sequential = load::sequential_connections(addr, budget.sequential, budget.latency)
+            .await
+            .unwrap_or_else(|e| fail("sequential connections", &e));
+        figures.concurrent = load::concurrent_connections(addr, 64, budget.concurrent)
+            .await
+            .unwrap_or_else(|e| fail("concurrent connections", &e));
+    }
     eprintln!("measured {addr}");
     figures
 }
