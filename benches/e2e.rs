@@ -31,7 +31,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-const TOKEN: &str = "plk_bench_token_not_secret";
 const IDLE_CONNECTIONS: usize = 5_000;
 const WAN_DELAY: Duration = Duration::from_millis(25);
 const WAN_LOSS: f64 = 0.005;
@@ -80,16 +79,14 @@ impl Budget {
     }
 }
 
-/// Everything measured against one target.
+/// Everything measured against one target (`None`: not measured in this run).
 #[derive(Default)]
 struct Figures {
-    up1: f64,
-    down1: f64,
-    up8: f64,
-    down8: f64,
-    rr: Latencies,
-    sequential: Latencies,
-    concurrent: Latencies,
+    /// Gbit/s: one stream up, one down, eight up, eight down.
+    bulk: Option<[f64; 4]>,
+    rr: Option<Latencies>,
+    sequential: Option<Latencies>,
+    concurrent: Option<Latencies>,
     /// KiB of resident memory per idle connection (the forwarding processes together).
     idle_kib: Option<f64>,
 }
@@ -111,8 +108,7 @@ fn main() {
     });
     eprintln!("backend on {backend}");
 
-    let only = std::env::var("E2E_ONLY").unwrap_or_default();
-    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
+    let wanted = |part: &str| selected("E2E_ONLY", part);
 
     let mut columns: Vec<(&str, Option<Figures>)> = Vec::new();
     let direct = wanted("direct").then(|| runtime.block_on(measure(backend, budget, None)));
@@ -146,13 +142,12 @@ fn main() {
         }),
     ));
 
-    let certs = make_certs(dir.path(), "127.0.0.1");
     for (transport, label) in [("quic", "privlink QUIC"), ("tcp", "privlink TCP")] {
         if !wanted(transport) {
             columns.push((label, None));
             continue;
         }
-        let tunnel = Tunnel::start(&certs, "127.0.0.1", transport, backend, None);
+        let tunnel = Tunnel::start(dir.path(), "127.0.0.1", transport, backend, None);
         let pids = [tunnel.relay.pid(), tunnel.agent.pid()];
         let figures = runtime.block_on(measure(tunnel.endpoint, budget, Some(&pids)));
         columns.push((label, Some(figures)));
@@ -162,10 +157,12 @@ fn main() {
     let mut report = String::new();
     let _ = writeln!(report, "{}", machine_line());
     write_loopback_table(&mut report, &columns, budget);
-    match if wanted("wan") { wan(dir.path(), budget) } else { Err("not selected".to_owned()) } {
-        Ok(wan_report) => report.push_str(&wan_report),
-        Err(reason) => {
-            let _ = writeln!(report, "\nWAN part skipped: {reason}");
+    if wanted("wan") {
+        match wan(dir.path(), budget) {
+            Ok(wan_report) => report.push_str(&wan_report),
+            Err(reason) => {
+                let _ = writeln!(report, "\nWAN part skipped: {reason}");
+            }
         }
     }
     let _ = writeln!(report, "\nHarness wall time: {:.0?}", started.elapsed());
@@ -180,8 +177,7 @@ fn main() {
 /// idle-connection figure counts (none for the direct connection).
 async fn measure(addr: SocketAddr, budget: Budget, pids: Option<&[u32]>) -> Figures {
     let mut figures = Figures::default();
-    let only = std::env::var("E2E_MEASURES").unwrap_or_default();
-    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
+    let wanted = |part: &str| selected("E2E_MEASURES", part);
     // Memory first, while the processes are fresh: a heap that already served bulk transfers
     // would hand its free space to the idle connections and hide their cost.
     if let Some(pids) = pids.filter(|_| wanted("memory")) {
@@ -192,26 +188,31 @@ async fn measure(addr: SocketAddr, budget: Budget, pids: Option<&[u32]>) -> Figu
         result.map(|t| t.gbit_per_s()).unwrap_or_else(|e| fail("bulk", &e))
     };
     if wanted("bulk") {
-        figures.up1 = bulk(Direction::Upload, 1).await;
-        figures.down1 = bulk(Direction::Download, 1).await;
-        figures.up8 = bulk(Direction::Upload, 8).await;
-        figures.down8 = bulk(Direction::Download, 8).await;
+        figures.bulk = Some([
+            bulk(Direction::Upload, 1).await,
+            bulk(Direction::Download, 1).await,
+            bulk(Direction::Upload, 8).await,
+            bulk(Direction::Download, 8).await,
+        ]);
     }
     if wanted("rr") {
-        figures.rr = load::request_response(addr, 1024, budget.round_trips, budget.latency)
-            .await
-            .unwrap_or_else(|e| fail("request/response", &e));
+        let rr = load::request_response(addr, 1024, budget.round_trips, budget.latency).await;
+        figures.rr = Some(rr.unwrap_or_else(|e| fail("request/response", &e)));
     }
     if wanted("connections") {
-        figures.sequential = load::sequential_connections(addr, budget.sequential, budget.latency)
-            .await
-            .unwrap_or_else(|e| fail("sequential connections", &e));
-        figures.concurrent = load::concurrent_connections(addr, 64, budget.concurrent)
-            .await
-            .unwrap_or_else(|e| fail("concurrent connections", &e));
+        let sequential =
+            load::sequential_connections(addr, budget.sequential, budget.latency).await;
+        figures.sequential = Some(sequential.unwrap_or_else(|e| fail("sequential", &e)));
+        let concurrent = load::concurrent_connections(addr, 64, budget.concurrent).await;
+        figures.concurrent = Some(concurrent.unwrap_or_else(|e| fail("concurrent", &e)));
     }
     eprintln!("measured {addr}");
     figures
+}
+
+/// Whether `part` is in the comma-separated list in environment variable `var` (unset: all).
+fn selected(var: &str, part: &str) -> bool {
+    std::env::var(var).map_or(true, |list| list.split(',').any(|p| p.trim() == part))
 }
 
 fn fail<T>(what: &str, error: &std::io::Error) -> T {
@@ -303,23 +304,12 @@ fn start_haproxy(dir: &Path, backend: SocketAddr) -> Option<(Running, SocketAddr
     Some((running, addr))
 }
 
-/// Certificates from `privlink certs init` for a relay reachable at `relay_name`.
-fn make_certs(dir: &Path, relay_name: &str) -> std::path::PathBuf {
-    let certs = dir.join(format!("certs-{relay_name}"));
-    let (ok, out) = sh(
-        common::BIN,
-        &["certs", "init", "--dir", certs.to_str().expect("utf-8"), "--name", relay_name],
-    );
-    assert!(ok, "certs init: {out}");
-    std::fs::write(certs.join("token"), TOKEN).expect("token");
-    certs
-}
-
 /// A relay and an agent, each a real `privlink` process.
 struct Tunnel {
     relay: Running,
     agent: Running,
     endpoint: SocketAddr,
+    _files: tempfile::TempDir,
 }
 
 impl Tunnel {
@@ -327,38 +317,30 @@ impl Tunnel {
     /// `transport`; the endpoint forwards to `destination`. With `namespaces` = (cloud, vnet)
     /// the relay runs in the first and the agent in the second.
     fn start(
-        certs: &Path,
+        dir: &Path,
         relay_ip: &str,
         transport: &str,
         destination: SocketAddr,
         namespaces: Option<(&Topology, &str, &str)>,
     ) -> Self {
-        let certs_s = certs.to_str().expect("utf-8");
         let tunnel_port = if namespaces.is_some() { 7443 } else { free_port(relay_ip) };
         let endpoint_port = if namespaces.is_some() { 8443 } else { free_port("127.0.0.1") };
-        let digest = common::hex(&common::sha256(TOKEN.as_bytes()));
-        let relay_cfg = certs.join(format!("relay-{transport}.toml"));
-        std::fs::write(
-            &relay_cfg,
-            format!(
-                "[tunnel]\nlisten = \"{relay_ip}:{tunnel_port}\"\ncert = \"{certs_s}/relay.crt\"\nkey = \"{certs_s}/relay.key\"\n\n\
-                 [[connector]]\nname = \"bench\"\ntoken_sha256 = \"{digest}\"\n\n\
-                 [[endpoint]]\nname = \"backend\"\nconnector = \"bench\"\ndestination = \"{destination}\"\n\
-                 listen = \"127.0.0.1:{endpoint_port}\"\ninactivity_timeout = \"300s\"\nmax_connections = 20000\n"
-            ),
-        )
-        .expect("relay config");
-        let agent_cfg = certs.join(format!("agent-{transport}.toml"));
-        std::fs::write(
-            &agent_cfg,
-            format!(
-                "connector = \"bench\"\ntoken_file = \"{certs_s}/token\"\nrelays = [\"{relay_ip}:{tunnel_port}\"]\n\
-                 relay_ca = \"{certs_s}/ca.crt\"\ntransport = \"{transport}\"\n\n[[allow]]\ndestination = \"{destination}\"\n"
-            ),
-        )
-        .expect("agent config");
-        let relay_args = ["relay", "--config", relay_cfg.to_str().expect("utf-8")];
-        let agent_args = ["agent", "--config", agent_cfg.to_str().expect("utf-8")];
+        let files = tempfile::tempdir_in(dir).expect("tunnel files");
+        let destination = destination.to_string();
+        let (relay_cfg, agent_cfg) = common::write_tunnel_files(
+            files.path(),
+            &common::TunnelFiles {
+                tunnel_listen: &format!("{relay_ip}:{tunnel_port}"),
+                endpoint: "backend",
+                endpoint_listen: &format!("127.0.0.1:{endpoint_port}"),
+                destination: &destination,
+                endpoint_extra: "inactivity_timeout = \"300s\"\nmax_connections = 20000",
+                agent_extra: &format!("transport = \"{transport}\""),
+                allow: &destination,
+            },
+        );
+        let relay_args = ["relay", "--config", relay_cfg.as_str()];
+        let agent_args = ["agent", "--config", agent_cfg.as_str()];
         let (mut relay, mut agent) = match namespaces {
             Some((topology, cloud, vnet)) => {
                 let mut relay = Running::spawn(topology.exec(cloud, common::BIN, &relay_args));
@@ -374,7 +356,7 @@ impl Tunnel {
         agent.wait_for("connected to relay");
         relay.wait_for("endpoint approved by agent");
         let endpoint = format!("127.0.0.1:{endpoint_port}").parse().expect("endpoint");
-        Self { relay, agent, endpoint }
+        Self { relay, agent, endpoint, _files: files }
     }
 
     fn stop(self) {
@@ -446,58 +428,39 @@ fn write_loopback_table(report: &mut String, columns: &[(&str, Option<Figures>)]
     let gbit = |v: f64| format!("{v:.2} Gbit/s");
     let secs = |v: f64| ms(Duration::from_secs_f64(v));
     let micros = |v: f64| us(Duration::from_secs_f64(v));
-    row(report, "bulk 1 stream, upload", &pick(&|f| Some(f.up1)), gbit);
-    row(report, "bulk 1 stream, download", &pick(&|f| Some(f.down1)), gbit);
-    row(report, "bulk 8 streams, upload", &pick(&|f| Some(f.up8)), gbit);
-    row(report, "bulk 8 streams, download", &pick(&|f| Some(f.down8)), gbit);
-    row(report, "1 KiB req/resp p50", &pick(&|f| Some(f.rr.quantile(0.5).as_secs_f64())), micros);
-    row(report, "1 KiB req/resp p99", &pick(&|f| Some(f.rr.quantile(0.99).as_secs_f64())), micros);
-    row(
-        report,
-        "1 KiB req/resp p99.9",
-        &pick(&|f| Some(f.rr.quantile(0.999).as_secs_f64())),
-        micros,
-    );
-    row(report, "1 KiB round trips/s", &pick(&|f| Some(f.rr.rate())), |v| format!("{v:.0}"));
-    row(
-        report,
-        "new conn, sequential, mean",
-        &pick(&|f| Some(f.sequential.mean().as_secs_f64())),
-        secs,
-    );
-    row(
-        report,
-        "new conn, sequential, p99",
-        &pick(&|f| Some(f.sequential.quantile(0.99).as_secs_f64())),
-        secs,
-    );
-    row(report, "new conn, 64 workers, conn/s", &pick(&|f| Some(f.concurrent.rate())), |v| {
-        format!("{v:.0}")
-    });
-    let _ = writeln!(
-        report,
-        "| idle conn memory (forwarders' RSS growth / conn, {} conns) | — | {} |",
-        budget.idle,
-        columns[1..]
-            .iter()
-            .map(|(_, f)| f
-                .as_ref()
-                .and_then(|f| f.idle_kib)
-                .map_or("—".to_owned(), |k| format!("{k:.1} KiB")))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
+    let count = |v: f64| format!("{v:.0}");
+    for (i, label) in
+        ["1 stream, upload", "1 stream, download", "8 streams, upload", "8 streams, download"]
+            .into_iter()
+            .enumerate()
+    {
+        row(report, &format!("bulk {label}"), &pick(&|f| f.bulk.map(|b| b[i])), gbit);
+    }
+    for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+        let quantile = |f: &Figures| f.rr.as_ref().map(|l| l.quantile(q).as_secs_f64());
+        row(report, &format!("1 KiB req/resp {label}"), &pick(&quantile), micros);
+    }
+    row(report, "1 KiB round trips/s", &pick(&|f| f.rr.as_ref().map(Latencies::rate)), count);
+    let mean = |f: &Figures| f.sequential.as_ref().map(|l| l.mean().as_secs_f64());
+    row(report, "new conn, sequential, mean", &pick(&mean), secs);
+    let p99 = |f: &Figures| f.sequential.as_ref().map(|l| l.quantile(0.99).as_secs_f64());
+    row(report, "new conn, sequential, p99", &pick(&p99), secs);
+    let rate = |f: &Figures| f.concurrent.as_ref().map(Latencies::rate);
+    row(report, "new conn, 64 workers, conn/s", &pick(&rate), count);
+    let memory_label =
+        format!("idle conn memory (forwarders' RSS growth / conn, {} conns)", budget.idle);
+    row(report, &memory_label, &pick(&|f| f.idle_kib), |k| format!("{k:.1} KiB"));
     let samples: Vec<String> = columns
         .iter()
         .filter_map(|(n, f)| {
-            f.as_ref().map(|f| {
-                format!(
-                    "{n}: {} round trips, {} sequential, {} concurrent",
-                    f.rr.count(),
-                    f.sequential.count(),
-                    f.concurrent.count()
-                )
-            })
+            let f = f.as_ref()?;
+            let len = |l: &Option<Latencies>| l.as_ref().map_or(0, Latencies::count);
+            Some(format!(
+                "{n}: {} round trips, {} sequential, {} concurrent",
+                len(&f.rr),
+                len(&f.sequential),
+                len(&f.concurrent)
+            ))
         })
         .collect();
     let _ = writeln!(report, "\nSamples: {}.", samples.join("; "));
@@ -593,7 +556,6 @@ fn wan(dir: &Path, budget: Budget) -> Result<String, String> {
         })
     };
     ready_rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "backends did not start")?;
-    let certs = make_certs(dir, CLOUD_ADDR);
 
     // The physical round trip, measured: TCP connects from cloud to vnet take one.
     let rtt = sample_in(&cloud, move || async move {
@@ -641,11 +603,11 @@ fn wan(dir: &Path, budget: Budget) -> Result<String, String> {
         let direct = bulk_down(&cloud, bulk_backend);
         loss_rows.push((label, "direct TCP", direct, direct));
         for (transport, path) in [("quic", "privlink QUIC"), ("tcp", "privlink TCP")] {
-            let tunnel = Tunnel::start(&certs, CLOUD_ADDR, transport, tls_backend, on_the_wan);
+            let tunnel = Tunnel::start(dir, CLOUD_ADDR, transport, tls_backend, on_the_wan);
             let through = ttfb(&cloud, tunnel.endpoint);
             ttfb_rows.push((label, path, through, 2));
             tunnel.stop();
-            let tunnel = Tunnel::start(&certs, CLOUD_ADDR, transport, bulk_backend, on_the_wan);
+            let tunnel = Tunnel::start(dir, CLOUD_ADDR, transport, bulk_backend, on_the_wan);
             loss_rows.push((label, path, bulk_down(&cloud, tunnel.endpoint), direct));
             tunnel.stop();
         }

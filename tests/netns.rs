@@ -65,28 +65,22 @@ fn topology_or_skip(tag: &str, names: &[&str], links: &[Link]) -> Option<Topolog
 /// Writes certificates, a relay config (tunnel on the cloud address, endpoint `vault` on
 /// cloud's loopback port 8443 to the vnet's port 9000) and an agent config with `transport`.
 fn write_configs(dir: &Path, transport: &str) -> (String, String) {
-    let certs = dir.join("certs");
-    let certs_s = certs.to_str().expect("utf-8");
-    let (ok, stderr) = sh(common::BIN, &["certs", "init", "--dir", certs_s, "--name", CLOUD_ADDR]);
-    assert!(ok, "certs init: {stderr}");
-    let token = "plk_netns_test_token";
-    std::fs::write(certs.join("token"), token).expect("token");
-    let digest = common::hex(&common::sha256(token.as_bytes()));
-    let relay = format!(
-        "[tunnel]\nlisten = \"{CLOUD_ADDR}:7443\"\ncert = \"certs/relay.crt\"\nkey = \"certs/relay.key\"\n\n\
-         [[connector]]\nname = \"vnet\"\ntoken_sha256 = \"{digest}\"\n\n\
-         [[endpoint]]\nname = \"vault\"\nconnector = \"vnet\"\ndestination = \"{VNET_ADDR}:9000\"\nlisten = \"127.0.0.1:8443\"\n"
+    let agent_extra = format!(
+        "transport = \"{transport}\"\nquic_fallback_after = \"1s\"\nquic_probe_interval = \"500ms\""
     );
-    let agent = format!(
-        "connector = \"vnet\"\ntoken_file = \"certs/token\"\nrelays = [\"{CLOUD_ADDR}:7443\"]\n\
-         relay_ca = \"certs/ca.crt\"\ntransport = \"{transport}\"\nquic_fallback_after = \"1s\"\n\
-         quic_probe_interval = \"500ms\"\n\n[[allow]]\ndestination = \"{VNET_ADDR}:9000\"\n"
-    );
-    let relay_path = dir.join("relay.toml");
-    let agent_path = dir.join("agent.toml");
-    std::fs::write(&relay_path, relay).expect("relay.toml");
-    std::fs::write(&agent_path, agent).expect("agent.toml");
-    (relay_path.to_str().expect("utf-8").to_owned(), agent_path.to_str().expect("utf-8").to_owned())
+    let destination = format!("{VNET_ADDR}:9000");
+    common::write_tunnel_files(
+        dir,
+        &common::TunnelFiles {
+            tunnel_listen: &format!("{CLOUD_ADDR}:7443"),
+            endpoint: "vault",
+            endpoint_listen: "127.0.0.1:8443",
+            destination: &destination,
+            endpoint_extra: "",
+            agent_extra: &agent_extra,
+            allow: &destination,
+        },
+    )
 }
 
 /// The starting point of the fault tests: an echo server and the agent in vnet, the relay in
@@ -310,42 +304,35 @@ fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients
     // Certificates: the vault's from its own CA; the relay's from another.
     let dir = tempfile::tempdir().expect("tempdir");
     let vault_dir = dir.path().join("vault");
-    let relay_dir = dir.path().join("certs");
-    for (d, names) in
-        [(&vault_dir, vec![VAULT_NAME, VAULT_PRIVATE_NAME]), (&relay_dir, vec![KV_CLOUD_BACK])]
-    {
-        let mut args = vec!["certs", "init", "--dir", d.to_str().expect("utf-8")];
-        for n in &names {
-            args.extend(["--name", n]);
-        }
-        let (ok, stderr) = sh(common::BIN, &args);
-        assert!(ok, "certs init: {stderr}");
-    }
+    let vault_dir_s = vault_dir.to_str().expect("utf-8");
+    let (ok, stderr) = sh(
+        common::BIN,
+        &[
+            "certs",
+            "init",
+            "--dir",
+            vault_dir_s,
+            "--name",
+            VAULT_NAME,
+            "--name",
+            VAULT_PRIVATE_NAME,
+        ],
+    );
+    assert!(ok, "certs init: {stderr}");
     let vault_ca = vault_dir.join("ca.crt");
     let vault_ca = vault_ca.to_str().expect("utf-8");
-    let token = "plk_kv_namespace_test";
-    std::fs::write(relay_dir.join("token"), token).expect("token");
-    let digest = common::hex(&common::sha256(token.as_bytes()));
-    let relay_cfg = dir.path().join("relay.toml");
-    std::fs::write(
-        &relay_cfg,
-        format!(
-            "[tunnel]\nlisten = \"{KV_CLOUD_BACK}:7443\"\ncert = \"certs/relay.crt\"\nkey = \"certs/relay.key\"\n\n\
-             [[connector]]\nname = \"vnet\"\ntoken_sha256 = \"{digest}\"\n\n\
-             [[endpoint]]\nname = \"contoso-kv\"\nconnector = \"vnet\"\ndestination = \"{VAULT_PRIVATE_NAME}:443\"\nlisten = \"{KV_CLOUD_FRONT}:8443\"\n\
-             [endpoint.acl]\nallow = [\"{KV_CLIENT_ADDR}/32\"]\n"
-        ),
-    )
-    .expect("relay.toml");
-    let agent_cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            "connector = \"vnet\"\ntoken_file = \"certs/token\"\nrelays = [\"{KV_CLOUD_BACK}:7443\"]\n\
-             relay_ca = \"certs/ca.crt\"\n\n[[allow]]\ndestination = \"*.privatelink.vaultcore.azure.net:443\"\n"
-        ),
-    )
-    .expect("agent.toml");
+    let (relay_cfg, agent_cfg) = common::write_tunnel_files(
+        dir.path(),
+        &common::TunnelFiles {
+            tunnel_listen: &format!("{KV_CLOUD_BACK}:7443"),
+            endpoint: "contoso-kv",
+            endpoint_listen: &format!("{KV_CLOUD_FRONT}:8443"),
+            destination: &format!("{VAULT_PRIVATE_NAME}:443"),
+            endpoint_extra: &format!("[endpoint.acl]\nallow = [\"{KV_CLIENT_ADDR}/32\"]"),
+            agent_extra: "",
+            allow: "*.privatelink.vaultcore.azure.net:443",
+        },
+    );
 
     let (vault_cert, vault_key) = (vault_dir.join("relay.crt"), vault_dir.join("relay.key"));
     let mut vault = Running::spawn(topology.exec(
@@ -361,17 +348,11 @@ fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients
         ],
     ));
     vault.wait_for("vault ready");
-    let mut relay = Running::spawn(topology.exec(
-        &cloud,
-        common::BIN,
-        &["relay", "--config", relay_cfg.to_str().expect("utf-8")],
-    ));
+    let mut relay =
+        Running::spawn(topology.exec(&cloud, common::BIN, &["relay", "--config", &relay_cfg]));
     relay.wait_for("endpoint listening");
-    let mut agent = Running::spawn(topology.exec(
-        &vnet,
-        common::BIN,
-        &["agent", "--config", agent_cfg.to_str().expect("utf-8")],
-    ));
+    let mut agent =
+        Running::spawn(topology.exec(&vnet, common::BIN, &["agent", "--config", &agent_cfg]));
     agent.wait_for("connected to relay");
     relay.wait_for("endpoint approved by agent");
 

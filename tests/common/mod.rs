@@ -330,6 +330,59 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_privlink");
 /// through the QUIC idle timeout, 8 s).
 pub const PROCESS_WAIT: Duration = Duration::from_secs(30);
 
+/// The files a one-endpoint tunnel of real `privlink` processes needs; see
+/// [`write_tunnel_files`].
+pub struct TunnelFiles<'a> {
+    /// Where the relay's tunnel listens (`ip:port`); the IP is also the relay certificate's name.
+    pub tunnel_listen: &'a str,
+    /// The endpoint's name.
+    pub endpoint: &'a str,
+    /// Where the endpoint listens.
+    pub endpoint_listen: &'a str,
+    /// The endpoint's destination, `host:port`.
+    pub destination: &'a str,
+    /// Lines appended to the `[[endpoint]]` table (timeouts, limits, `[endpoint.acl]`).
+    pub endpoint_extra: &'a str,
+    /// Agent settings beyond connector, token, relay and CA (`transport = …`, …).
+    pub agent_extra: &'a str,
+    /// The destination of the agent's one `[[allow]]` rule.
+    pub allow: &'a str,
+}
+
+/// Runs `privlink certs init` into `dir/certs` (relay certificate for the tunnel's IP), writes
+/// a token there, and `relay.toml` / `agent.toml` into `dir` (paths relative to it); returns
+/// the two config paths.
+pub fn write_tunnel_files(dir: &std::path::Path, files: &TunnelFiles<'_>) -> (String, String) {
+    let certs = dir.join("certs");
+    let relay_name = files.tunnel_listen.rsplit_once(':').map_or(files.tunnel_listen, |(ip, _)| ip);
+    let status = Command::new(BIN)
+        .args(["certs", "init", "--dir", certs.to_str().expect("utf-8"), "--name", relay_name])
+        .output()
+        .expect("run certs init");
+    assert!(status.status.success(), "certs init: {}", String::from_utf8_lossy(&status.stderr));
+    let token = format!("plk_test_{}", hex(&random_bytes(12)));
+    std::fs::write(certs.join("token"), &token).expect("token");
+    let digest = hex(&sha256(token.as_bytes()));
+    let TunnelFiles { tunnel_listen, endpoint, endpoint_listen, destination, .. } = files;
+    let relay = format!(
+        "[tunnel]\nlisten = \"{tunnel_listen}\"\ncert = \"certs/relay.crt\"\nkey = \"certs/relay.key\"\n\n\
+         [[connector]]\nname = \"tunnel\"\ntoken_sha256 = \"{digest}\"\n\n\
+         [[endpoint]]\nname = \"{endpoint}\"\nconnector = \"tunnel\"\ndestination = \"{destination}\"\n\
+         listen = \"{endpoint_listen}\"\n{}\n",
+        files.endpoint_extra
+    );
+    let agent = format!(
+        "connector = \"tunnel\"\ntoken_file = \"certs/token\"\nrelays = [\"{tunnel_listen}\"]\n\
+         relay_ca = \"certs/ca.crt\"\n{}\n\n[[allow]]\ndestination = \"{}\"\n",
+        files.agent_extra, files.allow
+    );
+    let relay_path = dir.join("relay.toml");
+    let agent_path = dir.join("agent.toml");
+    std::fs::write(&relay_path, relay).expect("relay.toml");
+    std::fs::write(&agent_path, agent).expect("agent.toml");
+    (relay_path.to_str().expect("utf-8").to_owned(), agent_path.to_str().expect("utf-8").to_owned())
+}
+
 /// A child process whose stderr lines are collected by a thread.
 pub struct Running {
     child: Child,

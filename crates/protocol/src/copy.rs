@@ -190,10 +190,7 @@ impl OneWay {
                 continue;
             }
             if self.read_done {
-                if self.need_flush {
-                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                    self.need_flush = false;
-                }
+                ready!(self.poll_flush_written(cx, writer))?;
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -205,10 +202,8 @@ impl OneWay {
                 Poll::Ready(Ok(())) => coop.made_progress(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    if self.need_flush {
-                        ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                        self.need_flush = false;
-                    }
+                    // Nothing more to read for now: push out what was written (as tokio does).
+                    ready!(self.poll_flush_written(cx, writer))?;
                     return Poll::Pending;
                 }
             }
@@ -271,12 +266,22 @@ impl OneWay {
             // Drained and nothing more to read right now: an idle direction holds no buffer.
             self.buf = None;
             if !self.read_done {
-                if self.need_flush {
-                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                    self.need_flush = false;
-                }
+                ready!(self.poll_flush_written(cx, writer))?;
                 return Poll::Pending;
             }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Flushes the writer if bytes were written since the last flush.
+    fn poll_flush_written<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>> {
+        if self.need_flush {
+            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+            self.need_flush = false;
         }
         Poll::Ready(Ok(()))
     }
@@ -589,15 +594,41 @@ mod tests {
         assert_eq!(yielded, Ok(true), "the copy loop never yielded");
     }
 
-    #[test]
-    fn an_idle_direction_holds_no_buffer() {
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        let (mut idle_reader, _keep_open) = duplex(64);
-        let (mut writer, _far) = duplex(64);
+    #[tokio::test]
+    async fn a_direction_takes_a_buffer_only_while_its_writer_lags_and_frees_it_when_idle() {
+        let (mut reader, mut reader_far) = duplex(4096);
+        let (mut writer, mut writer_far) = duplex(64);
         let mut one_way = OneWay::new(DEFAULT_BUFFER_SIZE);
-        assert!(one_way.poll(&mut cx, &mut idle_reader, &mut writer).is_pending());
-        assert!(one_way.buf.is_none());
+        let poll_once =
+            |one_way: &mut OneWay, reader: &mut DuplexStream, writer: &mut DuplexStream| {
+                let waker = std::task::Waker::noop();
+                one_way.poll(&mut Context::from_waker(waker), reader, writer)
+            };
+        // Idle from the start: no buffer.
+        assert!(poll_once(&mut one_way, &mut reader, &mut writer).is_pending());
+        assert!(one_way.buf.is_none(), "an idle direction holds a buffer");
+
+        // 1,000 bytes into a writer that takes 64 at a time: the rest waits on the heap.
+        let payload = vec![7u8; 1000];
+        reader_far.write_all(&payload).await.expect("write");
+        assert!(poll_once(&mut one_way, &mut reader, &mut writer).is_pending());
+        assert!(one_way.buf.is_some(), "bytes the writer could not take were dropped");
+
+        // Drain the far end until everything has arrived (bounded: 1,000 bytes, ≥ 1 per round).
+        let mut arrived = Vec::new();
+        for _ in 0..1000 {
+            let mut chunk = [0u8; 64];
+            let n = writer_far.read(&mut chunk).await.expect("read");
+            arrived.extend_from_slice(&chunk[..n]);
+            if arrived.len() == payload.len() {
+                break;
+            }
+            let _ = poll_once(&mut one_way, &mut reader, &mut writer);
+        }
+        assert_eq!(arrived, payload);
+        // Drained and the reader has nothing more: the buffer is gone again.
+        assert!(poll_once(&mut one_way, &mut reader, &mut writer).is_pending());
+        assert!(one_way.buf.is_none(), "a drained, idle direction kept its buffer");
     }
 
     #[tokio::test(start_paused = true)]

@@ -297,7 +297,7 @@ pub async fn sequential_connections(
 }
 
 /// `workers` loops opening connections (each with a 64-byte round trip) for `duration`;
-/// returns how many completed and the wall time.
+/// every connection's time, and the wall time (so [`Latencies::rate`] is connections/s).
 pub async fn concurrent_connections(
     addr: SocketAddr,
     workers: usize,

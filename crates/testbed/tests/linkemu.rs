@@ -158,7 +158,10 @@ fn throughput_never_exceeds_the_bandwidth_cap() {
         let mut got = 0usize;
         let mut first: Option<Instant> = None;
         loop {
-            let n = conn.read(&mut buf).await.expect("read");
+            let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf))
+                .await
+                .expect("the transfer stalled for 30 s")
+                .expect("read");
             if n == 0 {
                 break;
             }
