@@ -4,7 +4,8 @@
 //! private-link Key Vault case with curl, openssl s_client and Python's ssl (isolation proven
 //! first); UDP dropped by nftables → TLS over TCP, and back to QUIC; and the faults — a cut
 //! link, the agent killed during 50 live transfers, the relay killed and restarted, SIGTERM to
-//! the relay during transfers, and 128 MiB over a 50 ms / 2 % loss WAN on both transports. Each
+//! the relay during transfers, and 128 MiB over a 50 ms / 2 % loss WAN, each on both
+//! transports (QUIC and TLS over TCP). Each
 //! prints the recovery times it measured; none asserts on timing beyond "within the bound".
 //!
 //! Needs root, `/dev/net/tun`, iproute2, nftables, curl, openssl and python3 (`.ci/run`
@@ -438,11 +439,10 @@ fn run_with_stdin(command: &mut Command, input: &str) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-#[test]
-fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from() {
+fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from(transport: &str, tag: &str) {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
-    let Some(topology) = topology_or_skip("lc", &["cloud", "vnet"], &links) else { return };
-    let mut tunnel = EchoTunnel::start(&topology, "auto");
+    let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
+    let mut tunnel = EchoTunnel::start(&topology, transport);
     echo_through_the_tunnel(&topology, "before the cut");
 
     // Cut the cloud–vnet link for longer than the keep-alive/idle timeout.
@@ -458,10 +458,20 @@ fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from() {
     let recovered = restored.elapsed();
     echo_through_the_tunnel(&topology, "after the link came back");
     eprintln!(
-        "link cut: agent noticed after {noticed:?}; reconnected {recovered:?} after the link came back"
+        "link cut ({transport}): agent noticed after {noticed:?}; reconnected {recovered:?} after the link came back"
     );
 
     tunnel.stop();
+}
+
+#[test]
+fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from_over_quic() {
+    a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from("quic", "lcq");
+}
+
+#[test]
+fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from_over_tcp() {
+    a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from("tcp", "lct");
 }
 
 /// 50 connections through the endpoint, each sending 1 KiB every 100 ms and reading its echo.
@@ -505,11 +515,13 @@ with lock:
     sys.exit(0 if len(ended) == n else 1)
 "#;
 
-#[test]
-fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again() {
+fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again(
+    transport: &str,
+    tag: &str,
+) {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
-    let Some(topology) = topology_or_skip("k9", &["cloud", "vnet"], &links) else { return };
-    let mut tunnel = EchoTunnel::start(&topology, "auto");
+    let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
+    let mut tunnel = EchoTunnel::start(&topology, transport);
     let cloud = topology.ns(0);
 
     let mut transfers =
@@ -517,7 +529,8 @@ fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_a
     transfers.wait_for("live");
     let killed_at = std::time::SystemTime::now();
     tunnel.agent.kill_hard();
-    // The relay notices the dead agent (QUIC idle timeout) and closes every client connection.
+    // The relay notices the dead agent (QUIC: idle timeout; TCP: the kernel's reset of the
+    // dead process's connection) and closes every client connection.
     transfers.wait_for("ended");
     let report = transfers.last_seen().to_owned();
     let fields: Vec<&str> = report.split_whitespace().collect();
@@ -538,10 +551,22 @@ fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_a
     let back_after = restarted.elapsed();
     echo_through_the_tunnel(&topology, "after the agent restarted");
     eprintln!(
-        "kill -9 agent: all 50 client connections closed {closed_after:.2}s after the kill; \
+        "kill -9 agent ({transport}): all 50 client connections closed {closed_after:.2}s after the kill; \
          restarted agent approved after {back_after:?}"
     );
     tunnel.stop();
+}
+
+#[test]
+fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again_over_quic() {
+    killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again(
+        "quic", "k9q",
+    );
+}
+
+#[test]
+fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again_over_tcp() {
+    killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again("tcp", "k9t");
 }
 
 /// One-way delay and loss on the emulated cloud–vnet link of the WAN tests.
@@ -724,12 +749,14 @@ except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
     print("refused", flush=True)
 "#;
 
-#[test]
-fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections() {
+fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections(
+    transport: &str,
+    tag: &str,
+) {
     const TRANSFERS: &str = "20";
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
-    let Some(topology) = topology_or_skip("st", &["cloud", "vnet"], &links) else { return };
-    let EchoTunnel { mut relay, agent, _echo, _dir, .. } = EchoTunnel::start(&topology, "auto");
+    let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
+    let EchoTunnel { mut relay, agent, _echo, _dir, .. } = EchoTunnel::start(&topology, transport);
     let cloud = topology.ns(0);
 
     let mut transfers = Running::spawn(topology.exec(
@@ -765,10 +792,20 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
         "the relay waited out the whole grace period ({stopped:?}) although every transfer ended"
     );
     eprintln!(
-        "SIGTERM relay: {TRANSFERS} transfers in flight completed intact, a new connection was \
+        "SIGTERM relay ({transport}): {TRANSFERS} transfers in flight completed intact, a new connection was \
          refused during the drain, relay exited {stopped:?} after the signal"
     );
     assert!(agent.terminate().success());
+}
+
+#[test]
+fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections_over_quic() {
+    sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections("quic", "stq");
+}
+
+#[test]
+fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections_over_tcp() {
+    sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections("tcp", "stt");
 }
 
 /// The relay's default shutdown grace period (the test configs do not set one).
