@@ -10,7 +10,8 @@
 //! ratio to direct) and writes it to `target/e2e-report.md`; `docs/benchmarks.md` explains it.
 //! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, haproxy2,
 //! quic, tcp, wan) to run a subset and `E2E_MEASURES=connections` (any of memory, bulk, rr,
-//! connections) to run only some measurements, e.g. under a profiler. Nothing here asserts on timing.
+//! connections = sequential + concurrent) to run only some measurements, e.g. under a profiler.
+//! Nothing here asserts on timing.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -199,10 +200,12 @@ async fn measure(addr: SocketAddr, budget: Budget, pids: Option<&[u32]>) -> Figu
         let rr = load::request_response(addr, 1024, budget.round_trips, budget.latency).await;
         figures.rr = Some(rr.unwrap_or_else(|e| fail("request/response", &e)));
     }
-    if wanted("connections") {
+    if wanted("connections") || wanted("sequential") {
         let sequential =
             load::sequential_connections(addr, budget.sequential, budget.latency).await;
         figures.sequential = Some(sequential.unwrap_or_else(|e| fail("sequential", &e)));
+    }
+    if wanted("connections") || wanted("concurrent") {
         let concurrent = load::concurrent_connections(addr, 64, budget.concurrent).await;
         figures.concurrent = Some(concurrent.unwrap_or_else(|e| fail("concurrent", &e)));
     }

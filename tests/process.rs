@@ -118,6 +118,9 @@ async fn survive_restarts(transport: &str) {
     let expected = if transport == "tcp" { "transport=tcp" } else { "transport=quic" };
     assert!(agent.seen_contains(expected), "agent is not on {expected}");
     assert_endpoint_serves(endpoint).await;
+    // The flow record counts every byte, including those the relay sent along with the open
+    // header (the echo request is written as soon as the connection is up).
+    relay.wait_for("bytes_from_client=18 bytes_to_client=18");
 
     // kill -9 the agent and start a new one: new connections work once it is approved.
     agent.kill_hard();

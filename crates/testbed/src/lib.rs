@@ -4,6 +4,7 @@
 //! TUN interfaces and a forwarder that adds delay, jitter, loss and a bandwidth cap to every IP
 //! packet ([`linkemu`]) — helpers to run code inside a namespace, and the load tool the
 //! benchmark harness measures with ([`load`]).
+#![forbid(unsafe_code)]
 
 pub mod linkemu;
 pub mod load;

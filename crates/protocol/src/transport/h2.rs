@@ -209,13 +209,14 @@ fn describe(error: &h2::Error) -> String {
 
 impl H2Opener {
     pub(super) async fn open_stream(&self, wait: Duration) -> Result<H2Stream, StreamError> {
+        // Waiting for `ready` is what bounds the number of open streams; the request headers
+        // themselves go out with the stream's first bytes (see `SendState`).
         let open = async {
-            let mut ready = self.send_request.clone().ready().await?;
-            let request = http::Request::post("https://privlink/stream")
-                .body(())
-                .map_err(|_| h2::Error::from(h2::Reason::INTERNAL_ERROR))?;
-            let (response, send) = ready.send_request(request, false)?;
-            Ok::<_, h2::Error>(H2Stream { send, recv: RecvState::Waiting(response) })
+            let ready = self.send_request.clone().ready().await?;
+            Ok::<_, h2::Error>(H2Stream {
+                send: SendState::Unsent(Unsent::Request(ready)),
+                recv: RecvState::Waiting(None),
+            })
         };
         match tokio::time::timeout(wait, open).await {
             Ok(Ok(stream)) => Ok(stream),
@@ -233,15 +234,15 @@ impl H2Opener {
 impl H2Acceptor {
     pub(super) async fn accept_stream(&self) -> Result<H2Stream, StreamError> {
         let next = self.incoming.lock().await.recv().await;
-        let Some((request, mut respond)) = next else {
+        let Some((request, respond)) = next else {
             return Err(StreamError::ConnectionClosed(
                 self.state.close_reason().unwrap_or_else(|| "closed".to_owned()),
             ));
         };
-        let send = respond
-            .send_response(http::Response::new(()), false)
-            .map_err(|e| StreamError::ConnectionClosed(describe(&e)))?;
-        Ok(H2Stream { send, recv: RecvState::Body(request.into_body(), Bytes::new()) })
+        Ok(H2Stream {
+            send: SendState::Unsent(Unsent::Response(respond)),
+            recv: RecvState::Body(request.into_body(), Bytes::new()),
+        })
     }
 
     /// Close state shared with the connection's driver task.
@@ -250,11 +251,36 @@ impl H2Acceptor {
     }
 }
 
+/// The sending half of an h2 tunnel stream.
+///
+/// Headers are held back until the stream's first bytes (or its end, or a reset), so that
+/// HEADERS and the first DATA frame are queued together and leave in one TLS record and one
+/// write instead of two: on the relay, the request headers go with the open header; on the
+/// agent, the response headers go with its `Opened` answer, which it sends only once the
+/// destination has answered.
+#[derive(Debug)]
+enum SendState {
+    Unsent(Unsent),
+    Open(h2::SendStream<Bytes>),
+    /// Headers could not be sent (the connection is gone); writes fail.
+    Failed,
+}
+
+/// Headers not sent yet, and the handle that sends them.
+#[derive(Debug)]
+enum Unsent {
+    /// Relay side: a request slot the connection has granted.
+    Request(h2::client::SendRequest<Bytes>),
+    /// Agent side: the answer to the relay's request.
+    Response(h2::server::SendResponse<Bytes>),
+}
+
 /// The receiving half of an h2 tunnel stream.
 #[derive(Debug)]
 enum RecvState {
-    /// Relay side: the agent's response headers have not arrived yet.
-    Waiting(h2::client::ResponseFuture),
+    /// Relay side: the agent's response headers have not arrived yet (`None` until the
+    /// request itself has been sent).
+    Waiting(Option<h2::client::ResponseFuture>),
     /// A body being read, with the unread rest of the last DATA frame.
     Body(h2::RecvStream, Bytes),
     /// End of stream.
@@ -264,7 +290,7 @@ enum RecvState {
 /// One h2 tunnel stream as a byte stream.
 #[derive(Debug)]
 pub struct H2Stream {
-    send: h2::SendStream<Bytes>,
+    send: SendState,
     recv: RecvState,
 }
 
@@ -282,8 +308,38 @@ fn to_io(error: h2::Error) -> io::Error {
 
 impl H2Stream {
     pub(super) fn reset(&mut self, code: ResetCode) {
-        self.send.send_reset(h2::Reason::from(code as u32));
+        let reason = h2::Reason::from(code as u32);
+        match &mut self.send {
+            SendState::Open(send) => send.send_reset(reason),
+            SendState::Unsent(Unsent::Response(respond)) => respond.send_reset(reason),
+            // A request never sent has nothing to reset: dropping the slot releases it.
+            SendState::Unsent(Unsent::Request(_)) | SendState::Failed => {}
+        }
+        self.send = SendState::Failed;
         self.recv = RecvState::Done;
+    }
+
+    /// Sends the held-back headers (once) and returns the stream's DATA sender.
+    fn sender(&mut self) -> io::Result<&mut h2::SendStream<Bytes>> {
+        // Taken out and put back; if sending the headers fails the stream stays `Failed`.
+        self.send = match std::mem::replace(&mut self.send, SendState::Failed) {
+            SendState::Unsent(Unsent::Request(mut ready)) => {
+                let request = http::Request::post("https://privlink/stream")
+                    .body(())
+                    .map_err(io::Error::other)?;
+                let (response, send) = ready.send_request(request, false).map_err(to_io)?;
+                self.recv = RecvState::Waiting(Some(response));
+                SendState::Open(send)
+            }
+            SendState::Unsent(Unsent::Response(mut respond)) => SendState::Open(
+                respond.send_response(http::Response::new(()), false).map_err(to_io)?,
+            ),
+            already => already,
+        };
+        match &mut self.send {
+            SendState::Open(send) => Ok(send),
+            _ => Err(io::ErrorKind::BrokenPipe.into()),
+        }
     }
 }
 
@@ -296,7 +352,11 @@ impl AsyncRead for H2Stream {
         loop {
             match &mut self.recv {
                 RecvState::Done => return Poll::Ready(Ok(())),
-                RecvState::Waiting(response) => {
+                RecvState::Waiting(None) => {
+                    // Reading before writing: the request has to go out for an answer to come.
+                    self.sender()?;
+                }
+                RecvState::Waiting(Some(response)) => {
                     let response = ready!(Pin::new(response).poll(cx)).map_err(to_io)?;
                     if response.status() != http::StatusCode::OK {
                         return Poll::Ready(Err(io::Error::other(format!(
@@ -337,17 +397,18 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.send.reserve_capacity(buf.len());
+        let send = self.sender()?;
+        send.reserve_capacity(buf.len());
         loop {
             // `poll_capacity` reports *changes* of capacity: capacity granted synchronously by
             // `reserve_capacity` never wakes it, so look at what is already there first.
-            let available = self.send.capacity();
+            let available = send.capacity();
             if available > 0 {
                 let n = available.min(buf.len());
-                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(to_io)?;
+                send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(to_io)?;
                 return Poll::Ready(Ok(n));
             }
-            match ready!(self.send.poll_capacity(cx)) {
+            match ready!(send.poll_capacity(cx)) {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
@@ -362,6 +423,70 @@ impl AsyncWrite for H2Stream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // END_STREAM on an empty DATA frame: the peer reads EOF (FIN).
-        Poll::Ready(self.send.send_data(Bytes::new(), true).map_err(to_io))
+        Poll::Ready(self.sender()?.send_data(Bytes::new(), true).map_err(to_io))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A relay and an agent side joined by an in-memory pipe (TLS is not what is tested here).
+    async fn pair() -> (H2Opener, H2Acceptor) {
+        let (relay_io, agent_io) = tokio::io::duplex(64 * 1024);
+        let remote: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let (opener, acceptor) =
+            tokio::join!(relay_handshake(relay_io, remote), agent_handshake(agent_io, remote));
+        (opener.expect("relay handshake"), acceptor.expect("agent handshake"))
+    }
+
+    #[tokio::test]
+    async fn a_stream_reset_before_its_first_byte_never_reaches_the_agent() {
+        let (opener, acceptor) = pair().await;
+        let mut abandoned = opener.open_stream(WAIT).await.expect("open");
+        abandoned.reset(ResetCode::Shutdown);
+        drop(abandoned);
+
+        let mut used = opener.open_stream(WAIT).await.expect("open");
+        used.write_all(b"first bytes").await.expect("write");
+        let mut accepted = tokio::time::timeout(WAIT, acceptor.accept_stream())
+            .await
+            .expect("in time")
+            .expect("accept");
+        let mut got = [0u8; 11];
+        accepted.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"first bytes", "the agent's first stream is the one that carried bytes");
+
+        accepted.write_all(b"answer").await.expect("answer");
+        accepted.shutdown().await.expect("end");
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, used.read_to_end(&mut answer))
+            .await
+            .expect("in time")
+            .expect("read answer");
+        assert_eq!(answer, b"answer");
+    }
+
+    #[tokio::test]
+    async fn an_agent_reset_before_answering_reaches_the_relay() {
+        let (opener, acceptor) = pair().await;
+        let mut stream = opener.open_stream(WAIT).await.expect("open");
+        stream.write_all(b"open header").await.expect("write");
+        let mut accepted = tokio::time::timeout(WAIT, acceptor.accept_stream())
+            .await
+            .expect("in time")
+            .expect("accept");
+        accepted.reset(ResetCode::Shutdown);
+
+        let mut buf = [0u8; 16];
+        let error = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("in time")
+            .expect_err("the relay sees the reset");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
     }
 }
