@@ -444,6 +444,21 @@ mod tests {
         (opener.expect("relay handshake"), acceptor.expect("agent handshake"))
     }
 
+    /// Opens a stream, writes `first` on it and returns it with the agent's side of it.
+    async fn open_with(
+        opener: &H2Opener,
+        acceptor: &H2Acceptor,
+        first: &[u8],
+    ) -> (H2Stream, H2Stream) {
+        let mut opened = opener.open_stream(WAIT).await.expect("open");
+        opened.write_all(first).await.expect("write");
+        let accepted = tokio::time::timeout(WAIT, acceptor.accept_stream())
+            .await
+            .expect("in time")
+            .expect("accept");
+        (opened, accepted)
+    }
+
     #[tokio::test]
     async fn a_stream_reset_before_its_first_byte_never_reaches_the_agent() {
         let (opener, acceptor) = pair().await;
@@ -451,12 +466,7 @@ mod tests {
         abandoned.reset(ResetCode::Shutdown);
         drop(abandoned);
 
-        let mut used = opener.open_stream(WAIT).await.expect("open");
-        used.write_all(b"first bytes").await.expect("write");
-        let mut accepted = tokio::time::timeout(WAIT, acceptor.accept_stream())
-            .await
-            .expect("in time")
-            .expect("accept");
+        let (mut used, mut accepted) = open_with(&opener, &acceptor, b"first bytes").await;
         let mut got = [0u8; 11];
         accepted.read_exact(&mut got).await.expect("read");
         assert_eq!(&got, b"first bytes", "the agent's first stream is the one that carried bytes");
@@ -474,12 +484,7 @@ mod tests {
     #[tokio::test]
     async fn an_agent_reset_before_answering_reaches_the_relay() {
         let (opener, acceptor) = pair().await;
-        let mut stream = opener.open_stream(WAIT).await.expect("open");
-        stream.write_all(b"open header").await.expect("write");
-        let mut accepted = tokio::time::timeout(WAIT, acceptor.accept_stream())
-            .await
-            .expect("in time")
-            .expect("accept");
+        let (mut stream, mut accepted) = open_with(&opener, &acceptor, b"open header").await;
         accepted.reset(ResetCode::Shutdown);
 
         let mut buf = [0u8; 16];
