@@ -125,9 +125,18 @@ where
     W: AsyncWrite + Unpin,
 {
     let bytes = frame::encode(message)?;
-    writer.write_all(&bytes).await?;
-    writer.flush().await?;
+    write_and_flush(writer, &bytes).await?;
     Ok(())
+}
+
+/// Writes `bytes` whole, then flushes: for callers that put more than one frame's bytes in a
+/// write (the relay sends the open header and the client's first bytes together).
+pub async fn write_and_flush<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+) -> io::Result<()> {
+    writer.write_all(bytes).await?;
+    writer.flush().await
 }
 
 #[cfg(test)]

@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use privlink_protocol::copy::{CopyEnd, DEFAULT_BUFFER_SIZE, Side, copy_bidirectional_metered};
 use privlink_protocol::frame::{self, HEADER_LEN};
+use privlink_protocol::io::write_and_flush;
 use privlink_protocol::message::{Open, OpenFailure, OpenReply};
 use privlink_protocol::tcp::abort;
 use privlink_protocol::transport::{ResetCode, TunnelStream};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -212,7 +213,9 @@ async fn forward(
             }
         }
         let early_len = first_write.len() - header_len;
-        if let Err(e) = write_and_flush(&mut stream, first_write).await {
+        let written = write_and_flush(&mut stream, &first_write).await;
+        drop(first_write);
+        if let Err(e) = written {
             abort(socket);
             break 'outcome Outcome::Agent(e);
         }
@@ -266,11 +269,6 @@ async fn forward(
         outcome = %outcome,
         "flow"
     );
-}
-
-async fn write_and_flush(stream: &mut TunnelStream, bytes: Vec<u8>) -> io::Result<()> {
-    stream.write_all(&bytes).await?;
-    stream.flush().await
 }
 
 /// Reads the agent's [`OpenReply`] at the head of a data stream before passing the
