@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 /// and the next buffer was page-faulted in anew — the benchmark harness counted 60,000–120,000
 /// page faults per GB forwarded over TLS/TCP. Keeping up to 8 MiB of free heap per arena brings
 /// that under 1,000 and the relay's plus the agent's CPU per GB down by about a fifth on TLS/TCP
-/// (less on QUIC), with no change in memory per idle connection (docs/benchmarks.md; mimalloc 3 did as well on CPU but nearly
-/// doubled the idle-connection memory, mimalloc 2 removed the faults in some runs and not in
-/// others). Builds on other C libraries keep their allocator's behaviour.
+/// (less on QUIC), with no change in memory per idle connection (docs/benchmarks.md; mimalloc 3
+/// did as well on CPU but nearly doubled the idle-connection memory, mimalloc 2 removed the
+/// faults in some runs and not in others). Builds on other C libraries keep their allocator's
+/// behaviour.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code, reason = "one call to mallopt, which no safe wrapper exposes")]
 fn tune_malloc() {

@@ -5,8 +5,8 @@
 //! first); UDP dropped by nftables → TLS over TCP, and back to QUIC; and the faults — a cut
 //! link, the agent killed during 50 live transfers, the relay killed and restarted, SIGTERM to
 //! the relay during transfers, and 128 MiB over a 50 ms / 2 % loss WAN, each on both
-//! transports (QUIC and TLS over TCP). Each
-//! prints the recovery times it measured; none asserts on timing beyond "within the bound".
+//! transports (QUIC and TLS over TCP). Each prints the recovery times it measured; none
+//! asserts on timing beyond "within the bound".
 //!
 //! Needs root, `/dev/net/tun`, iproute2, nftables, curl, openssl and python3 (`.ci/run`
 //! installs the packages). Where namespaces cannot be made, each test says so loudly and skips.

@@ -197,6 +197,8 @@ async fn forward(
         let mut first_write = match frame::encode(&open) {
             Ok(header) => header,
             Err(e) => {
+                // Nothing was sent on the stream yet: reset it so the agent does not wait on it.
+                stream.reset(ResetCode::ProtocolError);
                 abort(socket);
                 break 'outcome Outcome::Relay(e.to_string());
             }

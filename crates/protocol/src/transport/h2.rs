@@ -468,7 +468,10 @@ mod tests {
 
         let (mut used, mut accepted) = open_with(&opener, &acceptor, b"first bytes").await;
         let mut got = [0u8; 11];
-        accepted.read_exact(&mut got).await.expect("read");
+        tokio::time::timeout(WAIT, accepted.read_exact(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
         assert_eq!(&got, b"first bytes", "the agent's first stream is the one that carried bytes");
 
         accepted.write_all(b"answer").await.expect("answer");
