@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use privlink_protocol::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_metered};
-use privlink_protocol::pki::CertificateAuthority;
-use privlink_protocol::tls;
-use privlink_protocol::transport::{TunnelConnection, TunnelStream, h2, quic};
+use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_metered};
+use privlink_transport::pki::CertificateAuthority;
+use privlink_transport::tls;
+use privlink_transport::tunnel::{AgentConnection, RelayConnection, TunnelStream};
+use privlink_transport::{h2, quic};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
@@ -117,13 +118,13 @@ async fn tunnel_stream_pair(kind: &str) -> (TunnelStream, TunnelStream) {
     let client_tls =
         tls::tunnel_client_config(std::slice::from_ref(&ca.identity.cert_der)).expect("client tls");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let (relay, agent): (TunnelConnection, TunnelConnection) = if kind == "quic" {
+    let (relay, agent): (RelayConnection, AgentConnection) = if kind == "quic" {
         let relay_ep = quic::relay_endpoint(any, server_tls, b"bench secret").expect("relay ep");
         let addr = relay_ep.local_addr().expect("addr");
         let agent_ep = quic::agent_endpoint(any, client_tls).expect("agent ep");
         let accept = async {
             let incoming = relay_ep.accept().await.expect("incoming");
-            quic::handshake(incoming, LONG).await.expect("handshake")
+            quic::accept(incoming, LONG).await.expect("handshake")
         };
         let (relay, agent) = tokio::join!(accept, quic::dial(&agent_ep, addr, "localhost", LONG));
         // The endpoints must outlive the bench; leak them (a benchmark process is short-lived).
@@ -133,19 +134,12 @@ async fn tunnel_stream_pair(kind: &str) -> (TunnelStream, TunnelStream) {
         let listener = TcpListener::bind(any).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls));
         let relay_side = async {
             let (socket, remote) = listener.accept().await.expect("accept");
-            h2::tune_socket(&socket);
-            let tls = acceptor.accept(socket).await.expect("tls accept");
-            TunnelConnection::from(h2::relay_handshake(tls, remote).await.expect("h2 relay"))
+            h2::accept(socket, remote, acceptor, LONG).await.expect("h2 relay")
         };
         let agent_side = async {
-            let socket = TcpStream::connect(addr).await.expect("connect");
-            h2::tune_socket(&socket);
-            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-            let tls = connector.connect(name, socket).await.expect("tls connect");
-            TunnelConnection::from(h2::agent_handshake(tls, addr).await.expect("h2 agent"))
+            h2::dial(addr, "localhost", Arc::new(client_tls), LONG).await.expect("h2 agent")
         };
         tokio::join!(relay_side, agent_side)
     };

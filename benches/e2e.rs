@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Running;
-use privlink_protocol::pki::CertificateAuthority;
 use privlink_testbed::load::{self, Direction, Latencies};
 use privlink_testbed::netns::{sh, spawn_in_namespace};
 use privlink_testbed::{Link, LinkProfile, Topology};
+use privlink_transport::pki::CertificateAuthority;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

@@ -10,13 +10,16 @@ use std::time::Duration;
 use common::*;
 use privlink_agent::config::TransportChoice;
 use privlink_protocol::frame::MAX_BODY_LEN;
-use privlink_protocol::io::{read_frame, write_frame};
 use privlink_protocol::message::{
-    Control, EndpointAssignment, Hello, Open, OpenFailCode, OpenReply, PROTOCOL_VERSION, Token,
-    Verdict,
+    Control, EndpointAssignment, Hello, Open, OpenFailCode, OpenReply, PROTOCOL_VERSION, Verdict,
 };
-use privlink_protocol::tls;
-use privlink_protocol::transport::{TransportKind, TunnelConnection, h2, quic};
+use privlink_protocol::token::Token;
+use privlink_transport::io::{read_frame, write_frame};
+use privlink_transport::tls;
+use privlink_transport::tunnel::{
+    AgentConnection, CloseCode, RelayConnection, StreamError, TransportKind,
+};
+use privlink_transport::{h2, quic};
 use tokio::net::TcpListener;
 
 /// Dials the relay as an agent would on `transport` and presents `connector` / `token`;
@@ -31,21 +34,15 @@ async fn hello_with(
         tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der))
             .expect("tls");
     let relay = harness.relay.tunnel_addr();
-    let connection: TunnelConnection = match transport {
+    let connection: AgentConnection = match transport {
         TransportKind::Quic => {
             let endpoint = quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls)
                 .expect("endpoint");
             quic::dial(&endpoint, relay, "localhost", WAIT).await.map_err(|e| e.to_string())?
         }
-        TransportKind::Tcp => {
-            let socket = tokio::net::TcpStream::connect(relay).await.map_err(|e| e.to_string())?;
-            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls))
-                .connect(name, socket)
-                .await
-                .map_err(|e| e.to_string())?;
-            h2::agent_handshake(tls, relay).await.map_err(|e| e.to_string())?.into()
-        }
+        TransportKind::Tcp => h2::dial(relay, "localhost", std::sync::Arc::new(client_tls), WAIT)
+            .await
+            .map_err(|e| e.to_string())?,
     };
     let mut control = connection.accept_stream().await.map_err(|e| e.to_string())?;
     let relay_hello: Control =
@@ -144,7 +141,7 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
         .await
         .expect("agent dials")
         .expect("incoming");
-    let connection: TunnelConnection = quic::handshake(incoming, WAIT).await.expect("handshake");
+    let connection: RelayConnection = quic::accept(incoming, WAIT).await.expect("handshake");
     let mut control = connection.open_stream(WAIT).await.expect("control stream");
     write_frame(
         &mut control,
@@ -211,7 +208,7 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
     let reply: OpenReply = read_frame(&mut stream, MAX_BODY_LEN, WAIT).await.expect("reply");
     assert_eq!(reply, OpenReply::Opened);
 
-    connection.close(privlink_protocol::transport::CloseCode::Shutdown, "test over");
+    connection.close(CloseCode::Shutdown, "test over");
     harness.shutdown(&[agent]).await;
 }
 
@@ -227,7 +224,7 @@ async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
     let (dialed, accepted) =
         tokio::join!(quic::dial(&agent, relay_addr, "localhost", WAIT), async {
             let incoming = relay.accept().await.expect("incoming");
-            quic::handshake(incoming, WAIT).await
+            quic::accept(incoming, WAIT).await
         });
     let _agent_side = dialed.expect("dial");
     let relay_side = accepted.expect("handshake");
@@ -240,7 +237,7 @@ async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
     let started = std::time::Instant::now();
     let wait = Duration::from_millis(300);
     match relay_side.open_stream(wait).await {
-        Err(privlink_protocol::transport::StreamError::LimitReached(waited)) => {
+        Err(StreamError::LimitReached(waited)) => {
             assert_eq!(waited, wait);
             assert!(started.elapsed() < WAIT, "the wait must be bounded");
         }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use privlink_agent::config::TransportChoice;
-use privlink_protocol::transport::TransportKind;
 use privlink_relay::AgentView;
+use privlink_transport::tunnel::TransportKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

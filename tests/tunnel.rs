@@ -349,7 +349,7 @@ async fn a_client_reset_reaches_the_destination_as_a_reset(transport: TransportC
         let _ = ended_tx.send(read_until_end(&mut socket).await);
     })
     .await;
-    privlink_protocol::tcp::abort(client);
+    privlink_transport::tcp::abort(client);
     let ended = tokio::time::timeout(WAIT, ended_rx).await.expect("in time").expect("result");
     let error = ended.expect_err("the destination must see a reset, not a clean FIN");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
@@ -361,7 +361,7 @@ async fn a_destination_reset_reaches_the_client_as_a_reset(transport: TransportC
         // Reset only once the client has seen the echo and answered.
         let mut ack = [0u8; 3];
         socket.read_exact(&mut ack).await.expect("ack");
-        privlink_protocol::tcp::abort(socket);
+        privlink_transport::tcp::abort(socket);
     })
     .await;
     client.write_all(b"ack").await.expect("ack");

@@ -13,10 +13,10 @@ use privlink_agent::allowlist::Allowlist;
 use privlink_agent::config::{AgentConfig, RelayAddress, TransportChoice};
 use privlink_protocol::acl::Acl;
 use privlink_protocol::destination::Host;
-use privlink_protocol::message::Token;
-use privlink_protocol::pki::{CertificateAuthority, Issued};
+use privlink_protocol::token::Token;
 use privlink_relay::config::{ConnectorSpec, EndpointSpec, RelayConfig, TlsIdentity};
 use privlink_relay::{EndpointStatus, Relay, RelayHandle};
+use privlink_transport::pki::{CertificateAuthority, Issued};
 use ring::rand::SecureRandom as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -83,7 +83,7 @@ impl Harness {
             shutdown_grace: Duration::from_secs(5),
             connectors: vec![ConnectorSpec {
                 name: CONNECTOR.to_owned(),
-                token_sha256: privlink_relay::auth::token_digest(token.as_bytes()),
+                token_sha256: privlink_protocol::token::TokenDigest::of(token.as_bytes()),
             }],
             endpoints,
         };
@@ -170,7 +170,7 @@ pub fn rule_for(addr: SocketAddr) -> String {
 /// A TCP echo server; each connection echoes until EOF, then closes its write side.
 pub async fn echo_server() -> SocketAddr {
     let listener =
-        privlink_protocol::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind echo");
+        privlink_transport::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind echo");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
@@ -188,7 +188,7 @@ pub async fn echo_server() -> SocketAddr {
 /// A server that reads until EOF and only then answers with the SHA-256 of what it read.
 pub async fn reply_after_eof_server() -> SocketAddr {
     let listener =
-        privlink_protocol::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        privlink_transport::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
@@ -211,12 +211,11 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 }
 
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    privlink_relay::auth::token_digest(bytes)
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use privlink_protocol::token::hex;
 
 /// Sends `payload` through `socket` while reading everything back; returns what came back.
 pub async fn echo_round_trip(socket: TcpStream, payload: &[u8]) -> Vec<u8> {

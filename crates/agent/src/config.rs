@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use privlink_protocol::config::{
-    ConfigError, ConfigSource, Spanned, deserialize_duration, deserialize_positive_duration,
+    ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
+    deserialize_optional_positive_duration,
 };
 use privlink_protocol::destination::{Host, parse_port, split_host_port};
-use privlink_protocol::message::Token;
-use privlink_protocol::tls;
+use privlink_protocol::token::Token;
+use privlink_transport::tls;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
@@ -41,6 +42,16 @@ pub enum TransportChoice {
     Quic,
     /// TLS over TCP only.
     Tcp,
+}
+
+impl std::fmt::Display for TransportChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Quic => "quic",
+            Self::Tcp => "tcp",
+        })
+    }
 }
 
 /// A relay to dial: a name or address and a port.
@@ -100,15 +111,15 @@ struct RawConfig {
     relay_ca: Option<Spanned<PathBuf>>,
     #[serde(default = "default_transport")]
     transport: TransportChoice,
-    #[serde(default, deserialize_with = "positive_opt")]
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     quic_fallback_after: Option<Duration>,
-    #[serde(default, deserialize_with = "positive_opt")]
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     quic_probe_interval: Option<Duration>,
-    #[serde(default, deserialize_with = "positive_opt")]
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     connect_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "positive_opt")]
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     dns_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "duration_opt")]
+    #[serde(default, deserialize_with = "deserialize_optional_duration")]
     shutdown_grace: Option<Duration>,
     #[serde(default)]
     allow: Vec<RawAllow>,
@@ -116,14 +127,6 @@ struct RawConfig {
 
 fn default_transport() -> TransportChoice {
     TransportChoice::Auto
-}
-
-fn positive_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    deserialize_positive_duration(d).map(Some)
-}
-
-fn duration_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    deserialize_duration(d).map(Some)
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,18 +1,18 @@
 //! One data stream on the agent: read the relay's open header, re-check the destination
 //! against the allowlist, resolve it with the system resolver, connect (trying every address
-//! within one deadline), answer opened or a precise failure, then copy both ways with the
-//! endpoint's inactivity timeout.
+//! within one deadline), answer opened or a precise failure, then splice stream and socket
+//! with the endpoint's inactivity timeout.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use privlink_protocol::copy::{CopyEnd, DEFAULT_BUFFER_SIZE, Side, copy_bidirectional_metered};
 use privlink_protocol::destination::{Destination, Host};
-use privlink_protocol::io::{read_frame, write_frame};
-use privlink_protocol::message::{Open, OpenFailCode, OpenFailure, OpenReply};
-use privlink_protocol::tcp::abort;
-use privlink_protocol::transport::{ResetCode, TunnelStream};
+use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenFailCode, OpenFailure, OpenReply};
+use privlink_transport::io::{read_frame, write_frame};
+use privlink_transport::splice::{Hop, splice};
+use privlink_transport::tcp::abort;
+use privlink_transport::tunnel::{ResetCode, TunnelStream};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,8 +22,6 @@ use crate::allowlist::{AllowRule, Allowlist, special_address_kind};
 
 /// Deadline for the open header to arrive after the relay opened the stream.
 pub const OPEN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest open header accepted.
-const MAX_OPEN_BODY: usize = 4096;
 /// Inactivity timeout used when the relay sends none.
 const FALLBACK_INACTIVITY: Duration = Duration::from_secs(60);
 
@@ -68,7 +66,7 @@ async fn forward(
     force: &CancellationToken,
 ) {
     let started = Instant::now();
-    let mut socket = match connect_allowed(&open.destination, policy).await {
+    let socket = match connect_allowed(&open.destination, policy).await {
         Ok(socket) => socket,
         Err(failure) => {
             if failure.code == OpenFailCode::NotAllowed {
@@ -91,40 +89,12 @@ async fn forward(
         0 => FALLBACK_INACTIVITY,
         ms => Duration::from_millis(ms),
     };
-    let report = copy_bidirectional_metered(
-        &mut socket,
-        &mut stream,
-        timeout,
-        DEFAULT_BUFFER_SIZE,
-        force.cancelled(),
-    )
-    .await;
-    let end = match report.end {
-        CopyEnd::Finished => "completed".to_owned(),
-        CopyEnd::IdleTimeout => {
-            stream.reset(ResetCode::IdleTimeout);
-            "idle-timeout".to_owned()
-        }
-        CopyEnd::Cancelled => {
-            stream.reset(ResetCode::Shutdown);
-            abort(socket);
-            "shutdown".to_owned()
-        }
-        CopyEnd::Failed { side: Side::Socket, error } => {
-            stream.reset(ResetCode::PeerReset);
-            format!("destination-error: {error}")
-        }
-        CopyEnd::Failed { side: Side::Tunnel, error } => {
-            // A reset from the relay (client reset, timeout, shutdown) becomes a TCP reset.
-            abort(socket);
-            format!("relay-side: {error}")
-        }
-    };
+    let spliced = splice(socket, &mut stream, Hop::Agent, timeout, force.cancelled()).await;
     debug!(
         duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        bytes_to_destination = report.tunnel_to_socket,
-        bytes_from_destination = report.socket_to_tunnel,
-        end = %end,
+        bytes_to_destination = spliced.tunnel_to_socket,
+        bytes_from_destination = spliced.socket_to_tunnel,
+        end = %spliced.outcome,
         "stream closed"
     );
 }

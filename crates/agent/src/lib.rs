@@ -3,28 +3,33 @@
 //! on the relay's behalf — only those its own allowlist admits, and never loopback,
 //! link-local or metadata addresses unless a rule names them.
 //!
-//! It is a thin driver over `privlink-protocol`. It does not listen for anything and it never
-//! decrypts the traffic it carries.
+//! It is a thin driver over `privlink-protocol` (the control conversation's agent-side state
+//! machine) and `privlink-transport` (tunnels, copy, splice); the policy — which destinations
+//! to open — is its own. It does not listen for anything and it never decrypts the traffic it
+//! carries.
 //!
 //! # Layout
 //!
 //! * [`config`] — `agent.toml` and its validation into [`AgentConfig`].
 //! * [`allowlist`] — rules, matching and the special-address refusal.
-//! * [`link`] — relay connections: resolve, dial, handshake, heartbeats, reconnect.
-//! * [`forward`] — one data stream: check, resolve, connect, reply, copy.
+//! * [`links`] — per relay name: resolve, keep a link to every address, back off, re-dial.
+//! * [`dial`] — one connection attempt: the transport choice, `auto` fallback and promotion.
+//! * [`session`] — one connection: the control conversation, accepting data streams.
+//! * [`forward`] — one data stream: check, resolve, connect, reply, splice.
 #![forbid(unsafe_code)]
 
 pub mod allowlist;
 pub mod config;
+pub mod dial;
 pub mod forward;
-pub mod link;
+pub mod links;
+pub mod session;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use privlink_protocol::tls;
-use privlink_protocol::transport::quic;
+use privlink_transport::{drain, quic, tls};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -107,13 +112,13 @@ impl Agent {
             agent = %config.name,
             connector = %config.connector,
             relays = config.relays.len(),
-            transport = ?config.transport,
+            transport = %config.transport,
             rules = config.allowlist.rules.len(),
             "agent starting"
         );
         let tracker = TaskTracker::new();
         for relay in &config.relays {
-            tracker.spawn(link::maintain_relay(
+            tracker.spawn(links::maintain_relay(
                 relay.clone(),
                 Arc::clone(&shared),
                 tracker.clone(),
@@ -122,12 +127,7 @@ impl Agent {
         shutdown.cancelled().await;
         info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
         shared.shutdown.cancel();
-        tracker.close();
-        if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
-            warn!("grace period over; closing the remaining streams");
-            shared.force.cancel();
-            tracker.wait().await;
-        }
+        drain::drain(&tracker, config.shutdown_grace, &shared.force, "streams").await;
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, shared.quic.wait_idle()).await;
         info!("agent stopped");
     }

@@ -165,8 +165,15 @@ pub fn deserialize_positive_duration<'de, D: Deserializer<'de>>(
     Ok(duration)
 }
 
-/// Serde helper for optional durations (fields with `#[serde(default)]`).
+/// Serde helper for optional durations that may be zero (fields with `#[serde(default)]`).
 pub fn deserialize_optional_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d).map(Some)
+}
+
+/// Serde helper for optional durations that must be greater than zero.
+pub fn deserialize_optional_positive_duration<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Duration>, D::Error> {
     deserialize_positive_duration(d).map(Some)

@@ -1,42 +1,32 @@
-//! The privlink wire protocol and the pieces both ends of a tunnel share.
-//!
-//! This crate is what the relay and the agent have in common: the frame codec and message
-//! types (sans-IO: bytes in, values out, no sockets or clocks), the shared configuration
-//! vocabulary (destinations, allowlist patterns, source-IP ACLs, durations, TOML errors that
-//! name file, line and key), the copy loop that moves bytes between a TCP socket and a tunnel
-//! stream, and the tunnel transport (QUIC today) behind one "multiplexed connection of byte
-//! streams" interface. It is not a relay or an agent: it never listens, dials or decides
-//! policy on its own; `privlink-relay` and `privlink-agent` drive it.
+//! The privlink wire protocol, sans-IO: bytes in, values out. It holds what the relay and the
+//! agent must agree on — the frame codec, the messages and their size bounds, the control
+//! conversation as two state machines (one per side), destinations, source-IP ACLs, connector
+//! tokens and their digests, and the configuration syntax both config files share. It is not a
+//! transport: it touches no socket, timer or async runtime (its manifest has no tokio, quinn,
+//! h2 or rustls), so every decoder and transition is unit-tested and fuzzed directly.
+//! `privlink-transport` moves its bytes; `privlink-relay` and `privlink-agent` drive it.
 //!
 //! # Layout
 //!
 //! * [`frame`] — length-prefixed, versioned frames; the size bound is checked before any
-//!   allocation. Sans-IO.
-//! * [`message`] — control-stream messages and data-stream headers carried in frames.
-//! * [`destination`] — `host:port` destinations and the agent's allowlist patterns.
+//!   allocation.
+//! * [`message`] — control-stream messages and data-stream headers, with their bounds.
+//! * [`control`] — the control conversation: [`control::RelayControl`] and
+//!   [`control::AgentControl`], each fed messages and timer ticks, each yielding messages to
+//!   send and events for its driver.
+//! * [`destination`] — `host:port` destinations and the name syntax rules share.
 //! * [`acl`] — per-endpoint source-IP allow/deny lists.
+//! * [`token`] — connector tokens (redacted in `Debug`), SHA-256 digests, hex.
 //! * [`config`] — TOML loading with errors that name file, line and key; durations with units.
-//! * [`io`] — reading and writing one frame on an async stream, with a size bound and deadline.
-//! * [`copy`] — the bidirectional copy loop with inactivity timeout and byte counts.
-//! * `pki` (feature `pki`) — a private CA and server certificates for first deployments,
-//!   the demo and tests.
-//! * [`tcp`] — TCP helpers (closing with a reset).
-//! * [`tls`] — PEM loading and the rustls configurations of the tunnel.
-//! * [`transport`] — the tunnel connection and stream types (QUIC via quinn).
 #![forbid(unsafe_code)]
 
 pub mod acl;
 pub mod config;
-pub mod copy;
+pub mod control;
 pub mod destination;
 pub mod frame;
-pub mod io;
 pub mod message;
-#[cfg(feature = "pki")]
-pub mod pki;
-pub mod tcp;
-pub mod tls;
-pub mod transport;
+pub mod token;
 
 /// Version of this software, sent in hellos so each side can log who it talks to.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

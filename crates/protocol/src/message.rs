@@ -16,31 +16,14 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::token::Token;
+
 /// Protocol version carried in hellos. The major version is also in the ALPN name.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-/// A connector token. Its bytes never appear in `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Token(String);
-
-impl Token {
-    /// Wraps a token string.
-    pub fn new(token: impl Into<String>) -> Self {
-        Self(token.into())
-    }
-
-    /// The token's bytes, for hashing. Never log them.
-    pub fn expose(&self) -> &[u8] {
-        self.0.as_bytes()
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
+/// Largest open header body the agent accepts, and largest open reply the relay accepts: both
+/// carry a destination name and a short message, far below this.
+pub const MAX_OPEN_BODY: usize = 4096;
 
 /// Messages on the control stream, in either direction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +59,22 @@ pub enum Control {
         /// Why, for logs.
         reason: String,
     },
+}
+
+impl Control {
+    /// The message's kind, for logs and protocol errors: never the peer's strings, which may
+    /// be long or hold anything.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RelayHello { .. } => "RelayHello",
+            Self::Hello(_) => "Hello",
+            Self::Welcome { .. } => "Welcome",
+            Self::Refused { .. } => "Refused",
+            Self::Verdicts(_) => "Verdicts",
+            Self::Heartbeat { .. } => "Heartbeat",
+            Self::Drain { .. } => "Drain",
+        }
+    }
 }
 
 /// The agent's introduction on the control stream.
@@ -177,6 +176,15 @@ pub enum OpenFailCode {
     BadRequest,
 }
 
+impl OpenFailCode {
+    /// Whether another agent might succeed where this one failed: true for causes that lie in
+    /// this agent's network view (DNS, reachability), false for policy and malformed requests,
+    /// which every agent would refuse alike.
+    pub fn retry_elsewhere(self) -> bool {
+        matches!(self, Self::DnsFailure | Self::Refused | Self::Timeout | Self::Unreachable)
+    }
+}
+
 impl fmt::Display for OpenFailCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -248,19 +256,5 @@ mod tests {
             code: OpenFailCode::DnsFailure,
             message: "no such host".into(),
         }));
-    }
-
-    #[test]
-    fn tokens_are_redacted_in_debug() {
-        let hello = Hello {
-            protocol_version: 1,
-            connector: "c".into(),
-            token: Token::new("topsecretvalue"),
-            agent_name: String::new(),
-            agent_id: String::new(),
-            software_version: String::new(),
-            allowed: vec![],
-        };
-        assert!(!format!("{hello:?}").contains("topsecretvalue"));
     }
 }

@@ -12,10 +12,12 @@ use std::time::Duration;
 use ipnet::IpNet;
 use privlink_protocol::acl::{Acl, parse_acl_entry};
 use privlink_protocol::config::{
-    ConfigError, ConfigSource, Spanned, deserialize_duration, deserialize_positive_duration,
+    ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
+    deserialize_optional_positive_duration,
 };
 use privlink_protocol::destination::Destination;
-use privlink_protocol::tls;
+use privlink_protocol::token::TokenDigest;
+use privlink_transport::tls;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
@@ -66,7 +68,7 @@ pub struct ConnectorSpec {
     /// Connector name.
     pub name: String,
     /// SHA-256 of the token's bytes.
-    pub token_sha256: [u8; 32],
+    pub token_sha256: TokenDigest,
 }
 
 impl fmt::Debug for ConnectorSpec {
@@ -97,7 +99,7 @@ pub struct EndpointSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default, deserialize_with = "deserialize_duration_opt")]
+    #[serde(default, deserialize_with = "deserialize_optional_duration")]
     shutdown_grace: Option<Duration>,
     tunnel: RawTunnel,
     #[serde(default)]
@@ -106,12 +108,6 @@ struct RawConfig {
     connector: Vec<RawConnector>,
     #[serde(default)]
     endpoint: Vec<RawEndpoint>,
-}
-
-fn deserialize_duration_opt<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Duration>, D::Error> {
-    deserialize_duration(d).map(Some)
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,7 +129,7 @@ struct RawAdmin {
 struct RawConnector {
     name: Spanned<String>,
     #[serde(deserialize_with = "deserialize_sha256_hex")]
-    token_sha256: [u8; 32],
+    token_sha256: TokenDigest,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,18 +139,12 @@ struct RawEndpoint {
     connector: Spanned<String>,
     destination: Destination,
     listen: Spanned<SocketAddr>,
-    #[serde(default, deserialize_with = "deserialize_positive_duration_opt")]
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     inactivity_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_limit")]
     max_connections: Option<usize>,
     #[serde(default)]
     acl: RawAcl,
-}
-
-fn deserialize_positive_duration_opt<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Duration>, D::Error> {
-    deserialize_positive_duration(d).map(Some)
 }
 
 fn deserialize_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -184,32 +174,13 @@ impl<'de> Deserialize<'de> for AclEntry {
     }
 }
 
-fn deserialize_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+fn deserialize_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TokenDigest, D::Error> {
     let text = String::deserialize(d)?;
-    parse_sha256_hex(&text).ok_or_else(|| {
+    TokenDigest::from_hex(&text).ok_or_else(|| {
         serde::de::Error::custom(
             "expected 64 lowercase hex digits (the SHA-256 that `privlink token new` prints)",
         )
     })
-}
-
-/// Parses 64 lowercase hex digits into a SHA-256 digest.
-pub fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
-    // Hand-written: two dozen lines do not justify a hex crate dependency.
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let bytes = text.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
-    Some(out)
 }
 
 impl RelayConfig {
@@ -349,19 +320,5 @@ fn check_name(source: &ConfigSource, name: &Spanned<String>, key: &str) -> Resul
             key,
             format!("`{n}` is not a valid name (1–64 of A–Z a–z 0–9 . _ -)"),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sha256_hex_is_strict() {
-        let good = "ab".repeat(32);
-        assert_eq!(parse_sha256_hex(&good), Some([0xab; 32]));
-        assert_eq!(parse_sha256_hex(&"AB".repeat(32)), None);
-        assert_eq!(parse_sha256_hex(&"ab".repeat(31)), None);
-        assert_eq!(parse_sha256_hex(&format!("{}zz", "ab".repeat(31))), None);
     }
 }

@@ -2,45 +2,54 @@
 //! connections, and exposes endpoints whose client connections it forwards, one tunnel
 //! stream each, to an agent that approved the endpoint.
 //!
-//! It is a thin driver over `privlink-protocol`: it owns sockets, policy (ACL, connection
-//! limits, inactivity timeouts), the registry of agents and the shutdown sequence; it never
-//! terminates the clients' TLS — bytes pass through unread.
+//! It is a thin driver over `privlink-protocol` (the control conversation's relay-side state
+//! machine) and `privlink-transport` (tunnels, copy, splice): it owns policy — ACL,
+//! connection limits, inactivity timeouts, which agent serves a connection — the registry of
+//! agents and the shutdown sequence. It never terminates the clients' TLS: bytes pass
+//! through unread.
 //!
 //! # Layout
 //!
 //! * [`config`] — `relay.toml` and its validation into [`RelayConfig`].
-//! * [`auth`] — token digests, constant-time comparison, failed-attempt limiting.
+//! * [`auth`] — token checks against stored digests, failed-attempt limiting.
+//! * [`agents`] — accepting agents on both transports and driving their control streams.
 //! * [`registry`] — connected agents, their verdicts, endpoint status, load-based choice.
-//! * [`tunnel`] — accepting agents and running their control streams.
-//! * [`endpoint`] — accepting clients, policy on accept, forwarding and flow logs.
+//! * [`listen`] — endpoint accept loops and the policy applied on accept.
+//! * [`dispatch`] — one client connection: choose an agent, open, splice, the open-reply gate.
+//! * [`flow`] — the flow-log line and endpoint counters.
+//! * [`status`] — [`RelayHandle`], the running relay's addresses and status views.
 //!
 //! [`Relay::bind`] binds every socket first (so a test or the demo can bind port 0 and read
 //! the addresses back), then [`Relay::run`] serves until its shutdown token is cancelled.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod auth;
 pub mod config;
-pub mod endpoint;
+pub mod dispatch;
+pub mod flow;
+pub mod listen;
 pub mod registry;
-pub mod tunnel;
+pub mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use privlink_protocol::tls;
-use privlink_protocol::transport::{CloseCode, quic};
+use privlink_transport::tunnel::CloseCode;
+use privlink_transport::{drain, quic, tcp, tls};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::agents::AgentsContext;
 pub use crate::config::RelayConfig;
-use crate::endpoint::Endpoint;
+use crate::listen::Endpoint;
 use crate::registry::Registry;
 pub use crate::registry::{AgentView, EndpointStatus};
-use crate::tunnel::TunnelContext;
+pub use crate::status::RelayHandle;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -85,14 +94,6 @@ pub struct Relay {
     handle: RelayHandle,
 }
 
-/// A cheap, cloneable view of a running relay: addresses and endpoint status.
-#[derive(Debug, Clone)]
-pub struct RelayHandle {
-    registry: Arc<Registry>,
-    endpoints: Arc<HashMap<String, (Arc<Endpoint>, SocketAddr)>>,
-    tunnel_addr: SocketAddr,
-}
-
 impl Relay {
     /// Binds the tunnel endpoint and every endpoint listener.
     pub async fn bind(config: RelayConfig) -> Result<Self, RelayError> {
@@ -111,8 +112,10 @@ impl Relay {
         let mut listeners = Vec::new();
         let mut by_name = HashMap::new();
         for spec in &config.endpoints {
-            let listener = privlink_protocol::tcp::listen(spec.listen).map_err(|source| {
-                RelayError::EndpointBind { endpoint: spec.name.clone(), addr: spec.listen, source }
+            let listener = tcp::listen(spec.listen).map_err(|source| RelayError::EndpointBind {
+                endpoint: spec.name.clone(),
+                addr: spec.listen,
+                source,
             })?;
             let addr = listener.local_addr().map_err(|source| RelayError::EndpointBind {
                 endpoint: spec.name.clone(),
@@ -126,11 +129,7 @@ impl Relay {
         if config.admin_listen.is_some() {
             warn!("[admin] is configured but the admin API is not implemented in this version");
         }
-        let handle = RelayHandle {
-            registry: Arc::new(Registry::default()),
-            endpoints: Arc::new(by_name),
-            tunnel_addr,
-        };
+        let handle = RelayHandle::new(Arc::new(Registry::default()), by_name, tunnel_addr);
         Ok(Self { config: Arc::new(config), quic, tunnel_tcp, tunnel_tls, listeners, handle })
     }
 
@@ -146,41 +145,41 @@ impl Relay {
         let force = CancellationToken::new();
         let clients = TaskTracker::new();
         let agents = TaskTracker::new();
-        let ctx = Arc::new(TunnelContext {
+        let ctx = Arc::new(AgentsContext {
             config: Arc::clone(&config),
-            registry: Arc::clone(&handle.registry),
+            registry: Arc::clone(handle.registry()),
             failures: Mutex::default(),
             draining: CancellationToken::new(),
         });
 
-        info!(tunnel = %handle.tunnel_addr, "relay listening for agents (QUIC on UDP, TLS on TCP)");
+        info!(tunnel = %handle.tunnel_addr(), "relay listening for agents (QUIC on UDP, TLS on TCP)");
         let acceptors = TaskTracker::new();
         for (endpoint, listener) in listeners {
-            let addr = handle.endpoints.get(&endpoint.spec.name).map(|(_, a)| *a);
+            let addr = handle.endpoint_addr(&endpoint.spec.name);
             info!(
                 endpoint = %endpoint.spec.name,
-                listen = ?addr,
+                listen = %addr.map_or_else(|| "-".to_owned(), |a| a.to_string()),
                 destination = %endpoint.spec.destination,
                 connector = %endpoint.spec.connector,
                 "endpoint listening"
             );
-            acceptors.spawn(endpoint::accept_clients(
+            acceptors.spawn(listen::accept_clients(
                 listener,
                 endpoint,
-                Arc::clone(&handle.registry),
+                Arc::clone(handle.registry()),
                 shutdown.clone(),
                 force.clone(),
                 clients.clone(),
             ));
         }
         let tunnel_stop = CancellationToken::new();
-        acceptors.spawn(tunnel::accept_quic_agents(
+        acceptors.spawn(agents::accept_quic_agents(
             quic.clone(),
             Arc::clone(&ctx),
             tunnel_stop.clone(),
             agents.clone(),
         ));
-        acceptors.spawn(tunnel::accept_tcp_agents(
+        acceptors.spawn(agents::accept_tcp_agents(
             tunnel_tcp,
             tunnel_tls,
             Arc::clone(&ctx),
@@ -194,18 +193,10 @@ impl Relay {
         ctx.draining.cancel();
         // Endpoint accept loops end on `shutdown`, dropping their listeners: new clients are
         // refused from here on. Agents stay connected so in-flight streams can finish.
-        clients.close();
-        if tokio::time::timeout(config.shutdown_grace, clients.wait()).await.is_err() {
-            warn!(
-                remaining = clients.len(),
-                "grace period over; closing the remaining connections"
-            );
-            force.cancel();
-            clients.wait().await;
-        }
+        drain::drain(&clients, config.shutdown_grace, &force, "connections").await;
         tunnel_stop.cancel();
         acceptors.wait().await;
-        for connection in handle.registry.connections() {
+        for connection in handle.registry().connections() {
             connection.close(CloseCode::Shutdown, "relay shutting down");
         }
         quic.close(quinn::VarInt::from_u32(CloseCode::Shutdown as u32), b"relay shutting down");
@@ -233,84 +224,13 @@ async fn bind_tunnel(
         let quic = quic::relay_endpoint(listen, (**tls).clone(), reset_secret)?;
         let port = quic.local_addr().map_err(|e| quic::QuicSetupError::Bind(listen, e))?.port();
         let tcp_addr = SocketAddr::new(listen.ip(), port);
-        match privlink_protocol::tcp::listen(tcp_addr) {
+        match tcp::listen(tcp_addr) {
             Ok(tcp) => return Ok((quic, tcp)),
             Err(e) if listen.port() == 0 && attempt < ATTEMPTS => {
                 tracing::debug!(%tcp_addr, "TCP side of the tunnel port is taken ({e}); trying another");
                 attempt += 1;
             }
             Err(source) => return Err(RelayError::TunnelTcp { addr: tcp_addr, source }),
-        }
-    }
-}
-
-impl RelayHandle {
-    /// The address agents connect to.
-    pub fn tunnel_addr(&self) -> SocketAddr {
-        self.tunnel_addr
-    }
-
-    /// The bound address of an endpoint.
-    pub fn endpoint_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.endpoints.get(name).map(|(_, addr)| *addr)
-    }
-
-    /// The status of an endpoint (`None` for an unknown name).
-    pub fn endpoint_status(&self, name: &str) -> Option<EndpointStatus> {
-        let (endpoint, _) = self.endpoints.get(name)?;
-        Some(self.registry.status(&endpoint.spec.connector, name))
-    }
-
-    /// Connections denied by the ACL and refused over the limit, for an endpoint.
-    pub fn endpoint_refusals(&self, name: &str) -> Option<(u64, u64)> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let (endpoint, _) = self.endpoints.get(name)?;
-        Some((endpoint.counters.denied.load(Relaxed), endpoint.counters.over_limit.load(Relaxed)))
-    }
-
-    /// Agents connected for a connector, oldest connection first.
-    pub fn agents(&self, connector: &str) -> Vec<AgentView> {
-        self.registry.agents(connector)
-    }
-
-    /// Waits until `predicate` holds for the endpoint's status, or `timeout` passes. Returns
-    /// the last status seen.
-    pub async fn wait_for_status(
-        &self,
-        name: &str,
-        timeout: Duration,
-        predicate: impl Fn(&EndpointStatus) -> bool,
-    ) -> Option<EndpointStatus> {
-        let mut changes = self.registry.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let status = self.endpoint_status(name)?;
-            if predicate(&status) {
-                return Some(status);
-            }
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-                return Some(status);
-            }
-        }
-    }
-
-    /// Waits until the connector's agents satisfy `predicate`, or `timeout` passes; returns
-    /// the last view seen.
-    pub async fn wait_for_agents(
-        &self,
-        connector: &str,
-        timeout: Duration,
-        predicate: impl Fn(&[AgentView]) -> bool,
-    ) -> Vec<AgentView> {
-        let mut changes = self.registry.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let agents = self.agents(connector);
-            if predicate(&agents)
-                || tokio::time::timeout_at(deadline, changes.changed()).await.is_err()
-            {
-                return agents;
-            }
         }
     }
 }

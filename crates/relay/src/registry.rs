@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use privlink_protocol::message::Verdict;
-use privlink_protocol::transport::{TransportKind, TunnelConnection};
+use privlink_transport::tunnel::{RelayConnection, TransportKind};
 use tokio::sync::watch;
 
 /// An endpoint's status, in the vocabulary of Azure private-endpoint connections.
@@ -60,7 +60,7 @@ pub struct AgentView {
 struct AgentEntry {
     connector: String,
     name: String,
-    connection: TunnelConnection,
+    connection: RelayConnection,
     /// Endpoint name → verdict; an absent endpoint is still pending.
     verdicts: HashMap<String, Verdict>,
     /// Set once the agent announced a drain: it gets no new streams.
@@ -93,7 +93,7 @@ pub struct ChosenAgent {
     /// The agent's name, for logs.
     pub name: String,
     /// Its tunnel connection.
-    pub connection: TunnelConnection,
+    pub connection: RelayConnection,
     active_streams: Arc<AtomicU32>,
 }
 
@@ -162,7 +162,7 @@ impl Registry {
         self: &Arc<Self>,
         connector: &str,
         name: &str,
-        connection: TunnelConnection,
+        connection: RelayConnection,
     ) -> AgentRegistration {
         let active_streams = Arc::new(AtomicU32::new(0));
         let mut id = 0;
@@ -254,7 +254,7 @@ impl Registry {
     }
 
     /// Tunnel connections of every registered agent (for closing them on shutdown).
-    pub fn connections(&self) -> Vec<TunnelConnection> {
+    pub fn connections(&self) -> Vec<RelayConnection> {
         self.lock().agents.values().map(|a| a.connection.clone()).collect()
     }
 

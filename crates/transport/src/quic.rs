@@ -8,12 +8,10 @@
 //! * Keep-alives every [`KEEP_ALIVE`] and an idle timeout of [`IDLE_TIMEOUT`], so a dead peer
 //!   is noticed within seconds.
 //! * UDP socket buffers raised to [`UDP_BUFFER_BYTES`]; what the kernel granted is logged.
-//! * BBR congestion control instead of quinn's default Cubic. A tunnel to a private network
-//!   often crosses a long, lossy path where a loss-based controller collapses: by the Mathis
-//!   formula 2 % loss at 100 ms RTT allows it about 1 Mbit/s, and the namespace test's 128 MiB
-//!   over such a link had not finished after 18 minutes with Cubic; with BBR it takes about
-//!   6 s. This machine's kernel uses BBR for TCP too, so both transports behave alike. quinn
-//!   marks its BBR experimental; the lossy-WAN namespace test exercises it.
+//! * BBR congestion control instead of quinn's default Cubic: tunnels to private networks
+//!   often cross long, lossy paths where a loss-based controller collapses (the measurement
+//!   behind the choice is in `docs/benchmarks.md`, "QUIC congestion control"). quinn marks its
+//!   BBR experimental; the lossy-WAN namespace test exercises it.
 //! * The relay's stateless-reset key and connection-ID key are derived from its private key
 //!   rather than drawn at random, so a relay that restarts (crash, kill -9, upgrade)
 //!   recognises the agent's next packet as one of its own connection IDs and answers it with a
@@ -27,8 +25,8 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
-use super::TunnelConnection;
 use crate::tls::TlsError;
+use crate::tunnel::{AgentConnection, DialError, RelayConnection};
 
 /// Concurrent streams the relay may open on one agent connection (plus the control stream).
 pub const MAX_CONCURRENT_STREAMS: u32 = 16_384;
@@ -187,24 +185,24 @@ pub async fn dial(
     relay: SocketAddr,
     server_name: &str,
     deadline: Duration,
-) -> Result<TunnelConnection, DialError> {
+) -> Result<AgentConnection, DialError> {
     let connecting =
         endpoint.connect(relay, server_name).map_err(|e| DialError::Handshake(e.to_string()))?;
     match tokio::time::timeout(deadline, connecting).await {
-        Ok(Ok(connection)) => Ok(TunnelConnection::from_quic(connection)),
+        Ok(Ok(connection)) => Ok(AgentConnection::from_quic(connection)),
         Ok(Err(e)) => Err(DialError::Handshake(describe_handshake_error(&e))),
         Err(_) => Err(DialError::Timeout(deadline)),
     }
 }
 
-/// Accepts the next incoming agent connection and completes its handshake within `deadline`.
-/// Call it from a task of its own: a stalled peer must not block the accept loop.
-pub async fn handshake(
+/// Relay side: completes an incoming agent connection's handshake within `deadline`. Call it
+/// from a task of its own: a stalled peer must not block the accept loop.
+pub async fn accept(
     incoming: quinn::Incoming,
     deadline: Duration,
-) -> Result<TunnelConnection, DialError> {
+) -> Result<RelayConnection, DialError> {
     match tokio::time::timeout(deadline, incoming).await {
-        Ok(Ok(connection)) => Ok(TunnelConnection::from_quic(connection)),
+        Ok(Ok(connection)) => Ok(RelayConnection::from_quic(connection)),
         Ok(Err(e)) => Err(DialError::Handshake(describe_handshake_error(&e))),
         Err(_) => Err(DialError::Timeout(deadline)),
     }
@@ -237,17 +235,6 @@ impl From<TlsError> for QuicSetupError {
     fn from(e: TlsError) -> Self {
         Self::Tls(e.to_string())
     }
-}
-
-/// Why a tunnel connection could not be established.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    /// No handshake completed before the deadline (UDP blocked, relay down, …).
-    #[error("no handshake within {0:?}")]
-    Timeout(Duration),
-    /// The handshake failed (certificate, ALPN, refused, …).
-    #[error("{0}")]
-    Handshake(String),
 }
 
 #[cfg(test)]

@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::quic::{CONNECTION_RECEIVE_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_RECEIVE_WINDOW};
-use super::{ResetCode, StreamError};
+use crate::quic::{CONNECTION_RECEIVE_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_RECEIVE_WINDOW};
+use crate::tunnel::{AgentConnection, DialError, RelayConnection, ResetCode, StreamError};
 
 /// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB; 256 KiB
 /// keeps per-frame latency low while cutting per-frame overhead for bulk transfers).
@@ -44,7 +44,7 @@ const USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Applies the socket options a tunnel TCP connection needs (no Nagle, fast dead-peer
 /// detection).
-pub fn tune_socket(socket: &TcpStream) {
+fn tune_socket(socket: &TcpStream) {
     let _ = socket.set_nodelay(true);
     let sock = socket2::SockRef::from(socket);
     let keepalive = socket2::TcpKeepalive::new()
@@ -55,9 +55,9 @@ pub fn tune_socket(socket: &TcpStream) {
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
-/// Shared close state of one h2 tunnel connection.
+/// Shared close state of one h2 tunnel connection (opaque outside this crate).
 #[derive(Debug)]
-pub(super) struct CloseState {
+pub struct CloseState {
     /// Cancelled to tear the connection down.
     stop: CancellationToken,
     /// Why it closed, once it has.
@@ -70,17 +70,17 @@ impl CloseState {
         Arc::new(Self { stop: CancellationToken::new(), reason: watch::Sender::new(None), remote })
     }
 
-    pub(super) fn remote_address(&self) -> SocketAddr {
+    pub(crate) fn remote_address(&self) -> SocketAddr {
         self.remote
     }
 
     /// Tears the connection down; the reason is what `closed` reports.
-    pub(super) fn close(&self, reason: &str) {
+    pub(crate) fn close(&self, reason: &str) {
         self.set_reason(format!("closed locally: {reason}"));
         self.stop.cancel();
     }
 
-    pub(super) async fn closed(&self) -> String {
+    pub(crate) async fn closed(&self) -> String {
         let mut reason = self.reason.subscribe();
         match reason.wait_for(Option::is_some).await {
             Ok(r) => r.clone().unwrap_or_default(),
@@ -88,7 +88,7 @@ impl CloseState {
         }
     }
 
-    pub(super) fn close_reason(&self) -> Option<String> {
+    pub(crate) fn close_reason(&self) -> Option<String> {
         self.reason.borrow().clone()
     }
 
@@ -106,6 +106,64 @@ impl CloseState {
 
 type Incoming = (http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>);
 
+impl AsRef<CloseState> for H2Opener {
+    fn as_ref(&self) -> &CloseState {
+        &self.state
+    }
+}
+
+impl AsRef<CloseState> for H2Acceptor {
+    fn as_ref(&self) -> &CloseState {
+        &self.state
+    }
+}
+
+/// Agent side: connects to a relay at `addr`, then TLS (verifying `server_name`) and the
+/// HTTP/2 handshake, all within `deadline`.
+pub async fn dial(
+    addr: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    deadline: Duration,
+) -> Result<AgentConnection, DialError> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| DialError::Handshake(format!("relay name: {e}")))?;
+    let steps = async {
+        let socket = TcpStream::connect(addr).await.map_err(|e| format!("TCP connect: {e}"))?;
+        tune_socket(&socket);
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, socket)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        agent_handshake(tls, addr).await.map_err(|e| format!("HTTP/2 handshake failed: {e}"))
+    };
+    match tokio::time::timeout(deadline, steps).await {
+        Ok(Ok(acceptor)) => Ok(AgentConnection::from_h2(acceptor)),
+        Ok(Err(e)) => Err(DialError::Handshake(e)),
+        Err(_) => Err(DialError::Timeout(deadline)),
+    }
+}
+
+/// Relay side: TLS and the HTTP/2 handshake on an accepted TCP connection, within `deadline`.
+/// Call it from a task of its own: a stalled peer must not block the accept loop.
+pub async fn accept(
+    socket: TcpStream,
+    remote: SocketAddr,
+    tls: tokio_rustls::TlsAcceptor,
+    deadline: Duration,
+) -> Result<RelayConnection, DialError> {
+    tune_socket(&socket);
+    let steps = async {
+        let tls = tls.accept(socket).await.map_err(|e| format!("TLS: {e}"))?;
+        relay_handshake(tls, remote).await.map_err(|e| format!("HTTP/2: {e}"))
+    };
+    match tokio::time::timeout(deadline, steps).await {
+        Ok(Ok(opener)) => Ok(RelayConnection::from_h2(opener)),
+        Ok(Err(e)) => Err(DialError::Handshake(e)),
+        Err(_) => Err(DialError::Timeout(deadline)),
+    }
+}
+
 /// The relay's side of an h2 tunnel connection: it opens streams.
 #[derive(Debug, Clone)]
 pub struct H2Opener {
@@ -122,7 +180,7 @@ pub struct H2Acceptor {
 
 /// Relay side: runs the HTTP/2 client handshake over an accepted, TLS-wrapped TCP connection
 /// and spawns the task that drives it.
-pub async fn relay_handshake<S>(io: S, remote: SocketAddr) -> Result<H2Opener, h2::Error>
+async fn relay_handshake<S>(io: S, remote: SocketAddr) -> Result<H2Opener, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -152,7 +210,7 @@ where
 
 /// Agent side: runs the HTTP/2 server handshake over a dialled, TLS-wrapped TCP connection and
 /// spawns the task that drives it and queues the relay's streams.
-pub async fn agent_handshake<S>(io: S, remote: SocketAddr) -> Result<H2Acceptor, h2::Error>
+async fn agent_handshake<S>(io: S, remote: SocketAddr) -> Result<H2Acceptor, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -208,7 +266,7 @@ fn describe(error: &h2::Error) -> String {
 }
 
 impl H2Opener {
-    pub(super) async fn open_stream(&self, wait: Duration) -> Result<H2Stream, StreamError> {
+    pub(crate) async fn open_stream(&self, wait: Duration) -> Result<H2Stream, StreamError> {
         // Waiting for `ready` is what bounds the number of open streams; the request headers
         // themselves go out with the stream's first bytes (see `SendState`).
         let open = async {
@@ -224,15 +282,10 @@ impl H2Opener {
             Err(_) => Err(StreamError::LimitReached(wait)),
         }
     }
-
-    /// Close state shared with the connection's driver task.
-    pub(super) fn state(&self) -> &CloseState {
-        &self.state
-    }
 }
 
 impl H2Acceptor {
-    pub(super) async fn accept_stream(&self) -> Result<H2Stream, StreamError> {
+    pub(crate) async fn accept_stream(&self) -> Result<H2Stream, StreamError> {
         let next = self.incoming.lock().await.recv().await;
         let Some((request, respond)) = next else {
             return Err(StreamError::ConnectionClosed(
@@ -243,11 +296,6 @@ impl H2Acceptor {
             send: SendState::Unsent(Unsent::Response(respond)),
             recv: RecvState::Body(request.into_body(), Bytes::new()),
         })
-    }
-
-    /// Close state shared with the connection's driver task.
-    pub(super) fn state(&self) -> &CloseState {
-        &self.state
     }
 }
 
@@ -307,7 +355,7 @@ fn to_io(error: h2::Error) -> io::Error {
 }
 
 impl H2Stream {
-    pub(super) fn reset(&mut self, code: ResetCode) {
+    pub(crate) fn reset(&mut self, code: ResetCode) {
         let reason = h2::Reason::from(code as u32);
         match &mut self.send {
             SendState::Open(send) => send.send_reset(reason),

@@ -1,12 +1,11 @@
-//! The tunnel transport behind one interface: a [`TunnelConnection`] is a multiplexed
-//! connection on which the relay opens byte streams and the agent accepts them; a
-//! [`TunnelStream`] is one such stream, an ordinary `AsyncRead + AsyncWrite` that carries FIN
-//! as FIN and can be reset. The relay, the agent and the copy loop use only these types, so
-//! they do not know which transport carries a stream: QUIC ([`quic`]) or TLS over TCP with
-//! an HTTP/2 multiplexer ([`h2`]).
-
-pub mod h2;
-pub mod quic;
+//! The tunnel behind one interface, whichever transport carries it: a [`Connection`] is a
+//! multiplexed connection between a relay and an agent, typed by the side holding it — the
+//! relay's [`RelayConnection`] opens byte streams, the agent's [`AgentConnection`] accepts
+//! them — and a [`TunnelStream`] is one such stream, an ordinary `AsyncRead + AsyncWrite` that
+//! carries FIN as FIN and can be reset. The relay, the agent and the copy loop use only these
+//! types, so they do not know whether QUIC ([`crate::quic`]) or TLS over TCP with an HTTP/2
+//! multiplexer ([`crate::h2`]) carries a stream. Both transports fail to connect with one
+//! [`DialError`].
 
 use std::fmt;
 use std::io;
@@ -16,6 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::h2;
 
 /// Which transport carries a tunnel connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,99 +75,94 @@ pub enum StreamError {
     LimitReached(Duration),
 }
 
-/// A multiplexed tunnel connection between a relay and an agent.
-#[derive(Debug, Clone)]
-pub struct TunnelConnection {
-    inner: Connection,
+/// Why a tunnel connection could not be established (dialled by the agent or accepted by
+/// the relay), on either transport.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// No handshake completed before the deadline (UDP blocked, relay down, …).
+    #[error("no handshake within {0:?}")]
+    Timeout(Duration),
+    /// The connection or its handshake failed (refused, certificate, ALPN, …).
+    #[error("{0}")]
+    Handshake(String),
 }
 
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Which end of the tunnel holds a [`Connection`]; sealed, with two implementations:
+/// [`RelaySide`] and [`AgentSide`].
+pub trait Role: sealed::Sealed + fmt::Debug + Send + Sync + 'static {
+    /// This side's half of an HTTP/2 tunnel connection.
+    #[doc(hidden)]
+    type H2Half: fmt::Debug + Clone + Send + Sync + AsRef<h2::CloseState>;
+}
+
+/// The relay's end: it opens streams.
+#[derive(Debug)]
+pub enum RelaySide {}
+
+/// The agent's end: it accepts streams.
+#[derive(Debug)]
+pub enum AgentSide {}
+
+impl sealed::Sealed for RelaySide {}
+impl sealed::Sealed for AgentSide {}
+
+impl Role for RelaySide {
+    type H2Half = h2::H2Opener;
+}
+
+impl Role for AgentSide {
+    type H2Half = h2::H2Acceptor;
+}
+
+/// A multiplexed tunnel connection, as seen from side `R`.
+#[derive(Debug)]
+pub struct Connection<R: Role> {
+    inner: Inner<R::H2Half>,
+}
+
+/// The relay's tunnel connection to one agent.
+pub type RelayConnection = Connection<RelaySide>;
+/// The agent's tunnel connection to one relay.
+pub type AgentConnection = Connection<AgentSide>;
+
 #[derive(Debug, Clone)]
-enum Connection {
+enum Inner<H> {
     Quic(quinn::Connection),
-    /// Relay side of TLS/TCP: opens streams.
-    H2Opener(h2::H2Opener),
-    /// Agent side of TLS/TCP: accepts streams.
-    H2Acceptor(h2::H2Acceptor),
+    H2(H),
 }
 
-impl From<h2::H2Opener> for TunnelConnection {
-    fn from(opener: h2::H2Opener) -> Self {
-        Self { inner: Connection::H2Opener(opener) }
+impl<R: Role> Clone for Connection<R> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
     }
 }
 
-impl From<h2::H2Acceptor> for TunnelConnection {
-    fn from(acceptor: h2::H2Acceptor) -> Self {
-        Self { inner: Connection::H2Acceptor(acceptor) }
-    }
-}
-
-impl TunnelConnection {
-    /// Wraps an established QUIC connection.
-    pub fn from_quic(connection: quinn::Connection) -> Self {
-        Self { inner: Connection::Quic(connection) }
+impl<R: Role> Connection<R> {
+    pub(crate) fn from_quic(connection: quinn::Connection) -> Self {
+        Self { inner: Inner::Quic(connection) }
     }
 
-    /// The close state of a TLS/TCP connection (callers match on the variant first).
-    fn h2_state(&self) -> &h2::CloseState {
-        match &self.inner {
-            Connection::H2Opener(c) => c.state(),
-            Connection::H2Acceptor(c) => c.state(),
-            Connection::Quic(_) => unreachable!("only called for h2 connections"),
-        }
+    pub(crate) fn from_h2(half: R::H2Half) -> Self {
+        Self { inner: Inner::H2(half) }
     }
 
     /// The transport in use.
     pub fn kind(&self) -> TransportKind {
         match self.inner {
-            Connection::Quic(_) => TransportKind::Quic,
-            Connection::H2Opener(_) | Connection::H2Acceptor(_) => TransportKind::Tcp,
+            Inner::Quic(_) => TransportKind::Quic,
+            Inner::H2(_) => TransportKind::Tcp,
         }
     }
 
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
         match &self.inner {
-            Connection::Quic(c) => c.remote_address(),
-            Connection::H2Opener(_) | Connection::H2Acceptor(_) => self.h2_state().remote_address(),
-        }
-    }
-
-    /// Opens a stream, waiting at most `wait` for the peer's stream limit to allow it.
-    ///
-    /// Nothing but the stream's opening is sent until the caller writes, and the open header
-    /// and the first data go out together: opening costs no round trip.
-    pub async fn open_stream(&self, wait: Duration) -> Result<TunnelStream, StreamError> {
-        match &self.inner {
-            Connection::Quic(c) => match tokio::time::timeout(wait, c.open_bi()).await {
-                Ok(Ok((send, recv))) => Ok(TunnelStream { inner: Stream::Quic { send, recv } }),
-                Ok(Err(e)) => Err(StreamError::ConnectionClosed(e.to_string())),
-                Err(_) => Err(StreamError::LimitReached(wait)),
-            },
-            Connection::H2Opener(c) => {
-                c.open_stream(wait).await.map(|s| TunnelStream { inner: Stream::H2(s) })
-            }
-            Connection::H2Acceptor(_) => Err(StreamError::ConnectionClosed(
-                "the agent side of a TLS/TCP tunnel does not open streams".to_owned(),
-            )),
-        }
-    }
-
-    /// Waits for the peer to open a stream.
-    pub async fn accept_stream(&self) -> Result<TunnelStream, StreamError> {
-        match &self.inner {
-            Connection::Quic(c) => c
-                .accept_bi()
-                .await
-                .map(|(send, recv)| TunnelStream { inner: Stream::Quic { send, recv } })
-                .map_err(|e| StreamError::ConnectionClosed(describe_close(&e))),
-            Connection::H2Acceptor(c) => {
-                c.accept_stream().await.map(|s| TunnelStream { inner: Stream::H2(s) })
-            }
-            Connection::H2Opener(c) => {
-                // The relay never accepts streams: wait for the connection to end instead.
-                Err(StreamError::ConnectionClosed(c.state().closed().await))
-            }
+            Inner::Quic(c) => c.remote_address(),
+            Inner::H2(h) => h.as_ref().remote_address(),
         }
     }
 
@@ -174,24 +170,59 @@ impl TunnelConnection {
     /// TLS/TCP the reason travels on the control stream before this is called).
     pub fn close(&self, code: CloseCode, reason: &str) {
         match &self.inner {
-            Connection::Quic(c) => c.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes()),
-            Connection::H2Opener(_) | Connection::H2Acceptor(_) => self.h2_state().close(reason),
+            Inner::Quic(c) => c.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes()),
+            Inner::H2(h) => h.as_ref().close(reason),
         }
     }
 
     /// Resolves when the connection is closed, with a description of why.
     pub async fn closed(&self) -> String {
         match &self.inner {
-            Connection::Quic(c) => describe_close(&c.closed().await),
-            Connection::H2Opener(_) | Connection::H2Acceptor(_) => self.h2_state().closed().await,
+            Inner::Quic(c) => describe_close(&c.closed().await),
+            Inner::H2(h) => h.as_ref().closed().await,
         }
     }
 
     /// The close reason if the connection is already closed.
     pub fn close_reason(&self) -> Option<String> {
         match &self.inner {
-            Connection::Quic(c) => c.close_reason().map(|e| describe_close(&e)),
-            Connection::H2Opener(_) | Connection::H2Acceptor(_) => self.h2_state().close_reason(),
+            Inner::Quic(c) => c.close_reason().map(|e| describe_close(&e)),
+            Inner::H2(h) => h.as_ref().close_reason(),
+        }
+    }
+}
+
+impl Connection<RelaySide> {
+    /// Opens a stream, waiting at most `wait` for the peer's stream limit to allow it.
+    ///
+    /// Nothing but the stream's opening is sent until the caller writes, and the open header
+    /// and the first data go out together: opening costs no round trip.
+    pub async fn open_stream(&self, wait: Duration) -> Result<TunnelStream, StreamError> {
+        match &self.inner {
+            Inner::Quic(c) => match tokio::time::timeout(wait, c.open_bi()).await {
+                Ok(Ok((send, recv))) => Ok(TunnelStream { inner: Stream::Quic { send, recv } }),
+                Ok(Err(e)) => Err(StreamError::ConnectionClosed(e.to_string())),
+                Err(_) => Err(StreamError::LimitReached(wait)),
+            },
+            Inner::H2(opener) => {
+                opener.open_stream(wait).await.map(|s| TunnelStream { inner: Stream::H2(s) })
+            }
+        }
+    }
+}
+
+impl Connection<AgentSide> {
+    /// Waits for the relay to open a stream.
+    pub async fn accept_stream(&self) -> Result<TunnelStream, StreamError> {
+        match &self.inner {
+            Inner::Quic(c) => c
+                .accept_bi()
+                .await
+                .map(|(send, recv)| TunnelStream { inner: Stream::Quic { send, recv } })
+                .map_err(|e| StreamError::ConnectionClosed(describe_close(&e))),
+            Inner::H2(acceptor) => {
+                acceptor.accept_stream().await.map(|s| TunnelStream { inner: Stream::H2(s) })
+            }
         }
     }
 }

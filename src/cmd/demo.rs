@@ -14,16 +14,17 @@ use privlink_agent::allowlist::Allowlist;
 use privlink_agent::config::{AgentConfig, RelayAddress, TransportChoice};
 use privlink_protocol::acl::Acl;
 use privlink_protocol::destination::Host;
-use privlink_protocol::message::Token;
-use privlink_protocol::pki::CertificateAuthority;
+use privlink_protocol::token::{Token, TokenDigest};
 use privlink_relay::config::{ConnectorSpec, EndpointSpec, RelayConfig, TlsIdentity};
 use privlink_relay::{EndpointStatus, Relay};
+use privlink_transport::pki::CertificateAuthority;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::setup::{new_token, write_file};
+use crate::cmd::certs::write_file;
+use crate::cmd::token::new_token;
 
 /// The vault's public name, on its certificate and in the client's SNI.
 const VAULT_NAME: &str = "contoso-kv.vault.azure.net";
@@ -83,7 +84,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         shutdown_grace: Duration::from_secs(5),
         connectors: vec![ConnectorSpec {
             name: "demo".into(),
-            token_sha256: privlink_relay::auth::token_digest(token.as_bytes()),
+            token_sha256: TokenDigest::of(token.as_bytes()),
         }],
         endpoints: vec![endpoint(listen)],
     };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::frame::{self, FrameError, HEADER_LEN};
+use privlink_protocol::frame::{self, FrameError, HEADER_LEN};
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +142,7 @@ pub async fn write_and_flush<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Control, OpenReply};
+    use privlink_protocol::message::{Control, OpenReply};
 
     #[tokio::test]
     async fn reads_exactly_one_frame_and_leaves_the_rest() {

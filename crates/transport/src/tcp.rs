@@ -1,8 +1,10 @@
-//! Small TCP helpers both ends need.
+//! TCP helpers both ends need: listening with a backlog sized for bursts, the accept loop,
+//! and closing with a reset.
 
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 /// Closes a TCP connection with a reset (RST) instead of a FIN, so the peer learns at once
 /// that the connection was refused or aborted rather than finished.
@@ -32,3 +34,29 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpList
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
+
+/// Accepts connections on `listener` until `stop` is cancelled, handing each to `on_accept`,
+/// which should spawn the connection's work rather than await it: a stalled peer must never
+/// block the loop. Accept errors (EMFILE and friends) are logged and the loop pauses briefly,
+/// so that it neither spins nor stops serving.
+pub async fn accept_until(
+    listener: &tokio::net::TcpListener,
+    stop: &CancellationToken,
+    mut on_accept: impl FnMut(TcpStream, std::net::SocketAddr),
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => on_accept(socket, peer),
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+        }
+    }
+}
+
+/// Pause after a failed accept.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);

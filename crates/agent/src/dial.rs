@@ -1,0 +1,126 @@
+//! One connection attempt to one relay address on the transport the configuration asks for:
+//! `quic`, `tcp`, or `auto` — QUIC first, TLS over TCP when QUIC does not get through in time,
+//! QUIC probed again while on TCP and promoted once it works, the TCP session then drained.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use privlink_protocol::control::Timers;
+use privlink_transport::tunnel::{AgentConnection, TransportKind};
+use privlink_transport::{h2, quic};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::AgentShared;
+use crate::config::{RelayAddress, TransportChoice};
+use crate::session::{SessionError, serve_connection};
+
+/// One session with a relay address on the transport(s) the configuration asks for.
+pub(crate) async fn session(
+    relay: &RelayAddress,
+    addr: SocketAddr,
+    shared: &AgentShared,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let only = match shared.config.transport {
+        TransportChoice::Auto => return auto_session(relay, addr, shared, stop).await,
+        TransportChoice::Quic => TransportKind::Quic,
+        TransportChoice::Tcp => TransportKind::Tcp,
+    };
+    let connection = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        dialed = dial(only, relay, addr, shared, Timers::HANDSHAKE) => dialed?,
+    };
+    serve_connection(&connection, shared, stop, &CancellationToken::new()).await
+}
+
+/// `transport = "auto"`: QUIC if a handshake completes within `quic_fallback_after`, else TLS
+/// over TCP. While on TCP, QUIC is probed every `quic_probe_interval`; once it works, a QUIC
+/// session starts (the relay prefers the newest agent connection) and the TCP session drains:
+/// it tells the relay to send it no new streams and closes when its open streams are done.
+async fn auto_session(
+    relay: &RelayAddress,
+    addr: SocketAddr,
+    shared: &AgentShared,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let fallback_after = shared.config.quic_fallback_after;
+    let quic_failure = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        dialed = dial(TransportKind::Quic, relay, addr, shared, fallback_after) => match dialed {
+            Ok(connection) => return serve_connection(&connection, shared, stop, &CancellationToken::new()).await,
+            Err(e) => e,
+        },
+    };
+    warn!("QUIC did not get through ({quic_failure}); falling back to TLS over TCP");
+    let tcp = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        dialed = dial(TransportKind::Tcp, relay, addr, shared, Timers::HANDSHAKE) => dialed?,
+    };
+    let tcp_wind_down = stop.child_token();
+    let tcp_ready = CancellationToken::new();
+    let mut on_tcp = std::pin::pin!(serve_connection(&tcp, shared, &tcp_wind_down, &tcp_ready));
+    let quic = tokio::select! {
+        result = &mut on_tcp => return result,
+        quic = probe_quic(relay, addr, shared) => quic,
+    };
+    info!(
+        "QUIC gets through again: new streams move to QUIC once it is approved; open TCP streams run to completion"
+    );
+    let quic_ready = CancellationToken::new();
+    // Drain TCP only once the QUIC session has given its verdicts, so the relay always has an
+    // approving agent; if the QUIC session fails before that, TCP simply carries on.
+    let drain_tcp = async {
+        tokio::select! {
+            () = quic_ready.cancelled() => {
+                tcp_wind_down.cancel();
+                on_tcp.await
+            }
+            result = &mut on_tcp => result,
+        }
+    };
+    let (on_quic, tcp_tail) =
+        tokio::join!(serve_connection(&quic, shared, stop, &quic_ready), drain_tcp);
+    if let Err(e) = tcp_tail {
+        debug!("TCP session after the move to QUIC: {e}");
+    }
+    on_quic
+}
+
+/// Dials QUIC every `quic_probe_interval` until a handshake completes.
+async fn probe_quic(
+    relay: &RelayAddress,
+    addr: SocketAddr,
+    shared: &AgentShared,
+) -> AgentConnection {
+    let mut ticks = tokio::time::interval(shared.config.quic_probe_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match dial(TransportKind::Quic, relay, addr, shared, shared.config.quic_fallback_after)
+            .await
+        {
+            Ok(connection) => return connection,
+            Err(e) => debug!("QUIC probe: {e}"),
+        }
+    }
+}
+
+/// Establishes a tunnel connection on one transport within `deadline`.
+async fn dial(
+    kind: TransportKind,
+    relay: &RelayAddress,
+    addr: SocketAddr,
+    shared: &AgentShared,
+    deadline: Duration,
+) -> Result<AgentConnection, SessionError> {
+    let server_name = relay.host.to_string();
+    let server_name = server_name.trim_start_matches('[').trim_end_matches(']');
+    let dialed = match kind {
+        TransportKind::Quic => quic::dial(&shared.quic, addr, server_name, deadline).await,
+        TransportKind::Tcp => h2::dial(addr, server_name, Arc::clone(&shared.tls), deadline).await,
+    };
+    Ok(dialed?)
+}

@@ -1,0 +1,173 @@
+//! Links to relays: for every configured relay, a connection to each address its name
+//! resolves to, re-dialled with capped exponential backoff and jitter when it drops, and
+//! re-resolved periodically so new relay addresses are picked up and vanished ones dropped.
+//! What one connection attempt does is [`crate::dial`]'s business.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, warn};
+
+use crate::AgentShared;
+use crate::config::RelayAddress;
+use crate::dial;
+use crate::session::SessionError;
+
+/// First re-dial delay.
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+/// Longest re-dial delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// How often relay names are resolved again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Keeps links to every address of one relay name until `shutdown`.
+pub(crate) async fn maintain_relay(
+    relay: RelayAddress,
+    shared: Arc<AgentShared>,
+    tracker: TaskTracker,
+) {
+    let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    let mut backoff = Backoff::new();
+    loop {
+        let resolved = resolve(&relay).await;
+        let wait = match resolved {
+            Ok(addrs) => {
+                backoff.reset();
+                links.retain(|addr, stop| {
+                    let keep = addrs.contains(addr);
+                    if !keep {
+                        info!(relay = %relay, %addr, "relay address no longer resolves; dropping its link");
+                        stop.cancel();
+                    }
+                    keep
+                });
+                for addr in addrs {
+                    if links.contains_key(&addr) {
+                        continue;
+                    }
+                    let stop = shared.shutdown.child_token();
+                    links.insert(addr, stop.clone());
+                    let span = tracing::info_span!("relay", relay = %relay, %addr);
+                    tracker.spawn(
+                        maintain_link(relay.clone(), addr, Arc::clone(&shared), stop)
+                            .instrument(span),
+                    );
+                }
+                RESOLVE_INTERVAL
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(relay = %relay, "cannot resolve relay: {e}; retrying in {delay:?}");
+                delay
+            }
+        };
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn resolve(relay: &RelayAddress) -> std::io::Result<Vec<SocketAddr>> {
+    let host = match &relay.host {
+        privlink_protocol::destination::Host::Ip(ip) => {
+            return Ok(vec![SocketAddr::new(*ip, relay.port)]);
+        }
+        privlink_protocol::destination::Host::Name(name) => name.clone(),
+    };
+    let mut addrs: Vec<SocketAddr> =
+        tokio::net::lookup_host((host.as_str(), relay.port)).await?.collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+/// Dials one relay address again and again until `stop`.
+async fn maintain_link(
+    relay: RelayAddress,
+    addr: SocketAddr,
+    shared: Arc<AgentShared>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    loop {
+        let started = Instant::now();
+        let result = dial::session(&relay, addr, &shared, &stop).await;
+        if stop.is_cancelled() {
+            return;
+        }
+        if started.elapsed() >= STABLE_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        match result {
+            Ok(()) => info!("relay link ended; reconnecting in {delay:?}"),
+            Err(SessionError::Refused(reason)) => {
+                error!("relay refused this agent: {reason}; retrying in {delay:?}")
+            }
+            Err(e) => warn!("relay link down: {e}; reconnecting in {delay:?}"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Capped exponential backoff with "equal jitter": half the delay fixed, half random, so a
+/// fleet of agents cut off together does not reconnect in lockstep.
+#[derive(Debug)]
+struct Backoff {
+    attempt: u32,
+    random: SystemRandom,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { attempt: 0, random: SystemRandom::new() }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let exp = BACKOFF_INITIAL.saturating_mul(1u32 << self.attempt.min(16));
+        let ceiling = exp.min(BACKOFF_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        let mut bytes = [0u8; 4];
+        let fraction = match self.random.fill(&mut bytes) {
+            Ok(()) => f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX),
+            Err(_) => 0.5,
+        };
+        ceiling / 2 + ceiling.mul_f64(fraction / 2.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let mut b = Backoff::new();
+        let first = b.next_delay();
+        assert!(first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL, "{first:?}");
+        let mut last = first;
+        for _ in 0..40 {
+            last = b.next_delay();
+            assert!(last <= BACKOFF_MAX);
+        }
+        assert!(last >= BACKOFF_MAX / 2);
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_INITIAL);
+    }
+}

@@ -1,0 +1,208 @@
+//! A session on one established tunnel connection: accept the relay's control stream and
+//! drive the agent's side of the control conversation ([`AgentControl`]) — our hello, the
+//! welcome or refusal, a verdict for each endpoint from the allowlist, heartbeats, drain
+//! notices — while serving the data streams the relay opens, until the connection ends or the
+//! agent winds the session down.
+
+use std::sync::Arc;
+
+use privlink_protocol::SOFTWARE_VERSION;
+use privlink_protocol::control::{AgentControl, AgentEvent, ControlError, Timers};
+use privlink_protocol::destination::Destination;
+use privlink_protocol::message::{
+    EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict,
+};
+use privlink_transport::control::{ControlStream, now};
+use privlink_transport::io::{ReadFrameError, WriteFrameError};
+use privlink_transport::tunnel::{AgentConnection, CloseCode, DialError, StreamError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::AgentShared;
+use crate::forward::serve_stream;
+
+/// Why a session with a relay ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// No tunnel connection.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The relay did not open its control stream.
+    #[error("control stream: {0}")]
+    ControlStream(#[from] StreamError),
+    /// The relay refused this agent (token, connector, version).
+    #[error("relay refused this agent: {0}")]
+    Refused(String),
+    /// The relay broke the control conversation, or went silent.
+    #[error("relay {0}")]
+    Protocol(#[from] ControlError),
+    /// A control frame could not be read.
+    #[error("reading from relay: {0}")]
+    Read(#[from] ReadFrameError),
+    /// A control frame could not be written.
+    #[error("writing to relay: {0}")]
+    Write(#[from] WriteFrameError),
+    /// The established connection was lost.
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
+
+/// Runs a session on an established connection until it ends or `wind_down` is cancelled,
+/// then lets its streams finish (or be forced) and closes the connection. `ready` is cancelled
+/// once the relay has the agent's verdicts (the session can carry streams).
+pub(crate) async fn serve_connection(
+    connection: &AgentConnection,
+    shared: &AgentShared,
+    wind_down: &CancellationToken,
+    ready: &CancellationToken,
+) -> Result<(), SessionError> {
+    let streams = TaskTracker::new();
+    let result = run_session(connection, shared, wind_down, ready, &streams).await;
+    // Streams already running finish (or are forced) before this link re-dials.
+    streams.close();
+    tokio::select! {
+        () = streams.wait() => {}
+        () = shared.force.cancelled() => streams.wait().await,
+    }
+    let (code, reason) = if shared.shutdown.is_cancelled() {
+        (CloseCode::Shutdown, "agent shutting down")
+    } else if wind_down.is_cancelled() {
+        (CloseCode::Normal, "agent moved to another transport")
+    } else {
+        (CloseCode::Normal, "session ended")
+    };
+    connection.close(code, reason);
+    result
+}
+
+/// Drives the agent's control state machine and accepts data streams.
+async fn run_session(
+    connection: &AgentConnection,
+    shared: &AgentShared,
+    stop: &CancellationToken,
+    ready: &CancellationToken,
+    streams: &TaskTracker,
+) -> Result<(), SessionError> {
+    let accepted = tokio::time::timeout(Timers::HANDSHAKE, connection.accept_stream())
+        .await
+        .map_err(|_| {
+            SessionError::Protocol(ControlError::Timeout {
+                awaiting: "control stream",
+                after: Timers::HANDSHAKE,
+            })
+        })??;
+    let mut control = ControlStream::new(accepted);
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        connector: shared.config.connector.clone(),
+        token: shared.config.token.clone(),
+        agent_name: shared.config.name.clone(),
+        agent_id: shared.agent_id.clone(),
+        software_version: SOFTWARE_VERSION.to_owned(),
+        allowed: shared.policy.allowlist.describe(),
+    };
+    let mut machine = AgentControl::new(hello, now(), Timers::default());
+    // Whether our hello went out: a failure after that, on a closed connection, is a refusal
+    // that arrived as the close reason instead of a frame.
+    let mut hello_sent = false;
+    let mut assigned = 0;
+    loop {
+        while let Some(event) = machine.poll_event() {
+            match event {
+                AgentEvent::RelayHello { software_version } => {
+                    hello_sent = true;
+                    debug!(relay_version = %software_version, "relay hello");
+                }
+                AgentEvent::Welcome(endpoints) => {
+                    assigned = endpoints.len();
+                    machine.send_verdicts(judge(&endpoints, shared), now());
+                }
+                AgentEvent::Refused { reason } => return Err(SessionError::Refused(reason)),
+                AgentEvent::Heartbeat { active_streams } => {
+                    debug!(active_streams, "relay heartbeat")
+                }
+                AgentEvent::RelayDraining { reason } => info!(%reason, "relay is draining"),
+                AgentEvent::Failed(error) => {
+                    connection.close(CloseCode::ProtocolError, &error.to_string());
+                    return Err(error.into());
+                }
+            }
+        }
+        control.send_queued(&mut machine).await?;
+        if machine.is_established() && !ready.is_cancelled() {
+            info!(transport = %connection.kind(), endpoints = assigned, "connected to relay");
+            ready.cancel();
+        }
+        machine.set_active_streams(u32::try_from(streams.len()).unwrap_or(u32::MAX));
+        let established = machine.is_established();
+        tokio::select! {
+            () = stop.cancelled(), if established => {
+                let reason = if shared.shutdown.is_cancelled() { "agent shutting down" } else { "agent moving to another transport" };
+                machine.drain(reason);
+                let _ = control.send_queued(&mut machine).await;
+                // Keep the control stream until the streams already running are done (dropping
+                // it would reset it, which the relay takes for a broken agent), then end it
+                // with FIN.
+                streams.close();
+                tokio::select! {
+                    () = streams.wait() => {}
+                    () = shared.force.cancelled() => {}
+                    _ = connection.closed() => {}
+                }
+                control.finish().await;
+                return Ok(());
+            }
+            () = stop.cancelled(), if !established => return Ok(()),
+            accepted = connection.accept_stream(), if established => match accepted {
+                Ok(stream) => {
+                    let policy = Arc::clone(&shared.policy);
+                    let force = shared.force.clone();
+                    streams.spawn(async move { serve_stream(stream, &policy, &force).await });
+                }
+                Err(e) => return Err(SessionError::Lost(e.to_string())),
+            },
+            advanced = control.advance(&mut machine) => {
+                if let Err(e) = advanced {
+                    if established {
+                        let reason = connection.closed().await;
+                        debug!("control stream ended: {e}");
+                        return Err(SessionError::Lost(reason));
+                    }
+                    return Err(match connection.close_reason() {
+                        Some(reason) if hello_sent => SessionError::Refused(reason),
+                        _ => e.into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A verdict for each endpoint the relay assigned, from this agent's allowlist.
+fn judge(endpoints: &[EndpointAssignment], shared: &AgentShared) -> Vec<EndpointVerdict> {
+    let verdicts: Vec<EndpointVerdict> = endpoints
+        .iter()
+        .map(|e| EndpointVerdict {
+            endpoint: e.name.clone(),
+            verdict: verdict_for(&e.destination, shared),
+        })
+        .collect();
+    for v in &verdicts {
+        match &v.verdict {
+            Verdict::Approved => info!(endpoint = %v.endpoint, "endpoint approved"),
+            Verdict::Rejected { reason } => {
+                warn!(endpoint = %v.endpoint, %reason, "endpoint rejected")
+            }
+        }
+    }
+    verdicts
+}
+
+fn verdict_for(destination: &str, shared: &AgentShared) -> Verdict {
+    match destination.parse::<Destination>() {
+        Ok(d) if shared.policy.allowlist.matching(&d).is_some() => Verdict::Approved,
+        Ok(d) => Verdict::Rejected { reason: format!("{d} is not in the agent's allowlist") },
+        Err(e) => Verdict::Rejected { reason: format!("invalid destination: {e}") },
+    }
+}

@@ -1,0 +1,318 @@
+//! The agent's side of the control conversation.
+
+use std::time::Instant;
+
+use super::{Common, ControlError, Timers};
+use crate::message::{Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION};
+
+/// What happened on the agent's side of a control conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The relay introduced itself (its hello is answered with ours).
+    RelayHello {
+        /// The relay's software version, for logs.
+        software_version: String,
+    },
+    /// The relay admitted the agent: judge each endpoint, then call
+    /// [`AgentControl::send_verdicts`].
+    Welcome(Vec<EndpointAssignment>),
+    /// The relay refused the agent; the conversation is over.
+    Refused {
+        /// The relay's reason.
+        reason: String,
+    },
+    /// The relay's heartbeat.
+    Heartbeat {
+        /// Streams the relay has open on this agent.
+        active_streams: u32,
+    },
+    /// The relay is shutting down.
+    RelayDraining {
+        /// Why, as the relay put it.
+        reason: String,
+    },
+    /// The conversation failed: close the connection with a protocol error.
+    Failed(ControlError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitRelayHello,
+    AwaitWelcome,
+    /// The welcome is with the driver, which judges the endpoints.
+    Judging,
+    Established,
+    Closed,
+}
+
+/// The agent's control-conversation state machine (see the [module docs](super)).
+#[derive(Debug)]
+pub struct AgentControl {
+    state: State,
+    /// Sent once the relay's hello shows it speaks our version.
+    hello: Option<Hello>,
+    common: Common<AgentEvent>,
+}
+
+impl AgentControl {
+    /// A conversation on the control stream the relay opened; `hello` is sent once the relay
+    /// has introduced itself.
+    pub fn new(hello: Hello, now: Instant, timers: Timers) -> Self {
+        Self {
+            state: State::AwaitRelayHello,
+            hello: Some(hello),
+            common: Common::new(now, timers, "RelayHello"),
+        }
+    }
+
+    /// Feeds a message read from the relay.
+    pub fn handle_message(&mut self, message: Control, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.common.last_heard = now;
+        match (self.state, message) {
+            (
+                State::AwaitRelayHello,
+                Control::RelayHello { protocol_version, software_version },
+            ) => {
+                if protocol_version != PROTOCOL_VERSION {
+                    self.fail(ControlError::Version { peer: protocol_version });
+                    return;
+                }
+                self.common.events.push_back(AgentEvent::RelayHello { software_version });
+                if let Some(hello) = self.hello.take() {
+                    self.common.transmits.push_back(Control::Hello(hello));
+                }
+                self.state = State::AwaitWelcome;
+                self.common.await_step(now, "Welcome");
+            }
+            (State::AwaitWelcome, Control::Welcome { endpoints }) => {
+                self.state = State::Judging;
+                self.common.handshake_deadline = None;
+                self.common.events.push_back(AgentEvent::Welcome(endpoints));
+            }
+            (State::AwaitWelcome, Control::Refused { reason }) => {
+                self.state = State::Closed;
+                self.common.close();
+                self.common.events.push_back(AgentEvent::Refused { reason });
+            }
+            (State::Established, Control::Heartbeat { active_streams }) => {
+                self.common.events.push_back(AgentEvent::Heartbeat { active_streams });
+            }
+            (State::Established, Control::Drain { reason }) => {
+                self.common.events.push_back(AgentEvent::RelayDraining { reason });
+            }
+            (state, other) => self.fail(ControlError::Unexpected {
+                expected: match state {
+                    State::AwaitRelayHello => "RelayHello",
+                    State::AwaitWelcome => "Welcome or Refused",
+                    State::Judging => "nothing before the verdicts",
+                    State::Established | State::Closed => "Heartbeat or Drain",
+                },
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// Answers the welcome with a verdict for each endpoint; the conversation is then
+    /// established (the agent can carry streams).
+    pub fn send_verdicts(&mut self, verdicts: Vec<EndpointVerdict>, now: Instant) {
+        if self.state != State::Judging {
+            return;
+        }
+        self.state = State::Established;
+        self.common.transmits.push_back(Control::Verdicts(verdicts));
+        self.common.establish(now);
+    }
+
+    /// The agent is shutting down or moving to another transport: tell the relay, once.
+    pub fn drain(&mut self, reason: impl Into<String>) {
+        self.common.drain(reason.into());
+    }
+
+    /// Streams this agent carries on the connection, for the next heartbeat.
+    pub fn set_active_streams(&mut self, active_streams: u32) {
+        self.common.active_streams = active_streams;
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.common.poll_timeout()
+    }
+
+    /// Lets time pass: handshake deadlines, heartbeats, the peer-silence limit.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(error) = self.common.handle_timeout(now) {
+            self.state = State::Closed;
+            self.common.events.push_back(AgentEvent::Failed(error));
+        }
+    }
+
+    /// The next message to send to the relay.
+    pub fn poll_transmit(&mut self) -> Option<Control> {
+        self.common.transmits.pop_front()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.common.events.pop_front()
+    }
+
+    /// Whether the verdicts have been sent (the relay may now open streams).
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// Whether the conversation is over (refused or failed).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn fail(&mut self, error: ControlError) {
+        self.state = State::Closed;
+        self.common.close();
+        self.common.events.push_back(AgentEvent::Failed(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::control::tests::{hello, verdicts};
+    use crate::message::EndpointAssignment;
+
+    fn relay_hello(version: u16) -> Control {
+        Control::RelayHello { protocol_version: version, software_version: "9.9.9".into() }
+    }
+
+    fn assignment() -> Vec<EndpointAssignment> {
+        vec![EndpointAssignment { name: "kv".into(), destination: "kv.example:443".into() }]
+    }
+
+    fn welcomed() -> (AgentControl, Instant) {
+        let now = Instant::now();
+        let mut agent = AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        agent.handle_message(relay_hello(PROTOCOL_VERSION), now);
+        agent.poll_event();
+        agent.poll_transmit();
+        agent.handle_message(Control::Welcome { endpoints: assignment() }, now);
+        assert_eq!(agent.poll_event(), Some(AgentEvent::Welcome(assignment())));
+        (agent, now)
+    }
+
+    #[test]
+    fn the_hello_waits_for_the_relays_and_verdicts_establish() {
+        let now = Instant::now();
+        let mut agent = AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        assert_eq!(agent.poll_transmit(), None, "the relay speaks first");
+        assert_eq!(agent.poll_timeout(), Some(now + Timers::HANDSHAKE));
+        agent.handle_message(relay_hello(PROTOCOL_VERSION), now);
+        assert_eq!(
+            agent.poll_event(),
+            Some(AgentEvent::RelayHello { software_version: "9.9.9".into() })
+        );
+        assert_eq!(agent.poll_transmit(), Some(Control::Hello(hello(PROTOCOL_VERSION))));
+        agent.handle_message(Control::Welcome { endpoints: assignment() }, now);
+        assert_eq!(agent.poll_event(), Some(AgentEvent::Welcome(assignment())));
+        assert_eq!(agent.poll_timeout(), None, "judging has no deadline of its own");
+        assert!(!agent.is_established());
+        agent.send_verdicts(verdicts(), now);
+        assert_eq!(agent.poll_transmit(), Some(Control::Verdicts(verdicts())));
+        assert!(agent.is_established());
+        assert_eq!(agent.poll_timeout(), Some(now + Timers::HEARTBEAT));
+    }
+
+    #[test]
+    fn another_protocol_version_fails_without_sending_the_token() {
+        let now = Instant::now();
+        let mut agent = AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        agent.handle_message(relay_hello(2), now);
+        assert_eq!(agent.poll_event(), Some(AgentEvent::Failed(ControlError::Version { peer: 2 })));
+        assert_eq!(agent.poll_transmit(), None);
+        assert!(agent.is_closed());
+    }
+
+    #[test]
+    fn refusals_end_the_conversation_with_the_reason() {
+        let now = Instant::now();
+        let mut agent = AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        agent.handle_message(relay_hello(PROTOCOL_VERSION), now);
+        agent.poll_event();
+        agent.handle_message(Control::Refused { reason: "wrong token".into() }, now);
+        assert_eq!(agent.poll_event(), Some(AgentEvent::Refused { reason: "wrong token".into() }));
+        assert!(agent.is_closed());
+        agent.handle_message(Control::Welcome { endpoints: vec![] }, now);
+        assert_eq!(agent.poll_event(), None, "nothing after the end");
+    }
+
+    #[test]
+    fn out_of_order_messages_fail_by_kind() {
+        let now = Instant::now();
+        let mut agent = AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        agent.handle_message(Control::Welcome { endpoints: vec![] }, now);
+        assert_eq!(
+            agent.poll_event(),
+            Some(AgentEvent::Failed(ControlError::Unexpected {
+                expected: "RelayHello",
+                got: "Welcome"
+            }))
+        );
+        assert_eq!(agent.poll_transmit(), None, "no hello, so no token, to a confused relay");
+
+        let (mut agent, now) = welcomed();
+        agent.send_verdicts(verdicts(), now);
+        agent.poll_transmit();
+        agent.handle_message(Control::Welcome { endpoints: vec![] }, now);
+        assert!(matches!(
+            agent.poll_event(),
+            Some(AgentEvent::Failed(ControlError::Unexpected { got: "Welcome", .. }))
+        ));
+    }
+
+    #[test]
+    fn deadlines_heartbeats_and_silence() {
+        let now = Instant::now();
+        let mut agent = AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        agent.handle_timeout(now + Timers::HANDSHAKE);
+        assert!(matches!(
+            agent.poll_event(),
+            Some(AgentEvent::Failed(ControlError::Timeout { awaiting: "RelayHello", .. }))
+        ));
+
+        let (mut agent, now) = welcomed();
+        agent.send_verdicts(verdicts(), now);
+        agent.poll_transmit();
+        agent.set_active_streams(3);
+        // A tick far behind schedule sends one heartbeat, not a burst.
+        agent.handle_timeout(now + Timers::HEARTBEAT * 2 + Duration::from_secs(1));
+        assert_eq!(agent.poll_transmit(), Some(Control::Heartbeat { active_streams: 3 }));
+        assert_eq!(agent.poll_transmit(), None);
+        agent.handle_message(Control::Drain { reason: "relay shutting down".into() }, now);
+        assert_eq!(
+            agent.poll_event(),
+            Some(AgentEvent::RelayDraining { reason: "relay shutting down".into() })
+        );
+        agent.handle_timeout(now + Timers::HEARTBEAT * 3);
+        assert_eq!(
+            agent.poll_event(),
+            Some(AgentEvent::Failed(ControlError::PeerSilent(Timers::HEARTBEAT * 3)))
+        );
+    }
+
+    #[test]
+    fn a_drain_is_queued_once() {
+        let (mut agent, now) = welcomed();
+        agent.send_verdicts(verdicts(), now);
+        agent.poll_transmit();
+        agent.drain("agent shutting down");
+        agent.drain("agent shutting down");
+        assert_eq!(
+            agent.poll_transmit(),
+            Some(Control::Drain { reason: "agent shutting down".into() })
+        );
+        assert_eq!(agent.poll_transmit(), None);
+    }
+}

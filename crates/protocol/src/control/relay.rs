@@ -1,0 +1,355 @@
+//! The relay's side of the control conversation.
+
+use std::time::Instant;
+
+use super::{Common, ControlError, Timers};
+use crate::message::{Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION};
+
+/// What happened on the relay's side of a control conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEvent {
+    /// The agent introduced itself and speaks this protocol version: authenticate it, then
+    /// call [`RelayControl::accept`] or [`RelayControl::refuse`].
+    Hello(Hello),
+    /// The agent's verdicts: the first set after the welcome, or a later update.
+    Verdicts(Vec<EndpointVerdict>),
+    /// The agent's heartbeat.
+    Heartbeat {
+        /// Data streams the agent carries.
+        active_streams: u32,
+    },
+    /// The agent is shutting down or moving to another transport: send it no new streams.
+    AgentDraining {
+        /// Why, as the agent put it.
+        reason: String,
+    },
+    /// A refusal is queued: send it, give the agent a moment to read it, then close the
+    /// connection as refused.
+    Refused {
+        /// What the agent is told.
+        reason: String,
+    },
+    /// The conversation failed: close the connection with a protocol error.
+    Failed(ControlError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    /// The hello is with the driver, which decides on the token.
+    Authenticating,
+    AwaitVerdicts,
+    Established,
+    Closed,
+}
+
+/// The relay's control-conversation state machine (see the [module docs](super)).
+#[derive(Debug)]
+pub struct RelayControl {
+    state: State,
+    common: Common<RelayEvent>,
+}
+
+impl RelayControl {
+    /// A conversation on a freshly opened control stream; the relay's hello is queued (a QUIC
+    /// stream becomes visible to the peer only once bytes are sent on it).
+    pub fn new(now: Instant, timers: Timers) -> Self {
+        let mut common = Common::new(now, timers, "Hello");
+        common.transmits.push_back(Control::RelayHello {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: crate::SOFTWARE_VERSION.to_owned(),
+        });
+        Self { state: State::AwaitHello, common }
+    }
+
+    /// Feeds a message read from the agent.
+    pub fn handle_message(&mut self, message: Control, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.common.last_heard = now;
+        match (self.state, message) {
+            (State::AwaitHello, Control::Hello(hello)) => {
+                if hello.protocol_version != PROTOCOL_VERSION {
+                    let reason = format!(
+                        "protocol version {} is not supported by this relay (it speaks \
+                         {PROTOCOL_VERSION})",
+                        hello.protocol_version
+                    );
+                    self.refuse(reason);
+                    return;
+                }
+                self.state = State::Authenticating;
+                self.common.handshake_deadline = None;
+                self.common.events.push_back(RelayEvent::Hello(hello));
+            }
+            (State::AwaitVerdicts, Control::Verdicts(verdicts)) => {
+                self.state = State::Established;
+                self.common.establish(now);
+                self.common.events.push_back(RelayEvent::Verdicts(verdicts));
+            }
+            (State::Established, Control::Verdicts(verdicts)) => {
+                self.common.events.push_back(RelayEvent::Verdicts(verdicts));
+            }
+            (State::Established, Control::Heartbeat { active_streams }) => {
+                self.common.events.push_back(RelayEvent::Heartbeat { active_streams });
+            }
+            (State::Established, Control::Drain { reason }) => {
+                self.common.events.push_back(RelayEvent::AgentDraining { reason });
+            }
+            (state, other) => self.fail(ControlError::Unexpected {
+                expected: match state {
+                    State::AwaitHello => "Hello",
+                    State::Authenticating => "nothing before the welcome",
+                    State::AwaitVerdicts => "Verdicts",
+                    State::Established | State::Closed => "Heartbeat, Verdicts or Drain",
+                },
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// The agent authenticated: welcome it with its connector's endpoints.
+    pub fn accept(&mut self, endpoints: Vec<EndpointAssignment>, now: Instant) {
+        if self.state != State::Authenticating {
+            return;
+        }
+        self.state = State::AwaitVerdicts;
+        self.common.transmits.push_back(Control::Welcome { endpoints });
+        self.common.await_step(now, "Verdicts");
+    }
+
+    /// Refuses the agent with a reason it is shown (never a secret).
+    pub fn refuse(&mut self, reason: String) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.state = State::Closed;
+        self.common.close();
+        self.common.transmits.push_back(Control::Refused { reason: reason.clone() });
+        self.common.events.push_back(RelayEvent::Refused { reason });
+    }
+
+    /// The relay is shutting down: tell the agent, once.
+    pub fn drain(&mut self, reason: impl Into<String>) {
+        self.common.drain(reason.into());
+    }
+
+    /// Streams the relay has open on this agent, for the next heartbeat.
+    pub fn set_active_streams(&mut self, active_streams: u32) {
+        self.common.active_streams = active_streams;
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.common.poll_timeout()
+    }
+
+    /// Lets time pass: handshake deadlines, heartbeats, the peer-silence limit.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(error) = self.common.handle_timeout(now) {
+            self.state = State::Closed;
+            self.common.events.push_back(RelayEvent::Failed(error));
+        }
+    }
+
+    /// The next message to send to the agent.
+    pub fn poll_transmit(&mut self) -> Option<Control> {
+        self.common.transmits.pop_front()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<RelayEvent> {
+        self.common.events.pop_front()
+    }
+
+    /// Whether the agent's verdicts have arrived (it can be given streams).
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// Whether the conversation is over (refused or failed).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn fail(&mut self, error: ControlError) {
+        self.state = State::Closed;
+        self.common.close();
+        self.common.events.push_back(RelayEvent::Failed(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::control::tests::{hello, verdicts};
+
+    fn started() -> (RelayControl, Instant) {
+        let now = Instant::now();
+        let mut relay = RelayControl::new(now, Timers::default());
+        assert!(matches!(
+            relay.poll_transmit(),
+            Some(Control::RelayHello { protocol_version: PROTOCOL_VERSION, .. })
+        ));
+        (relay, now)
+    }
+
+    fn established() -> (RelayControl, Instant) {
+        let (mut relay, now) = started();
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        assert!(matches!(relay.poll_event(), Some(RelayEvent::Hello(_))));
+        relay.accept(vec![], now);
+        assert!(matches!(relay.poll_transmit(), Some(Control::Welcome { .. })));
+        relay.handle_message(Control::Verdicts(verdicts()), now);
+        assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
+        assert!(relay.is_established());
+        (relay, now)
+    }
+
+    #[test]
+    fn hello_then_welcome_then_verdicts() {
+        let (mut relay, now) = started();
+        assert_eq!(relay.poll_timeout(), Some(now + Timers::HANDSHAKE));
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        assert_eq!(relay.poll_event(), Some(RelayEvent::Hello(hello(PROTOCOL_VERSION))));
+        // While the driver authenticates, no deadline runs and nothing is sent.
+        assert_eq!(relay.poll_timeout(), None);
+        assert_eq!(relay.poll_transmit(), None);
+        let later = now + Duration::from_secs(1);
+        relay.accept(vec![], later);
+        assert_eq!(relay.poll_transmit(), Some(Control::Welcome { endpoints: vec![] }));
+        assert_eq!(relay.poll_timeout(), Some(later + Timers::HANDSHAKE));
+        relay.handle_message(Control::Verdicts(verdicts()), later);
+        assert!(relay.is_established());
+        assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused_with_its_number() {
+        let (mut relay, now) = started();
+        relay.handle_message(Control::Hello(hello(99)), now);
+        let Some(Control::Refused { reason }) = relay.poll_transmit() else {
+            panic!("a refusal is sent");
+        };
+        assert!(reason.contains("protocol version 99"), "{reason}");
+        assert_eq!(relay.poll_event(), Some(RelayEvent::Refused { reason }));
+        assert!(relay.is_closed());
+        assert_eq!(relay.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_refused_agent_gets_the_reason_and_nothing_else() {
+        let (mut relay, now) = started();
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        relay.poll_event();
+        relay.refuse("authentication failed".into());
+        assert_eq!(
+            relay.poll_transmit(),
+            Some(Control::Refused { reason: "authentication failed".into() })
+        );
+        relay.accept(vec![], now);
+        relay.handle_message(Control::Verdicts(verdicts()), now);
+        assert_eq!(relay.poll_transmit(), None, "a closed conversation sends nothing more");
+        assert!(matches!(relay.poll_event(), Some(RelayEvent::Refused { .. })));
+        assert_eq!(relay.poll_event(), None);
+    }
+
+    #[test]
+    fn out_of_order_messages_fail_by_kind() {
+        let (mut relay, now) = started();
+        relay.handle_message(Control::Verdicts(verdicts()), now);
+        assert_eq!(
+            relay.poll_event(),
+            Some(RelayEvent::Failed(ControlError::Unexpected {
+                expected: "Hello",
+                got: "Verdicts"
+            }))
+        );
+        assert!(relay.is_closed());
+
+        let (mut relay, now) = started();
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        relay.poll_event();
+        relay.accept(vec![], now);
+        relay.handle_message(Control::Heartbeat { active_streams: 0 }, now);
+        assert!(matches!(
+            relay.poll_event(),
+            Some(RelayEvent::Failed(ControlError::Unexpected { expected: "Verdicts", .. }))
+        ));
+
+        let (mut relay, now) = established();
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        assert!(matches!(
+            relay.poll_event(),
+            Some(RelayEvent::Failed(ControlError::Unexpected { got: "Hello", .. }))
+        ));
+    }
+
+    #[test]
+    fn a_silent_agent_times_out_at_each_handshake_step() {
+        let (mut relay, now) = started();
+        relay.handle_timeout(now + Timers::HANDSHAKE - Duration::from_millis(1));
+        assert_eq!(relay.poll_event(), None);
+        relay.handle_timeout(now + Timers::HANDSHAKE);
+        assert_eq!(
+            relay.poll_event(),
+            Some(RelayEvent::Failed(ControlError::Timeout {
+                awaiting: "Hello",
+                after: Timers::HANDSHAKE
+            }))
+        );
+
+        let (mut relay, now) = started();
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        relay.poll_event();
+        relay.accept(vec![], now);
+        relay.handle_timeout(now + Timers::HANDSHAKE);
+        assert!(matches!(
+            relay.poll_event(),
+            Some(RelayEvent::Failed(ControlError::Timeout { awaiting: "Verdicts", .. }))
+        ));
+    }
+
+    #[test]
+    fn heartbeats_carry_the_load_and_silence_kills() {
+        let (mut relay, now) = established();
+        relay.set_active_streams(7);
+        assert_eq!(relay.poll_timeout(), Some(now + Timers::HEARTBEAT));
+        relay.handle_timeout(now + Timers::HEARTBEAT);
+        assert_eq!(relay.poll_transmit(), Some(Control::Heartbeat { active_streams: 7 }));
+        assert_eq!(relay.poll_timeout(), Some(now + Timers::HEARTBEAT * 2));
+        // The agent's heartbeat keeps the conversation alive past the silence limit.
+        relay.handle_message(Control::Heartbeat { active_streams: 2 }, now + Timers::HEARTBEAT);
+        assert_eq!(relay.poll_event(), Some(RelayEvent::Heartbeat { active_streams: 2 }));
+        relay.handle_timeout(now + Timers::HEARTBEAT * 3);
+        assert!(!relay.is_closed());
+        relay.handle_timeout(now + Timers::HEARTBEAT * 4);
+        assert_eq!(
+            relay.poll_event(),
+            Some(RelayEvent::Failed(ControlError::PeerSilent(Timers::HEARTBEAT * 3)))
+        );
+        assert!(relay.is_closed());
+    }
+
+    #[test]
+    fn drains_are_sent_once_and_received_as_events() {
+        let (mut relay, now) = established();
+        relay.drain("relay shutting down");
+        relay.drain("again");
+        assert_eq!(
+            relay.poll_transmit(),
+            Some(Control::Drain { reason: "relay shutting down".into() })
+        );
+        assert_eq!(relay.poll_transmit(), None);
+        relay.handle_message(Control::Drain { reason: "agent leaving".into() }, now);
+        assert_eq!(
+            relay.poll_event(),
+            Some(RelayEvent::AgentDraining { reason: "agent leaving".into() })
+        );
+        relay.handle_message(Control::Verdicts(verdicts()), now);
+        assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
+    }
+}

@@ -1,0 +1,316 @@
+//! Sessions with agents: accepting their tunnel connections on both transports, driving the
+//! relay's side of the control conversation ([`RelayControl`]) — authentication, the welcome,
+//! verdicts, heartbeats, drain notices — and keeping the agent in the [`Registry`] while its
+//! connection lives.
+//!
+//! Each incoming connection is handled in a task of its own, spawned before the handshake, so
+//! a stalled peer never blocks the accept loop; every handshake step has a deadline.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use privlink_protocol::control::{ControlError, RelayControl, RelayEvent, Timers};
+use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, Hello, Verdict};
+use privlink_transport::control::{ControlStream, now};
+use privlink_transport::io::{ReadFrameError, WriteFrameError};
+use privlink_transport::tunnel::{CloseCode, DialError, RelayConnection, StreamError};
+use privlink_transport::{h2, quic, tcp};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::auth::{AuthFailure, FailureLimiter, authenticate};
+use crate::config::RelayConfig;
+use crate::registry::{AgentRegistration, Registry};
+
+/// How long a refused agent gets to read the refusal before the relay closes.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// Why an agent's tunnel connection ended before or during its session.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentSessionError {
+    /// The transport handshake did not complete.
+    #[error("tunnel handshake: {0}")]
+    Handshake(#[from] DialError),
+    /// The control stream could not be opened.
+    #[error("control stream: {0}")]
+    ControlStream(#[from] StreamError),
+    /// The agent broke the control conversation, or went silent.
+    #[error("agent {0}")]
+    Protocol(#[from] ControlError),
+    /// Reading a control frame failed.
+    #[error("reading from agent: {0}")]
+    Read(#[from] ReadFrameError),
+    /// Writing a control frame failed.
+    #[error("writing to agent: {0}")]
+    Write(#[from] WriteFrameError),
+    /// The agent was refused (authentication, version); logged where it was decided.
+    #[error("agent refused: {0}")]
+    Refused(String),
+}
+
+/// Shared state of the agent-facing side.
+#[derive(Debug)]
+pub(crate) struct AgentsContext {
+    pub(crate) config: Arc<RelayConfig>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) failures: Mutex<FailureLimiter>,
+    /// Cancelled when the relay starts shutting down: agents are told to drain.
+    pub(crate) draining: CancellationToken,
+}
+
+impl AgentsContext {
+    /// Whether a source has used up its failed authentications; such peers are turned away
+    /// before any handshake work.
+    fn is_blocked(&self, remote: SocketAddr) -> bool {
+        self.failures.lock().map(|f| f.is_blocked(remote.ip(), Instant::now())).unwrap_or(false)
+    }
+}
+
+fn agent_span(remote: SocketAddr, transport: &'static str) -> tracing::Span {
+    tracing::info_span!("agent", %remote, transport, agent = tracing::field::Empty)
+}
+
+/// Accepts QUIC agent connections until `stop` is cancelled.
+pub(crate) async fn accept_quic_agents(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<AgentsContext>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            () = stop.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let remote = incoming.remote_address();
+        if ctx.is_blocked(remote) {
+            debug!(%remote, "refusing tunnel connection: too many failed authentications");
+            incoming.refuse();
+            continue;
+        }
+        let handshake = quic::accept(incoming, Timers::HANDSHAKE);
+        tracker.spawn(
+            serve_agent(handshake, remote, Arc::clone(&ctx)).instrument(agent_span(remote, "quic")),
+        );
+    }
+}
+
+/// Accepts TLS/TCP agent connections until `stop` is cancelled.
+pub(crate) async fn accept_tcp_agents(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: Arc<AgentsContext>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tcp::accept_until(&listener, &stop, |socket, remote| {
+        if ctx.is_blocked(remote) {
+            debug!(%remote, "refusing tunnel connection: too many failed authentications");
+            tcp::abort(socket);
+            return;
+        }
+        let handshake = h2::accept(socket, remote, acceptor.clone(), Timers::HANDSHAKE);
+        tracker.spawn(
+            serve_agent(handshake, remote, Arc::clone(&ctx)).instrument(agent_span(remote, "tcp")),
+        );
+    })
+    .await;
+}
+
+/// Runs one agent's session after its transport handshake, logging how it ended.
+async fn serve_agent(
+    handshake: impl Future<Output = Result<RelayConnection, DialError>>,
+    remote: SocketAddr,
+    ctx: Arc<AgentsContext>,
+) {
+    let result = async {
+        let connection = handshake.await?;
+        run_agent(&connection, remote, &ctx).await
+    }
+    .await;
+    match result {
+        Ok(()) | Err(AgentSessionError::Refused(_)) => {} // logged where it happened
+        Err(e) => warn!("agent session ended: {e}"),
+    }
+}
+
+/// Drives the relay's control state machine on the connection's control stream until the
+/// connection ends.
+async fn run_agent(
+    connection: &RelayConnection,
+    remote: SocketAddr,
+    ctx: &AgentsContext,
+) -> Result<(), AgentSessionError> {
+    let mut control = ControlStream::new(connection.open_stream(Timers::HANDSHAKE).await?);
+    let mut machine = RelayControl::new(now(), Timers::default());
+    let mut registration: Option<AgentRegistration> = None;
+    let mut drain_sent = false;
+    // Refusals decided here are logged by `admit`; the machine's own (version) are not.
+    let mut refused_here = false;
+    loop {
+        while let Some(event) = machine.poll_event() {
+            match event {
+                RelayEvent::Hello(hello) => match admit(&hello, remote, ctx) {
+                    Ok(endpoints) => {
+                        machine.accept(endpoints, now());
+                        registration = Some(register(connection, &hello, ctx));
+                    }
+                    Err(reason) => {
+                        refused_here = true;
+                        machine.refuse(reason);
+                    }
+                },
+                RelayEvent::Verdicts(verdicts) => {
+                    if let Some(registration) = &registration {
+                        record_verdicts(registration, verdicts);
+                    }
+                }
+                RelayEvent::Heartbeat { active_streams } => {
+                    debug!(active_streams, "agent heartbeat")
+                }
+                RelayEvent::AgentDraining { reason } => {
+                    info!(%reason, "agent is draining: no new streams go to it");
+                    if let Some(registration) = &registration {
+                        registration.set_draining();
+                    }
+                }
+                RelayEvent::Refused { reason } => {
+                    if !refused_here {
+                        warn!(%reason, "refusing agent");
+                    }
+                    refuse(connection, &mut control, &mut machine, &reason).await;
+                    return Err(AgentSessionError::Refused(reason));
+                }
+                RelayEvent::Failed(error) => {
+                    connection.close(CloseCode::ProtocolError, &error.to_string());
+                    return Err(error.into());
+                }
+            }
+        }
+        control.send_queued(&mut machine).await?;
+        if let Some(registration) = &registration {
+            machine.set_active_streams(registration.active_streams());
+        }
+        tokio::select! {
+            reason = connection.closed() => {
+                info!(%reason, "agent disconnected");
+                return Ok(());
+            }
+            () = ctx.draining.cancelled(), if !drain_sent => {
+                drain_sent = true;
+                machine.drain("relay shutting down");
+            }
+            advanced = control.advance(&mut machine) => match advanced {
+                Ok(()) => {}
+                Err(ReadFrameError::Closed) if registration.is_some() => {
+                    // The agent finished its control stream: it is leaving. Wait for the close.
+                    let reason = connection.closed().await;
+                    info!(%reason, "agent disconnected");
+                    return Ok(());
+                }
+                Err(e) => {
+                    if let Some(reason) = connection.close_reason() {
+                        info!(%reason, "agent disconnected");
+                        return Ok(());
+                    }
+                    connection.close(CloseCode::ProtocolError, "bad control frame");
+                    return Err(e.into());
+                }
+            },
+        }
+    }
+}
+
+/// Checks the agent's token; returns its connector's endpoints, or the reason it is told.
+fn admit(
+    hello: &Hello,
+    remote: SocketAddr,
+    ctx: &AgentsContext,
+) -> Result<Vec<EndpointAssignment>, String> {
+    if let Err(failure) =
+        authenticate(&ctx.config.connectors, &hello.connector, hello.token.expose())
+    {
+        let now_blocked = ctx
+            .failures
+            .lock()
+            .map(|mut f| f.record_failure(remote.ip(), Instant::now()))
+            .unwrap_or(false);
+        let cause = match failure {
+            AuthFailure::UnknownConnector => "unknown connector",
+            AuthFailure::WrongToken => "wrong token",
+        };
+        warn!(
+            connector = %hello.connector,
+            agent = %hello.agent_name,
+            cause,
+            "refusing agent: authentication failed{}",
+            if now_blocked { "; further attempts from this address are refused for a minute" } else { "" }
+        );
+        return Err(format!(
+            "authentication failed for connector `{}`: unknown connector or wrong token",
+            hello.connector
+        ));
+    }
+    Ok(ctx
+        .config
+        .endpoints_of(&hello.connector)
+        .map(|e| EndpointAssignment {
+            name: e.name.clone(),
+            destination: e.destination.to_string(),
+        })
+        .collect())
+}
+
+/// Registers an admitted agent (its endpoints are pending until its verdicts arrive).
+fn register(connection: &RelayConnection, hello: &Hello, ctx: &AgentsContext) -> AgentRegistration {
+    let registration =
+        ctx.registry.register(&hello.connector, &hello.agent_name, connection.clone());
+    tracing::Span::current().record("agent", format!("{}/{}", hello.connector, hello.agent_name));
+    info!(
+        connector = %hello.connector,
+        agent = %hello.agent_name,
+        agent_id = %hello.agent_id,
+        version = %hello.software_version,
+        transport = %connection.kind(),
+        "agent connected"
+    );
+    registration
+}
+
+/// Sends the queued refusal, gives the agent a moment to read it, then closes.
+async fn refuse(
+    connection: &RelayConnection,
+    control: &mut ControlStream,
+    machine: &mut RelayControl,
+    reason: &str,
+) {
+    if let Err(e) = control.send_queued(machine).await {
+        debug!("refusal not delivered on the control stream: {e}");
+    }
+    control.finish().await;
+    // Closing now would discard the frame in flight: give the agent a moment to read it and
+    // hang up itself, then close regardless (the close carries the reason too).
+    let _ = tokio::time::timeout(REFUSAL_LINGER, connection.closed()).await;
+    connection.close(CloseCode::Refused, reason);
+}
+
+fn record_verdicts(registration: &AgentRegistration, verdicts: Vec<EndpointVerdict>) {
+    // Record before logging: the log line is a readiness signal operators and tests act on.
+    registration.set_verdicts(verdicts.iter().map(|v| (v.endpoint.clone(), v.verdict.clone())));
+    for v in &verdicts {
+        match &v.verdict {
+            Verdict::Approved => info!(endpoint = %v.endpoint, "endpoint approved by agent"),
+            Verdict::Rejected { reason } => {
+                warn!(endpoint = %v.endpoint, %reason, "endpoint rejected by agent");
+            }
+        }
+    }
+}

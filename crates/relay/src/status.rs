@@ -1,0 +1,102 @@
+//! The running relay as others see it: [`RelayHandle`], a cheap, cloneable view of its bound
+//! addresses, each endpoint's status and refusal counters, the connected agents, and waits for
+//! a state (for the demo, tests and — next — the admin API).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::listen::Endpoint;
+use crate::registry::{AgentView, EndpointStatus, Registry};
+
+/// A cheap, cloneable view of a running relay: addresses and endpoint status.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    registry: Arc<Registry>,
+    endpoints: Arc<HashMap<String, (Arc<Endpoint>, SocketAddr)>>,
+    tunnel_addr: SocketAddr,
+}
+
+impl RelayHandle {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        endpoints: HashMap<String, (Arc<Endpoint>, SocketAddr)>,
+        tunnel_addr: SocketAddr,
+    ) -> Self {
+        Self { registry, endpoints: Arc::new(endpoints), tunnel_addr }
+    }
+
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The address agents connect to.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel_addr
+    }
+
+    /// The bound address of an endpoint.
+    pub fn endpoint_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.endpoints.get(name).map(|(_, addr)| *addr)
+    }
+
+    /// The status of an endpoint (`None` for an unknown name).
+    pub fn endpoint_status(&self, name: &str) -> Option<EndpointStatus> {
+        let (endpoint, _) = self.endpoints.get(name)?;
+        Some(self.registry.status(&endpoint.spec.connector, name))
+    }
+
+    /// Connections denied by the ACL and refused over the limit, for an endpoint.
+    pub fn endpoint_refusals(&self, name: &str) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (endpoint, _) = self.endpoints.get(name)?;
+        Some((endpoint.counters.denied.load(Relaxed), endpoint.counters.over_limit.load(Relaxed)))
+    }
+
+    /// Agents connected for a connector, oldest connection first.
+    pub fn agents(&self, connector: &str) -> Vec<AgentView> {
+        self.registry.agents(connector)
+    }
+
+    /// Waits until `predicate` holds for the endpoint's status, or `timeout` passes. Returns
+    /// the last status seen.
+    pub async fn wait_for_status(
+        &self,
+        name: &str,
+        timeout: Duration,
+        predicate: impl Fn(&EndpointStatus) -> bool,
+    ) -> Option<EndpointStatus> {
+        let mut changes = self.registry.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.endpoint_status(name)?;
+            if predicate(&status) {
+                return Some(status);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return Some(status);
+            }
+        }
+    }
+
+    /// Waits until the connector's agents satisfy `predicate`, or `timeout` passes; returns
+    /// the last view seen.
+    pub async fn wait_for_agents(
+        &self,
+        connector: &str,
+        timeout: Duration,
+        predicate: impl Fn(&[AgentView]) -> bool,
+    ) -> Vec<AgentView> {
+        let mut changes = self.registry.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let agents = self.agents(connector);
+            if predicate(&agents)
+                || tokio::time::timeout_at(deadline, changes.changed()).await.is_err()
+            {
+                return agents;
+            }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! The tokio side of privlink: everything that moves the protocol's bytes. It reads and writes
+//! frames on async streams, drives the control state machines of `privlink-protocol` over a
+//! tunnel stream, runs the copy loop and maps how a copy ended to resets and an outcome, and
+//! provides the two tunnel transports — QUIC (quinn) and TLS 1.3 over TCP carrying HTTP/2 (h2)
+//! — each with a matching `dial` (agent) and `accept` (relay). The relay's side of a tunnel
+//! connection is [`tunnel::RelayConnection`], which opens streams; the agent's is
+//! [`tunnel::AgentConnection`], which accepts them: a call on the wrong side does not compile.
+//! It decides no policy: which agent, which destination and which ACL is the relay's and the
+//! agent's business.
+//!
+//! # Layout
+//!
+//! * [`io`] — one frame on an async stream, with a size bound and a deadline; a cancel-safe
+//!   frame reader for long-lived streams.
+//! * [`control`] — a control stream driving a protocol state machine.
+//! * [`copy`] — the bidirectional copy loop with inactivity timeout and byte counts.
+//! * [`splice`] — one forwarded connection: the copy, then resets, aborts and an outcome
+//!   tagged by where it came from, with a retry-safety flag.
+//! * [`tunnel`] — the connection and stream types both transports share, and the dial error.
+//! * [`quic`], [`h2`] — the two transports.
+//! * [`tcp`] — listening with a large backlog, the accept loop, closing with a reset.
+//! * [`tls`] — PEM loading and the tunnel's rustls configurations.
+//! * [`drain`] — letting tracked tasks finish within a grace period, then forcing them.
+//! * `pki` (feature `pki`) — a private CA and server certificates for first deployments, the
+//!   demo and tests.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod copy;
+pub mod drain;
+pub mod h2;
+pub mod io;
+#[cfg(feature = "pki")]
+pub mod pki;
+pub mod quic;
+pub mod splice;
+pub mod tcp;
+pub mod tls;
+pub mod tunnel;

@@ -1,0 +1,72 @@
+//! The command line, as clap types: the contract in DESIGN.md ("Command line"). Parsing only;
+//! each command's work is in `cmd/`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "privlink",
+    version,
+    about = "Reach TCP/TLS destinations inside a private network through an outbound-only tunnel"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a relay: accept agents' tunnels and expose endpoints to clients.
+    Relay {
+        /// Path to relay.toml.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run an agent: dial relays and open allowed destinations for them.
+    Agent {
+        /// Path to agent.toml.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run relay, agent and a demo TLS destination on loopback and send a request through.
+    Demo {
+        /// Port for the demo endpoint on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+    },
+    /// Connector tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Certificates for first deployments and tests.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Print a new connector token and the token_sha256 line for relay.toml.
+    New,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CertsCommand {
+    /// Write a private CA and a relay certificate signed by it.
+    Init {
+        /// Directory to write ca.crt, ca.key, relay.crt and relay.key into.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Extra names or addresses for the relay certificate (localhost, 127.0.0.1 and ::1
+        /// are always included). Repeat for several.
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}

@@ -1,0 +1,42 @@
+//! `privlink token new`: a new connector token, and the digest the relay stores instead.
+
+use privlink_protocol::token::{TokenDigest, hex};
+use ring::rand::{SecureRandom as _, SystemRandom};
+
+/// Bytes of randomness in a connector token (256 bits).
+const TOKEN_BYTES: usize = 32;
+
+/// A new random connector token.
+pub(crate) fn new_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    Ok(format!("plk_{}", hex(&bytes)))
+}
+
+pub(crate) fn new() -> anyhow::Result<()> {
+    let token = new_token()?;
+    println!(
+        "# Connector token: give it to the agent (token_file or PRIVLINK_TOKEN). It is shown once."
+    );
+    println!("{token}");
+    println!("# For the [[connector]] table in relay.toml (the relay stores only this hash):");
+    println!("token_sha256 = \"{}\"", TokenDigest::of(token.as_bytes()).to_hex());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hash_like_the_relay() {
+        let a = new_token().expect("token");
+        let b = new_token().expect("token");
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + 2 * TOKEN_BYTES);
+        let digest = TokenDigest::of(a.as_bytes()).to_hex();
+        assert_eq!(TokenDigest::from_hex(&digest), Some(TokenDigest::of(a.as_bytes())));
+    }
+}
