@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use privlink_protocol::SOFTWARE_VERSION;
-use privlink_protocol::control::{AgentControl, AgentEvent, ControlError, Timers};
+use privlink_protocol::control::{AgentControl, AgentEvent, ControlError, ControlMachine, Timers};
 use privlink_protocol::destination::Destination;
 use privlink_protocol::message::{
     EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict,

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use privlink_protocol::control::{ControlError, RelayControl, RelayEvent, Timers};
+use privlink_protocol::control::{ControlError, ControlMachine, RelayControl, RelayEvent, Timers};
 use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, Hello, Verdict};
 use privlink_transport::control::{ControlStream, now};
 use privlink_transport::io::{ReadFrameError, WriteFrameError};

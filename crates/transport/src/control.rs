@@ -3,51 +3,18 @@
 //! time: [`ControlStream::send_queued`] writes what the machine queued,
 //! [`ControlStream::advance`] waits for the next message or the machine's next deadline and
 //! feeds it in. `advance` is cancel-safe, so a driver can `select!` it against its own events
-//! (a new stream, a shutdown) without losing a byte.
+//! (a new stream, a shutdown) without losing a byte. It works for either side: the machines share
+//! the [`ControlMachine`] interface.
 
 use std::time::Instant;
 
-use privlink_protocol::control::{AgentControl, RelayControl};
+use privlink_protocol::control::ControlMachine;
 use privlink_protocol::frame::MAX_BODY_LEN;
 use privlink_protocol::message::Control;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::io::{FrameReader, ReadFrameError, WriteFrameError, write_frame};
 use crate::tunnel::TunnelStream;
-
-/// What the driver needs of a control state machine (both sides' machines have it).
-pub trait ControlMachine {
-    /// Feeds a message read from the peer.
-    fn handle_message(&mut self, message: Control, now: Instant);
-    /// Lets time pass.
-    fn handle_timeout(&mut self, now: Instant);
-    /// When `handle_timeout` should next be called.
-    fn poll_timeout(&self) -> Option<Instant>;
-    /// The next message to send.
-    fn poll_transmit(&mut self) -> Option<Control>;
-}
-
-macro_rules! control_machine {
-    ($machine:ty) => {
-        impl ControlMachine for $machine {
-            fn handle_message(&mut self, message: Control, now: Instant) {
-                <$machine>::handle_message(self, message, now)
-            }
-            fn handle_timeout(&mut self, now: Instant) {
-                <$machine>::handle_timeout(self, now)
-            }
-            fn poll_timeout(&self) -> Option<Instant> {
-                <$machine>::poll_timeout(self)
-            }
-            fn poll_transmit(&mut self) -> Option<Control> {
-                <$machine>::poll_transmit(self)
-            }
-        }
-    };
-}
-
-control_machine!(RelayControl);
-control_machine!(AgentControl);
 
 /// The current time as the protocol's machines take it. Read through tokio's clock, so tests
 /// with paused time drive the machines' deadlines too.

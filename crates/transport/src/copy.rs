@@ -11,7 +11,7 @@
 //! the rest move to a heap buffer, and from then on the loop is tokio's until that buffer has
 //! drained and the reader has nothing more, when it is freed. An idle connection holds no
 //! buffer.
-//! Around the loop: a thin [`Metered`] wrapper on each side that counts bytes read, stamps the
+//! Around the loop: a thin `Metered` wrapper on each side that counts bytes read, stamps the
 //! time of the last byte, and remembers whether that side failed; and a watchdog that ends the
 //! copy when no byte has moved in either direction for the timeout (HAProxy's `timeout
 //! tunnel` semantics). The caller decides how to close each side (FIN, TCP reset, stream

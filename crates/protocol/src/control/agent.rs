@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::{Common, ControlError, Timers};
+use super::{Common, ControlError, ControlMachine, Timers};
 use crate::message::{Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION};
 
 /// What happened on the agent's side of a control conversation.
@@ -65,8 +65,33 @@ impl AgentControl {
         }
     }
 
+    /// Answers the welcome with a verdict for each endpoint; the conversation is then
+    /// established (the agent can carry streams).
+    pub fn send_verdicts(&mut self, verdicts: Vec<EndpointVerdict>, now: Instant) {
+        if self.state != State::Judging {
+            return;
+        }
+        self.state = State::Established;
+        self.common.transmits.push_back(Control::Verdicts(verdicts));
+        self.common.establish(now);
+    }
+
+    /// Whether the verdicts have been sent (the relay may now open streams).
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// Whether the conversation is over (refused or failed).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+}
+
+impl ControlMachine for AgentControl {
+    type Event = AgentEvent;
+
     /// Feeds a message read from the relay.
-    pub fn handle_message(&mut self, message: Control, now: Instant) {
+    fn handle_message(&mut self, message: Control, now: Instant) {
         if self.state == State::Closed {
             return;
         }
@@ -115,58 +140,12 @@ impl AgentControl {
         }
     }
 
-    /// Answers the welcome with a verdict for each endpoint; the conversation is then
-    /// established (the agent can carry streams).
-    pub fn send_verdicts(&mut self, verdicts: Vec<EndpointVerdict>, now: Instant) {
-        if self.state != State::Judging {
-            return;
-        }
-        self.state = State::Established;
-        self.common.transmits.push_back(Control::Verdicts(verdicts));
-        self.common.establish(now);
+    fn common(&mut self) -> &mut Common<AgentEvent> {
+        &mut self.common
     }
 
-    /// The agent is shutting down or moving to another transport: tell the relay, once.
-    pub fn drain(&mut self, reason: impl Into<String>) {
-        self.common.drain(reason.into());
-    }
-
-    /// Streams this agent carries on the connection, for the next heartbeat.
-    pub fn set_active_streams(&mut self, active_streams: u32) {
-        self.common.active_streams = active_streams;
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.common.poll_timeout()
-    }
-
-    /// Lets time pass: handshake deadlines, heartbeats, the peer-silence limit.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if let Some(error) = self.common.handle_timeout(now) {
-            self.state = State::Closed;
-            self.common.events.push_back(AgentEvent::Failed(error));
-        }
-    }
-
-    /// The next message to send to the relay.
-    pub fn poll_transmit(&mut self) -> Option<Control> {
-        self.common.transmits.pop_front()
-    }
-
-    /// The next event for the driver.
-    pub fn poll_event(&mut self) -> Option<AgentEvent> {
-        self.common.events.pop_front()
-    }
-
-    /// Whether the verdicts have been sent (the relay may now open streams).
-    pub fn is_established(&self) -> bool {
-        self.state == State::Established
-    }
-
-    /// Whether the conversation is over (refused or failed).
-    pub fn is_closed(&self) -> bool {
-        self.state == State::Closed
+    fn common_ref(&self) -> &Common<AgentEvent> {
+        &self.common
     }
 
     fn fail(&mut self, error: ControlError) {

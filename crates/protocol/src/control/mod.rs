@@ -1,10 +1,10 @@
 //! The control conversation, as two sans-IO state machines: [`RelayControl`] for the relay's
-//! side and [`AgentControl`] for the agent's. A driver feeds each one the messages it reads
-//! ([`handle_message`](RelayControl::handle_message)) and the passing of time
-//! ([`handle_timeout`](RelayControl::handle_timeout) at the instant
-//! [`poll_timeout`](RelayControl::poll_timeout) asked for), and takes out what the machine
-//! wants sent ([`poll_transmit`](RelayControl::poll_transmit)) and what happened
-//! ([`poll_event`](RelayControl::poll_event)). Decisions that need policy — whether a token is
+//! side and [`AgentControl`] for the agent's, both driven through [`ControlMachine`]. A driver
+//! feeds each one the messages it reads ([`handle_message`](ControlMachine::handle_message))
+//! and the passing of time ([`handle_timeout`](ControlMachine::handle_timeout) at the instant
+//! [`poll_timeout`](ControlMachine::poll_timeout) asked for), and takes out what the machine
+//! wants sent ([`poll_transmit`](ControlMachine::poll_transmit)) and what happened
+//! ([`poll_event`](ControlMachine::poll_event)). Decisions that need policy — whether a token is
 //! right, which endpoints an agent approves — come back as events and are answered with a call
 //! ([`RelayControl::accept`], [`AgentControl::send_verdicts`]). The machines never read a clock:
 //! every method that needs the time takes it, as quinn-proto's do.
@@ -86,104 +86,165 @@ pub enum ControlError {
     PeerSilent(Duration),
 }
 
-/// What both machines keep: the queues their driver drains, the heartbeat schedule and the
-/// peer's last sign of life.
-#[derive(Debug)]
-struct Common<E> {
-    timers: Timers,
-    transmits: VecDeque<Control>,
-    events: VecDeque<E>,
-    /// Deadline of the current handshake step, and what it waits for.
-    handshake_deadline: Option<(Instant, &'static str)>,
-    /// When the next heartbeat is due (established only).
-    next_heartbeat: Option<Instant>,
-    /// When the peer was last heard from.
-    last_heard: Instant,
-    /// Streams the sender carries, for heartbeats.
-    active_streams: u32,
-    /// Whether this side's drain notice has been queued.
-    drain_sent: bool,
-    closed: bool,
-}
+/// What a driver does with either side's machine. The queues, timers and heartbeats are the
+/// same on both sides and live here; each side adds its own transitions and decisions.
+pub trait ControlMachine {
+    /// What the machine reports to its driver.
+    type Event;
 
-impl<E> Common<E> {
-    fn new(now: Instant, timers: Timers, awaiting: &'static str) -> Self {
-        Self {
-            timers,
-            transmits: VecDeque::new(),
-            events: VecDeque::new(),
-            handshake_deadline: Some((now + timers.handshake, awaiting)),
-            next_heartbeat: None,
-            last_heard: now,
-            active_streams: 0,
-            drain_sent: false,
-            closed: false,
+    /// Feeds a message read from the peer.
+    fn handle_message(&mut self, message: Control, now: Instant);
+
+    /// The shared part of the machine.
+    #[doc(hidden)]
+    fn common(&mut self) -> &mut Common<Self::Event>;
+
+    /// The shared part of the machine, read-only.
+    #[doc(hidden)]
+    fn common_ref(&self) -> &Common<Self::Event>;
+
+    /// Ends the conversation with `error`, reported as this side's failure event.
+    #[doc(hidden)]
+    fn fail(&mut self, error: ControlError);
+
+    /// Lets time pass: handshake deadlines, heartbeats, the peer-silence limit.
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Some(error) = self.common().handle_timeout(now) {
+            self.fail(error);
         }
     }
 
-    fn await_step(&mut self, now: Instant, awaiting: &'static str) {
-        self.handshake_deadline = Some((now + self.timers.handshake, awaiting));
-    }
-
-    fn establish(&mut self, now: Instant) {
-        self.handshake_deadline = None;
-        self.next_heartbeat = Some(now + self.timers.heartbeat);
-        self.last_heard = now;
-    }
-
-    fn close(&mut self) {
-        self.closed = true;
-        self.handshake_deadline = None;
-        self.next_heartbeat = None;
-    }
-
-    fn drain(&mut self, reason: String) {
-        if !self.closed && !self.drain_sent {
-            self.drain_sent = true;
-            self.transmits.push_back(Control::Drain { reason });
-        }
-    }
-
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     fn poll_timeout(&self) -> Option<Instant> {
-        if self.closed {
-            return None;
-        }
-        let silence = self.next_heartbeat.map(|_| self.last_heard + self.timers.peer_silence);
-        [self.handshake_deadline.map(|(at, _)| at), self.next_heartbeat, silence]
-            .into_iter()
-            .flatten()
-            .min()
+        self.common_ref().poll_timeout()
     }
 
-    /// Advances the timers; returns the failure when one fired.
-    fn handle_timeout(&mut self, now: Instant) -> Option<ControlError> {
-        if self.closed {
-            return None;
-        }
-        if let Some((at, awaiting)) = self.handshake_deadline {
-            if now >= at {
-                self.close();
-                return Some(ControlError::Timeout { awaiting, after: self.timers.handshake });
-            }
-        }
-        let due = self.next_heartbeat?;
-        if now >= self.last_heard + self.timers.peer_silence {
-            self.close();
-            return Some(ControlError::PeerSilent(self.timers.peer_silence));
-        }
-        if now >= due {
-            self.transmits.push_back(Control::Heartbeat { active_streams: self.active_streams });
-            // The next one is an interval after this one was due, not after `now`, so a late
-            // tick does not shift the schedule; a tick far behind sends one, not a burst.
-            let mut next = due + self.timers.heartbeat;
-            if next <= now {
-                next = now + self.timers.heartbeat;
-            }
-            self.next_heartbeat = Some(next);
-        }
-        None
+    /// The next message to send to the peer.
+    fn poll_transmit(&mut self) -> Option<Control> {
+        self.common().transmits.pop_front()
+    }
+
+    /// The next event for the driver.
+    fn poll_event(&mut self) -> Option<Self::Event> {
+        self.common().events.pop_front()
+    }
+
+    /// This side is shutting down (or moving to another transport): tell the peer, once.
+    fn drain(&mut self, reason: &str) {
+        self.common().drain(reason.to_owned());
+    }
+
+    /// Data streams this side carries on the connection, for the next heartbeat.
+    fn set_active_streams(&mut self, active_streams: u32) {
+        self.common().active_streams = active_streams;
     }
 }
+
+mod common {
+    use super::*;
+
+    /// What both machines keep: the queues their driver drains, the heartbeat schedule and the
+    /// peer's last sign of life.
+    #[derive(Debug)]
+    pub struct Common<E> {
+        pub(super) timers: Timers,
+        pub(super) transmits: VecDeque<Control>,
+        pub(super) events: VecDeque<E>,
+        /// Deadline of the current handshake step, and what it waits for.
+        pub(super) handshake_deadline: Option<(Instant, &'static str)>,
+        /// When the next heartbeat is due (established only).
+        pub(super) next_heartbeat: Option<Instant>,
+        /// When the peer was last heard from.
+        pub(super) last_heard: Instant,
+        /// Streams the sender carries, for heartbeats.
+        pub(super) active_streams: u32,
+        /// Whether this side's drain notice has been queued.
+        pub(super) drain_sent: bool,
+        pub(super) closed: bool,
+    }
+
+    impl<E> Common<E> {
+        pub(super) fn new(now: Instant, timers: Timers, awaiting: &'static str) -> Self {
+            Self {
+                timers,
+                transmits: VecDeque::new(),
+                events: VecDeque::new(),
+                handshake_deadline: Some((now + timers.handshake, awaiting)),
+                next_heartbeat: None,
+                last_heard: now,
+                active_streams: 0,
+                drain_sent: false,
+                closed: false,
+            }
+        }
+
+        pub(super) fn await_step(&mut self, now: Instant, awaiting: &'static str) {
+            self.handshake_deadline = Some((now + self.timers.handshake, awaiting));
+        }
+
+        pub(super) fn establish(&mut self, now: Instant) {
+            self.handshake_deadline = None;
+            self.next_heartbeat = Some(now + self.timers.heartbeat);
+            self.last_heard = now;
+        }
+
+        pub(super) fn close(&mut self) {
+            self.closed = true;
+            self.handshake_deadline = None;
+            self.next_heartbeat = None;
+        }
+
+        pub(super) fn drain(&mut self, reason: String) {
+            if !self.closed && !self.drain_sent {
+                self.drain_sent = true;
+                self.transmits.push_back(Control::Drain { reason });
+            }
+        }
+
+        pub(super) fn poll_timeout(&self) -> Option<Instant> {
+            if self.closed {
+                return None;
+            }
+            let silence = self.next_heartbeat.map(|_| self.last_heard + self.timers.peer_silence);
+            [self.handshake_deadline.map(|(at, _)| at), self.next_heartbeat, silence]
+                .into_iter()
+                .flatten()
+                .min()
+        }
+
+        /// Advances the timers; returns the failure when one fired.
+        pub(super) fn handle_timeout(&mut self, now: Instant) -> Option<ControlError> {
+            if self.closed {
+                return None;
+            }
+            if let Some((at, awaiting)) = self.handshake_deadline {
+                if now >= at {
+                    self.close();
+                    return Some(ControlError::Timeout { awaiting, after: self.timers.handshake });
+                }
+            }
+            let due = self.next_heartbeat?;
+            if now >= self.last_heard + self.timers.peer_silence {
+                self.close();
+                return Some(ControlError::PeerSilent(self.timers.peer_silence));
+            }
+            if now >= due {
+                self.transmits
+                    .push_back(Control::Heartbeat { active_streams: self.active_streams });
+                // The next one is an interval after this one was due, not after `now`, so a late
+                // tick does not shift the schedule; a tick far behind sends one, not a burst.
+                let mut next = due + self.timers.heartbeat;
+                if next <= now {
+                    next = now + self.timers.heartbeat;
+                }
+                self.next_heartbeat = Some(next);
+            }
+            None
+        }
+    }
+}
+
+use common::Common;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::{Common, ControlError, Timers};
+use super::{Common, ControlError, ControlMachine, Timers};
 use crate::message::{Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION};
 
 /// What happened on the relay's side of a control conversation.
@@ -62,8 +62,43 @@ impl RelayControl {
         Self { state: State::AwaitHello, common }
     }
 
+    /// The agent authenticated: welcome it with its connector's endpoints.
+    pub fn accept(&mut self, endpoints: Vec<EndpointAssignment>, now: Instant) {
+        if self.state != State::Authenticating {
+            return;
+        }
+        self.state = State::AwaitVerdicts;
+        self.common.transmits.push_back(Control::Welcome { endpoints });
+        self.common.await_step(now, "Verdicts");
+    }
+
+    /// Refuses the agent with a reason it is shown (never a secret).
+    pub fn refuse(&mut self, reason: String) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.state = State::Closed;
+        self.common.close();
+        self.common.transmits.push_back(Control::Refused { reason: reason.clone() });
+        self.common.events.push_back(RelayEvent::Refused { reason });
+    }
+
+    /// Whether the agent's verdicts have arrived (it can be given streams).
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// Whether the conversation is over (refused or failed).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+}
+
+impl ControlMachine for RelayControl {
+    type Event = RelayEvent;
+
     /// Feeds a message read from the agent.
-    pub fn handle_message(&mut self, message: Control, now: Instant) {
+    fn handle_message(&mut self, message: Control, now: Instant) {
         if self.state == State::Closed {
             return;
         }
@@ -109,68 +144,12 @@ impl RelayControl {
         }
     }
 
-    /// The agent authenticated: welcome it with its connector's endpoints.
-    pub fn accept(&mut self, endpoints: Vec<EndpointAssignment>, now: Instant) {
-        if self.state != State::Authenticating {
-            return;
-        }
-        self.state = State::AwaitVerdicts;
-        self.common.transmits.push_back(Control::Welcome { endpoints });
-        self.common.await_step(now, "Verdicts");
+    fn common(&mut self) -> &mut Common<RelayEvent> {
+        &mut self.common
     }
 
-    /// Refuses the agent with a reason it is shown (never a secret).
-    pub fn refuse(&mut self, reason: String) {
-        if self.state == State::Closed {
-            return;
-        }
-        self.state = State::Closed;
-        self.common.close();
-        self.common.transmits.push_back(Control::Refused { reason: reason.clone() });
-        self.common.events.push_back(RelayEvent::Refused { reason });
-    }
-
-    /// The relay is shutting down: tell the agent, once.
-    pub fn drain(&mut self, reason: impl Into<String>) {
-        self.common.drain(reason.into());
-    }
-
-    /// Streams the relay has open on this agent, for the next heartbeat.
-    pub fn set_active_streams(&mut self, active_streams: u32) {
-        self.common.active_streams = active_streams;
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.common.poll_timeout()
-    }
-
-    /// Lets time pass: handshake deadlines, heartbeats, the peer-silence limit.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if let Some(error) = self.common.handle_timeout(now) {
-            self.state = State::Closed;
-            self.common.events.push_back(RelayEvent::Failed(error));
-        }
-    }
-
-    /// The next message to send to the agent.
-    pub fn poll_transmit(&mut self) -> Option<Control> {
-        self.common.transmits.pop_front()
-    }
-
-    /// The next event for the driver.
-    pub fn poll_event(&mut self) -> Option<RelayEvent> {
-        self.common.events.pop_front()
-    }
-
-    /// Whether the agent's verdicts have arrived (it can be given streams).
-    pub fn is_established(&self) -> bool {
-        self.state == State::Established
-    }
-
-    /// Whether the conversation is over (refused or failed).
-    pub fn is_closed(&self) -> bool {
-        self.state == State::Closed
+    fn common_ref(&self) -> &Common<RelayEvent> {
+        &self.common
     }
 
     fn fail(&mut self, error: ControlError) {
