@@ -16,7 +16,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::Running;
+use common::{Placement, Running, Tunnel};
 use privlink_testbed::netns::{must, sh, skip_notice};
 use privlink_testbed::{Link, Topology};
 
@@ -24,33 +24,9 @@ use privlink_testbed::{Link, Topology};
 const CLOUD_ADDR: &str = "10.231.0.1";
 const VNET_ADDR: &str = "10.231.0.2";
 
-const ECHO_SERVER: &str = r#"
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64)
-print("echo ready", flush=True)
-def serve(c):
-    while True:
-        d = c.recv(65536)
-        if not d:
-            c.shutdown(socket.SHUT_WR); c.close(); return
-        c.sendall(d)
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
+const ECHO_SERVER: &str = include_str!("scripts/echo_server.py");
 
-const ECHO_CLIENT: &str = r#"
-import os, socket, sys
-payload = os.urandom(256 * 1024)
-c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=15)
-c.sendall(payload); c.shutdown(socket.SHUT_WR)
-got = b""
-while True:
-    d = c.recv(65536)
-    if not d: break
-    got += d
-sys.exit(0 if got == payload else 1)
-"#;
+const ECHO_CLIENT: &str = include_str!("scripts/echo_client.py");
 
 /// Makes a topology or prints the loud skip notice.
 fn topology_or_skip(tag: &str, names: &[&str], links: &[Link]) -> Option<Topology> {
@@ -87,10 +63,7 @@ fn write_configs(dir: &Path, transport: &str) -> (String, String) {
 /// The starting point of the fault tests: an echo server and the agent in vnet, the relay in
 /// cloud (endpoint on cloud's 127.0.0.1:8443), connected, the endpoint approved.
 struct EchoTunnel {
-    relay: Running,
-    agent: Running,
-    relay_args: [String; 3],
-    agent_args: [String; 3],
+    tunnel: Tunnel,
     _echo: Running,
     _dir: tempfile::TempDir,
 }
@@ -103,37 +76,30 @@ impl EchoTunnel {
         let mut echo =
             Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
         echo.wait_for("echo ready");
-        let relay_args = ["relay".to_owned(), "--config".to_owned(), relay_cfg];
-        let agent_args = ["agent".to_owned(), "--config".to_owned(), agent_cfg];
-        let mut relay = Running::spawn(topology.exec(cloud, common::BIN, &strs(&relay_args)));
-        relay.wait_for("endpoint listening");
-        let mut agent = Running::spawn(topology.exec(vnet, common::BIN, &strs(&agent_args)));
-        agent.wait_for("connected to relay");
-        relay.wait_for("endpoint approved by agent");
-        Self { relay, agent, relay_args, agent_args, _echo: echo, _dir: dir }
-    }
-
-    /// Starts the relay again (after it was killed); returns at once.
-    fn restart_relay(&mut self, topology: &Topology) {
-        self.relay =
-            Running::spawn(topology.exec(topology.ns(0), common::BIN, &strs(&self.relay_args)));
-    }
-
-    /// Starts the agent again (after it was killed); returns at once.
-    fn restart_agent(&mut self, topology: &Topology) {
-        self.agent =
-            Running::spawn(topology.exec(topology.ns(1), common::BIN, &strs(&self.agent_args)));
+        let placement = Placement::Namespaces { relay: cloud, agent: vnet };
+        let tunnel = Tunnel::start(common::BIN, &relay_cfg, &agent_cfg, placement);
+        Self { tunnel, _echo: echo, _dir: dir }
     }
 
     /// SIGTERM to both; each must exit cleanly.
     fn stop(self) {
-        assert!(self.agent.terminate().success());
-        assert!(self.relay.terminate().success());
+        let (agent, relay) = self.tunnel.stop();
+        assert!(agent.success(), "agent exit: {agent}");
+        assert!(relay.success(), "relay exit: {relay}");
     }
 }
 
-fn strs(args: &[String; 3]) -> [&str; 3] {
-    [args[0].as_str(), args[1].as_str(), args[2].as_str()]
+impl std::ops::Deref for EchoTunnel {
+    type Target = Tunnel;
+    fn deref(&self) -> &Tunnel {
+        &self.tunnel
+    }
+}
+
+impl std::ops::DerefMut for EchoTunnel {
+    fn deref_mut(&mut self) -> &mut Tunnel {
+        &mut self.tunnel
+    }
 }
 
 /// Sends 256 KiB through the endpoint from cloud and checks the echo.
@@ -223,61 +189,15 @@ const KV_VNET_ADDR: &str = "10.231.2.2";
 const SECRET_JSON: &str = r#"{"value":"s3cr3t-from-the-vnet","id":"https://contoso-kv.vault.azure.net/secrets/db-password/6b2c","attributes":{"enabled":true,"created":1763800000,"updated":1763800000,"recoveryLevel":"Recoverable+Purgeable"}}"#;
 
 /// An HTTPS server shaped like Key Vault's REST API: GET /secrets/NAME?api-version=7.4.
-const VAULT_SERVER: &str = r#"
-import http.server, ssl, sys
-body = sys.argv[4].encode()
-class Vault(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        if self.path.startswith("/secrets/db-password") and "api-version=7.4" in self.path:
-            self.send_response(200); self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
-        else:
-            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
-    def log_message(self, *args): pass
-server = http.server.ThreadingHTTPServer((sys.argv[1], 443), Vault)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
-server.socket = ctx.wrap_socket(server.socket, server_side=True)
-print("vault ready", flush=True)
-server.serve_forever()
-"#;
+const VAULT_SERVER: &str = include_str!("scripts/vault_server.py");
 
 /// A client using only Python's standard library `ssl`: verifies the vault's certificate for
 /// its public name against the given CA, prints the response body.
-const PYTHON_CLIENT: &str = r#"
-import socket, ssl, sys
-host, port, name, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-ctx = ssl.create_default_context(cafile=cafile)
-with socket.create_connection((host, port), timeout=15) as raw:
-    with ctx.wrap_socket(raw, server_hostname=name) as tls:
-        tls.sendall(f"GET /secrets/db-password?api-version=7.4 HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = tls.recv(65536)
-            if not chunk: break
-            data += chunk
-head, _, body = data.partition(b"\r\n\r\n")
-assert head.startswith(b"HTTP/1.1 200"), head
-sys.stdout.write(body.decode())
-"#;
+const PYTHON_CLIENT: &str = include_str!("scripts/python_client.py");
 
-const CONNECT_PROBE: &str = r#"
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-except OSError as e:
-    print("unreachable:", e); sys.exit(0)
-sys.exit(1)
-"#;
+const CONNECT_PROBE: &str = include_str!("scripts/connect_probe.py");
 
-const RESOLVE_PROBE: &str = r#"
-import socket, sys
-try:
-    socket.getaddrinfo(sys.argv[1], 443)
-except OSError as e:
-    print("unresolvable:", e); sys.exit(0)
-sys.exit(1)
-"#;
+const RESOLVE_PROBE: &str = include_str!("scripts/resolve_probe.py");
 
 #[test]
 fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients() {
@@ -349,13 +269,8 @@ fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients
         ],
     ));
     vault.wait_for("vault ready");
-    let mut relay =
-        Running::spawn(topology.exec(&cloud, common::BIN, &["relay", "--config", &relay_cfg]));
-    relay.wait_for("endpoint listening");
-    let mut agent =
-        Running::spawn(topology.exec(&vnet, common::BIN, &["agent", "--config", &agent_cfg]));
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
+    let placement = Placement::Namespaces { relay: &cloud, agent: &vnet };
+    let mut tunnel = Tunnel::start(common::BIN, &relay_cfg, &agent_cfg, placement);
 
     // curl, verifying the vault's certificate for its public name through the endpoint.
     let url = format!("https://{VAULT_NAME}:8443/secrets/db-password?api-version=7.4");
@@ -415,12 +330,13 @@ fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients
 
     // The relay saw three connections from the client network, each completed (flow log).
     for _ in 0..3 {
-        relay.wait_for(&format!("client={KV_CLIENT_ADDR}"));
-        assert!(relay.last_seen().contains("outcome=completed"), "{}", relay.last_seen());
+        tunnel.relay.wait_for(&format!("client={KV_CLIENT_ADDR}"));
+        let line = tunnel.relay.last_seen();
+        assert!(line.contains("outcome=completed"), "{line}");
     }
 
-    assert!(agent.terminate().success());
-    assert!(relay.terminate().success());
+    let (agent, relay) = tunnel.stop();
+    assert!(agent.success() && relay.success(), "exits: agent {agent}, relay {relay}");
     drop(vault);
 }
 
@@ -477,43 +393,7 @@ fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from_over_tcp()
 /// 50 connections through the endpoint, each sending 1 KiB every 100 ms and reading its echo.
 /// Prints `live` once all 50 have echoed, then, as each connection ends (EOF or error), the
 /// wall-clock time it ended; exits 0 when all have ended, 1 if any is still open after 30 s.
-const LIVE_TRANSFERS: &str = r#"
-import socket, sys, threading, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
-conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
-for c in conns:
-    c.sendall(b"x" * 1024)
-for c in conns:
-    got = 0
-    while got < 1024:
-        d = c.recv(65536)
-        if not d: sys.exit(2)
-        got += len(d)
-print("live", flush=True)
-ended = []
-lock = threading.Lock()
-def pump(c):
-    try:
-        while True:
-            c.sendall(b"y" * 1024)
-            got = 0
-            while got < 1024:
-                d = c.recv(65536)
-                if not d: raise EOFError()
-                got += len(d)
-            time.sleep(0.1)
-    except Exception:
-        with lock: ended.append(time.time())
-for c in conns: threading.Thread(target=pump, args=(c,), daemon=True).start()
-deadline = time.time() + 30
-while time.time() < deadline:
-    with lock:
-        if len(ended) == n: break
-    time.sleep(0.05)
-with lock:
-    print("ended", len(ended), max(ended) if ended else 0, flush=True)
-    sys.exit(0 if len(ended) == n else 1)
-"#;
+const LIVE_TRANSFERS: &str = include_str!("scripts/live_transfers.py");
 
 fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again(
     transport: &str,
@@ -545,7 +425,7 @@ fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_a
 
     // A new agent process serves new connections.
     let restarted = std::time::Instant::now();
-    tunnel.restart_agent(&topology);
+    tunnel.restart_agent();
     tunnel.agent.wait_for("connected to relay");
     tunnel.relay.wait_for("endpoint approved by agent");
     let back_after = restarted.elapsed();
@@ -603,13 +483,8 @@ fn bulk_transfer_over_a_lossy_wan_arrives_intact(transport: &str, tag: &str) {
         })
     };
     ready_rx.recv_timeout(common::WAIT).expect("server ready");
-    let mut relay =
-        Running::spawn(topology.exec(cloud, common::BIN, &["relay", "--config", &relay_cfg]));
-    relay.wait_for("endpoint listening");
-    let mut agent =
-        Running::spawn(topology.exec(vnet, common::BIN, &["agent", "--config", &agent_cfg]));
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
+    let placement = Placement::Namespaces { relay: cloud, agent: vnet };
+    let tunnel = Tunnel::start(common::BIN, &relay_cfg, &agent_cfg, placement);
 
     let started = std::time::Instant::now();
     let (received, digest) = spawn_in_namespace(cloud, || async {
@@ -645,8 +520,8 @@ fn bulk_transfer_over_a_lossy_wan_arrives_intact(transport: &str, tag: &str) {
         WAN_LOSS * 100.0,
         WAN_BYTES as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
     );
-    assert!(agent.terminate().success());
-    assert!(relay.terminate().success());
+    let (agent, relay) = tunnel.stop();
+    assert!(agent.success() && relay.success(), "exits: agent {agent}, relay {relay}");
 }
 
 #[test]
@@ -669,8 +544,7 @@ fn killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own(transport
 
     let killed = std::time::Instant::now();
     tunnel.relay.kill_hard();
-    tunnel.restart_relay(&topology);
-    tunnel.relay.wait_for("endpoint listening");
+    tunnel.restart_relay();
     let relay_up = killed.elapsed();
     tunnel.agent.wait_for("relay link down");
     let noticed = killed.elapsed();
@@ -756,7 +630,8 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
     const TRANSFERS: &str = "20";
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
-    let EchoTunnel { mut relay, agent, _echo, _dir, .. } = EchoTunnel::start(&topology, transport);
+    let EchoTunnel { tunnel, _echo, _dir } = EchoTunnel::start(&topology, transport);
+    let Tunnel { mut relay, agent, .. } = tunnel;
     let cloud = topology.ns(0);
 
     let mut transfers = Running::spawn(topology.exec(

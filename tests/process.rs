@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{BIN, Running, echo_round_trip, echo_server};
+use common::{BIN, echo_round_trip, echo_server};
 use tokio::net::TcpStream;
 
 /// A port free for both TCP and UDP, chosen below the kernel's ephemeral range (as a real
@@ -110,9 +110,9 @@ async fn survive_restarts(transport: &str) {
     let relay_args = ["relay", "--config", relay_cfg.to_str().expect("utf-8")];
     let agent_args = ["agent", "--config", agent_cfg.to_str().expect("utf-8")];
 
-    let mut relay = Running::privlink(&relay_args);
+    let mut relay = common::privlink(&relay_args);
     relay.wait_for("endpoint listening");
-    let mut agent = Running::privlink(&agent_args);
+    let mut agent = common::privlink(&agent_args);
     agent.wait_for("connected to relay");
     relay.wait_for("endpoint approved by agent");
     let expected = if transport == "tcp" { "transport=tcp" } else { "transport=quic" };
@@ -124,14 +124,14 @@ async fn survive_restarts(transport: &str) {
 
     // kill -9 the agent and start a new one: new connections work once it is approved.
     agent.kill_hard();
-    let mut agent = Running::privlink(&agent_args);
+    let mut agent = common::privlink(&agent_args);
     agent.wait_for("connected to relay");
     relay.wait_for("endpoint approved by agent");
     assert_endpoint_serves(endpoint).await;
 
     // kill -9 the relay and start it again on the same ports: the agent reconnects by itself.
     relay.kill_hard();
-    let mut relay = Running::privlink(&relay_args);
+    let mut relay = common::privlink(&relay_args);
     relay.wait_for("endpoint listening");
     relay.wait_for("endpoint approved by agent");
     agent.wait_for("connected to relay");

@@ -1,0 +1,166 @@
+//! The end-to-end benchmark harness: `cargo bench --bench e2e` (release build). It starts a
+//! backend (the test bed's load tool), HAProxy in TCP mode (installed from Debian packages when
+//! missing), and the real `privlink` relay and agent processes over QUIC and over TLS/TCP, and
+//! measures each of them in the same run with the same load tool: bulk throughput (one and
+//! eight streams, each way), 1 KiB request/response latency, new connections (sequential and
+//! 64 concurrent workers), resident memory per idle connection; then, in network namespaces
+//! joined by the test bed's link emulator (25 ms each way, then 0.5 % loss), time to first byte
+//! of a new TLS connection against the round trips it physically needs and single-stream bulk
+//! against direct TCP over the same path. It prints a Markdown report (every figure also as a
+//! ratio to direct) and writes it to `target/e2e-report.md`; `docs/benchmarks.md` explains it.
+//! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, haproxy2,
+//! quic, tcp, wan) to run a subset and `E2E_MEASURES=connections` (any of memory, bulk, rr,
+//! connections = sequential + concurrent) to run only some measurements, e.g. under a profiler.
+//! Nothing here asserts on timing.
+
+mod measures;
+mod report;
+mod targets;
+mod wan;
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use privlink_testbed::load;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::measures::{Figures, measure};
+use crate::report::{machine_line, write_loopback_table};
+use crate::targets::{PrivlinkTarget, start_haproxy};
+use crate::wan::wan;
+
+const IDLE_CONNECTIONS: usize = 5_000;
+
+/// How long each measurement runs.
+#[derive(Clone, Copy)]
+pub(crate) struct Budget {
+    pub(crate) bulk: Duration,
+    pub(crate) latency: Duration,
+    pub(crate) round_trips: usize,
+    pub(crate) sequential: usize,
+    pub(crate) concurrent: Duration,
+    pub(crate) idle: usize,
+    pub(crate) wan_bulk: Duration,
+    pub(crate) ttfb_samples: usize,
+}
+
+impl Budget {
+    fn from_env() -> Self {
+        if std::env::var_os("E2E_QUICK").is_some() {
+            Self {
+                bulk: Duration::from_millis(500),
+                latency: Duration::from_millis(500),
+                round_trips: 2_000,
+                sequential: 100,
+                concurrent: Duration::from_millis(500),
+                idle: 500,
+                wan_bulk: Duration::from_secs(2),
+                ttfb_samples: 3,
+            }
+        } else {
+            Self {
+                bulk: Duration::from_secs(3),
+                latency: Duration::from_secs(3),
+                round_trips: 50_000,
+                sequential: 1_000,
+                concurrent: Duration::from_secs(3),
+                idle: IDLE_CONNECTIONS,
+                wan_bulk: Duration::from_secs(8),
+                ttfb_samples: 15,
+            }
+        }
+    }
+}
+
+fn main() {
+    let budget = Budget::from_env();
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = runtime.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        tokio::spawn(load::serve_backend(listener, CancellationToken::new()));
+        addr
+    });
+    eprintln!("backend on {backend}");
+
+    let wanted = |part: &str| selected("E2E_ONLY", part);
+
+    let mut columns: Vec<(&str, Option<Figures>)> = Vec::new();
+    let direct = wanted("direct").then(|| runtime.block_on(measure(backend, budget, None)));
+    columns.push(("direct", direct));
+
+    let haproxy = wanted("haproxy").then(|| start_haproxy(dir.path(), backend)).flatten();
+    columns.push((
+        "HAProxy (tcp)",
+        haproxy.map(|(running, addr)| {
+            let figures = runtime.block_on(measure(addr, budget, Some(&[running.pid()])));
+            drop(running);
+            figures
+        }),
+    ));
+    // Two HAProxy processes in a row: what two user-space hops without a tunnel cost here,
+    // the reference for privlink's relay + agent.
+    let chained = wanted("haproxy2")
+        .then(|| {
+            let (second, second_addr) = start_haproxy(dir.path(), backend)?;
+            let (first, first_addr) = start_haproxy(dir.path(), second_addr)?;
+            Some((first, second, first_addr))
+        })
+        .flatten();
+    columns.push((
+        "2 × HAProxy",
+        chained.map(|(first, second, addr)| {
+            let pids = [first.pid(), second.pid()];
+            let figures = runtime.block_on(measure(addr, budget, Some(&pids)));
+            drop((first, second));
+            figures
+        }),
+    ));
+
+    for (transport, label) in [("quic", "privlink QUIC"), ("tcp", "privlink TCP")] {
+        if !wanted(transport) {
+            columns.push((label, None));
+            continue;
+        }
+        let tunnel = PrivlinkTarget::start(dir.path(), "127.0.0.1", transport, backend, None);
+        let pids = tunnel.pids();
+        let figures = runtime.block_on(measure(tunnel.endpoint, budget, Some(&pids)));
+        columns.push((label, Some(figures)));
+        tunnel.stop();
+    }
+
+    let mut report = String::new();
+    let _ = writeln!(report, "{}", machine_line());
+    write_loopback_table(&mut report, &columns, budget);
+    if wanted("wan") {
+        match wan(dir.path(), budget) {
+            Ok(wan_report) => report.push_str(&wan_report),
+            Err(reason) => {
+                let _ = writeln!(report, "\nWAN part skipped: {reason}");
+            }
+        }
+    }
+    let _ = writeln!(report, "\nHarness wall time: {:.0?}", started.elapsed());
+    println!("{report}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-report.md");
+    if std::fs::write(&out, &report).is_ok() {
+        eprintln!("report written to {}", out.display());
+    }
+}
+
+/// Whether `part` is in the comma-separated list in environment variable `var` (unset: all).
+pub(crate) fn selected(var: &str, part: &str) -> bool {
+    std::env::var(var).map_or(true, |list| list.split(',').any(|p| p.trim() == part))
+}
+
+pub(crate) fn fail<T>(what: &str, error: &std::io::Error) -> T {
+    panic!("{what} failed: {error}")
+}

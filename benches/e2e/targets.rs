@@ -1,0 +1,121 @@
+//! The targets measured besides the direct connection: HAProxy in TCP mode (one, or two
+//! chained) and privlink's relay and agent as real processes.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use privlink_testbed::netns::sh;
+use privlink_testbed::process::{Placement, Running, Tunnel, TunnelFiles, write_tunnel_files};
+
+/// The `privlink` binary of this build.
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_privlink");
+
+/// A free loopback port (bound, then released for a child process to take).
+pub(crate) fn free_port(ip: &str) -> u16 {
+    StdListener::bind((ip, 0)).and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// Waits until something accepts TCP connections on `addr` (bounded).
+pub(crate) fn wait_listening(addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// HAProxy in TCP mode in front of the backend; installed from Debian packages if missing.
+pub(crate) fn start_haproxy(dir: &Path, backend: SocketAddr) -> Option<(Running, SocketAddr)> {
+    if !sh("sh", &["-c", "command -v haproxy"]).0 {
+        eprintln!("installing haproxy (Debian package) …");
+        let (ok, out) = sh(
+            "sh",
+            &[
+                "-c",
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy || \
+                    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy)",
+            ],
+        );
+        if !ok {
+            eprintln!("HAProxy column skipped: could not install haproxy: {out}");
+            return None;
+        }
+    }
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
+    // maxconn stays under this machine's open-file limit (HAProxy needs two per connection).
+    let config = format!(
+        "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  \
+         timeout server 300s\n\nfrontend bench\n  bind {addr}\n  default_backend backend\n\n\
+         backend backend\n  server b1 {backend}\n"
+    );
+    let path = dir.join(format!("haproxy-{}.cfg", addr.port()));
+    std::fs::write(&path, config).expect("haproxy config");
+    let mut command = Command::new("haproxy");
+    command.args(["-db", "-f", path.to_str().expect("utf-8")]);
+    let running = Running::spawn(command);
+    if !wait_listening(addr) {
+        eprintln!("HAProxy column skipped: haproxy did not listen on {addr}");
+        return None;
+    }
+    Some((running, addr))
+}
+
+/// privlink as a benchmark target: a relay and an agent, real processes brought up by the test
+/// bed from generated configs, and the endpoint they serve.
+pub(crate) struct PrivlinkTarget {
+    pub(crate) tunnel: Tunnel,
+    pub(crate) endpoint: SocketAddr,
+    _files: tempfile::TempDir,
+}
+
+impl PrivlinkTarget {
+    /// Starts a relay whose tunnel listens on `relay_ip` and an agent that dials it over
+    /// `transport`; the endpoint forwards to `destination`. With `namespaces` = (cloud, vnet)
+    /// the relay runs in the first and the agent in the second.
+    pub(crate) fn start(
+        dir: &Path,
+        relay_ip: &str,
+        transport: &str,
+        destination: SocketAddr,
+        namespaces: Option<(&str, &str)>,
+    ) -> Self {
+        let tunnel_port = if namespaces.is_some() { 7443 } else { free_port(relay_ip) };
+        let endpoint_port = if namespaces.is_some() { 8443 } else { free_port("127.0.0.1") };
+        let files = tempfile::tempdir_in(dir).expect("tunnel files");
+        let destination = destination.to_string();
+        let (relay_cfg, agent_cfg) = write_tunnel_files(
+            BIN,
+            files.path(),
+            &TunnelFiles {
+                tunnel_listen: &format!("{relay_ip}:{tunnel_port}"),
+                endpoint: "backend",
+                endpoint_listen: &format!("127.0.0.1:{endpoint_port}"),
+                destination: &destination,
+                endpoint_extra: "inactivity_timeout = \"300s\"\nmax_connections = 20000",
+                agent_extra: &format!("transport = \"{transport}\""),
+                allow: &destination,
+            },
+        );
+        let placement = match namespaces {
+            Some((relay, agent)) => Placement::Namespaces { relay, agent },
+            None => Placement::Here,
+        };
+        let tunnel = Tunnel::start(BIN, &relay_cfg, &agent_cfg, placement);
+        let endpoint = format!("127.0.0.1:{endpoint_port}").parse().expect("endpoint");
+        Self { tunnel, endpoint, _files: files }
+    }
+
+    /// The relay's and the agent's process ids.
+    pub(crate) fn pids(&self) -> [u32; 2] {
+        [self.tunnel.relay.pid(), self.tunnel.agent.pid()]
+    }
+
+    pub(crate) fn stop(self) {
+        let _ = self.tunnel.stop();
+    }
+}

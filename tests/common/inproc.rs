@@ -1,0 +1,159 @@
+//! The in-process harness: a relay and agents running in the test's own runtime on loopback
+//! (real sockets, real QUIC, real TLS), configured directly from typed values, with waits on
+//! the relay's status.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use privlink_agent::Agent;
+use privlink_agent::allowlist::Allowlist;
+use privlink_agent::config::{AgentConfig, RelayAddress, TransportChoice};
+use privlink_protocol::acl::Acl;
+use privlink_protocol::destination::Host;
+use privlink_protocol::token::{Token, TokenDigest};
+use privlink_relay::config::{ConnectorSpec, EndpointSpec, RelayConfig, TlsIdentity};
+use privlink_relay::{EndpointStatus, Relay, RelayHandle};
+use privlink_transport::pki::{CertificateAuthority, Issued};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::servers::{hex, random_bytes};
+
+/// Upper bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(15);
+pub const CONNECTOR: &str = "test-connector";
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A CA and a relay certificate for localhost / 127.0.0.1.
+pub struct Pki {
+    pub ca: CertificateAuthority,
+    pub relay: Issued,
+}
+
+pub fn pki() -> Pki {
+    let ca = CertificateAuthority::new("privlink test CA").expect("CA");
+    let relay = ca.issue_server(&["localhost", "127.0.0.1"]).expect("relay cert");
+    Pki { ca, relay }
+}
+
+/// An endpoint on an ephemeral loopback port with generous defaults.
+pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
+    EndpointSpec {
+        name: name.to_owned(),
+        connector: CONNECTOR.to_owned(),
+        destination: destination.to_string().parse().expect("destination"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        inactivity_timeout: Duration::from_secs(60),
+        max_connections: 1024,
+        acl: Acl::default(),
+    }
+}
+
+/// A relay on loopback, plus any agents the test starts.
+pub struct Harness {
+    pub relay: RelayHandle,
+    pub pki: Pki,
+    pub token: String,
+    relay_stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Harness {
+    pub async fn start(endpoints: Vec<EndpointSpec>) -> Self {
+        init_tracing();
+        let pki = pki();
+        let token = format!("test-token-{}", hex(&random_bytes(8)));
+        let config = RelayConfig {
+            tunnel_listen: "127.0.0.1:0".parse().expect("addr"),
+            identity: TlsIdentity {
+                chain: vec![pki.relay.cert_der.clone()],
+                key: pki.relay.key_der.clone_key(),
+            },
+            admin_listen: None,
+            shutdown_grace: Duration::from_secs(5),
+            connectors: vec![ConnectorSpec {
+                name: CONNECTOR.to_owned(),
+                token_sha256: TokenDigest::of(token.as_bytes()),
+            }],
+            endpoints,
+        };
+        let relay = Relay::bind(config).await.expect("relay binds");
+        let handle = relay.handle();
+        let relay_stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(relay.run(relay_stop.clone()));
+        Self { relay: handle, pki, token, relay_stop, tasks }
+    }
+
+    /// An agent configuration for this relay admitting `allow`, on `transport`.
+    pub fn agent_config(&self, transport: TransportChoice, allow: &[String]) -> AgentConfig {
+        AgentConfig {
+            name: "test-agent".to_owned(),
+            connector: CONNECTOR.to_owned(),
+            token: Token::new(self.token.clone()),
+            relays: vec![RelayAddress {
+                host: Host::Ip([127, 0, 0, 1].into()),
+                port: self.relay.tunnel_addr().port(),
+            }],
+            relay_roots: vec![self.pki.ca.identity.cert_der.clone()],
+            transport,
+            quic_fallback_after: Duration::from_secs(2),
+            quic_probe_interval: Duration::from_millis(200),
+            allowlist: Allowlist {
+                rules: allow.iter().map(|r| r.parse().expect("rule")).collect(),
+            },
+            connect_timeout: Duration::from_secs(5),
+            dns_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// Starts an agent; cancel the returned token to stop it.
+    pub fn spawn_agent(&self, config: AgentConfig) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let agent = Agent::new(config).expect("agent starts");
+        self.tasks.spawn(agent.run(stop.clone()));
+        stop
+    }
+
+    /// Waits until `endpoint` has `want`, failing the test with the last status otherwise.
+    pub async fn wait_status(
+        &self,
+        endpoint: &str,
+        want: impl Fn(&EndpointStatus) -> bool,
+    ) -> EndpointStatus {
+        let status =
+            self.relay.wait_for_status(endpoint, WAIT, &want).await.expect("known endpoint");
+        assert!(want(&status), "endpoint {endpoint} stayed {status:?}");
+        status
+    }
+
+    pub async fn wait_approved(&self, endpoint: &str) {
+        self.wait_status(endpoint, |s| *s == EndpointStatus::Approved).await;
+    }
+
+    pub fn addr(&self, endpoint: &str) -> SocketAddr {
+        self.relay.endpoint_addr(endpoint).expect("endpoint exists")
+    }
+
+    /// Starts the relay's graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.relay_stop.cancel();
+    }
+
+    /// Stops the relay and every agent and waits for them.
+    pub async fn shutdown(self, agents: &[CancellationToken]) {
+        for agent in agents {
+            agent.cancel();
+        }
+        self.relay_stop.cancel();
+        self.tasks.close();
+        tokio::time::timeout(WAIT, self.tasks.wait()).await.expect("relay and agents stop in time");
+    }
+}

@@ -1,0 +1,102 @@
+//! Small destination servers and client helpers the end-to-end tests share: echo servers,
+//! connecting from a chosen source address, telling a refused connection from a served one,
+//! random payloads and their digests.
+
+use std::net::SocketAddr;
+
+use ring::rand::SecureRandom as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::WAIT;
+
+/// The allow rule that admits exactly `addr`.
+pub fn rule_for(addr: SocketAddr) -> String {
+    addr.to_string()
+}
+
+/// A TCP echo server; each connection echoes until EOF, then closes its write side.
+pub async fn echo_server() -> SocketAddr {
+    let listener =
+        privlink_transport::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = socket.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A server that reads until EOF and only then answers with the SHA-256 of what it read.
+pub async fn reply_after_eof_server() -> SocketAddr {
+    let listener =
+        privlink_transport::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                if socket.read_to_end(&mut got).await.is_ok() {
+                    let _ = socket.write_all(&sha256(&got)).await;
+                    let _ = socket.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n];
+    ring::rand::SystemRandom::new().fill(&mut bytes).expect("random");
+    bytes
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+pub use privlink_protocol::token::hex;
+
+/// Sends `payload` through `socket` while reading everything back; returns what came back.
+pub async fn echo_round_trip(socket: TcpStream, payload: &[u8]) -> Vec<u8> {
+    let (mut r, mut w) = socket.into_split();
+    let payload = payload.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.expect("write payload");
+        w.shutdown().await.expect("shutdown write");
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.expect("read echo");
+    writer.await.expect("writer");
+    back
+}
+
+/// Connects from a chosen loopback source address.
+pub async fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().expect("source"))?;
+    socket.connect(to).await
+}
+
+/// True when the relay closed the connection without forwarding: the connect itself is reset,
+/// or the first read sees EOF or a reset before any echo.
+pub async fn is_refused(connected: std::io::Result<TcpStream>) -> bool {
+    let Ok(mut socket) = connected else {
+        return true;
+    };
+    let _ = socket.write_all(b"ping").await;
+    let mut buf = [0u8; 4];
+    match tokio::time::timeout(WAIT, socket.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => panic!("connection neither served nor refused within {WAIT:?}"),
+    }
+}
