@@ -51,7 +51,15 @@ pub(crate) enum Command {
 #[derive(Debug, Subcommand)]
 pub(crate) enum TokenCommand {
     /// Print a new connector token and the token_sha256 line for relay.toml.
-    New,
+    New {
+        /// Write only the token to this file (mode 0600) for the agent's token_file, and print
+        /// just the token_sha256 line; the token itself is not printed.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// With --out: replace an existing file.
+        #[arg(long, requires = "out")]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

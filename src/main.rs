@@ -54,7 +54,9 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Token { command: TokenCommand::New } => cmd::token::new(),
+        Command::Token { command: TokenCommand::New { out, force } } => {
+            cmd::token::new(out.as_deref(), force)
+        }
         Command::Certs { command: CertsCommand::Init { dir, names, force } } => {
             cmd::certs::init(&dir, &names, force)
         }

@@ -43,36 +43,89 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Sets `key` in `table` of a TOML text (`""` for the top level, `[tunnel]`, the first
+/// `[[endpoint]]`, …) to `value`, whatever it was: the example configs stay what they are while
+/// the tests point them at their own ports and secrets, and an operator's edits to the values
+/// (the README walkthrough's, say) change nothing here. The line must exist.
+fn set_key(text: &str, table: &str, key: &str, value: &str) -> String {
+    let mut current = String::new();
+    let mut seen_table = false;
+    let mut done = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            current = trimmed.split('#').next().unwrap_or("").trim().to_owned();
+            if current == table {
+                if seen_table {
+                    current.clear(); // only the first table of an array
+                }
+                seen_table = true;
+            }
+        }
+        let is_key =
+            trimmed.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='));
+        if !done && current == table && is_key {
+            out.push(format!("{key} = {value}"));
+            done = true;
+        } else {
+            out.push(line.to_owned());
+        }
+    }
+    assert!(done, "no `{key}` in {table:?} of the example config");
+    out.join("\n") + "\n"
+}
+
+/// The shipped example configs.
+fn example_configs() -> (String, String) {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| {
+        std::fs::read_to_string(manifest.join("config").join(name)).expect("example config")
+    };
+    (read("relay.toml"), read("agent.toml"))
+}
+
 /// Lays out a deployment in `dir` from the shipped example configs: certs from
-/// `privlink certs init`, a token from `privlink token new`, and loopback ports.
+/// `privlink certs init`, a token from `privlink token new --out`, and loopback ports.
 fn deploy(dir: &Path, destination: SocketAddr) -> (PathBuf, PathBuf, SocketAddr) {
+    let (relay, agent) = example_configs();
+    deploy_from(dir, destination, &relay, &agent)
+}
+
+/// [`deploy`] from the given config texts.
+fn deploy_from(
+    dir: &Path,
+    destination: SocketAddr,
+    relay: &str,
+    agent: &str,
+) -> (PathBuf, PathBuf, SocketAddr) {
     let certs = dir.join("certs");
     let (code, _, err) = run(&["certs", "init", "--dir", certs.to_str().expect("utf-8")]);
     assert_eq!(code, 0, "certs init: {err}");
-    let (code, out, err) = run(&["token", "new"]);
+    let token_file = certs.join("token");
+    let (code, out, err) = run(&["token", "new", "--out", token_file.to_str().expect("utf-8")]);
     assert_eq!(code, 0, "token new: {err}");
-    let token = out.lines().find(|l| l.starts_with("plk_")).expect("token line");
-    let hash_line = out.lines().find(|l| l.starts_with("token_sha256 = ")).expect("hash line");
-    std::fs::write(certs.join("token"), format!("{token}\n")).expect("token file");
+    let hash = out.trim().strip_prefix("token_sha256 = ").expect("the hash line, alone");
 
-    let tunnel = format!("127.0.0.1:{}", free_fixed_port());
+    let tunnel = format!("\"127.0.0.1:{}\"", free_fixed_port());
     let endpoint: SocketAddr = format!("127.0.0.1:{}", free_fixed_port()).parse().expect("addr");
+    let quoted = |p: &Path| format!("\"{}\"", p.display());
+    let destination = format!("\"{destination}\"");
+    let mut relay = set_key(relay, "[tunnel]", "listen", &tunnel);
+    relay = set_key(&relay, "[tunnel]", "cert", &quoted(&certs.join("relay.crt")));
+    relay = set_key(&relay, "[tunnel]", "key", &quoted(&certs.join("relay.key")));
+    relay = set_key(&relay, "[[connector]]", "token_sha256", hash);
+    relay = set_key(&relay, "[[endpoint]]", "destination", &destination);
+    relay = set_key(&relay, "[[endpoint]]", "listen", &format!("\"{endpoint}\""));
+    relay = set_key(&relay, "[endpoint.acl]", "allow", "[]");
+    relay = set_key(&relay, "[endpoint.acl]", "deny", "[]");
+    let mut agent = set_key(agent, "", "token_file", &quoted(&token_file));
+    agent = set_key(&agent, "", "relays", &format!("[{tunnel}]"));
+    agent = set_key(&agent, "", "relay_ca", &quoted(&certs.join("ca.crt")));
+    agent = set_key(&agent, "[[allow]]", "destination", &destination);
+
     let config = dir.join("config");
     std::fs::create_dir_all(&config).expect("config dir");
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let relay = std::fs::read_to_string(manifest.join("config/relay.toml"))
-        .expect("example relay.toml")
-        .replace("0.0.0.0:7443", &tunnel)
-        .replace("0.0.0.0:8443", &endpoint.to_string())
-        .replace("contoso-kv.privatelink.vaultcore.azure.net:443", &destination.to_string())
-        .replace(
-            "token_sha256 = \"REPLACE-with-the-token_sha256-line-from-privlink-token-new\"",
-            hash_line,
-        );
-    let agent = std::fs::read_to_string(manifest.join("config/agent.toml"))
-        .expect("example agent.toml")
-        .replace("127.0.0.1:7443", &tunnel)
-        .replace("*.privatelink.vaultcore.azure.net:443", &destination.to_string());
     let relay_path = config.join("relay.toml");
     let agent_path = config.join("agent.toml");
     std::fs::write(&relay_path, relay).expect("write relay.toml");
@@ -104,8 +157,7 @@ async fn survive_restarts(transport: &str) {
     let destination = echo_server().await;
     let (relay_cfg, agent_cfg, endpoint) = deploy(dir.path(), destination);
     let agent_text = std::fs::read_to_string(&agent_cfg).expect("agent.toml");
-    let agent_text =
-        agent_text.replace("transport = \"auto\"", &format!("transport = \"{transport}\""));
+    let agent_text = set_key(&agent_text, "", "transport", &format!("\"{transport}\""));
     std::fs::write(&agent_cfg, agent_text).expect("agent.toml");
     let relay_args = ["relay", "--config", relay_cfg.to_str().expect("utf-8")];
     let agent_args = ["agent", "--config", agent_cfg.to_str().expect("utf-8")];
@@ -142,6 +194,93 @@ async fn survive_restarts(transport: &str) {
     assert!(relay.terminate().success(), "relay exits 0 on SIGTERM");
 }
 
+/// The README walkthrough has an operator edit the example configs (the token hash, the
+/// vault's name, an ACL, relay names); the suite must not depend on them staying as shipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walkthroughs_edits_to_the_example_configs_do_not_break_the_suite() {
+    let (relay, agent) = example_configs();
+    let relay = relay
+        .replace("REPLACE-with-the-token_sha256-line-from-privlink-token-new", &"0f".repeat(32))
+        .replace("contoso-kv.privatelink", "fabrikam-kv.privatelink")
+        .replace("allow = []", "allow = [\"203.0.113.0/24\"]")
+        .replace("0.0.0.0:8443", "0.0.0.0:9443");
+    let agent = agent.replace("127.0.0.1:7443", "relay.example.com:7443");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (relay_cfg, agent_cfg, endpoint) =
+        deploy_from(dir.path(), echo_server().await, &relay, &agent);
+    let mut relay = common::privlink(&["relay", "--config", relay_cfg.to_str().expect("utf-8")]);
+    relay.wait_for("endpoint listening");
+    let mut agent = common::privlink(&["agent", "--config", agent_cfg.to_str().expect("utf-8")]);
+    agent.wait_for("connected to relay");
+    relay.wait_for("endpoint approved by agent");
+    assert_endpoint_serves(endpoint).await;
+    assert!(agent.terminate().success() && relay.terminate().success());
+}
+
+/// A wrong token and a relay certificate the agent does not trust are operator problems: the
+/// agent says so at ERROR, with the relay's reason or the certificates involved and what to
+/// check — and neither is mistaken for UDP being blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_and_an_untrusted_relay_certificate_are_reported_as_such() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (relay_cfg, agent_cfg, _) = deploy(dir.path(), echo_server().await);
+    let mut relay = common::privlink(&["relay", "--config", relay_cfg.to_str().expect("utf-8")]);
+    relay.wait_for("endpoint listening");
+    let agent_args = ["agent", "--config", agent_cfg.to_str().expect("utf-8")];
+    let token_file = dir.path().join("certs/token");
+    let right_token = std::fs::read_to_string(&token_file).expect("token");
+
+    std::fs::write(&token_file, "plk_not_the_right_token\n").expect("wrong token");
+    let mut agent = common::privlink(&agent_args);
+    agent.wait_for("relay refused this agent");
+    let line = agent.last_seen().to_owned();
+    assert!(line.contains("ERROR"), "not reported as an error: {line}");
+    assert!(line.contains("authentication failed for connector `onprem-east`"), "{line}");
+    assert!(line.contains("token_sha256"), "no hint at what to check: {line}");
+    assert!(!agent.seen_contains("falling back"), "a refusal is not a transport problem");
+    drop(agent);
+
+    std::fs::write(&token_file, right_token).expect("right token");
+    let other_ca = dir.path().join("other-ca");
+    let (code, _, err) = run(&["certs", "init", "--dir", other_ca.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{err}");
+    let other_ca = other_ca.join("ca.crt");
+    let text = std::fs::read_to_string(&agent_cfg).expect("agent.toml");
+    let text = set_key(&text, "", "relay_ca", &format!("\"{}\"", other_ca.display()));
+    std::fs::write(&agent_cfg, text).expect("agent.toml");
+    let mut agent = common::privlink(&agent_args);
+    agent.wait_for("the relay's certificate is not trusted");
+    let line = agent.last_seen().to_owned();
+    assert!(line.contains("ERROR"), "not reported as an error: {line}");
+    assert!(line.contains(&format!("relay_ca ({})", other_ca.display())), "{line}");
+    assert!(line.contains("presented `CN=localhost`"), "no subject: {line}");
+    assert!(line.contains("issued by `CN=privlink private CA`"), "no issuer: {line}");
+    assert!(!agent.seen_contains("falling back"), "a certificate is not a transport problem");
+    drop(agent);
+    assert!(relay.terminate().success());
+}
+
+/// `token new --out` writes the token alone, private, and prints the matching hash line.
+#[test]
+fn token_new_out_writes_only_the_token_privately() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("token");
+    let path = file.to_str().expect("utf-8");
+    let (code, out, err) = run(&["token", "new", "--out", path]);
+    assert_eq!(code, 0, "{err}");
+    let token = std::fs::read_to_string(&file).expect("token file");
+    assert!(token.starts_with("plk_") && token.trim().lines().count() == 1, "{token:?}");
+    let mode = std::fs::metadata(&file).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let digest = privlink_protocol::token::TokenDigest::of(token.trim().as_bytes()).to_hex();
+    assert_eq!(out.trim(), format!("token_sha256 = \"{digest}\""));
+    assert!(!out.contains(token.trim()), "the token is not printed when written to a file");
+    let (code, _, err) = run(&["token", "new", "--out", path]);
+    assert_ne!(code, 0, "an existing token file is not overwritten without --force");
+    assert!(err.contains("--force"), "{err}");
+}
+
 /// Writes `text` as a config file and checks the binary refuses it with exit code 64 and a
 /// message naming the file, the line and the key.
 fn assert_config_rejected(kind: &str, text: &str, line: usize, key: &str, dir: &Path) {
@@ -159,6 +298,7 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     let certs = dir.path().join("certs");
     let (code, _, err) = run(&["certs", "init", "--dir", certs.to_str().expect("utf-8")]);
     assert_eq!(code, 0, "{err}");
+    std::fs::write(certs.join("token"), "plk_test_token\n").expect("token file");
     let hash = "ab".repeat(32);
     let relay = |endpoint_extra: &str, acl: &str| {
         format!(
@@ -229,7 +369,7 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
 
     let agent = |extra: &str| {
         format!(
-            "connector = \"c\"\ntoken_file = \"certs/ca.crt\"\nrelays = [\"127.0.0.1:7443\"]\nrelay_ca = \"certs/ca.crt\"\n{extra}\n"
+            "connector = \"c\"\ntoken_file = \"certs/token\"\nrelays = [\"127.0.0.1:7443\"]\nrelay_ca = \"certs/ca.crt\"\n{extra}\n"
         )
     };
     assert_config_rejected(
@@ -249,7 +389,7 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     );
     assert_config_rejected(
         "agent",
-        &agent("").replace("token_file = \"certs/ca.crt\"", "token_file = \"certs/none\""),
+        &agent("").replace("token_file = \"certs/token\"", "token_file = \"certs/none\""),
         2,
         "token_file",
         d,
@@ -261,6 +401,26 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         "relay_ca",
         d,
     );
+
+    // A token file holding more than the token (`privlink token new > file`), and a token in
+    // both the file and the environment, are refused rather than half-used.
+    assert_config_rejected(
+        "agent",
+        &agent("").replace("token_file = \"certs/token\"", "token_file = \"certs/ca.crt\""),
+        2,
+        "token_file",
+        d,
+    );
+    let both = d.join("agent-both-tokens.toml");
+    std::fs::write(&both, agent("")).expect("write config");
+    let out = Command::new(BIN)
+        .args(["agent", "--config", both.to_str().expect("utf-8")])
+        .env("PRIVLINK_TOKEN", "plk_from_env")
+        .output()
+        .expect("run privlink");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("both token_file and the PRIVLINK_TOKEN"), "{stderr}");
 
     // A file that does not exist is a usage error too.
     let (code, _, stderr) = run(&["relay", "--config", "/nonexistent/relay.toml"]);

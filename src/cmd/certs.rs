@@ -21,19 +21,51 @@ pub(crate) fn init(dir: &Path, extra_names: &[String], force: bool) -> anyhow::R
     names.extend(extra_names.iter().map(String::as_str));
     let relay = ca.issue_server(&names).context("issuing the relay certificate")?;
     write_file(&dir.join("ca.crt"), &ca.identity.cert_pem, 0o644)?;
-    write_file(&dir.join("ca.key"), &ca.identity.key_pem, 0o600)?;
+    write_private_file(&dir.join("ca.key"), &ca.identity.key_pem, force)?;
     write_file(&dir.join("relay.crt"), &relay.cert_pem, 0o644)?;
-    write_file(&dir.join("relay.key"), &relay.key_pem, 0o600)?;
+    write_private_file(&dir.join("relay.key"), &relay.key_pem, force)?;
     println!("Wrote {}/{{ca.crt,ca.key,relay.crt,relay.key}}.", dir.display());
     println!("Relay certificate names: {}", names.join(", "));
-    println!(
-        "relay.toml: [tunnel] cert = \"relay.crt\", key = \"relay.key\"; agent.toml: relay_ca = \"ca.crt\"."
-    );
+    // Absolute paths: a config file resolves relative paths against its own directory, which
+    // is rarely the directory this command ran in.
+    let shown = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let shown = shown.display();
+    println!("relay.toml [tunnel]: cert = \"{shown}/relay.crt\"  key = \"{shown}/relay.key\"");
+    println!("agent.toml: relay_ca = \"{shown}/ca.crt\"");
     println!("Keep ca.key offline; the agent needs only ca.crt.");
     Ok(())
 }
 
-/// Writes a file with the given mode (keys are created 0600 and never world-readable).
+/// Writes a private file (a key, a token) with mode 0600: the contents go to a new file next
+/// to `path`, created exclusively (a planted file or symbolic link there makes it fail, it is
+/// never followed), which is then renamed over `path` — an existing `path` only with
+/// `overwrite`. An existing file's permissions are therefore never inherited.
+pub(crate) fn write_private_file(
+    path: &Path,
+    contents: &str,
+    overwrite: bool,
+) -> anyhow::Result<()> {
+    if !overwrite && fs::symlink_metadata(path).is_ok() {
+        bail!("{} already exists; pass --force to overwrite", path.display());
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name =
+        path.file_name().with_context(|| format!("{} is not a file name", path.display()))?;
+    let temp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let written = (|| {
+        let mut file =
+            fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&temp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes a public file with the given mode.
 pub(crate) fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)

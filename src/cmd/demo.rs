@@ -111,6 +111,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
             port: relay_handle.tunnel_addr().port(),
         }],
         relay_roots: vec![ca.identity.cert_der.clone()],
+        relay_ca: None,
         transport: TransportChoice::Auto,
         quic_fallback_after: privlink_agent::config::DEFAULT_QUIC_FALLBACK_AFTER,
         quic_probe_interval: privlink_agent::config::DEFAULT_QUIC_PROBE_INTERVAL,

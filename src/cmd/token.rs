@@ -1,7 +1,11 @@
 //! `privlink token new`: a new connector token, and the digest the relay stores instead.
 
+use std::path::Path;
+
 use privlink_protocol::token::{TokenDigest, hex};
 use ring::rand::{SecureRandom as _, SystemRandom};
+
+use crate::cmd::certs::write_private_file;
 
 /// Bytes of randomness in a connector token (256 bits).
 const TOKEN_BYTES: usize = 32;
@@ -15,14 +19,26 @@ pub(crate) fn new_token() -> anyhow::Result<String> {
     Ok(format!("plk_{}", hex(&bytes)))
 }
 
-pub(crate) fn new() -> anyhow::Result<()> {
+/// `privlink token new [--out FILE [--force]]`.
+pub(crate) fn new(out: Option<&Path>, force: bool) -> anyhow::Result<()> {
     let token = new_token()?;
+    let hash_line = format!("token_sha256 = \"{}\"", TokenDigest::of(token.as_bytes()).to_hex());
+    if let Some(path) = out {
+        write_private_file(path, &format!("{token}\n"), force)?;
+        eprintln!(
+            "Wrote the token to {} (mode 0600): point the agent's token_file at it. For the \
+             [[connector]] table in relay.toml (the relay stores only this hash):",
+            path.display()
+        );
+        println!("{hash_line}");
+        return Ok(());
+    }
     println!(
         "# Connector token: give it to the agent (token_file or PRIVLINK_TOKEN). It is shown once."
     );
     println!("{token}");
     println!("# For the [[connector]] table in relay.toml (the relay stores only this hash):");
-    println!("token_sha256 = \"{}\"", TokenDigest::of(token.as_bytes()).to_hex());
+    println!("{hash_line}");
     Ok(())
 }
 

@@ -102,6 +102,7 @@ impl Harness {
                 port: self.relay.tunnel_addr().port(),
             }],
             relay_roots: vec![self.pki.ca.identity.cert_der.clone()],
+            relay_ca: None,
             transport,
             quic_fallback_after: Duration::from_secs(2),
             quic_probe_interval: Duration::from_millis(200),

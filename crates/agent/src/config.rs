@@ -82,6 +82,9 @@ pub struct AgentConfig {
     pub relays: Vec<RelayAddress>,
     /// Trust anchors for the relay's certificate.
     pub relay_roots: Vec<CertificateDer<'static>>,
+    /// The file the trust anchors came from (`relay_ca`), named in certificate errors; `None`
+    /// for a configuration built in memory.
+    pub relay_ca: Option<PathBuf>,
     /// Transport selection.
     pub transport: TransportChoice,
     /// `auto`: how long a QUIC handshake may take before falling back to TCP.
@@ -145,6 +148,24 @@ impl<'de> Deserialize<'de> for RuleText {
     }
 }
 
+/// The token in a token file: the file holds the token and nothing else (a trailing newline is
+/// fine).
+fn parse_token_file(text: &str) -> Result<&str, String> {
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("the file is empty".to_owned());
+    }
+    if token.contains(char::is_whitespace) {
+        return Err(
+            "the file must hold only the token, on one line; `privlink token new --out FILE` \
+             writes such a file (its other output, the comments and the token_sha256 line, is \
+             not part of the token)"
+                .to_owned(),
+        );
+    }
+    Ok(token)
+}
+
 impl AgentConfig {
     /// Reads and validates an agent configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -161,8 +182,19 @@ impl AgentConfig {
         if raw.connector.is_empty() {
             return Err(source.error_at(None, "connector", "must not be empty"));
         }
+        let env_token = env_token.filter(|t| !t.trim().is_empty());
         let token = match (&raw.token_file, env_token) {
-            (Some(file), _) => {
+            (Some(file), Some(_)) => {
+                return Err(source.error_for(
+                    file,
+                    "token_file",
+                    format!(
+                        "both token_file and the {TOKEN_ENV} environment variable are set; \
+                         use one of them, so that it is clear which token the agent presents"
+                    ),
+                ));
+            }
+            (Some(file), None) => {
                 let path = source.resolve_path(file.get_ref());
                 let text = std::fs::read_to_string(&path).map_err(|e| {
                     source.error_for(
@@ -171,18 +203,13 @@ impl AgentConfig {
                         format!("cannot read {}: {e}", path.display()),
                     )
                 })?;
-                let token = text.trim();
-                if token.is_empty() {
-                    return Err(source.error_for(
-                        file,
-                        "token_file",
-                        format!("{} is empty", path.display()),
-                    ));
-                }
+                let token = parse_token_file(&text).map_err(|problem| {
+                    source.error_for(file, "token_file", format!("{}: {problem}", path.display()))
+                })?;
                 Token::new(token)
             }
-            (None, Some(env)) if !env.trim().is_empty() => Token::new(env.trim()),
-            (None, _) => {
+            (None, Some(env)) => Token::new(env.trim()),
+            (None, None) => {
                 return Err(source.error_at(
                     None,
                     "token_file",
@@ -209,10 +236,11 @@ impl AgentConfig {
             );
         }
 
-        let relay_roots = match &raw.relay_ca {
-            Some(file) => tls::load_certs(&source.resolve_path(file.get_ref()))
+        let relay_ca = raw.relay_ca.as_ref().map(|file| source.resolve_path(file.get_ref()));
+        let relay_roots = match (&raw.relay_ca, &relay_ca) {
+            (Some(file), Some(path)) => tls::load_certs(path)
                 .map_err(|e| source.error_for(file, "relay_ca", e.to_string()))?,
-            None => {
+            _ => {
                 return Err(source.error_at(
                     None,
                     "relay_ca",
@@ -229,6 +257,7 @@ impl AgentConfig {
             token,
             relays,
             relay_roots,
+            relay_ca,
             transport: raw.transport,
             quic_fallback_after: raw.quic_fallback_after.unwrap_or(DEFAULT_QUIC_FALLBACK_AFTER),
             quic_probe_interval: raw.quic_probe_interval.unwrap_or(DEFAULT_QUIC_PROBE_INTERVAL),

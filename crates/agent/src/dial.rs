@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use privlink_protocol::control::Timers;
-use privlink_transport::tunnel::{AgentConnection, TransportKind};
+use privlink_transport::tls::CertificateSummary;
+use privlink_transport::tunnel::{AgentConnection, DialError, TransportKind};
 use privlink_transport::{h2, quic};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -50,6 +51,8 @@ async fn auto_session(
         () = stop.cancelled() => return Ok(()),
         dialed = dial(TransportKind::Quic, relay, addr, shared, fallback_after) => match dialed {
             Ok(connection) => return serve_connection(&connection, shared, stop, &CancellationToken::new()).await,
+            // A rejected certificate is not UDP being blocked: TCP would fail the same way.
+            Err(e @ SessionError::Dial(DialError::Certificate(_))) => return Err(e),
             Err(e) => e,
         },
     };
@@ -122,5 +125,62 @@ async fn dial(
         TransportKind::Quic => quic::dial(&shared.quic, addr, server_name, deadline).await,
         TransportKind::Tcp => h2::dial(addr, server_name, Arc::clone(&shared.tls), deadline).await,
     };
-    Ok(dialed?)
+    match dialed {
+        Ok(connection) => Ok(connection),
+        Err(DialError::Certificate(detail)) => Err(SessionError::Dial(DialError::Certificate(
+            explain_untrusted(&detail, server_name, addr, shared),
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What an operator needs when the relay's certificate is rejected: which file the agent
+/// trusts, what the relay presented, and what to check.
+fn explain_untrusted(
+    detail: &str,
+    server_name: &str,
+    addr: SocketAddr,
+    shared: &AgentShared,
+) -> String {
+    let config = &shared.config;
+    let relay_ca = config
+        .relay_ca
+        .as_ref()
+        .map_or_else(|| "relay_ca".to_owned(), |p| format!("relay_ca ({})", p.display()));
+    let trusted: Vec<String> = config
+        .relay_roots
+        .iter()
+        .filter_map(CertificateSummary::of)
+        .map(|ca| format!("`{}`", ca.subject))
+        .collect();
+    let mut message = format!("the relay's certificate is not trusted ({detail}).");
+    match shared.verifier.rejected(server_name).as_ref().and_then(CertificateSummary::of) {
+        Some(presented) => {
+            message.push_str(&format!(
+                " The relay at {addr} presented `{}`, issued by `{}`, for the names [{}]; \
+                 {relay_ca} holds {}.",
+                presented.subject,
+                presented.issuer,
+                presented.names.join(", "),
+                if trusted.is_empty() {
+                    "no readable certificate".to_owned()
+                } else {
+                    trusted.join(", ")
+                }
+            ));
+            if !presented.names.iter().any(|n| n.eq_ignore_ascii_case(server_name)) {
+                message.push_str(&format!(
+                    " The agent dials it as `{server_name}`, a name the certificate does not \
+                     list: put one of its names in `relays`, or reissue the relay's certificate \
+                     with `privlink certs init --name {server_name}`."
+                ));
+            }
+        }
+        None => message.push_str(&format!(" {relay_ca} holds {}.", trusted.join(", "))),
+    }
+    message.push_str(&format!(
+        " Check that {relay_ca} is the ca.crt that signed the relay's certificate (the one \
+         `privlink certs init` wrote together with relay.crt)."
+    ));
+    message
 }

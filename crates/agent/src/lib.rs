@@ -45,10 +45,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The relay CA could not be used.
-    #[error("relay trust anchors: {0}")]
+    #[error("relay trust anchors")]
     Tls(#[from] tls::TlsError),
     /// The QUIC endpoint could not be set up.
-    #[error("QUIC endpoint: {0}")]
+    #[error("QUIC endpoint")]
     Quic(#[from] quic::QuicSetupError),
 }
 
@@ -61,6 +61,9 @@ pub(crate) struct AgentShared {
     pub(crate) quic: quinn::Endpoint,
     /// TLS client configuration for the TCP transport.
     pub(crate) tls: Arc<rustls::ClientConfig>,
+    /// The relay-certificate verifier both transports use; it keeps rejected certificates
+    /// so that errors can say whose they were.
+    pub(crate) verifier: Arc<tls::RelayVerifier>,
     /// Stop dialling and accepting streams.
     pub(crate) shutdown: CancellationToken,
     /// Abort streams still running after the grace period.
@@ -76,7 +79,7 @@ pub struct Agent {
 impl Agent {
     /// Prepares the agent: TLS trust, QUIC endpoint.
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
-        let tls = tls::tunnel_client_config(&config.relay_roots)?;
+        let (tls, verifier) = tls::tunnel_client_config_with_verifier(&config.relay_roots)?;
         let tls_for_tcp = tls.clone();
         // One dual-stack socket serves IPv4 and IPv6 relays; hosts without IPv6 get IPv4.
         let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
@@ -94,6 +97,7 @@ impl Agent {
                 agent_id: random_id(),
                 quic,
                 tls: Arc::new(tls_for_tcp),
+                verifier,
                 force: CancellationToken::new(),
                 shutdown,
             }),

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use privlink_transport::tunnel::DialError;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,11 @@ use crate::session::SessionError;
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 /// Longest re-dial delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// First re-dial delay after a failure only an operator can fix (token refused, relay
+/// certificate not trusted): retrying at full speed would only flood both logs.
+pub const OPERATOR_BACKOFF_INITIAL: Duration = Duration::from_secs(5);
+/// Longest re-dial delay after such a failure.
+pub const OPERATOR_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// How often relay names are resolved again.
@@ -35,7 +41,7 @@ pub(crate) async fn maintain_relay(
     tracker: TaskTracker,
 ) {
     let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
     loop {
         let resolved = resolve(&relay).await;
         let wait = match resolved {
@@ -97,7 +103,8 @@ async fn maintain_link(
     shared: Arc<AgentShared>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
+    let mut operator_backoff = Backoff::new(OPERATOR_BACKOFF_INITIAL, OPERATOR_BACKOFF_MAX);
     loop {
         let started = Instant::now();
         let result = dial::session(&relay, addr, &shared, &stop).await;
@@ -106,19 +113,52 @@ async fn maintain_link(
         }
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
+            operator_backoff.reset();
         }
-        let delay = backoff.next_delay();
-        match result {
-            Ok(()) => info!("relay link ended; reconnecting in {delay:?}"),
-            Err(SessionError::Refused(reason)) => {
-                error!("relay refused this agent: {reason}; retrying in {delay:?}")
+        let delay = match result {
+            Ok(()) => {
+                let delay = backoff.next_delay();
+                info!("relay link ended; reconnecting in {delay:?}");
+                delay
             }
-            Err(e) => warn!("relay link down: {e}; reconnecting in {delay:?}"),
+            Err(SessionError::Refused(reason)) => {
+                let delay = operator_backoff.next_delay();
+                let hint = if reason.contains("authentication failed") {
+                    format!(
+                        " Check that the token this agent presents (token_file or \
+                         PRIVLINK_TOKEN) is the one whose token_sha256 the relay's \
+                         [[connector]] `{}` holds.",
+                        shared.config.connector
+                    )
+                } else {
+                    String::new()
+                };
+                error!("relay refused this agent: {reason}.{hint} Retrying in {delay:?}.");
+                delay
+            }
+            Err(SessionError::Dial(DialError::Certificate(explained))) => {
+                let delay = operator_backoff.next_delay();
+                error!("{explained} Retrying in {delay:?}.");
+                delay
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!("relay link down: {e}; reconnecting in {delay:?}");
+                delay
+            }
+        };
+        backoff_sleep(&stop, delay).await;
+        if stop.is_cancelled() {
+            return;
         }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
+    }
+}
+
+/// Sleeps `delay` unless `stop` comes first.
+async fn backoff_sleep(stop: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(delay) => {}
     }
 }
 
@@ -126,13 +166,15 @@ async fn maintain_link(
 /// fleet of agents cut off together does not reconnect in lockstep.
 #[derive(Debug)]
 struct Backoff {
+    initial: Duration,
+    max: Duration,
     attempt: u32,
     random: SystemRandom,
 }
 
 impl Backoff {
-    fn new() -> Self {
-        Self { attempt: 0, random: SystemRandom::new() }
+    fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max, attempt: 0, random: SystemRandom::new() }
     }
 
     fn reset(&mut self) {
@@ -140,8 +182,8 @@ impl Backoff {
     }
 
     fn next_delay(&mut self) -> Duration {
-        let exp = BACKOFF_INITIAL.saturating_mul(1u32 << self.attempt.min(16));
-        let ceiling = exp.min(BACKOFF_MAX);
+        let exp = self.initial.saturating_mul(1u32 << self.attempt.min(16));
+        let ceiling = exp.min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let mut bytes = [0u8; 4];
         let fraction = match self.random.fill(&mut bytes) {
@@ -158,7 +200,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
-        let mut b = Backoff::new();
+        let mut b = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
         let first = b.next_delay();
         assert!(first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL, "{first:?}");
         let mut last = first;

@@ -62,14 +62,6 @@ pub(crate) struct AgentsContext {
     pub(crate) draining: CancellationToken,
 }
 
-impl AgentsContext {
-    /// Whether a source has used up its failed authentications; such peers are turned away
-    /// before any handshake work.
-    fn is_blocked(&self, remote: SocketAddr) -> bool {
-        self.failures.lock().map(|f| f.is_blocked(remote.ip(), Instant::now())).unwrap_or(false)
-    }
-}
-
 fn agent_span(remote: SocketAddr, transport: &'static str) -> tracing::Span {
     tracing::info_span!("agent", %remote, transport, agent = tracing::field::Empty)
 }
@@ -90,11 +82,6 @@ pub(crate) async fn accept_quic_agents(
             },
         };
         let remote = incoming.remote_address();
-        if ctx.is_blocked(remote) {
-            debug!(%remote, "refusing tunnel connection: too many failed authentications");
-            incoming.refuse();
-            continue;
-        }
         let handshake = quic::accept(incoming, Timers::HANDSHAKE);
         tracker.spawn(
             serve_agent(handshake, remote, Arc::clone(&ctx)).instrument(agent_span(remote, "quic")),
@@ -112,11 +99,6 @@ pub(crate) async fn accept_tcp_agents(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tcp::accept_until(&listener, &stop, |socket, remote| {
-        if ctx.is_blocked(remote) {
-            debug!(%remote, "refusing tunnel connection: too many failed authentications");
-            tcp::abort(socket);
-            return;
-        }
         let handshake = h2::accept(socket, remote, acceptor.clone(), Timers::HANDSHAKE);
         tracker.spawn(
             serve_agent(handshake, remote, Arc::clone(&ctx)).instrument(agent_span(remote, "tcp")),
@@ -163,8 +145,10 @@ async fn run_agent(
                         machine.accept(endpoints, now());
                         registration = Some(register(connection, &hello, ctx));
                     }
-                    Err(reason) => {
+                    Err((reason, delay)) => {
                         refused_here = true;
+                        // Slows down a source that keeps failing; a right token never waits.
+                        tokio::time::sleep(delay).await;
                         machine.refuse(reason);
                     }
                 },
@@ -229,20 +213,21 @@ async fn run_agent(
     }
 }
 
-/// Checks the agent's token; returns its connector's endpoints, or the reason it is told.
+/// Checks the agent's token; returns its connector's endpoints, or the reason it is told and
+/// how long to wait before telling it.
 fn admit(
     hello: &Hello,
     remote: SocketAddr,
     ctx: &AgentsContext,
-) -> Result<Vec<EndpointAssignment>, String> {
+) -> Result<Vec<EndpointAssignment>, (String, Duration)> {
     if let Err(failure) =
         authenticate(&ctx.config.connectors, &hello.connector, hello.token.expose())
     {
-        let now_blocked = ctx
+        let delay = ctx
             .failures
             .lock()
             .map(|mut f| f.record_failure(remote.ip(), Instant::now()))
-            .unwrap_or(false);
+            .unwrap_or(crate::auth::MAX_REFUSAL_DELAY);
         let cause = match failure {
             AuthFailure::UnknownConnector => "unknown connector",
             AuthFailure::WrongToken => "wrong token",
@@ -251,13 +236,14 @@ fn admit(
             connector = %hello.connector,
             agent = %hello.agent_name,
             cause,
-            "refusing agent: authentication failed{}",
-            if now_blocked { "; further attempts from this address are refused for a minute" } else { "" }
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "refusing agent: authentication failed"
         );
-        return Err(format!(
+        let reason = format!(
             "authentication failed for connector `{}`: unknown connector or wrong token",
             hello.connector
-        ));
+        );
+        return Err((reason, delay));
     }
     Ok(ctx
         .config

@@ -1,8 +1,12 @@
 //! Agent authentication: a connector token is checked by hashing it with SHA-256 and comparing
 //! the digest with the configured one in constant time ([`TokenDigest::matches`]); the relay
 //! never holds the token.
-//! Failed attempts are counted per source address, and a source that keeps failing is
-//! refused without further checks until its window passes.
+//!
+//! Failed attempts are counted per source address and each refusal from a source that keeps
+//! failing is *delayed* a little more ([`FailureLimiter::record_failure`]). A right token is
+//! never delayed and never refused: tokens are 256-bit random values, so guessing is hopeless
+//! and a lockout would protect nothing while locking out a legitimate agent that shares a
+//! source address (NAT, a Kubernetes node) with a misconfigured one.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,8 +16,10 @@ use privlink_protocol::token::TokenDigest;
 
 use crate::config::ConnectorSpec;
 
-/// Failures from one address tolerated per window before it is refused outright.
-pub const MAX_FAILURES_PER_WINDOW: u32 = 5;
+/// Delay added to a refusal for each failure from the same source within the window.
+pub const REFUSAL_DELAY_STEP: Duration = Duration::from_millis(50);
+/// Longest delay before a refusal.
+pub const MAX_REFUSAL_DELAY: Duration = Duration::from_secs(1);
 /// Length of the failure-counting window.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Tracked addresses beyond which expired entries are swept.
@@ -49,22 +55,18 @@ pub fn authenticate(
     }
 }
 
-/// Counts authentication failures per source address in fixed windows.
+/// Counts authentication failures per source address in fixed windows, to slow down a source
+/// that keeps failing.
 #[derive(Debug, Default)]
 pub struct FailureLimiter {
     windows: HashMap<IpAddr, (Instant, u32)>,
 }
 
 impl FailureLimiter {
-    /// Whether `source` has used up its failures for the current window.
-    pub fn is_blocked(&self, source: IpAddr, now: Instant) -> bool {
-        self.windows.get(&source).is_some_and(|&(start, count)| {
-            now.duration_since(start) < FAILURE_WINDOW && count >= MAX_FAILURES_PER_WINDOW
-        })
-    }
-
-    /// Records a failure; returns true when this failure used up the window's allowance.
-    pub fn record_failure(&mut self, source: IpAddr, now: Instant) -> bool {
+    /// Records a failure from `source`; returns how long to wait before sending the refusal:
+    /// [`REFUSAL_DELAY_STEP`] times the failures in the current window, at most
+    /// [`MAX_REFUSAL_DELAY`].
+    pub fn record_failure(&mut self, source: IpAddr, now: Instant) -> Duration {
         if self.windows.len() >= SWEEP_THRESHOLD {
             self.windows.retain(|_, (start, _)| now.duration_since(*start) < FAILURE_WINDOW);
         }
@@ -72,8 +74,8 @@ impl FailureLimiter {
         if now.duration_since(entry.0) >= FAILURE_WINDOW {
             *entry = (now, 0);
         }
-        entry.1 += 1;
-        entry.1 == MAX_FAILURES_PER_WINDOW
+        entry.1 = entry.1.saturating_add(1);
+        REFUSAL_DELAY_STEP.saturating_mul(entry.1).min(MAX_REFUSAL_DELAY)
     }
 }
 
@@ -96,18 +98,18 @@ mod tests {
     }
 
     #[test]
-    fn repeated_failures_block_a_source_for_a_window() {
+    fn repeated_failures_slow_a_source_down_within_a_window() {
         let mut limiter = FailureLimiter::default();
         let ip: IpAddr = "198.51.100.9".parse().expect("ip");
         let other: IpAddr = "198.51.100.10".parse().expect("ip");
         let t0 = Instant::now();
-        for n in 1..MAX_FAILURES_PER_WINDOW {
-            assert!(!limiter.record_failure(ip, t0));
-            assert!(!limiter.is_blocked(ip, t0), "blocked after {n}");
+        assert_eq!(limiter.record_failure(ip, t0), REFUSAL_DELAY_STEP);
+        assert_eq!(limiter.record_failure(ip, t0), REFUSAL_DELAY_STEP * 2);
+        for _ in 0..100 {
+            assert!(limiter.record_failure(ip, t0) <= MAX_REFUSAL_DELAY);
         }
-        assert!(limiter.record_failure(ip, t0));
-        assert!(limiter.is_blocked(ip, t0));
-        assert!(!limiter.is_blocked(other, t0));
-        assert!(!limiter.is_blocked(ip, t0 + FAILURE_WINDOW));
+        assert_eq!(limiter.record_failure(ip, t0), MAX_REFUSAL_DELAY);
+        assert_eq!(limiter.record_failure(other, t0), REFUSAL_DELAY_STEP, "per source");
+        assert_eq!(limiter.record_failure(ip, t0 + FAILURE_WINDOW), REFUSAL_DELAY_STEP);
     }
 }

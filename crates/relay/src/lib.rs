@@ -58,10 +58,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     /// The tunnel's QUIC endpoint could not be set up.
-    #[error("tunnel listener: {0}")]
+    #[error("tunnel listener")]
     Tunnel(#[from] quic::QuicSetupError),
     /// The tunnel's TCP listener could not be bound.
-    #[error("tunnel listener: cannot listen on TCP {addr}: {source}")]
+    #[error("tunnel listener: cannot listen on TCP {addr}")]
     TunnelTcp {
         /// Address.
         addr: SocketAddr,
@@ -69,10 +69,10 @@ pub enum RelayError {
         source: std::io::Error,
     },
     /// The TLS identity is unusable.
-    #[error("tunnel TLS: {0}")]
+    #[error("tunnel TLS")]
     Tls(#[from] tls::TlsError),
     /// An endpoint's listener could not be bound.
-    #[error("endpoint `{endpoint}`: cannot listen on {addr}: {source}")]
+    #[error("endpoint `{endpoint}`: cannot listen on {addr}")]
     EndpointBind {
         /// Endpoint name.
         endpoint: String,
@@ -210,27 +210,35 @@ impl Relay {
     }
 }
 
-/// Binds the tunnel's UDP (QUIC) and TCP (TLS) sockets on the same port number. With port 0
-/// the kernel picks the UDP port and TCP follows it; if that TCP port is taken, a new pair is
-/// tried a few times.
+/// Binds the tunnel's TCP (TLS) and UDP (QUIC) sockets on the same port number. With port 0
+/// the kernel picks the TCP port — the crowded space, where every outgoing connection holds an
+/// ephemeral port — and UDP follows it; if that UDP port is taken, a new pair is tried.
 async fn bind_tunnel(
     listen: SocketAddr,
     tls: &Arc<rustls::ServerConfig>,
     reset_secret: &[u8],
 ) -> Result<(quinn::Endpoint, TcpListener), RelayError> {
-    const ATTEMPTS: usize = 8;
+    const ATTEMPTS: usize = 32;
     let mut attempt = 1;
     loop {
-        let quic = quic::relay_endpoint(listen, (**tls).clone(), reset_secret)?;
-        let port = quic.local_addr().map_err(|e| quic::QuicSetupError::Bind(listen, e))?.port();
-        let tcp_addr = SocketAddr::new(listen.ip(), port);
-        match tcp::listen(tcp_addr) {
-            Ok(tcp) => return Ok((quic, tcp)),
-            Err(e) if listen.port() == 0 && attempt < ATTEMPTS => {
-                tracing::debug!(%tcp_addr, "TCP side of the tunnel port is taken ({e}); trying another");
+        let tcp =
+            tcp::listen(listen).map_err(|source| RelayError::TunnelTcp { addr: listen, source })?;
+        let port = tcp
+            .local_addr()
+            .map_err(|source| RelayError::TunnelTcp { addr: listen, source })?
+            .port();
+        let udp_addr = SocketAddr::new(listen.ip(), port);
+        match quic::relay_endpoint(udp_addr, (**tls).clone(), reset_secret) {
+            Ok(quic) => return Ok((quic, tcp)),
+            Err(quic::QuicSetupError::Bind(_, e))
+                if listen.port() == 0
+                    && attempt < ATTEMPTS
+                    && e.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                tracing::debug!(%udp_addr, "UDP side of the tunnel port is taken ({e}); trying another");
                 attempt += 1;
             }
-            Err(source) => return Err(RelayError::TunnelTcp { addr: tcp_addr, source }),
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -129,18 +129,31 @@ pub async fn dial(
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
         .map_err(|e| DialError::Handshake(format!("relay name: {e}")))?;
     let steps = async {
-        let socket = TcpStream::connect(addr).await.map_err(|e| format!("TCP connect: {e}"))?;
+        let socket = TcpStream::connect(addr)
+            .await
+            .map_err(|e| DialError::Handshake(format!("TCP connect: {e}")))?;
         tune_socket(&socket);
         let tls = tokio_rustls::TlsConnector::from(tls)
             .connect(name, socket)
             .await
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        agent_handshake(tls, addr).await.map_err(|e| format!("HTTP/2 handshake failed: {e}"))
+            .map_err(tls_failure)?;
+        agent_handshake(tls, addr)
+            .await
+            .map_err(|e| DialError::Handshake(format!("HTTP/2 handshake failed: {e}")))
     };
     match tokio::time::timeout(deadline, steps).await {
         Ok(Ok(acceptor)) => Ok(AgentConnection::from_h2(acceptor)),
-        Ok(Err(e)) => Err(DialError::Handshake(e)),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(DialError::Timeout(deadline)),
+    }
+}
+
+/// A failed client TLS handshake, telling a rejected certificate apart from the rest.
+fn tls_failure(error: io::Error) -> DialError {
+    let message = format!("TLS handshake failed: {error}");
+    match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(_)) => DialError::Certificate(message),
+        _ => DialError::Handshake(message),
     }
 }
 

@@ -190,6 +190,11 @@ pub async fn dial(
         endpoint.connect(relay, server_name).map_err(|e| DialError::Handshake(e.to_string()))?;
     match tokio::time::timeout(deadline, connecting).await {
         Ok(Ok(connection)) => Ok(AgentConnection::from_quic(connection)),
+        Ok(Err(quinn::ConnectionError::TransportError(e)))
+            if e.reason.starts_with("invalid peer certificate") =>
+        {
+            Err(DialError::Certificate(format!("handshake failed: {}", e.reason)))
+        }
         Ok(Err(e)) => Err(DialError::Handshake(describe_handshake_error(&e))),
         Err(_) => Err(DialError::Timeout(deadline)),
     }
@@ -224,7 +229,7 @@ fn describe_handshake_error(error: &quinn::ConnectionError) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum QuicSetupError {
     /// The UDP socket could not be bound.
-    #[error("cannot bind UDP {0}: {1}")]
+    #[error("cannot bind UDP {0}")]
     Bind(SocketAddr, #[source] io::Error),
     /// The TLS configuration is unusable for QUIC.
     #[error("TLS configuration unusable for QUIC: {0}")]

@@ -1,12 +1,17 @@
 //! TLS material and the rustls configurations of the tunnel: PEM loading (every certificate
 //! of a bundle, not just the first), a TLS 1.3-only server config for the relay and a client
-//! config for the agent that trusts the configured relay CA, both with privlink's ALPN.
+//! config for the agent that trusts the configured relay CA, both with privlink's ALPN. The
+//! agent's verifier is rustls' own, wrapped so that a rejected relay certificate is kept and
+//! can be described ([`CertificateSummary`]): "not trusted" alone tells an operator nothing.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 /// ALPN protocol name: the protocol and its major version.
 pub const ALPN: &[u8] = b"privlink/1";
@@ -69,14 +74,139 @@ pub fn tunnel_server_config(
 pub fn tunnel_client_config(
     roots: &[CertificateDer<'static>],
 ) -> Result<rustls::ClientConfig, TlsError> {
+    tunnel_client_config_with_verifier(roots).map(|(config, _)| config)
+}
+
+/// [`tunnel_client_config`], and its verifier, which remembers the certificates it rejected.
+pub fn tunnel_client_config_with_verifier(
+    roots: &[CertificateDer<'static>],
+) -> Result<(rustls::ClientConfig, Arc<RelayVerifier>), TlsError> {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         store.add(root.clone())?;
     }
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let verifier = Arc::new(RelayVerifier { inner, rejected: Mutex::default() });
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(store)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::clone(&verifier) as Arc<dyn ServerCertVerifier>)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(config)
+    Ok((config, verifier))
+}
+
+/// rustls' WebPKI verification of the relay's certificate, unchanged, keeping the last
+/// certificate each server name presented and had rejected.
+#[derive(Debug)]
+pub struct RelayVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    /// Server name → the end-entity certificate last rejected for it (bounded by the number of
+    /// relay names the agent dials).
+    rejected: Mutex<HashMap<String, CertificateDer<'static>>>,
+}
+
+impl RelayVerifier {
+    /// The certificate `server_name` last presented, if it was rejected.
+    pub fn rejected(&self, server_name: &str) -> Option<CertificateDer<'static>> {
+        self.rejected.lock().ok()?.get(server_name).cloned()
+    }
+}
+
+impl ServerCertVerifier for RelayVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        if let (Err(_), Ok(mut rejected)) = (&verdict, self.rejected.lock()) {
+            rejected.insert(server_name.to_str().into_owned(), end_entity.clone().into_owned());
+        }
+        verdict
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What a certificate says about itself, for error messages and diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSummary {
+    /// The subject's distinguished name (`CN=relay.example.com`).
+    pub subject: String,
+    /// The issuer's distinguished name.
+    pub issuer: String,
+    /// DNS names and IP addresses of the subject-alternative-name extension.
+    pub names: Vec<String>,
+    /// End of validity, RFC 2822.
+    pub not_after: String,
+}
+
+impl CertificateSummary {
+    /// Parses a DER certificate (bytes from a peer: the parser is bounded by the input and
+    /// never panics); `None` when it is not a valid X.509 certificate.
+    pub fn of(der: &CertificateDer<'_>) -> Option<Self> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
+                    GeneralName::IPAddress(bytes) => match bytes.len() {
+                        4 => names.push(
+                            std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).ok()?).to_string(),
+                        ),
+                        16 => names.push(
+                            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).ok()?)
+                                .to_string(),
+                        ),
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        }
+        Some(Self {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            names,
+            not_after: cert
+                .validity()
+                .not_after
+                .to_rfc2822()
+                .unwrap_or_else(|_| cert.validity().not_after.to_string()),
+        })
+    }
 }

@@ -82,9 +82,20 @@ pub enum DialError {
     /// No handshake completed before the deadline (UDP blocked, relay down, …).
     #[error("no handshake within {0:?}")]
     Timeout(Duration),
-    /// The connection or its handshake failed (refused, certificate, ALPN, …).
+    /// The connection or its handshake failed (refused, reset, ALPN, …).
     #[error("{0}")]
     Handshake(String),
+    /// The relay's certificate was not accepted. Not a network problem: neither retrying at
+    /// full speed nor falling back to another transport helps; an operator has to act.
+    #[error("{0}")]
+    Certificate(String),
+}
+
+impl DialError {
+    /// Whether the relay's certificate was the problem.
+    pub fn is_certificate(&self) -> bool {
+        matches!(self, Self::Certificate(_))
+    }
 }
 
 mod sealed {
