@@ -32,6 +32,9 @@ fn tune_malloc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() {}
 
+/// How long leftover blocking tasks may delay the exit once a service has stopped.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Exit code for bad usage or configuration (BSD sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 /// Exit code for an unreachable dependency (EX_UNAVAILABLE).
@@ -60,7 +63,13 @@ fn main() -> ExitCode {
         Command::Certs { command: CertsCommand::Init { dir, names, force } } => {
             cmd::certs::init(&dir, &names, force)
         }
-        command => runtime().and_then(|rt| rt.block_on(run_service(command))),
+        command => runtime().and_then(|rt| {
+            let result = rt.block_on(run_service(command));
+            // The services have drained and said "stopped"; a blocking task still running (a
+            // DNS lookup of an unreachable relay name, say) must not hold the exit up.
+            rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+            result
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

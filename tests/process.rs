@@ -422,6 +422,18 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("both token_file and the PRIVLINK_TOKEN"), "{stderr}");
 
+    // A port already taken: one clear line naming the endpoint, the address and the cause once.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr").to_string();
+    let busy = d.join("relay-busy.toml");
+    let busy_text = relay("", "").replace("127.0.0.1:7443", "127.0.0.1:0");
+    std::fs::write(&busy, busy_text.replace("127.0.0.1:8443", &taken_addr)).expect("write");
+    let (code, _, stderr) = run(&["relay", "--config", busy.to_str().expect("utf-8")]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains(&format!("endpoint `e`: cannot listen on {taken_addr}")), "{stderr}");
+    assert_eq!(stderr.matches("Address already in use").count(), 1, "{stderr}");
+    drop(taken);
+
     // A file that does not exist is a usage error too.
     let (code, _, stderr) = run(&["relay", "--config", "/nonexistent/relay.toml"]);
     assert_eq!(code, 64);

@@ -63,7 +63,7 @@ pub(crate) struct AgentsContext {
 }
 
 fn agent_span(remote: SocketAddr, transport: &'static str) -> tracing::Span {
-    tracing::info_span!("agent", %remote, transport, agent = tracing::field::Empty)
+    tracing::info_span!("agent", %remote, %transport, agent = tracing::field::Empty)
 }
 
 /// Accepts QUIC agent connections until `stop` is cancelled.
@@ -259,7 +259,8 @@ fn admit(
 fn register(connection: &RelayConnection, hello: &Hello, ctx: &AgentsContext) -> AgentRegistration {
     let registration =
         ctx.registry.register(&hello.connector, &hello.agent_name, connection.clone());
-    tracing::Span::current().record("agent", format!("{}/{}", hello.connector, hello.agent_name));
+    let label = format!("{}/{}", hello.connector, hello.agent_name);
+    tracing::Span::current().record("agent", tracing::field::display(&label));
     info!(
         connector = %hello.connector,
         agent = %hello.agent_name,

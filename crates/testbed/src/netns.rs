@@ -34,7 +34,11 @@ pub const SKIP_ENV: &str = "PRIVLINK_SKIP_NETNS";
 /// [`SKIP_ENV`]`=1` says the skip is wanted — then it prints a loud notice and the test
 /// returns. A skip is never silent: a plain `cargo test` shows it as a failure.
 pub fn skip_notice(reason: &str) {
-    if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
+    skip_or_fail(reason, std::env::var(SKIP_ENV).ok().as_deref());
+}
+
+fn skip_or_fail(reason: &str, skip_env: Option<&str>) {
+    if skip_env == Some("1") {
         eprintln!("\n*** SKIPPED ({SKIP_ENV}=1): network-namespace test not run: {reason} ***\n");
         return;
     }
@@ -253,5 +257,20 @@ impl Drop for Topology {
         for dir in &self.hosts_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skip_is_a_failure_unless_asked_for() {
+        skip_or_fail("no /dev/net/tun", Some("1"));
+        let failed = std::panic::catch_unwind(|| skip_or_fail("no /dev/net/tun", None));
+        let message = failed.expect_err("an unrequested skip fails");
+        let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(text.contains("no /dev/net/tun") && text.contains(SKIP_ENV), "{text}");
+        assert!(std::panic::catch_unwind(|| skip_or_fail("x", Some("0"))).is_err());
     }
 }
