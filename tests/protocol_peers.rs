@@ -30,7 +30,7 @@ async fn hello_with(
     connector: &str,
     token: &str,
 ) -> Result<Control, String> {
-    timed_hello(harness, transport, connector, token).await.map(|(answer, _)| answer)
+    timed_hello(harness, transport, connector, token, "raw").await.map(|(answer, _)| answer)
 }
 
 /// [`hello_with`], and how long the relay took to answer the hello (the dial not included).
@@ -39,6 +39,7 @@ async fn timed_hello(
     transport: TransportKind,
     connector: &str,
     token: &str,
+    agent_name: &str,
 ) -> Result<(Control, Duration), String> {
     let client_tls =
         tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der))
@@ -62,7 +63,7 @@ async fn timed_hello(
         protocol_version: PROTOCOL_VERSION,
         connector: connector.to_owned(),
         token: Token::new(token),
-        agent_name: "raw".into(),
+        agent_name: agent_name.into(),
         agent_id: "raw".into(),
         software_version: "test".into(),
         allowed: vec![],
@@ -119,11 +120,32 @@ async fn wrong_tokens(transport: TransportKind) {
             "attempt {attempt}: {answer:?}"
         );
     }
-    let (answer, took) = timed_hello(&harness, transport, CONNECTOR, &harness.token.clone())
+    let (answer, took) = timed_hello(&harness, transport, CONNECTOR, &harness.token.clone(), "raw")
         .await
         .expect("the right token is answered");
     assert!(matches!(answer, Control::Welcome { .. }), "{answer:?}");
     assert!(took < Duration::from_secs(1), "the right token waited {took:?} after wrong ones");
+    harness.shutdown(&[]).await;
+}
+
+/// A hello whose names could forge log lines (a newline, an escape sequence, a 60 kB name) is
+/// refused by name syntax, even with the right token, and never registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_with_names_that_could_forge_log_lines_are_refused() {
+    let harness = Harness::start(vec![endpoint("e", echo_server().await)]).await;
+    let token = harness.token.clone();
+    let huge = "a".repeat(60_000);
+    for name in ["agent\n2026-12-01T00:00:00Z INFO agent connected", "x\u{1b}[31m", huge.as_str()] {
+        let answer = timed_hello(&harness, TransportKind::Quic, CONNECTOR, &token, name)
+            .await
+            .map(|(answer, _)| answer)
+            .expect("an answer");
+        assert!(
+            matches!(answer, Control::Refused { ref reason } if reason.contains("invalid hello: agent_name")),
+            "{answer:?}"
+        );
+    }
+    assert!(harness.relay.agents(CONNECTOR).is_empty());
     harness.shutdown(&[]).await;
 }
 
@@ -179,10 +201,10 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
     write_frame(
         &mut control,
         &Control::Welcome {
-            endpoints: vec![EndpointAssignment {
-                name: "sneaky".into(),
-                destination: secret_addr.to_string(),
-            }],
+            endpoints: vec![
+                EndpointAssignment { name: "sneaky".into(), destination: secret_addr.to_string() },
+                EndpointAssignment { name: "fine".into(), destination: allowed.to_string() },
+            ],
         },
     )
     .await
@@ -192,15 +214,20 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
         panic!("expected verdicts, got {verdicts:?}")
     };
     assert!(matches!(verdicts[0].verdict, Verdict::Rejected { .. }), "{verdicts:?}");
+    assert_eq!(verdicts[1].verdict, Verdict::Approved, "{verdicts:?}");
 
-    // Ask anyway, for the rejected destination and for the cloud metadata address.
-    for (destination, client) in [
-        (secret_addr.to_string(), "198.51.100.7:50000"),
-        ("169.254.169.254:80".into(), "198.51.100.7:50001"),
+    // Ask anyway: the rejected endpoint, the rejected destination and the cloud metadata
+    // address behind the approved endpoint, and an allowed destination behind an endpoint the
+    // agent never approved.
+    for (endpoint, destination, client) in [
+        ("sneaky", secret_addr.to_string(), "198.51.100.7:50000"),
+        ("fine", secret_addr.to_string(), "198.51.100.7:50001"),
+        ("fine", "169.254.169.254:80".into(), "198.51.100.7:50002"),
+        ("never-assigned", allowed.to_string(), "198.51.100.7:50003"),
     ] {
         let mut stream = connection.open_stream(WAIT).await.expect("data stream");
         let open = Open {
-            endpoint: "sneaky".into(),
+            endpoint: endpoint.into(),
             destination: destination.clone(),
             client_addr: client.parse::<SocketAddr>().expect("addr"),
             inactivity_timeout_ms: 60_000,
@@ -223,7 +250,7 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
     let open = Open {
         endpoint: "fine".into(),
         destination: allowed.to_string(),
-        client_addr: "198.51.100.7:50002".parse().expect("addr"),
+        client_addr: "198.51.100.7:50004".parse().expect("addr"),
         inactivity_timeout_ms: 60_000,
     };
     write_frame(&mut stream, &open).await.expect("open");

@@ -102,11 +102,40 @@ impl AllowRule {
 const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 /// The instance metadata address of most clouds (inside link-local, named for clearer errors).
 const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// Alibaba Cloud's instance metadata address.
+const ALIBABA_METADATA_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
+/// Azure's host address (WireServer, the IMDS fallback and DNS), reachable from every Azure VM —
+/// and this product's agents run in Azure VNets.
+const AZURE_HOST_V4: Ipv4Addr = Ipv4Addr::new(168, 63, 129, 16);
+/// The NAT64 well-known prefix (RFC 6052): 64:ff9b::/96 reaches the IPv4 address in its last
+/// 32 bits.
+const NAT64_PREFIX: [u16; 6] = [0x64, 0xff9b, 0, 0, 0, 0];
+
+/// The IPv4 address an IPv6 address reaches, in every form that does: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, deprecated but still routed by some
+/// stacks) and NAT64 (`64:ff9b::a.b.c.d`). Other addresses are returned unchanged.
+pub fn reached_address(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip.to_canonical() else { return ip.to_canonical() };
+    let segments = v6.segments();
+    let embedded = || {
+        let o = v6.octets();
+        IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+    };
+    if segments[..6] == NAT64_PREFIX {
+        return embedded();
+    }
+    // IPv4-compatible, but not :: and ::1, which are IPv6's own unspecified and loopback.
+    if segments[..6] == [0; 6] && (segments[6] != 0 || segments[7] > 1) {
+        return embedded();
+    }
+    IpAddr::V6(v6)
+}
 
 /// The kind of a special address the agent refuses by default, or `None` for an ordinary one.
 pub fn special_address_kind(ip: IpAddr) -> Option<&'static str> {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) if v4 == METADATA_V4 => Some("cloud metadata"),
+    match reached_address(ip) {
+        IpAddr::V4(v4) if v4 == METADATA_V4 || v4 == ALIBABA_METADATA_V4 => Some("cloud metadata"),
+        IpAddr::V4(v4) if v4 == AZURE_HOST_V4 => Some("Azure host (WireServer)"),
         IpAddr::V4(v4) if v4.is_loopback() => Some("loopback"),
         IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
         IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() => Some("unspecified/broadcast"),
@@ -206,5 +235,21 @@ mod tests {
         assert!(!rule("vault.internal:8443").names_address(lo));
         assert!(!rule("*.internal:8443").names_address(lo));
         assert!(!rule("localhost:80").names_address("169.254.169.254".parse().expect("ip")));
+    }
+
+    #[test]
+    fn cloud_host_addresses_and_translated_forms_are_special() {
+        let kind = |s: &str| special_address_kind(s.parse().expect("ip"));
+        assert_eq!(kind("168.63.129.16"), Some("Azure host (WireServer)"));
+        assert_eq!(kind("100.100.100.200"), Some("cloud metadata"));
+        // The metadata address behind IPv4-mapped, IPv4-compatible and NAT64 forms.
+        for form in ["::ffff:169.254.169.254", "::169.254.169.254", "64:ff9b::a9fe:a9fe"] {
+            assert_eq!(kind(form), Some("cloud metadata"), "{form}");
+        }
+        assert_eq!(kind("64:ff9b::7f00:1"), Some("loopback"));
+        assert_eq!(kind("::1"), Some("loopback"), "IPv6 loopback is not IPv4-compatible");
+        assert_eq!(kind("::"), Some("unspecified"));
+        assert_eq!(kind("64:ff9b::a00:4"), None, "10.0.0.4 through NAT64 is ordinary");
+        assert_eq!(kind("2001:db8::4"), None);
     }
 }

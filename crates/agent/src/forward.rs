@@ -3,12 +3,14 @@
 //! within one deadline), answer opened or a precise failure, then splice stream and socket
 //! with the endpoint's inactivity timeout.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use privlink_protocol::destination::{Destination, Host};
 use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenFailCode, OpenFailure, OpenReply};
+use privlink_protocol::text;
 use privlink_transport::io::{read_frame, write_frame};
 use privlink_transport::splice::{Hop, splice};
 use privlink_transport::tcp::abort;
@@ -36,10 +38,25 @@ pub struct StreamPolicy {
     pub connect_timeout: Duration,
 }
 
-/// Serves one relay-opened stream to completion.
+/// Longest inactivity timeout the agent applies, whatever a relay asks for: a relay cannot
+/// make the agent hold idle destination connections forever.
+pub const MAX_INACTIVITY: Duration = Duration::from_secs(24 * 3600);
+
+/// The inactivity timeout for a relay's request (0: none sent), within the agent's bounds.
+fn inactivity_timeout(requested_ms: u64) -> Duration {
+    match requested_ms {
+        0 => FALLBACK_INACTIVITY,
+        ms => Duration::from_millis(ms).min(MAX_INACTIVITY),
+    }
+}
+
+/// Serves one relay-opened stream to completion. `approved` holds the endpoints this agent
+/// approved on the stream's connection: an open for any other is refused, even when its
+/// destination would match the allowlist.
 pub async fn serve_stream(
     mut stream: TunnelStream,
     policy: &StreamPolicy,
+    approved: &HashSet<String>,
     force: &CancellationToken,
 ) {
     let open: Open = match read_frame(&mut stream, MAX_OPEN_BODY, OPEN_HEADER_TIMEOUT).await {
@@ -52,10 +69,21 @@ pub async fn serve_stream(
     };
     let span = tracing::info_span!(
         "stream",
-        endpoint = %open.endpoint,
+        endpoint = %text::loggable(&open.endpoint),
         client = %open.client_addr,
-        destination = %open.destination,
+        destination = %text::loggable(&open.destination),
     );
+    if !approved.contains(&open.endpoint) {
+        let _span = span.enter();
+        warn!("refused: the relay asked for an endpoint this agent did not approve");
+        let failure = failure(
+            OpenFailCode::NotAllowed,
+            format!("endpoint `{}` was not approved by this agent", text::loggable(&open.endpoint)),
+        );
+        let _ = write_frame(&mut stream, &OpenReply::Failed(failure)).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        return;
+    }
     forward(stream, open, policy, force).instrument(span).await;
 }
 
@@ -85,10 +113,7 @@ async fn forward(
         abort(socket);
         return;
     }
-    let timeout = match open.inactivity_timeout_ms {
-        0 => FALLBACK_INACTIVITY,
-        ms => Duration::from_millis(ms),
-    };
+    let timeout = inactivity_timeout(open.inactivity_timeout_ms);
     let spliced = splice(socket, &mut stream, Hop::Agent, timeout, force.cancelled()).await;
     debug!(
         duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -213,6 +238,13 @@ mod tests {
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
         list.iter().map(|a| a.parse().expect("addr")).collect()
+    }
+
+    #[test]
+    fn a_relay_cannot_ask_for_an_unbounded_inactivity_timeout() {
+        assert_eq!(inactivity_timeout(0), FALLBACK_INACTIVITY);
+        assert_eq!(inactivity_timeout(60_000), Duration::from_secs(60));
+        assert_eq!(inactivity_timeout(u64::MAX), MAX_INACTIVITY);
     }
 
     #[test]

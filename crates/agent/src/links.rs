@@ -123,6 +123,7 @@ async fn maintain_link(
             }
             Err(SessionError::Refused(reason)) => {
                 let delay = operator_backoff.next_delay();
+                let reason = privlink_protocol::text::loggable(&reason);
                 let hint = if reason.contains("authentication failed") {
                     format!(
                         " Check that the token this agent presents (token_file or \

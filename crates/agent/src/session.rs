@@ -4,14 +4,15 @@
 //! notices — while serving the data streams the relay opens, until the connection ends or the
 //! agent winds the session down.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
-use privlink_protocol::SOFTWARE_VERSION;
 use privlink_protocol::control::{AgentControl, AgentEvent, ControlError, ControlMachine, Timers};
 use privlink_protocol::destination::Destination;
 use privlink_protocol::message::{
     EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict,
 };
+use privlink_protocol::{SOFTWARE_VERSION, text};
 use privlink_transport::control::{ControlStream, now};
 use privlink_transport::io::{ReadFrameError, WriteFrameError};
 use privlink_transport::tunnel::{AgentConnection, CloseCode, DialError, StreamError};
@@ -107,22 +108,34 @@ async fn run_session(
     // that arrived as the close reason instead of a frame.
     let mut hello_sent = false;
     let mut assigned = 0;
+    // The endpoints approved on this connection; the relay may open streams for these only.
+    let mut approved: Arc<HashSet<String>> = Arc::default();
     loop {
         while let Some(event) = machine.poll_event() {
             match event {
                 AgentEvent::RelayHello { software_version } => {
                     hello_sent = true;
-                    debug!(relay_version = %software_version, "relay hello");
+                    debug!(relay_version = %text::loggable(&software_version), "relay hello");
                 }
                 AgentEvent::Welcome(endpoints) => {
                     assigned = endpoints.len();
-                    machine.send_verdicts(judge(&endpoints, shared), now());
+                    let verdicts = judge(&endpoints, shared);
+                    approved = Arc::new(
+                        verdicts
+                            .iter()
+                            .filter(|v| v.verdict == Verdict::Approved)
+                            .map(|v| v.endpoint.clone())
+                            .collect(),
+                    );
+                    machine.send_verdicts(verdicts, now());
                 }
                 AgentEvent::Refused { reason } => return Err(SessionError::Refused(reason)),
                 AgentEvent::Heartbeat { active_streams } => {
                     debug!(active_streams, "relay heartbeat")
                 }
-                AgentEvent::RelayDraining { reason } => info!(%reason, "relay is draining"),
+                AgentEvent::RelayDraining { reason } => {
+                    info!(reason = %text::loggable(&reason), "relay is draining");
+                }
                 AgentEvent::Failed(error) => {
                     connection.close(CloseCode::ProtocolError, &error.to_string());
                     return Err(error.into());
@@ -157,8 +170,9 @@ async fn run_session(
             accepted = connection.accept_stream(), if established => match accepted {
                 Ok(stream) => {
                     let policy = Arc::clone(&shared.policy);
+                    let approved = Arc::clone(&approved);
                     let force = shared.force.clone();
-                    streams.spawn(async move { serve_stream(stream, &policy, &force).await });
+                    streams.spawn(async move { serve_stream(stream, &policy, &approved, &force).await });
                 }
                 Err(e) => return Err(SessionError::Lost(e.to_string())),
             },

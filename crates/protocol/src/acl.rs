@@ -29,17 +29,34 @@ impl Acl {
 }
 
 /// Parses an ACL entry: a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address, which
-/// stands for itself alone (/32 or /128).
+/// stands for itself alone (/32 or /128). IPv4-mapped IPv6 entries (`::ffff:10.0.0.0/104`,
+/// `::ffff:10.0.0.4`) become the IPv4 entries they mean, since sources are matched as IPv4:
+/// written as mapped they would never match.
 pub fn parse_acl_entry(text: &str) -> Result<IpNet, String> {
-    if let Ok(net) = text.parse::<IpNet>() {
-        if net.trunc() != net {
-            return Err(format!("`{text}` has host bits set; did you mean `{}`?", net.trunc()));
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => {
+            if net.trunc() != net {
+                return Err(format!("`{text}` has host bits set; did you mean `{}`?", net.trunc()));
+            }
+            net
         }
-        return Ok(net);
+        Err(_) => text
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("`{text}` is not a CIDR block or IP address"))?,
+    };
+    Ok(unmap(net))
+}
+
+/// The IPv4 network an IPv4-mapped IPv6 network (`::ffff:0:0/96` and narrower) stands for.
+fn unmap(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
     }
-    text.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("`{text}` is not a CIDR block or IP address"))
 }
 
 #[cfg(test)]
@@ -53,6 +70,18 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn mapped_rules_match_the_ipv4_sources_they_name() {
+        let rules = acl(&["::ffff:10.1.0.0/112", "::ffff:192.0.2.7"], &[]);
+        assert_eq!(rules.allow[0].to_string(), "10.1.0.0/16");
+        assert_eq!(rules.allow[1].to_string(), "192.0.2.7/32");
+        assert!(rules.permits(ip("10.1.2.3")));
+        assert!(rules.permits(ip("::ffff:10.1.2.3")));
+        assert!(rules.permits(ip("192.0.2.7")));
+        assert!(!rules.permits(ip("10.2.0.1")));
+        assert_eq!(parse_acl_entry("2001:db8::/32").expect("v6").to_string(), "2001:db8::/32");
     }
 
     #[test]

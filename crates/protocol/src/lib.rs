@@ -17,6 +17,7 @@
 //! * [`destination`] — `host:port` destinations and the name syntax rules share.
 //! * [`acl`] — per-endpoint source-IP allow/deny lists.
 //! * [`token`] — connector tokens (redacted in `Debug`), SHA-256 digests, hex.
+//! * [`text`] — peer-supplied strings made safe to log: strict names, escaped free text.
 //! * [`config`] — TOML loading with errors that name file, line and key; durations with units.
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ pub mod control;
 pub mod destination;
 pub mod frame;
 pub mod message;
+pub mod text;
 pub mod token;
 
 /// Version of this software, sent in hellos so each side can log who it talks to.

@@ -6,6 +6,7 @@
 //! Each incoming connection is handled in a task of its own, spawned before the handshake, so
 //! a stalled peer never blocks the accept loop; every handshake step has a deadline.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use privlink_protocol::control::{ControlError, ControlMachine, RelayControl, RelayEvent, Timers};
 use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, Hello, Verdict};
+use privlink_protocol::text;
 use privlink_transport::control::{ControlStream, now};
 use privlink_transport::io::{ReadFrameError, WriteFrameError};
 use privlink_transport::tunnel::{CloseCode, DialError, RelayConnection, StreamError};
@@ -134,6 +136,8 @@ async fn run_agent(
     let mut control = ControlStream::new(connection.open_stream(Timers::HANDSHAKE).await?);
     let mut machine = RelayControl::new(now(), Timers::default());
     let mut registration: Option<AgentRegistration> = None;
+    // The endpoints this agent was welcomed with: verdicts for any other name are dropped.
+    let mut assigned: HashSet<String> = HashSet::new();
     let mut drain_sent = false;
     // Refusals decided here are logged by `admit`; the machine's own (version) are not.
     let mut refused_here = false;
@@ -142,6 +146,7 @@ async fn run_agent(
             match event {
                 RelayEvent::Hello(hello) => match admit(&hello, remote, ctx) {
                     Ok(endpoints) => {
+                        assigned = endpoints.iter().map(|e| e.name.clone()).collect();
                         machine.accept(endpoints, now());
                         registration = Some(register(connection, &hello, ctx));
                     }
@@ -154,13 +159,14 @@ async fn run_agent(
                 },
                 RelayEvent::Verdicts(verdicts) => {
                     if let Some(registration) = &registration {
-                        record_verdicts(registration, verdicts);
+                        record_verdicts(registration, verdicts, &assigned);
                     }
                 }
                 RelayEvent::Heartbeat { active_streams } => {
                     debug!(active_streams, "agent heartbeat")
                 }
                 RelayEvent::AgentDraining { reason } => {
+                    let reason = text::loggable(&reason);
                     info!(%reason, "agent is draining: no new streams go to it");
                     if let Some(registration) = &registration {
                         registration.set_draining();
@@ -220,14 +226,25 @@ fn admit(
     remote: SocketAddr,
     ctx: &AgentsContext,
 ) -> Result<Vec<EndpointAssignment>, (String, Duration)> {
+    let fields = [
+        ("connector", &hello.connector),
+        ("agent_name", &hello.agent_name),
+        ("agent_id", &hello.agent_id),
+        ("software_version", &hello.software_version),
+    ];
+    if let Some((field, value)) = fields.iter().find(|(_, value)| !text::is_valid_name(value)) {
+        let delay = record_failure(ctx, remote);
+        warn!(field, value = %text::loggable(value), "refusing agent: invalid hello");
+        let reason = format!(
+            "invalid hello: {field} must be 1 to {} letters, digits, '.', '-', '_' or '+'",
+            text::MAX_NAME_LEN
+        );
+        return Err((reason, delay));
+    }
     if let Err(failure) =
         authenticate(&ctx.config.connectors, &hello.connector, hello.token.expose())
     {
-        let delay = ctx
-            .failures
-            .lock()
-            .map(|mut f| f.record_failure(remote.ip(), Instant::now()))
-            .unwrap_or(crate::auth::MAX_REFUSAL_DELAY);
+        let delay = record_failure(ctx, remote);
         let cause = match failure {
             AuthFailure::UnknownConnector => "unknown connector",
             AuthFailure::WrongToken => "wrong token",
@@ -253,6 +270,14 @@ fn admit(
             destination: e.destination.to_string(),
         })
         .collect())
+}
+
+/// Counts a failed hello from `remote`; returns how long to wait before refusing it.
+fn record_failure(ctx: &AgentsContext, remote: SocketAddr) -> Duration {
+    ctx.failures
+        .lock()
+        .map(|mut f| f.record_failure(remote.ip(), Instant::now()))
+        .unwrap_or(crate::auth::MAX_REFUSAL_DELAY)
 }
 
 /// Registers an admitted agent (its endpoints are pending until its verdicts arrive).
@@ -289,7 +314,27 @@ async fn refuse(
     connection.close(CloseCode::Refused, reason);
 }
 
-fn record_verdicts(registration: &AgentRegistration, verdicts: Vec<EndpointVerdict>) {
+/// Records the verdicts for endpoints assigned to the agent (any others are dropped, with one
+/// summary line: an agent cannot grow the relay's state or log with made-up names), each
+/// rejection reason bounded.
+fn record_verdicts(
+    registration: &AgentRegistration,
+    mut verdicts: Vec<EndpointVerdict>,
+    assigned: &HashSet<String>,
+) {
+    let sent = verdicts.len();
+    verdicts.retain(|v| assigned.contains(&v.endpoint));
+    if verdicts.len() < sent {
+        warn!(
+            dropped = sent - verdicts.len(),
+            "verdicts for endpoints not assigned to this agent ignored"
+        );
+    }
+    for v in &mut verdicts {
+        if let Verdict::Rejected { reason } = &mut v.verdict {
+            *reason = text::loggable(reason).into_owned();
+        }
+    }
     // Record before logging: the log line is a readiness signal operators and tests act on.
     registration.set_verdicts(verdicts.iter().map(|v| (v.endpoint.clone(), v.verdict.clone())));
     for v in &verdicts {

@@ -67,6 +67,11 @@ pub fn transport_config(role: Role) -> quinn::TransportConfig {
         .send_window(SEND_WINDOW)
         .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
         .keep_alive_interval(Some(KEEP_ALIVE))
+        // The tunnel carries streams only. quinn's default keeps a 1.25 MB buffer of unread
+        // datagrams per connection, which an unauthenticated peer could fill on every
+        // connection it opens.
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0)
         .max_idle_timeout(Some(
             IDLE_TIMEOUT
                 .try_into()
@@ -244,7 +249,34 @@ impl From<TlsError> for QuicSetupError {
 
 #[cfg(test)]
 mod tests {
-    use super::RestartStableKeys;
+    use super::*;
+
+    #[tokio::test]
+    async fn neither_end_accepts_datagrams() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let chain = vec![cert.der().clone()];
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let server = crate::tls::tunnel_server_config(chain.clone(), key_der).expect("server");
+        let client = crate::tls::tunnel_client_config(&chain).expect("client");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let relay = relay_endpoint(any, server, b"test").expect("relay endpoint");
+        let agent = agent_endpoint(any, client).expect("agent endpoint");
+        let addr = relay.local_addr().expect("addr");
+        let wait = Duration::from_secs(5);
+        let (accepted, dialed) = tokio::join!(
+            async { accept(relay.accept().await.expect("incoming"), wait).await },
+            dial(&agent, addr, "localhost", wait)
+        );
+        let (relay_side, agent_side) = (accepted.expect("accept"), dialed.expect("dial"));
+        for (side, connection) in [("relay", relay_side.quic()), ("agent", agent_side.quic())] {
+            let connection = connection.expect("a QUIC connection");
+            assert_eq!(connection.max_datagram_size(), None, "the {side} accepts datagrams");
+        }
+    }
 
     fn token(secret: &[u8], connection_id: &[u8]) -> Vec<u8> {
         ring::hmac::sign(&RestartStableKeys::derive(secret).reset, connection_id).as_ref().to_vec()

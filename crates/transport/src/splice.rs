@@ -130,7 +130,8 @@ impl fmt::Display for Outcome {
             Self::Shutdown => f.write_str("shutdown"),
             Self::NoAgent => f.write_str("no-agent: no connected agent has approved this endpoint"),
             Self::OpenFailed(failure) => {
-                write!(f, "destination-failed ({}): {}", failure.code, failure.message)
+                let message = privlink_protocol::text::loggable(&failure.message);
+                write!(f, "destination-failed ({}): {message}", failure.code)
             }
             Self::Failed { origin, message, .. } => write!(f, "{origin}-error: {message}"),
         }

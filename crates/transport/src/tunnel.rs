@@ -161,6 +161,15 @@ impl<R: Role> Connection<R> {
         Self { inner: Inner::H2(half) }
     }
 
+    /// The QUIC connection underneath, for this crate's tests.
+    #[cfg(test)]
+    pub(crate) fn quic(&self) -> Option<&quinn::Connection> {
+        match &self.inner {
+            Inner::Quic(c) => Some(c),
+            Inner::H2(_) => None,
+        }
+    }
+
     /// The transport in use.
     pub fn kind(&self) -> TransportKind {
         match self.inner {
@@ -243,7 +252,7 @@ fn describe_close(error: &quinn::ConnectionError) -> String {
         quinn::ConnectionError::ApplicationClosed(close) => format!(
             "closed by peer (code {}): {}",
             close.error_code,
-            String::from_utf8_lossy(&close.reason)
+            privlink_protocol::text::loggable(&String::from_utf8_lossy(&close.reason))
         ),
         quinn::ConnectionError::LocallyClosed => "closed locally".to_owned(),
         quinn::ConnectionError::TimedOut => "peer unresponsive (idle timeout)".to_owned(),
