@@ -11,8 +11,9 @@ use std::time::Duration;
 use privlink_protocol::destination::{Destination, Host};
 use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenFailCode, OpenFailure, OpenReply};
 use privlink_protocol::text;
+use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_metered};
 use privlink_transport::io::{read_frame, write_frame};
-use privlink_transport::splice::{Hop, splice};
+use privlink_transport::splice::{self, Hop};
 use privlink_transport::tcp::abort;
 use privlink_transport::tunnel::{ResetCode, TunnelStream};
 use tokio::net::TcpStream;
@@ -73,28 +74,26 @@ pub async fn serve_stream(
         client = %open.client_addr,
         destination = %text::loggable(&open.destination),
     );
-    if !approved.contains(&open.endpoint) {
-        let _span = span.enter();
-        warn!("refused: the relay asked for an endpoint this agent did not approve");
-        let failure = failure(
-            OpenFailCode::NotAllowed,
-            format!("endpoint `{}` was not approved by this agent", text::loggable(&open.endpoint)),
-        );
-        let _ = write_frame(&mut stream, &OpenReply::Failed(failure)).await;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
-        return;
-    }
-    forward(stream, open, policy, force).instrument(span).await;
+    forward(stream, open, policy, approved, force).instrument(span).await;
 }
 
 async fn forward(
     mut stream: TunnelStream,
     open: Open,
     policy: &StreamPolicy,
+    approved: &HashSet<String>,
     force: &CancellationToken,
 ) {
     let started = Instant::now();
-    let socket = match connect_allowed(&open.destination, policy).await {
+    let connected = if approved.contains(&open.endpoint) {
+        connect_allowed(&open.destination, policy).await
+    } else {
+        Err(failure(
+            OpenFailCode::NotAllowed,
+            format!("endpoint `{}` was not approved by this agent", text::loggable(&open.endpoint)),
+        ))
+    };
+    let mut socket = match connected {
         Ok(socket) => socket,
         Err(failure) => {
             if failure.code == OpenFailCode::NotAllowed {
@@ -114,7 +113,16 @@ async fn forward(
         return;
     }
     let timeout = inactivity_timeout(open.inactivity_timeout_ms);
-    let spliced = splice(socket, &mut stream, Hop::Agent, timeout, force.cancelled()).await;
+    let copied = copy_bidirectional_metered(
+        &mut socket,
+        &mut stream,
+        timeout,
+        DEFAULT_BUFFER_SIZE,
+        force.cancelled(),
+    )
+    .await;
+    let spliced = splice::conclude(copied, &socket, &mut stream, Hop::Agent);
+    drop(socket);
     debug!(
         duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         bytes_to_destination = spliced.tunnel_to_socket,

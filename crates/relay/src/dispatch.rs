@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use privlink_protocol::frame::{self, HEADER_LEN};
 use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenReply};
+use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_metered};
 use privlink_transport::io::write_and_flush;
-use privlink_transport::splice::{Hop, Origin, Outcome, SpliceStream, splice};
+use privlink_transport::splice::{self, Hop, Origin, Outcome, SpliceStream};
 use privlink_transport::tcp::abort;
 use privlink_transport::tunnel::{ResetCode, TunnelStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -31,7 +32,7 @@ const EARLY_DATA_MAX: usize = 4096;
 
 /// Forwards one admitted client connection and writes its flow-log line.
 pub(crate) async fn forward(
-    socket: TcpStream,
+    mut socket: TcpStream,
     client: SocketAddr,
     endpoint: &Endpoint,
     registry: &Registry,
@@ -95,9 +96,16 @@ pub(crate) async fn forward(
             break 'outcome Outcome::failed(Origin::Agent, e, true);
         }
         let mut gated = OpenReplyGate::new(&mut stream);
-        let spliced =
-            splice(socket, &mut gated, Hop::Relay, spec.inactivity_timeout, force.cancelled())
-                .await;
+        let copied = copy_bidirectional_metered(
+            &mut socket,
+            &mut gated,
+            spec.inactivity_timeout,
+            DEFAULT_BUFFER_SIZE,
+            force.cancelled(),
+        )
+        .await;
+        let spliced = splice::conclude(copied, &socket, &mut gated, Hop::Relay);
+        drop(socket); // closes the client's side now, with a reset where the splice asked for one
         bytes = (spliced.socket_to_tunnel + early_len as u64, spliced.tunnel_to_socket);
         spliced.outcome
     };

@@ -14,7 +14,7 @@
 //!   frame reader for long-lived streams.
 //! * [`control`] — a control stream driving a protocol state machine.
 //! * [`copy`] — the bidirectional copy loop with inactivity timeout and byte counts.
-//! * [`splice`] — one forwarded connection: the copy, then resets, aborts and an outcome
+//! * [`splice`] — how one forwarded connection's copy ended: resets, aborts and an outcome
 //!   tagged by where it came from, with a retry-safety flag.
 //! * [`tunnel`] — the connection and stream types both transports share, and the dial error.
 //! * [`quic`], [`h2`] — the two transports.

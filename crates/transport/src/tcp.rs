@@ -13,8 +13,13 @@ use tokio_util::sync::CancellationToken;
 /// non-zero timeout that would block the thread on drop, which is why tokio deprecates its own
 /// setter; socket2 sets the option without that concern).
 pub fn abort(socket: TcpStream) {
-    let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+    reset_on_close(&socket);
     drop(socket);
+}
+
+/// Makes the eventual close of `socket` a reset (see [`abort`]), for code that does not own it.
+pub fn reset_on_close(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
 /// Listen backlog for endpoint and tunnel listeners. `TcpListener::bind` uses std's 128, which
