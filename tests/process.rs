@@ -231,6 +231,11 @@ async fn a_wrong_token_and_an_untrusted_relay_certificate_are_reported_as_such()
     let right_token = std::fs::read_to_string(&token_file).expect("token");
 
     std::fs::write(&token_file, "plk_not_the_right_token\n").expect("wrong token");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let readable = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(&token_file, readable).expect("chmod 644");
+    }
     let mut agent = common::privlink(&agent_args);
     agent.wait_for("relay refused this agent");
     let line = agent.last_seen().to_owned();
@@ -238,6 +243,8 @@ async fn a_wrong_token_and_an_untrusted_relay_certificate_are_reported_as_such()
     assert!(line.contains("authentication failed for connector `onprem-east`"), "{line}");
     assert!(line.contains("token_sha256"), "no hint at what to check: {line}");
     assert!(!agent.seen_contains("falling back"), "a refusal is not a transport problem");
+    // The token file is readable by others (0644): said at start.
+    assert!(agent.seen_contains("is readable by group or others"), "no permission warning");
     drop(agent);
 
     std::fs::write(&token_file, right_token).expect("right token");

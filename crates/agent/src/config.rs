@@ -148,6 +148,21 @@ impl<'de> Deserialize<'de> for RuleText {
     }
 }
 
+/// Warns when the token file can be read by users other than its owner: the token is the
+/// connector's only credential (`privlink token new --out` writes it with mode 0600).
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "token_file {} is readable by group or others (mode {mode:o}); `chmod 600` it",
+                path.display()
+            );
+        }
+    }
+}
+
 /// The token in a token file: the file holds the token and nothing else (a trailing newline is
 /// fine).
 fn parse_token_file(text: &str) -> Result<&str, String> {
@@ -206,6 +221,7 @@ impl AgentConfig {
                 let token = parse_token_file(&text).map_err(|problem| {
                     source.error_for(file, "token_file", format!("{}: {problem}", path.display()))
                 })?;
+                warn_if_readable_by_others(&path);
                 Token::new(token)
             }
             (None, Some(env)) => Token::new(env.trim()),

@@ -32,7 +32,8 @@ pub enum Control {
     RelayHello {
         /// The relay's [`PROTOCOL_VERSION`].
         protocol_version: u16,
-        /// The relay's software version, for logs.
+        /// Empty: a relay does not disclose its software version before authentication (the
+        /// field stays for compatibility with relays that filled it in).
         software_version: String,
     },
     /// Agent → relay: who the agent is and what it will open.

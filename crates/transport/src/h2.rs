@@ -33,6 +33,10 @@ use crate::tunnel::{AgentConnection, DialError, RelayConnection, ResetCode, Stre
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Bytes the h2 layer may buffer per stream before `poll_write` waits for the socket.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Largest header list either side accepts. privlink's own requests and responses carry a few
+/// dozen bytes of headers; h2's default (16 MiB per stream) let a hostile relay make an agent
+/// buffer gigabytes across its concurrent streams.
+const MAX_HEADER_LIST: u32 = 8 * 1024;
 /// How long a graceful close may take to flush what is queued.
 const GRACEFUL_CLOSE: Duration = Duration::from_secs(3);
 /// TCP keep-alive: first probe after this much silence.
@@ -203,6 +207,7 @@ where
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_concurrent_streams(0)
+        .max_header_list_size(MAX_HEADER_LIST)
         .enable_push(false)
         .handshake(io)
         .await?;
@@ -233,6 +238,7 @@ where
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS + 1)
+        .max_header_list_size(MAX_HEADER_LIST)
         .handshake(io)
         .await?;
     let state = CloseState::new(remote);
@@ -543,6 +549,28 @@ mod tests {
             .expect("in time")
             .expect("read answer");
         assert_eq!(answer, b"answer");
+    }
+
+    #[tokio::test]
+    async fn a_request_with_an_oversized_header_list_never_becomes_a_stream() {
+        let (opener, acceptor) = pair().await;
+        let mut send_request = opener.send_request.clone().ready().await.expect("ready");
+        let request = http::Request::post("https://privlink/stream")
+            .header("x-padding", "a".repeat(100 * 1024))
+            .body(())
+            .expect("request");
+        let _ = send_request.send_request(request, true);
+        // The agent does not buffer it: a header list this far over the limit ends the
+        // connection (h2's GOAWAY, ENHANCE_YOUR_CALM) — a relay that sends one has broken the
+        // protocol — and no stream is ever handed out.
+        let accepted = tokio::time::timeout(WAIT, acceptor.accept_stream()).await.expect("in time");
+        match accepted {
+            Ok(_) => panic!("a 100 KiB header list was accepted as a stream"),
+            Err(StreamError::ConnectionClosed(reason)) => {
+                assert!(reason.contains("GOAWAY"), "{reason}");
+            }
+            Err(other) => panic!("unexpected: {other}"),
+        }
     }
 
     #[tokio::test]

@@ -3,12 +3,27 @@
 //! exists so a first deployment needs nothing else.
 
 use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// How long a CA made here is valid.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a server certificate made here is valid (the common ceiling for server certificates).
+pub const SERVER_VALIDITY: Duration = Duration::from_secs(825 * 24 * 3600);
+/// Certificates start this long before they are made, for peers whose clocks run behind.
+const BACKDATE: Duration = Duration::from_secs(24 * 3600);
+
+/// Sets a validity window of `length` starting (backdated) now.
+fn set_validity(params: &mut CertificateParams, length: Duration) {
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + length).into();
+}
 
 /// Why a certificate could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +73,9 @@ impl CertificateAuthority {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // pathlen:0 — this CA signs server certificates, never other CAs.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        set_validity(&mut params, CA_VALIDITY);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let identity_key_pem = key.serialize_pem();
         let identity_key_der = key.serialize_der();
@@ -87,8 +104,37 @@ impl CertificateAuthority {
             params.subject_alt_names.push(san);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        set_validity(&mut params, SERVER_VALIDITY);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(issued(cert.pem(), cert.der().clone(), &key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_have_finite_validity_and_the_ca_signs_no_other_ca() {
+        let ca = CertificateAuthority::new("test CA").expect("CA");
+        let server = ca.issue_server(&["localhost"]).expect("server");
+        let parse = |der: &CertificateDer<'_>| {
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
+            let validity = cert.validity();
+            let days = (validity.not_after.timestamp() - validity.not_before.timestamp()) / 86_400;
+            let path_len = cert
+                .basic_constraints()
+                .ok()
+                .flatten()
+                .map(|bc| (bc.value.ca, bc.value.path_len_constraint));
+            (days, path_len)
+        };
+        let (ca_days, ca_constraints) = parse(&ca.identity.cert_der);
+        assert_eq!(ca_days, 3650 + 1, "CA validity in days (backdated one day)");
+        assert_eq!(ca_constraints, Some((true, Some(0))), "CA with pathlen:0");
+        let (server_days, server_constraints) = parse(&server.cert_der);
+        assert_eq!(server_days, 825 + 1, "server validity in days");
+        assert!(!matches!(server_constraints, Some((true, _))), "the server certificate is no CA");
     }
 }

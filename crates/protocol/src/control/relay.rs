@@ -52,12 +52,14 @@ pub struct RelayControl {
 
 impl RelayControl {
     /// A conversation on a freshly opened control stream; the relay's hello is queued (a QUIC
-    /// stream becomes visible to the peer only once bytes are sent on it).
+    /// stream becomes visible to the peer only once bytes are sent on it). It carries the
+    /// protocol version only: the software version would tell an unauthenticated peer which
+    /// release to attack.
     pub fn new(now: Instant, timers: Timers) -> Self {
         let mut common = Common::new(now, timers, "Hello");
         common.transmits.push_back(Control::RelayHello {
             protocol_version: PROTOCOL_VERSION,
-            software_version: crate::SOFTWARE_VERSION.to_owned(),
+            software_version: String::new(),
         });
         Self { state: State::AwaitHello, common }
     }
@@ -169,10 +171,14 @@ mod tests {
     fn started() -> (RelayControl, Instant) {
         let now = Instant::now();
         let mut relay = RelayControl::new(now, Timers::default());
-        assert!(matches!(
+        assert_eq!(
             relay.poll_transmit(),
-            Some(Control::RelayHello { protocol_version: PROTOCOL_VERSION, .. })
-        ));
+            Some(Control::RelayHello {
+                protocol_version: PROTOCOL_VERSION,
+                software_version: String::new()
+            }),
+            "the relay's first message discloses no software version"
+        );
         (relay, now)
     }
 
