@@ -38,16 +38,14 @@ pub(crate) fn init(dir: &Path, extra_names: &[String], force: bool) -> anyhow::R
 
 /// Writes a private file (a key, a token) with mode 0600: the contents go to a new file next
 /// to `path`, created exclusively (a planted file or symbolic link there makes it fail, it is
-/// never followed), which is then renamed over `path` — an existing `path` only with
-/// `overwrite`. An existing file's permissions are therefore never inherited.
+/// never followed), which then takes `path`'s place — by a rename with `overwrite`, otherwise
+/// by a hard link, which fails if `path` exists (no window between a check and the write). An
+/// existing file's permissions are therefore never inherited.
 pub(crate) fn write_private_file(
     path: &Path,
     contents: &str,
     overwrite: bool,
 ) -> anyhow::Result<()> {
-    if !overwrite && fs::symlink_metadata(path).is_ok() {
-        bail!("{} already exists; pass --force to overwrite", path.display());
-    }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name =
         path.file_name().with_context(|| format!("{} is not a file name", path.display()))?;
@@ -57,12 +55,15 @@ pub(crate) fn write_private_file(
             fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
         file.write_all(contents.as_bytes())?;
         file.sync_all()?;
-        fs::rename(&temp, path)
+        if overwrite { fs::rename(&temp, path) } else { fs::hard_link(&temp, path) }
     })();
-    if written.is_err() {
-        let _ = fs::remove_file(&temp);
+    let _ = fs::remove_file(&temp);
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("{} already exists; pass --force to overwrite", path.display())
+        }
+        other => other.with_context(|| format!("writing {}", path.display())),
     }
-    written.with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes a public file with the given mode.

@@ -91,13 +91,6 @@ pub enum DialError {
     Certificate(String),
 }
 
-impl DialError {
-    /// Whether the relay's certificate was the problem.
-    pub fn is_certificate(&self) -> bool {
-        matches!(self, Self::Certificate(_))
-    }
-}
-
 mod sealed {
     pub trait Sealed {}
 }
