@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,17 +13,6 @@ use privlink_relay::EndpointStatus;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// One relay with one endpoint `e` in front of `destination`, and an agent that allows it.
-async fn single(
-    transport: TransportChoice,
-    destination: SocketAddr,
-) -> (Harness, tokio_util::sync::CancellationToken) {
-    let harness = Harness::start(vec![endpoint("e", destination)]).await;
-    let agent = harness.spawn_agent(harness.agent_config(transport, &[rule_for(destination)]));
-    harness.wait_approved("e").await;
-    (harness, agent)
-}
 
 async fn tls_destination_is_verified_end_to_end(transport: TransportChoice) {
     init_tracing();
@@ -59,7 +47,7 @@ async fn tls_destination_is_verified_end_to_end(transport: TransportChoice) {
         }
     });
 
-    let (harness, agent) = single(transport, vault).await;
+    let (harness, agent) = Harness::single(transport, vault).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.identity.cert_der.clone()).expect("root");
     let client_config = rustls::ClientConfig::builder_with_provider(provider)
@@ -111,7 +99,7 @@ async fn tls_destination_is_verified_end_to_end(transport: TransportChoice) {
 }
 
 async fn bulk_64_mib_each_way_arrives_intact(transport: TransportChoice) {
-    let (harness, agent) = single(transport, echo_server().await).await;
+    let (harness, agent) = Harness::single(transport, echo_server().await).await;
     let payload = random_bytes(64 * 1024 * 1024);
     let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     let back = tokio::time::timeout(Duration::from_secs(120), echo_round_trip(socket, &payload))
@@ -125,7 +113,7 @@ async fn bulk_64_mib_each_way_arrives_intact(transport: TransportChoice) {
 async fn half_close_reaches_the_destination_and_the_reply_still_arrives(
     transport: TransportChoice,
 ) {
-    let (harness, agent) = single(transport, reply_after_eof_server().await).await;
+    let (harness, agent) = Harness::single(transport, reply_after_eof_server().await).await;
     let mut socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     let request = random_bytes(100_000);
     socket.write_all(&request).await.expect("write");
@@ -142,7 +130,7 @@ async fn half_close_reaches_the_destination_and_the_reply_still_arrives(
 }
 
 async fn five_hundred_concurrent_connections_are_all_correct(transport: TransportChoice) {
-    let (harness, agent) = single(transport, echo_server().await).await;
+    let (harness, agent) = Harness::single(transport, echo_server().await).await;
     let addr = harness.addr("e");
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..500u32 {
@@ -254,7 +242,7 @@ async fn max_connections_refuses_the_excess_and_leaves_the_rest_alone(transport:
 async fn unreachable_destination_closes_the_client_connection(transport: TransportChoice) {
     // A port with nothing listening.
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
-    let (harness, agent) = single(transport, closed).await;
+    let (harness, agent) = Harness::single(transport, closed).await;
     assert!(is_refused(TcpStream::connect(harness.addr("e")).await).await);
     harness.shutdown(&[agent]).await;
 }
@@ -278,7 +266,7 @@ async fn agent_rejects_endpoints_outside_its_allowlist(transport: TransportChoic
 async fn relay_shutdown_lets_inflight_transfers_finish_and_refuses_new_ones(
     transport: TransportChoice,
 ) {
-    let (harness, agent) = single(transport, echo_server().await).await;
+    let (harness, agent) = Harness::single(transport, echo_server().await).await;
     let addr = harness.addr("e");
     let mut inflight = TcpStream::connect(addr).await.expect("connect");
     // Readiness: an echo proves the connection is forwarded, not waiting in the backlog.
@@ -325,7 +313,7 @@ where
         socket.write_all(&hello).await.expect("echo hello");
         then(socket).await;
     });
-    let (harness, agent) = single(transport, destination).await;
+    let (harness, agent) = Harness::single(transport, destination).await;
     let mut client = TcpStream::connect(harness.addr("e")).await.expect("connect");
     client.write_all(b"hello").await.expect("write");
     let mut echoed = [0u8; 5];
@@ -372,7 +360,7 @@ async fn a_destination_reset_reaches_the_client_as_a_reset(transport: TransportC
 }
 
 async fn a_slow_reader_does_not_stall_other_streams(transport: TransportChoice) {
-    let (harness, agent) = single(transport, echo_server().await).await;
+    let (harness, agent) = Harness::single(transport, echo_server().await).await;
     // The slow stream: 96 MiB pushed at an echo whose replies nobody reads. It backs up
     // through every window and socket buffer on the way (together far less than 96 MiB)
     // until its writer blocks.

@@ -1,5 +1,6 @@
 //! The loopback measurements, each made with the test bed's load tool against one target:
-//! bulk throughput, request/response latency, new connections, memory per idle connection.
+//! bulk throughput, request/response latency, new connections, memory per idle connection,
+//! and single-stream bulk beside stalled transfers (with the memory those hold).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,7 +19,15 @@ pub(crate) struct Figures {
     pub(crate) concurrent: Option<Latencies>,
     /// KiB of resident memory per idle connection (the forwarding processes together).
     pub(crate) idle_kib: Option<f64>,
+    /// Gbit/s of one stream down and one up, each beside [`STALLED`] stalled transfers the
+    /// same way.
+    pub(crate) beside_stalled: Option<[f64; 2]>,
+    /// MiB of resident memory the stalled transfers hold (the forwarding processes together).
+    pub(crate) stalled_mib: Option<f64>,
 }
+
+/// Stalled transfers each way in the `stalled` measurement.
+pub(crate) const STALLED: usize = 10;
 
 /// Runs every loopback measurement against `addr`; `pids` are the processes whose memory the
 /// idle-connection figure counts (none for the direct connection).
@@ -60,6 +69,9 @@ pub(crate) async fn measure(addr: SocketAddr, budget: Budget, pids: Option<&[u32
         let concurrent = load::concurrent_connections(addr, 64, budget.concurrent).await;
         figures.concurrent = Some(concurrent.unwrap_or_else(|e| fail("concurrent", &e)));
     }
+    if wanted("stalled") {
+        stalled(addr, budget, pids, &mut figures).await;
+    }
     eprintln!("measured {addr}");
     figures
 }
@@ -94,4 +106,33 @@ pub(crate) async fn idle_memory(addr: SocketAddr, count: usize, pids: &[u32]) ->
     drop(open);
     tokio::time::sleep(Duration::from_secs(1)).await;
     Some(after.saturating_sub(before) as f64 / count as f64)
+}
+
+/// One stream down beside [`STALLED`] stalled downloads, then one up beside as many stalled
+/// uploads (the downloads still stalled): does a transfer whose reader stopped hold back the
+/// others on the same path, and what memory do they hold?
+async fn stalled(addr: SocketAddr, budget: Budget, pids: Option<&[u32]>, figures: &mut Figures) {
+    let before = pids.map(rss_kib);
+    let settle = Duration::from_secs(1);
+    let downloads = load::stall(addr, Direction::Download, STALLED).await;
+    let downloads = downloads.unwrap_or_else(|e| fail("stalled downloads", &e));
+    // Let them back up as far as the path lets them before measuring beside them.
+    tokio::time::sleep(settle).await;
+    // A transfer that froze behind the stalled ones is a finding, not a harness failure.
+    let frozen = |what: &str, e: std::io::Error| {
+        eprintln!("bulk beside stalled {what}: {e} (reported as 0)");
+        0.0
+    };
+    let down = load::bulk(addr, Direction::Download, budget.bulk).await;
+    let down = down.map_or_else(|e| frozen("downloads", e), |t| t.gbit_per_s());
+    let uploads = load::stall(addr, Direction::Upload, STALLED).await;
+    let uploads = uploads.unwrap_or_else(|e| fail("stalled uploads", &e));
+    tokio::time::sleep(settle).await;
+    let up = load::bulk(addr, Direction::Upload, budget.bulk).await;
+    let up = up.map_or_else(|e| frozen("uploads", e), |t| t.gbit_per_s());
+    if let (Some(pids), Some(before)) = (pids, before) {
+        figures.stalled_mib = Some(rss_kib(pids).saturating_sub(before) as f64 / 1024.0);
+    }
+    drop((downloads, uploads));
+    figures.beside_stalled = Some([down, up]);
 }

@@ -103,6 +103,13 @@ pub(crate) fn write_loopback_table(
     let memory_label =
         format!("idle conn memory (forwarders' RSS growth / conn, {} conns)", budget.idle);
     row(report, &memory_label, &pick(&|f| f.idle_kib), |k| format!("{k:.1} KiB"));
+    let stalled = crate::measures::STALLED;
+    for (i, way) in ["download", "upload"].into_iter().enumerate() {
+        let label = format!("bulk 1 stream, {way}, beside {stalled} stalled {way}s");
+        row(report, &label, &pick(&|f| f.beside_stalled.map(|b| b[i])), gbit);
+    }
+    let label = format!("memory held by {stalled} + {stalled} stalled transfers (RSS growth)");
+    row(report, &label, &pick(&|f| f.stalled_mib), |m| format!("{m:.0} MiB"));
     let samples: Vec<String> = columns
         .iter()
         .filter_map(|(n, f)| {

@@ -135,6 +135,19 @@ impl Harness {
         status
     }
 
+    /// A relay with one endpoint `e` in front of `destination`, and an agent on `transport`
+    /// that allows it and has had it approved.
+    pub async fn single(
+        transport: TransportChoice,
+        destination: SocketAddr,
+    ) -> (Self, CancellationToken) {
+        let harness = Self::start(vec![endpoint("e", destination)]).await;
+        let agent =
+            harness.spawn_agent(harness.agent_config(transport, &[destination.to_string()]));
+        harness.wait_approved("e").await;
+        (harness, agent)
+    }
+
     pub async fn wait_approved(&self, endpoint: &str) {
         self.wait_status(endpoint, |s| *s == EndpointStatus::Approved).await;
     }

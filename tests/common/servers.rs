@@ -100,3 +100,70 @@ pub async fn is_refused(connected: std::io::Result<TcpStream>) -> bool {
         Err(_) => panic!("connection neither served nor refused within {WAIT:?}"),
     }
 }
+
+/// What a client of [`choosy_server`] asks for with its first byte.
+pub mod ask {
+    /// Send the download (its length is the server's) and close.
+    pub const DOWNLOAD: u8 = b'd';
+    /// Never read again: an upload to this connection backs up.
+    pub const SINK: u8 = b's';
+    /// Read to EOF, then answer the SHA-256 of what was read.
+    pub const DIGEST: u8 = b'r';
+}
+
+/// A destination whose behaviour each connection picks with its first byte (see [`ask`]).
+#[derive(Debug)]
+pub struct ChoosyServer {
+    pub addr: SocketAddr,
+    /// Download bytes written so far, over every connection.
+    pub sent: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Starts a [`ChoosyServer`] whose downloads are `download_len` bytes.
+pub async fn choosy_server(download_len: usize) -> ChoosyServer {
+    let listener =
+        privlink_transport::tcp::listen("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (sent_tx, sent) = tokio::sync::watch::channel(0u64);
+    let sent_tx = std::sync::Arc::new(sent_tx);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let sent_tx = std::sync::Arc::clone(&sent_tx);
+            tokio::spawn(async move {
+                let mut choice = [0u8; 1];
+                if socket.read_exact(&mut choice).await.is_err() {
+                    return;
+                }
+                match choice[0] {
+                    ask::DOWNLOAD => {
+                        let chunk = vec![0x5a; 64 * 1024];
+                        let mut left = download_len;
+                        while left > 0 {
+                            let n = left.min(chunk.len());
+                            if socket.write_all(&chunk[..n]).await.is_err() {
+                                return;
+                            }
+                            left -= n;
+                            sent_tx.send_modify(|sent| *sent += n as u64);
+                        }
+                        let _ = socket.shutdown().await;
+                    }
+                    ask::SINK => {
+                        // Hold the connection open without reading until the peer goes away.
+                        let _ = socket.writable().await;
+                        std::future::pending::<()>().await;
+                    }
+                    ask::DIGEST => {
+                        let mut got = Vec::new();
+                        if socket.read_to_end(&mut got).await.is_ok() {
+                            let _ = socket.write_all(&sha256(&got)).await;
+                            let _ = socket.shutdown().await;
+                        }
+                    }
+                    _ => {}
+                }
+            });
+        }
+    });
+    ChoosyServer { addr, sent }
+}

@@ -27,6 +27,11 @@ use crate::registry::Registry;
 
 /// How long a client waits for a stream when the chosen agent's stream limit is full.
 pub const OPEN_STREAM_WAIT: Duration = Duration::from_secs(5);
+/// How long the open header (with the client's first bytes) may take to enter the stream. It
+/// is a few KiB, so only an agent that has stopped taking data — its connection window full —
+/// makes it wait; past this the client is turned away rather than holding a `max_connections`
+/// slot with no timer running (the inactivity watchdog starts with the copy).
+pub const FIRST_WRITE_WAIT: Duration = Duration::from_secs(5);
 /// Most client bytes sent along with the open header (a TLS ClientHello fits).
 const EARLY_DATA_MAX: usize = 4096;
 
@@ -89,7 +94,16 @@ pub(crate) async fn forward(
             }
         }
         let early_len = first_write.len() - header_len;
-        let written = write_and_flush(&mut stream, &first_write).await;
+        let written =
+            tokio::time::timeout(FIRST_WRITE_WAIT, write_and_flush(&mut stream, &first_write))
+                .await
+                .unwrap_or_else(|_| {
+                    stream.reset(ResetCode::IdleTimeout);
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the agent took no data for {FIRST_WRITE_WAIT:?}"),
+                    ))
+                });
         drop(first_write);
         if let Err(e) = written {
             abort(socket);

@@ -5,8 +5,10 @@
 //!
 //! Every client connection starts with one command byte: [`UPLOAD`] (the backend reads to
 //! EOF and answers the byte count as a u64), [`DOWNLOAD`] followed by a u32 duration in
-//! milliseconds (the backend sends for that long, then FIN), or [`ECHO`] (everything is
-//! echoed back until EOF). Each measurement is bounded in count and in time.
+//! milliseconds (the backend sends for that long, then FIN), [`ECHO`] (everything is
+//! echoed back until EOF) or [`SINK`] (the backend never reads: an upload to it backs up).
+//! [`stall`] holds connections whose transfers back up, for measuring what they cost the
+//! others. Each measurement is bounded in count and in time.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +24,11 @@ pub const UPLOAD: u8 = b'U';
 pub const DOWNLOAD: u8 = b'D';
 /// Command byte: the backend echoes every byte.
 pub const ECHO: u8 = b'E';
+/// Command byte: the backend never reads again, for [`SINK_HOLD`] or until stopped.
+pub const SINK: u8 = b'S';
+/// How long the backend holds a [`SINK`] connection (it cannot see the client leave without
+/// reading).
+const SINK_HOLD: Duration = Duration::from_secs(120);
 
 /// Size of the writes bulk senders make.
 const BULK_CHUNK: usize = 128 * 1024;
@@ -84,6 +91,10 @@ async fn serve_one(mut conn: TcpStream) -> io::Result<()> {
                 }
                 conn.write_all(&buf[..n]).await?;
             }
+        }
+        SINK => {
+            tokio::time::sleep(SINK_HOLD).await;
+            Ok(())
         }
         other => {
             Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown command {other}")))
@@ -333,6 +344,55 @@ pub async fn open_idle(
     .await
 }
 
+/// Connections whose transfers have stopped moving: downloads whose client stopped reading,
+/// or uploads to a backend that does not read. Dropping it closes them.
+#[derive(Debug)]
+pub struct Stalled {
+    connections: Vec<TcpStream>,
+    pushers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        for pusher in &self.pushers {
+            pusher.abort();
+        }
+    }
+}
+
+/// Opens `count` transfers in `direction` that stall: a download reads its first 4 KiB and
+/// stops reading; an upload pushes at a backend that never reads (a task per connection keeps
+/// pushing whatever the path accepts). Each backs up through every buffer and window on the
+/// way while the value lives.
+pub async fn stall(addr: SocketAddr, direction: Direction, count: usize) -> io::Result<Stalled> {
+    bounded(STALL, async {
+        let mut stalled = Stalled { connections: Vec::new(), pushers: Vec::new() };
+        for _ in 0..count {
+            let mut conn = TcpStream::connect(addr).await?;
+            match direction {
+                Direction::Download => {
+                    let millis = u32::try_from(SINK_HOLD.as_millis()).unwrap_or(u32::MAX);
+                    let mut request = [DOWNLOAD, 0, 0, 0, 0];
+                    request[1..].copy_from_slice(&millis.to_be_bytes());
+                    conn.write_all(&request).await?;
+                    let mut first = [0u8; 4096];
+                    conn.read_exact(&mut first).await?;
+                    stalled.connections.push(conn);
+                }
+                Direction::Upload => {
+                    conn.write_u8(SINK).await?;
+                    stalled.pushers.push(tokio::spawn(async move {
+                        let chunk = vec![0xa5u8; BULK_CHUNK];
+                        while conn.write_all(&chunk).await.is_ok() {}
+                    }));
+                }
+            }
+        }
+        Ok(stalled)
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +423,12 @@ mod tests {
         assert!(conc.count() >= 4);
         let idle = open_idle(addr, 10, Duration::from_secs(5)).await.expect("idle");
         assert_eq!(idle.len(), 10);
+        // Stalled transfers leave the backend serving others.
+        let stalled_down = stall(addr, Direction::Download, 3).await.expect("stall downloads");
+        let stalled_up = stall(addr, Direction::Upload, 3).await.expect("stall uploads");
+        let down = bulk(addr, Direction::Download, short).await.expect("download beside them");
+        assert!(down.bytes > 0);
+        drop((stalled_down, stalled_up));
         stop.cancel();
     }
 

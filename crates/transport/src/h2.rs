@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::quic::{CONNECTION_RECEIVE_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_RECEIVE_WINDOW};
+use crate::quic::{MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW, connection_receive_window};
 use crate::tunnel::{AgentConnection, DialError, RelayConnection, ResetCode, StreamError};
 
 /// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB; 256 KiB
@@ -203,7 +203,7 @@ where
 {
     let (send_request, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_RECEIVE_WINDOW)
-        .initial_connection_window_size(CONNECTION_RECEIVE_WINDOW)
+        .initial_connection_window_size(connection_receive_window(Role::Relay))
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_concurrent_streams(0)
@@ -234,7 +234,7 @@ where
 {
     let mut connection = h2::server::Builder::new()
         .initial_window_size(STREAM_RECEIVE_WINDOW)
-        .initial_connection_window_size(CONNECTION_RECEIVE_WINDOW)
+        .initial_connection_window_size(connection_receive_window(Role::Agent))
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS + 1)

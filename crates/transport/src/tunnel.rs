@@ -163,6 +163,14 @@ impl<R: Role> Connection<R> {
         }
     }
 
+    /// quinn's statistics of a QUIC connection (packets, frames, path); `None` over TCP.
+    pub fn quic_stats(&self) -> Option<quinn::ConnectionStats> {
+        match &self.inner {
+            Inner::Quic(c) => Some(c.stats()),
+            Inner::H2(_) => None,
+        }
+    }
+
     /// The transport in use.
     pub fn kind(&self) -> TransportKind {
         match self.inner {

@@ -1,26 +1,30 @@
-//! Tests that drive one side of the tunnel by hand with the protocol crate, to check what the
-//! other side does when its peer misbehaves: a wrong token, a relay asking for a destination
-//! the agent never allowed.
+//! Bad input from every side, kept here so it keeps being tried: peers driven by hand with the
+//! protocol crate (a wrong token, names that forge log lines, a relay asking for a destination
+//! the agent never allowed, a full stream limit) and clients and destinations that misbehave
+//! (stalling a direction of the tunnel).
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use privlink_agent::config::TransportChoice;
 use privlink_protocol::frame::MAX_BODY_LEN;
 use privlink_protocol::message::{
-    Control, EndpointAssignment, Hello, Open, OpenFailCode, OpenReply, PROTOCOL_VERSION, Verdict,
+    Control, EndpointAssignment, EndpointVerdict, Hello, Open, OpenFailCode, OpenReply,
+    PROTOCOL_VERSION, Verdict,
 };
 use privlink_protocol::token::Token;
 use privlink_transport::io::{read_frame, write_frame};
 use privlink_transport::tls;
 use privlink_transport::tunnel::{
-    AgentConnection, CloseCode, RelayConnection, StreamError, TransportKind,
+    AgentConnection, CloseCode, RelayConnection, StreamError, TransportKind, TunnelStream,
 };
 use privlink_transport::{h2, quic};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Dials the relay as an agent would on `transport` and presents `connector` / `token`;
 /// returns the relay's answer to the hello.
@@ -41,20 +45,38 @@ async fn timed_hello(
     token: &str,
     agent_name: &str,
 ) -> Result<(Control, Duration), String> {
-    let client_tls =
-        tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der))
-            .expect("tls");
+    let connection = dial_relay(harness, transport).await?;
+    let (_control, answer, took) = hello_on(&connection, connector, token, agent_name).await?;
+    Ok((answer, took))
+}
+
+/// Dials the harness's relay as an agent would, on `transport`.
+async fn dial_relay(
+    harness: &Harness,
+    transport: TransportKind,
+) -> Result<AgentConnection, String> {
+    let client_tls = tls_for(harness);
     let relay = harness.relay.tunnel_addr();
-    let connection: AgentConnection = match transport {
+    match transport {
         TransportKind::Quic => {
             let endpoint = quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls)
                 .expect("endpoint");
-            quic::dial(&endpoint, relay, "localhost", WAIT).await.map_err(|e| e.to_string())?
+            quic::dial(&endpoint, relay, "localhost", WAIT).await.map_err(|e| e.to_string())
         }
-        TransportKind::Tcp => h2::dial(relay, "localhost", std::sync::Arc::new(client_tls), WAIT)
+        TransportKind::Tcp => h2::dial(relay, "localhost", Arc::new(client_tls), WAIT)
             .await
-            .map_err(|e| e.to_string())?,
-    };
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Plays the agent's part of the control handshake on `connection` up to the relay's answer to
+/// the hello; returns the control stream, the answer and how long it took after the hello.
+async fn hello_on(
+    connection: &AgentConnection,
+    connector: &str,
+    token: &str,
+    agent_name: &str,
+) -> Result<(TunnelStream, Control, Duration), String> {
     let mut control = connection.accept_stream().await.map_err(|e| e.to_string())?;
     let relay_hello: Control =
         read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())?;
@@ -71,7 +93,7 @@ async fn timed_hello(
     let sent = std::time::Instant::now();
     write_frame(&mut control, &Control::Hello(hello)).await.map_err(|e| e.to_string())?;
     let answer = read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())?;
-    Ok((answer, sent.elapsed()))
+    Ok((control, answer, sent.elapsed()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,4 +315,150 @@ async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
         Ok(_) => panic!("a stream beyond the agent's limit was opened"),
         Err(other) => panic!("expected LimitReached, got {other}"),
     }
+}
+
+/// Clients that stall one tunnel direction in [`stalled_clients_hold_only_their_own_windows`].
+const STALLED: usize = 10;
+/// Each transfer's size: far more than a stream's window, so every stalled one backs up.
+const TRANSFER: usize = 40 << 20;
+/// What the stalled transfers have pushed into the tunnel before the fresh one starts: enough
+/// to fill a 64 MiB connection window (the old setting, with which the fresh transfer got no
+/// byte at all).
+const BACKED_UP: u64 = 60 << 20;
+
+/// Ten clients that stop reading their downloads, then ten that upload to a destination that
+/// stops reading: each holds back its own stream, and a fresh transfer in each direction on the
+/// same tunnel connection still completes.
+async fn stalled_clients_hold_only_their_own_windows(transport: TransportChoice) {
+    let server = choosy_server(TRANSFER).await;
+    let (harness, agent) = Harness::single(transport, server.addr).await;
+
+    let mut stalled_downloads = Vec::new();
+    for _ in 0..STALLED {
+        let mut socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+        socket.write_all(&[ask::DOWNLOAD]).await.expect("ask");
+        let mut first = [0u8; 4096];
+        tokio::time::timeout(WAIT, socket.read_exact(&mut first))
+            .await
+            .expect("the download starts")
+            .expect("read");
+        stalled_downloads.push(socket); // and never read again
+    }
+    let mut sent = server.sent.clone();
+    tokio::time::timeout(WAIT, sent.wait_for(|sent| *sent >= BACKED_UP))
+        .await
+        .expect("the stalled downloads back up")
+        .expect("server runs");
+    let mut fresh = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    fresh.write_all(&[ask::DOWNLOAD]).await.expect("ask");
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, fresh.read_to_end(&mut got))
+        .await
+        .unwrap_or_else(|_| panic!("a fresh download froze behind {STALLED} stalled ones"))
+        .expect("read");
+    assert_eq!(got.len(), TRANSFER);
+    assert!(*sent.borrow() < (STALLED as u64 + 1) * TRANSFER as u64, "nothing stalled");
+
+    let pushed = Arc::new(tokio::sync::watch::Sender::new(0u64));
+    let mut pushers = Vec::new();
+    for _ in 0..STALLED {
+        let mut socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+        socket.write_all(&[ask::SINK]).await.expect("ask");
+        let pushed = Arc::clone(&pushed);
+        pushers.push(tokio::spawn(async move {
+            let chunk = vec![0u8; 64 * 1024];
+            for _ in 0..TRANSFER / chunk.len() {
+                if socket.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                pushed.send_modify(|pushed| *pushed += chunk.len() as u64);
+            }
+        }));
+    }
+    tokio::time::timeout(WAIT, pushed.subscribe().wait_for(|pushed| *pushed >= BACKED_UP))
+        .await
+        .expect("the stalled uploads back up")
+        .expect("pushers run");
+    let payload = random_bytes(TRANSFER);
+    let mut fresh = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    fresh.write_all(&[ask::DIGEST]).await.expect("ask");
+    let digest = tokio::time::timeout(WAIT, echo_round_trip(fresh, &payload))
+        .await
+        .unwrap_or_else(|_| panic!("a fresh upload froze behind {STALLED} stalled ones"));
+    assert_eq!(digest, sha256(&payload));
+    assert!(pushers.iter().all(|pusher| !pusher.is_finished()), "an upload never stalled");
+    for pusher in pushers {
+        pusher.abort();
+    }
+    drop(stalled_downloads);
+    harness.shutdown(&[agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_hold_only_their_own_windows_quic() {
+    stalled_clients_hold_only_their_own_windows(TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_hold_only_their_own_windows_tcp() {
+    stalled_clients_hold_only_their_own_windows(TransportChoice::Tcp).await;
+}
+
+/// An agent that stops taking data (its connection window full) gets no more clients stuck on
+/// it: a new client's open header cannot enter its stream, and the relay turns that client away
+/// within its first-write deadline instead of holding the connection (and its
+/// `max_connections` slot) with no timer running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_takes_no_data_gets_no_client_stuck_on_it() {
+    let harness = Harness::start(vec![endpoint("e", "192.0.2.1:443".parse().expect("addr"))]).await;
+    // The misbehaving agent: a 64 KiB connection window, and it never reads a data stream.
+    let mut transport = quic::transport_config(quic::Role::Agent);
+    transport.receive_window(quinn::VarInt::from_u32(64 * 1024));
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls_for(&harness)).expect("quic tls");
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport));
+    let mut quic_endpoint =
+        quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), tls_for(&harness)).expect("ep");
+    quic_endpoint.set_default_client_config(client);
+    let connection = quic::dial(&quic_endpoint, harness.relay.tunnel_addr(), "localhost", WAIT)
+        .await
+        .expect("dial");
+    let (mut control, welcome, _) =
+        hello_on(&connection, CONNECTOR, &harness.token.clone(), "stuck").await.expect("hello");
+    assert!(matches!(welcome, Control::Welcome { .. }), "{welcome:?}");
+    let approve = vec![EndpointVerdict { endpoint: "e".into(), verdict: Verdict::Approved }];
+    write_frame(&mut control, &Control::Verdicts(approve)).await.expect("verdicts");
+    harness.wait_approved("e").await;
+
+    // The first client fills the window: the relay writes its bytes into a stream nobody reads.
+    let mut filler = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    let push = vec![0u8; 256 * 1024];
+    let filling = tokio::spawn(async move {
+        let _ = filler.write_all(&push).await;
+        filler
+    });
+    // quinn says so with a DATA_BLOCKED frame once the window is full.
+    let blocked = async {
+        while connection.quic_stats().expect("quic").frame_rx.data_blocked == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, blocked).await.expect("the relay fills the agent's window");
+    // The next client's open header finds no room; the relay gives up on it in time.
+    let mut stuck = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    stuck.write_all(b"hello").await.expect("write");
+    let mut buf = [0u8; 16];
+    let ended = tokio::time::timeout(WAIT, stuck.read(&mut buf))
+        .await
+        .expect("the relay turns the client away within its first-write deadline");
+    assert!(matches!(ended, Ok(0) | Err(_)), "the stuck client got data: {ended:?}");
+    filling.abort();
+    drop(control);
+    harness.shutdown(&[]).await;
+}
+
+/// The TLS settings an agent of `harness` dials with.
+fn tls_for(harness: &Harness) -> rustls::ClientConfig {
+    tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der)).expect("tls")
 }
