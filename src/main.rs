@@ -32,6 +32,17 @@ fn tune_malloc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() {}
 
+/// Raises the open-file soft limit to the hard limit. Every client connection costs the relay
+/// two descriptors and every pending tunnel connection one; the common soft limit of 1,024
+/// ran out at a few thousand connections while the hard limit (often 524,288) was unused.
+/// The limit is logged, since it bounds the connections the process can hold.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit (each client connection takes two)"),
+        Err(e) => tracing::warn!("could not raise the open-file limit: {e}"),
+    }
+}
+
 /// How long leftover blocking tasks may delay the exit once a service has stopped.
 const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -64,6 +75,7 @@ fn main() -> ExitCode {
             cmd::certs::init(&dir, &names, force)
         }
         command => runtime().and_then(|rt| {
+            raise_open_file_limit();
             let result = rt.block_on(run_service(command));
             // The services have drained and said "stopped"; a blocking task still running (a
             // DNS lookup of an unreachable relay name, say) must not hold the exit up.

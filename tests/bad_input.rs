@@ -462,3 +462,147 @@ async fn an_agent_that_takes_no_data_gets_no_client_stuck_on_it() {
 fn tls_for(harness: &Harness) -> rustls::ClientConfig {
     tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der)).expect("tls")
 }
+
+/// An agent holding a valid token floods the relay with verdicts, most for endpoints that do
+/// not exist: the made-up names are never recorded, and the flood of messages ends the agent's
+/// session (the control conversation's rate limit) while the relay goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_flood_is_cut_off_and_made_up_endpoints_are_never_recorded() {
+    let destination = echo_server().await;
+    let (harness, agent) = Harness::single(TransportChoice::Quic, destination).await;
+    let connection = dial_relay(&harness, TransportKind::Quic).await.expect("dial");
+    let (mut control, welcome, _) =
+        hello_on(&connection, CONNECTOR, &harness.token.clone(), "flooder").await.expect("hello");
+    assert!(matches!(welcome, Control::Welcome { .. }), "{welcome:?}");
+    // As many made-up verdicts as fit in one frame, with long reasons.
+    let bogus: Vec<EndpointVerdict> = (0..250)
+        .map(|i| EndpointVerdict {
+            endpoint: format!("no-such-endpoint-{i}"),
+            verdict: Verdict::Rejected { reason: "x".repeat(200) },
+        })
+        .collect();
+    let mut sent = 0;
+    let flood = async {
+        while write_frame(&mut control, &Control::Verdicts(bogus.clone())).await.is_ok() {
+            sent += 1;
+            if sent == 1_000 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(WAIT, flood).await;
+    let reason = tokio::time::timeout(WAIT, connection.closed())
+        .await
+        .expect("the relay ends a session that floods it");
+    assert!(reason.contains("too fast"), "{reason}");
+    assert!(sent < 1_000, "the relay took {sent} verdict messages without a word");
+    // The made-up names left no trace, and the relay still serves the real endpoint.
+    assert_eq!(harness.relay.endpoint_status("no-such-endpoint-1"), None);
+    let agents = harness.relay.agents(CONNECTOR);
+    assert!(agents.iter().all(|a| a.name != "flooder"), "{agents:?}");
+    let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    assert_eq!(echo_round_trip(socket, b"still served").await, b"still served");
+    harness.shutdown(&[agent]).await;
+}
+
+/// A connector's token holder cannot fill the relay with agent sessions: past
+/// `MAX_AGENTS_PER_CONNECTOR` the next one is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_per_connector_are_capped() {
+    let harness = Harness::start(vec![endpoint("e", echo_server().await)]).await;
+    let token = harness.token.clone();
+    let mut sessions = Vec::new();
+    for i in 0..privlink_relay::agents::MAX_AGENTS_PER_CONNECTOR {
+        let connection = dial_relay(&harness, TransportKind::Quic).await.expect("dial");
+        let (control, answer, _) =
+            hello_on(&connection, CONNECTOR, &token, &format!("agent-{i}")).await.expect("hello");
+        assert!(matches!(answer, Control::Welcome { .. }), "agent {i}: {answer:?}");
+        sessions.push((connection, control));
+    }
+    let connection = dial_relay(&harness, TransportKind::Quic).await.expect("dial");
+    let (_control, answer, _) =
+        hello_on(&connection, CONNECTOR, &token, "one-too-many").await.expect("hello");
+    let Control::Refused { reason } = answer else { panic!("expected a refusal, got {answer:?}") };
+    assert!(reason.contains("the most it takes"), "{reason}");
+    // One leaves; the next is welcomed again.
+    let (leaving, _) = sessions.pop().expect("a session");
+    leaving.close(CloseCode::Shutdown, "leaving");
+    let max = privlink_relay::agents::MAX_AGENTS_PER_CONNECTOR;
+    harness.relay.wait_for_agents(CONNECTOR, WAIT, |agents| agents.len() < max).await;
+    let connection = dial_relay(&harness, TransportKind::Quic).await.expect("dial");
+    let (_control, answer, _) =
+        hello_on(&connection, CONNECTOR, &token, "next").await.expect("hello");
+    assert!(matches!(answer, Control::Welcome { .. }), "{answer:?}");
+    harness.shutdown(&[]).await;
+}
+
+/// Sources that flood the tunnel port with connections that never authenticate: each gets
+/// `MAX_PENDING_PER_SOURCE` pending places and the rest are turned away at once (TCP reset,
+/// QUIC refused); with that many pending, QUIC sources must answer a Retry; and throughout,
+/// agents from another source get in on both transports and the endpoint keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unauthenticated_connections_is_capped_and_agents_still_get_in() {
+    use privlink_relay::admission::{MAX_PENDING_PER_SOURCE, RETRY_ABOVE};
+    let (harness, agent) = Harness::single(TransportChoice::Quic, echo_server().await).await;
+    let tunnel = harness.relay.tunnel_addr();
+    let sources = ["127.0.0.3", "127.0.0.4", "127.0.0.5"];
+    const EXTRA: usize = 8;
+    let held = sources.len() * MAX_PENDING_PER_SOURCE;
+    assert!(held >= RETRY_ABOVE, "the flood must be large enough to ask for Retry");
+
+    // TCP first: each source holds its share and is turned away beyond it.
+    let mut flood = Vec::new();
+    for source in sources {
+        for _ in 0..MAX_PENDING_PER_SOURCE + EXTRA {
+            // A connection turned away may be reset before `connect` returns.
+            if let Ok(socket) = connect_from(source, tunnel).await {
+                flood.push(socket);
+            }
+        }
+    }
+    let settled = async {
+        while harness.relay.pending_tunnel_connections() < held
+            || harness.relay.turned_away_tunnel_connections() < (sources.len() * EXTRA) as u64
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, settled).await.unwrap_or_else(|_| {
+        panic!(
+            "pending {} turned away {}",
+            harness.relay.pending_tunnel_connections(),
+            harness.relay.turned_away_tunnel_connections()
+        )
+    });
+    assert_eq!(harness.relay.pending_tunnel_connections(), held, "no source exceeds its share");
+
+    // QUIC from the same sources: refused, their places are taken.
+    for source in sources {
+        let endpoint =
+            quic::agent_endpoint(format!("{source}:0").parse().expect("addr"), tls_for(&harness))
+                .expect("endpoint");
+        let dialed = quic::dial(&endpoint, tunnel, "localhost", WAIT).await;
+        assert!(dialed.is_err(), "{source} got a QUIC connection beyond its share");
+    }
+
+    // Meanwhile: an agent from another source gets in over QUIC (through a Retry, with this
+    // many pending) and over TCP, and the endpoint serves.
+    for transport in [TransportKind::Quic, TransportKind::Tcp] {
+        let answer = hello_with(&harness, transport, CONNECTOR, &harness.token.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{transport}: no answer during the flood: {e}"));
+        assert!(matches!(answer, Control::Welcome { .. }), "{transport}: {answer:?}");
+    }
+    let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    assert_eq!(echo_round_trip(socket, b"during the flood").await, b"during the flood");
+
+    // The places come back when the flood goes.
+    drop(flood);
+    let drained = async {
+        while harness.relay.pending_tunnel_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, drained).await.expect("pending places are given back");
+    harness.shutdown(&[agent]).await;
+}

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{BIN, echo_round_trip, echo_server};
+use common::{BIN, Running, echo_round_trip, echo_server};
 use tokio::net::TcpStream;
 
 /// A port free for both TCP and UDP, chosen below the kernel's ephemeral range (as a real
@@ -162,8 +162,16 @@ async fn survive_restarts(transport: &str) {
     let relay_args = ["relay", "--config", relay_cfg.to_str().expect("utf-8")];
     let agent_args = ["agent", "--config", agent_cfg.to_str().expect("utf-8")];
 
-    let mut relay = common::privlink(&relay_args);
+    // Started with the common soft limit of 1,024 open files, the relay raises it to the hard
+    // limit (each client connection takes two descriptors).
+    let mut lowered = Command::new("sh");
+    lowered.args(["-c", "ulimit -Sn 1024 && exec \"$0\" \"$@\"", BIN]).args(relay_args);
+    let mut relay = Running::spawn(lowered);
     relay.wait_for("endpoint listening");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", relay.pid())).expect("limits");
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).expect("line");
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(fields[3], fields[4], "the soft limit was not raised: {open_files}");
     let mut agent = common::privlink(&agent_args);
     agent.wait_for("connected to relay");
     relay.wait_for("endpoint approved by agent");

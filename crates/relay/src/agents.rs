@@ -4,7 +4,9 @@
 //! connection lives.
 //!
 //! Each incoming connection is handled in a task of its own, spawned before the handshake, so
-//! a stalled peer never blocks the accept loop; every handshake step has a deadline.
+//! a stalled peer never blocks the accept loop; every handshake step has a deadline, and until
+//! its hello is admitted the connection holds a place among the capped pending ones
+//! ([`crate::admission`]).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -24,10 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::admission::{Admission, PendingSlot};
 use crate::auth::{AuthFailure, FailureLimiter, authenticate};
 use crate::config::RelayConfig;
 use crate::registry::{AgentRegistration, Registry};
 
+/// Agents one connector may have connected to this relay at once: several share a
+/// connector's load and take over from each other, but a token holder cannot fill the relay
+/// with sessions.
+pub const MAX_AGENTS_PER_CONNECTOR: usize = 64;
 /// How long a refused agent gets to read the refusal before the relay closes.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
@@ -60,6 +67,7 @@ pub(crate) struct AgentsContext {
     pub(crate) config: Arc<RelayConfig>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) failures: Mutex<FailureLimiter>,
+    pub(crate) admission: Arc<Admission>,
     /// Cancelled when the relay starts shutting down: agents are told to drain.
     pub(crate) draining: CancellationToken,
 }
@@ -84,9 +92,27 @@ pub(crate) async fn accept_quic_agents(
             },
         };
         let remote = incoming.remote_address();
+        // Under load, a source proves its address first (one round trip, no state kept).
+        let incoming = if ctx.admission.wants_retry() && incoming.may_retry() {
+            match incoming.retry() {
+                Ok(()) => continue,
+                Err(not_retried) => not_retried.into_incoming(),
+            }
+        } else {
+            incoming
+        };
+        let slot = match ctx.admission.try_pending(remote.ip()) {
+            Ok(slot) => slot,
+            Err(over) => {
+                ctx.admission.record_turned_away(remote.ip(), "quic", over);
+                incoming.refuse();
+                continue;
+            }
+        };
         let handshake = quic::accept(incoming, Timers::HANDSHAKE);
         tracker.spawn(
-            serve_agent(handshake, remote, Arc::clone(&ctx)).instrument(agent_span(remote, "quic")),
+            serve_agent(handshake, remote, slot, Arc::clone(&ctx))
+                .instrument(agent_span(remote, "quic")),
         );
     }
 }
@@ -101,9 +127,18 @@ pub(crate) async fn accept_tcp_agents(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tcp::accept_until(&listener, &stop, |socket, remote| {
+        let slot = match ctx.admission.try_pending(remote.ip()) {
+            Ok(slot) => slot,
+            Err(over) => {
+                ctx.admission.record_turned_away(remote.ip(), "tcp", over);
+                tcp::abort(socket);
+                return;
+            }
+        };
         let handshake = h2::accept(socket, remote, acceptor.clone(), Timers::HANDSHAKE);
         tracker.spawn(
-            serve_agent(handshake, remote, Arc::clone(&ctx)).instrument(agent_span(remote, "tcp")),
+            serve_agent(handshake, remote, slot, Arc::clone(&ctx))
+                .instrument(agent_span(remote, "tcp")),
         );
     })
     .await;
@@ -113,11 +148,12 @@ pub(crate) async fn accept_tcp_agents(
 async fn serve_agent(
     handshake: impl Future<Output = Result<RelayConnection, DialError>>,
     remote: SocketAddr,
+    pending: PendingSlot,
     ctx: Arc<AgentsContext>,
 ) {
     let result = async {
         let connection = handshake.await?;
-        run_agent(&connection, remote, &ctx).await
+        run_agent(&connection, remote, pending, &ctx).await
     }
     .await;
     match result {
@@ -131,8 +167,11 @@ async fn serve_agent(
 async fn run_agent(
     connection: &RelayConnection,
     remote: SocketAddr,
+    pending: PendingSlot,
     ctx: &AgentsContext,
 ) -> Result<(), AgentSessionError> {
+    // Held until the hello is admitted.
+    let mut pending = Some(pending);
     let mut control = ControlStream::new(connection.open_stream(Timers::HANDSHAKE).await?);
     let mut machine = RelayControl::new(now(), Timers::default());
     let mut registration: Option<AgentRegistration> = None;
@@ -144,11 +183,14 @@ async fn run_agent(
     loop {
         while let Some(event) = machine.poll_event() {
             match event {
-                RelayEvent::Hello(hello) => match admit(&hello, remote, ctx) {
-                    Ok(endpoints) => {
+                RelayEvent::Hello(hello) => match admit(&hello, remote, ctx)
+                    .and_then(|endpoints| Ok((register(connection, &hello, ctx)?, endpoints)))
+                {
+                    Ok((registered, endpoints)) => {
                         assigned = endpoints.iter().map(|e| e.name.clone()).collect();
                         machine.accept(endpoints, now());
-                        registration = Some(register(connection, &hello, ctx));
+                        registration = Some(registered);
+                        drop(pending.take()); // admitted: no longer pending
                     }
                     Err((reason, delay)) => {
                         refused_here = true;
@@ -280,10 +322,33 @@ fn record_failure(ctx: &AgentsContext, remote: SocketAddr) -> Duration {
         .unwrap_or(crate::auth::MAX_REFUSAL_DELAY)
 }
 
-/// Registers an admitted agent (its endpoints are pending until its verdicts arrive).
-fn register(connection: &RelayConnection, hello: &Hello, ctx: &AgentsContext) -> AgentRegistration {
-    let registration =
-        ctx.registry.register(&hello.connector, &hello.agent_name, connection.clone());
+/// Registers an admitted agent (its endpoints are pending until its verdicts arrive), unless
+/// its connector already has [`MAX_AGENTS_PER_CONNECTOR`] agents here: then the reason it is
+/// refused.
+fn register(
+    connection: &RelayConnection,
+    hello: &Hello,
+    ctx: &AgentsContext,
+) -> Result<AgentRegistration, (String, Duration)> {
+    let Some(registration) = ctx.registry.register(
+        &hello.connector,
+        &hello.agent_name,
+        connection.clone(),
+        MAX_AGENTS_PER_CONNECTOR,
+    ) else {
+        warn!(
+            connector = %hello.connector,
+            agent = %hello.agent_name,
+            max = MAX_AGENTS_PER_CONNECTOR,
+            "refusing agent: its connector has the most agents this relay takes"
+        );
+        let reason = format!(
+            "connector `{}` already has {MAX_AGENTS_PER_CONNECTOR} agents connected to this \
+             relay, the most it takes",
+            hello.connector
+        );
+        return Err((reason, Duration::ZERO));
+    };
     let label = format!("{}/{}", hello.connector, hello.agent_name);
     tracing::Span::current().record("agent", tracing::field::display(&label));
     info!(
@@ -294,7 +359,7 @@ fn register(connection: &RelayConnection, hello: &Hello, ctx: &AgentsContext) ->
         transport = %connection.kind(),
         "agent connected"
     );
-    registration
+    Ok(registration)
 }
 
 /// Sends the queued refusal, gives the agent a moment to read it, then closes.

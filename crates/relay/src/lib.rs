@@ -11,6 +11,7 @@
 //! # Layout
 //!
 //! * [`config`] — `relay.toml` and its validation into [`RelayConfig`].
+//! * [`admission`] — caps on unauthenticated tunnel connections, in all and per source.
 //! * [`auth`] — token checks against stored digests, failed-attempt limiting.
 //! * [`agents`] — accepting agents on both transports and driving their control streams.
 //! * [`registry`] — connected agents, their verdicts, endpoint status, load-based choice.
@@ -23,6 +24,7 @@
 //! the addresses back), then [`Relay::run`] serves until its shutdown token is cancelled.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod agents;
 pub mod auth;
 pub mod config;
@@ -129,7 +131,8 @@ impl Relay {
         if config.admin_listen.is_some() {
             warn!("[admin] is configured but the admin API is not implemented in this version");
         }
-        let handle = RelayHandle::new(Arc::new(Registry::default()), by_name, tunnel_addr);
+        let handle =
+            RelayHandle::new(Arc::new(Registry::default()), Arc::default(), by_name, tunnel_addr);
         Ok(Self { config: Arc::new(config), quic, tunnel_tcp, tunnel_tls, listeners, handle })
     }
 
@@ -149,6 +152,7 @@ impl Relay {
             config: Arc::clone(&config),
             registry: Arc::clone(handle.registry()),
             failures: Mutex::default(),
+            admission: Arc::clone(handle.admission()),
             draining: CancellationToken::new(),
         });
 

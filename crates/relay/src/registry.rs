@@ -157,17 +157,25 @@ impl Registry {
         self.changed.send_modify(|generation| *generation += 1);
     }
 
-    /// Adds an authenticated agent; its endpoints are pending until it sends verdicts.
+    /// Adds an authenticated agent (its endpoints are pending until it sends verdicts), unless
+    /// its connector has `max_per_connector` agents already.
     pub fn register(
         self: &Arc<Self>,
         connector: &str,
         name: &str,
         connection: RelayConnection,
-    ) -> AgentRegistration {
+        max_per_connector: usize,
+    ) -> Option<AgentRegistration> {
         let active_streams = Arc::new(AtomicU32::new(0));
-        let mut id = 0;
+        let mut id = None;
         self.update(|state| {
-            id = state.next_id;
+            let siblings = state.agents.values().filter(|a| a.connector == connector).count();
+            if siblings >= max_per_connector {
+                return;
+            }
+            let new_id = state.next_id;
+            id = Some(new_id);
+            let id = new_id;
             state.next_id += 1;
             state.agents.insert(
                 id,
@@ -181,7 +189,7 @@ impl Registry {
                 },
             );
         });
-        AgentRegistration { registry: Arc::clone(self), id, active_streams }
+        Some(AgentRegistration { registry: Arc::clone(self), id: id?, active_streams })
     }
 
     /// Chooses the approving agent with the fewest active streams, and counts the new stream.

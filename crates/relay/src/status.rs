@@ -1,12 +1,13 @@
 //! The running relay as others see it: [`RelayHandle`], a cheap, cloneable view of its bound
-//! addresses, each endpoint's status and refusal counters, the connected agents, and waits for
-//! a state (for the demo, tests and — next — the admin API).
+//! addresses, each endpoint's status and refusal counters, the connected agents, the pending
+//! (unauthenticated) tunnel connections, and waits for a state (for the demo, tests and — next — the admin API).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admission::Admission;
 use crate::listen::Endpoint;
 use crate::registry::{AgentView, EndpointStatus, Registry};
 
@@ -14,6 +15,7 @@ use crate::registry::{AgentView, EndpointStatus, Registry};
 #[derive(Debug, Clone)]
 pub struct RelayHandle {
     registry: Arc<Registry>,
+    admission: Arc<Admission>,
     endpoints: Arc<HashMap<String, (Arc<Endpoint>, SocketAddr)>>,
     tunnel_addr: SocketAddr,
 }
@@ -21,14 +23,30 @@ pub struct RelayHandle {
 impl RelayHandle {
     pub(crate) fn new(
         registry: Arc<Registry>,
+        admission: Arc<Admission>,
         endpoints: HashMap<String, (Arc<Endpoint>, SocketAddr)>,
         tunnel_addr: SocketAddr,
     ) -> Self {
-        Self { registry, endpoints: Arc::new(endpoints), tunnel_addr }
+        Self { registry, admission, endpoints: Arc::new(endpoints), tunnel_addr }
     }
 
     pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub(crate) fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// Tunnel connections accepted but not authenticated yet.
+    pub fn pending_tunnel_connections(&self) -> usize {
+        self.admission.pending()
+    }
+
+    /// Tunnel connections turned away because too many were pending (in all or from their
+    /// source), since the relay started.
+    pub fn turned_away_tunnel_connections(&self) -> u64 {
+        self.admission.turned_away()
     }
 
     /// The address agents connect to.

@@ -19,6 +19,7 @@
 //! * [`tunnel`] — the connection and stream types both transports share, and the dial error.
 //! * [`quic`], [`h2`] — the two transports.
 //! * [`tcp`] — listening with a large backlog, the accept loop, closing with a reset.
+//! * [`throttle`] — log lines a flood could repeat, written at most once per interval.
 //! * [`tls`] — PEM loading and the tunnel's rustls configurations.
 //! * [`drain`] — letting tracked tasks finish within a grace period, then forcing them.
 //! * `pki` (feature `pki`) — a private CA and server certificates for first deployments, the
@@ -35,5 +36,6 @@ pub mod pki;
 pub mod quic;
 pub mod splice;
 pub mod tcp;
+pub mod throttle;
 pub mod tls;
 pub mod tunnel;

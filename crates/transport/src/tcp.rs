@@ -6,6 +6,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::throttle::Throttle;
+
 /// Closes a TCP connection with a reset (RST) instead of a FIN, so the peer learns at once
 /// that the connection was refused or aborted rather than finished.
 ///
@@ -42,26 +44,36 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpList
 
 /// Accepts connections on `listener` until `stop` is cancelled, handing each to `on_accept`,
 /// which should spawn the connection's work rather than await it: a stalled peer must never
-/// block the loop. Accept errors (EMFILE and friends) are logged and the loop pauses briefly,
-/// so that it neither spins nor stops serving.
+/// block the loop. Accept errors (EMFILE and friends) are logged — at most once per
+/// [`ACCEPT_ERROR_LOG_INTERVAL`], with a count of the others — and the loop pauses briefly, so
+/// that it neither spins nor stops serving.
 pub async fn accept_until(
     listener: &tokio::net::TcpListener,
     stop: &CancellationToken,
     mut on_accept: impl FnMut(TcpStream, std::net::SocketAddr),
 ) {
+    let throttle = Throttle::new(ACCEPT_ERROR_LOG_INTERVAL);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => on_accept(socket, peer),
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    if let Some(left_out) = throttle.admit(std::time::Instant::now()) {
+                        tracing::warn!(
+                            left_out,
+                            "accept failed: {e} (left_out: failures since the last such line)"
+                        );
+                    }
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
             },
         }
     }
 }
+
+/// Longest silence between two "accept failed" lines while accepts keep failing.
+pub const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Pause after a failed accept.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);

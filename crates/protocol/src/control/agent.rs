@@ -95,7 +95,10 @@ impl ControlMachine for AgentControl {
         if self.state == State::Closed {
             return;
         }
-        self.common.last_heard = now;
+        if let Some(error) = self.common.heard(now) {
+            self.fail(error);
+            return;
+        }
         match (self.state, message) {
             (
                 State::AwaitRelayHello,

@@ -12,7 +12,9 @@
 //! The conversation: relay `RelayHello` → agent `Hello` → relay `Welcome` or `Refused` → agent
 //! `Verdicts`; then heartbeats both ways, verdict updates, and `Drain` notices either way. Each
 //! handshake step has a deadline ([`Timers::handshake`]); once established, a side that hears
-//! nothing from its peer for [`Timers::peer_silence`] declares the conversation dead.
+//! nothing from its peer for [`Timers::peer_silence`] declares the conversation dead. A peer
+//! that sends messages faster than [`MESSAGE_BURST`] at once and one per [`MESSAGE_INTERVAL`]
+//! after that ends it too: a real one sends a handful per minute.
 
 mod agent;
 mod relay;
@@ -55,6 +57,12 @@ impl Default for Timers {
     }
 }
 
+/// Messages a peer may send at once before the rate limit applies.
+pub const MESSAGE_BURST: u32 = 32;
+/// Sustained rate a peer may send messages at: one per interval (4 a second). Heartbeats come
+/// every 15 s, verdicts and drains rarely.
+pub const MESSAGE_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Why a conversation failed. The driver closes the tunnel connection with a protocol error
 /// carrying this text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +92,12 @@ pub enum ControlError {
     /// Nothing was heard from an established peer for too long.
     #[error("nothing heard from the peer for {0:?}")]
     PeerSilent(Duration),
+    /// The peer sent messages faster than the conversation allows.
+    #[error(
+        "the peer sent control messages too fast (more than {MESSAGE_BURST} at once or one per \
+         {MESSAGE_INTERVAL:?})"
+    )]
+    TooFast,
 }
 
 /// What a driver does with either side's machine. The queues, timers and heartbeats are the
@@ -161,6 +175,10 @@ mod common {
         /// Whether this side's drain notice has been queued.
         pub(super) drain_sent: bool,
         pub(super) closed: bool,
+        /// The rate limit on the peer's messages, as a generic cell rate algorithm: the instant
+        /// at which the peer's allowance is used up; a message is refused when that instant is
+        /// more than a burst ahead of now.
+        allowance_until: Instant,
     }
 
     impl<E> Common<E> {
@@ -175,7 +193,20 @@ mod common {
                 active_streams: 0,
                 drain_sent: false,
                 closed: false,
+                allowance_until: now,
             }
+        }
+
+        /// A message came from the peer at `now`: it is alive. Returns the failure when the
+        /// peer is over its message rate.
+        pub(super) fn heard(&mut self, now: Instant) -> Option<ControlError> {
+            self.last_heard = now;
+            let next = self.allowance_until.max(now) + MESSAGE_INTERVAL;
+            if next > now + MESSAGE_INTERVAL * MESSAGE_BURST {
+                return Some(ControlError::TooFast);
+            }
+            self.allowance_until = next;
+            None
         }
 
         pub(super) fn await_step(&mut self, now: Instant, awaiting: &'static str) {

@@ -104,7 +104,10 @@ impl ControlMachine for RelayControl {
         if self.state == State::Closed {
             return;
         }
-        self.common.last_heard = now;
+        if let Some(error) = self.common.heard(now) {
+            self.fail(error);
+            return;
+        }
         match (self.state, message) {
             (State::AwaitHello, Control::Hello(hello)) => {
                 if hello.protocol_version != PROTOCOL_VERSION {
@@ -210,6 +213,30 @@ mod tests {
         relay.handle_message(Control::Verdicts(verdicts()), later);
         assert!(relay.is_established());
         assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
+    }
+
+    #[test]
+    fn a_peer_over_its_message_rate_ends_the_conversation() {
+        use crate::control::{MESSAGE_BURST, MESSAGE_INTERVAL};
+        let (mut relay, start) = established();
+        // A steady message per interval is fine for as long as it lasts, burst or no burst.
+        let mut now = start;
+        for _ in 0..10 * MESSAGE_BURST {
+            now += MESSAGE_INTERVAL;
+            relay.handle_message(Control::Heartbeat { active_streams: 0 }, now);
+        }
+        while relay.poll_event().is_some() {}
+        assert!(relay.is_established());
+        // After a quiet spell, a full burst at one instant is fine, and one more is too many.
+        now += MESSAGE_INTERVAL * MESSAGE_BURST;
+        for _ in 0..MESSAGE_BURST {
+            relay.handle_message(Control::Heartbeat { active_streams: 0 }, now);
+        }
+        assert!(relay.is_established(), "a burst within the limit is fine");
+        relay.handle_message(Control::Heartbeat { active_streams: 0 }, now);
+        let events: Vec<_> = std::iter::from_fn(|| relay.poll_event()).collect();
+        assert_eq!(events.last(), Some(&RelayEvent::Failed(ControlError::TooFast)), "{events:?}");
+        assert!(relay.is_closed());
     }
 
     #[test]
