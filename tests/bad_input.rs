@@ -297,7 +297,8 @@ async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
             let incoming = relay.accept().await.expect("incoming");
             quic::accept(incoming, WAIT).await
         });
-    let _agent_side = dialed.expect("dial");
+    let agent_side = dialed.expect("dial");
+    agent_side.allow_data_streams();
     let relay_side = accepted.expect("handshake");
 
     // The agent admits MAX_CONCURRENT_STREAMS data streams plus the control stream.
@@ -427,6 +428,7 @@ async fn an_agent_that_takes_no_data_gets_no_client_stuck_on_it() {
     let (mut control, welcome, _) =
         hello_on(&connection, CONNECTOR, &harness.token.clone(), "stuck").await.expect("hello");
     assert!(matches!(welcome, Control::Welcome { .. }), "{welcome:?}");
+    connection.allow_data_streams();
     let approve = vec![EndpointVerdict { endpoint: "e".into(), verdict: Verdict::Approved }];
     write_frame(&mut control, &Control::Verdicts(approve)).await.expect("verdicts");
     harness.wait_approved("e").await;
@@ -605,4 +607,120 @@ async fn a_flood_of_unauthenticated_connections_is_capped_and_agents_still_get_i
     };
     tokio::time::timeout(WAIT, drained).await.expect("pending places are given back");
     harness.shutdown(&[agent]).await;
+}
+
+/// A relay played by hand on either transport: a bound listener with the relay's certificate.
+enum FakeRelay {
+    Quic(quinn::Endpoint),
+    Tcp(TcpListener, tokio_rustls::TlsAcceptor),
+}
+
+impl FakeRelay {
+    async fn bind(pki: &Pki, transport: TransportChoice) -> Self {
+        match transport {
+            TransportChoice::Tcp => {
+                let server_tls = tls::tunnel_server_config(
+                    vec![pki.relay.cert_der.clone()],
+                    pki.relay.key_der.clone_key(),
+                )
+                .expect("tls");
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                Self::Tcp(listener, tokio_rustls::TlsAcceptor::from(Arc::new(server_tls)))
+            }
+            _ => Self::Quic(bare_relay_endpoint(pki)),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Quic(endpoint) => endpoint.local_addr().expect("addr"),
+            Self::Tcp(listener, _) => listener.local_addr().expect("addr"),
+        }
+    }
+
+    /// The relay's side of the next agent connection.
+    async fn accept(&self) -> RelayConnection {
+        match self {
+            Self::Quic(endpoint) => {
+                let incoming = tokio::time::timeout(WAIT, endpoint.accept())
+                    .await
+                    .expect("agent dials")
+                    .expect("incoming");
+                quic::accept(incoming, WAIT).await.expect("handshake")
+            }
+            Self::Tcp(listener, acceptor) => {
+                let (socket, remote) = tokio::time::timeout(WAIT, listener.accept())
+                    .await
+                    .expect("agent dials")
+                    .expect("accept");
+                h2::accept(socket, remote, acceptor.clone(), WAIT).await.expect("handshake")
+            }
+        }
+    }
+}
+
+/// Writes an `Open` for `endpoint` → `destination` on a new stream and returns the agent's
+/// reply, or what kept it from coming.
+async fn ask_open(
+    connection: &RelayConnection,
+    endpoint: &str,
+    destination: SocketAddr,
+    wait: Duration,
+) -> Result<OpenReply, String> {
+    let mut stream = connection.open_stream(wait).await.map_err(|e| e.to_string())?;
+    let open = Open {
+        endpoint: endpoint.into(),
+        destination: destination.to_string(),
+        client_addr: "198.51.100.7:50000".parse().expect("addr"),
+        inactivity_timeout_ms: 60_000,
+    };
+    write_frame(&mut stream, &open).await.map_err(|e| e.to_string())?;
+    read_frame(&mut stream, MAX_BODY_LEN, wait).await.map_err(|e| e.to_string())
+}
+
+/// A relay (a compromised one, say) cannot pile streams and their data up in an agent before
+/// the control handshake: the agent admits only the control stream until it has sent its
+/// verdicts, then data streams as usual.
+async fn no_data_streams_before_the_handshake(transport: TransportChoice) {
+    let pki = pki();
+    let fake = FakeRelay::bind(&pki, transport).await;
+    let allowed = echo_server().await;
+    let harness = Harness::start(vec![]).await; // for its agent-config builder only
+    let mut config = harness.agent_config(transport, &[rule_for(allowed)]);
+    config.relays[0].port = fake.addr().port();
+    config.relay_roots = vec![pki.ca.identity.cert_der.clone()];
+    let agent = harness.spawn_agent(config);
+    let connection = fake.accept().await;
+
+    let mut control = connection.open_stream(WAIT).await.expect("control stream");
+    let relay_hello =
+        Control::RelayHello { protocol_version: PROTOCOL_VERSION, software_version: String::new() };
+    write_frame(&mut control, &relay_hello).await.expect("relay hello");
+    let hello: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT).await.expect("hello");
+    assert!(matches!(hello, Control::Hello(_)), "{hello:?}");
+    // Before the welcome: a data stream gets no answer (QUIC: no stream credit; TCP: refused).
+    let early = ask_open(&connection, "e", allowed, Duration::from_millis(500)).await;
+    assert!(early.is_err(), "the agent took a data stream before the handshake: {early:?}");
+
+    let welcome = Control::Welcome {
+        endpoints: vec![EndpointAssignment { name: "e".into(), destination: allowed.to_string() }],
+    };
+    write_frame(&mut control, &welcome).await.expect("welcome");
+    let verdicts: Control = read_frame(&mut control, MAX_BODY_LEN, WAIT).await.expect("verdicts");
+    assert!(matches!(verdicts, Control::Verdicts(_)), "{verdicts:?}");
+    // After it: streams are taken as usual.
+    let reply = ask_open(&connection, "e", allowed, WAIT).await;
+    assert_eq!(reply, Ok(OpenReply::Opened));
+    connection.close(CloseCode::Shutdown, "test over");
+    harness.shutdown(&[agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_data_streams_before_the_handshake_quic() {
+    no_data_streams_before_the_handshake(TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_data_streams_before_the_handshake_tcp() {
+    no_data_streams_before_the_handshake(TransportChoice::Tcp).await;
 }

@@ -62,7 +62,7 @@ impl FromStr for AllowRule {
             )));
         } else {
             match host.parse::<Host>()? {
-                Host::Name(name) => HostPattern::Exact(name),
+                Host::Name(name) => HostPattern::Exact(name.as_str().to_owned()),
                 Host::Ip(ip) => HostPattern::Ip(ip.to_canonical()),
             }
         };
@@ -77,8 +77,9 @@ impl AllowRule {
             return false;
         }
         match (&self.host, &destination.host) {
-            (HostPattern::Exact(rule), Host::Name(name)) => rule == name,
+            (HostPattern::Exact(rule), Host::Name(name)) => rule == name.as_str(),
             (HostPattern::Wildcard(suffix), Host::Name(name)) => name
+                .as_str()
                 .strip_suffix(suffix.as_str())
                 .and_then(|head| head.strip_suffix('.'))
                 .is_some_and(|label| !label.is_empty() && !label.contains('.')),

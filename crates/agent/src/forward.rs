@@ -151,7 +151,8 @@ pub async fn connect_allowed(
     let resolved: Vec<SocketAddr> = match &destination.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, destination.port)],
         Host::Name(name) => {
-            let lookup = tokio::net::lookup_host((name.as_str(), destination.port));
+            // An absolute name keeps its dot: no search domain is tried (see `DnsName`).
+            let lookup = tokio::net::lookup_host((name.lookup_form(), destination.port));
             match tokio::time::timeout(policy.dns_timeout, lookup).await {
                 Ok(Ok(addrs)) => addrs.collect(),
                 Ok(Err(e)) => {

@@ -87,7 +87,7 @@ async fn resolve(relay: &RelayAddress) -> std::io::Result<Vec<SocketAddr>> {
         privlink_protocol::destination::Host::Ip(ip) => {
             return Ok(vec![SocketAddr::new(*ip, relay.port)]);
         }
-        privlink_protocol::destination::Host::Name(name) => name.clone(),
+        privlink_protocol::destination::Host::Name(name) => name.lookup_form(),
     };
     let mut addrs: Vec<SocketAddr> =
         tokio::net::lookup_host((host.as_str(), relay.port)).await?.collect();

@@ -127,6 +127,9 @@ async fn run_session(
                             .map(|v| v.endpoint.clone())
                             .collect(),
                     );
+                    // Data streams are admitted from here on; the new limit leaves before
+                    // the verdicts, so the relay can open a stream as soon as it reads them.
+                    connection.allow_data_streams();
                     machine.send_verdicts(verdicts, now());
                 }
                 AgentEvent::Refused { reason } => return Err(SessionError::Refused(reason)),

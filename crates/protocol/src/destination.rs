@@ -13,16 +13,54 @@ const MAX_LABEL_LEN: usize = 63;
 /// The host part of a destination.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Host {
-    /// A DNS name, lowercased, without a trailing dot.
-    Name(String),
+    /// A DNS name.
+    Name(DnsName),
     /// An IP address literal.
     Ip(IpAddr),
+}
+
+/// A DNS name, lowercased, and whether it was written absolute (with a trailing dot).
+///
+/// An absolute name is resolved as written: without its dot the system resolver would try
+/// the search domains first (`ndots:5` on Kubernetes sends `vault.example.net` to
+/// `vault.example.net.<namespace>.svc.cluster.local` and friends first), and whoever answers
+/// for one of those would get the connection. Policy (allowlist rules) compares names without
+/// the dot: `vault.example.net.` and `vault.example.net` are the same name to a rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DnsName {
+    name: String,
+    absolute: bool,
+}
+
+impl DnsName {
+    /// The name without a trailing dot, for comparisons and messages.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether it was written with a trailing dot.
+    pub fn is_absolute(&self) -> bool {
+        self.absolute
+    }
+
+    /// What to hand the resolver: the name, with its trailing dot when it was written
+    /// absolute, so no search domain is tried.
+    pub fn lookup_form(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for DnsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)?;
+        if self.absolute { f.write_str(".") } else { Ok(()) }
+    }
 }
 
 impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Name(name) => f.write_str(name),
+            Self::Name(name) => write!(f, "{name}"),
             Self::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
             Self::Ip(ip) => write!(f, "{ip}"),
         }
@@ -109,7 +147,8 @@ impl FromStr for Host {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.parse::<IpAddr>() {
             Ok(ip) => Ok(Self::Ip(ip)),
-            Err(_) => normalize_dns_name(s).map(Self::Name),
+            Err(_) => normalize_dns_name(s)
+                .map(|name| Self::Name(DnsName { name, absolute: s.ends_with('.') })),
         }
     }
 }
@@ -146,10 +185,22 @@ mod tests {
     #[test]
     fn parses_names_and_literals() {
         let d: Destination =
-            "Contoso-KV.privatelink.vaultcore.azure.net.:443".parse().expect("name");
-        assert_eq!(d.host, Host::Name("contoso-kv.privatelink.vaultcore.azure.net".into()));
+            "Contoso-KV.privatelink.vaultcore.azure.net:443".parse().expect("name");
+        let Host::Name(name) = &d.host else { panic!("a name: {d:?}") };
+        assert_eq!(name.as_str(), "contoso-kv.privatelink.vaultcore.azure.net");
+        assert!(!name.is_absolute());
         assert_eq!(d.port, 443);
         assert_eq!(d.to_string(), "contoso-kv.privatelink.vaultcore.azure.net:443");
+
+        // Written absolute, it stays absolute: in its text (which the relay sends the agent)
+        // and in what the resolver is given.
+        let d: Destination = "Vault.Corp.Test.:443".parse().expect("absolute name");
+        let Host::Name(name) = &d.host else { panic!("a name: {d:?}") };
+        assert_eq!(name.as_str(), "vault.corp.test");
+        assert!(name.is_absolute());
+        assert_eq!(name.lookup_form(), "vault.corp.test.");
+        assert_eq!(d.to_string(), "vault.corp.test.:443");
+        assert_eq!(d.to_string().parse::<Destination>(), Ok(d));
 
         let d: Destination = "10.1.2.3:8443".parse().expect("v4");
         assert_eq!(d.host, Host::Ip("10.1.2.3".parse().expect("ip")));

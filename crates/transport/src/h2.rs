@@ -193,6 +193,9 @@ pub struct H2Opener {
 pub struct H2Acceptor {
     incoming: Arc<Mutex<mpsc::UnboundedReceiver<Incoming>>>,
     state: Arc<CloseState>,
+    /// Set once data streams are allowed; until then every stream after the first (the
+    /// control stream) is refused, so nothing queues before the control handshake.
+    data_streams_allowed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Relay side: runs the HTTP/2 client handshake over an accepted, TLS-wrapped TCP connection
@@ -244,14 +247,24 @@ where
     let state = CloseState::new(remote);
     let driver = Arc::clone(&state);
     let (queue, incoming) = mpsc::unbounded_channel();
+    let data_streams_allowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let allowed = Arc::clone(&data_streams_allowed);
     tokio::spawn(async move {
+        let mut accepted = 0u64;
         // Polling `accept` is what drives the connection's I/O, so it runs for the connection's
-        // whole life, not only when someone waits for a stream.
+        // whole life, not only when someone waits for a stream. The queue holds at most the
+        // control stream until data streams are allowed, and after that at most the streams
+        // h2's concurrency limit lets the relay open.
         let reason = loop {
             tokio::select! {
                 next = connection.accept() => match next {
-                    Some(Ok(stream)) => {
-                        if queue.send(stream).is_err() {
+                    Some(Ok((request, mut respond))) => {
+                        accepted += 1;
+                        if accepted > 1 && !allowed.load(std::sync::atomic::Ordering::Acquire) {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        if queue.send((request, respond)).is_err() {
                             break "closed locally".to_owned();
                         }
                     }
@@ -271,7 +284,7 @@ where
         };
         driver.set_reason(reason);
     });
-    Ok(H2Acceptor { incoming: Arc::new(Mutex::new(incoming)), state })
+    Ok(H2Acceptor { incoming: Arc::new(Mutex::new(incoming)), state, data_streams_allowed })
 }
 
 fn describe(error: &h2::Error) -> String {
@@ -304,6 +317,10 @@ impl H2Opener {
 }
 
 impl H2Acceptor {
+    pub(crate) fn allow_data_streams(&self) {
+        self.data_streams_allowed.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     pub(crate) async fn accept_stream(&self) -> Result<H2Stream, StreamError> {
         let next = self.incoming.lock().await.recv().await;
         let Some((request, respond)) = next else {

@@ -4,8 +4,10 @@
 //!   product is 6.25 MB; the stream window is 8 MiB), and connection windows far larger than a
 //!   stream's, so a stream whose reader stalls holds back only itself (see
 //!   [`connection_receive_window`]).
-//! * The agent admits up to [`MAX_CONCURRENT_STREAMS`] relay-opened streams; the relay admits
-//!   none from the agent (the relay opens every stream).
+//! * The agent admits one relay-opened stream — the control stream — until its control
+//!   handshake is done, then up to [`MAX_CONCURRENT_STREAMS`] more
+//!   ([`AgentConnection::allow_data_streams`]); the relay admits none from the agent (the relay
+//!   opens every stream).
 //! * Keep-alives every [`KEEP_ALIVE`] and an idle timeout of [`IDLE_TIMEOUT`], so a dead peer
 //!   is noticed within seconds.
 //! * UDP socket buffers raised to [`UDP_BUFFER_BYTES`]; what the kernel granted is logged.
@@ -79,7 +81,8 @@ pub fn connection_receive_window(role: Role) -> u32 {
 pub fn transport_config(role: Role) -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     let incoming_streams = match role {
-        Role::Agent => MAX_CONCURRENT_STREAMS + 1,
+        // The control stream; data streams are allowed once the handshake is done.
+        Role::Agent => 1u32,
         Role::Relay => 0,
     };
     config

@@ -233,6 +233,19 @@ impl Connection<RelaySide> {
 }
 
 impl Connection<AgentSide> {
+    /// Lets the relay open data streams, up to [`crate::quic::MAX_CONCURRENT_STREAMS`] at once.
+    /// Until this is called only the control stream is admitted: a relay cannot pile up
+    /// streams (and their data) before the control handshake is done. Over QUIC the new limit
+    /// goes out as a MAX_STREAMS frame; over TCP further streams are refused until then.
+    pub fn allow_data_streams(&self) {
+        match &self.inner {
+            Inner::Quic(c) => {
+                c.set_max_concurrent_bi_streams((crate::quic::MAX_CONCURRENT_STREAMS + 1).into());
+            }
+            Inner::H2(acceptor) => acceptor.allow_data_streams(),
+        }
+    }
+
     /// Waits for the relay to open a stream.
     pub async fn accept_stream(&self) -> Result<TunnelStream, StreamError> {
         match &self.inner {
