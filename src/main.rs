@@ -43,6 +43,24 @@ fn raise_open_file_limit() {
     }
 }
 
+/// Takes `PRIVLINK_TOKEN` out of the environment and returns it, so that nothing the process
+/// does later — a library that dumps the environment into a crash report, a child process —
+/// sees the token. (The kernel keeps the environment the process started with in
+/// `/proc/PID/environ`, readable by the same user and root; `token_file` avoids that too.)
+#[allow(
+    unsafe_code,
+    reason = "std::env::remove_var is unsafe in edition 2024 because another thread might read \
+              the environment meanwhile; it is called before any other thread exists"
+)]
+fn take_token_from_env() -> Option<String> {
+    let token = std::env::var_os(privlink_agent::config::TOKEN_ENV)?;
+    // SAFETY: called from `main` before the runtime (or anything else) starts a thread, so no
+    // other thread can be reading the environment.
+    unsafe { std::env::remove_var(privlink_agent::config::TOKEN_ENV) };
+    // A token is ASCII; anything else is reported by the config check as an invalid token.
+    Some(token.to_string_lossy().into_owned())
+}
+
 /// How long leftover blocking tasks may delay the exit once a service has stopped.
 const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -54,6 +72,8 @@ const EXIT_UNAVAILABLE: u8 = 69;
 fn main() -> ExitCode {
     tune_malloc();
     let cli = Cli::parse();
+    let env_token =
+        if matches!(cli.command, Command::Agent { .. }) { take_token_from_env() } else { None };
     let default_filter = match cli.command {
         Command::Demo { .. } => "warn,privlink::flow=info",
         _ => "info",
@@ -76,7 +96,7 @@ fn main() -> ExitCode {
         }
         command => runtime().and_then(|rt| {
             raise_open_file_limit();
-            let result = rt.block_on(run_service(command));
+            let result = rt.block_on(run_service(command, env_token));
             // The services have drained and said "stopped"; a blocking task still running (a
             // DNS lookup of an unreachable relay name, say) must not hold the exit up.
             rt.shutdown_timeout(RUNTIME_SHUTDOWN);
@@ -105,11 +125,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn run_service(command: Command) -> anyhow::Result<()> {
+async fn run_service(command: Command, env_token: Option<String>) -> anyhow::Result<()> {
     let shutdown = signals::shutdown_on_signal()?;
     match command {
         Command::Relay { config } => cmd::relay::run(&config, shutdown).await,
-        Command::Agent { config } => cmd::agent::run(&config, shutdown).await,
+        Command::Agent { config } => cmd::agent::run(&config, env_token, shutdown).await,
         Command::Demo { port } => cmd::demo::run(port, shutdown).await,
         Command::Token { .. } | Command::Certs { .. } => unreachable!("handled without a runtime"),
     }

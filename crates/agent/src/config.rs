@@ -182,9 +182,11 @@ fn parse_token_file(text: &str) -> Result<&str, String> {
 }
 
 impl AgentConfig {
-    /// Reads and validates an agent configuration file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_source(&ConfigSource::read(path)?, std::env::var(TOKEN_ENV).ok())
+    /// Reads and validates an agent configuration file; `env_token` is the value of
+    /// `PRIVLINK_TOKEN`, which the caller has taken out of the environment (see the binary's
+    /// `take_token_from_env`).
+    pub fn load(path: &Path, env_token: Option<String>) -> Result<Self, ConfigError> {
+        Self::from_source(&ConfigSource::read(path)?, env_token)
     }
 
     /// Validates a configuration already in memory; `env_token` stands for `PRIVLINK_TOKEN`.
