@@ -5,7 +5,8 @@
 //! first); UDP dropped by nftables → TLS over TCP, and back to QUIC; and the faults — a cut
 //! link, the agent killed during 50 live transfers, the relay killed and restarted, SIGTERM to
 //! the relay during transfers, and 128 MiB over a 50 ms / 2 % loss WAN, each on both
-//! transports (QUIC and TLS over TCP). Each prints the recovery times it measured; none
+//! transports (QUIC and TLS over TCP); and an absolute destination name resolved without the
+//! search domains of the agent's resolver. Each prints the recovery times it measured; none
 //! asserts on timing beyond "within the bound".
 //!
 //! Needs root, `/dev/net/tun`, iproute2, nftables, curl, openssl and python3 (`.ci/run`
@@ -686,4 +687,106 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
 /// The relay's default shutdown grace period (the test configs do not set one).
 fn relay_grace() -> std::time::Duration {
     privlink_relay::config::DEFAULT_SHUTDOWN_GRACE
+}
+
+/// A tiny DNS server (see the script).
+const DNS_SERVER: &str = include_str!("scripts/dns_server.py");
+
+/// Accepts connections on ADDRESS PORT and sends each one BANNER and a newline, then closes.
+const BANNER_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
+print("banner ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(sys.argv[3].encode() + b"\n"); c.close()
+"#;
+
+/// Connects to 127.0.0.1:PORT and prints the first line the far end sends.
+const BANNER_CLIENT: &str = r#"
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+got = b""
+while not got.endswith(b"\n"):
+    d = c.recv(64)
+    if not d: break
+    got += d
+print(got.decode().strip() or "nothing", flush=True)
+"#;
+
+/// An address in the vnet where an impostor listens (outside the veth's /30).
+const IMPOSTOR_ADDR: &str = "10.231.9.9";
+
+/// The agent's network has a search domain and Kubernetes' `ndots:5`, and a host in the search
+/// domain answers for the vault's name. An endpoint whose destination is written absolute
+/// (`vault.corp.test.:9000`) reaches the real vault: the agent resolves it as written, not
+/// through the search list. The same name written relative goes through the search list, as
+/// the system resolver does for every program — which is why absolute names exist, and the
+/// control showing that this test's resolver really applies the search domain.
+#[test]
+fn an_absolute_destination_name_is_resolved_without_the_search_domains() {
+    let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
+    let Some(mut topology) = topology_or_skip("dn", &["cloud", "vnet"], &links) else { return };
+    let (cloud, vnet) = (topology.ns(0).to_owned(), topology.ns(1).to_owned());
+    must(
+        "ip",
+        &["netns", "exec", &vnet, "ip", "addr", "add", &format!("{IMPOSTOR_ADDR}/32"), "dev", "lo"],
+    );
+    topology.set_hosts(1, "");
+    topology.set_resolver(
+        1,
+        &format!("nameserver {VNET_ADDR}\nsearch search.test\noptions ndots:5 attempts:1\n"),
+    );
+    let real = format!("vault.corp.test.={VNET_ADDR}");
+    let impostor = format!("vault.corp.test.search.test.={IMPOSTOR_ADDR}");
+    let mut dns = Running::spawn(topology.exec(
+        &vnet,
+        "python3",
+        &["-c", DNS_SERVER, VNET_ADDR, &real, &impostor],
+    ));
+    dns.wait_for("dns ready");
+    let mut vault = Running::spawn(topology.exec(
+        &vnet,
+        "python3",
+        &["-c", BANNER_SERVER, VNET_ADDR, "9000", "the-real-vault"],
+    ));
+    vault.wait_for("banner ready");
+    let mut fake = Running::spawn(topology.exec(
+        &vnet,
+        "python3",
+        &["-c", BANNER_SERVER, IMPOSTOR_ADDR, "9000", "an-impostor"],
+    ));
+    fake.wait_for("banner ready");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (relay_cfg, agent_cfg) = common::write_tunnel_files(
+        dir.path(),
+        &common::TunnelFiles {
+            tunnel_listen: &format!("{CLOUD_ADDR}:7443"),
+            endpoint: "absolute",
+            endpoint_listen: "127.0.0.1:8443",
+            destination: "vault.corp.test.:9000",
+            endpoint_extra: "\n[[endpoint]]\nname = \"relative\"\nconnector = \"tunnel\"\n\
+                             destination = \"vault.corp.test:9000\"\nlisten = \"127.0.0.1:8444\"\n",
+            agent_extra: "transport = \"quic\"",
+            allow: "vault.corp.test:9000",
+        },
+    );
+    let probe = topology.run(&vnet, "python3", &["-c", "import socket; socket.create_connection(('10.231.0.3', 9000), timeout=2); print('reached')"]);
+    eprintln!("PROBE {probe:?}");
+    let probe = topology.run(&vnet, "ip", &["addr"]);
+    eprintln!("ADDR {probe:?}");
+    let placement = Placement::Namespaces { relay: &cloud, agent: &vnet };
+    let tunnel = Tunnel::start(common::BIN, &relay_cfg, &agent_cfg, placement);
+
+    let (ok, out, err) = topology.run(&cloud, "python3", &["-c", BANNER_CLIENT, "8443"]);
+    assert!(ok, "client of the absolute endpoint: {err}");
+    assert_eq!(out.trim(), "the-real-vault", "the absolute name went through the search list");
+    let (ok, out, err) = topology.run(&cloud, "python3", &["-c", BANNER_CLIENT, "8444"]);
+    assert!(ok, "client of the relative endpoint: {err}");
+    assert_eq!(out.trim(), "an-impostor", "control: this resolver must apply its search domain");
+    dns.wait_for("query vault.corp.test.search.test.");
+
+    let (agent, relay) = tunnel.stop();
+    assert!(agent.success() && relay.success(), "agent {agent}, relay {relay}");
 }

@@ -183,6 +183,15 @@ impl Topology {
         self.hosts_dirs.push(dir);
     }
 
+    /// Gives a namespace its own /etc/resolv.conf (`ip netns exec` bind-mounts it like the
+    /// hosts file), for tests of how the agent's system resolver is used.
+    pub fn set_resolver(&mut self, index: usize, resolv_conf: &str) {
+        let dir = Path::new("/etc/netns").join(&self.namespaces[index]);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+        std::fs::write(dir.join("resolv.conf"), resolv_conf).expect("resolv.conf");
+        self.hosts_dirs.push(dir);
+    }
+
     /// A command that runs `program` inside namespace `ns` (a full name from [`Self::ns`]).
     pub fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Command {
         let mut command = Command::new("ip");
