@@ -125,11 +125,19 @@ async fn stalled(addr: SocketAddr, budget: Budget, pids: Option<&[u32]>, figures
     };
     let down = load::bulk(addr, Direction::Download, budget.bulk).await;
     let down = down.map_or_else(|e| frozen("downloads", e), |t| t.gbit_per_s());
+    // Setting the stalled uploads up can fail too when the path is already frozen.
     let uploads = load::stall(addr, Direction::Upload, STALLED).await;
-    let uploads = uploads.unwrap_or_else(|e| fail("stalled uploads", &e));
-    tokio::time::sleep(settle).await;
-    let up = load::bulk(addr, Direction::Upload, budget.bulk).await;
-    let up = up.map_or_else(|e| frozen("uploads", e), |t| t.gbit_per_s());
+    let up = match &uploads {
+        Ok(_) => {
+            tokio::time::sleep(settle).await;
+            let up = load::bulk(addr, Direction::Upload, budget.bulk).await;
+            up.map_or_else(|e| frozen("uploads", e), |t| t.gbit_per_s())
+        }
+        Err(e) => frozen(
+            "uploads (setting the stalled ones up)",
+            std::io::Error::new(e.kind(), e.to_string()),
+        ),
+    };
     if let (Some(pids), Some(before)) = (pids, before) {
         figures.stalled_mib = Some(rss_kib(pids).saturating_sub(before) as f64 / 1024.0);
     }

@@ -80,7 +80,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
             chain: vec![relay_cert.cert_der.clone()],
             key: relay_cert.key_der.clone_key(),
         },
-        admin_listen: None,
+        admin: None,
         shutdown_grace: Duration::from_secs(5),
         connectors: vec![ConnectorSpec {
             name: "demo".into(),

@@ -66,6 +66,14 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(endpoints: Vec<EndpointSpec>) -> Self {
+        Self::start_with_admin(endpoints, None).await
+    }
+
+    /// [`Harness::start`] with an admin listener.
+    pub async fn start_with_admin(
+        endpoints: Vec<EndpointSpec>,
+        admin: Option<privlink_relay::config::AdminSettings>,
+    ) -> Self {
         init_tracing();
         let pki = pki();
         let token = format!("test-token-{}", hex(&random_bytes(8)));
@@ -75,7 +83,7 @@ impl Harness {
                 chain: vec![pki.relay.cert_der.clone()],
                 key: pki.relay.key_der.clone_key(),
             },
-            admin_listen: None,
+            admin,
             shutdown_grace: Duration::from_secs(5),
             connectors: vec![ConnectorSpec {
                 name: CONNECTOR.to_owned(),

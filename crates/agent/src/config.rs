@@ -163,24 +163,6 @@ fn warn_if_readable_by_others(path: &Path) {
     }
 }
 
-/// The token in a token file: the file holds the token and nothing else (a trailing newline is
-/// fine).
-fn parse_token_file(text: &str) -> Result<&str, String> {
-    let token = text.trim();
-    if token.is_empty() {
-        return Err("the file is empty".to_owned());
-    }
-    if token.contains(char::is_whitespace) {
-        return Err(
-            "the file must hold only the token, on one line; `privlink token new --out FILE` \
-             writes such a file (its other output, the comments and the token_sha256 line, is \
-             not part of the token)"
-                .to_owned(),
-        );
-    }
-    Ok(token)
-}
-
 impl AgentConfig {
     /// Reads and validates an agent configuration file; `env_token` is the value of
     /// `PRIVLINK_TOKEN`, which the caller has taken out of the environment (see the binary's
@@ -220,7 +202,7 @@ impl AgentConfig {
                         format!("cannot read {}: {e}", path.display()),
                     )
                 })?;
-                let token = parse_token_file(&text).map_err(|problem| {
+                let token = privlink_protocol::token::token_in_file(&text).map_err(|problem| {
                     source.error_for(file, "token_file", format!("{}: {problem}", path.display()))
                 })?;
                 warn_if_readable_by_others(&path);

@@ -91,6 +91,24 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// The token in a token file: the file holds the token and nothing else (a trailing newline is
+/// fine).
+pub fn token_in_file(text: &str) -> Result<&str, String> {
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("the file is empty".to_owned());
+    }
+    if token.contains(char::is_whitespace) {
+        return Err(
+            "the file must hold only the token, on one line; `privlink token new --out FILE` \
+             writes such a file (its other output, the comments and the token_sha256 line, is \
+             not part of the token)"
+                .to_owned(),
+        );
+    }
+    Ok(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::admission::{Admission, PendingSlot};
 use crate::auth::{AuthFailure, FailureLimiter, authenticate};
 use crate::config::RelayConfig;
-use crate::registry::{AgentRegistration, Registry};
+use crate::registry::{AgentInfo, AgentRegistration, Registry};
 
 /// Agents one connector may have connected to this relay at once: several share a
 /// connector's load and take over from each other, but a token holder cannot fill the relay
@@ -330,12 +330,16 @@ fn register(
     hello: &Hello,
     ctx: &AgentsContext,
 ) -> Result<AgentRegistration, (String, Duration)> {
-    let Some(registration) = ctx.registry.register(
-        &hello.connector,
-        &hello.agent_name,
-        connection.clone(),
-        MAX_AGENTS_PER_CONNECTOR,
-    ) else {
+    let info = AgentInfo {
+        connector: hello.connector.clone(),
+        name: hello.agent_name.clone(),
+        agent_id: hello.agent_id.clone(),
+        version: hello.software_version.clone(),
+        remote: connection.remote_address(),
+    };
+    let Some(registration) =
+        ctx.registry.register(info, connection.clone(), MAX_AGENTS_PER_CONNECTOR)
+    else {
         warn!(
             connector = %hello.connector,
             agent = %hello.agent_name,

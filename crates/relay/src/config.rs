@@ -35,8 +35,8 @@ pub struct RelayConfig {
     pub tunnel_listen: SocketAddr,
     /// The relay's certificate chain and key.
     pub identity: TlsIdentity,
-    /// Admin API address (reserved: the admin API is not served yet).
-    pub admin_listen: Option<SocketAddr>,
+    /// The admin listener, when `[admin]` is set.
+    pub admin: Option<AdminSettings>,
     /// How long in-flight connections may run after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Connectors and their token hashes.
@@ -121,7 +121,18 @@ struct RawTunnel {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    listen: SocketAddr,
+    listen: Spanned<SocketAddr>,
+    #[serde(default)]
+    token_file: Option<Spanned<PathBuf>>,
+}
+
+/// The admin listener's settings (`[admin]`).
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The digest of the token `/api/*` requires (from `token_file`); required off loopback.
+    pub token: Option<TokenDigest>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -287,10 +298,11 @@ impl RelayConfig {
             )
         })?;
 
+        let admin = raw.admin.map(|a| admin_settings(source, a)).transpose()?;
         Ok(Self {
             tunnel_listen: raw.tunnel.listen,
             identity: TlsIdentity { chain, key },
-            admin_listen: raw.admin.map(|a| a.listen),
+            admin,
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             connectors,
             endpoints,
@@ -321,4 +333,33 @@ fn check_name(source: &ConfigSource, name: &Spanned<String>, key: &str) -> Resul
             format!("`{n}` is not a valid name (1–64 of A–Z a–z 0–9 . _ -)"),
         ))
     }
+}
+
+/// Validates `[admin]`: off loopback, a token file is required (the status API names agents,
+/// endpoints and addresses); the relay keeps only the token's digest.
+fn admin_settings(source: &ConfigSource, raw: RawAdmin) -> Result<AdminSettings, ConfigError> {
+    let listen = *raw.listen.get_ref();
+    let token = match &raw.token_file {
+        Some(file) => {
+            let path = source.resolve_path(file.get_ref());
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                source.error_for(file, "admin.token_file", format!("{}: {e}", path.display()))
+            })?;
+            let token = privlink_protocol::token::token_in_file(&text)
+                .map_err(|problem| source.error_for(file, "admin.token_file", problem))?;
+            Some(TokenDigest::of(token.as_bytes()))
+        }
+        None if !listen.ip().is_loopback() => {
+            return Err(source.error_for(
+                &raw.listen,
+                "admin.listen",
+                format!(
+                    "{listen} is not a loopback address: set admin.token_file too, so the status \
+                     API needs a bearer token"
+                ),
+            ));
+        }
+        None => None,
+    };
+    Ok(AdminSettings { listen, token })
 }

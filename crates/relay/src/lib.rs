@@ -11,6 +11,7 @@
 //! # Layout
 //!
 //! * [`config`] — `relay.toml` and its validation into [`RelayConfig`].
+//! * `admin` — what the admin listener (`privlink-admin`) reports: readiness and status.
 //! * [`admission`] — caps on unauthenticated tunnel connections, in all and per source.
 //! * [`auth`] — token checks against stored digests, failed-attempt limiting.
 //! * [`agents`] — accepting agents on both transports and driving their control streams.
@@ -24,6 +25,7 @@
 //! the addresses back), then [`Relay::run`] serves until its shutdown token is cancelled.
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod admission;
 pub mod agents;
 pub mod auth;
@@ -44,8 +46,11 @@ use privlink_transport::{drain, quic, tcp, tls};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::info;
 
+use privlink_admin::AdminServer;
+
+use crate::admin::RelayAdmin;
 use crate::agents::AgentsContext;
 pub use crate::config::RelayConfig;
 use crate::listen::Endpoint;
@@ -73,6 +78,14 @@ pub enum RelayError {
     /// The TLS identity is unusable.
     #[error("tunnel TLS")]
     Tls(#[from] tls::TlsError),
+    /// The admin listener could not be bound.
+    #[error("admin listener: cannot listen on {addr}")]
+    AdminBind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// An endpoint's listener could not be bound.
     #[error("endpoint `{endpoint}`: cannot listen on {addr}")]
     EndpointBind {
@@ -93,6 +106,7 @@ pub struct Relay {
     tunnel_tcp: TcpListener,
     tunnel_tls: Arc<rustls::ServerConfig>,
     listeners: Vec<(Arc<Endpoint>, TcpListener)>,
+    admin: Option<AdminServer>,
     handle: RelayHandle,
 }
 
@@ -128,12 +142,31 @@ impl Relay {
             by_name.insert(spec.name.clone(), (Arc::clone(&endpoint), addr));
             listeners.push((endpoint, listener));
         }
-        if config.admin_listen.is_some() {
-            warn!("[admin] is configured but the admin API is not implemented in this version");
-        }
-        let handle =
-            RelayHandle::new(Arc::new(Registry::default()), Arc::default(), by_name, tunnel_addr);
-        Ok(Self { config: Arc::new(config), quic, tunnel_tcp, tunnel_tls, listeners, handle })
+        let admin = match &config.admin {
+            Some(settings) => Some(
+                AdminServer::bind(settings.listen, settings.token)
+                    .await
+                    .map_err(|source| RelayError::AdminBind { addr: settings.listen, source })?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
+        let handle = RelayHandle::new(
+            Arc::new(Registry::default()),
+            Arc::default(),
+            by_name,
+            tunnel_addr,
+            admin_addr,
+        );
+        Ok(Self {
+            config: Arc::new(config),
+            quic,
+            tunnel_tcp,
+            tunnel_tls,
+            listeners,
+            admin,
+            handle,
+        })
     }
 
     /// A handle for status queries.
@@ -144,8 +177,17 @@ impl Relay {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets connections finish for
     /// the configured grace period, and closes everything that is left.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { config, quic, tunnel_tcp, tunnel_tls, listeners, handle } = self;
+        let Self { config, quic, tunnel_tcp, tunnel_tls, listeners, admin, handle } = self;
         let force = CancellationToken::new();
+        let draining = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|server| {
+            if let Ok(addr) = server.local_addr() {
+                info!(admin = %addr, "admin listener: /healthz /readyz /api/v1/status");
+            }
+            let view = Arc::new(RelayAdmin { handle: handle.clone(), draining: draining.clone() });
+            tokio::spawn(server.run(view, admin_stop.clone()))
+        });
         let clients = TaskTracker::new();
         let agents = TaskTracker::new();
         let ctx = Arc::new(AgentsContext {
@@ -195,6 +237,7 @@ impl Relay {
         shutdown.cancelled().await;
         info!(grace = ?config.shutdown_grace, "shutting down: no new connections; waiting for open ones");
         ctx.draining.cancel();
+        draining.cancel(); // `/readyz` answers 503 from here on
         // Endpoint accept loops end on `shutdown`, dropping their listeners: new clients are
         // refused from here on. Agents stay connected so in-flight streams can finish.
         drain::drain(&clients, config.shutdown_grace, &force, "connections").await;
@@ -210,6 +253,10 @@ impl Relay {
             quic.wait_idle().await;
         })
         .await;
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
         info!("relay stopped");
     }
 }

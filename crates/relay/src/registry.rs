@@ -42,11 +42,32 @@ impl fmt::Display for EndpointStatus {
     }
 }
 
+/// Who a connecting agent says it is, and where it connects from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Its connector.
+    pub connector: String,
+    /// Its name.
+    pub name: String,
+    /// The random id it draws at each start (tells two agents of one name apart).
+    pub agent_id: String,
+    /// Its software version.
+    pub version: String,
+    /// The address its tunnel connection comes from.
+    pub remote: std::net::SocketAddr,
+}
+
 /// What the relay knows of one connected agent, for status views.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentView {
     /// The agent's name.
     pub name: String,
+    /// Its connector, id, version and remote address.
+    pub info: AgentInfo,
+    /// When it was registered.
+    pub connected_since: std::time::SystemTime,
+    /// Its verdict per endpoint (an endpoint not listed is pending).
+    pub verdicts: Vec<(String, Verdict)>,
     /// The transport its connection uses.
     pub transport: TransportKind,
     /// Whether it announced a drain (it gets no new streams).
@@ -60,6 +81,8 @@ pub struct AgentView {
 struct AgentEntry {
     connector: String,
     name: String,
+    info: AgentInfo,
+    connected_since: std::time::SystemTime,
     connection: RelayConnection,
     /// Endpoint name → verdict; an absent endpoint is still pending.
     verdicts: HashMap<String, Verdict>,
@@ -161,11 +184,11 @@ impl Registry {
     /// its connector has `max_per_connector` agents already.
     pub fn register(
         self: &Arc<Self>,
-        connector: &str,
-        name: &str,
+        info: AgentInfo,
         connection: RelayConnection,
         max_per_connector: usize,
     ) -> Option<AgentRegistration> {
+        let connector = info.connector.as_str();
         let active_streams = Arc::new(AtomicU32::new(0));
         let mut id = None;
         self.update(|state| {
@@ -181,7 +204,9 @@ impl Registry {
                 id,
                 AgentEntry {
                     connector: connector.to_owned(),
-                    name: name.to_owned(),
+                    name: info.name.clone(),
+                    info: info.clone(),
+                    connected_since: std::time::SystemTime::now(),
                     connection,
                     verdicts: HashMap::new(),
                     draining: false,
@@ -248,8 +273,14 @@ impl Registry {
             .iter()
             .filter(|(_, a)| a.connector == connector)
             .map(|(id, a)| {
+                let mut verdicts: Vec<(String, Verdict)> =
+                    a.verdicts.iter().map(|(e, v)| (e.clone(), v.clone())).collect();
+                verdicts.sort_unstable_by(|x, y| x.0.cmp(&y.0));
                 let view = AgentView {
                     name: a.name.clone(),
+                    info: a.info.clone(),
+                    connected_since: a.connected_since,
+                    verdicts,
                     transport: a.connection.kind(),
                     draining: a.draining,
                     active_streams: a.active_streams.load(Ordering::Relaxed),

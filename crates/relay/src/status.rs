@@ -18,6 +18,7 @@ pub struct RelayHandle {
     admission: Arc<Admission>,
     endpoints: Arc<HashMap<String, (Arc<Endpoint>, SocketAddr)>>,
     tunnel_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl RelayHandle {
@@ -26,8 +27,9 @@ impl RelayHandle {
         admission: Arc<Admission>,
         endpoints: HashMap<String, (Arc<Endpoint>, SocketAddr)>,
         tunnel_addr: SocketAddr,
+        admin_addr: Option<SocketAddr>,
     ) -> Self {
-        Self { registry, admission, endpoints: Arc::new(endpoints), tunnel_addr }
+        Self { registry, admission, endpoints: Arc::new(endpoints), tunnel_addr, admin_addr }
     }
 
     pub(crate) fn registry(&self) -> &Arc<Registry> {
@@ -52,6 +54,16 @@ impl RelayHandle {
     /// The address agents connect to.
     pub fn tunnel_addr(&self) -> SocketAddr {
         self.tunnel_addr
+    }
+
+    /// Every endpoint with its bound address, in no particular order.
+    pub(crate) fn endpoints(&self) -> impl Iterator<Item = (&Arc<Endpoint>, SocketAddr)> {
+        self.endpoints.values().map(|(endpoint, addr)| (endpoint, *addr))
+    }
+
+    /// The admin listener's bound address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The bound address of an endpoint.

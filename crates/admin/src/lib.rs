@@ -1,0 +1,204 @@
+//! privlink-admin: the admin HTTP listener the relay and the agent both run — liveness
+//! (`/healthz`), readiness (`/readyz`) and the status snapshot (`/api/v1/status`, JSON) — over
+//! HTTP/1.1 with every request bounded: headers in 16 KiB and 5 s, one request per connection,
+//! [`MAX_CONNECTIONS`] connections at once, each on its own task, so a slow or hostile admin
+//! client never touches the data path. With a token configured, `/api/*` needs
+//! `Authorization: Bearer <token>` (compared in constant time); the probes stay open.
+//!
+//! What is reported is the role's business: it implements [`AdminView`]. This crate decides
+//! only how it is served.
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use privlink_protocol::token::TokenDigest;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Admin connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest a client may take to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one connection may last, request and answer together.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted (hyper's smallest allowed read buffer).
+pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// Whether the process should receive work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Serving.
+    Ready,
+    /// Not serving, and why (starting, no relay link, draining, …).
+    NotReady(String),
+}
+
+/// What a role reports on its admin listener.
+pub trait AdminView: Send + Sync + 'static {
+    /// For `/readyz`.
+    fn readiness(&self) -> Readiness;
+    /// For `/api/v1/status`: the role's status snapshot.
+    fn status(&self) -> serde_json::Value;
+}
+
+/// A bound admin listener, ready to [`run`](AdminServer::run).
+#[derive(Debug)]
+pub struct AdminServer {
+    listener: TcpListener,
+    token: Option<TokenDigest>,
+}
+
+impl AdminServer {
+    /// Binds `addr`; `token` (its digest), when given, guards `/api/*`.
+    pub async fn bind(addr: SocketAddr, token: Option<TokenDigest>) -> io::Result<Self> {
+        Ok(Self { listener: TcpListener::bind(addr).await?, token })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` is cancelled.
+    pub async fn run(self, view: Arc<dyn AdminView>, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let tasks = TaskTracker::new();
+        let token = self.token.map(Arc::new);
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let Ok((socket, peer)) = accepted else {
+                // EMFILE and friends: the data path's accept loops log these; pause and go on.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::debug!(%peer, "admin connection closed: {MAX_CONNECTIONS} already open");
+                continue;
+            };
+            let view = Arc::clone(&view);
+            let token = token.clone();
+            tasks.spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let answer = answer(&request, view.as_ref(), token.as_deref());
+                    async move { Ok::<_, Infallible>(answer) }
+                });
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(MAX_REQUEST_HEAD)
+                    .keep_alive(false);
+                let connection = http.serve_connection(TokioIo::new(socket), service);
+                match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%peer, "admin connection: {e}"),
+                    Err(_) => {
+                        tracing::debug!(%peer, "admin connection over {CONNECTION_TIMEOUT:?}")
+                    }
+                }
+                drop(slot);
+            });
+        }
+        tasks.close();
+        let _ = tokio::time::timeout(CONNECTION_TIMEOUT, tasks.wait()).await;
+    }
+}
+
+/// The answer to one request.
+fn answer(
+    request: &Request<Incoming>,
+    view: &dyn AdminView,
+    token: Option<&TokenDigest>,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    let path = request.uri().path();
+    if path.starts_with("/api/") && !authorized(request.headers(), token) {
+        let mut response = text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
+        response
+            .headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer realm=\"privlink\""));
+        return response;
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match view.readiness() {
+            Readiness::Ready => text(StatusCode::OK, "ready\n"),
+            Readiness::NotReady(reason) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {reason}\n"))
+            }
+        },
+        "/api/v1/status" => {
+            let mut body = view.status().to_string();
+            body.push('\n');
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Whether the request carries the configured bearer token (always, with none configured).
+fn authorized(headers: &hyper::HeaderMap, token: Option<&TokenDigest>) -> bool {
+    let Some(expected) = token else { return true };
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|presented| expected.matches(presented))
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(authorization: Option<&str>) -> hyper::HeaderMap {
+        let mut headers = hyper::HeaderMap::new();
+        if let Some(value) = authorization {
+            headers.insert(AUTHORIZATION, HeaderValue::from_str(value).expect("header"));
+        }
+        headers
+    }
+
+    #[test]
+    fn only_the_configured_bearer_token_is_let_through() {
+        let token = TokenDigest::of(b"s3cret");
+        assert!(authorized(&headers(None), None), "no token configured: open");
+        assert!(authorized(&headers(Some("Bearer s3cret")), Some(&token)));
+        for wrong in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret "),
+            Some("Basic s3cret"),
+            Some("s3cret"),
+        ] {
+            assert!(!authorized(&headers(wrong), Some(&token)), "{wrong:?}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The relay as its admin listener reports it (served by `privlink-admin`): ready once every
+//! listener is bound and until it starts draining; the status snapshot of `/api/v1/status` —
+//! every endpoint with its status in the Private Link vocabulary, and every connected agent.
+//! The JSON shape is documented in `docs/admin-api.md`.
+
+use std::sync::atomic::Ordering;
+use std::time::UNIX_EPOCH;
+
+use privlink_admin::{AdminView, Readiness};
+use privlink_protocol::message::Verdict;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::EndpointStatus;
+use crate::status::RelayHandle;
+
+/// The relay's [`AdminView`].
+#[derive(Debug)]
+pub(crate) struct RelayAdmin {
+    pub(crate) handle: RelayHandle,
+    /// Cancelled when the relay starts shutting down.
+    pub(crate) draining: CancellationToken,
+}
+
+impl AdminView for RelayAdmin {
+    fn readiness(&self) -> Readiness {
+        if self.draining.is_cancelled() {
+            Readiness::NotReady("draining".to_owned())
+        } else {
+            Readiness::Ready
+        }
+    }
+
+    fn status(&self) -> Value {
+        let handle = &self.handle;
+        let mut connectors = Vec::new();
+        let endpoints: Vec<Value> = handle
+            .endpoints()
+            .map(|(endpoint, addr)| {
+                let spec = &endpoint.spec;
+                if !connectors.contains(&spec.connector) {
+                    connectors.push(spec.connector.clone());
+                }
+                let status = handle.registry().status(&spec.connector, &spec.name);
+                let reason = match &status {
+                    EndpointStatus::Rejected { reason } => Some(reason.clone()),
+                    _ => None,
+                };
+                let approving: Vec<String> = handle
+                    .agents(&spec.connector)
+                    .into_iter()
+                    .filter(|a| {
+                        !a.draining
+                            && a.verdicts
+                                .iter()
+                                .any(|(e, v)| *e == spec.name && matches!(v, Verdict::Approved))
+                    })
+                    .map(|a| a.name)
+                    .collect();
+                let active = spec.max_connections - endpoint.slots.available_permits();
+                json!({
+                    "name": spec.name,
+                    "listen": addr.to_string(),
+                    "destination": spec.destination.to_string(),
+                    "connector": spec.connector,
+                    "status": status_word(&status),
+                    "reason": reason,
+                    "active_connections": active,
+                    "total_connections": endpoint.counters.accepted.load(Ordering::Relaxed),
+                    "approving_agents": approving,
+                })
+            })
+            .collect();
+        let agents: Vec<Value> = connectors
+            .iter()
+            .flat_map(|connector| handle.agents(connector))
+            .map(|a| {
+                let verdicts: serde_json::Map<String, Value> = a
+                    .verdicts
+                    .iter()
+                    .map(|(endpoint, verdict)| (endpoint.clone(), verdict_json(verdict)))
+                    .collect();
+                json!({
+                    "name": a.name,
+                    "id": a.info.agent_id,
+                    "connector": a.info.connector,
+                    "version": a.info.version,
+                    "transport": a.transport.to_string(),
+                    "remote": a.info.remote.to_string(),
+                    "connected_since_unix": a
+                        .connected_since
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    "active_streams": a.active_streams,
+                    "draining": a.draining,
+                    "verdicts": verdicts,
+                })
+            })
+            .collect();
+        json!({
+            "role": "relay",
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": matches!(self.readiness(), Readiness::Ready),
+            "endpoints": endpoints,
+            "agents": agents,
+            "pending_tunnel_connections": handle.pending_tunnel_connections(),
+        })
+    }
+}
+
+/// The status as one word: `Approved`, `Pending`, `Rejected`, `Disconnected`.
+fn status_word(status: &EndpointStatus) -> &'static str {
+    match status {
+        EndpointStatus::Approved => "Approved",
+        EndpointStatus::Pending => "Pending",
+        EndpointStatus::Rejected { .. } => "Rejected",
+        EndpointStatus::Disconnected => "Disconnected",
+    }
+}
+
+fn verdict_json(verdict: &Verdict) -> Value {
+    match verdict {
+        Verdict::Approved => json!({ "verdict": "Approved" }),
+        Verdict::Rejected { reason } => json!({ "verdict": "Rejected", "reason": reason }),
+    }
+}

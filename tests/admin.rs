@@ -1,0 +1,182 @@
+//! The admin listener, asked by a real HTTP client (curl): liveness, readiness flipping with a
+//! drain, the relay's status snapshot through every endpoint status an agent can cause, the
+//! bearer-token guard, unknown paths and methods, and the request bounds.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use privlink_agent::config::TransportChoice;
+use privlink_protocol::token::TokenDigest;
+use privlink_relay::config::AdminSettings;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// `curl` against the admin listener: the status code and the body.
+async fn curl(admin: SocketAddr, path: &str, extra: &[&str]) -> (u16, String) {
+    let url = format!("http://{admin}{path}");
+    let mut command = Command::new("curl");
+    command.args(["-s", "-m", "10", "-w", "\n%{http_code}"]).args(extra).arg(&url);
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("curl runs (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("curl prints the status code");
+    (code.trim().parse().expect("a status code"), body.to_owned())
+}
+
+fn loopback_admin(token: Option<&str>) -> Option<AdminSettings> {
+    Some(AdminSettings {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        token: token.map(|t| TokenDigest::of(t.as_bytes())),
+    })
+}
+
+/// The status snapshot's entry for endpoint `e`.
+fn endpoint_e(status: &Value) -> &Value {
+    status["endpoints"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["name"] == "e"))
+        .unwrap_or_else(|| panic!("endpoint e is in the status: {status}"))
+}
+
+async fn status(admin: SocketAddr) -> Value {
+    let (code, body) = curl(admin, "/api/v1/status", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("status is JSON ({e}): {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_and_the_status_follow_the_agent_through_every_endpoint_status() {
+    let destination = echo_server().await;
+    let harness =
+        Harness::start_with_admin(vec![endpoint("e", destination)], loopback_admin(None)).await;
+    let admin = harness.relay.admin_addr().expect("admin listener");
+
+    assert_eq!(curl(admin, "/healthz", &[]).await, (200, "ok\n".to_owned()));
+    assert_eq!(curl(admin, "/readyz", &[]).await, (200, "ready\n".to_owned()));
+    // Before any agent: Disconnected.
+    let before = status(admin).await;
+    assert_eq!(before["role"], "relay");
+    assert_eq!(endpoint_e(&before)["status"], "Disconnected", "{before}");
+    assert_eq!(endpoint_e(&before)["destination"], destination.to_string());
+
+    // An agent that does not allow the destination: Rejected, with its reason.
+    let refusing = harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &[]));
+    harness
+        .wait_status("e", |s| matches!(s, privlink_relay::EndpointStatus::Rejected { .. }))
+        .await;
+    let rejected = status(admin).await;
+    assert_eq!(endpoint_e(&rejected)["status"], "Rejected", "{rejected}");
+    assert!(endpoint_e(&rejected)["reason"].as_str().is_some_and(|r| !r.is_empty()), "{rejected}");
+    refusing.cancel();
+    harness.relay.wait_for_agents(CONNECTOR, WAIT, <[_]>::is_empty).await;
+
+    // An agent that allows it: Approved, with the agent named and its verdict recorded.
+    let agent =
+        harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]));
+    harness.wait_approved("e").await;
+    let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    assert_eq!(echo_round_trip(socket, b"counted").await, b"counted");
+    let approved = status(admin).await;
+    let e = endpoint_e(&approved);
+    assert_eq!(e["status"], "Approved", "{approved}");
+    assert_eq!(e["approving_agents"], serde_json::json!(["test-agent"]), "{approved}");
+    assert!(e["total_connections"].as_u64() >= Some(1), "{approved}");
+    let agents = approved["agents"].as_array().expect("agents");
+    assert_eq!(agents.len(), 1, "{approved}");
+    assert_eq!(agents[0]["transport"], "quic");
+    assert_eq!(agents[0]["verdicts"]["e"]["verdict"], "Approved", "{approved}");
+    assert!(agents[0]["remote"].as_str().is_some_and(|r| r.starts_with("127.0.0.1:")));
+
+    // The agent goes: Disconnected again.
+    agent.cancel();
+    harness.wait_status("e", |s| *s == privlink_relay::EndpointStatus::Disconnected).await;
+    assert_eq!(endpoint_e(&status(admin).await)["status"], "Disconnected");
+
+    // Unknown paths and methods.
+    assert_eq!(curl(admin, "/nope", &[]).await.0, 404);
+    assert_eq!(curl(admin, "/healthz", &["-X", "POST"]).await.0, 405);
+    harness.shutdown(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_503_while_the_relay_drains_and_liveness_stays_200() {
+    let (harness, agent) = {
+        let destination = echo_server().await;
+        let harness =
+            Harness::start_with_admin(vec![endpoint("e", destination)], loopback_admin(None)).await;
+        let agent = harness
+            .spawn_agent(harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]));
+        harness.wait_approved("e").await;
+        (harness, agent)
+    };
+    let admin = harness.relay.admin_addr().expect("admin listener");
+    // A connection in flight keeps the relay draining (up to its 5 s grace).
+    let mut open = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    open.write_all(b"x").await.expect("write");
+    let mut echoed = [0u8; 1];
+    open.read_exact(&mut echoed).await.expect("echo");
+    harness.begin_shutdown();
+    let draining = async {
+        loop {
+            let (code, body) = curl(admin, "/readyz", &[]).await;
+            if code == 503 {
+                return body;
+            }
+        }
+    };
+    let body = tokio::time::timeout(WAIT, draining).await.expect("readiness turns 503");
+    assert!(body.contains("draining"), "{body}");
+    assert_eq!(curl(admin, "/healthz", &[]).await.0, 200, "liveness does not follow the drain");
+    drop(open);
+    harness.shutdown(&[agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_api_needs_the_bearer_token_and_the_probes_do_not() {
+    let harness = Harness::start_with_admin(
+        vec![endpoint("e", echo_server().await)],
+        loopback_admin(Some("admin-secret")),
+    )
+    .await;
+    let admin = harness.relay.admin_addr().expect("admin listener");
+    assert_eq!(curl(admin, "/api/v1/status", &[]).await.0, 401);
+    let wrong = curl(admin, "/api/v1/status", &["-H", "Authorization: Bearer nope"]).await;
+    assert_eq!(wrong.0, 401);
+    let right = curl(admin, "/api/v1/status", &["-H", "Authorization: Bearer admin-secret"]).await;
+    assert_eq!(right.0, 200, "{}", right.1);
+    assert_eq!(curl(admin, "/healthz", &[]).await.0, 200);
+    assert_eq!(curl(admin, "/readyz", &[]).await.0, 200);
+    harness.shutdown(&[]).await;
+}
+
+/// A request head over the bound is refused; one that never finishes is cut off by the
+/// header deadline; and the listener keeps answering others meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_unfinished_requests_are_cut_off() {
+    let harness =
+        Harness::start_with_admin(vec![endpoint("e", echo_server().await)], loopback_admin(None))
+            .await;
+    let admin = harness.relay.admin_addr().expect("admin listener");
+    let huge = format!("X-Filler: {}", "a".repeat(privlink_admin::MAX_REQUEST_HEAD * 2));
+    let (code, _) = curl(admin, "/healthz", &["-H", &huge]).await;
+    assert_eq!(code, 431, "an oversized request head is refused");
+
+    let mut slow = TcpStream::connect(admin).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    assert_eq!(curl(admin, "/healthz", &[]).await.0, 200, "others are served meanwhile");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(
+        privlink_admin::HEADER_TIMEOUT + Duration::from_secs(5),
+        slow.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(ended.is_ok(), "an unfinished request head is cut off by the header deadline");
+    harness.shutdown(&[]).await;
+}
