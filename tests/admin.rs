@@ -1,6 +1,7 @@
-//! The admin listener, asked by a real HTTP client (curl): liveness, readiness flipping with a
-//! drain, the relay's status snapshot through every endpoint status an agent can cause, the
-//! bearer-token guard, unknown paths and methods, and the request bounds.
+//! The admin listener, asked by a real HTTP client (curl): liveness, the relay's readiness
+//! flipping with a drain and the agent's with its relay link, the relay's status snapshot
+//! through every endpoint status an agent can cause and the agent's links, the bearer-token
+//! guard, unknown paths and methods, and the request bounds.
 
 mod common;
 
@@ -179,4 +180,59 @@ async fn oversized_and_unfinished_requests_are_cut_off() {
     .await;
     assert!(ended.is_ok(), "an unfinished request head is cut off by the header deadline");
     harness.shutdown(&[]).await;
+}
+
+/// Waits until the agent's status satisfies `want`.
+async fn wait_agent_status(
+    status: &privlink_agent::status::AgentStatus,
+    want: impl Fn(&privlink_agent::status::AgentStatus) -> bool,
+) {
+    let mut changes = status.subscribe();
+    let wait = async {
+        while !want(status) {
+            let _ = changes.changed().await;
+        }
+    };
+    tokio::time::timeout(WAIT, wait).await.expect("the agent's status changes in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_readiness_and_status_follow_its_relay_link() {
+    let destination = echo_server().await;
+    let harness = Harness::start(vec![endpoint("e", destination)]).await;
+    let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]);
+    config.admin = loopback_admin(None);
+    let agent = privlink_agent::Agent::new(config).expect("agent starts");
+    let admin = agent.admin_addr().expect("admin listener");
+    let status = agent.status();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(agent.run(stop.clone()));
+
+    harness.wait_approved("e").await;
+    wait_agent_status(&status, |s| s.any_connected()).await;
+    assert_eq!(curl(admin, "/healthz", &[]).await, (200, "ok\n".to_owned()));
+    assert_eq!(curl(admin, "/readyz", &[]).await, (200, "ready\n".to_owned()));
+    let (code, body) = curl(admin, "/api/v1/status", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    let json: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["role"], "agent");
+    let link = &json["links"][0];
+    assert_eq!(link["state"], "connected", "{json}");
+    assert_eq!(link["transport"], "quic", "{json}");
+    assert_eq!(link["verdicts"]["e"]["verdict"], "Approved", "{json}");
+    assert_eq!(link["address"], harness.relay.tunnel_addr().to_string(), "{json}");
+
+    // The relay goes away: the link is down and the agent is not ready, though alive.
+    harness.shutdown(&[]).await;
+    wait_agent_status(&status, |s| !s.any_connected()).await;
+    let (code, body) = curl(admin, "/readyz", &[]).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("no relay link"), "{body}");
+    assert_eq!(curl(admin, "/healthz", &[]).await.0, 200);
+    let (_, body) = curl(admin, "/api/v1/status", &[]).await;
+    let json: Value = serde_json::from_str(&body).expect("JSON");
+    assert_ne!(json["links"][0]["state"], "connected", "{json}");
+
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await.expect("agent stops").expect("agent task");
 }

@@ -100,6 +100,8 @@ struct Deployment {
     endpoint: SocketAddr,
     /// The relay's admin listener.
     admin: SocketAddr,
+    /// The agent's admin listener.
+    agent_admin: SocketAddr,
 }
 
 /// [`deploy`] from the given config texts.
@@ -130,6 +132,8 @@ fn deploy_from(dir: &Path, destination: SocketAddr, relay: &str, agent: &str) ->
     agent = set_key(&agent, "", "relays", &format!("[{tunnel}]"));
     agent = set_key(&agent, "", "relay_ca", &quoted(&certs.join("ca.crt")));
     agent = set_key(&agent, "[[allow]]", "destination", &destination);
+    let agent_admin: SocketAddr = format!("127.0.0.1:{}", free_fixed_port()).parse().expect("addr");
+    agent = set_key(&agent, "[admin]", "listen", &format!("\"{agent_admin}\""));
 
     let config = dir.join("config");
     std::fs::create_dir_all(&config).expect("config dir");
@@ -137,7 +141,7 @@ fn deploy_from(dir: &Path, destination: SocketAddr, relay: &str, agent: &str) ->
     let agent_path = config.join("agent.toml");
     std::fs::write(&relay_path, relay).expect("write relay.toml");
     std::fs::write(&agent_path, agent).expect("write agent.toml");
-    Deployment { relay_cfg: relay_path, agent_cfg: agent_path, endpoint, admin }
+    Deployment { relay_cfg: relay_path, agent_cfg: agent_path, endpoint, admin, agent_admin }
 }
 
 async fn assert_endpoint_serves(endpoint: SocketAddr) {
@@ -162,7 +166,8 @@ async fn example_configs_run_and_survive_agent_and_relay_restarts_tcp() {
 async fn survive_restarts(transport: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let destination = echo_server().await;
-    let Deployment { relay_cfg, agent_cfg, endpoint, admin } = deploy(dir.path(), destination);
+    let Deployment { relay_cfg, agent_cfg, endpoint, admin, agent_admin } =
+        deploy(dir.path(), destination);
     let agent_text = std::fs::read_to_string(&agent_cfg).expect("agent.toml");
     let agent_text = set_key(&agent_text, "", "transport", &format!("\"{transport}\""));
     std::fs::write(&agent_cfg, agent_text).expect("agent.toml");
@@ -180,10 +185,12 @@ async fn survive_restarts(transport: &str) {
     let fields: Vec<&str> = open_files.split_whitespace().collect();
     assert_eq!(fields[3], fields[4], "the soft limit was not raised: {open_files}");
     let mut agent = common::privlink(&agent_args);
-    agent.wait_for("connected to relay");
+    common::wait_admin(agent_admin, "/readyz", |code, _| code == 200);
     common::wait_endpoint_status(admin, "contoso-kv", "Approved");
-    let expected = if transport == "tcp" { "transport=tcp" } else { "transport=quic" };
-    assert!(agent.seen_contains(expected), "agent is not on {expected}");
+    let expected = if transport == "tcp" { "tcp" } else { "quic" };
+    let (_, body) = common::admin_get(agent_admin, "/api/v1/status");
+    let on = format!("\"transport\":\"{expected}\"");
+    assert!(body.contains(&on), "agent is not on {expected}: {body}");
     assert_endpoint_serves(endpoint).await;
     // The flow record counts every byte, including those the relay sent along with the open
     // header (the echo request is written as soon as the connection is up).
@@ -202,7 +209,7 @@ async fn survive_restarts(transport: &str) {
     relay.kill_hard();
     let relay = common::privlink(&relay_args);
     common::wait_endpoint_status(admin, "contoso-kv", "Approved");
-    agent.wait_for("connected to relay");
+    common::wait_admin(agent_admin, "/readyz", |code, _| code == 200);
     assert_endpoint_serves(endpoint).await;
 
     // SIGTERM: both exit cleanly.
@@ -222,12 +229,12 @@ async fn the_walkthroughs_edits_to_the_example_configs_do_not_break_the_suite() 
         .replace("0.0.0.0:8443", "0.0.0.0:9443");
     let agent = agent.replace("127.0.0.1:7443", "relay.example.com:7443");
     let dir = tempfile::tempdir().expect("tempdir");
-    let Deployment { relay_cfg, agent_cfg, endpoint, admin } =
+    let Deployment { relay_cfg, agent_cfg, endpoint, admin, agent_admin } =
         deploy_from(dir.path(), echo_server().await, &relay, &agent);
     let relay = common::privlink(&["relay", "--config", relay_cfg.to_str().expect("utf-8")]);
     common::wait_admin(admin, "/readyz", |code, _| code == 200);
-    let mut agent = common::privlink(&["agent", "--config", agent_cfg.to_str().expect("utf-8")]);
-    agent.wait_for("connected to relay");
+    let agent = common::privlink(&["agent", "--config", agent_cfg.to_str().expect("utf-8")]);
+    common::wait_admin(agent_admin, "/readyz", |code, _| code == 200);
     common::wait_endpoint_status(admin, "contoso-kv", "Approved");
     assert_endpoint_serves(endpoint).await;
     assert!(agent.terminate().success() && relay.terminate().success());
@@ -406,6 +413,8 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         d,
     );
     assert_config_rejected("agent", &agent("transport = \"udp\""), 5, "transport", d);
+    let open_admin = agent("[admin]\nlisten = \"[::]:9091\"");
+    assert_config_rejected("agent", &open_admin, 6, "admin.listen", d);
     assert_config_rejected(
         "agent",
         &agent("").replace("127.0.0.1:7443", "relay.example.com"),

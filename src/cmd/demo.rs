@@ -119,6 +119,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         connect_timeout: Duration::from_secs(5),
         dns_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
+        admin: None,
     };
     let agent = privlink_agent::Agent::new(agent_config)?;
     let agent_stop = CancellationToken::new();

@@ -120,6 +120,7 @@ impl Harness {
             connect_timeout: Duration::from_secs(5),
             dns_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
+            admin: None,
         }
     }
 

@@ -61,9 +61,12 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    /// Binds `addr`; `token` (its digest), when given, guards `/api/*`.
-    pub async fn bind(addr: SocketAddr, token: Option<TokenDigest>) -> io::Result<Self> {
-        Ok(Self { listener: TcpListener::bind(addr).await?, token })
+    /// Binds `addr`; `token` (its digest), when given, guards `/api/*`. Call it within a tokio
+    /// runtime.
+    pub fn bind(addr: SocketAddr, token: Option<TokenDigest>) -> io::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self { listener: TcpListener::from_std(listener)?, token })
     }
 
     /// The bound address.

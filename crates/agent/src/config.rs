@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use privlink_protocol::config::AdminSettings;
 use privlink_protocol::config::{
-    ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
+    AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
     deserialize_optional_positive_duration,
 };
 use privlink_protocol::destination::{Host, parse_port, split_host_port};
@@ -99,6 +100,8 @@ pub struct AgentConfig {
     pub dns_timeout: Duration,
     /// Time open streams get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// The admin listener, when `[admin]` is set.
+    pub admin: Option<AdminSettings>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +129,8 @@ struct RawConfig {
     shutdown_grace: Option<Duration>,
     #[serde(default)]
     allow: Vec<RawAllow>,
+    #[serde(default)]
+    admin: Option<AdminTable>,
 }
 
 fn default_transport() -> TransportChoice {
@@ -267,6 +272,7 @@ impl AgentConfig {
             connect_timeout: raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             dns_timeout: raw.dns_timeout.unwrap_or(DEFAULT_DNS_TIMEOUT),
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            admin: raw.admin.map(|a| a.validate(source)).transpose()?,
         })
     }
 }

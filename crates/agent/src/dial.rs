@@ -33,7 +33,7 @@ pub(crate) async fn session(
         () = stop.cancelled() => return Ok(()),
         dialed = dial(only, relay, addr, shared, Timers::HANDSHAKE) => dialed?,
     };
-    serve_connection(&connection, shared, stop, &CancellationToken::new()).await
+    serve_connection(&connection, addr, shared, stop, &CancellationToken::new()).await
 }
 
 /// `transport = "auto"`: QUIC if a handshake completes within `quic_fallback_after`, else TLS
@@ -50,7 +50,7 @@ async fn auto_session(
     let quic_failure = tokio::select! {
         () = stop.cancelled() => return Ok(()),
         dialed = dial(TransportKind::Quic, relay, addr, shared, fallback_after) => match dialed {
-            Ok(connection) => return serve_connection(&connection, shared, stop, &CancellationToken::new()).await,
+            Ok(connection) => return serve_connection(&connection, addr, shared, stop, &CancellationToken::new()).await,
             // A rejected certificate is not UDP being blocked: TCP would fail the same way.
             Err(e @ SessionError::Dial(DialError::Certificate(_))) => return Err(e),
             Err(e) => e,
@@ -63,7 +63,8 @@ async fn auto_session(
     };
     let tcp_wind_down = stop.child_token();
     let tcp_ready = CancellationToken::new();
-    let mut on_tcp = std::pin::pin!(serve_connection(&tcp, shared, &tcp_wind_down, &tcp_ready));
+    let mut on_tcp =
+        std::pin::pin!(serve_connection(&tcp, addr, shared, &tcp_wind_down, &tcp_ready));
     let quic = tokio::select! {
         result = &mut on_tcp => return result,
         quic = probe_quic(relay, addr, shared) => quic,
@@ -84,7 +85,7 @@ async fn auto_session(
         }
     };
     let (on_quic, tcp_tail) =
-        tokio::join!(serve_connection(&quic, shared, stop, &quic_ready), drain_tcp);
+        tokio::join!(serve_connection(&quic, addr, shared, stop, &quic_ready), drain_tcp);
     if let Err(e) = tcp_tail {
         debug!("TCP session after the move to QUIC: {e}");
     }

@@ -16,14 +16,18 @@
 //! * [`dial`] — one connection attempt: the transport choice, `auto` fallback and promotion.
 //! * [`session`] — one connection: the control conversation, accepting data streams.
 //! * [`forward`] — one data stream: check, resolve, connect, reply, splice.
+//! * [`status`] — each relay link's state, verdicts and streams, for the admin listener
+//!   (`admin`) and tests.
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod allowlist;
 pub mod config;
 pub mod dial;
 pub mod forward;
 pub mod links;
 pub mod session;
+pub mod status;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,8 +39,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use privlink_admin::AdminServer;
+
+use crate::admin::AgentAdmin;
 pub use crate::config::AgentConfig;
 use crate::forward::StreamPolicy;
+use crate::status::AgentStatus;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -50,6 +58,14 @@ pub enum AgentError {
     /// The QUIC endpoint could not be set up.
     #[error("QUIC endpoint")]
     Quic(#[from] quic::QuicSetupError),
+    /// The admin listener could not be bound.
+    #[error("admin listener: cannot listen on {addr}")]
+    AdminBind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// State every link and stream of the agent shares.
@@ -68,17 +84,28 @@ pub(crate) struct AgentShared {
     pub(crate) shutdown: CancellationToken,
     /// Abort streams still running after the grace period.
     pub(crate) force: CancellationToken,
+    /// Each relay link's state, for the admin listener.
+    pub(crate) status: Arc<AgentStatus>,
 }
 
 /// A configured agent, ready to [`run`](Agent::run).
 #[derive(Debug)]
 pub struct Agent {
     shared: Arc<AgentShared>,
+    admin: Option<AdminServer>,
 }
 
 impl Agent {
-    /// Prepares the agent: TLS trust, QUIC endpoint.
+    /// Prepares the agent: TLS trust, QUIC endpoint, the admin listener (bound here, so a
+    /// taken port fails the start). Call it within a tokio runtime.
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let admin = match &config.admin {
+            Some(settings) => Some(
+                AdminServer::bind(settings.listen, settings.token)
+                    .map_err(|source| AgentError::AdminBind { addr: settings.listen, source })?,
+            ),
+            None => None,
+        };
         let (tls, verifier) = tls::tunnel_client_config_with_verifier(&config.relay_roots)?;
         let tls_for_tcp = tls.clone();
         // One dual-stack socket serves IPv4 and IPv6 relays; hosts without IPv6 get IPv4.
@@ -100,15 +127,40 @@ impl Agent {
                 verifier,
                 force: CancellationToken::new(),
                 shutdown,
+                status: Arc::default(),
             }),
+            admin,
         })
+    }
+
+    /// The admin listener's bound address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    /// Each relay link's state.
+    pub fn status(&self) -> Arc<AgentStatus> {
+        Arc::clone(&self.shared.status)
     }
 
     /// Runs until `shutdown` is cancelled, then tells relays it is draining, lets open streams
     /// finish for the grace period, and closes its connections.
     pub async fn run(self, shutdown: CancellationToken) {
-        let shared = self.shared;
+        let Self { shared, admin } = self;
         let config = &shared.config;
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|server| {
+            if let Ok(addr) = server.local_addr() {
+                info!(admin = %addr, "admin listener: /healthz /readyz /api/v1/status");
+            }
+            let view = Arc::new(AgentAdmin {
+                status: Arc::clone(&shared.status),
+                name: config.name.clone(),
+                connector: config.connector.clone(),
+                draining: shared.shutdown.clone(),
+            });
+            tokio::spawn(server.run(view, admin_stop.clone()))
+        });
         if config.allowlist.rules.is_empty() {
             warn!("the allowlist is empty: every endpoint will be rejected");
         }
@@ -133,6 +185,10 @@ impl Agent {
         shared.shutdown.cancel();
         drain::drain(&tracker, config.shutdown_grace, &shared.force, "streams").await;
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, shared.quic.wait_idle()).await;
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
         info!("agent stopped");
     }
 }

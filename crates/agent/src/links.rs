@@ -105,12 +105,20 @@ async fn maintain_link(
 ) {
     let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
     let mut operator_backoff = Backoff::new(OPERATOR_BACKOFF_INITIAL, OPERATOR_BACKOFF_MAX);
+    let relay_name = relay.to_string();
     loop {
         let started = Instant::now();
+        shared.status.connecting(&relay_name, addr);
         let result = dial::session(&relay, addr, &shared, &stop).await;
         if stop.is_cancelled() {
+            shared.status.remove(addr);
             return;
         }
+        let error = result
+            .as_ref()
+            .err()
+            .map(|e| privlink_protocol::text::loggable(&e.to_string()).into_owned());
+        shared.status.down(addr, error);
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
             operator_backoff.reset();
@@ -150,6 +158,7 @@ async fn maintain_link(
         };
         backoff_sleep(&stop, delay).await;
         if stop.is_cancelled() {
+            shared.status.remove(addr);
             return;
         }
     }

@@ -5,6 +5,7 @@
 //! agent winds the session down.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use privlink_protocol::control::{AgentControl, AgentEvent, ControlError, ControlMachine, Timers};
@@ -51,15 +52,17 @@ pub enum SessionError {
 
 /// Runs a session on an established connection until it ends or `wind_down` is cancelled,
 /// then lets its streams finish (or be forced) and closes the connection. `ready` is cancelled
-/// once the relay has the agent's verdicts (the session can carry streams).
+/// once the relay has the agent's verdicts (the session can carry streams). `link` is the relay
+/// address dialled, which the agent's status is keyed by.
 pub(crate) async fn serve_connection(
     connection: &AgentConnection,
+    link: SocketAddr,
     shared: &AgentShared,
     wind_down: &CancellationToken,
     ready: &CancellationToken,
 ) -> Result<(), SessionError> {
     let streams = TaskTracker::new();
-    let result = run_session(connection, shared, wind_down, ready, &streams).await;
+    let result = run_session(connection, link, shared, wind_down, ready, &streams).await;
     // Streams already running finish (or are forced) before this link re-dials.
     streams.close();
     tokio::select! {
@@ -80,6 +83,7 @@ pub(crate) async fn serve_connection(
 /// Drives the agent's control state machine and accepts data streams.
 async fn run_session(
     connection: &AgentConnection,
+    link: SocketAddr,
     shared: &AgentShared,
     stop: &CancellationToken,
     ready: &CancellationToken,
@@ -110,6 +114,8 @@ async fn run_session(
     let mut assigned = 0;
     // The endpoints approved on this connection; the relay may open streams for these only.
     let mut approved: Arc<HashSet<String>> = Arc::default();
+    // The verdicts sent on this connection, for the status view.
+    let mut sent_verdicts = Vec::new();
     loop {
         while let Some(event) = machine.poll_event() {
             match event {
@@ -130,6 +136,7 @@ async fn run_session(
                     // Data streams are admitted from here on; the new limit leaves before
                     // the verdicts, so the relay can open a stream as soon as it reads them.
                     connection.allow_data_streams();
+                    sent_verdicts.clone_from(&verdicts);
                     machine.send_verdicts(verdicts, now());
                 }
                 AgentEvent::Refused { reason } => return Err(SessionError::Refused(reason)),
@@ -148,9 +155,12 @@ async fn run_session(
         control.send_queued(&mut machine).await?;
         if machine.is_established() && !ready.is_cancelled() {
             info!(transport = %connection.kind(), endpoints = assigned, "connected to relay");
+            shared.status.connected(link, connection.kind(), &sent_verdicts);
             ready.cancel();
         }
-        machine.set_active_streams(u32::try_from(streams.len()).unwrap_or(u32::MAX));
+        let active_streams = u32::try_from(streams.len()).unwrap_or(u32::MAX);
+        machine.set_active_streams(active_streams);
+        shared.status.set_active_streams(link, active_streams);
         let established = machine.is_established();
         tokio::select! {
             () = stop.cancelled(), if established => {

@@ -179,6 +179,55 @@ pub fn deserialize_optional_positive_duration<'de, D: Deserializer<'de>>(
     deserialize_positive_duration(d).map(Some)
 }
 
+/// The `[admin]` table both configs share, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTable {
+    listen: Spanned<std::net::SocketAddr>,
+    #[serde(default)]
+    token_file: Option<Spanned<PathBuf>>,
+}
+
+/// The admin listener's settings (`[admin]`), validated.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Where it listens.
+    pub listen: std::net::SocketAddr,
+    /// The digest of the token `/api/*` requires (from `token_file`); required off loopback.
+    pub token: Option<crate::token::TokenDigest>,
+}
+
+impl AdminTable {
+    /// Validates the table: off loopback a token file is required (the status API names
+    /// agents, endpoints and addresses); only the token's digest is kept.
+    pub fn validate(self, source: &ConfigSource) -> Result<AdminSettings, ConfigError> {
+        let listen = *self.listen.get_ref();
+        let token = match &self.token_file {
+            Some(file) => {
+                let path = source.resolve_path(file.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    source.error_for(file, "admin.token_file", format!("{}: {e}", path.display()))
+                })?;
+                let token = crate::token::token_in_file(&text)
+                    .map_err(|problem| source.error_for(file, "admin.token_file", problem))?;
+                Some(crate::token::TokenDigest::of(token.as_bytes()))
+            }
+            None if !listen.ip().is_loopback() => {
+                return Err(source.error_for(
+                    &self.listen,
+                    "admin.listen",
+                    format!(
+                        "{listen} is not a loopback address: set admin.token_file too, so the \
+                         status API needs a bearer token"
+                    ),
+                ));
+            }
+            None => None,
+        };
+        Ok(AdminSettings { listen, token })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use privlink_protocol::acl::{Acl, parse_acl_entry};
+pub use privlink_protocol::config::AdminSettings;
 use privlink_protocol::config::{
-    ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
+    AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
     deserialize_optional_positive_duration,
 };
 use privlink_protocol::destination::Destination;
@@ -103,7 +104,7 @@ struct RawConfig {
     shutdown_grace: Option<Duration>,
     tunnel: RawTunnel,
     #[serde(default)]
-    admin: Option<RawAdmin>,
+    admin: Option<AdminTable>,
     #[serde(default)]
     connector: Vec<RawConnector>,
     #[serde(default)]
@@ -116,23 +117,6 @@ struct RawTunnel {
     listen: SocketAddr,
     cert: Spanned<PathBuf>,
     key: Spanned<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    listen: Spanned<SocketAddr>,
-    #[serde(default)]
-    token_file: Option<Spanned<PathBuf>>,
-}
-
-/// The admin listener's settings (`[admin]`).
-#[derive(Debug, Clone)]
-pub struct AdminSettings {
-    /// Where it listens.
-    pub listen: SocketAddr,
-    /// The digest of the token `/api/*` requires (from `token_file`); required off loopback.
-    pub token: Option<TokenDigest>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,7 +282,7 @@ impl RelayConfig {
             )
         })?;
 
-        let admin = raw.admin.map(|a| admin_settings(source, a)).transpose()?;
+        let admin = raw.admin.map(|a| a.validate(source)).transpose()?;
         Ok(Self {
             tunnel_listen: raw.tunnel.listen,
             identity: TlsIdentity { chain, key },
@@ -333,33 +317,4 @@ fn check_name(source: &ConfigSource, name: &Spanned<String>, key: &str) -> Resul
             format!("`{n}` is not a valid name (1–64 of A–Z a–z 0–9 . _ -)"),
         ))
     }
-}
-
-/// Validates `[admin]`: off loopback, a token file is required (the status API names agents,
-/// endpoints and addresses); the relay keeps only the token's digest.
-fn admin_settings(source: &ConfigSource, raw: RawAdmin) -> Result<AdminSettings, ConfigError> {
-    let listen = *raw.listen.get_ref();
-    let token = match &raw.token_file {
-        Some(file) => {
-            let path = source.resolve_path(file.get_ref());
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                source.error_for(file, "admin.token_file", format!("{}: {e}", path.display()))
-            })?;
-            let token = privlink_protocol::token::token_in_file(&text)
-                .map_err(|problem| source.error_for(file, "admin.token_file", problem))?;
-            Some(TokenDigest::of(token.as_bytes()))
-        }
-        None if !listen.ip().is_loopback() => {
-            return Err(source.error_for(
-                &raw.listen,
-                "admin.listen",
-                format!(
-                    "{listen} is not a loopback address: set admin.token_file too, so the status \
-                     API needs a bearer token"
-                ),
-            ));
-        }
-        None => None,
-    };
-    Ok(AdminSettings { listen, token })
 }

@@ -145,7 +145,6 @@ impl Relay {
         let admin = match &config.admin {
             Some(settings) => Some(
                 AdminServer::bind(settings.listen, settings.token)
-                    .await
                     .map_err(|source| RelayError::AdminBind { addr: settings.listen, source })?,
             ),
             None => None,

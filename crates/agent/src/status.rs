@@ -1,0 +1,196 @@
+//! The agent as others see it: the state of each relay link (dialling, connected on a
+//! transport, down with its last error), the verdicts it gave on that link, and the streams it
+//! carries — for the admin listener (readiness: at least one link welcomed and its verdicts
+//! sent; the status JSON of `docs/admin-api.md`) and for tests. Links are keyed by the relay
+//! address they dial; the link tasks and sessions update them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use privlink_protocol::message::{EndpointVerdict, Verdict};
+use privlink_transport::tunnel::TransportKind;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// Where one relay link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Dialling, or in the control handshake.
+    Connecting,
+    /// Welcomed by the relay; its verdicts are sent and it takes streams.
+    Connected,
+    /// Down; it re-dials after a backoff.
+    Down,
+}
+
+impl LinkState {
+    fn word(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// One relay link, for status views.
+#[derive(Debug, Clone)]
+pub struct LinkView {
+    /// The relay as configured (`name:port`).
+    pub relay: String,
+    /// The address this link dials.
+    pub address: SocketAddr,
+    /// Where it stands.
+    pub state: LinkState,
+    /// The transport of its connection, once connected.
+    pub transport: Option<TransportKind>,
+    /// When it entered its state.
+    pub since: SystemTime,
+    /// Why it last went down.
+    pub last_error: Option<String>,
+    /// The verdicts it gave the relay.
+    pub verdicts: Vec<EndpointVerdict>,
+    /// Streams it carries now.
+    pub active_streams: u32,
+}
+
+/// Every relay link of the agent.
+#[derive(Debug)]
+pub struct AgentStatus {
+    links: Mutex<BTreeMap<SocketAddr, LinkView>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for AgentStatus {
+    fn default() -> Self {
+        Self { links: Mutex::default(), changed: watch::Sender::new(0) }
+    }
+}
+
+impl AgentStatus {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<SocketAddr, LinkView>> {
+        // Plain views: a poisoned lock still holds usable data.
+        self.links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn update(&self, address: SocketAddr, change: impl FnOnce(&mut LinkView)) {
+        if let Some(link) = self.lock().get_mut(&address) {
+            change(link);
+        }
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// A link to `address` (of `relay`) is dialling.
+    pub(crate) fn connecting(&self, relay: &str, address: SocketAddr) {
+        let mut links = self.lock();
+        let link = links.entry(address).or_insert_with(|| LinkView {
+            relay: relay.to_owned(),
+            address,
+            state: LinkState::Connecting,
+            transport: None,
+            since: SystemTime::now(),
+            last_error: None,
+            verdicts: Vec::new(),
+            active_streams: 0,
+        });
+        if link.state != LinkState::Connecting {
+            link.state = LinkState::Connecting;
+            link.since = SystemTime::now();
+        }
+        drop(links);
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// The link to `address` was welcomed over `transport` and sent `verdicts`.
+    pub(crate) fn connected(
+        &self,
+        address: SocketAddr,
+        transport: TransportKind,
+        verdicts: &[EndpointVerdict],
+    ) {
+        self.update(address, |link| {
+            link.state = LinkState::Connected;
+            link.transport = Some(transport);
+            link.since = SystemTime::now();
+            link.verdicts = verdicts.to_vec();
+        });
+    }
+
+    /// The link to `address` carries `active_streams` streams.
+    pub(crate) fn set_active_streams(&self, address: SocketAddr, active_streams: u32) {
+        let mut links = self.lock();
+        if let Some(link) = links.get_mut(&address) {
+            link.active_streams = active_streams;
+        }
+    }
+
+    /// The link to `address` went down (`error`: why, when it failed).
+    pub(crate) fn down(&self, address: SocketAddr, error: Option<String>) {
+        self.update(address, |link| {
+            link.state = LinkState::Down;
+            link.since = SystemTime::now();
+            link.active_streams = 0;
+            if error.is_some() {
+                link.last_error = error;
+            }
+        });
+    }
+
+    /// The link to `address` is gone for good (its relay address no longer resolves, or the
+    /// agent stops).
+    pub(crate) fn remove(&self, address: SocketAddr) {
+        self.lock().remove(&address);
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Every link, by address.
+    pub fn links(&self) -> Vec<LinkView> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Whether at least one link is connected.
+    pub fn any_connected(&self) -> bool {
+        self.lock().values().any(|link| link.state == LinkState::Connected)
+    }
+
+    /// A receiver that sees a new value after every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The links as the status JSON's `links` array.
+    pub(crate) fn links_json(&self) -> Value {
+        let unix =
+            |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.links()
+            .into_iter()
+            .map(|link| {
+                let verdicts: serde_json::Map<String, Value> = link
+                    .verdicts
+                    .iter()
+                    .map(|v| {
+                        let verdict = match &v.verdict {
+                            Verdict::Approved => json!({ "verdict": "Approved" }),
+                            Verdict::Rejected { reason } => {
+                                json!({ "verdict": "Rejected", "reason": reason })
+                            }
+                        };
+                        (v.endpoint.clone(), verdict)
+                    })
+                    .collect();
+                json!({
+                    "relay": link.relay,
+                    "address": link.address.to_string(),
+                    "state": link.state.word(),
+                    "transport": link.transport.map(|t| t.to_string()),
+                    "since_unix": unix(link.since),
+                    "last_error": link.last_error,
+                    "verdicts": verdicts,
+                    "active_streams": link.active_streams,
+                })
+            })
+            .collect()
+    }
+}
