@@ -3,6 +3,7 @@
 //! the agent never allowed, a full stream limit) and clients and destinations that misbehave
 //! (stalling a direction of the tunnel).
 
+#[macro_use]
 mod common;
 
 use std::net::SocketAddr;
@@ -96,17 +97,13 @@ async fn hello_on(
     Ok((control, answer, sent.elapsed()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_tokens_are_refused_with_a_reason_and_never_lock_the_right_one_out_quic() {
-    wrong_tokens(TransportKind::Quic).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_tokens_are_refused_with_a_reason_and_never_lock_the_right_one_out_tcp() {
-    wrong_tokens(TransportKind::Tcp).await;
-}
-
-async fn wrong_tokens(transport: TransportKind) {
+async fn wrong_tokens_are_refused_with_a_reason_and_never_lock_the_right_one_out(
+    transport: TransportChoice,
+) {
+    let transport = match transport {
+        TransportChoice::Tcp => TransportKind::Tcp,
+        _ => TransportKind::Quic,
+    };
     let harness = Harness::start(vec![endpoint("e", echo_server().await)]).await;
 
     let answer =
@@ -393,16 +390,6 @@ async fn stalled_clients_hold_only_their_own_windows(transport: TransportChoice)
     }
     drop(stalled_downloads);
     harness.shutdown(&[agent]).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_clients_hold_only_their_own_windows_quic() {
-    stalled_clients_hold_only_their_own_windows(TransportChoice::Quic).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_clients_hold_only_their_own_windows_tcp() {
-    stalled_clients_hold_only_their_own_windows(TransportChoice::Tcp).await;
 }
 
 /// An agent that stops taking data (its connection window full) gets no more clients stuck on
@@ -715,12 +702,8 @@ async fn no_data_streams_before_the_handshake(transport: TransportChoice) {
     harness.shutdown(&[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_data_streams_before_the_handshake_quic() {
-    no_data_streams_before_the_handshake(TransportChoice::Quic).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_data_streams_before_the_handshake_tcp() {
-    no_data_streams_before_the_handshake(TransportChoice::Tcp).await;
-}
+on_both_transports!(
+    wrong_tokens_are_refused_with_a_reason_and_never_lock_the_right_one_out,
+    stalled_clients_hold_only_their_own_windows,
+    no_data_streams_before_the_handshake,
+);

@@ -1,7 +1,8 @@
 //! End-to-end tests of the tunnel core on loopback: a relay and an agent in this process,
 //! real TCP sockets, real QUIC and TLS/TCP tunnels, real TLS certificates from a test CA.
-//! Every scenario runs once per transport (modules `quic` and `tcp`).
+//! Every scenario runs once per transport (modules `over_quic` and `over_tcp`).
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -381,28 +382,6 @@ async fn a_slow_reader_does_not_stall_other_streams(transport: TransportChoice) 
     assert!(!pusher.is_finished(), "the unread stream never backed up");
     pusher.abort();
     harness.shutdown(&[agent]).await;
-}
-
-/// Runs each scenario once per transport, as `quic::<name>` and `tcp::<name>`.
-macro_rules! on_both_transports {
-    ($($scenario:ident),* $(,)?) => {
-        mod quic {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::TransportChoice::Quic).await;
-                }
-            )*
-        }
-        mod tcp {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::TransportChoice::Tcp).await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_transports!(

@@ -5,9 +5,33 @@
 #![allow(
     dead_code,
     unused_imports,
+    unused_macros,
     unreachable_pub,
     reason = "each test binary uses a different subset"
 )]
+
+/// Runs each scenario — an `async fn(TransportChoice)` of the calling file, which imports
+/// `TransportChoice` — once per transport, as `over_quic::<name>` and `over_tcp::<name>`.
+macro_rules! on_both_transports {
+    ($($scenario:ident),* $(,)?) => {
+        mod over_quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::TransportChoice::Quic).await;
+                }
+            )*
+        }
+        mod over_tcp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::TransportChoice::Tcp).await;
+                }
+            )*
+        }
+    };
+}
 
 pub mod gate;
 pub mod inproc;
