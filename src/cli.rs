@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,18 +23,27 @@ pub(crate) enum Command {
         /// Path to relay.toml.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Log lines as text, or one JSON object each.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Run an agent: dial relays and open allowed destinations for them.
     Agent {
         /// Path to agent.toml.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Log lines as text, or one JSON object each.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Run relay, agent and a demo TLS destination on loopback and send a request through.
     Demo {
         /// Port for the demo endpoint on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 8443)]
         port: u16,
+        /// Log lines as text, or one JSON object each.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Connector tokens.
     Token {
@@ -46,6 +55,16 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, target, the message and the event's fields
+    /// (a flow-log line's fields are JSON fields), and the spans it happened in.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

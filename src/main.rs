@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use privlink_protocol::config::ConfigError;
 
-use crate::cli::{CertsCommand, Cli, Command, TokenCommand};
+use crate::cli::{CertsCommand, Cli, Command, LogFormat, TokenCommand};
 
 /// Keeps glibc's malloc from handing freed memory back to the kernel at every turn: rustls,
 /// h2 and quinn allocate and free a buffer per record, frame and datagram batch, and with the
@@ -78,14 +78,13 @@ fn main() -> ExitCode {
         Command::Demo { .. } => "warn,privlink::flow=info",
         _ => "info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = match cli.command {
+        Command::Relay { log_format, .. }
+        | Command::Agent { log_format, .. }
+        | Command::Demo { log_format, .. } => log_format,
+        Command::Token { .. } | Command::Certs { .. } => LogFormat::Text,
+    };
+    init_logging(default_filter, log_format);
 
     let result = match cli.command {
         Command::Token { command: TokenCommand::New { out, force } } => {
@@ -118,6 +117,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (else `default_filter`), as text or JSON lines.
+fn init_logging(default_filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.with_ansi(ansi).init();
+        }
+        // The event's fields (the flow log's among them) at the top level of each object, next
+        // to timestamp, level, target and message; the spans it happened in under `spans`.
+        LogFormat::Json => builder.json().flatten_event(true).with_span_list(true).init(),
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -128,9 +143,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn run_service(command: Command, env_token: Option<String>) -> anyhow::Result<()> {
     let shutdown = signals::shutdown_on_signal()?;
     match command {
-        Command::Relay { config } => cmd::relay::run(&config, shutdown).await,
-        Command::Agent { config } => cmd::agent::run(&config, env_token, shutdown).await,
-        Command::Demo { port } => cmd::demo::run(port, shutdown).await,
+        Command::Relay { config, .. } => cmd::relay::run(&config, shutdown).await,
+        Command::Agent { config, .. } => cmd::agent::run(&config, env_token, shutdown).await,
+        Command::Demo { port, .. } => cmd::demo::run(port, shutdown).await,
         Command::Token { .. } | Command::Certs { .. } => unreachable!("handled without a runtime"),
     }
 }

@@ -474,3 +474,43 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     assert_eq!(code, 64);
     assert!(stderr.contains("/nonexistent/relay.toml"), "{stderr}");
 }
+
+/// `--log-format json`: every line the relay and the agent write is one JSON object with
+/// timestamp, level, target and message, and the flow log's fields are JSON fields (numbers as
+/// numbers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_the_flow_fields() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Deployment { relay_cfg, agent_cfg, endpoint, admin, agent_admin } =
+        deploy(dir.path(), echo_server().await);
+    let json = ["--log-format", "json"];
+    let mut relay = common::privlink(
+        &[&["relay", "--config", relay_cfg.to_str().expect("utf-8")][..], &json[..]].concat(),
+    );
+    let mut agent = common::privlink(
+        &[&["agent", "--config", agent_cfg.to_str().expect("utf-8")][..], &json[..]].concat(),
+    );
+    common::wait_admin(agent_admin, "/readyz", |code, _| code == 200);
+    common::wait_endpoint_status(admin, "contoso-kv", "Approved");
+    assert_endpoint_serves(endpoint).await;
+    relay.wait_for("\"target\":\"privlink::flow\"");
+    let flow: serde_json::Value =
+        serde_json::from_str(relay.last_seen()).expect("the flow line is one JSON object");
+    assert_eq!(flow["message"], "flow", "{flow}");
+    assert_eq!(flow["level"], "INFO", "{flow}");
+    assert!(flow["timestamp"].as_str().is_some_and(|t| t.contains('T')), "{flow}");
+    assert_eq!(flow["bytes_from_client"], 18, "{flow}");
+    assert_eq!(flow["bytes_to_client"], 18, "{flow}");
+    assert_eq!(flow["outcome"], "completed", "{flow}");
+    assert_eq!(flow["endpoint"], "contoso-kv", "{flow}");
+    agent.wait_for("connected to relay");
+    let connected: serde_json::Value =
+        serde_json::from_str(agent.last_seen()).expect("the agent's lines are JSON too");
+    assert_eq!(connected["target"], "privlink_agent::session", "{connected}");
+    assert!(connected["spans"].is_array(), "the spans it happened in: {connected}");
+    // Every line either process wrote so far was one JSON object.
+    for line in relay.seen().iter().chain(agent.seen()) {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not JSON: {line}");
+    }
+    assert!(agent.terminate().success() && relay.terminate().success());
+}

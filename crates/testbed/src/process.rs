@@ -98,6 +98,11 @@ impl Running {
         Self { child, lines, seen: Vec::new() }
     }
 
+    /// The lines read so far (by [`Running::wait_for`]).
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
     /// Waits for a log line containing `needle` (a readiness signal), failing after a bound.
     pub fn wait_for(&mut self, needle: &str) {
         let deadline = Instant::now() + PROCESS_WAIT;
