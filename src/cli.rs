@@ -45,6 +45,18 @@ pub(crate) enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// Ask a running relay or agent for its status (its admin listener's /api/v1/status).
+    Status {
+        /// The admin listener.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// A file holding the admin token (`[admin] token_file` of the relay or agent).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Print the status JSON as it came.
+        #[arg(long)]
+        json: bool,
+    },
     /// Connector tokens.
     Token {
         #[command(subcommand)]

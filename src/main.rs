@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         Command::Relay { log_format, .. }
         | Command::Agent { log_format, .. }
         | Command::Demo { log_format, .. } => log_format,
-        Command::Token { .. } | Command::Certs { .. } => LogFormat::Text,
+        Command::Token { .. } | Command::Certs { .. } | Command::Status { .. } => LogFormat::Text,
     };
     init_logging(default_filter, log_format);
 
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
             eprintln!("privlink: {error:#}");
             if error.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(EXIT_USAGE)
-            } else if error.downcast_ref::<cmd::demo::Unavailable>().is_some() {
+            } else if error.downcast_ref::<cmd::Unavailable>().is_some() {
                 ExitCode::from(EXIT_UNAVAILABLE)
             } else {
                 ExitCode::FAILURE
@@ -146,6 +146,9 @@ async fn run_service(command: Command, env_token: Option<String>) -> anyhow::Res
         Command::Relay { config, .. } => cmd::relay::run(&config, shutdown).await,
         Command::Agent { config, .. } => cmd::agent::run(&config, env_token, shutdown).await,
         Command::Demo { port, .. } => cmd::demo::run(port, shutdown).await,
+        Command::Status { admin, token_file, json } => {
+            cmd::status::run(&admin, token_file.as_deref(), json).await
+        }
         Command::Token { .. } | Command::Certs { .. } => unreachable!("handled without a runtime"),
     }
 }

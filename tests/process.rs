@@ -514,3 +514,40 @@ async fn json_logs_are_one_object_per_line_with_the_flow_fields() {
     }
     assert!(agent.terminate().success() && relay.terminate().success());
 }
+
+/// `privlink status`: the relay's endpoints and agents, the agent's links and verdicts, the
+/// JSON as it came, and exit 69 when nothing answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privlink_status_prints_the_relays_and_the_agents_view() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Deployment { relay_cfg, agent_cfg, admin, agent_admin, .. } =
+        deploy(dir.path(), echo_server().await);
+    let relay = common::privlink(&["relay", "--config", relay_cfg.to_str().expect("utf-8")]);
+    let agent = common::privlink(&["agent", "--config", agent_cfg.to_str().expect("utf-8")]);
+    common::wait_admin(agent_admin, "/readyz", |code, _| code == 200);
+    common::wait_endpoint_status(admin, "contoso-kv", "Approved");
+
+    let (code, out, err) = run(&["status", "--admin", &format!("http://{admin}")]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("ENDPOINT") && lines[0].contains("STATUS"), "{out}");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&row[..2], ["contoso-kv", "Approved"], "{out}");
+    assert!(out.contains("AGENT") && out.contains("onprem-east"), "{out}");
+
+    let (code, out, err) = run(&["status", "--admin", &format!("http://{agent_admin}")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ready") && out.contains("connected"), "{out}");
+    assert!(out.contains("contoso-kv") && out.contains("Approved"), "{out}");
+
+    let (code, out, _) = run(&["status", "--admin", &format!("http://{admin}"), "--json"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).expect("--json prints the JSON");
+    assert_eq!(json["role"], "relay");
+
+    let closed = format!("http://127.0.0.1:{}", free_fixed_port());
+    let (code, _, err) = run(&["status", "--admin", &closed]);
+    assert_eq!(code, 69, "nothing listening is 'unavailable': {err}");
+    assert!(err.contains("cannot reach the admin listener"), "{err}");
+    assert!(agent.terminate().success() && relay.terminate().success());
+}

@@ -37,10 +37,7 @@ const MAX_REQUEST_HEAD: usize = 16 * 1024;
 /// Deadline for anything the demo waits on.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A part of the demo that should have come up did not (exit code 69).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Unavailable(String);
+use super::Unavailable;
 
 pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Result<()> {
     let ca = CertificateAuthority::new("privlink demo CA").context("creating the demo CA")?;

@@ -6,8 +6,10 @@
 //! `Authorization: Bearer <token>` (compared in constant time); the probes stay open.
 //!
 //! What is reported is the role's business: it implements [`AdminView`]. This crate decides
-//! only how it is served.
+//! only how it is served — and, in [`client`], how `privlink status` asks for it.
 #![forbid(unsafe_code)]
+
+pub mod client;
 
 use std::convert::Infallible;
 use std::io;
