@@ -236,3 +236,111 @@ async fn the_agents_readiness_and_status_follow_its_relay_link() {
     stop.cancel();
     tokio::time::timeout(WAIT, running).await.expect("agent stops").expect("agent task");
 }
+
+/// Prometheus' own Python parser (prometheus_client from PyPI; `.ci/run` installs it).
+const PARSE_METRICS: &str = include_str!("scripts/parse_metrics.py");
+
+/// `/metrics` parsed by a real Prometheus parser: the samples as (name, labels, value).
+async fn scrape(admin: SocketAddr) -> Vec<Value> {
+    let (code, text) = curl(admin, "/metrics", &[]).await;
+    assert_eq!(code, 200, "{text}");
+    let parsed = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = Command::new("python3")
+            .args(["-c", PARSE_METRICS])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+        child.wait_with_output().expect("parser")
+    })
+    .await
+    .expect("join");
+    assert!(
+        parsed.status.success(),
+        "prometheus_client could not parse /metrics (pip install prometheus_client): {}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    serde_json::from_slice::<Vec<Value>>(&parsed.stdout).expect("samples")
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .and_then(|s| s["value"].as_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_with_prometheus_and_count_what_happens() {
+    let destination = echo_server().await;
+    let mut spec = endpoint("e", destination);
+    spec.acl.deny.push("127.0.0.2/32".parse().expect("cidr"));
+    let harness = Harness::start_with_admin(vec![spec], loopback_admin(None)).await;
+    let admin = harness.relay.admin_addr().expect("admin listener");
+    let before = scrape(admin).await;
+    assert_eq!(sample(&before, "privlink_build_info", &[("role", "relay")]), Some(1.0));
+    let e_status = |samples: &[Value], status| {
+        sample(samples, "privlink_relay_endpoint_status", &[("endpoint", "e"), ("status", status)])
+    };
+    assert_eq!(e_status(&before, "Disconnected"), Some(1.0));
+    assert_eq!(e_status(&before, "Approved"), Some(0.0));
+
+    let agent =
+        harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]));
+    harness.wait_approved("e").await;
+    let payload = vec![7u8; 100_000];
+    let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    assert_eq!(echo_round_trip(socket, &payload).await, payload);
+    assert!(is_refused(connect_from("127.0.0.2", harness.addr("e")).await).await, "ACL");
+    // The flow ends (and is counted) just after the client sees the end.
+    let counted = async {
+        loop {
+            let samples = scrape(admin).await;
+            let completed = sample(
+                &samples,
+                "privlink_relay_connections_total",
+                &[("endpoint", "e"), ("outcome", "completed")],
+            );
+            if completed == Some(1.0) {
+                return samples;
+            }
+        }
+    };
+    let after = tokio::time::timeout(WAIT, counted).await.expect("the connection is counted");
+    assert_eq!(e_status(&after, "Approved"), Some(1.0));
+    assert_eq!(e_status(&after, "Disconnected"), Some(0.0));
+    let bytes = |direction| {
+        sample(&after, "privlink_relay_bytes_total", &[("endpoint", "e"), ("direction", direction)])
+    };
+    assert_eq!(bytes("from_client"), Some(100_000.0));
+    assert_eq!(bytes("to_client"), Some(100_000.0));
+    let denied = sample(
+        &after,
+        "privlink_relay_connections_total",
+        &[("endpoint", "e"), ("outcome", "acl_denied")],
+    );
+    assert_eq!(denied, Some(1.0));
+    let agents = sample(
+        &after,
+        "privlink_relay_agents_connected",
+        &[("connector", CONNECTOR), ("transport", "quic")],
+    );
+    assert_eq!(agents, Some(1.0));
+    let opened = sample(&after, "privlink_relay_open_duration_seconds_count", &[("endpoint", "e")]);
+    assert_eq!(opened, Some(1.0));
+    // Every family says what it is, and no label carries a client address.
+    for s in &after {
+        assert!(s["help"].as_str().is_some_and(|h| !h.is_empty()), "no HELP: {s}");
+        let labels = s["labels"].as_object().expect("labels");
+        assert!(labels.keys().all(|k| k != "client"), "{s}");
+        assert!(
+            labels.values().all(|v| !v.as_str().is_some_and(|v| v.contains("127.0.0."))),
+            "{s}"
+        );
+    }
+    harness.shutdown(&[agent]).await;
+}

@@ -1,9 +1,11 @@
 //! privlink-admin: the admin HTTP listener the relay and the agent both run — liveness
-//! (`/healthz`), readiness (`/readyz`) and the status snapshot (`/api/v1/status`, JSON) — over
+//! (`/healthz`), readiness (`/readyz`), metrics (`/metrics`, OpenMetrics text) and the status
+//! snapshot (`/api/v1/status`, JSON) — over
 //! HTTP/1.1 with every request bounded: headers in 16 KiB and 5 s, one request per connection,
 //! [`MAX_CONNECTIONS`] connections at once, each on its own task, so a slow or hostile admin
 //! client never touches the data path. With a token configured, `/api/*` needs
-//! `Authorization: Bearer <token>` (compared in constant time); the probes stay open.
+//! `Authorization: Bearer <token>` (compared in constant time); the probes and the metrics stay
+//! open.
 //!
 //! What is reported is the role's business: it implements [`AdminView`]. This crate decides
 //! only how it is served — and, in [`client`], how `privlink status` asks for it.
@@ -53,6 +55,10 @@ pub trait AdminView: Send + Sync + 'static {
     fn readiness(&self) -> Readiness;
     /// For `/api/v1/status`: the role's status snapshot.
     fn status(&self) -> serde_json::Value;
+    /// For `/metrics`: OpenMetrics text, or `None` where the role has no metrics yet.
+    fn metrics(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A bound admin listener, ready to [`run`](AdminServer::run).
@@ -147,6 +153,19 @@ fn answer(
             Readiness::NotReady(reason) => {
                 text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {reason}\n"))
             }
+        },
+        "/metrics" => match view.metrics() {
+            Some(text) => {
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            None => text(StatusCode::NOT_FOUND, "no metrics in this version\n"),
         },
         "/api/v1/status" => {
             let mut body = view.status().to_string();

@@ -31,6 +31,10 @@ impl AdminView for RelayAdmin {
         }
     }
 
+    fn metrics(&self) -> Option<String> {
+        Some(self.handle.metrics().render(&self.handle))
+    }
+
     fn status(&self) -> Value {
         let handle = &self.handle;
         let mut connectors = Vec::new();

@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::admission::{Admission, PendingSlot};
 use crate::auth::{AuthFailure, FailureLimiter, authenticate};
 use crate::config::RelayConfig;
+use crate::metrics::{AuthFailureReason, RelayMetrics};
 use crate::registry::{AgentInfo, AgentRegistration, Registry};
 
 /// Agents one connector may have connected to this relay at once: several share a
@@ -68,6 +69,7 @@ pub(crate) struct AgentsContext {
     pub(crate) registry: Arc<Registry>,
     pub(crate) failures: Mutex<FailureLimiter>,
     pub(crate) admission: Arc<Admission>,
+    pub(crate) metrics: Arc<RelayMetrics>,
     /// Cancelled when the relay starts shutting down: agents are told to drain.
     pub(crate) draining: CancellationToken,
 }
@@ -276,6 +278,7 @@ fn admit(
     ];
     if let Some((field, value)) = fields.iter().find(|(_, value)| !text::is_valid_name(value)) {
         let delay = record_failure(ctx, remote);
+        ctx.metrics.auth_failed(AuthFailureReason::InvalidHello);
         warn!(field, value = %text::loggable(value), "refusing agent: invalid hello");
         let reason = format!(
             "invalid hello: {field} must be 1 to {} letters, digits, '.', '-', '_' or '+'",
@@ -291,6 +294,10 @@ fn admit(
             AuthFailure::UnknownConnector => "unknown connector",
             AuthFailure::WrongToken => "wrong token",
         };
+        ctx.metrics.auth_failed(match failure {
+            AuthFailure::UnknownConnector => AuthFailureReason::UnknownConnector,
+            AuthFailure::WrongToken => AuthFailureReason::WrongToken,
+        });
         warn!(
             connector = %hello.connector,
             agent = %hello.agent_name,

@@ -118,12 +118,16 @@ pub(crate) async fn forward(
             force.cancelled(),
         )
         .await;
+        if let Some(at) = gated.opened_at {
+            endpoint.metrics.opened(&spec.name, at.duration_since(started).as_secs_f64());
+        }
         let spliced = splice::conclude(copied, &socket, &mut gated, Hop::Relay);
         drop(socket); // closes the client's side now, with a reset where the splice asked for one
         bytes = (spliced.socket_to_tunnel + early_len as u64, spliced.tunnel_to_socket);
         spliced.outcome
     };
 
+    endpoint.metrics.connection_ended(&spec.name, outcome.label(), bytes.0, bytes.1);
     Flow {
         client,
         endpoint: spec,
@@ -144,6 +148,8 @@ pub(crate) async fn forward(
 struct OpenReplyGate<'a> {
     stream: &'a mut TunnelStream,
     state: GateState,
+    /// When the agent's answer was read.
+    opened_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -155,7 +161,11 @@ enum GateState {
 
 impl<'a> OpenReplyGate<'a> {
     fn new(stream: &'a mut TunnelStream) -> Self {
-        Self { stream, state: GateState::Header { buf: [0; HEADER_LEN], filled: 0 } }
+        Self {
+            stream,
+            state: GateState::Header { buf: [0; HEADER_LEN], filled: 0 },
+            opened_at: None,
+        }
     }
 
     /// Reads into `dest` from the stream, never more than `dest` holds: the reply frame is
@@ -204,7 +214,10 @@ impl AsyncRead for OpenReplyGate<'_> {
                     let reply: OpenReply = frame::decode_body(buf)
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                     match reply {
-                        OpenReply::Opened => this.state = GateState::Open,
+                        OpenReply::Opened => {
+                            this.state = GateState::Open;
+                            this.opened_at = Some(Instant::now());
+                        }
                         OpenReply::Failed(failure) => {
                             return Poll::Ready(Err(io::Error::new(
                                 io::ErrorKind::ConnectionRefused,

@@ -19,6 +19,7 @@
 //! * [`listen`] — endpoint accept loops and the policy applied on accept.
 //! * [`dispatch`] — one client connection: choose an agent, open, splice, the open-reply gate.
 //! * [`flow`] — the flow-log line and endpoint counters.
+//! * `metrics` — the Prometheus metrics `/metrics` serves.
 //! * [`status`] — [`RelayHandle`], the running relay's addresses and status views.
 //!
 //! [`Relay::bind`] binds every socket first (so a test or the demo can bind port 0 and read
@@ -33,6 +34,7 @@ pub mod config;
 pub mod dispatch;
 pub mod flow;
 pub mod listen;
+mod metrics;
 pub mod registry;
 pub mod status;
 
@@ -54,6 +56,7 @@ use crate::admin::RelayAdmin;
 use crate::agents::AgentsContext;
 pub use crate::config::RelayConfig;
 use crate::listen::Endpoint;
+use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 pub use crate::registry::{AgentView, EndpointStatus};
 pub use crate::status::RelayHandle;
@@ -125,6 +128,7 @@ impl Relay {
             .local_addr()
             .map_err(|source| RelayError::TunnelTcp { addr: config.tunnel_listen, source })?;
 
+        let metrics = Arc::new(RelayMetrics::default());
         let mut listeners = Vec::new();
         let mut by_name = HashMap::new();
         for spec in &config.endpoints {
@@ -138,7 +142,7 @@ impl Relay {
                 addr: spec.listen,
                 source,
             })?;
-            let endpoint = Arc::new(Endpoint::new(spec.clone()));
+            let endpoint = Arc::new(Endpoint::new(spec.clone(), Arc::clone(&metrics)));
             by_name.insert(spec.name.clone(), (Arc::clone(&endpoint), addr));
             listeners.push((endpoint, listener));
         }
@@ -156,6 +160,7 @@ impl Relay {
             by_name,
             tunnel_addr,
             admin_addr,
+            Arc::clone(&metrics),
         );
         Ok(Self {
             config: Arc::new(config),
@@ -194,6 +199,7 @@ impl Relay {
             registry: Arc::clone(handle.registry()),
             failures: Mutex::default(),
             admission: Arc::clone(handle.admission()),
+            metrics: Arc::clone(handle.metrics()),
             draining: CancellationToken::new(),
         });
 

@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, warn};
 use crate::config::EndpointSpec;
 use crate::dispatch;
 use crate::flow::EndpointCounters;
+use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 
 /// One endpoint at run time.
@@ -24,12 +25,13 @@ pub(crate) struct Endpoint {
     /// One permit per connection below `max_connections`.
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) counters: EndpointCounters,
+    pub(crate) metrics: Arc<RelayMetrics>,
 }
 
 impl Endpoint {
-    pub(crate) fn new(spec: EndpointSpec) -> Self {
+    pub(crate) fn new(spec: EndpointSpec, metrics: Arc<RelayMetrics>) -> Self {
         let slots = Arc::new(Semaphore::new(spec.max_connections));
-        Self { spec, slots, counters: EndpointCounters::default() }
+        Self { spec, slots, counters: EndpointCounters::default(), metrics }
     }
 }
 
@@ -47,12 +49,14 @@ pub(crate) async fn accept_clients(
     let accept = tcp::accept_until(&listener, &stop, |socket, client| {
         if !endpoint.spec.acl.permits(client.ip()) {
             endpoint.counters.denied.fetch_add(1, Ordering::Relaxed);
+            endpoint.metrics.connection_refused(&endpoint.spec.name, "acl_denied");
             debug!(%client, "connection denied by ACL");
             tcp::abort(socket);
             return;
         }
         let Ok(slot) = Arc::clone(&endpoint.slots).try_acquire_owned() else {
             endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
+            endpoint.metrics.connection_refused(&endpoint.spec.name, "over_limit");
             warn!(
                 %client,
                 max_connections = endpoint.spec.max_connections,

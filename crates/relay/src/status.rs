@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::admission::Admission;
 use crate::listen::Endpoint;
+use crate::metrics::RelayMetrics;
 use crate::registry::{AgentView, EndpointStatus, Registry};
 
 /// A cheap, cloneable view of a running relay: addresses and endpoint status.
@@ -19,6 +20,7 @@ pub struct RelayHandle {
     endpoints: Arc<HashMap<String, (Arc<Endpoint>, SocketAddr)>>,
     tunnel_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    metrics: Arc<RelayMetrics>,
 }
 
 impl RelayHandle {
@@ -28,8 +30,20 @@ impl RelayHandle {
         endpoints: HashMap<String, (Arc<Endpoint>, SocketAddr)>,
         tunnel_addr: SocketAddr,
         admin_addr: Option<SocketAddr>,
+        metrics: Arc<RelayMetrics>,
     ) -> Self {
-        Self { registry, admission, endpoints: Arc::new(endpoints), tunnel_addr, admin_addr }
+        Self {
+            registry,
+            admission,
+            endpoints: Arc::new(endpoints),
+            tunnel_addr,
+            admin_addr,
+            metrics,
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<RelayMetrics> {
+        &self.metrics
     }
 
     pub(crate) fn registry(&self) -> &Arc<Registry> {

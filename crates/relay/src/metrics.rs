@@ -1,0 +1,227 @@
+//! The relay's Prometheus metrics (the names in DESIGN.md, "Admin API and metrics"), served as
+//! OpenMetrics text on the admin listener's `/metrics`. Counters are counted where things
+//! happen (accept, the flow log, authentication); the state gauges — endpoint status, active
+//! connections, connected agents — are read from the registry when scraped. No label carries
+//! a client address.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::status::RelayHandle;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    endpoint: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    endpoint: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    endpoint: String,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    connector: String,
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    role: &'static str,
+}
+
+/// Why an authentication failed, as the `reason` label says it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AuthFailureReason {
+    /// No connector of that name.
+    UnknownConnector,
+    /// The token does not match.
+    WrongToken,
+    /// A name in the hello broke the syntax.
+    InvalidHello,
+}
+
+/// Every relay metric.
+#[derive(Debug)]
+pub(crate) struct RelayMetrics {
+    registry: Registry,
+    connections: Family<OutcomeLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
+    open_duration: Family<EndpointLabel, Histogram>,
+    auth_failures: Family<ReasonLabel, Counter>,
+    endpoint_status: Family<StatusLabels, Gauge>,
+    connections_active: Family<EndpointLabel, Gauge>,
+    agents_connected: Family<AgentLabels, Gauge>,
+}
+
+/// The endpoint statuses, in the order the gauge lists them.
+const STATUSES: [&str; 4] = ["Approved", "Pending", "Rejected", "Disconnected"];
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("privlink");
+        registry.register(
+            "build",
+            "The privlink build (always 1)",
+            Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION"), role: "relay" }),
+        );
+        let connections = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "relay_connections",
+            "Client connections by endpoint and how they ended",
+            connections.clone(),
+        );
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "relay_bytes",
+            "Bytes forwarded, by endpoint and direction (counted when a connection ends)",
+            bytes.clone(),
+        );
+        let open_duration = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+        });
+        registry.register(
+            "relay_open_duration_seconds",
+            "From a client's accept until the agent answered the open request",
+            open_duration.clone(),
+        );
+        let auth_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "relay_auth_failures",
+            "Agent hellos refused, by reason",
+            auth_failures.clone(),
+        );
+        let endpoint_status = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "relay_endpoint_status",
+            "1 for each endpoint's current status, 0 for the others",
+            endpoint_status.clone(),
+        );
+        let connections_active = Family::<EndpointLabel, Gauge>::default();
+        registry.register(
+            "relay_connections_active",
+            "Client connections open now, by endpoint",
+            connections_active.clone(),
+        );
+        let agents_connected = Family::<AgentLabels, Gauge>::default();
+        registry.register(
+            "relay_agents_connected",
+            "Agents connected now, by connector and transport",
+            agents_connected.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            bytes,
+            open_duration,
+            auth_failures,
+            endpoint_status,
+            connections_active,
+            agents_connected,
+        }
+    }
+}
+
+impl RelayMetrics {
+    /// A connection of `endpoint` ended with `outcome` after moving these bytes.
+    pub(crate) fn connection_ended(
+        &self,
+        endpoint: &str,
+        outcome: &str,
+        from_client: u64,
+        to_client: u64,
+    ) {
+        let labels = OutcomeLabels { endpoint: endpoint.to_owned(), outcome: outcome.to_owned() };
+        self.connections.get_or_create(&labels).inc();
+        let bytes = |direction| DirectionLabels { endpoint: endpoint.to_owned(), direction };
+        self.bytes.get_or_create(&bytes("from_client")).inc_by(from_client);
+        self.bytes.get_or_create(&bytes("to_client")).inc_by(to_client);
+    }
+
+    /// A connection of `endpoint` was turned away on accept (`acl_denied`, `over_limit`).
+    pub(crate) fn connection_refused(&self, endpoint: &str, outcome: &str) {
+        let labels = OutcomeLabels { endpoint: endpoint.to_owned(), outcome: outcome.to_owned() };
+        self.connections.get_or_create(&labels).inc();
+    }
+
+    /// The agent answered an open request for `endpoint` after `seconds`.
+    pub(crate) fn opened(&self, endpoint: &str, seconds: f64) {
+        let labels = EndpointLabel { endpoint: endpoint.to_owned() };
+        self.open_duration.get_or_create(&labels).observe(seconds);
+    }
+
+    /// An agent's hello was refused.
+    pub(crate) fn auth_failed(&self, reason: AuthFailureReason) {
+        let reason = match reason {
+            AuthFailureReason::UnknownConnector => "unknown_connector",
+            AuthFailureReason::WrongToken => "wrong_token",
+            AuthFailureReason::InvalidHello => "invalid_hello",
+        };
+        self.auth_failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// The OpenMetrics text, with the state gauges read from `handle` now.
+    pub(crate) fn render(&self, handle: &RelayHandle) -> String {
+        let mut connectors: Vec<String> = Vec::new();
+        for (endpoint, _) in handle.endpoints() {
+            let spec = &endpoint.spec;
+            if !connectors.contains(&spec.connector) {
+                connectors.push(spec.connector.clone());
+            }
+            let current = handle.registry().status(&spec.connector, &spec.name);
+            let current = match current {
+                crate::registry::EndpointStatus::Approved => "Approved",
+                crate::registry::EndpointStatus::Pending => "Pending",
+                crate::registry::EndpointStatus::Rejected { .. } => "Rejected",
+                crate::registry::EndpointStatus::Disconnected => "Disconnected",
+            };
+            for status in STATUSES {
+                let labels = StatusLabels { endpoint: spec.name.clone(), status };
+                self.endpoint_status.get_or_create(&labels).set(i64::from(status == current));
+            }
+            let active = spec.max_connections - endpoint.slots.available_permits();
+            let labels = EndpointLabel { endpoint: spec.name.clone() };
+            self.connections_active
+                .get_or_create(&labels)
+                .set(i64::try_from(active).unwrap_or(i64::MAX));
+        }
+        for connector in &connectors {
+            let agents = handle.agents(connector);
+            for transport in ["quic", "tcp"] {
+                let count = agents.iter().filter(|a| a.transport.to_string() == transport).count();
+                let labels = AgentLabels { connector: connector.clone(), transport };
+                self.agents_connected
+                    .get_or_create(&labels)
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
