@@ -222,6 +222,34 @@ async fn the_agents_readiness_and_status_follow_its_relay_link() {
     assert_eq!(link["verdicts"]["e"]["verdict"], "Approved", "{json}");
     assert_eq!(link["address"], harness.relay.tunnel_addr().to_string(), "{json}");
 
+    // Its metrics: the link, and a stream counted once it ends.
+    let payload = vec![3u8; 50_000];
+    let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    assert_eq!(echo_round_trip(socket, &payload).await, payload);
+    let counted = async {
+        loop {
+            let samples = scrape(admin).await;
+            let completed =
+                sample(&samples, "privlink_agent_streams_total", &[("outcome", "completed")]);
+            if completed == Some(1.0) {
+                return samples;
+            }
+        }
+    };
+    let samples = tokio::time::timeout(WAIT, counted).await.expect("the stream is counted");
+    assert_eq!(sample(&samples, "privlink_build_info", &[("role", "agent")]), Some(1.0));
+    let up = sample(
+        &samples,
+        "privlink_agent_relay_links",
+        &[("state", "connected"), ("transport", "quic")],
+    );
+    assert_eq!(up, Some(1.0));
+    let to = sample(&samples, "privlink_agent_bytes_total", &[("direction", "to_destination")]);
+    assert_eq!(to, Some(50_000.0));
+    let connects = sample(&samples, "privlink_agent_connect_duration_seconds_count", &[]);
+    assert_eq!(connects, Some(1.0));
+    assert!(samples.iter().all(|s| s["help"].as_str().is_some_and(|h| !h.is_empty())));
+
     // The relay goes away: the link is down and the agent is not ready, though alive.
     harness.shutdown(&[]).await;
     wait_agent_status(&status, |s| !s.any_connected()).await;

@@ -9,12 +9,14 @@ use privlink_admin::{AdminView, Readiness};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::AgentMetrics;
 use crate::status::AgentStatus;
 
 /// The agent's [`AdminView`].
 #[derive(Debug)]
 pub(crate) struct AgentAdmin {
     pub(crate) status: Arc<AgentStatus>,
+    pub(crate) metrics: Arc<AgentMetrics>,
     pub(crate) name: String,
     pub(crate) connector: String,
     /// Cancelled when the agent starts shutting down.
@@ -30,6 +32,10 @@ impl AdminView for AgentAdmin {
         } else {
             Readiness::NotReady("no relay link is connected".to_owned())
         }
+    }
+
+    fn metrics(&self) -> Option<String> {
+        Some(self.metrics.render(&self.status))
     }
 
     fn status(&self) -> Value {

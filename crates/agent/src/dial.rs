@@ -57,6 +57,7 @@ async fn auto_session(
         },
     };
     warn!("QUIC did not get through ({quic_failure}); falling back to TLS over TCP");
+    shared.metrics.fell_back();
     let tcp = tokio::select! {
         () = stop.cancelled() => return Ok(()),
         dialed = dial(TransportKind::Tcp, relay, addr, shared, Timers::HANDSHAKE) => dialed?,

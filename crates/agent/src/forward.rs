@@ -37,6 +37,8 @@ pub struct StreamPolicy {
     pub dns_timeout: Duration,
     /// Deadline for connecting to a destination.
     pub connect_timeout: Duration,
+    /// Where streams are counted.
+    pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
 }
 
 /// Longest inactivity timeout the agent applies, whatever a relay asks for: a relay cannot
@@ -94,8 +96,16 @@ async fn forward(
         ))
     };
     let mut socket = match connected {
-        Ok(socket) => socket,
+        Ok(socket) => {
+            policy.metrics.connected(started.elapsed().as_secs_f64());
+            socket
+        }
         Err(failure) => {
+            let outcome = match failure.code {
+                OpenFailCode::NotAllowed => "not_allowed",
+                _ => "destination_failed",
+            };
+            policy.metrics.stream_ended(outcome, 0, 0);
             if failure.code == OpenFailCode::NotAllowed {
                 warn!("refused: {}", failure.message);
             } else {
@@ -123,6 +133,11 @@ async fn forward(
     .await;
     let spliced = splice::conclude(copied, &socket, &mut stream, Hop::Agent);
     drop(socket);
+    policy.metrics.stream_ended(
+        spliced.outcome.label(),
+        spliced.tunnel_to_socket,
+        spliced.socket_to_tunnel,
+    );
     debug!(
         duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         bytes_to_destination = spliced.tunnel_to_socket,
@@ -277,6 +292,7 @@ mod tests {
 
     fn policy(rule: &str) -> StreamPolicy {
         StreamPolicy {
+            metrics: std::sync::Arc::default(),
             allowlist: Allowlist { rules: vec![rule.parse().expect("rule")] },
             dns_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),

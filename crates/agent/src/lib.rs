@@ -16,6 +16,7 @@
 //! * [`dial`] — one connection attempt: the transport choice, `auto` fallback and promotion.
 //! * [`session`] — one connection: the control conversation, accepting data streams.
 //! * [`forward`] — one data stream: check, resolve, connect, reply, splice.
+//! * [`metrics`] — the Prometheus metrics `/metrics` serves.
 //! * [`status`] — each relay link's state, verdicts and streams, for the admin listener
 //!   (`admin`) and tests.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod config;
 pub mod dial;
 pub mod forward;
 pub mod links;
+pub mod metrics;
 pub mod session;
 pub mod status;
 
@@ -44,6 +46,7 @@ use privlink_admin::AdminServer;
 use crate::admin::AgentAdmin;
 pub use crate::config::AgentConfig;
 use crate::forward::StreamPolicy;
+use crate::metrics::AgentMetrics;
 use crate::status::AgentStatus;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
@@ -86,6 +89,7 @@ pub(crate) struct AgentShared {
     pub(crate) force: CancellationToken,
     /// Each relay link's state, for the admin listener.
     pub(crate) status: Arc<AgentStatus>,
+    pub(crate) metrics: Arc<AgentMetrics>,
 }
 
 /// A configured agent, ready to [`run`](Agent::run).
@@ -111,7 +115,9 @@ impl Agent {
         // One dual-stack socket serves IPv4 and IPv6 relays; hosts without IPv6 get IPv4.
         let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
             .or_else(|_| quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls))?;
+        let metrics = Arc::new(AgentMetrics::default());
         let policy = Arc::new(StreamPolicy {
+            metrics: Arc::clone(&metrics),
             allowlist: config.allowlist.clone(),
             dns_timeout: config.dns_timeout,
             connect_timeout: config.connect_timeout,
@@ -128,6 +134,7 @@ impl Agent {
                 force: CancellationToken::new(),
                 shutdown,
                 status: Arc::default(),
+                metrics,
             }),
             admin,
         })
@@ -155,6 +162,7 @@ impl Agent {
             }
             let view = Arc::new(AgentAdmin {
                 status: Arc::clone(&shared.status),
+                metrics: Arc::clone(&shared.metrics),
                 name: config.name.clone(),
                 connector: config.connector.clone(),
                 draining: shared.shutdown.clone(),

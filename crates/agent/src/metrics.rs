@@ -1,0 +1,136 @@
+//! The agent's Prometheus metrics (the names in DESIGN.md, "Admin API and metrics"), served as
+//! OpenMetrics text on the admin listener's `/metrics`: streams by how they ended, bytes each
+//! way, destination connect times and transport fallbacks are counted where they happen; link
+//! states and active streams are read from the link status when scraped.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::status::{AgentStatus, LinkState};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabels {
+    relay: String,
+    transport: &'static str,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    role: &'static str,
+}
+
+/// Every agent metric.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    streams: Family<OutcomeLabel, Counter>,
+    bytes: Family<DirectionLabel, Counter>,
+    connect_duration: Histogram,
+    fallbacks: Counter,
+    links: Family<LinkLabels, Gauge>,
+    streams_active: Gauge,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("privlink");
+        registry.register(
+            "build",
+            "The privlink build (always 1)",
+            Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION"), role: "agent" }),
+        );
+        let streams = Family::<OutcomeLabel, Counter>::default();
+        registry.register("agent_streams", "Streams by how they ended", streams.clone());
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "agent_bytes",
+            "Bytes forwarded, by direction (counted when a stream ends)",
+            bytes.clone(),
+        );
+        let connect_duration = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        registry.register(
+            "agent_connect_duration_seconds",
+            "Resolving and connecting to a destination, when it succeeded",
+            connect_duration.clone(),
+        );
+        let fallbacks = Counter::default();
+        registry.register(
+            "agent_transport_fallbacks",
+            "Times `auto` fell back from QUIC to TLS over TCP",
+            fallbacks.clone(),
+        );
+        let links = Family::<LinkLabels, Gauge>::default();
+        registry.register(
+            "agent_relay_links",
+            "Relay links by relay, transport and state",
+            links.clone(),
+        );
+        let streams_active = Gauge::default();
+        registry.register("agent_streams_active", "Streams open now", streams_active.clone());
+        Self { registry, streams, bytes, connect_duration, fallbacks, links, streams_active }
+    }
+}
+
+impl AgentMetrics {
+    /// A stream ended with `outcome` after moving these bytes.
+    pub(crate) fn stream_ended(&self, outcome: &'static str, to_destination: u64, from: u64) {
+        self.streams.get_or_create(&OutcomeLabel { outcome }).inc();
+        let bytes = |direction| DirectionLabel { direction };
+        self.bytes.get_or_create(&bytes("to_destination")).inc_by(to_destination);
+        self.bytes.get_or_create(&bytes("from_destination")).inc_by(from);
+    }
+
+    /// A destination was resolved and connected in `seconds`.
+    pub(crate) fn connected(&self, seconds: f64) {
+        self.connect_duration.observe(seconds);
+    }
+
+    /// `auto` fell back to TLS over TCP.
+    pub(crate) fn fell_back(&self) {
+        self.fallbacks.inc();
+    }
+
+    /// The OpenMetrics text, with the link gauges read from `status` now.
+    pub(crate) fn render(&self, status: &AgentStatus) -> String {
+        // Links that changed state since the last scrape would otherwise keep their old series.
+        self.links.clear();
+        let mut active = 0i64;
+        for link in status.links() {
+            let transport = match link.transport {
+                Some(privlink_transport::tunnel::TransportKind::Quic) => "quic",
+                Some(privlink_transport::tunnel::TransportKind::Tcp) => "tcp",
+                None => "none",
+            };
+            let state = match link.state {
+                LinkState::Connecting => "connecting",
+                LinkState::Connected => "connected",
+                LinkState::Down => "down",
+            };
+            let labels = LinkLabels { relay: link.relay.clone(), transport, state };
+            self.links.get_or_create(&labels).inc();
+            active += i64::from(link.active_streams);
+        }
+        self.streams_active.set(active);
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
