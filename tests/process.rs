@@ -196,13 +196,25 @@ async fn survive_restarts(transport: &str) {
     // header (the echo request is written as soon as the connection is up).
     relay.wait_for("bytes_from_client=18 bytes_to_client=18");
 
-    // kill -9 the agent and start a new one: new connections work once it is approved. (The
-    // status may list the dead agent as approving until the relay notices it is gone, so
-    // this waits for the relay's line about the new agent's approval.)
+    // kill -9 the agent and start a new one: new connections work once it is approved. The
+    // status may list the dead agent as approving until the relay notices it is gone, so this
+    // waits for an agent with a new id to approve.
+    let (_, before) = common::admin_get(admin, "/api/v1/status");
+    let before: serde_json::Value = serde_json::from_str(&before).expect("status JSON");
+    let old_id = before["agents"][0]["id"].as_str().expect("the agent's id").to_owned();
     agent.kill_hard();
-    let mut agent = common::privlink(&agent_args);
-    agent.wait_for("connected to relay");
-    relay.wait_for("endpoint approved by agent");
+    let agent = common::privlink(&agent_args);
+    common::wait_admin(admin, "/api/v1/status", |code, body| {
+        code == 200
+            && serde_json::from_str::<serde_json::Value>(body).is_ok_and(|s| {
+                s["agents"].as_array().is_some_and(|agents| {
+                    agents.iter().any(|a| {
+                        a["id"] != old_id.as_str()
+                            && a["verdicts"]["contoso-kv"]["verdict"] == "Approved"
+                    })
+                })
+            })
+    });
     assert_endpoint_serves(endpoint).await;
 
     // kill -9 the relay and start it again on the same ports: the agent reconnects by itself.
