@@ -61,6 +61,18 @@ pub trait AdminView: Send + Sync + 'static {
     }
 }
 
+/// A verdict as both roles' status JSON writes it: `{"verdict": "Approved"}` or
+/// `{"verdict": "Rejected", "reason": "…"}`.
+pub fn verdict_json(verdict: &privlink_protocol::message::Verdict) -> serde_json::Value {
+    use privlink_protocol::message::Verdict;
+    match verdict {
+        Verdict::Approved => serde_json::json!({ "verdict": "Approved" }),
+        Verdict::Rejected { reason } => {
+            serde_json::json!({ "verdict": "Rejected", "reason": reason })
+        }
+    }
+}
+
 /// A bound admin listener, ready to [`run`](AdminServer::run).
 #[derive(Debug)]
 pub struct AdminServer {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use privlink_protocol::message::{EndpointVerdict, Verdict};
+use privlink_protocol::message::EndpointVerdict;
 use privlink_transport::tunnel::TransportKind;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -170,15 +170,7 @@ impl AgentStatus {
                 let verdicts: serde_json::Map<String, Value> = link
                     .verdicts
                     .iter()
-                    .map(|v| {
-                        let verdict = match &v.verdict {
-                            Verdict::Approved => json!({ "verdict": "Approved" }),
-                            Verdict::Rejected { reason } => {
-                                json!({ "verdict": "Rejected", "reason": reason })
-                            }
-                        };
-                        (v.endpoint.clone(), verdict)
-                    })
+                    .map(|v| (v.endpoint.clone(), privlink_admin::verdict_json(&v.verdict)))
                     .collect();
                 json!({
                     "relay": link.relay,

@@ -3,15 +3,16 @@
 //! every endpoint with its status in the Private Link vocabulary, and every connected agent.
 //! The JSON shape is documented in `docs/admin-api.md`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
 
-use privlink_admin::{AdminView, Readiness};
+use privlink_admin::{AdminView, Readiness, verdict_json};
 use privlink_protocol::message::Verdict;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::EndpointStatus;
+use crate::registry::{AgentView, EndpointStatus};
 use crate::status::RelayHandle;
 
 /// The relay's [`AdminView`].
@@ -37,29 +38,29 @@ impl AdminView for RelayAdmin {
 
     fn status(&self) -> Value {
         let handle = &self.handle;
-        let mut connectors = Vec::new();
+        // Each connector's agents, read once: an endpoint's approving agents come from them.
+        let mut agents_of: BTreeMap<String, Vec<AgentView>> = BTreeMap::new();
         let endpoints: Vec<Value> = handle
             .endpoints()
             .map(|(endpoint, addr)| {
                 let spec = &endpoint.spec;
-                if !connectors.contains(&spec.connector) {
-                    connectors.push(spec.connector.clone());
-                }
+                let agents = agents_of
+                    .entry(spec.connector.clone())
+                    .or_insert_with(|| handle.agents(&spec.connector));
                 let status = handle.registry().status(&spec.connector, &spec.name);
                 let reason = match &status {
                     EndpointStatus::Rejected { reason } => Some(reason.clone()),
                     _ => None,
                 };
-                let approving: Vec<String> = handle
-                    .agents(&spec.connector)
-                    .into_iter()
+                let approving: Vec<&str> = agents
+                    .iter()
                     .filter(|a| {
                         !a.draining
                             && a.verdicts
                                 .iter()
                                 .any(|(e, v)| *e == spec.name && matches!(v, Verdict::Approved))
                     })
-                    .map(|a| a.name)
+                    .map(|a| a.name.as_str())
                     .collect();
                 let active = spec.max_connections - endpoint.slots.available_permits();
                 json!({
@@ -67,7 +68,7 @@ impl AdminView for RelayAdmin {
                     "listen": addr.to_string(),
                     "destination": spec.destination.to_string(),
                     "connector": spec.connector,
-                    "status": status_word(&status),
+                    "status": status.word(),
                     "reason": reason,
                     "active_connections": active,
                     "total_connections": endpoint.counters.accepted.load(Ordering::Relaxed),
@@ -75,9 +76,9 @@ impl AdminView for RelayAdmin {
                 })
             })
             .collect();
-        let agents: Vec<Value> = connectors
-            .iter()
-            .flat_map(|connector| handle.agents(connector))
+        let agents: Vec<Value> = agents_of
+            .values()
+            .flatten()
             .map(|a| {
                 let verdicts: serde_json::Map<String, Value> = a
                     .verdicts
@@ -109,22 +110,5 @@ impl AdminView for RelayAdmin {
             "agents": agents,
             "pending_tunnel_connections": handle.pending_tunnel_connections(),
         })
-    }
-}
-
-/// The status as one word: `Approved`, `Pending`, `Rejected`, `Disconnected`.
-fn status_word(status: &EndpointStatus) -> &'static str {
-    match status {
-        EndpointStatus::Approved => "Approved",
-        EndpointStatus::Pending => "Pending",
-        EndpointStatus::Rejected { .. } => "Rejected",
-        EndpointStatus::Disconnected => "Disconnected",
-    }
-}
-
-fn verdict_json(verdict: &Verdict) -> Value {
-    match verdict {
-        Verdict::Approved => json!({ "verdict": "Approved" }),
-        Verdict::Rejected { reason } => json!({ "verdict": "Rejected", "reason": reason }),
     }
 }

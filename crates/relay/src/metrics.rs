@@ -192,13 +192,7 @@ impl RelayMetrics {
             if !connectors.contains(&spec.connector) {
                 connectors.push(spec.connector.clone());
             }
-            let current = handle.registry().status(&spec.connector, &spec.name);
-            let current = match current {
-                crate::registry::EndpointStatus::Approved => "Approved",
-                crate::registry::EndpointStatus::Pending => "Pending",
-                crate::registry::EndpointStatus::Rejected { .. } => "Rejected",
-                crate::registry::EndpointStatus::Disconnected => "Disconnected",
-            };
+            let current = handle.registry().status(&spec.connector, &spec.name).word();
             for status in STATUSES {
                 let labels = StatusLabels { endpoint: spec.name.clone(), status };
                 self.endpoint_status.get_or_create(&labels).set(i64::from(status == current));

@@ -31,13 +31,24 @@ pub enum EndpointStatus {
     },
 }
 
+impl EndpointStatus {
+    /// The status as one word (`Approved`, `Pending`, `Rejected`, `Disconnected`), as the
+    /// status API and the metrics name it.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Self::Disconnected => "Disconnected",
+            Self::Pending => "Pending",
+            Self::Approved => "Approved",
+            Self::Rejected { .. } => "Rejected",
+        }
+    }
+}
+
 impl fmt::Display for EndpointStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Disconnected => f.write_str("Disconnected"),
-            Self::Pending => f.write_str("Pending"),
-            Self::Approved => f.write_str("Approved"),
             Self::Rejected { reason } => write!(f, "Rejected ({reason})"),
+            other => f.write_str(other.word()),
         }
     }
 }
