@@ -124,15 +124,11 @@ async fn readiness_turns_503_while_the_relay_drains_and_liveness_stays_200() {
     let mut echoed = [0u8; 1];
     open.read_exact(&mut echoed).await.expect("echo");
     harness.begin_shutdown();
-    let draining = async {
-        loop {
-            let (code, body) = curl(admin, "/readyz", &[]).await;
-            if code == 503 {
-                return body;
-            }
-        }
-    };
-    let body = tokio::time::timeout(WAIT, draining).await.expect("readiness turns 503");
+    let body = poll("readiness to turn 503", || async {
+        let (code, body) = curl(admin, "/readyz", &[]).await;
+        (code == 503).then_some(body)
+    })
+    .await;
     assert!(body.contains("draining"), "{body}");
     assert_eq!(curl(admin, "/healthz", &[]).await.0, 200, "liveness does not follow the drain");
     drop(open);
@@ -226,17 +222,13 @@ async fn the_agents_readiness_and_status_follow_its_relay_link() {
     let payload = vec![3u8; 50_000];
     let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     assert_eq!(echo_round_trip(socket, &payload).await, payload);
-    let counted = async {
-        loop {
-            let samples = scrape(admin).await;
-            let completed =
-                sample(&samples, "privlink_agent_streams_total", &[("outcome", "completed")]);
-            if completed == Some(1.0) {
-                return samples;
-            }
-        }
-    };
-    let samples = tokio::time::timeout(WAIT, counted).await.expect("the stream is counted");
+    let samples = poll("the stream to be counted", || async {
+        let samples = scrape(admin).await;
+        let completed =
+            sample(&samples, "privlink_agent_streams_total", &[("outcome", "completed")]);
+        (completed == Some(1.0)).then_some(samples)
+    })
+    .await;
     assert_eq!(sample(&samples, "privlink_build_info", &[("role", "agent")]), Some(1.0));
     let up = sample(
         &samples,
@@ -325,20 +317,16 @@ async fn metrics_parse_with_prometheus_and_count_what_happens() {
     assert_eq!(echo_round_trip(socket, &payload).await, payload);
     assert!(is_refused(connect_from("127.0.0.2", harness.addr("e")).await).await, "ACL");
     // The flow ends (and is counted) just after the client sees the end.
-    let counted = async {
-        loop {
-            let samples = scrape(admin).await;
-            let completed = sample(
-                &samples,
-                "privlink_relay_connections_total",
-                &[("endpoint", "e"), ("outcome", "completed")],
-            );
-            if completed == Some(1.0) {
-                return samples;
-            }
-        }
-    };
-    let after = tokio::time::timeout(WAIT, counted).await.expect("the connection is counted");
+    let after = poll("the connection to be counted", || async {
+        let samples = scrape(admin).await;
+        let completed = sample(
+            &samples,
+            "privlink_relay_connections_total",
+            &[("endpoint", "e"), ("outcome", "completed")],
+        );
+        (completed == Some(1.0)).then_some(samples)
+    })
+    .await;
     assert_eq!(e_status(&after, "Approved"), Some(1.0));
     assert_eq!(e_status(&after, "Disconnected"), Some(0.0));
     let bytes = |direction| {
@@ -371,4 +359,129 @@ async fn metrics_parse_with_prometheus_and_count_what_happens() {
         );
     }
     harness.shutdown(&[agent]).await;
+}
+
+/// Asks `ask` until it returns something, pausing briefly between tries; panics after [`WAIT`].
+async fn poll<T, F, Fut>(what: &str, mut ask: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(found) = ask().await {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `/api/v1/connections` as JSON.
+async fn connections(admin: SocketAddr) -> Value {
+    let (code, body) = curl(admin, "/api/v1/connections", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("connections are JSON ({e}): {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_is_listed_and_its_bytes_counted_while_it_runs() {
+    let destination = echo_server().await;
+    let harness =
+        Harness::start_with_admin(vec![endpoint("e", destination)], loopback_admin(None)).await;
+    let relay_admin = harness.relay.admin_addr().expect("admin listener");
+    let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]);
+    config.admin = loopback_admin(None);
+    let agent = privlink_agent::Agent::new(config).expect("agent starts");
+    let agent_admin = agent.admin_addr().expect("admin listener");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(agent.run(stop.clone()));
+    harness.wait_approved("e").await;
+    assert_eq!(connections(relay_admin).await["total"], 0);
+
+    // A transfer in rounds that never closes: what is counted must grow while it is open.
+    let mut socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    let client = socket.local_addr().expect("addr").to_string();
+    let round = vec![5u8; 64 * 1024];
+    let mut echoed = vec![0u8; round.len()];
+    let mut last_scraped = 0.0;
+    for sent in 1..=3u64 {
+        socket.write_all(&round).await.expect("write");
+        socket.read_exact(&mut echoed).await.expect("echo");
+        let want = (sent * round.len() as u64) as f64;
+        // The relay lists the connection with its bytes so far.
+        let listed = poll("the relay to list the bytes so far", || async {
+            let json = connections(relay_admin).await;
+            let entry = json["connections"].as_array()?.first()?.clone();
+            (entry["bytes_to_client"].as_f64() == Some(want)).then_some(entry)
+        })
+        .await;
+        assert_eq!(listed["client"], client, "{listed}");
+        assert_eq!(listed["endpoint"], "e", "{listed}");
+        assert_eq!(listed["bytes_from_client"].as_f64(), Some(want), "{listed}");
+        assert!(listed["agent"].as_str().is_some_and(|a| !a.is_empty()), "{listed}");
+        assert!(listed["started_unix"].as_u64().is_some_and(|t| t > 1_600_000_000), "{listed}");
+        // The byte counters have risen to it, with the connection still open.
+        let scraped = poll("the relay's byte counter to rise", || async {
+            let samples = scrape(relay_admin).await;
+            let from = sample(
+                &samples,
+                "privlink_relay_bytes_total",
+                &[("endpoint", "e"), ("direction", "from_client")],
+            )?;
+            (from == want).then_some(from)
+        })
+        .await;
+        assert!(scraped > last_scraped);
+        last_scraped = scraped;
+        // And so has the agent's, for the same stream.
+        poll("the agent's byte counter to rise", || async {
+            let samples = scrape(agent_admin).await;
+            let to =
+                sample(&samples, "privlink_agent_bytes_total", &[("direction", "to_destination")])?;
+            (to == want).then_some(())
+        })
+        .await;
+    }
+    let on_agent = connections(agent_admin).await;
+    assert_eq!(on_agent["total"], 1, "{on_agent}");
+    let stream = &on_agent["connections"][0];
+    assert_eq!(stream["endpoint"], "e", "{on_agent}");
+    assert_eq!(stream["client"], client, "{on_agent}");
+    assert_eq!(stream["destination"], destination.to_string(), "{on_agent}");
+    assert_eq!(stream["bytes_from_destination"].as_u64(), Some(3 * round.len() as u64));
+
+    // Closed: it leaves both lists, and the counters neither drop nor count it twice.
+    drop(socket);
+    poll("the relay to drop the connection", || async {
+        (connections(relay_admin).await["total"] == 0).then_some(())
+    })
+    .await;
+    poll("the agent to drop the stream", || async {
+        (connections(agent_admin).await["total"] == 0).then_some(())
+    })
+    .await;
+    let samples = scrape(relay_admin).await;
+    let from = sample(
+        &samples,
+        "privlink_relay_bytes_total",
+        &[("endpoint", "e"), ("direction", "from_client")],
+    );
+    assert_eq!(from, Some(last_scraped));
+
+    // The agent drains with a stream open: not ready, though alive, until it has finished.
+    let mut open = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    open.write_all(b"x").await.expect("write");
+    open.read_exact(&mut [0u8; 1]).await.expect("echo");
+    stop.cancel();
+    let body = poll("the agent's readiness to turn 503", || async {
+        let (code, body) = curl(agent_admin, "/readyz", &[]).await;
+        (code == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("draining"), "{body}");
+    assert_eq!(curl(agent_admin, "/healthz", &[]).await.0, 200);
+    drop(open);
+    tokio::time::timeout(WAIT, running).await.expect("agent stops").expect("agent task");
+    harness.shutdown(&[]).await;
 }

@@ -17,7 +17,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Placement, Running, Tunnel};
+use common::{AdminProbe, Placement, Running, Tunnel, TunnelConfigs};
 use privlink_testbed::netns::{must, sh, skip_notice};
 use privlink_testbed::{Link, Topology};
 
@@ -40,9 +40,15 @@ fn topology_or_skip(tag: &str, names: &[&str], links: &[Link]) -> Option<Topolog
     Topology::create(tag, names, links).map_err(|reason| skip_notice(&reason)).ok()
 }
 
+/// The admin listeners of relay and agent: each on its own namespace's loopback.
+const ADMIN: (std::net::SocketAddr, std::net::SocketAddr) = (
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090),
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9091),
+);
+
 /// Writes certificates, a relay config (tunnel on the cloud address, endpoint `vault` on
 /// cloud's loopback port 8443 to the vnet's port 9000) and an agent config with `transport`.
-fn write_configs(dir: &Path, transport: &str) -> (String, String) {
+fn write_configs(dir: &Path, transport: &str) -> TunnelConfigs {
     let agent_extra = format!(
         "transport = \"{transport}\"\nquic_fallback_after = \"1s\"\nquic_probe_interval = \"500ms\""
     );
@@ -57,6 +63,7 @@ fn write_configs(dir: &Path, transport: &str) -> (String, String) {
             endpoint_extra: "",
             agent_extra: &agent_extra,
             allow: &destination,
+            admin: ADMIN,
         },
     )
 }
@@ -72,13 +79,13 @@ struct EchoTunnel {
 impl EchoTunnel {
     fn start(topology: &Topology, transport: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (relay_cfg, agent_cfg) = write_configs(dir.path(), transport);
+        let configs = write_configs(dir.path(), transport);
         let (cloud, vnet) = (topology.ns(0), topology.ns(1));
         let mut echo =
             Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
         echo.wait_for("echo ready");
         let placement = Placement::Namespaces { relay: cloud, agent: vnet };
-        let tunnel = Tunnel::start(common::BIN, &relay_cfg, &agent_cfg, placement);
+        let tunnel = Tunnel::start(common::BIN, &configs, placement);
         Self { tunnel, _echo: echo, _dir: dir }
     }
 
@@ -117,7 +124,7 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip("fb", &["cloud", "vnet"], &links) else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path(), "auto");
+    let configs = write_configs(dir.path(), "auto");
     let (cloud, vnet) = (topology.ns(0), topology.ns(1));
 
     // The private network drops every outbound UDP datagram.
@@ -143,14 +150,35 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
     let mut echo =
         Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
     echo.wait_for("echo ready");
-    let mut relay =
-        Running::spawn(topology.exec(cloud, common::BIN, &["relay", "--config", &relay_cfg]));
-    relay.wait_for("endpoint listening");
-    let mut agent =
-        Running::spawn(topology.exec(vnet, common::BIN, &["agent", "--config", &agent_cfg]));
-    agent.wait_for("falling back to TLS over TCP");
-    agent.wait_for("transport=tcp");
-    relay.wait_for("endpoint approved by agent");
+    let relay =
+        Running::spawn(topology.exec(cloud, common::BIN, &["relay", "--config", &configs.relay]));
+    let relay_admin = AdminProbe::new(Some(cloud), configs.relay_admin);
+    relay_admin.wait_ready();
+    let agent =
+        Running::spawn(topology.exec(vnet, common::BIN, &["agent", "--config", &configs.agent]));
+    let agent_admin = AdminProbe::new(Some(vnet), configs.agent_admin);
+    // The agent's one link is up over TCP, after a fallback it counted, and the relay has its
+    // approval over TCP.
+    let link_on = |transport: &'static str| {
+        move |status: &serde_json::Value| {
+            status["links"][0]["state"] == "connected"
+                && status["links"][0]["transport"] == transport
+        }
+    };
+    let agent_status = agent_admin.wait_status(link_on("tcp"));
+    let metrics = agent_admin.get("/metrics").1;
+    assert!(metrics.contains("privlink_agent_transport_fallbacks_total 1"), "{metrics}");
+    let agent_id = agent_status["id"].as_str().expect("agent id").to_owned();
+    let only_agent_on = |transport: &'static str| {
+        let agent_id = agent_id.clone();
+        move |status: &serde_json::Value| {
+            privlink_testbed::process::approved_by(status, &agent_id, "vault")
+                && status["agents"]
+                    .as_array()
+                    .is_some_and(|agents| agents.len() == 1 && agents[0]["transport"] == transport)
+        }
+    };
+    relay_admin.wait_status(only_agent_on("tcp"));
 
     let client = |label: &str| {
         let status = topology
@@ -163,13 +191,10 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
 
     // UDP is allowed again: the agent's probe gets through and new streams move to QUIC.
     must("ip", &["netns", "exec", vnet, "nft", "delete", "table", "inet", "plk"]);
-    agent.wait_for("QUIC gets through again");
-    relay.wait_for("transport=quic");
-    // The idle TCP link closes once the agent is on QUIC (its drain notice may or may not be
-    // read before the close); from then on QUIC is the only way to the agent.
-    if !relay.seen_contains("agent disconnected") {
-        relay.wait_for("agent disconnected");
-    }
+    agent_admin.wait_status(link_on("quic"));
+    // The idle TCP link closes once the agent is on QUIC: from then on the relay lists only
+    // the QUIC connection, the only way to the agent.
+    relay_admin.wait_status(only_agent_on("quic"));
     client("over QUIC again");
 
     assert!(agent.terminate().success());
@@ -243,7 +268,7 @@ fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients
     assert!(ok, "certs init: {stderr}");
     let vault_ca = vault_dir.join("ca.crt");
     let vault_ca = vault_ca.to_str().expect("utf-8");
-    let (relay_cfg, agent_cfg) = common::write_tunnel_files(
+    let configs = common::write_tunnel_files(
         dir.path(),
         &common::TunnelFiles {
             tunnel_listen: &format!("{KV_CLOUD_BACK}:7443"),
@@ -253,6 +278,7 @@ fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients
             endpoint_extra: &format!("[endpoint.acl]\nallow = [\"{KV_CLIENT_ADDR}/32\"]"),
             agent_extra: "",
             allow: "*.privatelink.vaultcore.azure.net:443",
+            admin: ADMIN,
         },
     );
 
@@ -271,7 +297,7 @@ fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients
     ));
     vault.wait_for("vault ready");
     let placement = Placement::Namespaces { relay: &cloud, agent: &vnet };
-    let mut tunnel = Tunnel::start(common::BIN, &relay_cfg, &agent_cfg, placement);
+    let mut tunnel = Tunnel::start(common::BIN, &configs, placement);
 
     // curl, verifying the vault's certificate for its public name through the endpoint.
     let url = format!("https://{VAULT_NAME}:8443/secrets/db-password?api-version=7.4");
@@ -359,19 +385,18 @@ fn run_with_stdin(command: &mut Command, input: &str) -> String {
 fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from(transport: &str, tag: &str) {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
-    let mut tunnel = EchoTunnel::start(&topology, transport);
+    let tunnel = EchoTunnel::start(&topology, transport);
     echo_through_the_tunnel(&topology, "before the cut");
 
     // Cut the cloud–vnet link for longer than the keep-alive/idle timeout.
     let cut = std::time::Instant::now();
     topology.set_link_up(0, false);
-    tunnel.agent.wait_for("relay link down");
+    tunnel.agent_admin.wait_status(|s| s["links"][0]["state"] != "connected");
     let noticed = cut.elapsed();
-    tunnel.relay.wait_for("agent disconnected");
+    tunnel.relay_admin.wait_status(|s| s["agents"].as_array().is_some_and(Vec::is_empty));
     topology.set_link_up(0, true);
     let restored = std::time::Instant::now();
-    tunnel.agent.wait_for("connected to relay");
-    tunnel.relay.wait_for("endpoint approved by agent");
+    tunnel.wait_served();
     let recovered = restored.elapsed();
     echo_through_the_tunnel(&topology, "after the link came back");
     eprintln!(
@@ -427,8 +452,7 @@ fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_a
     // A new agent process serves new connections.
     let restarted = std::time::Instant::now();
     tunnel.restart_agent();
-    tunnel.agent.wait_for("connected to relay");
-    tunnel.relay.wait_for("endpoint approved by agent");
+    tunnel.wait_served();
     let back_after = restarted.elapsed();
     echo_through_the_tunnel(&topology, "after the agent restarted");
     eprintln!(
@@ -466,7 +490,7 @@ fn bulk_transfer_over_a_lossy_wan_arrives_intact(transport: &str, tag: &str) {
         [Link::emulated(0, 1, CLOUD_ADDR, VNET_ADDR, LinkProfile::wan(WAN_DELAY, WAN_LOSS))];
     let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = write_configs(dir.path(), transport);
+    let configs = write_configs(dir.path(), transport);
     let (cloud, vnet) = (topology.ns(0), topology.ns(1));
 
     let payload = std::sync::Arc::new(common::random_bytes(WAN_BYTES));
@@ -485,7 +509,7 @@ fn bulk_transfer_over_a_lossy_wan_arrives_intact(transport: &str, tag: &str) {
     };
     ready_rx.recv_timeout(common::WAIT).expect("server ready");
     let placement = Placement::Namespaces { relay: cloud, agent: vnet };
-    let tunnel = Tunnel::start(common::BIN, &relay_cfg, &agent_cfg, placement);
+    let tunnel = Tunnel::start(common::BIN, &configs, placement);
 
     let started = std::time::Instant::now();
     let (received, digest) = spawn_in_namespace(cloud, || async {
@@ -550,8 +574,7 @@ fn killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own(transport
     tunnel.agent.wait_for("relay link down");
     let noticed = killed.elapsed();
     let why = tunnel.agent.last_seen().to_owned();
-    tunnel.agent.wait_for("connected to relay");
-    tunnel.relay.wait_for("endpoint approved by agent");
+    tunnel.wait_served();
     let served = killed.elapsed();
     if transport == "quic" {
         // The restarted relay recognises the old connection's IDs and answers with a stateless
@@ -632,7 +655,7 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
     let EchoTunnel { tunnel, _echo, _dir } = EchoTunnel::start(&topology, transport);
-    let Tunnel { mut relay, agent, .. } = tunnel;
+    let Tunnel { relay, agent, relay_admin, .. } = tunnel;
     let cloud = topology.ns(0);
 
     let mut transfers = Running::spawn(topology.exec(
@@ -643,7 +666,8 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
     transfers.wait_for("live");
     let signalled = std::time::Instant::now();
     relay.signal_terminate();
-    relay.wait_for("shutting down: no new connections");
+    let draining = relay_admin.wait("/readyz", |code, _| code == 503);
+    assert!(draining.contains("draining"), "{draining}");
     let probe = topology
         .exec(cloud, "python3", &["-c", REFUSAL_PROBE, "8443"])
         .output()
@@ -659,9 +683,8 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
         Some(TRANSFERS),
         "transfers in flight did not all complete during the grace period: {report}"
     );
-    relay.wait_for("relay stopped");
-    let stopped = signalled.elapsed();
     let status = relay.wait_exit();
+    let stopped = signalled.elapsed();
     assert!(status.success(), "relay exit status after SIGTERM: {status}");
     assert!(
         stopped < relay_grace(),
@@ -759,7 +782,7 @@ fn an_absolute_destination_name_is_resolved_without_the_search_domains() {
     fake.wait_for("banner ready");
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let (relay_cfg, agent_cfg) = common::write_tunnel_files(
+    let configs = common::write_tunnel_files(
         dir.path(),
         &common::TunnelFiles {
             tunnel_listen: &format!("{CLOUD_ADDR}:7443"),
@@ -770,14 +793,11 @@ fn an_absolute_destination_name_is_resolved_without_the_search_domains() {
                              destination = \"vault.corp.test:9000\"\nlisten = \"127.0.0.1:8444\"\n",
             agent_extra: "transport = \"quic\"",
             allow: "vault.corp.test:9000",
+            admin: ADMIN,
         },
     );
-    let probe = topology.run(&vnet, "python3", &["-c", "import socket; socket.create_connection(('10.231.0.3', 9000), timeout=2); print('reached')"]);
-    eprintln!("PROBE {probe:?}");
-    let probe = topology.run(&vnet, "ip", &["addr"]);
-    eprintln!("ADDR {probe:?}");
     let placement = Placement::Namespaces { relay: &cloud, agent: &vnet };
-    let tunnel = Tunnel::start(common::BIN, &relay_cfg, &agent_cfg, placement);
+    let tunnel = Tunnel::start(common::BIN, &configs, placement);
 
     let (ok, out, err) = topology.run(&cloud, "python3", &["-c", BANNER_CLIENT, "8443"]);
     assert!(ok, "client of the absolute endpoint: {err}");

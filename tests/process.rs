@@ -12,28 +12,6 @@ use std::process::Command;
 use common::{BIN, Running, echo_round_trip, echo_server};
 use tokio::net::TcpStream;
 
-/// A port free for both TCP and UDP, chosen below the kernel's ephemeral range (as a real
-/// deployment's fixed ports are): a port from that range, freed by a killed relay, can be taken
-/// by any outgoing connection before the restarted relay binds it again.
-fn free_fixed_port() -> u16 {
-    let range =
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let ephemeral_start: u16 =
-        range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
-    let low = 10_000u16.min(ephemeral_start / 2);
-    let span = ephemeral_start - low;
-    for _ in 0..200 {
-        let random = u16::from_le_bytes([common::random_bytes(1)[0], common::random_bytes(1)[0]]);
-        let port = low + random % span;
-        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
-        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
-        if tcp.is_ok() && udp.is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port below the ephemeral range");
-}
-
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run privlink");
     (
@@ -114,8 +92,11 @@ fn deploy_from(dir: &Path, destination: SocketAddr, relay: &str, agent: &str) ->
     assert_eq!(code, 0, "token new: {err}");
     let hash = out.trim().strip_prefix("token_sha256 = ").expect("the hash line, alone");
 
-    let tunnel = format!("\"127.0.0.1:{}\"", free_fixed_port());
-    let endpoint: SocketAddr = format!("127.0.0.1:{}", free_fixed_port()).parse().expect("addr");
+    let tunnel = format!("\"127.0.0.1:{}\"", privlink_testbed::process::free_fixed_port());
+    let endpoint: SocketAddr =
+        format!("127.0.0.1:{}", privlink_testbed::process::free_fixed_port())
+            .parse()
+            .expect("addr");
     let quoted = |p: &Path| format!("\"{}\"", p.display());
     let destination = format!("\"{destination}\"");
     let mut relay = set_key(relay, "[tunnel]", "listen", &tunnel);
@@ -126,13 +107,18 @@ fn deploy_from(dir: &Path, destination: SocketAddr, relay: &str, agent: &str) ->
     relay = set_key(&relay, "[[endpoint]]", "listen", &format!("\"{endpoint}\""));
     relay = set_key(&relay, "[endpoint.acl]", "allow", "[]");
     relay = set_key(&relay, "[endpoint.acl]", "deny", "[]");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_fixed_port()).parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{}", privlink_testbed::process::free_fixed_port())
+        .parse()
+        .expect("addr");
     relay = set_key(&relay, "[admin]", "listen", &format!("\"{admin}\""));
     let mut agent = set_key(agent, "", "token_file", &quoted(&token_file));
     agent = set_key(&agent, "", "relays", &format!("[{tunnel}]"));
     agent = set_key(&agent, "", "relay_ca", &quoted(&certs.join("ca.crt")));
     agent = set_key(&agent, "[[allow]]", "destination", &destination);
-    let agent_admin: SocketAddr = format!("127.0.0.1:{}", free_fixed_port()).parse().expect("addr");
+    let agent_admin: SocketAddr =
+        format!("127.0.0.1:{}", privlink_testbed::process::free_fixed_port())
+            .parse()
+            .expect("addr");
     agent = set_key(&agent, "[admin]", "listen", &format!("\"{agent_admin}\""));
 
     let config = dir.join("config");
@@ -557,7 +543,7 @@ async fn privlink_status_prints_the_relays_and_the_agents_view() {
     let json: serde_json::Value = serde_json::from_str(&out).expect("--json prints the JSON");
     assert_eq!(json["role"], "relay");
 
-    let closed = format!("http://127.0.0.1:{}", free_fixed_port());
+    let closed = format!("http://127.0.0.1:{}", privlink_testbed::process::free_fixed_port());
     let (code, _, err) = run(&["status", "--admin", &closed]);
     assert_eq!(code, 69, "nothing listening is 'unavailable': {err}");
     assert!(err.contains("cannot reach the admin listener"), "{err}");

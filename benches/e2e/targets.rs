@@ -88,7 +88,13 @@ impl PrivlinkTarget {
         let endpoint_port = if namespaces.is_some() { 8443 } else { free_port("127.0.0.1") };
         let files = tempfile::tempdir_in(dir).expect("tunnel files");
         let destination = destination.to_string();
-        let (relay_cfg, agent_cfg) = write_tunnel_files(
+        // Each namespace has its own loopback; on this host both listeners need free ports.
+        let admin = match namespaces {
+            Some(_) => (9090, 9091),
+            None => (free_port("127.0.0.1"), free_port("127.0.0.1")),
+        };
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let configs = write_tunnel_files(
             BIN,
             files.path(),
             &TunnelFiles {
@@ -99,13 +105,14 @@ impl PrivlinkTarget {
                 endpoint_extra: "inactivity_timeout = \"300s\"\nmax_connections = 20000",
                 agent_extra: &format!("transport = \"{transport}\""),
                 allow: &destination,
+                admin: (loopback(admin.0), loopback(admin.1)),
             },
         );
         let placement = match namespaces {
             Some((relay, agent)) => Placement::Namespaces { relay, agent },
             None => Placement::Here,
         };
-        let tunnel = Tunnel::start(BIN, &relay_cfg, &agent_cfg, placement);
+        let tunnel = Tunnel::start(BIN, &configs, placement);
         let endpoint = format!("127.0.0.1:{endpoint_port}").parse().expect("endpoint");
         Self { tunnel, endpoint, _files: files }
     }

@@ -39,7 +39,9 @@ pub mod servers;
 
 pub use gate::*;
 pub use inproc::*;
-pub use privlink_testbed::process::{PROCESS_WAIT, Placement, Running, Tunnel, TunnelFiles};
+pub use privlink_testbed::process::{
+    AdminProbe, PROCESS_WAIT, Placement, Running, Tunnel, TunnelConfigs, TunnelFiles,
+};
 pub use servers::*;
 
 /// The `privlink` binary of this build.
@@ -53,35 +55,20 @@ pub fn privlink(args: &[&str]) -> Running {
 }
 
 /// [`privlink_testbed::process::write_tunnel_files`] with this build's binary.
-pub fn write_tunnel_files(dir: &std::path::Path, files: &TunnelFiles<'_>) -> (String, String) {
+pub fn write_tunnel_files(dir: &std::path::Path, files: &TunnelFiles<'_>) -> TunnelConfigs {
     privlink_testbed::process::write_tunnel_files(BIN, dir, files)
 }
 
 /// Asks the admin listener at `admin` for `path` with curl: the status code and the body
 /// (code 0 when nothing answered).
 pub fn admin_get(admin: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
-        .arg(format!("http://{admin}{path}"))
-        .output()
-        .expect("curl runs (apt-get install curl)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    privlink_testbed::process::AdminProbe::new(None, admin).get(path)
 }
 
 /// Polls `path` on the admin listener until its answer satisfies `want`, failing the test
 /// after [`PROCESS_WAIT`] with the last answer.
 pub fn wait_admin(admin: std::net::SocketAddr, path: &str, want: impl Fn(u16, &str) -> bool) {
-    let deadline = std::time::Instant::now() + PROCESS_WAIT;
-    loop {
-        let (code, body) = admin_get(admin, path);
-        if want(code, &body) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{path} on {admin} stayed {code}: {body}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    privlink_testbed::process::AdminProbe::new(None, admin).wait(path, want);
 }
 
 /// Waits until the relay's admin listener is ready and reports `endpoint` as `status`.

@@ -1,11 +1,14 @@
 //! privlink-admin: the admin HTTP listener the relay and the agent both run — liveness
 //! (`/healthz`), readiness (`/readyz`), metrics (`/metrics`, OpenMetrics text) and the status
-//! snapshot (`/api/v1/status`, JSON) — over
+//! snapshot (`/api/v1/status`, JSON), the open connections (`/api/v1/connections`), and the
+//! status page (`/`, embedded) — over
 //! HTTP/1.1 with every request bounded: headers in 16 KiB and 5 s, one request per connection,
 //! [`MAX_CONNECTIONS`] connections at once, each on its own task, so a slow or hostile admin
 //! client never touches the data path. With a token configured, `/api/*` needs
-//! `Authorization: Bearer <token>` (compared in constant time); the probes and the metrics stay
-//! open.
+//! `Authorization: Bearer <token>` (compared in constant time); the probes, the metrics and the
+//! status page's static files stay open — the page holds no data, and a browser cannot send a
+//! bearer token when it navigates, so the page asks for the token and sends it on its API
+//! requests.
 //!
 //! What is reported is the role's business: it implements [`AdminView`]. This crate decides
 //! only how it is served — and, in [`client`], how `privlink status` asks for it.
@@ -39,6 +42,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted (hyper's smallest allowed read buffer).
 pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// Most connections `/api/v1/connections` lists (a few MiB of JSON); the answer says how
+/// many are open in all.
+pub const MAX_LISTED_CONNECTIONS: usize = 10_000;
 
 /// Whether the process should receive work.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,10 +61,38 @@ pub trait AdminView: Send + Sync + 'static {
     fn readiness(&self) -> Readiness;
     /// For `/api/v1/status`: the role's status snapshot.
     fn status(&self) -> serde_json::Value;
+    /// For `/api/v1/connections`: the connections open now, at most
+    /// [`MAX_LISTED_CONNECTIONS`] of them, oldest first.
+    fn connections(&self) -> serde_json::Value;
     /// For `/metrics`: OpenMetrics text, or `None` where the role has no metrics yet.
     fn metrics(&self) -> Option<String> {
         None
     }
+}
+
+/// A metrics registry with the `privlink_` prefix and `privlink_build_info{version, role}`,
+/// which both roles' `/metrics` start from.
+pub fn metrics_registry(role: &'static str) -> prometheus_client::registry::Registry {
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+    struct BuildLabels {
+        version: &'static str,
+        role: &'static str,
+    }
+    let mut registry = prometheus_client::registry::Registry::with_prefix("privlink");
+    registry.register(
+        "build",
+        "The privlink build (always 1)",
+        prometheus_client::metrics::info::Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            role,
+        }),
+    );
+    registry
+}
+
+/// Seconds since the Unix epoch, as the JSON writes every time (0 for a time before it).
+pub fn unix_seconds(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A verdict as both roles' status JSON writes it: `{"verdict": "Approved"}` or
@@ -147,6 +181,18 @@ fn answer(
     view: &dyn AdminView,
     token: Option<&TokenDigest>,
 ) -> Response<Full<Bytes>> {
+    let mut response = route(request, view, token);
+    let headers = response.headers_mut();
+    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    headers.insert("cache-control", HeaderValue::from_static("no-store"));
+    response
+}
+
+fn route(
+    request: &Request<Incoming>,
+    view: &dyn AdminView,
+    token: Option<&TokenDigest>,
+) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -179,15 +225,11 @@ fn answer(
             }
             None => text(StatusCode::NOT_FOUND, "no metrics in this version\n"),
         },
-        "/api/v1/status" => {
-            let mut body = view.status().to_string();
-            body.push('\n');
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
+        "/" => page(STATUS_PAGE, "text/html; charset=utf-8"),
+        "/status.js" => page(STATUS_SCRIPT, "text/javascript; charset=utf-8"),
+        "/status.css" => page(STATUS_STYLE, "text/css; charset=utf-8"),
+        "/api/v1/status" => json(&view.status()),
+        "/api/v1/connections" => json(&view.connections()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -199,6 +241,35 @@ fn authorized(headers: &hyper::HeaderMap, token: Option<&TokenDigest>) -> bool {
         .get(AUTHORIZATION)
         .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
         .is_some_and(|presented| expected.matches(presented))
+}
+
+/// The status page, embedded: no build step, nothing fetched from elsewhere, so it works on an
+/// isolated network. Its script asks `/api/v1/status` every two seconds.
+const STATUS_PAGE: &str = include_str!("page/status.html");
+const STATUS_SCRIPT: &str = include_str!("page/status.js");
+const STATUS_STYLE: &str = include_str!("page/status.css");
+
+/// The page loads only its own script and style and talks only to this listener; it cannot be
+/// framed by another site.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
+fn page(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert("content-security-policy", HeaderValue::from_static(PAGE_POLICY));
+    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    response
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = value.to_string();
+    body.push('\n');
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

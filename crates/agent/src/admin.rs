@@ -1,23 +1,27 @@
 //! The agent as its admin listener reports it (served by `privlink-admin`): ready while at
 //! least one relay link is welcomed with its verdicts sent, and not while draining; the status
 //! snapshot of `/api/v1/status` — the agent's name and connector and each relay link with its
-//! state, transport, verdicts and streams (shape in `docs/admin-api.md`).
+//! state, transport, verdicts and streams — and the open streams of `/api/v1/connections`
+//! (shapes in `docs/admin-api.md`).
 
 use std::sync::Arc;
 
-use privlink_admin::{AdminView, Readiness};
+use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::AgentMetrics;
+use crate::forward::StreamPolicy;
 use crate::status::AgentStatus;
 
 /// The agent's [`AdminView`].
 #[derive(Debug)]
 pub(crate) struct AgentAdmin {
     pub(crate) status: Arc<AgentStatus>,
-    pub(crate) metrics: Arc<AgentMetrics>,
+    /// Its metrics and open streams.
+    pub(crate) policy: Arc<StreamPolicy>,
     pub(crate) name: String,
+    /// Drawn at start; the relay lists the agent under it.
+    pub(crate) id: String,
     pub(crate) connector: String,
     /// Cancelled when the agent starts shutting down.
     pub(crate) draining: CancellationToken,
@@ -35,7 +39,29 @@ impl AdminView for AgentAdmin {
     }
 
     fn metrics(&self) -> Option<String> {
-        Some(self.metrics.render(&self.status))
+        Some(self.policy.metrics.render(&self.status, &self.policy.live))
+    }
+
+    fn connections(&self) -> Value {
+        let mut open = self.policy.live.snapshot();
+        let total = open.len();
+        open.sort_unstable_by_key(|live| (live.started, live.id));
+        let listed: Vec<Value> = open
+            .iter()
+            .take(MAX_LISTED_CONNECTIONS)
+            .map(|live| {
+                let (from_destination, to_destination) = live.bytes.get();
+                json!({
+                    "endpoint": live.info.endpoint,
+                    "client": live.info.client.to_string(),
+                    "destination": live.info.destination,
+                    "started_unix": unix_seconds(live.started),
+                    "bytes_to_destination": to_destination,
+                    "bytes_from_destination": from_destination,
+                })
+            })
+            .collect();
+        json!({ "total": total, "connections": listed })
     }
 
     fn status(&self) -> Value {
@@ -44,6 +70,7 @@ impl AdminView for AgentAdmin {
             "version": env!("CARGO_PKG_VERSION"),
             "ready": matches!(self.readiness(), Readiness::Ready),
             "name": self.name,
+            "id": self.id,
             "connector": self.connector,
             "links": self.status.links_json(),
         })

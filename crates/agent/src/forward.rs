@@ -11,8 +11,9 @@ use std::time::Duration;
 use privlink_protocol::destination::{Destination, Host};
 use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenFailCode, OpenFailure, OpenReply};
 use privlink_protocol::text;
-use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_metered};
+use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::{read_frame, write_frame};
+use privlink_transport::live::LiveTable;
 use privlink_transport::splice::{self, Hop};
 use privlink_transport::tcp::abort;
 use privlink_transport::tunnel::{ResetCode, TunnelStream};
@@ -28,7 +29,7 @@ pub const OPEN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Inactivity timeout used when the relay sends none.
 const FALLBACK_INACTIVITY: Duration = Duration::from_secs(60);
 
-/// What a stream needs from the agent's configuration.
+/// What a stream needs from the agent: its configuration, and where it is counted and listed.
 #[derive(Debug)]
 pub struct StreamPolicy {
     /// Destinations the agent opens.
@@ -39,6 +40,20 @@ pub struct StreamPolicy {
     pub connect_timeout: Duration,
     /// Where streams are counted.
     pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
+    /// The streams forwarding now, for `/api/v1/connections` and the byte counters.
+    pub live: LiveTable<LiveStream>,
+}
+
+/// What `/api/v1/connections` shows of a stream besides its times and bytes (as the relay
+/// described it in the open request).
+#[derive(Debug)]
+pub struct LiveStream {
+    /// The relay's endpoint.
+    pub endpoint: String,
+    /// The relay's client.
+    pub client: SocketAddr,
+    /// The destination connected to.
+    pub destination: String,
 }
 
 /// Longest inactivity timeout the agent applies, whatever a relay asks for: a relay cannot
@@ -123,21 +138,26 @@ async fn forward(
         return;
     }
     let timeout = inactivity_timeout(open.inactivity_timeout_ms);
-    let copied = copy_bidirectional_metered(
+    let live = policy.live.insert(LiveStream {
+        endpoint: open.endpoint,
+        client: open.client_addr,
+        destination: open.destination,
+    });
+    let copied = copy_bidirectional_counted(
         &mut socket,
         &mut stream,
         timeout,
         DEFAULT_BUFFER_SIZE,
         force.cancelled(),
+        &live.bytes,
     )
     .await;
     let spliced = splice::conclude(copied, &socket, &mut stream, Hop::Agent);
     drop(socket);
-    policy.metrics.stream_ended(
-        spliced.outcome.label(),
-        spliced.tunnel_to_socket,
-        spliced.socket_to_tunnel,
-    );
+    // What a scrape has not counted yet (socket → tunnel is from the destination).
+    let (from_destination, to_destination) = live.unreported();
+    drop(live);
+    policy.metrics.stream_ended(spliced.outcome.label(), to_destination, from_destination);
     debug!(
         duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         bytes_to_destination = spliced.tunnel_to_socket,
@@ -296,6 +316,7 @@ mod tests {
             allowlist: Allowlist { rules: vec![rule.parse().expect("rule")] },
             dns_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            live: LiveTable::default(),
         }
     }
 

@@ -121,6 +121,7 @@ impl Agent {
             allowlist: config.allowlist.clone(),
             dns_timeout: config.dns_timeout,
             connect_timeout: config.connect_timeout,
+            live: privlink_transport::live::LiveTable::default(),
         });
         let shutdown = CancellationToken::new();
         Ok(Self {
@@ -162,8 +163,9 @@ impl Agent {
             }
             let view = Arc::new(AgentAdmin {
                 status: Arc::clone(&shared.status),
-                metrics: Arc::clone(&shared.metrics),
+                policy: Arc::clone(&shared.policy),
                 name: config.name.clone(),
+                id: shared.agent_id.clone(),
                 connector: config.connector.clone(),
                 draining: shared.shutdown.clone(),
             });

@@ -8,9 +8,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use privlink_transport::live::LiveTable;
+
+use crate::forward::LiveStream;
 use crate::status::{AgentStatus, LinkState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,12 +32,6 @@ struct LinkLabels {
     state: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-    role: &'static str,
-}
-
 /// Every agent metric.
 #[derive(Debug)]
 pub struct AgentMetrics {
@@ -50,18 +46,13 @@ pub struct AgentMetrics {
 
 impl Default for AgentMetrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("privlink");
-        registry.register(
-            "build",
-            "The privlink build (always 1)",
-            Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION"), role: "agent" }),
-        );
+        let mut registry = privlink_admin::metrics_registry("agent");
         let streams = Family::<OutcomeLabel, Counter>::default();
         registry.register("agent_streams", "Streams by how they ended", streams.clone());
         let bytes = Family::<DirectionLabel, Counter>::default();
         registry.register(
             "agent_bytes",
-            "Bytes forwarded, by direction (counted when a stream ends)",
+            "Bytes forwarded, by direction (open streams counted up to each scrape)",
             bytes.clone(),
         );
         let connect_duration = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
@@ -89,12 +80,16 @@ impl Default for AgentMetrics {
 }
 
 impl AgentMetrics {
-    /// A stream ended with `outcome` after moving these bytes.
+    /// A stream ended with `outcome`; the bytes are what it moved that no scrape counted yet.
     pub(crate) fn stream_ended(&self, outcome: &'static str, to_destination: u64, from: u64) {
         self.streams.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.count_bytes(to_destination, from);
+    }
+
+    fn count_bytes(&self, to_destination: u64, from_destination: u64) {
         let bytes = |direction| DirectionLabel { direction };
         self.bytes.get_or_create(&bytes("to_destination")).inc_by(to_destination);
-        self.bytes.get_or_create(&bytes("from_destination")).inc_by(from);
+        self.bytes.get_or_create(&bytes("from_destination")).inc_by(from_destination);
     }
 
     /// A destination was resolved and connected in `seconds`.
@@ -107,8 +102,13 @@ impl AgentMetrics {
         self.fallbacks.inc();
     }
 
-    /// The OpenMetrics text, with the link gauges read from `status` now.
-    pub(crate) fn render(&self, status: &AgentStatus) -> String {
+    /// The OpenMetrics text, with the link gauges read from `status` now and the bytes of
+    /// the `open` streams counted up to now (the counters rise during a long transfer).
+    pub(crate) fn render(&self, status: &AgentStatus, open: &LiveTable<LiveStream>) -> String {
+        for live in open.snapshot() {
+            let (from_destination, to_destination) = live.unreported();
+            self.count_bytes(to_destination, from_destination);
+        }
         // Links that changed state since the last scrape would otherwise keep their old series.
         self.links.clear();
         let mut active = 0i64;

@@ -162,8 +162,6 @@ impl AgentStatus {
 
     /// The links as the status JSON's `links` array.
     pub(crate) fn links_json(&self) -> Value {
-        let unix =
-            |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.links()
             .into_iter()
             .map(|link| {
@@ -177,7 +175,7 @@ impl AgentStatus {
                     "address": link.address.to_string(),
                     "state": link.state.word(),
                     "transport": link.transport.map(|t| t.to_string()),
-                    "since_unix": unix(link.since),
+                    "since_unix": privlink_admin::unix_seconds(link.since),
                     "last_error": link.last_error,
                     "verdicts": verdicts,
                     "active_streams": link.active_streams,

@@ -1,13 +1,13 @@
 //! The relay as its admin listener reports it (served by `privlink-admin`): ready once every
 //! listener is bound and until it starts draining; the status snapshot of `/api/v1/status` —
-//! every endpoint with its status in the Private Link vocabulary, and every connected agent.
-//! The JSON shape is documented in `docs/admin-api.md`.
+//! every endpoint with its status in the Private Link vocabulary, and every connected agent;
+//! and the open connections of `/api/v1/connections`, read from each endpoint's live table.
+//! The JSON shapes are documented in `docs/admin-api.md`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::time::UNIX_EPOCH;
 
-use privlink_admin::{AdminView, Readiness, verdict_json};
+use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds, verdict_json};
 use privlink_protocol::message::Verdict;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,35 @@ impl AdminView for RelayAdmin {
 
     fn metrics(&self) -> Option<String> {
         Some(self.handle.metrics().render(&self.handle))
+    }
+
+    fn connections(&self) -> Value {
+        let mut open: Vec<(&str, _)> = self
+            .handle
+            .endpoints()
+            .flat_map(|(endpoint, _)| {
+                let name = endpoint.spec.name.as_str();
+                endpoint.live.snapshot().into_iter().map(move |live| (name, live))
+            })
+            .collect();
+        let total = open.len();
+        open.sort_unstable_by_key(|(_, live)| (live.started, live.id));
+        let listed: Vec<Value> = open
+            .iter()
+            .take(MAX_LISTED_CONNECTIONS)
+            .map(|(endpoint, live)| {
+                let (from_client, to_client) = live.bytes.get();
+                json!({
+                    "endpoint": endpoint,
+                    "client": live.info.client.to_string(),
+                    "agent": live.info.agent,
+                    "started_unix": unix_seconds(live.started),
+                    "bytes_from_client": from_client,
+                    "bytes_to_client": to_client,
+                })
+            })
+            .collect();
+        json!({ "total": total, "connections": listed })
     }
 
     fn status(&self) -> Value {
@@ -92,10 +121,7 @@ impl AdminView for RelayAdmin {
                     "version": a.info.version,
                     "transport": a.transport.to_string(),
                     "remote": a.info.remote.to_string(),
-                    "connected_since_unix": a
-                        .connected_since
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
+                    "connected_since_unix": unix_seconds(a.connected_since),
                     "active_streams": a.active_streams,
                     "draining": a.draining,
                     "verdicts": verdicts,

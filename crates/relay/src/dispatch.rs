@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use privlink_protocol::frame::{self, HEADER_LEN};
 use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenReply};
-use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_metered};
+use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::write_and_flush;
 use privlink_transport::splice::{self, Hop, Origin, Outcome, SpliceStream};
 use privlink_transport::tcp::abort;
@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::flow::Flow;
-use crate::listen::Endpoint;
+use crate::listen::{Endpoint, LiveClient};
 use crate::registry::Registry;
 
 /// How long a client waits for a stream when the chosen agent's stream limit is full.
@@ -47,6 +47,7 @@ pub(crate) async fn forward(
     let spec = &endpoint.spec;
     let _ = socket.set_nodelay(true);
     let mut bytes = (0, 0);
+    let mut unreported = (0, 0);
     let mut agent_name = String::from("-");
 
     let outcome = 'outcome: {
@@ -55,6 +56,8 @@ pub(crate) async fn forward(
             break 'outcome Outcome::NoAgent;
         };
         agent_name.clone_from(&agent.name);
+        // Listed in `/api/v1/connections`, its bytes counted as they move, until it ends.
+        let live = endpoint.live.insert(LiveClient { client, agent: agent.name.clone() });
         let mut stream = match agent.connection.open_stream(OPEN_STREAM_WAIT).await {
             Ok(stream) => stream,
             Err(e) => {
@@ -93,7 +96,7 @@ pub(crate) async fn forward(
                 break 'outcome Outcome::failed(Origin::Client, e, false);
             }
         }
-        let early_len = first_write.len() - header_len;
+        live.bytes.add_socket_to_tunnel((first_write.len() - header_len) as u64);
         let written =
             tokio::time::timeout(FIRST_WRITE_WAIT, write_and_flush(&mut stream, &first_write))
                 .await
@@ -110,12 +113,13 @@ pub(crate) async fn forward(
             break 'outcome Outcome::failed(Origin::Agent, e, true);
         }
         let mut gated = OpenReplyGate::new(&mut stream);
-        let copied = copy_bidirectional_metered(
+        let copied = copy_bidirectional_counted(
             &mut socket,
             &mut gated,
             spec.inactivity_timeout,
             DEFAULT_BUFFER_SIZE,
             force.cancelled(),
+            &live.bytes,
         )
         .await;
         if let Some(at) = gated.opened_at {
@@ -123,11 +127,13 @@ pub(crate) async fn forward(
         }
         let spliced = splice::conclude(copied, &socket, &mut gated, Hop::Relay);
         drop(socket); // closes the client's side now, with a reset where the splice asked for one
-        bytes = (spliced.socket_to_tunnel + early_len as u64, spliced.tunnel_to_socket);
+        bytes = (spliced.socket_to_tunnel, spliced.tunnel_to_socket);
+        // What a scrape has not counted yet; the entry leaves the list when `live` drops here.
+        unreported = live.unreported();
         spliced.outcome
     };
 
-    endpoint.metrics.connection_ended(&spec.name, outcome.label(), bytes.0, bytes.1);
+    endpoint.metrics.connection_ended(&spec.name, outcome.label(), unreported);
     Flow {
         client,
         endpoint: spec,

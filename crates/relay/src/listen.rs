@@ -2,9 +2,11 @@
 //! a byte is read — the source-IP ACL, then the connection limit. An admitted connection gets
 //! a task of its own (see [`crate::dispatch`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use privlink_transport::live::LiveTable;
 use privlink_transport::tcp;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -26,12 +28,28 @@ pub(crate) struct Endpoint {
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) counters: EndpointCounters,
     pub(crate) metrics: Arc<RelayMetrics>,
+    /// The connections being forwarded now (from the agent's choice to the end).
+    pub(crate) live: LiveTable<LiveClient>,
+}
+
+/// What `/api/v1/connections` shows of a client connection besides its times and bytes.
+#[derive(Debug)]
+pub(crate) struct LiveClient {
+    pub(crate) client: SocketAddr,
+    /// The agent carrying it.
+    pub(crate) agent: String,
 }
 
 impl Endpoint {
     pub(crate) fn new(spec: EndpointSpec, metrics: Arc<RelayMetrics>) -> Self {
         let slots = Arc::new(Semaphore::new(spec.max_connections));
-        Self { spec, slots, counters: EndpointCounters::default(), metrics }
+        Self {
+            spec,
+            slots,
+            counters: EndpointCounters::default(),
+            metrics,
+            live: LiveTable::default(),
+        }
     }
 }
 

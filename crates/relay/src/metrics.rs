@@ -9,7 +9,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::status::RelayHandle;
@@ -48,12 +47,6 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-    role: &'static str,
-}
-
 /// Why an authentication failed, as the `reason` label says it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum AuthFailureReason {
@@ -83,12 +76,7 @@ const STATUSES: [&str; 4] = ["Approved", "Pending", "Rejected", "Disconnected"];
 
 impl Default for RelayMetrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("privlink");
-        registry.register(
-            "build",
-            "The privlink build (always 1)",
-            Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION"), role: "relay" }),
-        );
+        let mut registry = privlink_admin::metrics_registry("relay");
         let connections = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "relay_connections",
@@ -98,7 +86,7 @@ impl Default for RelayMetrics {
         let bytes = Family::<DirectionLabels, Counter>::default();
         registry.register(
             "relay_bytes",
-            "Bytes forwarded, by endpoint and direction (counted when a connection ends)",
+            "Bytes forwarded, by endpoint and direction (open connections counted up to each scrape)",
             bytes.clone(),
         );
         let open_duration = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
@@ -147,16 +135,18 @@ impl Default for RelayMetrics {
 }
 
 impl RelayMetrics {
-    /// A connection of `endpoint` ended with `outcome` after moving these bytes.
-    pub(crate) fn connection_ended(
-        &self,
-        endpoint: &str,
-        outcome: &str,
-        from_client: u64,
-        to_client: u64,
-    ) {
+    /// A connection of `endpoint` ended with `outcome`; `unreported` is what it moved (from
+    /// the client, to the client) that no scrape has counted yet.
+    pub(crate) fn connection_ended(&self, endpoint: &str, outcome: &str, unreported: (u64, u64)) {
         let labels = OutcomeLabels { endpoint: endpoint.to_owned(), outcome: outcome.to_owned() };
         self.connections.get_or_create(&labels).inc();
+        self.count_bytes(endpoint, unreported);
+    }
+
+    fn count_bytes(&self, endpoint: &str, (from_client, to_client): (u64, u64)) {
+        if from_client == 0 && to_client == 0 {
+            return;
+        }
         let bytes = |direction| DirectionLabels { endpoint: endpoint.to_owned(), direction };
         self.bytes.get_or_create(&bytes("from_client")).inc_by(from_client);
         self.bytes.get_or_create(&bytes("to_client")).inc_by(to_client);
@@ -196,6 +186,10 @@ impl RelayMetrics {
             for status in STATUSES {
                 let labels = StatusLabels { endpoint: spec.name.clone(), status };
                 self.endpoint_status.get_or_create(&labels).set(i64::from(status == current));
+            }
+            // Open connections' bytes, up to now: the counter rises during a long transfer.
+            for live in endpoint.live.snapshot() {
+                self.count_bytes(&spec.name, live.unreported());
             }
             let active = spec.max_connections - endpoint.slots.available_permits();
             let labels = EndpointLabel { endpoint: spec.name.clone() };

@@ -1,12 +1,12 @@
 //! Real processes for tests and benchmarks: [`Running`] (a child whose output lines are
 //! collected, with waits for a line, signals and reaping), the config files of a
 //! one-endpoint tunnel ([`write_tunnel_files`]) and the bring-up of a relay and an agent from
-//! them ([`Tunnel`]), on loopback or in network namespaces.
-//!
-//! Readiness is read from log lines for now; once the admin API exists, `/readyz` replaces
-//! them.
+//! them ([`Tunnel`]), on loopback or in network namespaces. Readiness comes from each
+//! process's admin listener ([`AdminProbe`]: `/readyz` and the status API), not from log
+//! lines.
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -36,12 +36,30 @@ pub struct TunnelFiles<'a> {
     pub agent_extra: &'a str,
     /// The destination of the agent's one `[[allow]]` rule.
     pub allow: &'a str,
+    /// Where the relay's and the agent's admin listeners listen (loopback of their network
+    /// namespace: in separate namespaces the same address serves for both).
+    pub admin: (SocketAddr, SocketAddr),
+}
+
+/// What [`write_tunnel_files`] wrote.
+#[derive(Debug, Clone)]
+pub struct TunnelConfigs {
+    /// `relay.toml`.
+    pub relay: String,
+    /// `agent.toml`.
+    pub agent: String,
+    /// The relay's admin listener.
+    pub relay_admin: SocketAddr,
+    /// The agent's admin listener.
+    pub agent_admin: SocketAddr,
+    /// The endpoint's name.
+    pub endpoint: String,
 }
 
 /// Runs `privlink certs init` (the binary at `bin`) into `dir/certs` (relay certificate for
 /// the tunnel's IP), writes a token there, and `relay.toml` / `agent.toml` into `dir` (paths
-/// relative to it); returns the two config paths.
-pub fn write_tunnel_files(bin: &str, dir: &Path, files: &TunnelFiles<'_>) -> (String, String) {
+/// relative to it), both with an admin listener.
+pub fn write_tunnel_files(bin: &str, dir: &Path, files: &TunnelFiles<'_>) -> TunnelConfigs {
     let certs = dir.join("certs");
     let relay_name = files.tunnel_listen.rsplit_once(':').map_or(files.tunnel_listen, |(ip, _)| ip);
     let status = Command::new(bin)
@@ -53,8 +71,10 @@ pub fn write_tunnel_files(bin: &str, dir: &Path, files: &TunnelFiles<'_>) -> (St
     std::fs::write(certs.join("token"), &token).expect("token");
     let digest = TokenDigest::of(token.as_bytes()).to_hex();
     let TunnelFiles { tunnel_listen, endpoint, endpoint_listen, destination, .. } = files;
+    let (relay_admin, agent_admin) = files.admin;
     let relay = format!(
         "[tunnel]\nlisten = \"{tunnel_listen}\"\ncert = \"certs/relay.crt\"\nkey = \"certs/relay.key\"\n\n\
+         [admin]\nlisten = \"{relay_admin}\"\n\n\
          [[connector]]\nname = \"tunnel\"\ntoken_sha256 = \"{digest}\"\n\n\
          [[endpoint]]\nname = \"{endpoint}\"\nconnector = \"tunnel\"\ndestination = \"{destination}\"\n\
          listen = \"{endpoint_listen}\"\n{}\n",
@@ -62,14 +82,120 @@ pub fn write_tunnel_files(bin: &str, dir: &Path, files: &TunnelFiles<'_>) -> (St
     );
     let agent = format!(
         "connector = \"tunnel\"\ntoken_file = \"certs/token\"\nrelays = [\"{tunnel_listen}\"]\n\
-         relay_ca = \"certs/ca.crt\"\n{}\n\n[[allow]]\ndestination = \"{}\"\n",
+         relay_ca = \"certs/ca.crt\"\n{}\n\n[admin]\nlisten = \"{agent_admin}\"\n\n\
+         [[allow]]\ndestination = \"{}\"\n",
         files.agent_extra, files.allow
     );
     let relay_path = dir.join("relay.toml");
     let agent_path = dir.join("agent.toml");
     std::fs::write(&relay_path, relay).expect("relay.toml");
     std::fs::write(&agent_path, agent).expect("agent.toml");
-    (relay_path.to_str().expect("utf-8").to_owned(), agent_path.to_str().expect("utf-8").to_owned())
+    TunnelConfigs {
+        relay: relay_path.to_str().expect("utf-8").to_owned(),
+        agent: agent_path.to_str().expect("utf-8").to_owned(),
+        relay_admin,
+        agent_admin,
+        endpoint: (*endpoint).to_owned(),
+    }
+}
+
+/// A port free for both TCP and UDP, chosen below the kernel's ephemeral range (as a real
+/// deployment's fixed ports are): a port from that range, freed by a killed relay, can be taken
+/// by any outgoing connection before the restarted relay binds it again.
+pub fn free_fixed_port() -> u16 {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral_start: u16 =
+        range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
+    let low = 10_000u16.min(ephemeral_start / 2);
+    let span = ephemeral_start - low;
+    for _ in 0..200 {
+        let port = low + fastrand::u16(..span);
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
+
+/// A relay's or an agent's admin listener, asked with curl — inside the process's network
+/// namespace when it runs in one (its loopback is not this one's).
+#[derive(Debug, Clone)]
+pub struct AdminProbe {
+    namespace: Option<String>,
+    addr: SocketAddr,
+}
+
+impl AdminProbe {
+    /// The admin listener at `addr`, in `namespace` (or this one).
+    pub fn new(namespace: Option<&str>, addr: SocketAddr) -> Self {
+        Self { namespace: namespace.map(str::to_owned), addr }
+    }
+
+    /// `GET path`: the status code and the body (code 0 when nothing answered).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.addr);
+        let curl = ["curl", "-s", "-m", "5", "-w", "\n%{http_code}", &url];
+        let mut command = match &self.namespace {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).args(curl);
+                command
+            }
+            None => {
+                let mut command = Command::new("curl");
+                command.args(&curl[1..]);
+                command
+            }
+        };
+        let out = command.output().expect("curl runs (apt-get install curl)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// Asks `path` until the answer satisfies `want`, failing after [`PROCESS_WAIT`] with the
+    /// last answer; returns the body that satisfied it.
+    pub fn wait(&self, path: &str, want: impl Fn(u16, &str) -> bool) -> String {
+        let deadline = Instant::now() + PROCESS_WAIT;
+        loop {
+            let (code, body) = self.get(path);
+            if want(code, &body) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{path} on {} stayed {code}: {body}", self.addr);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self) {
+        self.wait("/readyz", |code, _| code == 200);
+    }
+
+    /// Waits until the status snapshot satisfies `want`; returns it.
+    pub fn wait_status(&self, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let body = self.wait("/api/v1/status", |code, body| {
+            code == 200 && serde_json::from_str(body).is_ok_and(|status| want(&status))
+        });
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    /// The status snapshot now.
+    pub fn status(&self) -> serde_json::Value {
+        self.wait_status(|_| true)
+    }
+}
+
+/// Whether a relay's status snapshot shows the agent `agent_id` approving `endpoint`.
+pub fn approved_by(status: &serde_json::Value, agent_id: &str, endpoint: &str) -> bool {
+    status["agents"].as_array().is_some_and(|agents| {
+        agents
+            .iter()
+            .any(|a| a["id"] == agent_id && a["verdicts"][endpoint]["verdict"] == "Approved")
+    })
 }
 
 /// A child process whose stderr lines are collected by a thread.
@@ -185,6 +311,11 @@ pub struct Tunnel {
     pub relay: Running,
     /// The agent process.
     pub agent: Running,
+    /// The relay's admin listener.
+    pub relay_admin: AdminProbe,
+    /// The agent's admin listener.
+    pub agent_admin: AdminProbe,
+    endpoint: String,
     /// The relay's command line (with its namespace prefix), for restarts.
     relay_argv: Vec<String>,
     /// The agent's command line (with its namespace prefix), for restarts.
@@ -206,14 +337,9 @@ pub enum Placement<'a> {
 }
 
 impl Tunnel {
-    /// Starts the relay and waits until its endpoint listens, then the agent, and waits until
-    /// it is connected and the relay has its approval.
-    pub fn start(
-        bin: &str,
-        relay_config: &str,
-        agent_config: &str,
-        placement: Placement<'_>,
-    ) -> Self {
+    /// Starts the relay and waits until it is ready (every listener bound), then the agent,
+    /// and waits until it is ready and the relay has its approval.
+    pub fn start(bin: &str, configs: &TunnelConfigs, placement: Placement<'_>) -> Self {
         let argv = |ns: Option<&str>, role: &str, config: &str| -> Vec<String> {
             let mut argv: Vec<String> = match ns {
                 Some(ns) => ["ip", "netns", "exec", ns].map(str::to_owned).to_vec(),
@@ -226,20 +352,30 @@ impl Tunnel {
             Placement::Here => (None, None),
             Placement::Namespaces { relay, agent } => (Some(relay), Some(agent)),
         };
-        let relay_argv = argv(relay_ns, "relay", relay_config);
-        let agent_argv = argv(agent_ns, "agent", agent_config);
-        let mut relay = Running::spawn(command(&relay_argv));
-        relay.wait_for("endpoint listening");
+        let relay_argv = argv(relay_ns, "relay", &configs.relay);
+        let agent_argv = argv(agent_ns, "agent", &configs.agent);
+        let relay_admin = AdminProbe::new(relay_ns, configs.relay_admin);
+        let agent_admin = AdminProbe::new(agent_ns, configs.agent_admin);
+        let relay = Running::spawn(command(&relay_argv));
+        relay_admin.wait_ready();
         let agent = Running::spawn(command(&agent_argv));
-        let mut tunnel = Self { relay, agent, relay_argv, agent_argv };
+        let tunnel = Self {
+            relay,
+            agent,
+            relay_admin,
+            agent_admin,
+            endpoint: configs.endpoint.clone(),
+            relay_argv,
+            agent_argv,
+        };
         tunnel.wait_served();
         tunnel
     }
 
-    /// Starts the relay again (after a kill) and waits until its endpoint listens.
+    /// Starts the relay again (after a kill) and waits until it is ready.
     pub fn restart_relay(&mut self) {
         self.relay = Running::spawn(command(&self.relay_argv));
-        self.relay.wait_for("endpoint listening");
+        self.relay_admin.wait_ready();
     }
 
     /// Starts the agent again (after a kill); [`wait_served`](Self::wait_served) waits for it.
@@ -247,10 +383,19 @@ impl Tunnel {
         self.agent = Running::spawn(command(&self.agent_argv));
     }
 
-    /// Waits until the agent is connected and the relay has its approval.
-    pub fn wait_served(&mut self) {
-        self.agent.wait_for("connected to relay");
-        self.relay.wait_for("endpoint approved by agent");
+    /// Waits until the agent is ready (a relay link welcomed, its verdicts sent) and the relay
+    /// lists this agent — by the id it drew at start, so a dead predecessor still listed does
+    /// not count — as approving the endpoint.
+    pub fn wait_served(&self) {
+        self.agent_admin.wait_ready();
+        let id = self.agent_id();
+        self.relay_admin.wait_status(|status| approved_by(status, &id, &self.endpoint));
+    }
+
+    /// The running agent's id, from its status snapshot.
+    pub fn agent_id(&self) -> String {
+        let status = self.agent_admin.wait_status(|s| s["id"].is_string());
+        status["id"].as_str().expect("id").to_owned()
     }
 
     /// SIGTERM to the agent, then the relay, waiting for each to exit; returns their exit

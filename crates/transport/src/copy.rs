@@ -88,9 +88,32 @@ where
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
     C: Future<Output = ()>,
 {
+    let counts = ByteCounts::default();
+    copy_bidirectional_counted(socket, tunnel, inactivity_timeout, buffer_size, cancel, &counts)
+        .await
+}
+
+/// [`copy_bidirectional_metered`], adding every byte read to `counts` as it moves, so others
+/// (the admin API, metrics) can watch a connection grow. The report's byte counts are the
+/// totals in `counts` when the copy ended, including whatever they held before it began.
+pub async fn copy_bidirectional_counted<S, T, C>(
+    socket: &mut S,
+    tunnel: &mut T,
+    inactivity_timeout: Duration,
+    buffer_size: usize,
+    cancel: C,
+    counts: &ByteCounts,
+) -> CopyReport
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Future<Output = ()>,
+{
     let activity = ActivityClock::new();
-    let socket_meter = SideMeter::default();
-    let tunnel_meter = SideMeter::default();
+    let socket_meter =
+        SideMeter { bytes: &counts.socket_to_tunnel, failed: AtomicBool::new(false) };
+    let tunnel_meter =
+        SideMeter { bytes: &counts.tunnel_to_socket, failed: AtomicBool::new(false) };
     let mut socket_side = Metered { inner: socket, meter: &socket_meter, clock: &activity };
     let mut tunnel_side = Metered { inner: tunnel, meter: &tunnel_meter, clock: &activity };
 
@@ -107,10 +130,35 @@ where
         () = activity.expired(inactivity_timeout) => CopyEnd::IdleTimeout,
         () = cancel => CopyEnd::Cancelled,
     };
-    CopyReport {
-        socket_to_tunnel: socket_meter.bytes.load(Ordering::Relaxed),
-        tunnel_to_socket: tunnel_meter.bytes.load(Ordering::Relaxed),
-        end,
+    let (socket_to_tunnel, tunnel_to_socket) = counts.get();
+    CopyReport { socket_to_tunnel, tunnel_to_socket, end }
+}
+
+/// Bytes moved each way by one connection, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    socket_to_tunnel: AtomicU64,
+    tunnel_to_socket: AtomicU64,
+}
+
+impl ByteCounts {
+    /// Bytes read from the socket and from the tunnel, so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.socket_to_tunnel.load(Ordering::Relaxed),
+            self.tunnel_to_socket.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Counts bytes that went from the socket into the tunnel outside the copy loop (the
+    /// relay's early data, sent with the open header).
+    pub fn add_socket_to_tunnel(&self, bytes: u64) {
+        self.socket_to_tunnel.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts bytes that went from the tunnel to the socket outside the copy loop.
+    pub fn add_tunnel_to_socket(&self, bytes: u64) {
+        self.tunnel_to_socket.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
@@ -350,9 +398,9 @@ impl ActivityClock {
 }
 
 /// Per-side counters shared between a [`Metered`] wrapper and the report.
-#[derive(Debug, Default)]
-struct SideMeter {
-    bytes: AtomicU64,
+#[derive(Debug)]
+struct SideMeter<'a> {
+    bytes: &'a AtomicU64,
     failed: AtomicBool,
 }
 
@@ -361,7 +409,7 @@ struct SideMeter {
 #[derive(Debug)]
 struct Metered<'a, S: ?Sized> {
     inner: &'a mut S,
-    meter: &'a SideMeter,
+    meter: &'a SideMeter<'a>,
     clock: &'a ActivityClock,
 }
 
@@ -691,5 +739,31 @@ mod tests {
             }
             other => panic!("expected a tunnel failure, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn counts_can_be_read_while_the_copy_runs() {
+        let (mut socket, mut socket_far) = duplex(1024);
+        let (mut tunnel, mut tunnel_far) = duplex(1024);
+        let counts = std::sync::Arc::new(ByteCounts::default());
+        counts.add_socket_to_tunnel(5); // bytes sent before the copy (the relay's early data)
+        let copy = tokio::spawn({
+            let counts = std::sync::Arc::clone(&counts);
+            async move {
+                copy_bidirectional_counted(&mut socket, &mut tunnel, LONG, 512, pending(), &counts)
+                    .await
+            }
+        });
+        socket_far.write_all(b"abc").await.expect("write");
+        let mut buf = [0u8; 3];
+        tunnel_far.read_exact(&mut buf).await.expect("read");
+        assert_eq!(counts.get(), (8, 0), "bytes counted before the copy ends");
+        tunnel_far.write_all(b"xy").await.expect("write");
+        let mut buf = [0u8; 2];
+        socket_far.read_exact(&mut buf).await.expect("read");
+        assert_eq!(counts.get(), (8, 2));
+        drop((socket_far, tunnel_far));
+        let report = copy.await.expect("join");
+        assert_eq!((report.socket_to_tunnel, report.tunnel_to_socket), (8, 2));
     }
 }

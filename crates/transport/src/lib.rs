@@ -14,6 +14,7 @@
 //!   frame reader for long-lived streams.
 //! * [`control`] — a control stream driving a protocol state machine.
 //! * [`copy`] — the bidirectional copy loop with inactivity timeout and byte counts.
+//! * [`live`] — the connections open now, with bytes each way as they move, for the admin API.
 //! * [`splice`] — how one forwarded connection's copy ended: resets, aborts and an outcome
 //!   tagged by where it came from, with a retry-safety flag.
 //! * [`tunnel`] — the connection and stream types both transports share, and the dial error.
@@ -31,6 +32,7 @@ pub mod copy;
 pub mod drain;
 pub mod h2;
 pub mod io;
+pub mod live;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod quic;
