@@ -14,15 +14,12 @@ use common::*;
 use privlink_agent::config::TransportChoice;
 use privlink_protocol::frame::MAX_BODY_LEN;
 use privlink_protocol::message::{
-    Control, EndpointAssignment, EndpointVerdict, Hello, Open, OpenFailCode, OpenReply,
-    PROTOCOL_VERSION, Verdict,
+    Control, EndpointAssignment, EndpointVerdict, Open, OpenFailCode, OpenReply, PROTOCOL_VERSION,
+    Verdict,
 };
-use privlink_protocol::token::Token;
 use privlink_transport::io::{read_frame, write_frame};
 use privlink_transport::tls;
-use privlink_transport::tunnel::{
-    AgentConnection, CloseCode, RelayConnection, StreamError, TransportKind, TunnelStream,
-};
+use privlink_transport::tunnel::{CloseCode, RelayConnection, StreamError, TransportKind};
 use privlink_transport::{h2, quic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,52 +46,6 @@ async fn timed_hello(
     let connection = dial_relay(harness, transport).await?;
     let (_control, answer, took) = hello_on(&connection, connector, token, agent_name).await?;
     Ok((answer, took))
-}
-
-/// Dials the harness's relay as an agent would, on `transport`.
-async fn dial_relay(
-    harness: &Harness,
-    transport: TransportKind,
-) -> Result<AgentConnection, String> {
-    let client_tls = tls_for(harness);
-    let relay = harness.relay.tunnel_addr();
-    match transport {
-        TransportKind::Quic => {
-            let endpoint = quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls)
-                .expect("endpoint");
-            quic::dial(&endpoint, relay, "localhost", WAIT).await.map_err(|e| e.to_string())
-        }
-        TransportKind::Tcp => h2::dial(relay, "localhost", Arc::new(client_tls), WAIT)
-            .await
-            .map_err(|e| e.to_string()),
-    }
-}
-
-/// Plays the agent's part of the control handshake on `connection` up to the relay's answer to
-/// the hello; returns the control stream, the answer and how long it took after the hello.
-async fn hello_on(
-    connection: &AgentConnection,
-    connector: &str,
-    token: &str,
-    agent_name: &str,
-) -> Result<(TunnelStream, Control, Duration), String> {
-    let mut control = connection.accept_stream().await.map_err(|e| e.to_string())?;
-    let relay_hello: Control =
-        read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())?;
-    assert!(matches!(relay_hello, Control::RelayHello { protocol_version: PROTOCOL_VERSION, .. }));
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        connector: connector.to_owned(),
-        token: Token::new(token),
-        agent_name: agent_name.into(),
-        agent_id: "raw".into(),
-        software_version: "test".into(),
-        allowed: vec![],
-    };
-    let sent = std::time::Instant::now();
-    write_frame(&mut control, &Control::Hello(hello)).await.map_err(|e| e.to_string())?;
-    let answer = read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())?;
-    Ok((control, answer, sent.elapsed()))
 }
 
 async fn wrong_tokens_are_refused_with_a_reason_and_never_lock_the_right_one_out(
@@ -445,11 +396,6 @@ async fn an_agent_that_takes_no_data_gets_no_client_stuck_on_it() {
     filling.abort();
     drop(control);
     harness.shutdown(&[]).await;
-}
-
-/// The TLS settings an agent of `harness` dials with.
-fn tls_for(harness: &Harness) -> rustls::ClientConfig {
-    tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der)).expect("tls")
 }
 
 /// An agent holding a valid token floods the relay with verdicts, most for endpoints that do

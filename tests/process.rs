@@ -352,6 +352,27 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     );
     assert_config_rejected(
         "relay",
+        &relay("open_attempts = 0", ""),
+        15,
+        "endpoint[0].open_attempts",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
+        &relay("open_retry_buffer = 99999999", ""),
+        15,
+        "endpoint[0].open_retry_buffer",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
+        &relay("open_timeout = \"0s\"", ""),
+        15,
+        "endpoint[0].open_timeout",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
         &relay("", "allow = [\"10.0.0.0/8\", \"10.0.0.300/8\"]"),
         17,
         "endpoint[0].acl.allow[1]",

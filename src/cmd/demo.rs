@@ -15,7 +15,7 @@ use privlink_agent::config::{AgentConfig, RelayAddress, TransportChoice};
 use privlink_protocol::acl::Acl;
 use privlink_protocol::destination::Host;
 use privlink_protocol::token::{Token, TokenDigest};
-use privlink_relay::config::{ConnectorSpec, EndpointSpec, RelayConfig, TlsIdentity};
+use privlink_relay::config::{ConnectorSpec, EndpointSpec, OpenRetry, RelayConfig, TlsIdentity};
 use privlink_relay::{EndpointStatus, Relay};
 use privlink_transport::pki::CertificateAuthority;
 use rustls::pki_types::ServerName;
@@ -70,6 +70,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         inactivity_timeout: Duration::from_secs(60),
         max_connections: 1024,
         acl: Acl { allow: vec!["127.0.0.0/8".parse().expect("cidr")], deny: vec![] },
+        open: OpenRetry::default(),
     };
     let relay_config = |listen| RelayConfig {
         tunnel_listen: "127.0.0.1:0".parse().expect("addr"),

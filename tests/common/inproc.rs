@@ -52,6 +52,7 @@ pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
         inactivity_timeout: Duration::from_secs(60),
         max_connections: 1024,
         acl: Acl::default(),
+        open: privlink_relay::config::OpenRetry::default(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Shared pieces of the end-to-end tests, one harness per file: [`inproc`] (relay and agents
 //! in the test's own runtime), [`servers`] (destinations and client helpers), [`gate`] (a
-//! network that drops UDP), and the real-process harness of the test bed
+//! network that drops UDP), [`peers`] (agents played by hand), and the real-process harness of the test bed
 //! (`privlink_testbed::process`), bound here to this build's binary.
 #![allow(
     dead_code,
@@ -35,10 +35,12 @@ macro_rules! on_both_transports {
 
 pub mod gate;
 pub mod inproc;
+pub mod peers;
 pub mod servers;
 
 pub use gate::*;
 pub use inproc::*;
+pub use peers::*;
 pub use privlink_testbed::process::{
     AdminProbe, PROCESS_WAIT, Placement, Running, Tunnel, TunnelConfigs, TunnelFiles,
 };

@@ -60,6 +60,10 @@ pub enum Control {
         /// Why, for logs.
         reason: String,
     },
+    /// Either way: the answer to a [`Control::Heartbeat`], sent at once. A heartbeat left
+    /// unanswered past [`Timers::answer`](crate::control::Timers::answer) means the peer is
+    /// gone — frozen, partitioned — even while its transport connection looks alive.
+    HeartbeatAck,
 }
 
 impl Control {
@@ -74,6 +78,7 @@ impl Control {
             Self::Verdicts(_) => "Verdicts",
             Self::Heartbeat { .. } => "Heartbeat",
             Self::Drain { .. } => "Drain",
+            Self::HeartbeatAck => "HeartbeatAck",
         }
     }
 }

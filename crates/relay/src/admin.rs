@@ -55,7 +55,7 @@ impl AdminView for RelayAdmin {
                 json!({
                     "endpoint": endpoint,
                     "client": live.info.client.to_string(),
-                    "agent": live.info.agent,
+                    "agent": live.info.agent(),
                     "started_unix": unix_seconds(live.started),
                     "bytes_from_client": from_client,
                     "bytes_to_client": to_client,

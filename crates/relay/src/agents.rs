@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use privlink_protocol::control::{ControlError, ControlMachine, RelayControl, RelayEvent, Timers};
 use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, Hello, Verdict};
 use privlink_protocol::text;
-use privlink_transport::control::{ControlStream, now};
+use privlink_transport::control::{Advanced, ControlStream, now};
 use privlink_transport::io::{ReadFrameError, WriteFrameError};
 use privlink_transport::tunnel::{CloseCode, DialError, RelayConnection, StreamError};
 use privlink_transport::{h2, quic, tcp};
@@ -242,8 +242,14 @@ async fn run_agent(
                 drain_sent = true;
                 machine.drain("relay shutting down");
             }
+            () = probe_requested(registration.as_ref()) => machine.probe(now()),
             advanced = control.advance(&mut machine) => match advanced {
-                Ok(()) => {}
+                Ok(Advanced::Heard) => {
+                    if let Some(registration) = &registration {
+                        registration.heard();
+                    }
+                }
+                Ok(Advanced::Timer) => {}
                 Err(ReadFrameError::Closed) if registration.is_some() => {
                     // The agent finished its control stream: it is leaving. Wait for the close.
                     let reason = connection.closed().await;
@@ -260,6 +266,15 @@ async fn run_agent(
                 }
             },
         }
+    }
+}
+
+/// Resolves when a client connection suspects the registered agent (never before it is
+/// registered).
+async fn probe_requested(registration: Option<&AgentRegistration>) {
+    match registration {
+        Some(registration) => registration.probe_requested().await,
+        None => std::future::pending().await,
     }
 }
 

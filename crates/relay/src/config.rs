@@ -26,6 +26,17 @@ use serde::Deserialize;
 pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default connection limit of an endpoint.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default `open_timeout`: an agent's answer normally takes one round trip plus the
+/// destination's connect.
+pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default `open_attempts`.
+pub const DEFAULT_OPEN_ATTEMPTS: u32 = 3;
+/// Most `open_attempts` accepted.
+pub const MAX_OPEN_ATTEMPTS: u32 = 8;
+/// Default `open_retry_buffer`, in bytes: a TLS ClientHello and then some.
+pub const DEFAULT_OPEN_RETRY_BUFFER: usize = 64 * 1024;
+/// Largest `open_retry_buffer` accepted (per connection, until the agent answers).
+pub const MAX_OPEN_RETRY_BUFFER: usize = 1024 * 1024;
 /// Default time in-flight connections get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -95,6 +106,32 @@ pub struct EndpointSpec {
     pub max_connections: usize,
     /// Source-IP rules.
     pub acl: Acl,
+    /// How an open the agent did not answer is tried again on another agent.
+    pub open: OpenRetry,
+}
+
+/// How the relay retries a client connection's open on another agent when the first could
+/// not serve it before answering (a destination it could not reach, a lost stream, no answer
+/// in time). Nothing was answered, so the client never sees the difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenRetry {
+    /// How long an agent may take to answer an open (`open_timeout`).
+    pub timeout: Duration,
+    /// Agents tried at most, the first included (`open_attempts`; 1: no retry).
+    pub attempts: u32,
+    /// Most client bytes kept for a replay (`open_retry_buffer`); a client that sends more
+    /// before the answer is no longer retried.
+    pub buffer: usize,
+}
+
+impl Default for OpenRetry {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_OPEN_TIMEOUT,
+            attempts: DEFAULT_OPEN_ATTEMPTS,
+            buffer: DEFAULT_OPEN_RETRY_BUFFER,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,8 +175,38 @@ struct RawEndpoint {
     inactivity_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_limit")]
     max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
+    open_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "deserialize_open_attempts")]
+    open_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "deserialize_retry_buffer")]
+    open_retry_buffer: Option<usize>,
     #[serde(default)]
     acl: RawAcl,
+}
+
+fn deserialize_open_attempts<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u32>, D::Error> {
+    let n = u32::deserialize(d)?;
+    if !(1..=MAX_OPEN_ATTEMPTS).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "open_attempts must be 1 to {MAX_OPEN_ATTEMPTS} (1: no retry)"
+        )));
+    }
+    Ok(Some(n))
+}
+
+fn deserialize_retry_buffer<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<usize>, D::Error> {
+    let n = u32::deserialize(d)? as usize;
+    if n > MAX_OPEN_RETRY_BUFFER {
+        return Err(serde::de::Error::custom(format!(
+            "open_retry_buffer is at most {MAX_OPEN_RETRY_BUFFER} bytes (0: no replay)"
+        )));
+    }
+    Ok(Some(n))
 }
 
 fn deserialize_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -262,6 +329,11 @@ impl RelayConfig {
                 acl: Acl {
                     allow: e.acl.allow.into_iter().map(|a| a.0).collect(),
                     deny: e.acl.deny.into_iter().map(|a| a.0).collect(),
+                },
+                open: OpenRetry {
+                    timeout: e.open_timeout.unwrap_or(DEFAULT_OPEN_TIMEOUT),
+                    attempts: e.open_attempts.unwrap_or(DEFAULT_OPEN_ATTEMPTS),
+                    buffer: e.open_retry_buffer.unwrap_or(DEFAULT_OPEN_RETRY_BUFFER),
                 },
             });
         }

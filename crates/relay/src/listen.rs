@@ -36,8 +36,28 @@ pub(crate) struct Endpoint {
 #[derive(Debug)]
 pub(crate) struct LiveClient {
     pub(crate) client: SocketAddr,
-    /// The agent carrying it.
-    pub(crate) agent: String,
+    /// The agent carrying it (the one being tried, while an open is retried).
+    agent: std::sync::Mutex<String>,
+}
+
+impl LiveClient {
+    pub(crate) fn new(client: SocketAddr, agent: String) -> Self {
+        Self { client, agent: std::sync::Mutex::new(agent) }
+    }
+
+    /// The agent carrying it now.
+    pub(crate) fn agent(&self) -> String {
+        self.agent.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// The connection moved to another agent (a retried open).
+    pub(crate) fn set_agent(&self, agent: &str) {
+        if let Ok(mut current) = self.agent.lock() {
+            if *current != agent {
+                agent.clone_into(&mut current);
+            }
+        }
+    }
 }
 
 impl Endpoint {

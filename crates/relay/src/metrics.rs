@@ -43,6 +43,12 @@ struct AgentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    endpoint: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -64,6 +70,7 @@ pub(crate) struct RelayMetrics {
     registry: Registry,
     connections: Family<OutcomeLabels, Counter>,
     bytes: Family<DirectionLabels, Counter>,
+    open_retries: Family<ReasonLabels, Counter>,
     open_duration: Family<EndpointLabel, Histogram>,
     auth_failures: Family<ReasonLabel, Counter>,
     endpoint_status: Family<StatusLabels, Gauge>,
@@ -88,6 +95,13 @@ impl Default for RelayMetrics {
             "relay_bytes",
             "Bytes forwarded, by endpoint and direction (open connections counted up to each scrape)",
             bytes.clone(),
+        );
+        let open_retries = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "relay_open_retries",
+            "Opens tried again on another agent, by endpoint and why the previous agent did not \
+             serve it (destination_failed, agent_error, relay_error)",
+            open_retries.clone(),
         );
         let open_duration = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
@@ -125,6 +139,7 @@ impl Default for RelayMetrics {
             registry,
             connections,
             bytes,
+            open_retries,
             open_duration,
             auth_failures,
             endpoint_status,
@@ -150,6 +165,13 @@ impl RelayMetrics {
         let bytes = |direction| DirectionLabels { endpoint: endpoint.to_owned(), direction };
         self.bytes.get_or_create(&bytes("from_client")).inc_by(from_client);
         self.bytes.get_or_create(&bytes("to_client")).inc_by(to_client);
+    }
+
+    /// An open of `endpoint` is tried on another agent after one ended with `reason` (an
+    /// outcome label) before answering.
+    pub(crate) fn open_retried(&self, endpoint: &str, reason: &'static str) {
+        let labels = ReasonLabels { endpoint: endpoint.to_owned(), reason };
+        self.open_retries.get_or_create(&labels).inc();
     }
 
     /// A connection of `endpoint` was turned away on accept (`acl_denied`, `over_limit`).

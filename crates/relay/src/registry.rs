@@ -8,12 +8,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use privlink_protocol::message::Verdict;
 use privlink_transport::tunnel::{RelayConnection, TransportKind};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// An endpoint's status, in the vocabulary of Azure private-endpoint connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +100,24 @@ struct AgentEntry {
     /// Set once the agent announced a drain: it gets no new streams.
     draining: bool,
     active_streams: Arc<AtomicU32>,
+    suspicion: Arc<Suspicion>,
+}
+
+/// Set while an agent has left an open unanswered and has not been heard from since: it is
+/// chosen for no new connection, and its session sends a heartbeat at once, which clears the
+/// suspicion when anything comes back — or ends the session when nothing does. So one
+/// silent agent costs one open timeout, not one per connection.
+#[derive(Debug, Default)]
+pub struct Suspicion {
+    suspect: AtomicBool,
+    probe: Notify,
+}
+
+impl Suspicion {
+    /// Whether the agent is suspected now.
+    pub fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -124,11 +142,23 @@ impl Default for Registry {
 /// An agent chosen to carry one client connection. Holding it counts one active stream.
 #[derive(Debug)]
 pub struct ChosenAgent {
+    /// The registry's id of the agent (to try another one after it).
+    pub id: u64,
     /// The agent's name, for logs.
     pub name: String,
     /// Its tunnel connection.
     pub connection: RelayConnection,
     active_streams: Arc<AtomicU32>,
+    suspicion: Arc<Suspicion>,
+}
+
+impl ChosenAgent {
+    /// The agent left an open unanswered: choose it for nothing new until it is heard from,
+    /// and have its session check on it now.
+    pub fn suspect(&self) {
+        self.suspicion.suspect.store(true, Ordering::Relaxed);
+        self.suspicion.probe.notify_one();
+    }
 }
 
 impl Drop for ChosenAgent {
@@ -143,9 +173,20 @@ pub struct AgentRegistration {
     registry: Arc<Registry>,
     id: u64,
     active_streams: Arc<AtomicU32>,
+    suspicion: Arc<Suspicion>,
 }
 
 impl AgentRegistration {
+    /// The agent was heard from: whatever it was suspected of, it is alive.
+    pub fn heard(&self) {
+        self.suspicion.suspect.store(false, Ordering::Relaxed);
+    }
+
+    /// Resolves when a connection suspects the agent (see [`Suspicion`]). Cancel-safe.
+    pub async fn probe_requested(&self) {
+        self.suspicion.probe.notified().await;
+    }
+
     /// Records the agent's verdicts (replacing earlier ones for the same endpoints).
     pub fn set_verdicts(&self, verdicts: impl IntoIterator<Item = (String, Verdict)>) {
         self.registry.update(|state| {
@@ -201,6 +242,7 @@ impl Registry {
     ) -> Option<AgentRegistration> {
         let connector = info.connector.as_str();
         let active_streams = Arc::new(AtomicU32::new(0));
+        let suspicion = Arc::new(Suspicion::default());
         let mut id = None;
         self.update(|state| {
             let siblings = state.agents.values().filter(|a| a.connector == connector).count();
@@ -222,35 +264,40 @@ impl Registry {
                     verdicts: HashMap::new(),
                     draining: false,
                     active_streams: Arc::clone(&active_streams),
+                    suspicion: Arc::clone(&suspicion),
                 },
             );
         });
-        Some(AgentRegistration { registry: Arc::clone(self), id: id?, active_streams })
+        Some(AgentRegistration { registry: Arc::clone(self), id: id?, active_streams, suspicion })
     }
 
-    /// Chooses the approving agent with the fewest active streams, and counts the new stream.
-    pub fn choose(&self, connector: &str, endpoint: &str) -> Option<ChosenAgent> {
+    /// Chooses the approving agent with the fewest active streams, leaving out those in
+    /// `tried` and those under [`Suspicion`], and counts the new stream.
+    pub fn choose(&self, connector: &str, endpoint: &str, tried: &[u64]) -> Option<ChosenAgent> {
         let state = self.lock();
-        let agent = state
+        let (id, agent) = state
             .agents
             .iter()
-            .filter(|(_, a)| {
+            .filter(|(id, a)| {
                 a.connector == connector
                     && !a.draining
                     && matches!(a.verdicts.get(endpoint), Some(Verdict::Approved))
                     && a.connection.close_reason().is_none()
+                    && !a.suspicion.is_suspect()
+                    && !tried.contains(id)
             })
             // Fewest active streams; among equals the most recently connected agent, which is
             // the likeliest to be alive when an older one died without a word.
             .min_by_key(|(id, a)| {
                 (a.active_streams.load(Ordering::Relaxed), std::cmp::Reverse(**id))
-            })
-            .map(|(_, a)| a)?;
+            })?;
         agent.active_streams.fetch_add(1, Ordering::Relaxed);
         Some(ChosenAgent {
+            id: *id,
             name: agent.name.clone(),
             connection: agent.connection.clone(),
             active_streams: Arc::clone(&agent.active_streams),
+            suspicion: Arc::clone(&agent.suspicion),
         })
     }
 

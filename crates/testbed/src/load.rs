@@ -442,3 +442,56 @@ mod tests {
         assert_eq!(lat.quantile(0.0), Duration::from_millis(1));
     }
 }
+
+/// One connection of a [`churn`]: when it started and how it went.
+#[derive(Debug, Clone)]
+pub struct ChurnSample {
+    /// When it began connecting.
+    pub started: Instant,
+    /// Connect to the end of its round trip (or to its failure).
+    pub took: Duration,
+    /// `None` when the round trip came back whole; what went wrong otherwise (an error, a
+    /// truncated or changed echo, no answer within the per-connection limit).
+    pub failure: Option<String>,
+}
+
+/// `workers` loops opening connections, each with a 64-byte echo round trip written before
+/// any answer (like a TLS ClientHello), until `stop` fires; every connection is recorded —
+/// failures counted, not fatal — and none may take longer than `per_connection` (a client
+/// that gives up). For measuring what a fault costs connections opened during it.
+pub async fn churn(
+    addr: SocketAddr,
+    workers: usize,
+    per_connection: Duration,
+    stop: CancellationToken,
+) -> Vec<ChurnSample> {
+    let loops: Vec<_> = (0..workers)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while !stop.is_cancelled() {
+                    let started = Instant::now();
+                    let result =
+                        tokio::time::timeout(per_connection, connect_and_round_trip(addr, 64))
+                            .await;
+                    let failure = match result {
+                        Ok(Ok(conn)) => {
+                            drop(conn);
+                            None
+                        }
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some(format!("no answer within {per_connection:?}")),
+                    };
+                    samples.push(ChurnSample { started, took: started.elapsed(), failure });
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for one in loops {
+        all.extend(one.await.unwrap_or_default());
+    }
+    all
+}

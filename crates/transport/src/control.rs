@@ -22,6 +22,15 @@ pub fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// What [`ControlStream::advance`] fed the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advanced {
+    /// A message from the peer: it is alive.
+    Heard,
+    /// The passing of time.
+    Timer,
+}
+
 /// The control stream of one tunnel connection.
 #[derive(Debug)]
 pub struct ControlStream {
@@ -48,11 +57,11 @@ impl ControlStream {
     }
 
     /// Waits for the peer's next message or the machine's next deadline, whichever comes
-    /// first, and feeds it to the machine. Cancel-safe.
+    /// first, and feeds it to the machine; says which it was. Cancel-safe.
     pub async fn advance(
         &mut self,
         machine: &mut impl ControlMachine,
-    ) -> Result<(), ReadFrameError> {
+    ) -> Result<Advanced, ReadFrameError> {
         let deadline = machine.poll_timeout();
         let timer = async {
             match deadline {
@@ -63,10 +72,13 @@ impl ControlStream {
         tokio::select! {
             frame = self.frames.next::<Control, _>(&mut self.stream, MAX_BODY_LEN) => {
                 machine.handle_message(frame?, now());
+                Ok(Advanced::Heard)
             }
-            () = timer => machine.handle_timeout(now()),
+            () = timer => {
+                machine.handle_timeout(now());
+                Ok(Advanced::Timer)
+            }
         }
-        Ok(())
     }
 
     /// Ends this side of the stream with FIN (dropping it would reset it, which the peer takes

@@ -126,8 +126,11 @@ impl ControlMachine for AgentControl {
                 self.common.events.push_back(AgentEvent::Refused { reason });
             }
             (State::Established, Control::Heartbeat { active_streams }) => {
+                self.common.answer_heartbeat();
                 self.common.events.push_back(AgentEvent::Heartbeat { active_streams });
             }
+            // Its work is done by `heard`: the answer deadline is over.
+            (State::Established, Control::HeartbeatAck) => {}
             (State::Established, Control::Drain { reason }) => {
                 self.common.events.push_back(AgentEvent::RelayDraining { reason });
             }
@@ -136,7 +139,7 @@ impl ControlMachine for AgentControl {
                     State::AwaitRelayHello => "RelayHello",
                     State::AwaitWelcome => "Welcome or Refused",
                     State::Judging => "nothing before the verdicts",
-                    State::Established | State::Closed => "Heartbeat or Drain",
+                    State::Established | State::Closed => "Heartbeat, HeartbeatAck or Drain",
                 },
                 got: other.kind(),
             }),
@@ -277,10 +280,18 @@ mod tests {
             agent.poll_event(),
             Some(AgentEvent::RelayDraining { reason: "relay shutting down".into() })
         );
-        agent.handle_timeout(now + Timers::HEARTBEAT * 3);
+        // The relay's heartbeat is answered at once.
+        agent.handle_message(Control::Heartbeat { active_streams: 9 }, now);
+        assert_eq!(agent.poll_event(), Some(AgentEvent::Heartbeat { active_streams: 9 }));
+        assert_eq!(agent.poll_transmit(), Some(Control::HeartbeatAck));
+        // The next heartbeat (one interval after the late tick) goes unanswered.
+        let next = now + Timers::HEARTBEAT * 3 + Duration::from_secs(1);
+        agent.handle_timeout(next);
+        assert_eq!(agent.poll_transmit(), Some(Control::Heartbeat { active_streams: 3 }));
+        agent.handle_timeout(next + Timers::ANSWER);
         assert_eq!(
             agent.poll_event(),
-            Some(AgentEvent::Failed(ControlError::PeerSilent(Timers::HEARTBEAT * 3)))
+            Some(AgentEvent::Failed(ControlError::Unanswered(Timers::ANSWER)))
         );
     }
 

@@ -10,9 +10,14 @@
 //! every method that needs the time takes it, as quinn-proto's do.
 //!
 //! The conversation: relay `RelayHello` → agent `Hello` → relay `Welcome` or `Refused` → agent
-//! `Verdicts`; then heartbeats both ways, verdict updates, and `Drain` notices either way. Each
-//! handshake step has a deadline ([`Timers::handshake`]); once established, a side that hears
-//! nothing from its peer for [`Timers::peer_silence`] declares the conversation dead. A peer
+//! `Verdicts`; then heartbeats both ways, each answered at once with a `HeartbeatAck`, verdict
+//! updates, and `Drain` notices either way. Each handshake step has a deadline
+//! ([`Timers::handshake`]); once established, a side whose heartbeat goes unanswered for
+//! [`Timers::answer`] — nothing at all heard from the peer since it was sent — declares the
+//! conversation dead, so a frozen or partitioned peer is found within a heartbeat interval
+//! and an answer deadline whatever the transport's own keep-alive says; and a driver that
+//! suspects its peer (an open went unanswered) can ask for a heartbeat at once
+//! ([`ControlMachine::probe`]). A peer
 //! that sends messages faster than [`MESSAGE_BURST`] at once and one per [`MESSAGE_INTERVAL`]
 //! after that ends it too: a real one sends a handful per minute.
 
@@ -34,6 +39,9 @@ pub struct Timers {
     pub handshake: Duration,
     /// Interval between the heartbeats this side sends once established.
     pub heartbeat: Duration,
+    /// How long a heartbeat may go unanswered (nothing heard from the peer since it was sent)
+    /// before the peer is declared gone.
+    pub answer: Duration,
     /// Silence from the peer after which an established conversation is dead. The transports'
     /// own keep-alives notice a dead connection much sooner; this catches a peer whose
     /// connection lives but whose control loop does not.
@@ -44,7 +52,13 @@ impl Timers {
     /// Deadline of each handshake step.
     pub const HANDSHAKE: Duration = Duration::from_secs(10);
     /// Heartbeat interval.
-    pub const HEARTBEAT: Duration = Duration::from_secs(15);
+    pub const HEARTBEAT: Duration = Duration::from_secs(3);
+    /// Answer deadline of a heartbeat. With the interval, a frozen peer is declared gone
+    /// within 6 s — before the QUIC idle timeout (8 s), and on TLS/TCP, where a frozen
+    /// process's kernel keeps acknowledging, at all. It must cover the round trip plus
+    /// whatever data is queued ahead of the heartbeat on the connection: on a TLS/TCP link
+    /// slower than about 10 Mbit/s whose send buffer is full, it may not.
+    pub const ANSWER: Duration = Duration::from_secs(3);
 }
 
 impl Default for Timers {
@@ -52,7 +66,8 @@ impl Default for Timers {
         Self {
             handshake: Self::HANDSHAKE,
             heartbeat: Self::HEARTBEAT,
-            peer_silence: Self::HEARTBEAT * 3,
+            answer: Self::ANSWER,
+            peer_silence: Self::HEARTBEAT * 5,
         }
     }
 }
@@ -92,6 +107,9 @@ pub enum ControlError {
     /// Nothing was heard from an established peer for too long.
     #[error("nothing heard from the peer for {0:?}")]
     PeerSilent(Duration),
+    /// A heartbeat went unanswered.
+    #[error("the peer did not answer a heartbeat within {0:?}")]
+    Unanswered(Duration),
     /// The peer sent messages faster than the conversation allows.
     #[error(
         "the peer sent control messages too fast (more than {MESSAGE_BURST} at once or one per \
@@ -152,6 +170,13 @@ pub trait ControlMachine {
     fn set_active_streams(&mut self, active_streams: u32) {
         self.common().active_streams = active_streams;
     }
+
+    /// Sends a heartbeat now (unless one is already awaiting its answer), for a driver that
+    /// suspects the peer: it is answered within [`Timers::answer`] or the conversation fails.
+    /// Does nothing before the conversation is established.
+    fn probe(&mut self, now: Instant) {
+        self.common().probe(now);
+    }
 }
 
 mod common {
@@ -170,6 +195,8 @@ mod common {
         pub(super) next_heartbeat: Option<Instant>,
         /// When the peer was last heard from.
         pub(super) last_heard: Instant,
+        /// The answer deadline of the heartbeat this side sent last, until something is heard.
+        pub(super) answer_deadline: Option<Instant>,
         /// Streams the sender carries, for heartbeats.
         pub(super) active_streams: u32,
         /// Whether this side's drain notice has been queued.
@@ -190,6 +217,7 @@ mod common {
                 handshake_deadline: Some((now + timers.handshake, awaiting)),
                 next_heartbeat: None,
                 last_heard: now,
+                answer_deadline: None,
                 active_streams: 0,
                 drain_sent: false,
                 closed: false,
@@ -201,6 +229,8 @@ mod common {
         /// peer is over its message rate.
         pub(super) fn heard(&mut self, now: Instant) -> Option<ControlError> {
             self.last_heard = now;
+            // Any message shows the peer's control loop alive, the answer or not.
+            self.answer_deadline = None;
             let next = self.allowance_until.max(now) + MESSAGE_INTERVAL;
             if next > now + MESSAGE_INTERVAL * MESSAGE_BURST {
                 return Some(ControlError::TooFast);
@@ -223,6 +253,26 @@ mod common {
             self.closed = true;
             self.handshake_deadline = None;
             self.next_heartbeat = None;
+            self.answer_deadline = None;
+        }
+
+        /// Queues a heartbeat and starts its answer deadline (unless one is running).
+        fn send_heartbeat(&mut self, now: Instant) {
+            self.transmits.push_back(Control::Heartbeat { active_streams: self.active_streams });
+            if self.answer_deadline.is_none() {
+                self.answer_deadline = Some(now + self.timers.answer);
+            }
+        }
+
+        pub(super) fn probe(&mut self, now: Instant) {
+            if !self.closed && self.next_heartbeat.is_some() && self.answer_deadline.is_none() {
+                self.send_heartbeat(now);
+            }
+        }
+
+        /// The peer's heartbeat: answer it at once.
+        pub(super) fn answer_heartbeat(&mut self) {
+            self.transmits.push_back(Control::HeartbeatAck);
         }
 
         pub(super) fn drain(&mut self, reason: String) {
@@ -237,10 +287,15 @@ mod common {
                 return None;
             }
             let silence = self.next_heartbeat.map(|_| self.last_heard + self.timers.peer_silence);
-            [self.handshake_deadline.map(|(at, _)| at), self.next_heartbeat, silence]
-                .into_iter()
-                .flatten()
-                .min()
+            [
+                self.handshake_deadline.map(|(at, _)| at),
+                self.next_heartbeat,
+                silence,
+                self.answer_deadline,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
         }
 
         /// Advances the timers; returns the failure when one fired.
@@ -255,13 +310,16 @@ mod common {
                 }
             }
             let due = self.next_heartbeat?;
+            if self.answer_deadline.is_some_and(|at| now >= at) {
+                self.close();
+                return Some(ControlError::Unanswered(self.timers.answer));
+            }
             if now >= self.last_heard + self.timers.peer_silence {
                 self.close();
                 return Some(ControlError::PeerSilent(self.timers.peer_silence));
             }
             if now >= due {
-                self.transmits
-                    .push_back(Control::Heartbeat { active_streams: self.active_streams });
+                self.send_heartbeat(now);
                 // The next one is an interval after this one was due, not after `now`, so a late
                 // tick does not shift the schedule; a tick far behind sends one, not a burst.
                 let mut next = due + self.timers.heartbeat;

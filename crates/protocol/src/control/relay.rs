@@ -132,8 +132,11 @@ impl ControlMachine for RelayControl {
                 self.common.events.push_back(RelayEvent::Verdicts(verdicts));
             }
             (State::Established, Control::Heartbeat { active_streams }) => {
+                self.common.answer_heartbeat();
                 self.common.events.push_back(RelayEvent::Heartbeat { active_streams });
             }
+            // Its work is done by `heard`: the answer deadline is over.
+            (State::Established, Control::HeartbeatAck) => {}
             (State::Established, Control::Drain { reason }) => {
                 self.common.events.push_back(RelayEvent::AgentDraining { reason });
             }
@@ -142,7 +145,9 @@ impl ControlMachine for RelayControl {
                     State::AwaitHello => "Hello",
                     State::Authenticating => "nothing before the welcome",
                     State::AwaitVerdicts => "Verdicts",
-                    State::Established | State::Closed => "Heartbeat, Verdicts or Drain",
+                    State::Established | State::Closed => {
+                        "Heartbeat, HeartbeatAck, Verdicts or Drain"
+                    }
                 },
                 got: other.kind(),
             }),
@@ -326,24 +331,60 @@ mod tests {
     }
 
     #[test]
-    fn heartbeats_carry_the_load_and_silence_kills() {
+    fn heartbeats_carry_the_load_are_answered_and_an_unanswered_one_kills() {
+        let ms = Duration::from_millis;
         let (mut relay, now) = established();
         relay.set_active_streams(7);
         assert_eq!(relay.poll_timeout(), Some(now + Timers::HEARTBEAT));
-        relay.handle_timeout(now + Timers::HEARTBEAT);
+        let sent = now + Timers::HEARTBEAT;
+        relay.handle_timeout(sent);
         assert_eq!(relay.poll_transmit(), Some(Control::Heartbeat { active_streams: 7 }));
-        assert_eq!(relay.poll_timeout(), Some(now + Timers::HEARTBEAT * 2));
-        // The agent's heartbeat keeps the conversation alive past the silence limit.
-        relay.handle_message(Control::Heartbeat { active_streams: 2 }, now + Timers::HEARTBEAT);
+        assert_eq!(relay.poll_timeout(), Some(sent + Timers::ANSWER.min(Timers::HEARTBEAT)));
+        // The agent answers; its own heartbeat is answered at once.
+        relay.handle_message(Control::HeartbeatAck, sent + ms(40));
+        relay.handle_message(Control::Heartbeat { active_streams: 2 }, sent + ms(50));
         assert_eq!(relay.poll_event(), Some(RelayEvent::Heartbeat { active_streams: 2 }));
-        relay.handle_timeout(now + Timers::HEARTBEAT * 3);
+        assert_eq!(relay.poll_transmit(), Some(Control::HeartbeatAck));
+        relay.handle_timeout(sent + Timers::ANSWER);
+        assert!(!relay.is_closed(), "answered in time");
+        // The next heartbeat goes unanswered: the agent is gone at its deadline, not before.
+        let next = sent + Timers::HEARTBEAT;
+        relay.handle_timeout(next);
+        assert_eq!(relay.poll_transmit(), Some(Control::Heartbeat { active_streams: 7 }));
+        relay.handle_timeout(next + Timers::ANSWER - ms(1));
         assert!(!relay.is_closed());
-        relay.handle_timeout(now + Timers::HEARTBEAT * 4);
+        relay.handle_timeout(next + Timers::ANSWER);
         assert_eq!(
             relay.poll_event(),
-            Some(RelayEvent::Failed(ControlError::PeerSilent(Timers::HEARTBEAT * 3)))
+            Some(RelayEvent::Failed(ControlError::Unanswered(Timers::ANSWER)))
         );
         assert!(relay.is_closed());
+    }
+
+    #[test]
+    fn a_probe_sends_a_heartbeat_at_once_that_must_be_answered() {
+        let ms = Duration::from_millis;
+        let (mut fresh, now) = started();
+        while fresh.poll_transmit().is_some() {}
+        fresh.probe(now);
+        assert_eq!(fresh.poll_transmit(), None, "no heartbeat before the handshake");
+
+        let (mut relay, now) = established();
+        let at = now + ms(500);
+        relay.probe(at);
+        assert_eq!(relay.poll_transmit(), Some(Control::Heartbeat { active_streams: 0 }));
+        relay.probe(at + ms(10));
+        assert_eq!(relay.poll_transmit(), None, "one probe at a time");
+        relay.handle_message(Control::HeartbeatAck, at + ms(20));
+        relay.handle_timeout(at + Timers::ANSWER);
+        assert!(!relay.is_closed(), "the probe was answered");
+        let at = at + Timers::ANSWER;
+        relay.probe(at);
+        relay.handle_timeout(at + Timers::ANSWER);
+        assert_eq!(
+            relay.poll_event(),
+            Some(RelayEvent::Failed(ControlError::Unanswered(Timers::ANSWER)))
+        );
     }
 
     #[test]

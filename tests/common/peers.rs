@@ -1,0 +1,163 @@
+//! Peers played by hand for the attack and failover tests: dialling the relay as an agent,
+//! the agent's part of the handshake, and [`FakeAgent`] — an authenticated agent that approves
+//! an endpoint and then misbehaves on its data streams and control stream as told.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use privlink_protocol::frame::MAX_BODY_LEN;
+use privlink_protocol::message::{
+    Control, EndpointVerdict, Hello, MAX_OPEN_BODY, Open, OpenFailCode, OpenFailure, OpenReply,
+    PROTOCOL_VERSION, Verdict,
+};
+use privlink_protocol::token::Token;
+use privlink_transport::io::{FrameReader, read_frame, write_frame};
+use privlink_transport::tls;
+use privlink_transport::tunnel::{AgentConnection, ResetCode, TransportKind, TunnelStream};
+use privlink_transport::{h2, quic};
+use tokio::task::JoinHandle;
+
+use super::inproc::{CONNECTOR, Harness, WAIT};
+
+/// Dials the harness's relay as an agent would, on `transport`.
+pub async fn dial_relay(
+    harness: &Harness,
+    transport: TransportKind,
+) -> Result<AgentConnection, String> {
+    let client_tls = tls_for(harness);
+    let relay = harness.relay.tunnel_addr();
+    match transport {
+        TransportKind::Quic => {
+            let endpoint = quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls)
+                .expect("endpoint");
+            quic::dial(&endpoint, relay, "localhost", WAIT).await.map_err(|e| e.to_string())
+        }
+        TransportKind::Tcp => h2::dial(relay, "localhost", Arc::new(client_tls), WAIT)
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Plays the agent's part of the control handshake on `connection` up to the relay's answer to
+/// the hello; returns the control stream, the answer and how long it took after the hello.
+pub async fn hello_on(
+    connection: &AgentConnection,
+    connector: &str,
+    token: &str,
+    agent_name: &str,
+) -> Result<(TunnelStream, Control, Duration), String> {
+    let mut control = connection.accept_stream().await.map_err(|e| e.to_string())?;
+    let relay_hello: Control =
+        read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())?;
+    assert!(matches!(relay_hello, Control::RelayHello { protocol_version: PROTOCOL_VERSION, .. }));
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        connector: connector.to_owned(),
+        token: Token::new(token),
+        agent_name: agent_name.into(),
+        agent_id: "raw".into(),
+        software_version: "test".into(),
+        allowed: vec![],
+    };
+    let sent = std::time::Instant::now();
+    write_frame(&mut control, &Control::Hello(hello)).await.map_err(|e| e.to_string())?;
+    let answer = read_frame(&mut control, MAX_BODY_LEN, WAIT).await.map_err(|e| e.to_string())?;
+    Ok((control, answer, sent.elapsed()))
+}
+
+/// The TLS settings an agent of `harness` dials with.
+pub fn tls_for(harness: &Harness) -> rustls::ClientConfig {
+    tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der)).expect("tls")
+}
+
+/// What a [`FakeAgent`] does with the relay's open requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOpen {
+    /// Answers `OpenFailed` with a code another agent might not hit (`refused`).
+    FailRefused,
+    /// Answers `OpenFailed` with a policy refusal (`not-allowed`), which every agent would give.
+    FailNotAllowed,
+    /// Resets the stream without answering.
+    Reset,
+    /// Reads the open and never answers (its control stream stays alive).
+    Ignore,
+}
+
+/// An authenticated agent played by hand that approves endpoint `e` and then treats open
+/// requests as [`OnOpen`] says. With `answers_heartbeats` false it never reads its control
+/// stream again — a frozen process whose transport connection still looks alive.
+pub struct FakeAgent {
+    task: JoinHandle<()>,
+}
+
+impl FakeAgent {
+    /// Connects over `transport`, approves `e` and waits until the relay has the approval.
+    pub async fn start(
+        harness: &Harness,
+        transport: TransportKind,
+        on_open: OnOpen,
+        answers_heartbeats: bool,
+    ) -> Self {
+        let connection = dial_relay(harness, transport).await.expect("dial");
+        let (mut control, welcome, _) =
+            hello_on(&connection, CONNECTOR, &harness.token, "fake").await.expect("hello");
+        assert!(matches!(welcome, Control::Welcome { .. }), "{welcome:?}");
+        connection.allow_data_streams();
+        let approve = vec![EndpointVerdict { endpoint: "e".into(), verdict: Verdict::Approved }];
+        write_frame(&mut control, &Control::Verdicts(approve)).await.expect("verdicts");
+        harness
+            .relay
+            .wait_for_agents(CONNECTOR, WAIT, |agents| {
+                agents.iter().any(|a| {
+                    a.name == "fake"
+                        && a.verdicts.iter().any(|(e, v)| e == "e" && *v == Verdict::Approved)
+                })
+            })
+            .await;
+        let task = tokio::spawn(async move {
+            let mut frames = FrameReader::new();
+            let mut held: Vec<TunnelStream> = Vec::new();
+            loop {
+                tokio::select! {
+                    stream = connection.accept_stream() => {
+                        let Ok(mut stream) = stream else { return };
+                        let Ok(_open) = read_frame::<Open, _>(&mut stream, MAX_OPEN_BODY, WAIT).await
+                        else { continue };
+                        match on_open {
+                            OnOpen::FailRefused | OnOpen::FailNotAllowed => {
+                                let code = if on_open == OnOpen::FailRefused {
+                                    OpenFailCode::Refused
+                                } else {
+                                    OpenFailCode::NotAllowed
+                                };
+                                let failure = OpenFailure { code, message: "fake agent".into() };
+                                let _ = write_frame(&mut stream, &OpenReply::Failed(failure)).await;
+                                let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                            }
+                            OnOpen::Reset => stream.reset(ResetCode::PeerReset),
+                            OnOpen::Ignore => held.push(stream),
+                        }
+                    }
+                    frame = frames.next::<Control, _>(&mut control, MAX_BODY_LEN), if answers_heartbeats => {
+                        match frame {
+                            Ok(Control::Heartbeat { .. }) => {
+                                if write_frame(&mut control, &Control::HeartbeatAck).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+        });
+        Self { task }
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
