@@ -416,6 +416,13 @@ async fn a_verdict_flood_is_cut_off_and_made_up_endpoints_are_never_recorded() {
             verdict: Verdict::Rejected { reason: "x".repeat(200) },
         })
         .collect();
+    // The first set answers what was assigned (a first set longer than that is refused
+    // outright); the flood comes as updates.
+    let first = vec![EndpointVerdict {
+        endpoint: "e".into(),
+        verdict: Verdict::Rejected { reason: "flooder".into() },
+    }];
+    write_frame(&mut control, &Control::Verdicts(first)).await.expect("first verdicts");
     let mut sent = 0;
     let flood = async {
         while write_frame(&mut control, &Control::Verdicts(bogus.clone())).await.is_ok() {

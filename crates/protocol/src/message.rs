@@ -5,7 +5,10 @@
 //! first with [`Control::RelayHello`] — a QUIC stream only becomes visible to the peer once
 //! bytes are sent on it — then the agent sends [`Control::Hello`], the relay answers
 //! [`Control::Welcome`] or [`Control::Refused`], and the agent answers
-//! [`Control::Verdicts`]. After that either side sends heartbeats and drain notices.
+//! [`Control::Verdicts`]. After that either side sends heartbeats and drain notices. A list
+//! too long for one frame (a connector may have 10,000 endpoints) travels in pieces: zero or
+//! more [`Control::EndpointsPart`] before the `Welcome` that ends it, zero or more
+//! [`Control::VerdictsPart`] before the `Verdicts` that ends it ([`in_pieces`] cuts them).
 //!
 //! Data stream (one per client connection): the relay writes an [`Open`] frame followed at
 //! once by the client's bytes; the agent answers one [`OpenReply`] frame followed by the
@@ -50,6 +53,12 @@ pub enum Control {
     },
     /// Agent → relay: the agent's verdict on each assigned endpoint.
     Verdicts(Vec<EndpointVerdict>),
+    /// Relay → agent, before the [`Control::Welcome`]: some of the connector's endpoints, when
+    /// they do not fit in one frame; the welcome carries the last piece.
+    EndpointsPart(Vec<EndpointAssignment>),
+    /// Agent → relay, before a [`Control::Verdicts`]: some of the verdicts, when they do not
+    /// fit in one frame; the `Verdicts` message carries the last piece.
+    VerdictsPart(Vec<EndpointVerdict>),
     /// Either way: liveness and load.
     Heartbeat {
         /// Data streams the sender currently carries.
@@ -76,10 +85,54 @@ impl Control {
             Self::Welcome { .. } => "Welcome",
             Self::Refused { .. } => "Refused",
             Self::Verdicts(_) => "Verdicts",
+            Self::EndpointsPart(_) => "EndpointsPart",
+            Self::VerdictsPart(_) => "VerdictsPart",
             Self::Heartbeat { .. } => "Heartbeat",
             Self::Drain { .. } => "Drain",
             Self::HeartbeatAck => "HeartbeatAck",
         }
+    }
+}
+
+/// Most endpoints one connector may be assigned (and an agent accepts in a welcome).
+pub const MAX_ENDPOINTS_PER_CONNECTOR: usize = 100_000;
+
+/// Encoded bytes a piece of a list may take, leaving room for the frame's own fields.
+const PIECE_BUDGET: usize = crate::frame::MAX_BODY_LEN - 1024;
+
+/// Cuts `items` into pieces that each encode within one frame, `size_of` bounding an item's
+/// encoded size from above; always at least one piece (empty when `items` is).
+pub fn in_pieces<T>(items: Vec<T>, size_of: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut pieces = vec![Vec::new()];
+    let mut used = 0;
+    for item in items {
+        let size = size_of(&item);
+        let current = pieces.last_mut().expect("at least one piece");
+        if used + size > PIECE_BUDGET && !current.is_empty() {
+            pieces.push(Vec::new());
+            used = 0;
+        }
+        used += size;
+        pieces.last_mut().expect("at least one piece").push(item);
+    }
+    pieces
+}
+
+impl EndpointAssignment {
+    /// An upper bound of its encoded size (two length-prefixed strings).
+    pub fn encoded_size_bound(&self) -> usize {
+        self.name.len() + self.destination.len() + 2 * 10
+    }
+}
+
+impl EndpointVerdict {
+    /// An upper bound of its encoded size (a name, a tag and maybe a reason).
+    pub fn encoded_size_bound(&self) -> usize {
+        let reason = match &self.verdict {
+            Verdict::Approved => 0,
+            Verdict::Rejected { reason } => reason.len() + 10,
+        };
+        self.endpoint.len() + 10 + 1 + reason
     }
 }
 

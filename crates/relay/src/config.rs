@@ -17,6 +17,7 @@ use privlink_protocol::config::{
     deserialize_optional_positive_duration,
 };
 use privlink_protocol::destination::Destination;
+use privlink_protocol::message::MAX_ENDPOINTS_PER_CONNECTOR;
 use privlink_protocol::token::TokenDigest;
 use privlink_transport::tls;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -279,6 +280,7 @@ impl RelayConfig {
 
         let mut endpoints = Vec::with_capacity(raw.endpoint.len());
         let mut names = HashMap::new();
+        let mut per_connector: HashMap<String, usize> = HashMap::new();
         let mut listens = HashMap::new();
         for (i, e) in raw.endpoint.into_iter().enumerate() {
             let name_key = format!("endpoint[{i}].name");
@@ -299,6 +301,18 @@ impl RelayConfig {
                     &format!("endpoint[{i}].connector"),
                     format!(
                         "unknown connector `{}`; declare it in a [[connector]] table",
+                        e.connector.get_ref()
+                    ),
+                ));
+            }
+            let assigned = per_connector.entry(e.connector.get_ref().clone()).or_insert(0usize);
+            *assigned += 1;
+            if *assigned > MAX_ENDPOINTS_PER_CONNECTOR {
+                return Err(source.error_for(
+                    &e.connector,
+                    &format!("endpoint[{i}].connector"),
+                    format!(
+                        "connector `{}` has more than {MAX_ENDPOINTS_PER_CONNECTOR} endpoints",
                         e.connector.get_ref()
                     ),
                 ));

@@ -3,7 +3,10 @@
 use std::time::Instant;
 
 use super::{Common, ControlError, ControlMachine, Timers};
-use crate::message::{Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION};
+use crate::message::{
+    Control, EndpointAssignment, EndpointVerdict, Hello, MAX_ENDPOINTS_PER_CONNECTOR,
+    PROTOCOL_VERSION, in_pieces,
+};
 
 /// What happened on the agent's side of a control conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +55,8 @@ pub struct AgentControl {
     /// Sent once the relay's hello shows it speaks our version.
     hello: Option<Hello>,
     common: Common<AgentEvent>,
+    /// Endpoints received in pieces before the welcome.
+    endpoints: Vec<EndpointAssignment>,
 }
 
 impl AgentControl {
@@ -62,6 +67,7 @@ impl AgentControl {
             state: State::AwaitRelayHello,
             hello: Some(hello),
             common: Common::new(now, timers, "RelayHello"),
+            endpoints: Vec::new(),
         }
     }
 
@@ -72,8 +78,28 @@ impl AgentControl {
             return;
         }
         self.state = State::Established;
-        self.common.transmits.push_back(Control::Verdicts(verdicts));
+        let mut pieces = in_pieces(verdicts, EndpointVerdict::encoded_size_bound);
+        let last = pieces.pop().unwrap_or_default();
+        for piece in pieces {
+            self.common.transmits.push_back(Control::VerdictsPart(piece));
+        }
+        self.common.transmits.push_back(Control::Verdicts(last));
         self.common.establish(now);
+    }
+
+    /// Adds a piece of the welcome's endpoints; fails the conversation past
+    /// [`MAX_ENDPOINTS_PER_CONNECTOR`].
+    fn receive_endpoints(&mut self, piece: Vec<EndpointAssignment>) -> bool {
+        if self.endpoints.len() + piece.len() > MAX_ENDPOINTS_PER_CONNECTOR {
+            self.fail(ControlError::TooMany {
+                what: "endpoints",
+                max: MAX_ENDPOINTS_PER_CONNECTOR,
+            });
+            self.endpoints = Vec::new();
+            return false;
+        }
+        self.endpoints.extend(piece);
+        true
     }
 
     /// Whether the verdicts have been sent (the relay may now open streams).
@@ -95,7 +121,7 @@ impl ControlMachine for AgentControl {
         if self.state == State::Closed {
             return;
         }
-        if let Some(error) = self.common.heard(now) {
+        if let Some(error) = self.common.heard(now, self.state == State::Established) {
             self.fail(error);
             return;
         }
@@ -115,10 +141,17 @@ impl ControlMachine for AgentControl {
                 self.state = State::AwaitWelcome;
                 self.common.await_step(now, "Welcome");
             }
+            (State::AwaitWelcome, Control::EndpointsPart(piece)) => {
+                // The welcome's deadline keeps running: pieces do not buy time.
+                self.receive_endpoints(piece);
+            }
             (State::AwaitWelcome, Control::Welcome { endpoints }) => {
-                self.state = State::Judging;
-                self.common.handshake_deadline = None;
-                self.common.events.push_back(AgentEvent::Welcome(endpoints));
+                if self.receive_endpoints(endpoints) {
+                    self.state = State::Judging;
+                    self.common.handshake_deadline = None;
+                    let all = std::mem::take(&mut self.endpoints);
+                    self.common.events.push_back(AgentEvent::Welcome(all));
+                }
             }
             (State::AwaitWelcome, Control::Refused { reason }) => {
                 self.state = State::Closed;
@@ -137,7 +170,7 @@ impl ControlMachine for AgentControl {
             (state, other) => self.fail(ControlError::Unexpected {
                 expected: match state {
                     State::AwaitRelayHello => "RelayHello",
-                    State::AwaitWelcome => "Welcome or Refused",
+                    State::AwaitWelcome => "Welcome, EndpointsPart or Refused",
                     State::Judging => "nothing before the verdicts",
                     State::Established | State::Closed => "Heartbeat, HeartbeatAck or Drain",
                 },
@@ -307,5 +340,30 @@ mod tests {
             Some(Control::Drain { reason: "agent shutting down".into() })
         );
         assert_eq!(agent.poll_transmit(), None);
+    }
+
+    #[test]
+    fn a_welcome_longer_than_any_connector_may_have_ends_the_handshake() {
+        let now = Instant::now();
+        let mut agent = AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        agent.handle_message(relay_hello(PROTOCOL_VERSION), now);
+        agent.poll_event();
+        let piece: Vec<EndpointAssignment> = (0..1000)
+            .map(|i| EndpointAssignment { name: format!("e{i}"), destination: "d:1".into() })
+            .collect();
+        // Pieces are not rate-limited during the handshake; their total is bounded.
+        for _ in 0..MAX_ENDPOINTS_PER_CONNECTOR / 1000 {
+            agent.handle_message(Control::EndpointsPart(piece.clone()), now);
+        }
+        assert_eq!(agent.poll_event(), None, "up to the limit, pieces are taken");
+        agent.handle_message(Control::EndpointsPart(piece), now);
+        assert_eq!(
+            agent.poll_event(),
+            Some(AgentEvent::Failed(ControlError::TooMany {
+                what: "endpoints",
+                max: MAX_ENDPOINTS_PER_CONNECTOR
+            }))
+        );
+        assert!(agent.is_closed());
     }
 }

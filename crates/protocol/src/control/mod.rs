@@ -107,6 +107,14 @@ pub enum ControlError {
     /// Nothing was heard from an established peer for too long.
     #[error("nothing heard from the peer for {0:?}")]
     PeerSilent(Duration),
+    /// The peer sent more of a list than the conversation allows.
+    #[error("the peer sent more than {max} {what}")]
+    TooMany {
+        /// What was counted.
+        what: &'static str,
+        /// The most allowed.
+        max: usize,
+    },
     /// A heartbeat went unanswered.
     #[error("the peer did not answer a heartbeat within {0:?}")]
     Unanswered(Duration),
@@ -226,11 +234,15 @@ mod common {
         }
 
         /// A message came from the peer at `now`: it is alive. Returns the failure when the
-        /// peer is over its message rate.
-        pub(super) fn heard(&mut self, now: Instant) -> Option<ControlError> {
+        /// peer is over its message rate (`limited`: once established; before, each step
+        /// allows one message, or a list in pieces bounded by its length).
+        pub(super) fn heard(&mut self, now: Instant, limited: bool) -> Option<ControlError> {
             self.last_heard = now;
             // Any message shows the peer's control loop alive, the answer or not.
             self.answer_deadline = None;
+            if !limited {
+                return None;
+            }
             let next = self.allowance_until.max(now) + MESSAGE_INTERVAL;
             if next > now + MESSAGE_INTERVAL * MESSAGE_BURST {
                 return Some(ControlError::TooFast);

@@ -3,7 +3,9 @@
 use std::time::Instant;
 
 use super::{Common, ControlError, ControlMachine, Timers};
-use crate::message::{Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION};
+use crate::message::{
+    Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION, in_pieces,
+};
 
 /// What happened on the relay's side of a control conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +50,10 @@ enum State {
 pub struct RelayControl {
     state: State,
     common: Common<RelayEvent>,
+    /// Endpoints in the welcome: the first set of verdicts may not hold more.
+    assigned: usize,
+    /// Verdicts received in the first set so far.
+    judged: usize,
 }
 
 impl RelayControl {
@@ -61,7 +67,7 @@ impl RelayControl {
             protocol_version: PROTOCOL_VERSION,
             software_version: String::new(),
         });
-        Self { state: State::AwaitHello, common }
+        Self { state: State::AwaitHello, common, assigned: 0, judged: 0 }
     }
 
     /// The agent authenticated: welcome it with its connector's endpoints.
@@ -70,7 +76,13 @@ impl RelayControl {
             return;
         }
         self.state = State::AwaitVerdicts;
-        self.common.transmits.push_back(Control::Welcome { endpoints });
+        self.assigned = endpoints.len();
+        let mut pieces = in_pieces(endpoints, EndpointAssignment::encoded_size_bound);
+        let last = pieces.pop().unwrap_or_default();
+        for piece in pieces {
+            self.common.transmits.push_back(Control::EndpointsPart(piece));
+        }
+        self.common.transmits.push_back(Control::Welcome { endpoints: last });
         self.common.await_step(now, "Verdicts");
     }
 
@@ -83,6 +95,17 @@ impl RelayControl {
         self.common.close();
         self.common.transmits.push_back(Control::Refused { reason: reason.clone() });
         self.common.events.push_back(RelayEvent::Refused { reason });
+    }
+
+    /// Counts verdicts of the first set; fails the conversation past one per endpoint (the
+    /// pieces are not rate-limited, so their total is what bounds them).
+    fn count_judged(&mut self, more: usize) -> bool {
+        self.judged = self.judged.saturating_add(more);
+        if self.judged > self.assigned {
+            self.fail(ControlError::TooMany { what: "verdicts", max: self.assigned });
+            return false;
+        }
+        true
     }
 
     /// Whether the agent's verdicts have arrived (it can be given streams).
@@ -104,7 +127,7 @@ impl ControlMachine for RelayControl {
         if self.state == State::Closed {
             return;
         }
-        if let Some(error) = self.common.heard(now) {
+        if let Some(error) = self.common.heard(now, self.state == State::Established) {
             self.fail(error);
             return;
         }
@@ -123,12 +146,19 @@ impl ControlMachine for RelayControl {
                 self.common.handshake_deadline = None;
                 self.common.events.push_back(RelayEvent::Hello(hello));
             }
-            (State::AwaitVerdicts, Control::Verdicts(verdicts)) => {
-                self.state = State::Established;
-                self.common.establish(now);
-                self.common.events.push_back(RelayEvent::Verdicts(verdicts));
+            (State::AwaitVerdicts, Control::VerdictsPart(verdicts)) => {
+                if self.count_judged(verdicts.len()) {
+                    self.common.events.push_back(RelayEvent::Verdicts(verdicts));
+                }
             }
-            (State::Established, Control::Verdicts(verdicts)) => {
+            (State::AwaitVerdicts, Control::Verdicts(verdicts)) => {
+                if self.count_judged(verdicts.len()) {
+                    self.state = State::Established;
+                    self.common.establish(now);
+                    self.common.events.push_back(RelayEvent::Verdicts(verdicts));
+                }
+            }
+            (State::Established, Control::Verdicts(verdicts) | Control::VerdictsPart(verdicts)) => {
                 self.common.events.push_back(RelayEvent::Verdicts(verdicts));
             }
             (State::Established, Control::Heartbeat { active_streams }) => {
@@ -144,7 +174,7 @@ impl ControlMachine for RelayControl {
                 expected: match state {
                     State::AwaitHello => "Hello",
                     State::Authenticating => "nothing before the welcome",
-                    State::AwaitVerdicts => "Verdicts",
+                    State::AwaitVerdicts => "Verdicts or VerdictsPart",
                     State::Established | State::Closed => {
                         "Heartbeat, HeartbeatAck, Verdicts or Drain"
                     }
@@ -190,11 +220,16 @@ mod tests {
         (relay, now)
     }
 
+    /// The one endpoint the tests' agent judges.
+    fn kv() -> Vec<EndpointAssignment> {
+        vec![EndpointAssignment { name: "kv".into(), destination: "kv.example:443".into() }]
+    }
+
     fn established() -> (RelayControl, Instant) {
         let (mut relay, now) = started();
         relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
         assert!(matches!(relay.poll_event(), Some(RelayEvent::Hello(_))));
-        relay.accept(vec![], now);
+        relay.accept(kv(), now);
         assert!(matches!(relay.poll_transmit(), Some(Control::Welcome { .. })));
         relay.handle_message(Control::Verdicts(verdicts()), now);
         assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
@@ -212,8 +247,8 @@ mod tests {
         assert_eq!(relay.poll_timeout(), None);
         assert_eq!(relay.poll_transmit(), None);
         let later = now + Duration::from_secs(1);
-        relay.accept(vec![], later);
-        assert_eq!(relay.poll_transmit(), Some(Control::Welcome { endpoints: vec![] }));
+        relay.accept(kv(), later);
+        assert_eq!(relay.poll_transmit(), Some(Control::Welcome { endpoints: kv() }));
         assert_eq!(relay.poll_timeout(), Some(later + Timers::HANDSHAKE));
         relay.handle_message(Control::Verdicts(verdicts()), later);
         assert!(relay.is_established());
@@ -267,7 +302,7 @@ mod tests {
             relay.poll_transmit(),
             Some(Control::Refused { reason: "authentication failed".into() })
         );
-        relay.accept(vec![], now);
+        relay.accept(kv(), now);
         relay.handle_message(Control::Verdicts(verdicts()), now);
         assert_eq!(relay.poll_transmit(), None, "a closed conversation sends nothing more");
         assert!(matches!(relay.poll_event(), Some(RelayEvent::Refused { .. })));
@@ -290,11 +325,14 @@ mod tests {
         let (mut relay, now) = started();
         relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
         relay.poll_event();
-        relay.accept(vec![], now);
+        relay.accept(kv(), now);
         relay.handle_message(Control::Heartbeat { active_streams: 0 }, now);
         assert!(matches!(
             relay.poll_event(),
-            Some(RelayEvent::Failed(ControlError::Unexpected { expected: "Verdicts", .. }))
+            Some(RelayEvent::Failed(ControlError::Unexpected {
+                expected: "Verdicts or VerdictsPart",
+                ..
+            }))
         ));
 
         let (mut relay, now) = established();
@@ -322,7 +360,7 @@ mod tests {
         let (mut relay, now) = started();
         relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
         relay.poll_event();
-        relay.accept(vec![], now);
+        relay.accept(kv(), now);
         relay.handle_timeout(now + Timers::HANDSHAKE);
         assert!(matches!(
             relay.poll_event(),
@@ -404,5 +442,93 @@ mod tests {
         );
         relay.handle_message(Control::Verdicts(verdicts()), now);
         assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
+    }
+
+    #[test]
+    fn long_lists_travel_in_pieces_that_each_fit_a_frame() {
+        let endpoints: Vec<EndpointAssignment> = (0..10_000)
+            .map(|i| EndpointAssignment {
+                name: format!("endpoint-{i:05}"),
+                destination: format!("vault-{i:05}.privatelink.vaultcore.azure.net:443"),
+            })
+            .collect();
+        let (mut relay, now) = started();
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        relay.poll_event();
+        relay.accept(endpoints.clone(), now);
+        let mut sent = Vec::new();
+        while let Some(message) = relay.poll_transmit() {
+            let body = crate::frame::encode(&message).expect("every piece fits a frame");
+            assert!(body.len() <= crate::frame::MAX_BODY_LEN + crate::frame::HEADER_LEN);
+            sent.push(message);
+        }
+        assert!(sent.len() > 1, "10,000 endpoints do not fit one frame");
+        let (last, parts) = sent.split_last().expect("a welcome");
+        assert!(matches!(last, Control::Welcome { .. }), "the welcome ends the list");
+        assert!(parts.iter().all(|m| matches!(m, Control::EndpointsPart(_))));
+
+        // The agent's machine puts them back together, whole and in order.
+        let mut agent =
+            crate::control::AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        agent.handle_message(
+            Control::RelayHello {
+                protocol_version: PROTOCOL_VERSION,
+                software_version: String::new(),
+            },
+            now,
+        );
+        agent.poll_event();
+        assert!(matches!(agent.poll_transmit(), Some(Control::Hello(_))));
+        for message in sent {
+            agent.handle_message(message, now);
+        }
+        assert_eq!(
+            agent.poll_event(),
+            Some(crate::control::AgentEvent::Welcome(endpoints.clone()))
+        );
+
+        // Its verdicts come back in pieces too, every one recorded, and only the last
+        // establishes the conversation.
+        let verdicts: Vec<EndpointVerdict> = endpoints
+            .iter()
+            .map(|e| EndpointVerdict {
+                endpoint: e.name.clone(),
+                verdict: crate::message::Verdict::Rejected {
+                    reason: format!("{} is not in this agent's allowlist", e.destination),
+                },
+            })
+            .collect();
+        agent.send_verdicts(verdicts.clone(), now);
+        let mut received = Vec::new();
+        let mut pieces = 0;
+        while let Some(message) = agent.poll_transmit() {
+            crate::frame::encode(&message).expect("every piece fits a frame");
+            assert!(!relay.is_established(), "established before the last piece");
+            relay.handle_message(message, now);
+            pieces += 1;
+            while let Some(event) = relay.poll_event() {
+                let RelayEvent::Verdicts(v) = event else { panic!("{event:?}") };
+                received.extend(v);
+            }
+        }
+        assert!(pieces > 1);
+        assert!(relay.is_established());
+        assert_eq!(received.len(), verdicts.len());
+        assert!(received == verdicts, "the verdicts came back changed or out of order");
+    }
+
+    #[test]
+    fn more_verdicts_than_endpoints_end_the_handshake() {
+        let (mut relay, now) = started();
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        relay.poll_event();
+        relay.accept(kv(), now);
+        relay.handle_message(Control::VerdictsPart(verdicts()), now);
+        assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
+        relay.handle_message(Control::VerdictsPart(verdicts()), now);
+        assert_eq!(
+            relay.poll_event(),
+            Some(RelayEvent::Failed(ControlError::TooMany { what: "verdicts", max: 1 }))
+        );
     }
 }
