@@ -168,59 +168,152 @@ enum Fault {
     Freeze,
 }
 
-/// Real processes: a relay and two agents on `transport` in front of the load tool's backend,
-/// under continuous load (four workers opening connections, each with an echo round trip);
-/// one agent is lost to `fault`. No connection opened after the fault may fail, and the
-/// connections that were open on the lost agent end — none hangs.
+/// Real processes on loopback in front of the load tool's backend: relays and agents of one
+/// connector with endpoint `e`, every process with its admin listener.
+struct Deployment {
+    _dir: tempfile::TempDir,
+    relays: Vec<RelayProcess>,
+    /// Each agent's config file and admin listener.
+    agent_files: Vec<(String, std::net::SocketAddr)>,
+    agents: Vec<Running>,
+    stop_backend: tokio_util::sync::CancellationToken,
+}
+
+/// One relay of a [`Deployment`].
+struct RelayProcess {
+    running: Running,
+    admin: AdminProbe,
+    /// Where its endpoint `e` listens.
+    endpoint: std::net::SocketAddr,
+    config: String,
+}
+
+fn loopback(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Deployment {
+    /// `relays` relays (the same certificate, token and endpoint, each on its own ports) and
+    /// `agents` agents (agent-0, agent-1, …) on `transport` linked to every relay, every agent
+    /// approved on every relay; `agent_extra` goes into each agent's config.
+    async fn start(transport: &str, relays: usize, agents: usize, agent_extra: &str) -> Self {
+        use privlink_testbed::load;
+        use privlink_testbed::process::{free_fixed_port, write_tunnel_files};
+
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let destination = backend.local_addr().expect("addr").to_string();
+        let stop_backend = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(load::serve_backend(backend, stop_backend.clone()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tunnel = loopback(free_fixed_port());
+        let endpoint = loopback(free_fixed_port());
+        let configs = write_tunnel_files(
+            common::BIN,
+            dir.path(),
+            &TunnelFiles {
+                tunnel_listen: &tunnel.to_string(),
+                endpoint: "e",
+                endpoint_listen: &endpoint.to_string(),
+                destination: &destination,
+                endpoint_extra: "",
+                agent_extra: &format!(
+                    "transport = \"{transport}\"\nname = \"agent-0\"\n{agent_extra}"
+                ),
+                allow: &destination,
+                admin: (loopback(free_fixed_port()), loopback(free_fixed_port())),
+            },
+        );
+        // More relays: the same file on other ports.
+        let relay_template = std::fs::read_to_string(&configs.relay).expect("relay.toml");
+        let mut relay_files = vec![(configs.relay.clone(), tunnel, endpoint, configs.relay_admin)];
+        for i in 1..relays {
+            let (t, e, a) = (
+                loopback(free_fixed_port()),
+                loopback(free_fixed_port()),
+                loopback(free_fixed_port()),
+            );
+            let text = relay_template
+                .replace(&tunnel.to_string(), &t.to_string())
+                .replace(&endpoint.to_string(), &e.to_string())
+                .replace(&configs.relay_admin.to_string(), &a.to_string());
+            let path = dir.path().join(format!("relay-{i}.toml"));
+            std::fs::write(&path, text).expect("relay config");
+            relay_files.push((path.to_str().expect("utf-8").to_owned(), t, e, a));
+        }
+        let relay_list: Vec<String> =
+            relay_files.iter().map(|(_, t, _, _)| format!("\"{t}\"")).collect();
+        let template = std::fs::read_to_string(&configs.agent).expect("agent.toml").replace(
+            &format!("relays = [\"{tunnel}\"]"),
+            &format!("relays = [{}]", relay_list.join(", ")),
+        );
+        let mut agent_files = Vec::new();
+        for i in 0..agents {
+            let admin = loopback(free_fixed_port());
+            let text = template
+                .replace("name = \"agent-0\"", &format!("name = \"agent-{i}\""))
+                .replace(&configs.agent_admin.to_string(), &admin.to_string());
+            let path = dir.path().join(format!("agent-{i}.toml"));
+            std::fs::write(&path, text).expect("agent config");
+            agent_files.push((path.to_str().expect("utf-8").to_owned(), admin));
+        }
+        let relays = relay_files
+            .into_iter()
+            .map(|(config, _, endpoint, admin)| {
+                let running = common::privlink(&["relay", "--config", &config]);
+                let admin = AdminProbe::new(None, admin);
+                tokio::task::block_in_place(|| admin.wait_ready());
+                RelayProcess { running, admin, endpoint, config }
+            })
+            .collect();
+        let mut deployment =
+            Self { _dir: dir, relays, agent_files, agents: Vec::new(), stop_backend };
+        for i in 0..agents {
+            let agent = deployment.start_agent(i);
+            deployment.agents.push(agent);
+        }
+        deployment
+    }
+
+    /// The first relay's endpoint.
+    fn endpoint(&self) -> std::net::SocketAddr {
+        self.relays[0].endpoint
+    }
+
+    /// Starts agent `i` and waits until every relay lists it approving `e`.
+    fn start_agent(&self, i: usize) -> Running {
+        let (config, admin) = &self.agent_files[i];
+        let agent = common::privlink(&["agent", "--config", config]);
+        let probe = AdminProbe::new(None, *admin);
+        tokio::task::block_in_place(|| {
+            probe.wait_ready();
+            let id = probe.status()["id"].as_str().expect("id").to_owned();
+            for relay in &self.relays {
+                relay.admin.wait_status(|s| privlink_testbed::process::approved_by(s, &id, "e"));
+            }
+        });
+        agent
+    }
+
+    /// Agent `i`'s admin listener.
+    fn agent_admin(&self, i: usize) -> AdminProbe {
+        AdminProbe::new(None, self.agent_files[i].1)
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.stop_backend.cancel();
+    }
+}
+
+/// A relay and two agents on `transport` under continuous load (four workers opening
+/// connections, each with an echo round trip); one agent is lost to `fault`. No connection
+/// opened after the fault may fail, and the connections that were open on the lost agent end
+/// — none hangs.
 async fn losing_one_of_two_agent_processes_under_load(transport: &str, fault: Fault) {
     use privlink_testbed::load;
-    use privlink_testbed::process::{approved_by, free_fixed_port, write_tunnel_files};
-
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let destination = backend.local_addr().expect("addr").to_string();
-    let stop_backend = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(load::serve_backend(backend, stop_backend.clone()));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let loopback = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let endpoint_listen = loopback(free_fixed_port());
-    let configs = write_tunnel_files(
-        common::BIN,
-        dir.path(),
-        &TunnelFiles {
-            tunnel_listen: &loopback(free_fixed_port()).to_string(),
-            endpoint: "e",
-            endpoint_listen: &endpoint_listen.to_string(),
-            destination: &destination,
-            endpoint_extra: "",
-            agent_extra: &format!("transport = \"{transport}\"\nname = \"agent-a\""),
-            allow: &destination,
-            admin: (loopback(free_fixed_port()), loopback(free_fixed_port())),
-        },
-    );
-    // The second agent: the same, under another name and admin port.
-    let second_admin = loopback(free_fixed_port());
-    let second = std::fs::read_to_string(&configs.agent)
-        .expect("agent.toml")
-        .replace("name = \"agent-a\"", "name = \"agent-b\"")
-        .replace(&configs.agent_admin.to_string(), &second_admin.to_string());
-    let second_path = dir.path().join("agent-b.toml");
-    std::fs::write(&second_path, second).expect("agent-b.toml");
-
-    let relay = common::privlink(&["relay", "--config", &configs.relay]);
-    let relay_admin = AdminProbe::new(None, configs.relay_admin);
-    relay_admin.wait_ready();
-    let agent_a = common::privlink(&["agent", "--config", &configs.agent]);
-    let mut agent_b =
-        common::privlink(&["agent", "--config", second_path.to_str().expect("utf-8")]);
-    let mut ids = Vec::new();
-    for admin in [configs.agent_admin, second_admin] {
-        let probe = AdminProbe::new(None, admin);
-        probe.wait_ready();
-        ids.push(probe.status()["id"].as_str().expect("id").to_owned());
-    }
-    tokio::task::block_in_place(|| {
-        relay_admin.wait_status(|s| ids.iter().all(|id| approved_by(s, id, "e")))
-    });
+    let mut deployment = Deployment::start(transport, 1, 2, "").await;
+    let endpoint_listen = deployment.endpoint();
 
     // Connections held open across the fault, spread over both agents by the least-loaded
     // choice; each echoes a byte before it.
@@ -236,8 +329,8 @@ async fn losing_one_of_two_agent_processes_under_load(transport: &str, fault: Fa
     let load = tokio::spawn(load::churn(endpoint_listen, 4, WAIT, stop_load.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
     match fault {
-        Fault::Kill => agent_b.kill_hard(),
-        Fault::Freeze => signal(agent_b.pid(), "-STOP"),
+        Fault::Kill => deployment.agents[1].kill_hard(),
+        Fault::Freeze => signal(deployment.agents[1].pid(), "-STOP"),
     }
     // Taken once the signal is delivered (`kill` has returned; a killed agent is reaped):
     // connections begun before could be answered by the agent before it went.
@@ -262,7 +355,7 @@ async fn losing_one_of_two_agent_processes_under_load(transport: &str, fault: Fa
     stop_load.cancel();
     let samples = load.await.expect("load");
     if fault == Fault::Freeze {
-        signal(agent_b.pid(), "-CONT");
+        signal(deployment.agents[1].pid(), "-CONT");
     }
     let after: Vec<_> = samples.iter().filter(|s| s.started >= fault_at).collect();
     let failed: Vec<_> = after
@@ -285,8 +378,6 @@ async fn losing_one_of_two_agent_processes_under_load(transport: &str, fault: Fa
     // The least-loaded choice put some on each agent: those on the lost one ended, the others
     // still echo.
     assert!((1..4).contains(&ended), "{ended} of 4 held connections ended");
-    drop((agent_a, agent_b, relay));
-    stop_backend.cancel();
 }
 
 fn signal(pid: u32, which: &str) {
@@ -312,4 +403,153 @@ async fn freezing_one_of_two_agents_under_load_fails_no_new_connection_over_quic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freezing_one_of_two_agents_under_load_fails_no_new_connection_over_tcp() {
     losing_one_of_two_agent_processes_under_load("tcp", Fault::Freeze).await;
+}
+
+/// Uploads `len` bytes (a multiple of 1 MiB) through `endpoint` at a pace — 1 MiB every
+/// 40 ms, a transfer of a few seconds — and checks the backend counted every byte.
+async fn paced_upload(endpoint: std::net::SocketAddr, len: u64) -> Result<(), String> {
+    use privlink_testbed::load;
+    let transfer = async {
+        let mut conn = TcpStream::connect(endpoint).await?;
+        conn.write_all(&[load::UPLOAD]).await?;
+        let chunk = vec![0x42u8; 1 << 20];
+        for _ in 0..len >> 20 {
+            conn.write_all(&chunk).await?;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        conn.shutdown().await?;
+        conn.read_u64().await
+    };
+    match tokio::time::timeout(WAIT * 2, transfer).await {
+        Ok(Ok(count)) if count == len => Ok(()),
+        Ok(Ok(count)) => Err(format!("the backend counted {count} of {len} bytes")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the transfer did not end".to_owned()),
+    }
+}
+
+/// Two agents, each stopped with SIGTERM and started again in turn — a rolling update —
+/// while long transfers run on both and new connections keep coming: not one connection of
+/// any kind fails or is cut short, and each draining agent shows as draining (its `/readyz`
+/// 503, the relay's status) while it finishes.
+async fn rolling_sigterm_restarts_of_two_agents_lose_nothing(transport: &str) {
+    use privlink_testbed::load;
+    const TRANSFER: u64 = 48 << 20;
+    let mut deployment = Deployment::start(transport, 1, 2, "shutdown_grace = \"20s\"").await;
+    let endpoint = deployment.endpoint();
+    let stop_load = tokio_util::sync::CancellationToken::new();
+    let churn = tokio::spawn(load::churn(endpoint, 2, WAIT, stop_load.clone()));
+    for i in 0..2 {
+        // Four long transfers: the least-loaded choice puts some on each agent.
+        let transfers: Vec<_> =
+            (0..4).map(|_| tokio::spawn(paced_upload(endpoint, TRANSFER))).collect();
+        let agent_admin = deployment.agent_admin(i);
+        // One of them under way on this agent (the short connections of the load do not count).
+        tokio::task::block_in_place(|| {
+            agent_admin.wait("/api/v1/connections", |code, body| {
+                code == 200
+                    && serde_json::from_str::<serde_json::Value>(body).is_ok_and(|c| {
+                        c["connections"].as_array().is_some_and(|all| {
+                            all.iter().any(|c| {
+                                c["bytes_to_destination"].as_u64().is_some_and(|n| n > 1 << 20)
+                            })
+                        })
+                    })
+            })
+        });
+        deployment.agents[i].signal_terminate();
+        // Draining, and saying so, while its transfers finish.
+        let name = format!("agent-{i}");
+        tokio::task::block_in_place(|| {
+            let body = agent_admin.wait("/readyz", |code, _| code == 503);
+            assert!(body.contains("draining"), "{body}");
+            deployment.relays[0].admin.wait_status(|s| {
+                s["agents"].as_array().is_some_and(|agents| {
+                    agents.iter().any(|a| a["name"] == name.as_str() && a["draining"] == true)
+                })
+            });
+        });
+        for transfer in transfers {
+            if let Err(e) = transfer.await.expect("join") {
+                let relay = deployment.relays[0].running.output_so_far().join("\n");
+                let agents: Vec<String> =
+                    deployment.agents.iter_mut().map(|a| a.output_so_far().join("\n")).collect();
+                panic!(
+                    "a long transfer failed while agent-{i} drained: {e}\n--- relay:\n{relay}\n\
+                     --- agents:\n{}",
+                    agents.join("\n---\n")
+                );
+            }
+        }
+        let stopped = deployment.agents.remove(i);
+        let status = tokio::task::block_in_place(|| stopped.wait_exit());
+        assert!(status.success(), "agent-{i} exit after SIGTERM: {status}");
+        let restarted = deployment.start_agent(i);
+        deployment.agents.insert(i, restarted);
+    }
+    stop_load.cancel();
+    let samples = churn.await.expect("churn");
+    let failed: Vec<_> = samples.iter().filter_map(|s| s.failure.as_deref()).collect();
+    let worst = samples.iter().map(|s| s.took).max().unwrap_or_default();
+    eprintln!(
+        "rolling restart ({transport}): {} connections, {} failed, worst open {worst:?}; 8 long \
+         transfers intact",
+        samples.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "connections failed during the rolling restart: {failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_sigterm_restarts_of_two_agents_lose_nothing_over_quic() {
+    rolling_sigterm_restarts_of_two_agents_lose_nothing("quic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_sigterm_restarts_of_two_agents_lose_nothing_over_tcp() {
+    rolling_sigterm_restarts_of_two_agents_lose_nothing("tcp").await;
+}
+
+/// An agent linked to two relays: each relay serves the endpoint; one killed, the other
+/// keeps serving without a failed connection; started again, the agent links to it by itself.
+async fn with_two_relays_one_killed_the_other_serves_and_the_agent_relinks(transport: &str) {
+    use privlink_testbed::load;
+    let mut deployment = Deployment::start(transport, 2, 1, "").await;
+    let survivor = deployment.relays[1].endpoint;
+    for relay in &deployment.relays {
+        let samples = load::churn_for(relay.endpoint, 1, Duration::from_millis(300)).await;
+        assert!(samples.iter().all(|s| s.failure.is_none()), "each relay serves the endpoint");
+    }
+    let stop_load = tokio_util::sync::CancellationToken::new();
+    let churn = tokio::spawn(load::churn(survivor, 2, WAIT, stop_load.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    deployment.relays[0].running.kill_hard();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Back on the same ports: the agent re-links by itself.
+    let config = deployment.relays[0].config.clone();
+    deployment.relays[0].running = common::privlink(&["relay", "--config", &config]);
+    let agent_id = deployment.agent_admin(0).status()["id"].as_str().expect("id").to_owned();
+    tokio::task::block_in_place(|| {
+        deployment.relays[0].admin.wait_ready();
+        deployment.relays[0]
+            .admin
+            .wait_status(|s| privlink_testbed::process::approved_by(s, &agent_id, "e"));
+    });
+    stop_load.cancel();
+    let samples = churn.await.expect("churn");
+    let failed: Vec<_> = samples.iter().filter_map(|s| s.failure.as_deref()).collect();
+    assert!(samples.len() > 20, "too little load: {}", samples.len());
+    assert!(failed.is_empty(), "the surviving relay failed connections: {failed:?}");
+    let back = load::churn_for(deployment.relays[0].endpoint, 1, Duration::from_millis(300)).await;
+    assert!(back.iter().all(|s| s.failure.is_none()), "the restarted relay serves again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_relays_one_killed_the_other_serves_and_the_agent_relinks_over_quic() {
+    with_two_relays_one_killed_the_other_serves_and_the_agent_relinks("quic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_relays_one_killed_the_other_serves_and_the_agent_relinks_over_tcp() {
+    with_two_relays_one_killed_the_other_serves_and_the_agent_relinks("tcp").await;
 }

@@ -394,6 +394,13 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     );
     assert_config_rejected(
         "relay",
+        &relay("", "").replace(&format!("token_sha256 = \"{hash}\""), "token_sha256 = []"),
+        8,
+        "connector[0].token_sha256",
+        d,
+    );
+    assert_config_rejected(
+        "relay",
         &relay("", "").replace("certs/relay.crt", "certs/missing.crt"),
         3,
         "tunnel.cert",

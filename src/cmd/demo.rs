@@ -82,7 +82,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         shutdown_grace: Duration::from_secs(5),
         connectors: vec![ConnectorSpec {
             name: "demo".into(),
-            token_sha256: TokenDigest::of(token.as_bytes()),
+            token_sha256: vec![TokenDigest::of(token.as_bytes())],
         }],
         endpoints: vec![endpoint(listen)],
     };

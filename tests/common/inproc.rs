@@ -88,7 +88,7 @@ impl Harness {
             shutdown_grace: Duration::from_secs(5),
             connectors: vec![ConnectorSpec {
                 name: CONNECTOR.to_owned(),
-                token_sha256: TokenDigest::of(token.as_bytes()),
+                token_sha256: vec![TokenDigest::of(token.as_bytes())],
             }],
             endpoints,
         };

@@ -171,10 +171,24 @@ async fn run_session(
                 // it would reset it, which the relay takes for a broken agent), then end it
                 // with FIN.
                 streams.close();
-                tokio::select! {
-                    () = streams.wait() => {}
-                    () = shared.force.cancelled() => {}
-                    _ = connection.closed() => {}
+                // The conversation goes on meanwhile: the relay's heartbeats are answered (and
+                // ours sent), or it would take a long drain for a dead agent.
+                loop {
+                    tokio::select! {
+                        () = streams.wait() => break,
+                        () = shared.force.cancelled() => break,
+                        _ = connection.closed() => break,
+                        advanced = control.advance(&mut machine) => {
+                            let failed = std::iter::from_fn(|| machine.poll_event())
+                                .any(|event| matches!(event, AgentEvent::Failed(_)));
+                            if advanced.is_err()
+                                || failed
+                                || control.send_queued(&mut machine).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
                 }
                 control.finish().await;
                 return Ok(());

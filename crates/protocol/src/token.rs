@@ -74,6 +74,18 @@ impl TokenDigest {
     pub fn matches(&self, presented: &[u8]) -> bool {
         Self::of(presented).0.ct_eq(&self.0).into()
     }
+
+    /// Whether `presented` hashes to any of `digests` (a connector mid-rotation holds the old
+    /// token's and the new one's): hashed once, compared with every digest in constant time,
+    /// all of them whatever matched, so timing tells neither which nor whether.
+    pub fn any_matches(digests: &[Self], presented: &[u8]) -> bool {
+        let presented = Self::of(presented);
+        let mut matched = subtle::Choice::from(0);
+        for digest in digests {
+            matched |= presented.0.ct_eq(&digest.0);
+        }
+        matched.into()
+    }
 }
 
 impl fmt::Debug for TokenDigest {

@@ -1,6 +1,6 @@
 //! Agent authentication: a connector token is checked by hashing it with SHA-256 and comparing
-//! the digest with the configured one in constant time ([`TokenDigest::matches`]); the relay
-//! never holds the token.
+//! the digest with each configured one in constant time ([`TokenDigest::any_matches`]: a
+//! connector holds two during a rotation); the relay never holds the token.
 //!
 //! Failed attempts are counted per source address and each refusal from a source that keeps
 //! failing is *delayed* a little more ([`FailureLimiter::record_failure`]). A right token is
@@ -46,8 +46,8 @@ pub fn authenticate(
 ) -> Result<(), AuthFailure> {
     let spec = connectors.iter().find(|c| c.name == connector);
     // Hash and compare even for unknown connectors so timing does not tell them apart.
-    let expected = spec.map_or(UNKNOWN_CONNECTOR, |c| c.token_sha256);
-    let matches = expected.matches(token);
+    let expected = spec.map_or(&[UNKNOWN_CONNECTOR][..], |c| &c.token_sha256[..]);
+    let matches = TokenDigest::any_matches(expected, token);
     match (spec, matches) {
         (None, _) => Err(AuthFailure::UnknownConnector),
         (Some(_), false) => Err(AuthFailure::WrongToken),
@@ -84,7 +84,7 @@ mod tests {
     use super::*;
 
     fn connectors() -> Vec<ConnectorSpec> {
-        vec![ConnectorSpec { name: "east".into(), token_sha256: TokenDigest::of(b"right") }]
+        vec![ConnectorSpec { name: "east".into(), token_sha256: vec![TokenDigest::of(b"right")] }]
     }
 
     #[test]
@@ -95,6 +95,17 @@ mod tests {
             authenticate(&connectors(), "west", b"right"),
             Err(AuthFailure::UnknownConnector)
         );
+    }
+
+    #[test]
+    fn during_a_rotation_either_token_is_admitted() {
+        let rotating = vec![ConnectorSpec {
+            name: "east".into(),
+            token_sha256: vec![TokenDigest::of(b"old"), TokenDigest::of(b"new")],
+        }];
+        assert_eq!(authenticate(&rotating, "east", b"old"), Ok(()));
+        assert_eq!(authenticate(&rotating, "east", b"new"), Ok(()));
+        assert_eq!(authenticate(&rotating, "east", b"neither"), Err(AuthFailure::WrongToken));
     }
 
     #[test]

@@ -27,6 +27,9 @@ use serde::Deserialize;
 pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default connection limit of an endpoint.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Most `token_sha256` hashes a connector may hold (the old and the new token during a
+/// rotation, and some room).
+pub const MAX_TOKENS_PER_CONNECTOR: usize = 4;
 /// Default `open_timeout`: an agent's answer normally takes one round trip plus the
 /// destination's connect.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -80,8 +83,9 @@ impl fmt::Debug for TlsIdentity {
 pub struct ConnectorSpec {
     /// Connector name.
     pub name: String,
-    /// SHA-256 of the token's bytes.
-    pub token_sha256: TokenDigest,
+    /// SHA-256 of the token's bytes: one, or several while a token is rotated (an agent
+    /// presenting any of them is admitted).
+    pub token_sha256: Vec<TokenDigest>,
 }
 
 impl fmt::Debug for ConnectorSpec {
@@ -161,8 +165,8 @@ struct RawTunnel {
 #[serde(deny_unknown_fields)]
 struct RawConnector {
     name: Spanned<String>,
-    #[serde(deserialize_with = "deserialize_sha256_hex")]
-    token_sha256: TokenDigest,
+    #[serde(deserialize_with = "deserialize_sha256_list")]
+    token_sha256: Vec<TokenDigest>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,13 +241,38 @@ impl<'de> Deserialize<'de> for AclEntry {
     }
 }
 
-fn deserialize_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TokenDigest, D::Error> {
-    let text = String::deserialize(d)?;
-    TokenDigest::from_hex(&text).ok_or_else(|| {
-        serde::de::Error::custom(
-            "expected 64 lowercase hex digits (the SHA-256 that `privlink token new` prints)",
-        )
-    })
+/// `token_sha256 = "…"`, or `token_sha256 = ["…", "…"]` during a rotation (at most
+/// [`MAX_TOKENS_PER_CONNECTOR`]).
+fn deserialize_sha256_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<TokenDigest>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(text) => vec![text],
+        OneOrMany::Many(texts) => texts,
+    };
+    if texts.is_empty() || texts.len() > MAX_TOKENS_PER_CONNECTOR {
+        return Err(serde::de::Error::custom(format!(
+            "expected 1 to {MAX_TOKENS_PER_CONNECTOR} hashes (more than one only while a token \
+             is rotated)"
+        )));
+    }
+    texts
+        .iter()
+        .map(|text| {
+            TokenDigest::from_hex(text).ok_or_else(|| {
+                serde::de::Error::custom(
+                    "expected 64 lowercase hex digits (the SHA-256 that `privlink token new` \
+                     prints), or a list of them",
+                )
+            })
+        })
+        .collect()
 }
 
 impl RelayConfig {
@@ -274,7 +303,7 @@ impl RelayConfig {
             }
             connectors.push(ConnectorSpec {
                 name: c.name.get_ref().clone(),
-                token_sha256: c.token_sha256,
+                token_sha256: c.token_sha256.clone(),
             });
         }
 

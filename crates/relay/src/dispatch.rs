@@ -45,6 +45,8 @@ pub const OPEN_STREAM_WAIT: Duration = Duration::from_secs(5);
 /// rather than holding a `max_connections` slot with no timer running (the inactivity
 /// watchdog starts with the copy).
 pub const FIRST_WRITE_WAIT: Duration = Duration::from_secs(5);
+/// How long a completed connection waits for the agent to acknowledge its last bytes and FIN.
+const DELIVERY_WAIT: Duration = Duration::from_secs(2);
 /// Most client bytes sent along with the open header (a TLS ClientHello fits).
 const EARLY_DATA_MAX: usize = 4096;
 
@@ -263,6 +265,11 @@ async fn attempt(
     }
     let opened_at = gated.opened_at;
     let spliced = splice::conclude(copied, socket, &mut gated, Hop::Relay);
+    if spliced.outcome == Outcome::Completed {
+        // The client's last bytes may still be in flight to the agent; the relay's connection
+        // must not close under them (a drain closes it once the clients are done).
+        stream.delivered(DELIVERY_WAIT).await;
+    }
     Attempt::Ended { outcome: spliced.outcome, opened_at }
 }
 

@@ -495,3 +495,12 @@ pub async fn churn(
     }
     all
 }
+
+/// [`churn`] for `duration`, then stopped.
+pub async fn churn_for(addr: SocketAddr, workers: usize, duration: Duration) -> Vec<ChurnSample> {
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(churn(addr, workers, STALL, stop.clone()));
+    tokio::time::sleep(duration).await;
+    stop.cancel();
+    running.await.unwrap_or_default()
+}

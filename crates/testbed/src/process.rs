@@ -229,6 +229,14 @@ impl Running {
         &self.seen
     }
 
+    /// Every line the process has written so far, for a failing test to show.
+    pub fn output_so_far(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
     /// Waits for a log line containing `needle` (a readiness signal), failing after a bound.
     pub fn wait_for(&mut self, needle: &str) {
         let deadline = Instant::now() + PROCESS_WAIT;

@@ -300,6 +300,17 @@ impl TunnelStream {
             Stream::H2(s) => s.reset(code),
         }
     }
+
+    /// Waits, at most `limit`, until the peer has acknowledged everything written and the FIN.
+    /// Closing a QUIC connection discards stream data still in flight, so a side about to
+    /// close its connection (an agent at the end of a drain) waits for this on each finished
+    /// stream first. Over TLS/TCP it returns at once: the bytes are in the kernel's send
+    /// buffer, which a close does not discard.
+    pub async fn delivered(&mut self, limit: std::time::Duration) {
+        if let Stream::Quic { send, .. } = &mut self.inner {
+            let _ = tokio::time::timeout(limit, send.stopped()).await;
+        }
+    }
 }
 
 impl AsyncRead for TunnelStream {
