@@ -189,7 +189,7 @@ pub struct AdminTable {
 }
 
 /// The admin listener's settings (`[admin]`), validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminSettings {
     /// Where it listens.
     pub listen: std::net::SocketAddr,

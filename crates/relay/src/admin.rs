@@ -41,7 +41,7 @@ impl AdminView for RelayAdmin {
             .handle
             .endpoints()
             .flat_map(|(endpoint, _)| {
-                let name = endpoint.spec.name.as_str();
+                let name = endpoint.name.as_str();
                 endpoint.live.snapshot().into_iter().map(move |live| (name, live))
             })
             .collect();
@@ -72,7 +72,7 @@ impl AdminView for RelayAdmin {
         let endpoints: Vec<Value> = handle
             .endpoints()
             .map(|(endpoint, addr)| {
-                let spec = &endpoint.spec;
+                let spec = endpoint.spec();
                 let agents = agents_of
                     .entry(spec.connector.clone())
                     .or_insert_with(|| handle.agents(&spec.connector));
@@ -91,7 +91,7 @@ impl AdminView for RelayAdmin {
                     })
                     .map(|a| a.name.as_str())
                     .collect();
-                let active = spec.max_connections - endpoint.slots.available_permits();
+                let active = endpoint.active();
                 json!({
                     "name": spec.name,
                     "listen": addr.to_string(),

@@ -28,9 +28,9 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::admission::{Admission, PendingSlot};
 use crate::auth::{AuthFailure, FailureLimiter, authenticate};
-use crate::config::RelayConfig;
 use crate::metrics::{AuthFailureReason, RelayMetrics};
 use crate::registry::{AgentInfo, AgentRegistration, Registry};
+use crate::reload::CurrentConfig;
 
 /// Agents one connector may have connected to this relay at once: several share a
 /// connector's load and take over from each other, but a token holder cannot fill the relay
@@ -65,7 +65,8 @@ pub enum AgentSessionError {
 /// Shared state of the agent-facing side.
 #[derive(Debug)]
 pub(crate) struct AgentsContext {
-    pub(crate) config: Arc<RelayConfig>,
+    /// The configuration in force (a reload replaces it).
+    pub(crate) config: Arc<CurrentConfig>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) failures: Mutex<FailureLimiter>,
     pub(crate) admission: Arc<Admission>,
@@ -301,9 +302,8 @@ fn admit(
         );
         return Err((reason, delay));
     }
-    if let Err(failure) =
-        authenticate(&ctx.config.connectors, &hello.connector, hello.token.expose())
-    {
+    let config = ctx.config.get();
+    if let Err(failure) = authenticate(&config.connectors, &hello.connector, hello.token.expose()) {
         let delay = record_failure(ctx, remote);
         let cause = match failure {
             AuthFailure::UnknownConnector => "unknown connector",
@@ -326,8 +326,7 @@ fn admit(
         );
         return Err((reason, delay));
     }
-    Ok(ctx
-        .config
+    Ok(config
         .endpoints_of(&hello.connector)
         .map(|e| EndpointAssignment {
             name: e.name.clone(),
@@ -358,6 +357,7 @@ fn register(
         agent_id: hello.agent_id.clone(),
         version: hello.software_version.clone(),
         remote: connection.remote_address(),
+        token_digest: privlink_protocol::token::TokenDigest::of(hello.token.expose()),
     };
     let Some(registration) =
         ctx.registry.register(info, connection.clone(), MAX_AGENTS_PER_CONNECTOR)

@@ -14,6 +14,7 @@ use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -32,6 +33,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::config::EndpointSpec;
 use crate::flow::Flow;
 use crate::listen::{Endpoint, LiveClient};
 use crate::registry::{ChosenAgent, Registry};
@@ -55,11 +57,12 @@ pub(crate) async fn forward(
     mut socket: TcpStream,
     client: SocketAddr,
     endpoint: &Endpoint,
+    spec: Arc<EndpointSpec>,
     registry: &Registry,
     force: &CancellationToken,
 ) {
     let started = Instant::now();
-    let spec = &endpoint.spec;
+    let spec = &*spec;
     let _ = socket.set_nodelay(true);
     let mut bytes = (0, 0);
     let mut unreported = (0, 0);
@@ -84,8 +87,7 @@ pub(crate) async fn forward(
         });
         entry.info.set_agent(&agent.name);
         let first = tried.len() == 1;
-        match attempt(&mut socket, client, endpoint, &agent, &mut replay, entry, force, first).await
-        {
+        match attempt(&mut socket, client, spec, &agent, &mut replay, entry, force, first).await {
             Attempt::Ended { outcome, opened_at } => {
                 if let Some(at) = opened_at {
                     endpoint.metrics.opened(&spec.name, at.duration_since(started).as_secs_f64());
@@ -150,14 +152,13 @@ enum Attempt {
 async fn attempt(
     socket: &mut TcpStream,
     client: SocketAddr,
-    endpoint: &Endpoint,
+    spec: &EndpointSpec,
     agent: &ChosenAgent,
     replay: &mut Replay,
     live: &Live<LiveClient>,
     force: &CancellationToken,
     first: bool,
 ) -> Attempt {
-    let spec = &endpoint.spec;
     let deadline = Instant::now() + spec.open.timeout;
     let unanswered = |origin, message: String, timed_out| Attempt::Unanswered {
         failure: Outcome::failed(origin, message, true),

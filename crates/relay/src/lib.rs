@@ -36,6 +36,7 @@ pub mod flow;
 pub mod listen;
 mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod status;
 
 use std::collections::HashMap;
@@ -59,6 +60,7 @@ use crate::listen::Endpoint;
 use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 pub use crate::registry::{AgentView, EndpointStatus};
+use crate::reload::CurrentConfig;
 pub use crate::status::RelayHandle;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
@@ -104,7 +106,7 @@ pub enum RelayError {
 /// A relay whose sockets are bound, ready to [`run`](Relay::run).
 #[derive(Debug)]
 pub struct Relay {
-    config: Arc<RelayConfig>,
+    config: Arc<CurrentConfig>,
     quic: quinn::Endpoint,
     tunnel_tcp: TcpListener,
     tunnel_tls: Arc<rustls::ServerConfig>,
@@ -154,6 +156,7 @@ impl Relay {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
+        let config = Arc::new(CurrentConfig::new(config));
         let handle = RelayHandle::new(
             Arc::new(Registry::default()),
             Arc::default(),
@@ -161,16 +164,9 @@ impl Relay {
             tunnel_addr,
             admin_addr,
             Arc::clone(&metrics),
+            Arc::clone(&config),
         );
-        Ok(Self {
-            config: Arc::new(config),
-            quic,
-            tunnel_tcp,
-            tunnel_tls,
-            listeners,
-            admin,
-            handle,
-        })
+        Ok(Self { config, quic, tunnel_tcp, tunnel_tls, listeners, admin, handle })
     }
 
     /// A handle for status queries.
@@ -206,12 +202,13 @@ impl Relay {
         info!(tunnel = %handle.tunnel_addr(), "relay listening for agents (QUIC on UDP, TLS on TCP)");
         let acceptors = TaskTracker::new();
         for (endpoint, listener) in listeners {
-            let addr = handle.endpoint_addr(&endpoint.spec.name);
+            let addr = handle.endpoint_addr(&endpoint.name);
+            let spec = endpoint.spec();
             info!(
-                endpoint = %endpoint.spec.name,
+                endpoint = %endpoint.name,
                 listen = %addr.map_or_else(|| "-".to_owned(), |a| a.to_string()),
-                destination = %endpoint.spec.destination,
-                connector = %endpoint.spec.connector,
+                destination = %spec.destination,
+                connector = %spec.connector,
                 "endpoint listening"
             );
             acceptors.spawn(listen::accept_clients(
@@ -240,12 +237,13 @@ impl Relay {
         acceptors.close();
 
         shutdown.cancelled().await;
-        info!(grace = ?config.shutdown_grace, "shutting down: no new connections; waiting for open ones");
+        let grace = config.get().shutdown_grace;
+        info!(?grace, "shutting down: no new connections; waiting for open ones");
         ctx.draining.cancel();
         draining.cancel(); // `/readyz` answers 503 from here on
         // Endpoint accept loops end on `shutdown`, dropping their listeners: new clients are
         // refused from here on. Agents stay connected so in-flight streams can finish.
-        drain::drain(&clients, config.shutdown_grace, &force, "connections").await;
+        drain::drain(&clients, grace, &force, "connections").await;
         tunnel_stop.cancel();
         acceptors.wait().await;
         for connection in handle.registry().connections() {

@@ -3,13 +3,12 @@
 //! a task of its own (see [`crate::dispatch`]).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use privlink_transport::live::LiveTable;
 use privlink_transport::tcp;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
@@ -20,12 +19,15 @@ use crate::flow::EndpointCounters;
 use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 
-/// One endpoint at run time.
+/// One endpoint at run time. Its policy — ACL, limits, timeouts — can be replaced by a
+/// reload ([`Endpoint::set_spec`]); each connection keeps the spec it was accepted under.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
-    pub(crate) spec: EndpointSpec,
-    /// One permit per connection below `max_connections`.
-    pub(crate) slots: Arc<Semaphore>,
+    /// Never changes (a reload keeps the name, connector, destination and listen address).
+    pub(crate) name: String,
+    spec: RwLock<Arc<EndpointSpec>>,
+    /// Connections open now, counted against `max_connections`.
+    active: Arc<AtomicUsize>,
     pub(crate) counters: EndpointCounters,
     pub(crate) metrics: Arc<RelayMetrics>,
     /// The connections being forwarded now (from the agent's choice to the end).
@@ -62,14 +64,47 @@ impl LiveClient {
 
 impl Endpoint {
     pub(crate) fn new(spec: EndpointSpec, metrics: Arc<RelayMetrics>) -> Self {
-        let slots = Arc::new(Semaphore::new(spec.max_connections));
         Self {
-            spec,
-            slots,
+            name: spec.name.clone(),
+            spec: RwLock::new(Arc::new(spec)),
+            active: Arc::default(),
             counters: EndpointCounters::default(),
             metrics,
             live: LiveTable::default(),
         }
+    }
+
+    /// The current policy.
+    pub(crate) fn spec(&self) -> Arc<EndpointSpec> {
+        Arc::clone(&self.spec.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces the policy for connections accepted from now on.
+    pub(crate) fn set_spec(&self, spec: EndpointSpec) {
+        *self.spec.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(spec);
+    }
+
+    /// Connections open now.
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more connection unless `limit` are open already.
+    fn admit(&self, limit: usize) -> Option<Slot> {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(Arc::clone(&self.active)))
+    }
+}
+
+/// One connection counted against its endpoint's `max_connections` until dropped.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -83,34 +118,35 @@ pub(crate) async fn accept_clients(
     force: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let span = tracing::info_span!("endpoint", endpoint = %endpoint.spec.name);
+    let span = tracing::info_span!("endpoint", endpoint = %endpoint.name);
     let accept = tcp::accept_until(&listener, &stop, |socket, client| {
-        if !endpoint.spec.acl.permits(client.ip()) {
+        let spec = endpoint.spec();
+        if !spec.acl.permits(client.ip()) {
             endpoint.counters.denied.fetch_add(1, Ordering::Relaxed);
-            endpoint.metrics.connection_refused(&endpoint.spec.name, "acl_denied");
+            endpoint.metrics.connection_refused(&endpoint.name, "acl_denied");
             debug!(%client, "connection denied by ACL");
             tcp::abort(socket);
             return;
         }
-        let Ok(slot) = Arc::clone(&endpoint.slots).try_acquire_owned() else {
+        let Some(slot) = endpoint.admit(spec.max_connections) else {
             endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
-            endpoint.metrics.connection_refused(&endpoint.spec.name, "over_limit");
+            endpoint.metrics.connection_refused(&endpoint.name, "over_limit");
             warn!(
                 %client,
-                max_connections = endpoint.spec.max_connections,
+                max_connections = spec.max_connections,
                 "connection refused: endpoint at max_connections"
             );
             tcp::abort(socket);
             return;
         };
         endpoint.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("client", endpoint = %endpoint.spec.name, %client);
+        let span = tracing::info_span!("client", endpoint = %endpoint.name, %client);
         let endpoint = Arc::clone(&endpoint);
         let registry = Arc::clone(&registry);
         let force = force.clone();
         tracker.spawn(
             async move {
-                dispatch::forward(socket, client, &endpoint, &registry, &force).await;
+                dispatch::forward(socket, client, &endpoint, spec, &registry, &force).await;
                 drop(slot);
             }
             .instrument(span),

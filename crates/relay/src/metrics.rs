@@ -76,6 +76,14 @@ pub(crate) struct RelayMetrics {
     endpoint_status: Family<StatusLabels, Gauge>,
     connections_active: Family<EndpointLabel, Gauge>,
     agents_connected: Family<AgentLabels, Gauge>,
+    reload_successful: Gauge,
+    reload_success_time: Gauge,
+    reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 /// The endpoint statuses, in the order the gauge lists them.
@@ -135,7 +143,30 @@ impl Default for RelayMetrics {
             "Agents connected now, by connector and transport",
             agents_connected.clone(),
         );
+        let reload_successful = Gauge::default();
+        reload_successful.set(1);
+        registry.register(
+            "config_last_reload_successful",
+            "Whether the last configuration reload was applied (1) or refused (0)",
+            reload_successful.clone(),
+        );
+        let reload_success_time = Gauge::default();
+        reload_success_time.set(unix_now());
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded or reloaded successfully",
+            reload_success_time.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads attempted, by result (applied, refused)",
+            reloads.clone(),
+        );
         Self {
+            reloads,
+            reload_successful,
+            reload_success_time,
             registry,
             connections,
             bytes,
@@ -186,6 +217,16 @@ impl RelayMetrics {
         self.open_duration.get_or_create(&labels).observe(seconds);
     }
 
+    /// A configuration reload was applied (`true`) or refused.
+    pub(crate) fn reloaded(&self, applied: bool) {
+        self.reload_successful.set(i64::from(applied));
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        if applied {
+            self.reload_success_time.set(unix_now());
+        }
+    }
+
     /// An agent's hello was refused.
     pub(crate) fn auth_failed(&self, reason: AuthFailureReason) {
         let reason = match reason {
@@ -200,7 +241,7 @@ impl RelayMetrics {
     pub(crate) fn render(&self, handle: &RelayHandle) -> String {
         let mut connectors: Vec<String> = Vec::new();
         for (endpoint, _) in handle.endpoints() {
-            let spec = &endpoint.spec;
+            let spec = endpoint.spec();
             if !connectors.contains(&spec.connector) {
                 connectors.push(spec.connector.clone());
             }
@@ -213,7 +254,7 @@ impl RelayMetrics {
             for live in endpoint.live.snapshot() {
                 self.count_bytes(&spec.name, live.unreported());
             }
-            let active = spec.max_connections - endpoint.slots.available_permits();
+            let active = endpoint.active();
             let labels = EndpointLabel { endpoint: spec.name.clone() };
             self.connections_active
                 .get_or_create(&labels)
@@ -234,4 +275,9 @@ impl RelayMetrics {
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
+}
+
+fn unix_now() -> i64 {
+    let now = std::time::SystemTime::now();
+    i64::try_from(privlink_admin::unix_seconds(now)).unwrap_or(i64::MAX)
 }

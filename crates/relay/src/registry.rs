@@ -66,6 +66,9 @@ pub struct AgentInfo {
     pub version: String,
     /// The address its tunnel connection comes from.
     pub remote: std::net::SocketAddr,
+    /// The digest of the token it presented (a reload that drops it from the connector's
+    /// `token_sha256` disconnects the agent).
+    pub token_digest: privlink_protocol::token::TokenDigest,
 }
 
 /// What the relay knows of one connected agent, for status views.
@@ -348,6 +351,17 @@ impl Registry {
             .collect();
         agents.sort_unstable_by_key(|(id, _)| *id);
         agents.into_iter().map(|(_, view)| view).collect()
+    }
+
+    /// Connections of the agents `revoked` says no longer belong (a reload removed their
+    /// connector or their token), with their names, for closing.
+    pub fn revoked(&self, revoked: impl Fn(&AgentInfo) -> bool) -> Vec<(String, RelayConnection)> {
+        self.lock()
+            .agents
+            .values()
+            .filter(|a| revoked(&a.info))
+            .map(|a| (a.name.clone(), a.connection.clone()))
+            .collect()
     }
 
     /// Tunnel connections of every registered agent (for closing them on shutdown).

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admission::Admission;
+use crate::config::RelayConfig;
 use crate::listen::Endpoint;
 use crate::metrics::RelayMetrics;
 use crate::registry::{AgentView, EndpointStatus, Registry};
+use crate::reload::{CurrentConfig, ReloadError, ReloadSummary};
 
 /// A cheap, cloneable view of a running relay: addresses and endpoint status.
 #[derive(Debug, Clone)]
@@ -21,6 +23,7 @@ pub struct RelayHandle {
     tunnel_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     metrics: Arc<RelayMetrics>,
+    config: Arc<CurrentConfig>,
 }
 
 impl RelayHandle {
@@ -31,6 +34,7 @@ impl RelayHandle {
         tunnel_addr: SocketAddr,
         admin_addr: Option<SocketAddr>,
         metrics: Arc<RelayMetrics>,
+        config: Arc<CurrentConfig>,
     ) -> Self {
         Self {
             registry,
@@ -39,6 +43,33 @@ impl RelayHandle {
             tunnel_addr,
             admin_addr,
             metrics,
+            config,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Arc<CurrentConfig> {
+        &self.config
+    }
+
+    /// Applies a new configuration to the running relay (see [`crate::reload`]): whole or
+    /// not at all; the result is logged and shown by the reload metrics.
+    pub fn reload(&self, new: RelayConfig) -> Result<ReloadSummary, ReloadError> {
+        let result = crate::reload::apply(self, new);
+        crate::reload::log(&result);
+        self.metrics.reloaded(result.is_ok());
+        result
+    }
+
+    /// Reads `path` and [`reload`](Self::reload)s it; an invalid file changes nothing.
+    pub fn reload_from(&self, path: &std::path::Path) -> Result<ReloadSummary, ReloadError> {
+        match RelayConfig::load(path) {
+            Ok(new) => self.reload(new),
+            Err(e) => {
+                let result = Err(ReloadError::Invalid(e));
+                crate::reload::log(&result);
+                self.metrics.reloaded(false);
+                result
+            }
         }
     }
 
@@ -88,7 +119,7 @@ impl RelayHandle {
     /// The status of an endpoint (`None` for an unknown name).
     pub fn endpoint_status(&self, name: &str) -> Option<EndpointStatus> {
         let (endpoint, _) = self.endpoints.get(name)?;
-        Some(self.registry.status(&endpoint.spec.connector, name))
+        Some(self.registry.status(&endpoint.spec().connector, name))
     }
 
     /// Connections denied by the ACL and refused over the limit, for an endpoint.

@@ -1,0 +1,288 @@
+//! Hot reload of a running relay process (SIGHUP, or the file changing): an ACL change
+//! applies to new connections while a long transfer on the endpoint completes intact; an
+//! invalid file and a change that needs a restart leave the running configuration serving and
+//! say so in `privlink_config_last_reload_successful`; a change written to the file is picked
+//! up without a signal; a token rotation with two hashes, then the old one removed, disconnects
+//! the old token's agent while the new one's keeps serving.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use privlink_testbed::load;
+use privlink_testbed::process::{TunnelConfigs, approved_by, free_fixed_port, write_tunnel_files};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A relay and an agent on loopback in front of the load tool's backend, both ready.
+struct Running2 {
+    configs: TunnelConfigs,
+    relay: Running,
+    relay_admin: AdminProbe,
+    agent: Running,
+    endpoint: SocketAddr,
+    _dir: tempfile::TempDir,
+    stop_backend: tokio_util::sync::CancellationToken,
+}
+
+impl Running2 {
+    async fn start() -> Self {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let destination = backend.local_addr().expect("addr").to_string();
+        let stop_backend = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(load::serve_backend(backend, stop_backend.clone()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = loopback(free_fixed_port());
+        let configs = write_tunnel_files(
+            common::BIN,
+            dir.path(),
+            &TunnelFiles {
+                tunnel_listen: &loopback(free_fixed_port()).to_string(),
+                endpoint: "e",
+                endpoint_listen: &endpoint.to_string(),
+                destination: &destination,
+                endpoint_extra: "",
+                agent_extra: "transport = \"quic\"",
+                allow: &destination,
+                admin: (loopback(free_fixed_port()), loopback(free_fixed_port())),
+            },
+        );
+        let relay = common::privlink(&["relay", "--config", &configs.relay]);
+        let relay_admin = AdminProbe::new(None, configs.relay_admin);
+        let agent = common::privlink(&["agent", "--config", &configs.agent]);
+        let running =
+            Self { configs, relay, relay_admin, agent, endpoint, _dir: dir, stop_backend };
+        tokio::task::block_in_place(|| running.wait_agent_served(running.configs.agent_admin));
+        running
+    }
+
+    /// Waits until the agent whose admin listener is `admin` is approved on the relay.
+    fn wait_agent_served(&self, admin: SocketAddr) {
+        let agent_admin = AdminProbe::new(None, admin);
+        agent_admin.wait_ready();
+        let id = agent_admin.status()["id"].as_str().expect("id").to_owned();
+        self.relay_admin.wait_status(|s| approved_by(s, &id, "e"));
+    }
+
+    fn relay_config(&self) -> String {
+        std::fs::read_to_string(&self.configs.relay).expect("relay.toml")
+    }
+
+    /// Writes a new relay.toml (a rename over the old one, as editors and ConfigMaps do).
+    fn write_relay_config(&self, text: &str) {
+        let staged = format!("{}.new", self.configs.relay);
+        std::fs::write(&staged, text).expect("write");
+        std::fs::rename(&staged, &self.configs.relay).expect("rename");
+    }
+
+    fn sighup(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.relay.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// `privlink_config_last_reload_successful` and the success timestamp, from `/metrics`.
+    fn reload_metrics(&self) -> (i64, i64) {
+        let (_, text) = self.relay_admin.get("/metrics");
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<i64>().ok())
+                .unwrap_or_else(|| panic!("{name} in /metrics:\n{text}"))
+        };
+        (
+            value("privlink_config_last_reload_successful "),
+            value("privlink_config_last_reload_success_timestamp_seconds "),
+        )
+    }
+
+    /// How many reloads ended with `result` (`applied`, `refused`) so far.
+    fn reloads(&self, result: &str) -> u64 {
+        let (_, text) = self.relay_admin.get("/metrics");
+        count_of(&text, result)
+    }
+
+    /// Runs `trigger`, then waits until one more reload has ended with `result` and the
+    /// success gauge agrees.
+    fn reload_and_wait(&self, result: &str, trigger: impl FnOnce()) {
+        let before = self.reloads(result);
+        trigger();
+        let gauge = if result == "applied" { "1" } else { "0" };
+        self.relay_admin.wait("/metrics", |code, text| {
+            code == 200
+                && count_of(text, result) > before
+                && text.lines().any(|l| {
+                    l.strip_prefix("privlink_config_last_reload_successful ")
+                        .is_some_and(|v| v.trim() == gauge)
+                })
+        });
+    }
+}
+
+impl Drop for Running2 {
+    fn drop(&mut self) {
+        self.stop_backend.cancel();
+    }
+}
+
+/// `privlink_config_reloads_total{result}` in a scrape.
+fn count_of(metrics: &str, result: &str) -> u64 {
+    let prefix = format!("privlink_config_reloads_total{{result=\"{result}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Whether a new client gets an echo through `endpoint`.
+async fn served(endpoint: SocketAddr) -> bool {
+    let attempt = async {
+        let mut conn = TcpStream::connect(endpoint).await?;
+        conn.write_all(&[load::ECHO, 7]).await?;
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte).await?;
+        Ok::<_, std::io::Error>(byte[0] == 7)
+    };
+    matches!(tokio::time::timeout(WAIT, attempt).await, Ok(Ok(true)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_change_applies_to_new_connections_and_spares_a_transfer_under_way() {
+    const TRANSFER: u64 = 256 << 20;
+    let running = Running2::start().await;
+    let endpoint = running.endpoint;
+    let original = running.relay_config();
+    assert_eq!(tokio::task::block_in_place(|| running.reload_metrics()).0, 1);
+
+    // 256 MiB up, paced so that it spans the reloads.
+    let transfer = tokio::spawn(async move {
+        let mut conn = TcpStream::connect(endpoint).await.expect("connect");
+        conn.write_all(&[load::UPLOAD]).await.expect("command");
+        let chunk = vec![0x5au8; 4 << 20];
+        for _ in 0..TRANSFER / chunk.len() as u64 {
+            conn.write_all(&chunk).await.expect("upload");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        conn.shutdown().await.expect("shutdown");
+        conn.read_u64().await.expect("the backend's count")
+    });
+
+    // SIGHUP with an ACL that denies loopback: new clients are refused at once.
+    let denying = format!("{original}\n[endpoint.acl]\ndeny = [\"127.0.0.0/8\"]\n");
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("applied", || {
+            running.write_relay_config(&denying);
+            running.sighup();
+        });
+    });
+    assert!(is_refused(TcpStream::connect(endpoint).await).await, "the new ACL applies");
+
+    // A file that does not parse: refused, the metric says so, the running ACL stays.
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("refused", || {
+            running.write_relay_config(&format!("{denying}\nthis is not toml ["));
+            running.sighup();
+        });
+    });
+    assert!(is_refused(TcpStream::connect(endpoint).await).await, "still the last good ACL");
+
+    // A change that needs a restart (another endpoint): refused as a whole.
+    let added = format!(
+        "{original}\n[[endpoint]]\nname = \"more\"\nconnector = \"tunnel\"\n\
+         destination = \"127.0.0.1:9\"\nlisten = \"{}\"\n",
+        loopback(free_fixed_port())
+    );
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("refused", || {
+            running.write_relay_config(&added);
+            running.sighup();
+        });
+    });
+    assert!(is_refused(TcpStream::connect(endpoint).await).await, "nothing of it applied");
+
+    // The original, written to the file without a signal: picked up by the watch.
+    let (_, before) = tokio::task::block_in_place(|| running.reload_metrics());
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("applied", || running.write_relay_config(&original));
+    });
+    assert!(served(endpoint).await, "open again after the file changed");
+    let (_, after) = tokio::task::block_in_place(|| running.reload_metrics());
+    assert!(after >= before, "the success timestamp moves on");
+
+    let counted = tokio::time::timeout(WAIT * 4, transfer)
+        .await
+        .expect("the transfer ends")
+        .expect("the transfer under way was not cut");
+    assert_eq!(counted, TRANSFER, "every byte of the transfer arrived");
+    assert!(served(endpoint).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rotation_keeps_the_new_agent_and_disconnects_the_old_one() {
+    let running = Running2::start().await;
+    let old_token = std::fs::read_to_string(
+        std::path::Path::new(&running.configs.agent).parent().expect("dir").join("certs/token"),
+    )
+    .expect("token");
+    let old_digest =
+        privlink_protocol::token::TokenDigest::of(old_token.trim().as_bytes()).to_hex();
+    let new_token = "plk_rotated_token_for_the_test";
+    let new_digest = privlink_protocol::token::TokenDigest::of(new_token.as_bytes()).to_hex();
+    let original = running.relay_config();
+
+    // Step 1: the connector holds both hashes.
+    let both = original.replace(
+        &format!("token_sha256 = \"{old_digest}\""),
+        &format!("token_sha256 = [\"{old_digest}\", \"{new_digest}\"]"),
+    );
+    assert_ne!(both, original);
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("applied", || {
+            running.write_relay_config(&both);
+            running.sighup();
+        });
+    });
+
+    // Step 2: a second agent with the new token joins (in a rotation: each agent in turn).
+    let dir = std::path::Path::new(&running.configs.agent).parent().expect("dir");
+    std::fs::write(dir.join("certs/new-token"), new_token).expect("token");
+    let new_admin = loopback(free_fixed_port());
+    let new_config = std::fs::read_to_string(&running.configs.agent)
+        .expect("agent.toml")
+        .replace("certs/token", "certs/new-token")
+        .replace(&running.configs.agent_admin.to_string(), &new_admin.to_string());
+    let new_path = dir.join("agent-new.toml");
+    std::fs::write(&new_path, new_config).expect("agent config");
+    let _new_agent = common::privlink(&["agent", "--config", new_path.to_str().expect("utf-8")]);
+    tokio::task::block_in_place(|| running.wait_agent_served(new_admin));
+    let old_id = AdminProbe::new(None, running.configs.agent_admin).status()["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    // Step 3: the old hash removed: its agent is disconnected, the new one serves on.
+    let only_new = original.replace(&old_digest, &new_digest);
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("applied", || {
+            running.write_relay_config(&only_new);
+            running.sighup();
+        });
+        running.relay_admin.wait_status(|s| {
+            s["agents"].as_array().is_some_and(|agents| {
+                agents.len() == 1 && agents.iter().all(|a| a["id"] != old_id.as_str())
+            })
+        });
+    });
+    for _ in 0..5 {
+        assert!(served(running.endpoint).await, "the new token's agent serves");
+    }
+    // The old agent, re-dialling, is refused for good.
+    tokio::task::block_in_place(|| {
+        AdminProbe::new(None, running.configs.agent_admin).wait("/readyz", |code, _| code == 503)
+    });
+    let _ = &running.agent;
+}
