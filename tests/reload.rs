@@ -1,9 +1,11 @@
 //! Hot reload of a running relay process (SIGHUP, or the file changing): an ACL change
-//! applies to new connections while a long transfer on the endpoint completes intact; an
-//! invalid file and a change that needs a restart leave the running configuration serving and
-//! say so in `privlink_config_last_reload_successful`; a change written to the file is picked
-//! up without a signal; a token rotation with two hashes, then the old one removed, disconnects
-//! the old token's agent while the new one's keeps serving.
+//! applies to new connections while a long transfer on the endpoint completes intact;
+//! endpoints added and removed — the agent told, its verdict on the new one shown, the removed
+//! one's open connection going on; an invalid file and a change that needs a restart leave
+//! the running configuration serving and say so in `privlink_config_last_reload_successful`;
+//! a change written to the file is picked up without a signal; a token rotation with two
+//! hashes, then the old one removed, disconnects the old token's agent while the new one's
+//! keeps serving.
 
 mod common;
 
@@ -33,6 +35,11 @@ struct Running2 {
 
 impl Running2 {
     async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// With `endpoint_extra` after endpoint `e` in relay.toml (more endpoints, say).
+    async fn start_with(endpoint_extra: &str) -> Self {
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let destination = backend.local_addr().expect("addr").to_string();
         let stop_backend = tokio_util::sync::CancellationToken::new();
@@ -47,7 +54,7 @@ impl Running2 {
                 endpoint: "e",
                 endpoint_listen: &endpoint.to_string(),
                 destination: &destination,
-                endpoint_extra: "",
+                endpoint_extra: &endpoint_extra.replace("DESTINATION", &destination),
                 agent_extra: "transport = \"quic\"",
                 allow: &destination,
                 admin: (loopback(free_fixed_port()), loopback(free_fixed_port())),
@@ -190,15 +197,18 @@ async fn an_acl_change_applies_to_new_connections_and_spares_a_transfer_under_wa
     });
     assert!(is_refused(TcpStream::connect(endpoint).await).await, "still the last good ACL");
 
-    // A change that needs a restart (another endpoint): refused as a whole.
-    let added = format!(
-        "{original}\n[[endpoint]]\nname = \"more\"\nconnector = \"tunnel\"\n\
-         destination = \"127.0.0.1:9\"\nlisten = \"{}\"\n",
-        loopback(free_fixed_port())
-    );
+    // A change that needs a restart (the endpoint's destination), beside an ACL change:
+    // refused as a whole.
+    let destination = original
+        .lines()
+        .find_map(|l| l.strip_prefix("destination = \""))
+        .and_then(|d| d.strip_suffix('"'))
+        .expect("destination")
+        .to_owned();
+    let moved = original.replace(&destination, "127.0.0.1:9");
     tokio::task::block_in_place(|| {
         running.reload_and_wait("refused", || {
-            running.write_relay_config(&added);
+            running.write_relay_config(&moved);
             running.sighup();
         });
     });
@@ -285,4 +295,90 @@ async fn a_token_rotation_keeps_the_new_agent_and_disconnects_the_old_one() {
         AdminProbe::new(None, running.configs.agent_admin).wait("/readyz", |code, _| code == 503)
     });
     let _ = &running.agent;
+}
+
+/// An `[[endpoint]]` table for relay.toml (destination filled in by `start_with`).
+fn endpoint_table(name: &str, listen: SocketAddr, extra: &str) -> String {
+    format!(
+        "\n[[endpoint]]\nname = \"{name}\"\nconnector = \"tunnel\"\ndestination = \"DESTINATION\"\n\
+         listen = \"{listen}\"\n{extra}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_endpoints_and_changes_an_acl_while_a_transfer_runs() {
+    const TRANSFER: u64 = 256 << 20;
+    let (old_listen, guarded_listen, new_listen) =
+        (loopback(free_fixed_port()), loopback(free_fixed_port()), loopback(free_fixed_port()));
+    let before = format!(
+        "{}{}",
+        endpoint_table("old", old_listen, ""),
+        endpoint_table("guarded", guarded_listen, "")
+    );
+    let running = Running2::start_with(&before).await;
+    let endpoint = running.endpoint;
+    let original = running.relay_config();
+    for listen in [endpoint, old_listen, guarded_listen] {
+        assert!(served(listen).await, "{listen} serves before the reload");
+    }
+    let destination = original
+        .lines()
+        .find_map(|l| l.strip_prefix("destination = \""))
+        .and_then(|d| d.strip_suffix('"'))
+        .expect("destination")
+        .to_owned();
+
+    // Held open on the endpoint about to go: it keeps working after the reload.
+    let mut held = TcpStream::connect(old_listen).await.expect("connect");
+    held.write_all(&[load::ECHO, 1]).await.expect("write");
+    held.read_exact(&mut [0u8; 1]).await.expect("echo");
+
+    let transfer = tokio::spawn(async move {
+        let mut conn = TcpStream::connect(endpoint).await.expect("connect");
+        conn.write_all(&[load::UPLOAD]).await.expect("command");
+        let chunk = vec![0x5au8; 4 << 20];
+        for _ in 0..TRANSFER / chunk.len() as u64 {
+            conn.write_all(&chunk).await.expect("upload");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        conn.shutdown().await.expect("shutdown");
+        conn.read_u64().await.expect("the backend's count")
+    });
+
+    // `old` removed, `new` added, `guarded` denies loopback; `e` unchanged.
+    let e_only = original
+        .split("\n[[endpoint]]\nname = \"old\"")
+        .next()
+        .expect("the file up to the second endpoint")
+        .to_owned();
+    let after = format!(
+        "{e_only}{}{}",
+        endpoint_table("new", new_listen, ""),
+        endpoint_table("guarded", guarded_listen, "\n[endpoint.acl]\ndeny = [\"127.0.0.0/8\"]\n")
+    )
+    .replace("DESTINATION", &destination);
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("applied", || {
+            running.write_relay_config(&after);
+            running.sighup();
+        });
+        // The agent was told: it judged `new`, and the relay lists it approved; `old` is gone.
+        running.relay_admin.wait_status(|s| {
+            s["endpoints"].as_array().is_some_and(|all| {
+                all.iter().any(|e| e["name"] == "new" && e["status"] == "Approved")
+                    && all.iter().all(|e| e["name"] != "old")
+            })
+        });
+    });
+    assert!(served(new_listen).await, "the added endpoint serves");
+    assert!(is_refused(TcpStream::connect(old_listen).await).await, "the removed one takes no one");
+    assert!(is_refused(TcpStream::connect(guarded_listen).await).await, "the new ACL applies");
+    held.write_all(&[2]).await.expect("write");
+    held.read_exact(&mut [0u8; 1]).await.expect("the removed endpoint's open connection goes on");
+
+    let counted = tokio::time::timeout(WAIT * 4, transfer)
+        .await
+        .expect("the transfer ends")
+        .expect("the transfer under way was not cut");
+    assert_eq!(counted, TRANSFER, "every byte of the transfer arrived");
 }

@@ -139,6 +139,26 @@ async fn run_session(
                     sent_verdicts.clone_from(&verdicts);
                     machine.send_verdicts(verdicts, now());
                 }
+                AgentEvent::EndpointsChanged { added, removed } => {
+                    // A relay reload: judge the new endpoints, stop opening the removed ones.
+                    let verdicts = judge(&added, shared);
+                    let mut now_approved: HashSet<String> = (*approved).clone();
+                    for name in &removed {
+                        now_approved.remove(name);
+                    }
+                    now_approved.extend(
+                        verdicts
+                            .iter()
+                            .filter(|v| v.verdict == Verdict::Approved)
+                            .map(|v| v.endpoint.clone()),
+                    );
+                    approved = Arc::new(now_approved);
+                    sent_verdicts.retain(|v| !removed.contains(&v.endpoint));
+                    sent_verdicts.extend(verdicts.iter().cloned());
+                    assigned = assigned.saturating_sub(removed.len()) + added.len();
+                    shared.status.set_verdicts(link, &sent_verdicts);
+                    machine.send_verdict_update(verdicts);
+                }
                 AgentEvent::Refused { reason } => return Err(SessionError::Refused(reason)),
                 AgentEvent::Heartbeat { active_streams } => {
                     debug!(active_streams, "relay heartbeat")

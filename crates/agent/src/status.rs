@@ -118,6 +118,11 @@ impl AgentStatus {
         });
     }
 
+    /// The link to `address` now has `verdicts` (a relay reload changed its endpoints).
+    pub(crate) fn set_verdicts(&self, address: SocketAddr, verdicts: &[EndpointVerdict]) {
+        self.update(address, |link| link.verdicts = verdicts.to_vec());
+    }
+
     /// The link to `address` carries `active_streams` streams.
     pub(crate) fn set_active_streams(&self, address: SocketAddr, active_streams: u32) {
         let mut links = self.lock();

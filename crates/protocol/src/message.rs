@@ -59,6 +59,15 @@ pub enum Control {
     /// Agent → relay, before a [`Control::Verdicts`]: some of the verdicts, when they do not
     /// fit in one frame; the `Verdicts` message carries the last piece.
     VerdictsPart(Vec<EndpointVerdict>),
+    /// Relay → agent, once established: the connector's endpoints changed (a reload). The
+    /// agent answers verdicts for the added ones; it opens nothing more for the removed ones.
+    /// A long change comes as several of these, each within one frame.
+    EndpointsChanged {
+        /// Endpoints assigned from now on.
+        added: Vec<EndpointAssignment>,
+        /// Names of endpoints no longer assigned.
+        removed: Vec<String>,
+    },
     /// Either way: liveness and load.
     Heartbeat {
         /// Data streams the sender currently carries.
@@ -87,6 +96,7 @@ impl Control {
             Self::Verdicts(_) => "Verdicts",
             Self::EndpointsPart(_) => "EndpointsPart",
             Self::VerdictsPart(_) => "VerdictsPart",
+            Self::EndpointsChanged { .. } => "EndpointsChanged",
             Self::Heartbeat { .. } => "Heartbeat",
             Self::Drain { .. } => "Drain",
             Self::HeartbeatAck => "HeartbeatAck",

@@ -37,9 +37,9 @@ impl AdminView for RelayAdmin {
     }
 
     fn connections(&self) -> Value {
-        let mut open: Vec<(&str, _)> = self
-            .handle
-            .endpoints()
+        let endpoints = self.handle.endpoints();
+        let mut open: Vec<(&str, _)> = endpoints
+            .iter()
             .flat_map(|(endpoint, _)| {
                 let name = endpoint.name.as_str();
                 endpoint.live.snapshot().into_iter().map(move |live| (name, live))
@@ -71,6 +71,7 @@ impl AdminView for RelayAdmin {
         let mut agents_of: BTreeMap<String, Vec<AgentView>> = BTreeMap::new();
         let endpoints: Vec<Value> = handle
             .endpoints()
+            .into_iter()
             .map(|(endpoint, addr)| {
                 let spec = endpoint.spec();
                 let agents = agents_of

@@ -181,6 +181,9 @@ async fn run_agent(
     // The endpoints this agent was welcomed with: verdicts for any other name are dropped.
     let mut assigned: HashSet<String> = HashSet::new();
     let mut drain_sent = false;
+    // The connector this agent serves, once admitted (reloads are announced for it).
+    let mut connector: Option<String> = None;
+    let mut config_changes = ctx.config.subscribe();
     // Refusals decided here are logged by `admit`; the machine's own (version) are not.
     let mut refused_here = false;
     loop {
@@ -190,6 +193,8 @@ async fn run_agent(
                     .and_then(|endpoints| Ok((register(connection, &hello, ctx)?, endpoints)))
                 {
                     Ok((registered, endpoints)) => {
+                        connector = Some(hello.connector.clone());
+                        config_changes.mark_unchanged(); // the welcome has the current list
                         assigned = endpoints.iter().map(|e| e.name.clone()).collect();
                         machine.accept(endpoints, now());
                         registration = Some(registered);
@@ -244,6 +249,11 @@ async fn run_agent(
                 machine.drain("relay shutting down");
             }
             () = probe_requested(registration.as_ref()) => machine.probe(now()),
+            _ = config_changes.changed(), if machine.is_established() => {
+                if let Some(connector) = &connector {
+                    announce_changes(&mut machine, &mut assigned, connector, ctx, registration.as_ref());
+                }
+            }
             advanced = control.advance(&mut machine) => match advanced {
                 Ok(Advanced::Heard) => {
                     if let Some(registration) = &registration {
@@ -268,6 +278,42 @@ async fn run_agent(
             },
         }
     }
+}
+
+/// A reload changed the configuration: tells the agent which of its connector's endpoints
+/// were added and removed, and forgets its verdicts on the removed ones.
+fn announce_changes(
+    machine: &mut RelayControl,
+    assigned: &mut HashSet<String>,
+    connector: &str,
+    ctx: &AgentsContext,
+    registration: Option<&AgentRegistration>,
+) {
+    let config = ctx.config.get();
+    let now_assigned: HashSet<String> =
+        config.endpoints_of(connector).map(|e| e.name.clone()).collect();
+    let added: Vec<EndpointAssignment> = config
+        .endpoints_of(connector)
+        .filter(|e| !assigned.contains(&e.name))
+        .map(|e| EndpointAssignment {
+            name: e.name.clone(),
+            destination: e.destination.to_string(),
+        })
+        .collect();
+    let removed: Vec<String> = assigned.difference(&now_assigned).cloned().collect();
+    if added.is_empty() && removed.is_empty() {
+        return;
+    }
+    info!(
+        added = added.len(),
+        removed = removed.len(),
+        "telling the agent about changed endpoints"
+    );
+    if let Some(registration) = registration {
+        registration.forget_verdicts(&removed);
+    }
+    *assigned = now_assigned;
+    machine.update_endpoints(added, removed);
 }
 
 /// Resolves when a client connection suspects the registered agent (never before it is

@@ -199,6 +199,12 @@ impl Relay {
             draining: CancellationToken::new(),
         });
 
+        handle.set_spawner(reload::EndpointSpawner {
+            registry: Arc::clone(handle.registry()),
+            shutdown: shutdown.clone(),
+            force: force.clone(),
+            clients: clients.clone(),
+        });
         info!(tunnel = %handle.tunnel_addr(), "relay listening for agents (QUIC on UDP, TLS on TCP)");
         let acceptors = TaskTracker::new();
         for (endpoint, listener) in listeners {

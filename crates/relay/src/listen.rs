@@ -32,6 +32,9 @@ pub(crate) struct Endpoint {
     pub(crate) metrics: Arc<RelayMetrics>,
     /// The connections being forwarded now (from the agent's choice to the end).
     pub(crate) live: LiveTable<LiveClient>,
+    /// Its accept loop's stop and its connections' force, children of the relay's own; set
+    /// when the loop starts, cancelled early when a reload removes the endpoint.
+    tokens: std::sync::OnceLock<(CancellationToken, CancellationToken)>,
 }
 
 /// What `/api/v1/connections` shows of a client connection besides its times and bytes.
@@ -71,6 +74,30 @@ impl Endpoint {
             counters: EndpointCounters::default(),
             metrics,
             live: LiveTable::default(),
+            tokens: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// This endpoint's accept-loop stop and connection force, made children of the relay's
+    /// `shutdown` and `force` on first use.
+    fn tokens(
+        &self,
+        shutdown: &CancellationToken,
+        force: &CancellationToken,
+    ) -> (CancellationToken, CancellationToken) {
+        self.tokens.get_or_init(|| (shutdown.child_token(), force.child_token())).clone()
+    }
+
+    /// A reload removed the endpoint: it accepts no more clients at once, and the
+    /// connections it has get `grace` to finish before they are closed.
+    pub(crate) fn retire(&self, grace: std::time::Duration) {
+        if let Some((stop, force)) = self.tokens.get() {
+            stop.cancel();
+            let force = force.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                force.cancel();
+            });
         }
     }
 
@@ -108,16 +135,17 @@ impl Drop for Slot {
     }
 }
 
-/// Accepts clients on one endpoint until `stop` is cancelled; client tasks end early only when
-/// `force` is cancelled.
+/// Accepts clients on one endpoint until `shutdown` is cancelled or the endpoint is retired;
+/// client tasks end early only when `force` is cancelled (or the retired endpoint's grace ends).
 pub(crate) async fn accept_clients(
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
     registry: Arc<Registry>,
-    stop: CancellationToken,
+    shutdown: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let (stop, force) = endpoint.tokens(&shutdown, &force);
     let span = tracing::info_span!("endpoint", endpoint = %endpoint.name);
     let accept = tcp::accept_until(&listener, &stop, |socket, client| {
         let spec = endpoint.spec();

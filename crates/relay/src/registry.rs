@@ -199,6 +199,20 @@ impl AgentRegistration {
         });
     }
 
+    /// Drops the agent's verdicts on endpoints that no longer exist (a reload removed them).
+    pub fn forget_verdicts(&self, endpoints: &[String]) {
+        if endpoints.is_empty() {
+            return;
+        }
+        self.registry.update(|state| {
+            if let Some(agent) = state.agents.get_mut(&self.id) {
+                for endpoint in endpoints {
+                    agent.verdicts.remove(endpoint);
+                }
+            }
+        });
+    }
+
     /// Stops giving this agent new streams.
     pub fn set_draining(&self) {
         self.registry.update(|state| {

@@ -5,11 +5,14 @@
 //!
 //! * applied in place, without dropping a connection: each endpoint's ACL, `max_connections`,
 //!   `inactivity_timeout` and open-retry settings (new connections get them; open ones keep
-//!   theirs), and the connectors' tokens — an agent whose connector is gone or whose token
-//!   is no longer listed is disconnected, and new agents are checked against the new list;
-//! * not applied yet (the reload is refused, saying what needs a restart): endpoints added,
-//!   removed or renamed, an endpoint's connector, destination or listen address, the tunnel
-//!   address, its certificate and key, the admin listener and `shutdown_grace`.
+//!   theirs); endpoints added (bound first — a port that cannot be bound refuses the reload —
+//!   then announced to their connector's agents, whose verdicts follow) and removed (no new
+//!   clients at once, their connections finish within `shutdown_grace`, agents told); and the
+//!   connectors' tokens — an agent whose connector is gone or whose token is no longer listed
+//!   is disconnected, and new agents are checked against the new list;
+//! * not applied yet (the reload is refused, saying what needs a restart): an endpoint's
+//!   connector, destination or listen address (remove it and add it under another name), the
+//!   tunnel address, its certificate and key, the admin listener and `shutdown_grace`.
 //!
 //! `privlink_config_last_reload_successful` and `…_success_timestamp_seconds` say how the last
 //! attempt went.
@@ -17,30 +20,68 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use privlink_transport::tcp;
 use privlink_transport::tunnel::CloseCode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{EndpointSpec, RelayConfig};
+use crate::listen::Endpoint;
 use crate::registry::Registry;
 use crate::status::RelayHandle;
 
 /// The configuration in force, shared by whoever needs the current one (authentication,
 /// welcomes) and replaced by a reload.
 #[derive(Debug)]
-pub(crate) struct CurrentConfig(RwLock<Arc<RelayConfig>>);
+pub(crate) struct CurrentConfig {
+    config: RwLock<Arc<RelayConfig>>,
+    /// Bumped by every applied reload: agent sessions tell their agents what changed.
+    generation: watch::Sender<u64>,
+}
 
 impl CurrentConfig {
     pub(crate) fn new(config: RelayConfig) -> Self {
-        Self(RwLock::new(Arc::new(config)))
+        Self { config: RwLock::new(Arc::new(config)), generation: watch::Sender::new(0) }
     }
 
     /// The configuration in force now.
     pub(crate) fn get(&self) -> Arc<RelayConfig> {
-        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// A receiver that sees a new value after each applied reload.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     fn set(&self, config: RelayConfig) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+        self.generation.send_modify(|generation| *generation += 1);
+    }
+}
+
+/// What starts an endpoint's accept loop once the relay runs (set by `Relay::run`).
+#[derive(Debug)]
+pub(crate) struct EndpointSpawner {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) force: CancellationToken,
+    pub(crate) clients: TaskTracker,
+}
+
+impl EndpointSpawner {
+    pub(crate) fn spawn(&self, endpoint: Arc<Endpoint>, listener: TcpListener) {
+        self.clients.spawn(crate::listen::accept_clients(
+            listener,
+            endpoint,
+            Arc::clone(&self.registry),
+            self.shutdown.clone(),
+            self.force.clone(),
+            self.clients.clone(),
+        ));
     }
 }
 
@@ -49,6 +90,10 @@ impl CurrentConfig {
 pub struct ReloadSummary {
     /// Endpoints whose policy changed.
     pub endpoints_changed: Vec<String>,
+    /// Endpoints added (listening now).
+    pub endpoints_added: Vec<String>,
+    /// Endpoints removed (no new clients; their connections finish within the grace).
+    pub endpoints_removed: Vec<String>,
     /// Agents disconnected because their connector or token is no longer configured.
     pub agents_disconnected: Vec<String>,
 }
@@ -62,6 +107,19 @@ pub enum ReloadError {
     /// It changes something that is not reloaded yet.
     #[error("not reloaded — these changes need a restart: {}", .0.join("; "))]
     NeedsRestart(Vec<String>),
+    /// An added endpoint's address could not be bound.
+    #[error("not reloaded — endpoint `{endpoint}` cannot listen on {addr}: {source}")]
+    Bind {
+        /// The endpoint.
+        endpoint: String,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The relay is not running yet.
+    #[error("not reloaded — the relay is not running")]
+    NotRunning,
 }
 
 /// Checks `new` against what runs and applies it, or says what needs a restart.
@@ -71,19 +129,43 @@ pub(crate) fn apply(handle: &RelayHandle, new: RelayConfig) -> Result<ReloadSumm
     if !restart.is_empty() {
         return Err(ReloadError::NeedsRestart(restart));
     }
+    let spawner = handle.spawner().ok_or(ReloadError::NotRunning)?;
     let mut summary = ReloadSummary::default();
-    let specs: HashMap<&str, &EndpointSpec> =
-        new.endpoints.iter().map(|e| (e.name.as_str(), e)).collect();
-    for (endpoint, _) in handle.endpoints() {
-        if let Some(spec) = specs.get(endpoint.name.as_str()) {
-            if *endpoint.spec() != **spec {
-                endpoint.set_spec((*spec).clone());
-                summary.endpoints_changed.push(endpoint.name.clone());
+    let running: HashMap<String, Arc<Endpoint>> =
+        handle.endpoints().into_iter().map(|(e, _)| (e.name.clone(), e)).collect();
+    // Bind every added endpoint first: one that cannot listen refuses the whole reload.
+    let mut bound = Vec::new();
+    for spec in new.endpoints.iter().filter(|e| !running.contains_key(&e.name)) {
+        let bind_error =
+            |source| ReloadError::Bind { endpoint: spec.name.clone(), addr: spec.listen, source };
+        let listener = tcp::listen(spec.listen).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        bound.push((spec.clone(), listener, addr));
+    }
+    for spec in &new.endpoints {
+        if let Some(endpoint) = running.get(&spec.name) {
+            if *endpoint.spec() != *spec {
+                endpoint.set_spec(spec.clone());
+                summary.endpoints_changed.push(spec.name.clone());
             }
+        }
+    }
+    for (spec, listener, addr) in bound {
+        let endpoint = Arc::new(Endpoint::new(spec, Arc::clone(handle.metrics())));
+        info!(endpoint = %endpoint.name, listen = %addr, "endpoint listening (reload)");
+        summary.endpoints_added.push(endpoint.name.clone());
+        handle.add_endpoint(Arc::clone(&endpoint), addr);
+        spawner.spawn(endpoint, listener);
+    }
+    for name in running.keys().filter(|name| !new.endpoints.iter().any(|e| e.name == **name)) {
+        if let Some(endpoint) = handle.remove_endpoint(name) {
+            endpoint.retire(new.shutdown_grace);
+            summary.endpoints_removed.push(name.clone());
         }
     }
     summary.agents_disconnected = disconnect_revoked(handle.registry(), &new);
     summary.endpoints_changed.sort();
+    summary.endpoints_removed.sort();
     handle.config().set(new);
     Ok(summary)
 }
@@ -91,9 +173,9 @@ pub(crate) fn apply(handle: &RelayHandle, new: RelayConfig) -> Result<ReloadSumm
 /// Closes the connections of agents the new configuration no longer admits.
 fn disconnect_revoked(registry: &Registry, new: &RelayConfig) -> Vec<String> {
     let revoked = registry.revoked(|info| {
-        !new.connectors.iter().any(|c| {
-            c.name == info.connector && c.token_sha256.contains(&info.token_digest)
-        })
+        !new.connectors
+            .iter()
+            .any(|c| c.name == info.connector && c.token_sha256.contains(&info.token_digest))
     });
     revoked
         .into_iter()
@@ -126,7 +208,7 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
         current.endpoints.iter().map(|e| (e.name.as_str(), e)).collect();
     for spec in &new.endpoints {
         match old.get(spec.name.as_str()) {
-            None => restart.push(format!("endpoint `{}` added", spec.name)),
+            None => {} // added: applied
             Some(was) => {
                 for (field, changed) in [
                     ("connector", was.connector != spec.connector),
@@ -140,11 +222,6 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
             }
         }
     }
-    for name in old.keys() {
-        if !new.endpoints.iter().any(|e| e.name == *name) {
-            restart.push(format!("endpoint `{name}` removed"));
-        }
-    }
     restart
 }
 
@@ -153,6 +230,8 @@ pub(crate) fn log(result: &Result<ReloadSummary, ReloadError>) {
     match result {
         Ok(summary) => info!(
             endpoints_changed = %summary.endpoints_changed.join(","),
+            endpoints_added = %summary.endpoints_added.join(","),
+            endpoints_removed = %summary.endpoints_removed.join(","),
             agents_disconnected = %summary.agents_disconnected.join(","),
             "configuration reloaded"
         ),

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use crate::admission::Admission;
@@ -12,18 +12,24 @@ use crate::config::RelayConfig;
 use crate::listen::Endpoint;
 use crate::metrics::RelayMetrics;
 use crate::registry::{AgentView, EndpointStatus, Registry};
-use crate::reload::{CurrentConfig, ReloadError, ReloadSummary};
+use crate::reload::{CurrentConfig, EndpointSpawner, ReloadError, ReloadSummary};
+
+/// Every endpoint by name, with its bound address.
+type EndpointMap = HashMap<String, (Arc<Endpoint>, SocketAddr)>;
 
 /// A cheap, cloneable view of a running relay: addresses and endpoint status.
 #[derive(Debug, Clone)]
 pub struct RelayHandle {
     registry: Arc<Registry>,
     admission: Arc<Admission>,
-    endpoints: Arc<HashMap<String, (Arc<Endpoint>, SocketAddr)>>,
+    /// Every endpoint with its bound address; a reload adds and removes entries.
+    endpoints: Arc<RwLock<EndpointMap>>,
     tunnel_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     metrics: Arc<RelayMetrics>,
     config: Arc<CurrentConfig>,
+    /// Starts accept loops for endpoints a reload adds; set once the relay runs.
+    spawner: Arc<std::sync::OnceLock<EndpointSpawner>>,
 }
 
 impl RelayHandle {
@@ -39,12 +45,21 @@ impl RelayHandle {
         Self {
             registry,
             admission,
-            endpoints: Arc::new(endpoints),
+            endpoints: Arc::new(RwLock::new(endpoints)),
             tunnel_addr,
             admin_addr,
             metrics,
             config,
+            spawner: Arc::default(),
         }
+    }
+
+    pub(crate) fn spawner(&self) -> Option<&EndpointSpawner> {
+        self.spawner.get()
+    }
+
+    pub(crate) fn set_spawner(&self, spawner: EndpointSpawner) {
+        let _ = self.spawner.set(spawner);
     }
 
     pub(crate) fn config(&self) -> &Arc<CurrentConfig> {
@@ -102,8 +117,29 @@ impl RelayHandle {
     }
 
     /// Every endpoint with its bound address, in no particular order.
-    pub(crate) fn endpoints(&self) -> impl Iterator<Item = (&Arc<Endpoint>, SocketAddr)> {
-        self.endpoints.values().map(|(endpoint, addr)| (endpoint, *addr))
+    pub(crate) fn endpoints(&self) -> Vec<(Arc<Endpoint>, SocketAddr)> {
+        self.read_endpoints()
+            .values()
+            .map(|(endpoint, addr)| (Arc::clone(endpoint), *addr))
+            .collect()
+    }
+
+    fn read_endpoints(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<String, (Arc<Endpoint>, SocketAddr)>> {
+        self.endpoints.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a bound endpoint (a reload).
+    pub(crate) fn add_endpoint(&self, endpoint: Arc<Endpoint>, addr: SocketAddr) {
+        let mut all = self.endpoints.write().unwrap_or_else(PoisonError::into_inner);
+        all.insert(endpoint.name.clone(), (endpoint, addr));
+    }
+
+    /// Removes an endpoint (a reload); its connections finish on their own.
+    pub(crate) fn remove_endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
+        let mut all = self.endpoints.write().unwrap_or_else(PoisonError::into_inner);
+        all.remove(name).map(|(endpoint, _)| endpoint)
     }
 
     /// The admin listener's bound address, when one is configured.
@@ -113,19 +149,19 @@ impl RelayHandle {
 
     /// The bound address of an endpoint.
     pub fn endpoint_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.endpoints.get(name).map(|(_, addr)| *addr)
+        self.read_endpoints().get(name).map(|(_, addr)| *addr)
     }
 
     /// The status of an endpoint (`None` for an unknown name).
     pub fn endpoint_status(&self, name: &str) -> Option<EndpointStatus> {
-        let (endpoint, _) = self.endpoints.get(name)?;
+        let endpoint = Arc::clone(&self.read_endpoints().get(name)?.0);
         Some(self.registry.status(&endpoint.spec().connector, name))
     }
 
     /// Connections denied by the ACL and refused over the limit, for an endpoint.
     pub fn endpoint_refusals(&self, name: &str) -> Option<(u64, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
-        let (endpoint, _) = self.endpoints.get(name)?;
+        let endpoint = Arc::clone(&self.read_endpoints().get(name)?.0);
         Some((endpoint.counters.denied.load(Relaxed), endpoint.counters.over_limit.load(Relaxed)))
     }
 

@@ -29,6 +29,14 @@ pub enum AgentEvent {
         /// Streams the relay has open on this agent.
         active_streams: u32,
     },
+    /// The connector's endpoints changed (a relay reload): judge the added ones and answer
+    /// with [`AgentControl::send_verdict_update`]; open nothing more for the removed ones.
+    EndpointsChanged {
+        /// Endpoints assigned from now on.
+        added: Vec<EndpointAssignment>,
+        /// Names no longer assigned.
+        removed: Vec<String>,
+    },
     /// The relay is shutting down.
     RelayDraining {
         /// Why, as the relay put it.
@@ -102,6 +110,20 @@ impl AgentControl {
         true
     }
 
+    /// Answers an [`AgentEvent::EndpointsChanged`] with verdicts on the added endpoints (in
+    /// pieces when long). Does nothing before the conversation is established.
+    pub fn send_verdict_update(&mut self, verdicts: Vec<EndpointVerdict>) {
+        if self.state != State::Established || verdicts.is_empty() {
+            return;
+        }
+        let mut pieces = in_pieces(verdicts, EndpointVerdict::encoded_size_bound);
+        let last = pieces.pop().unwrap_or_default();
+        for piece in pieces {
+            self.common.transmits.push_back(Control::VerdictsPart(piece));
+        }
+        self.common.transmits.push_back(Control::Verdicts(last));
+    }
+
     /// Whether the verdicts have been sent (the relay may now open streams).
     pub fn is_established(&self) -> bool {
         self.state == State::Established
@@ -158,6 +180,9 @@ impl ControlMachine for AgentControl {
                 self.common.close();
                 self.common.events.push_back(AgentEvent::Refused { reason });
             }
+            (State::Established, Control::EndpointsChanged { added, removed }) => {
+                self.common.events.push_back(AgentEvent::EndpointsChanged { added, removed });
+            }
             (State::Established, Control::Heartbeat { active_streams }) => {
                 self.common.answer_heartbeat();
                 self.common.events.push_back(AgentEvent::Heartbeat { active_streams });
@@ -172,7 +197,9 @@ impl ControlMachine for AgentControl {
                     State::AwaitRelayHello => "RelayHello",
                     State::AwaitWelcome => "Welcome, EndpointsPart or Refused",
                     State::Judging => "nothing before the verdicts",
-                    State::Established | State::Closed => "Heartbeat, HeartbeatAck or Drain",
+                    State::Established | State::Closed => {
+                        "Heartbeat, HeartbeatAck, EndpointsChanged or Drain"
+                    }
                 },
                 got: other.kind(),
             }),
@@ -200,7 +227,7 @@ mod tests {
 
     use super::*;
     use crate::control::tests::{hello, verdicts};
-    use crate::message::EndpointAssignment;
+    use crate::message::{EndpointAssignment, Verdict};
 
     fn relay_hello(version: u16) -> Control {
         Control::RelayHello { protocol_version: version, software_version: "9.9.9".into() }
@@ -365,5 +392,22 @@ mod tests {
             }))
         );
         assert!(agent.is_closed());
+    }
+
+    #[test]
+    fn endpoint_changes_are_judged_and_answered_once_established() {
+        let (mut agent, now) = welcomed();
+        agent.send_verdicts(verdicts(), now);
+        agent.poll_transmit();
+        let added = vec![EndpointAssignment { name: "new".into(), destination: "n:1".into() }];
+        let change = Control::EndpointsChanged { added: added.clone(), removed: vec!["kv".into()] };
+        agent.handle_message(change, now);
+        assert_eq!(
+            agent.poll_event(),
+            Some(AgentEvent::EndpointsChanged { added, removed: vec!["kv".into()] })
+        );
+        let verdict = EndpointVerdict { endpoint: "new".into(), verdict: Verdict::Approved };
+        agent.send_verdict_update(vec![verdict.clone()]);
+        assert_eq!(agent.poll_transmit(), Some(Control::Verdicts(vec![verdict])));
     }
 }

@@ -86,6 +86,24 @@ impl RelayControl {
         self.common.await_step(now, "Verdicts");
     }
 
+    /// The connector's endpoints changed (a reload): tells the agent, in pieces that each fit
+    /// a frame. Its verdicts on the added ones come back as [`RelayEvent::Verdicts`]. Does
+    /// nothing before the conversation is established (the welcome still to come carries
+    /// the current list).
+    pub fn update_endpoints(&mut self, added: Vec<EndpointAssignment>, removed: Vec<String>) {
+        if self.state != State::Established || (added.is_empty() && removed.is_empty()) {
+            return;
+        }
+        let mut removed_pieces = in_pieces(removed, |name| name.len() + 10).into_iter();
+        for added in in_pieces(added, EndpointAssignment::encoded_size_bound) {
+            let removed = removed_pieces.next().unwrap_or_default();
+            self.common.transmits.push_back(Control::EndpointsChanged { added, removed });
+        }
+        for removed in removed_pieces {
+            self.common.transmits.push_back(Control::EndpointsChanged { added: vec![], removed });
+        }
+    }
+
     /// Refuses the agent with a reason it is shown (never a secret).
     pub fn refuse(&mut self, reason: String) {
         if self.state == State::Closed {
@@ -530,5 +548,36 @@ mod tests {
             relay.poll_event(),
             Some(RelayEvent::Failed(ControlError::TooMany { what: "verdicts", max: 1 }))
         );
+    }
+
+    #[test]
+    fn endpoint_changes_go_out_in_pieces_once_established_only() {
+        let (mut fresh, now) = started();
+        fresh.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        fresh.poll_event();
+        fresh.update_endpoints(kv(), vec![]);
+        assert_eq!(fresh.poll_transmit(), None, "before the welcome, nothing");
+
+        let (mut relay, _) = established();
+        while relay.poll_transmit().is_some() {}
+        let added: Vec<EndpointAssignment> = (0..5000)
+            .map(|i| EndpointAssignment {
+                name: format!("added-{i:05}"),
+                destination: format!("vault-{i:05}.privatelink.vaultcore.azure.net:443"),
+            })
+            .collect();
+        relay.update_endpoints(added.clone(), vec!["kv".into()]);
+        let mut got_added = Vec::new();
+        let mut got_removed = Vec::new();
+        while let Some(message) = relay.poll_transmit() {
+            crate::frame::encode(&message).expect("every piece fits a frame");
+            let Control::EndpointsChanged { added, removed } = message else {
+                panic!("{message:?}")
+            };
+            got_added.extend(added);
+            got_removed.extend(removed);
+        }
+        assert!(got_added == added);
+        assert_eq!(got_removed, vec!["kv".to_owned()]);
     }
 }
