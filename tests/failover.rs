@@ -197,13 +197,9 @@ impl Deployment {
     /// `agents` agents (agent-0, agent-1, …) on `transport` linked to every relay, every agent
     /// approved on every relay; `agent_extra` goes into each agent's config.
     async fn start(transport: &str, relays: usize, agents: usize, agent_extra: &str) -> Self {
-        use privlink_testbed::load;
         use privlink_testbed::process::{free_fixed_port, write_tunnel_files};
 
-        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let destination = backend.local_addr().expect("addr").to_string();
-        let stop_backend = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(load::serve_backend(backend, stop_backend.clone()));
+        let (destination, stop_backend) = load_backend().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let tunnel = loopback(free_fixed_port());
         let endpoint = loopback(free_fixed_port());
@@ -405,29 +401,6 @@ async fn freezing_one_of_two_agents_under_load_fails_no_new_connection_over_tcp(
     losing_one_of_two_agent_processes_under_load("tcp", Fault::Freeze).await;
 }
 
-/// Uploads `len` bytes (a multiple of 1 MiB) through `endpoint` at a pace — 1 MiB every
-/// 40 ms, a transfer of a few seconds — and checks the backend counted every byte.
-async fn paced_upload(endpoint: std::net::SocketAddr, len: u64) -> Result<(), String> {
-    use privlink_testbed::load;
-    let transfer = async {
-        let mut conn = TcpStream::connect(endpoint).await?;
-        conn.write_all(&[load::UPLOAD]).await?;
-        let chunk = vec![0x42u8; 1 << 20];
-        for _ in 0..len >> 20 {
-            conn.write_all(&chunk).await?;
-            tokio::time::sleep(Duration::from_millis(40)).await;
-        }
-        conn.shutdown().await?;
-        conn.read_u64().await
-    };
-    match tokio::time::timeout(WAIT * 2, transfer).await {
-        Ok(Ok(count)) if count == len => Ok(()),
-        Ok(Ok(count)) => Err(format!("the backend counted {count} of {len} bytes")),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the transfer did not end".to_owned()),
-    }
-}
-
 /// Two agents, each stopped with SIGTERM and started again in turn — a rolling update —
 /// while long transfers run on both and new connections keep coming: not one connection of
 /// any kind fails or is cut short, and each draining agent shows as draining (its `/readyz`
@@ -435,6 +408,7 @@ async fn paced_upload(endpoint: std::net::SocketAddr, len: u64) -> Result<(), St
 async fn rolling_sigterm_restarts_of_two_agents_lose_nothing(transport: &str) {
     use privlink_testbed::load;
     const TRANSFER: u64 = 48 << 20;
+    const PACE: Duration = Duration::from_millis(40);
     let mut deployment = Deployment::start(transport, 1, 2, "shutdown_grace = \"20s\"").await;
     let endpoint = deployment.endpoint();
     let stop_load = tokio_util::sync::CancellationToken::new();
@@ -442,7 +416,7 @@ async fn rolling_sigterm_restarts_of_two_agents_lose_nothing(transport: &str) {
     for i in 0..2 {
         // Four long transfers: the least-loaded choice puts some on each agent.
         let transfers: Vec<_> =
-            (0..4).map(|_| tokio::spawn(paced_upload(endpoint, TRANSFER))).collect();
+            (0..4).map(|_| tokio::spawn(paced_upload(endpoint, TRANSFER, 1 << 20, PACE))).collect();
         let agent_admin = deployment.agent_admin(i);
         // One of them under way on this agent (the short connections of the load do not count).
         tokio::task::block_in_place(|| {

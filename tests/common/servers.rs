@@ -167,3 +167,41 @@ pub async fn choosy_server(download_len: usize) -> ChoosyServer {
     });
     ChoosyServer { addr, sent }
 }
+
+/// Uploads `len` bytes (a multiple of `chunk`) to the load tool's backend through `endpoint`,
+/// one `chunk` every `pause` — a transfer that lasts a while — and checks the backend counted
+/// every byte.
+pub async fn paced_upload(
+    endpoint: SocketAddr,
+    len: u64,
+    chunk: usize,
+    pause: std::time::Duration,
+) -> Result<(), String> {
+    let transfer = async {
+        let mut conn = TcpStream::connect(endpoint).await?;
+        conn.write_all(&[privlink_testbed::load::UPLOAD]).await?;
+        let bytes = vec![0x42u8; chunk];
+        for _ in 0..len / chunk as u64 {
+            conn.write_all(&bytes).await?;
+            tokio::time::sleep(pause).await;
+        }
+        conn.shutdown().await?;
+        conn.read_u64().await
+    };
+    match tokio::time::timeout(WAIT * 4, transfer).await {
+        Ok(Ok(count)) if count == len => Ok(()),
+        Ok(Ok(count)) => Err(format!("the backend counted {count} of {len} bytes")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the transfer did not end".to_owned()),
+    }
+}
+
+/// The load tool's backend on loopback, served until the token is cancelled: its address as
+/// a destination string, and the token.
+pub async fn load_backend() -> (String, tokio_util::sync::CancellationToken) {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let destination = backend.local_addr().expect("addr").to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(privlink_testbed::load::serve_backend(backend, stop.clone()));
+    (destination, stop)
+}
