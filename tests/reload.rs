@@ -355,3 +355,51 @@ async fn a_reload_adds_and_removes_endpoints_and_changes_an_acl_while_a_transfer
     let transfer = transfer.await.expect("join");
     transfer.unwrap_or_else(|e| panic!("the transfer under way was cut: {e}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_tunnel_certificate_serves_new_handshakes_and_the_live_link_stays() {
+    let running = Running2::start().await;
+    let dir = std::path::Path::new(&running.configs.agent).parent().expect("dir").to_owned();
+    let agent_id = AdminProbe::new(None, running.configs.agent_admin).status()["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // A certificate from another CA, which the running agent does not trust.
+    let renewed = dir.join("renewed");
+    let out = std::process::Command::new(common::BIN)
+        .args(["certs", "init", "--dir", renewed.to_str().expect("utf-8"), "--name", "127.0.0.1"])
+        .output()
+        .expect("certs init");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new_config = running
+        .relay_config()
+        .replace("certs/relay.crt", "renewed/relay.crt")
+        .replace("certs/relay.key", "renewed/relay.key");
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("applied", || {
+            running.write_relay_config(&new_config);
+            running.sighup();
+        });
+    });
+    // The link made with the old certificate stays and serves.
+    let status = tokio::task::block_in_place(|| running.relay_admin.status());
+    assert!(approved_by(&status, &agent_id, "e"), "the live link stays: {status}");
+    assert!(served(running.endpoint).await);
+    // A new agent trusting only the new CA gets in: new handshakes use the new certificate.
+    let new_admin = loopback(free_fixed_port());
+    let text = std::fs::read_to_string(&running.configs.agent)
+        .expect("agent.toml")
+        .replace("certs/ca.crt", "renewed/ca.crt")
+        .replace(&running.configs.agent_admin.to_string(), &new_admin.to_string());
+    for transport in ["quic", "tcp"] {
+        let path = dir.join(format!("agent-{transport}.toml"));
+        let text = text.replace("transport = \"quic\"", &format!("transport = \"{transport}\""));
+        std::fs::write(&path, text).expect("agent config");
+        let agent = common::privlink(&["agent", "--config", path.to_str().expect("utf-8")]);
+        tokio::task::block_in_place(|| running.wait_agent_served(new_admin));
+        drop(agent);
+        tokio::task::block_in_place(|| {
+            AdminProbe::new(None, new_admin).wait("/healthz", |code, _| code == 0)
+        });
+    }
+}

@@ -30,7 +30,7 @@ use crate::admission::{Admission, PendingSlot};
 use crate::auth::{AuthFailure, FailureLimiter, authenticate};
 use crate::metrics::{AuthFailureReason, RelayMetrics};
 use crate::registry::{AgentInfo, AgentRegistration, Registry};
-use crate::reload::CurrentConfig;
+use crate::reload::{CurrentConfig, TunnelIdentity};
 
 /// Agents one connector may have connected to this relay at once: several share a
 /// connector's load and take over from each other, but a token holder cannot fill the relay
@@ -123,13 +123,14 @@ pub(crate) async fn accept_quic_agents(
 /// Accepts TLS/TCP agent connections until `stop` is cancelled.
 pub(crate) async fn accept_tcp_agents(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    identity: Arc<TunnelIdentity>,
     ctx: Arc<AgentsContext>,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tcp::accept_until(&listener, &stop, |socket, remote| {
+        // Read at each accept: a reload may have replaced the certificate.
+        let acceptor = tokio_rustls::TlsAcceptor::from(identity.tcp_config());
         let slot = match ctx.admission.try_pending(remote.ip()) {
             Ok(slot) => slot,
             Err(over) => {
@@ -138,7 +139,7 @@ pub(crate) async fn accept_tcp_agents(
                 return;
             }
         };
-        let handshake = h2::accept(socket, remote, acceptor.clone(), Timers::HANDSHAKE);
+        let handshake = h2::accept(socket, remote, acceptor, Timers::HANDSHAKE);
         tracker.spawn(
             serve_agent(handshake, remote, slot, Arc::clone(&ctx))
                 .instrument(agent_span(remote, "tcp")),

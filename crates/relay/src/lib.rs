@@ -199,11 +199,13 @@ impl Relay {
             draining: CancellationToken::new(),
         });
 
+        let identity = Arc::new(reload::TunnelIdentity::new(quic.clone(), tunnel_tls));
         handle.set_spawner(reload::EndpointSpawner {
             registry: Arc::clone(handle.registry()),
             shutdown: shutdown.clone(),
             force: force.clone(),
             clients: clients.clone(),
+            identity: Arc::clone(&identity),
         });
         info!(tunnel = %handle.tunnel_addr(), "relay listening for agents (QUIC on UDP, TLS on TCP)");
         let acceptors = TaskTracker::new();
@@ -235,7 +237,7 @@ impl Relay {
         ));
         acceptors.spawn(agents::accept_tcp_agents(
             tunnel_tcp,
-            tunnel_tls,
+            identity,
             Arc::clone(&ctx),
             tunnel_stop.clone(),
             agents.clone(),

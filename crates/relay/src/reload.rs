@@ -10,9 +10,11 @@
 //!   clients at once, their connections finish within `shutdown_grace`, agents told); and the
 //!   connectors' tokens — an agent whose connector is gone or whose token is no longer listed
 //!   is disconnected, and new agents are checked against the new list;
+//!   The tunnel's certificate and key are read again too: new handshakes use the new ones,
+//!   links already up keep theirs.
 //! * not applied yet (the reload is refused, saying what needs a restart): an endpoint's
 //!   connector, destination or listen address (remove it and add it under another name), the
-//!   tunnel address, its certificate and key, the admin listener and `shutdown_grace`.
+//!   tunnel address, the admin listener and `shutdown_grace`.
 //!
 //! `privlink_config_last_reload_successful` and `…_success_timestamp_seconds` say how the last
 //! attempt went.
@@ -20,15 +22,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use privlink_transport::tcp;
 use privlink_transport::tunnel::CloseCode;
+use privlink_transport::{quic, tcp, tls};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{EndpointSpec, RelayConfig};
+use crate::config::{EndpointSpec, RelayConfig, TlsIdentity};
 use crate::listen::Endpoint;
 use crate::registry::Registry;
 use crate::status::RelayHandle;
@@ -63,13 +65,46 @@ impl CurrentConfig {
     }
 }
 
-/// What starts an endpoint's accept loop once the relay runs (set by `Relay::run`).
+/// The tunnel's TLS identity as the listeners use it: QUIC's server settings live in the
+/// endpoint, TLS/TCP's are read at each accept. A reload replaces both; connections already
+/// up keep the identity they were made with.
+#[derive(Debug)]
+pub(crate) struct TunnelIdentity {
+    quic: quinn::Endpoint,
+    tcp: RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl TunnelIdentity {
+    pub(crate) fn new(quic: quinn::Endpoint, tcp: Arc<rustls::ServerConfig>) -> Self {
+        Self { quic, tcp: RwLock::new(tcp) }
+    }
+
+    /// The TLS/TCP settings in force.
+    pub(crate) fn tcp_config(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.tcp.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Builds both transports' settings for `identity` (so a bad certificate or key changes
+    /// nothing) and puts them in force.
+    fn replace(&self, identity: &TlsIdentity) -> Result<(), String> {
+        let tls = tls::tunnel_server_config(identity.chain.clone(), identity.key.clone_key())
+            .map_err(|e| e.to_string())?;
+        let quic = quic::relay_server_config(tls.clone()).map_err(|e| e.to_string())?;
+        self.quic.set_server_config(Some(quic));
+        *self.tcp.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tls);
+        Ok(())
+    }
+}
+
+/// What a reload needs of the running relay (set by `Relay::run`): to start endpoints' accept
+/// loops and to replace the tunnel's identity.
 #[derive(Debug)]
 pub(crate) struct EndpointSpawner {
     pub(crate) registry: Arc<Registry>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) force: CancellationToken,
     pub(crate) clients: TaskTracker,
+    pub(crate) identity: Arc<TunnelIdentity>,
 }
 
 impl EndpointSpawner {
@@ -94,6 +129,8 @@ pub struct ReloadSummary {
     pub endpoints_added: Vec<String>,
     /// Endpoints removed (no new clients; their connections finish within the grace).
     pub endpoints_removed: Vec<String>,
+    /// Whether the tunnel's certificate and key were replaced (new handshakes use them).
+    pub identity_replaced: bool,
     /// Agents disconnected because their connector or token is no longer configured.
     pub agents_disconnected: Vec<String>,
 }
@@ -117,6 +154,9 @@ pub enum ReloadError {
         /// Why.
         source: std::io::Error,
     },
+    /// The new certificate or key cannot be used.
+    #[error("not reloaded — tunnel certificate: {0}")]
+    Identity(String),
     /// The relay is not running yet.
     #[error("not reloaded — the relay is not running")]
     NotRunning,
@@ -133,7 +173,14 @@ pub(crate) fn apply(handle: &RelayHandle, new: RelayConfig) -> Result<ReloadSumm
     let mut summary = ReloadSummary::default();
     let running: HashMap<String, Arc<Endpoint>> =
         handle.endpoints().into_iter().map(|(e, _)| (e.name.clone(), e)).collect();
-    // Bind every added endpoint first: one that cannot listen refuses the whole reload.
+    // Prepare everything that can fail before changing anything: the identity is put in
+    // force only if it builds; every added endpoint is bound.
+    let identity_changed = current.identity.chain != new.identity.chain
+        || current.identity.key.secret_der() != new.identity.key.secret_der();
+    if identity_changed {
+        tls::tunnel_server_config(new.identity.chain.clone(), new.identity.key.clone_key())
+            .map_err(|e| ReloadError::Identity(e.to_string()))?;
+    }
     let mut bound = Vec::new();
     for spec in new.endpoints.iter().filter(|e| !running.contains_key(&e.name)) {
         let bind_error =
@@ -141,6 +188,10 @@ pub(crate) fn apply(handle: &RelayHandle, new: RelayConfig) -> Result<ReloadSumm
         let listener = tcp::listen(spec.listen).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         bound.push((spec.clone(), listener, addr));
+    }
+    if identity_changed {
+        spawner.identity.replace(&new.identity).map_err(ReloadError::Identity)?;
+        summary.identity_replaced = true;
     }
     for spec in &new.endpoints {
         if let Some(endpoint) = running.get(&spec.name) {
@@ -193,11 +244,6 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
     if current.tunnel_listen != new.tunnel_listen {
         restart.push("tunnel.listen".to_owned());
     }
-    if current.identity.chain != new.identity.chain
-        || current.identity.key.secret_der() != new.identity.key.secret_der()
-    {
-        restart.push("tunnel.cert / tunnel.key".to_owned());
-    }
     if current.admin != new.admin {
         restart.push("[admin]".to_owned());
     }
@@ -232,6 +278,7 @@ pub(crate) fn log(result: &Result<ReloadSummary, ReloadError>) {
             endpoints_changed = %summary.endpoints_changed.join(","),
             endpoints_added = %summary.endpoints_added.join(","),
             endpoints_removed = %summary.endpoints_removed.join(","),
+            identity_replaced = summary.identity_replaced,
             agents_disconnected = %summary.agents_disconnected.join(","),
             "configuration reloaded"
         ),

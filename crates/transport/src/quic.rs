@@ -177,9 +177,7 @@ pub fn relay_endpoint(
     tls: rustls::ServerConfig,
     reset_secret: &[u8],
 ) -> Result<quinn::Endpoint, QuicSetupError> {
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(Role::Relay)));
+    let server = relay_server_config(tls)?;
     let socket = bind_udp(listen).map_err(|e| QuicSetupError::Bind(listen, e))?;
     quinn::Endpoint::new(
         RestartStableKeys::derive(reset_secret).endpoint_config(),
@@ -188,6 +186,18 @@ pub fn relay_endpoint(
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|e| QuicSetupError::Bind(listen, e))
+}
+
+/// The relay's QUIC server settings for `tls`: what [`relay_endpoint`] starts with, and what
+/// a reload hands to `quinn::Endpoint::set_server_config` when the certificate changes (new
+/// handshakes use it; connections already up keep theirs).
+pub fn relay_server_config(
+    tls: rustls::ServerConfig,
+) -> Result<quinn::ServerConfig, QuicSetupError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(Role::Relay)));
+    Ok(server)
 }
 
 /// A QUIC endpoint for the agent, dialling out from an ephemeral port on `bind`.
