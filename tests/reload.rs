@@ -86,11 +86,7 @@ impl Running2 {
     }
 
     fn sighup(&self) {
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &self.relay.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        signal(self.relay.pid(), "-HUP");
     }
 
     /// `privlink_config_last_reload_successful` and the success timestamp, from `/metrics`.
@@ -107,26 +103,9 @@ impl Running2 {
         )
     }
 
-    /// How many reloads ended with `result` (`applied`, `refused`) so far.
-    fn reloads(&self, result: &str) -> u64 {
-        let (_, text) = self.relay_admin.get("/metrics");
-        count_of(&text, result)
-    }
-
-    /// Runs `trigger`, then waits until one more reload has ended with `result` and the
-    /// success gauge agrees.
+    /// Runs `trigger`, then waits until the relay has ended one more reload with `result`.
     fn reload_and_wait(&self, result: &str, trigger: impl FnOnce()) {
-        let before = self.reloads(result);
-        trigger();
-        let gauge = if result == "applied" { "1" } else { "0" };
-        self.relay_admin.wait("/metrics", |code, text| {
-            code == 200
-                && count_of(text, result) > before
-                && text.lines().any(|l| {
-                    l.strip_prefix("privlink_config_last_reload_successful ")
-                        .is_some_and(|v| v.trim() == gauge)
-                })
-        });
+        reload_and_wait(&self.relay_admin, result, trigger);
     }
 }
 
@@ -144,6 +123,27 @@ fn destination_in(config: &str) -> String {
         .and_then(|d| d.strip_suffix('"'))
         .expect("destination")
         .to_owned()
+}
+
+/// Runs `trigger`, then waits until the process behind `admin` has ended one more reload with
+/// `result` (`applied`, `refused`) and its success gauge agrees.
+fn reload_and_wait(admin: &AdminProbe, result: &str, trigger: impl FnOnce()) {
+    let before = count_of(&admin.get("/metrics").1, result);
+    trigger();
+    let gauge = if result == "applied" { "1" } else { "0" };
+    admin.wait("/metrics", |code, text| {
+        code == 200
+            && count_of(text, result) > before
+            && text.lines().any(|l| {
+                l.strip_prefix("privlink_config_last_reload_successful ")
+                    .is_some_and(|v| v.trim() == gauge)
+            })
+    });
+}
+
+fn signal(pid: u32, which: &str) {
+    let status = std::process::Command::new("kill").args([which, &pid.to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill {which} {pid}");
 }
 
 /// `privlink_config_reloads_total{result}` in a scrape.
@@ -402,4 +402,143 @@ async fn a_new_tunnel_certificate_serves_new_handshakes_and_the_live_link_stays(
             AdminProbe::new(None, new_admin).wait("/healthz", |code, _| code == 0)
         });
     }
+}
+
+/// The endpoint `e`'s status in the relay's snapshot.
+fn status_of_e(status: &serde_json::Value) -> String {
+    status["endpoints"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["name"] == "e"))
+        .and_then(|e| e["status"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reloads_its_allowlist_its_relays_and_its_token() {
+    let running = Running2::start().await;
+    let agent_admin = AdminProbe::new(None, running.configs.agent_admin);
+    let agent_config = running.configs.agent.clone();
+    let original = std::fs::read_to_string(&agent_config).expect("agent.toml");
+    let write_agent = |text: &str| {
+        let staged = format!("{agent_config}.new");
+        std::fs::write(&staged, text).expect("write");
+        std::fs::rename(&staged, &agent_config).expect("rename");
+    };
+    let destination = original
+        .lines()
+        .find_map(|l| l.strip_prefix("destination = \""))
+        .and_then(|d| d.strip_suffix('"'))
+        .expect("allow rule")
+        .to_owned();
+
+    // The allowlist no longer admits the destination: the relay hears the new verdict.
+    let narrowed = original
+        .replace(&format!("destination = \"{destination}\""), "destination = \"10.9.9.9:1\"");
+    tokio::task::block_in_place(|| {
+        reload_and_wait(&agent_admin, "applied", || {
+            write_agent(&narrowed);
+            signal(running.agent.pid(), "-HUP");
+        });
+        running.relay_admin.wait_status(|s| status_of_e(s) == "Rejected");
+    });
+    // Back, picked up from the file alone: approved and serving again.
+    tokio::task::block_in_place(|| {
+        reload_and_wait(&agent_admin, "applied", || write_agent(&original));
+        running.relay_admin.wait_status(|s| status_of_e(s) == "Approved");
+    });
+    assert!(served(running.endpoint).await);
+
+    // A second relay: the agent links to it when it is added to `relays`…
+    let relay_text = running.relay_config();
+    let (tunnel2, endpoint2, admin2) =
+        (loopback(free_fixed_port()), loopback(free_fixed_port()), loopback(free_fixed_port()));
+    let tunnel1 = original
+        .lines()
+        .find_map(|l| l.strip_prefix("relays = [\""))
+        .and_then(|r| r.strip_suffix("\"]"))
+        .expect("relays")
+        .to_owned();
+    let second = relay_text
+        .replace(&tunnel1, &tunnel2.to_string())
+        .replace(&running.endpoint.to_string(), &endpoint2.to_string())
+        .replace(&running.configs.relay_admin.to_string(), &admin2.to_string());
+    let dir = std::path::Path::new(&agent_config).parent().expect("dir").to_owned();
+    let second_path = dir.join("relay-2.toml");
+    std::fs::write(&second_path, second).expect("relay-2.toml");
+    let relay2 = common::privlink(&["relay", "--config", second_path.to_str().expect("utf-8")]);
+    let relay2_admin = AdminProbe::new(None, admin2);
+    let both = original.replace(
+        &format!("relays = [\"{tunnel1}\"]"),
+        &format!("relays = [\"{tunnel1}\", \"{tunnel2}\"]"),
+    );
+    tokio::task::block_in_place(|| {
+        relay2_admin.wait_ready();
+        reload_and_wait(&agent_admin, "applied", || write_agent(&both));
+        relay2_admin.wait_status(|s| status_of_e(s) == "Approved");
+    });
+    assert!(served(endpoint2).await, "the added relay serves");
+    // …and drains its link to the one removed from it.
+    let only_second = original
+        .replace(&format!("relays = [\"{tunnel1}\"]"), &format!("relays = [\"{tunnel2}\"]"));
+    tokio::task::block_in_place(|| {
+        reload_and_wait(&agent_admin, "applied", || write_agent(&only_second));
+        running.relay_admin.wait_status(|s| status_of_e(s) == "Disconnected");
+    });
+    assert!(served(endpoint2).await, "the remaining relay serves on");
+
+    // A change that needs a restart is refused whole: the agent keeps running as it was.
+    tokio::task::block_in_place(|| {
+        reload_and_wait(&agent_admin, "refused", || {
+            write_agent(&only_second.replace("transport = \"quic\"", "transport = \"tcp\""));
+        });
+        reload_and_wait(&agent_admin, "applied", || write_agent(&only_second));
+    });
+    assert!(served(endpoint2).await);
+
+    // The token, read again from its file on reload, is what the next hello presents: the
+    // relay's rotation (both hashes, then only the new one) keeps the agent.
+    let token_path = dir.join("certs/token");
+    let old_token = std::fs::read_to_string(&token_path).expect("token");
+    let digest = |t: &str| privlink_protocol::token::TokenDigest::of(t.trim().as_bytes()).to_hex();
+    let new_token = "plk_reloaded_by_the_agent";
+    let relay2_text = std::fs::read_to_string(&second_path).expect("relay-2.toml");
+    let old_line = format!("token_sha256 = \"{}\"", digest(&old_token));
+    let write_relay2 = |text: &str| {
+        let staged = second_path.with_extension("new");
+        std::fs::write(&staged, text).expect("write");
+        std::fs::rename(&staged, &second_path).expect("rename");
+    };
+    tokio::task::block_in_place(|| {
+        reload_and_wait(&relay2_admin, "applied", || {
+            write_relay2(&relay2_text.replace(
+                &old_line,
+                &format!("token_sha256 = [\"{}\", \"{}\"]", digest(&old_token), digest(new_token)),
+            ));
+        });
+        reload_and_wait(&agent_admin, "applied", || {
+            std::fs::write(&token_path, new_token).expect("token");
+            signal(running.agent.pid(), "-HUP");
+        });
+        reload_and_wait(&relay2_admin, "applied", || {
+            write_relay2(
+                &relay2_text
+                    .replace(&old_line, &format!("token_sha256 = \"{}\"", digest(new_token))),
+            );
+            signal(relay2.pid(), "-HUP");
+        });
+    });
+    // Disconnected for the old token, back at once with the new one.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !served(endpoint2).await {
+        assert!(tokio::time::Instant::now() < deadline, "the agent did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = tokio::task::block_in_place(|| relay2_admin.get("/metrics"));
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("privlink_relay_auth_failures_total{reason=\"wrong_token\"}")),
+        "the agent never presented a token the relay had stopped accepting"
+    );
 }

@@ -1,5 +1,6 @@
 //! `privlink agent --config agent.toml`: validate the configuration, dial the relays, serve
-//! until the shutdown token, drain.
+//! until the shutdown token, drain — and reload the configuration on SIGHUP or when the file
+//! changes ([`super::watch_config`]).
 
 use std::path::Path;
 
@@ -12,8 +13,14 @@ pub(crate) async fn run(
     env_token: Option<String>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let config = privlink_agent::AgentConfig::load(config, env_token)?;
-    let agent = privlink_agent::Agent::new(config).context("starting the agent")?;
+    let loaded = privlink_agent::AgentConfig::load(config, env_token.clone())?;
+    let agent = privlink_agent::Agent::new(loaded).context("starting the agent")?;
+    let reloader = agent.reloader();
+    let watcher = super::watch_config(config, shutdown.clone(), move |path| {
+        // The outcome is logged and in the reload metrics.
+        let _ = reloader.reload_from(path, env_token.clone());
+    })?;
     agent.run(shutdown).await;
+    watcher.abort();
     Ok(())
 }

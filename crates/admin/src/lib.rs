@@ -90,6 +90,68 @@ pub fn metrics_registry(role: &'static str) -> prometheus_client::registry::Regi
     registry
 }
 
+/// The configuration-reload metrics both roles expose: `privlink_config_last_reload_successful`
+/// (1 until a reload is refused), `…_success_timestamp_seconds`, and
+/// `privlink_config_reloads_total{result}`.
+#[derive(Debug)]
+pub struct ReloadMetrics {
+    successful: prometheus_client::metrics::gauge::Gauge,
+    success_time: prometheus_client::metrics::gauge::Gauge,
+    reloads: prometheus_client::metrics::family::Family<
+        ReloadResult,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+/// The `result` label of `privlink_config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ReloadResult {
+    result: &'static str,
+}
+
+impl ReloadMetrics {
+    /// Registers them in `registry`, as of a configuration loaded now.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            successful: prometheus_client::metrics::gauge::Gauge::default(),
+            success_time: prometheus_client::metrics::gauge::Gauge::default(),
+            reloads: prometheus_client::metrics::family::Family::default(),
+        };
+        metrics.successful.set(1);
+        metrics.success_time.set(unix_now());
+        registry.register(
+            "config_last_reload_successful",
+            "Whether the last configuration reload was applied (1) or refused (0)",
+            metrics.successful.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded or reloaded successfully",
+            metrics.success_time.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads attempted, by result (applied, refused)",
+            metrics.reloads.clone(),
+        );
+        metrics
+    }
+
+    /// A reload was applied (`true`) or refused.
+    pub fn reloaded(&self, applied: bool) {
+        self.successful.set(i64::from(applied));
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&ReloadResult { result }).inc();
+        if applied {
+            self.success_time.set(unix_now());
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(unix_seconds(std::time::SystemTime::now())).unwrap_or(i64::MAX)
+}
+
 /// Seconds since the Unix epoch, as the JSON writes every time (0 for a time before it).
 pub fn unix_seconds(time: std::time::SystemTime) -> u64 {
     time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())

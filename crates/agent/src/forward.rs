@@ -31,19 +31,49 @@ const DELIVERY_WAIT: Duration = Duration::from_secs(2);
 /// Inactivity timeout used when the relay sends none.
 const FALLBACK_INACTIVITY: Duration = Duration::from_secs(60);
 
-/// What a stream needs from the agent: its configuration, and where it is counted and listed.
+/// What a stream needs from the agent: its configuration (which a reload may replace), and
+/// where it is counted and listed.
 #[derive(Debug)]
 pub struct StreamPolicy {
+    /// The allowlist and deadlines in force.
+    pub rules: std::sync::RwLock<std::sync::Arc<StreamRules>>,
+    /// Where streams are counted.
+    pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
+    /// The streams forwarding now, for `/api/v1/connections` and the byte counters.
+    pub live: LiveTable<LiveStream>,
+}
+
+/// The part of the agent's configuration a stream is judged and connected by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRules {
     /// Destinations the agent opens.
     pub allowlist: Allowlist,
     /// Deadline for resolving a destination.
     pub dns_timeout: Duration,
     /// Deadline for connecting to a destination.
     pub connect_timeout: Duration,
-    /// Where streams are counted.
-    pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
-    /// The streams forwarding now, for `/api/v1/connections` and the byte counters.
-    pub live: LiveTable<LiveStream>,
+}
+
+impl StreamPolicy {
+    /// A policy with `rules`, counting into `metrics`.
+    pub fn new(rules: StreamRules, metrics: std::sync::Arc<crate::metrics::AgentMetrics>) -> Self {
+        Self {
+            rules: std::sync::RwLock::new(std::sync::Arc::new(rules)),
+            metrics,
+            live: LiveTable::default(),
+        }
+    }
+
+    /// The rules in force now.
+    pub fn rules(&self) -> std::sync::Arc<StreamRules> {
+        std::sync::Arc::clone(&self.rules.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Replaces the rules (a reload); streams already open keep going.
+    pub fn set_rules(&self, rules: StreamRules) {
+        *self.rules.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            std::sync::Arc::new(rules);
+    }
 }
 
 /// What `/api/v1/connections` shows of a stream besides its times and bytes (as the relay
@@ -186,7 +216,8 @@ pub async fn connect_allowed(
     let destination: Destination = destination
         .parse()
         .map_err(|e| failure(OpenFailCode::BadRequest, format!("invalid destination: {e}")))?;
-    let rule = policy.allowlist.matching(&destination).ok_or_else(|| {
+    let rules = policy.rules();
+    let rule = rules.allowlist.matching(&destination).ok_or_else(|| {
         failure(OpenFailCode::NotAllowed, format!("{destination} is not in this agent's allowlist"))
     })?;
 
@@ -195,7 +226,7 @@ pub async fn connect_allowed(
         Host::Name(name) => {
             // An absolute name keeps its dot: no search domain is tried (see `DnsName`).
             let lookup = tokio::net::lookup_host((name.lookup_form(), destination.port));
-            match tokio::time::timeout(policy.dns_timeout, lookup).await {
+            match tokio::time::timeout(rules.dns_timeout, lookup).await {
                 Ok(Ok(addrs)) => addrs.collect(),
                 Ok(Err(e)) => {
                     return Err(failure(
@@ -206,14 +237,14 @@ pub async fn connect_allowed(
                 Err(_) => {
                     return Err(failure(
                         OpenFailCode::DnsFailure,
-                        format!("resolving {name} took longer than {:?}", policy.dns_timeout),
+                        format!("resolving {name} took longer than {:?}", rules.dns_timeout),
                     ));
                 }
             }
         }
     };
     let candidates = admissible_addresses(&destination, rule, resolved)?;
-    connect_any(&candidates, policy.connect_timeout).await
+    connect_any(&candidates, rules.connect_timeout).await
 }
 
 /// Drops resolved addresses the agent refuses by default (loopback, link-local, metadata, …)
@@ -318,13 +349,12 @@ mod tests {
     }
 
     fn policy(rule: &str) -> StreamPolicy {
-        StreamPolicy {
-            metrics: std::sync::Arc::default(),
+        let rules = StreamRules {
             allowlist: Allowlist { rules: vec![rule.parse().expect("rule")] },
             dns_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
-            live: LiveTable::default(),
-        }
+        };
+        StreamPolicy::new(rules, std::sync::Arc::default())
     }
 
     #[tokio::test]

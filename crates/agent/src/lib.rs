@@ -28,6 +28,7 @@ pub mod dial;
 pub mod forward;
 pub mod links;
 pub mod metrics;
+pub mod reload;
 pub mod session;
 pub mod status;
 
@@ -38,7 +39,6 @@ use std::time::Duration;
 use privlink_transport::{drain, quic, tls};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use privlink_admin::AdminServer;
@@ -90,6 +90,37 @@ pub(crate) struct AgentShared {
     /// Each relay link's state, for the admin listener.
     pub(crate) status: Arc<AgentStatus>,
     pub(crate) metrics: Arc<AgentMetrics>,
+    /// The connector token in force (a reload re-reads the file); presented at each hello.
+    pub(crate) token: std::sync::RwLock<privlink_protocol::token::Token>,
+    /// Bumped when a reload changes the allowlist: sessions judge their endpoints again.
+    pub(crate) rules_changed: tokio::sync::watch::Sender<u64>,
+    /// Each configured relay's links, by the relay as written, and the token that retires it.
+    pub(crate) relays: std::sync::Mutex<std::collections::HashMap<String, CancellationToken>>,
+    /// Every relay's link tasks.
+    pub(crate) links: tokio_util::task::TaskTracker,
+}
+
+impl AgentShared {
+    /// The token to present.
+    pub(crate) fn token(&self) -> privlink_protocol::token::Token {
+        self.token.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Starts keeping links to `relay` (at start, or when a reload adds it).
+    pub(crate) fn start_relay(self: &Arc<Self>, relay: &config::RelayAddress) {
+        let stop = self.shutdown.child_token();
+        let mut relays = self.relays.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if relays.contains_key(&relay.to_string()) {
+            return;
+        }
+        relays.insert(relay.to_string(), stop.clone());
+        self.links.spawn(links::maintain_relay(
+            relay.clone(),
+            Arc::clone(self),
+            self.links.clone(),
+            stop,
+        ));
+    }
 }
 
 /// A configured agent, ready to [`run`](Agent::run).
@@ -116,14 +147,9 @@ impl Agent {
         let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
             .or_else(|_| quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls))?;
         let metrics = Arc::new(AgentMetrics::default());
-        let policy = Arc::new(StreamPolicy {
-            metrics: Arc::clone(&metrics),
-            allowlist: config.allowlist.clone(),
-            dns_timeout: config.dns_timeout,
-            connect_timeout: config.connect_timeout,
-            live: privlink_transport::live::LiveTable::default(),
-        });
+        let policy = Arc::new(StreamPolicy::new(reload::rules_of(&config), Arc::clone(&metrics)));
         let shutdown = CancellationToken::new();
+        let token = config.token.clone();
         Ok(Self {
             shared: Arc::new(AgentShared {
                 config,
@@ -136,6 +162,10 @@ impl Agent {
                 shutdown,
                 status: Arc::default(),
                 metrics,
+                token: std::sync::RwLock::new(token),
+                rules_changed: tokio::sync::watch::Sender::new(0),
+                relays: std::sync::Mutex::default(),
+                links: tokio_util::task::TaskTracker::new(),
             }),
             admin,
         })
@@ -149,6 +179,11 @@ impl Agent {
     /// Each relay link's state.
     pub fn status(&self) -> Arc<AgentStatus> {
         Arc::clone(&self.shared.status)
+    }
+
+    /// What reloads this agent's configuration while it runs.
+    pub fn reloader(&self) -> reload::AgentReloader {
+        reload::AgentReloader::new(Arc::clone(&self.shared))
     }
 
     /// Runs until `shutdown` is cancelled, then tells relays it is draining, lets open streams
@@ -182,14 +217,10 @@ impl Agent {
             rules = config.allowlist.rules.len(),
             "agent starting"
         );
-        let tracker = TaskTracker::new();
         for relay in &config.relays {
-            tracker.spawn(links::maintain_relay(
-                relay.clone(),
-                Arc::clone(&shared),
-                tracker.clone(),
-            ));
+            shared.start_relay(relay);
         }
+        let tracker = shared.links.clone();
         shutdown.cancelled().await;
         info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
         shared.shutdown.cancel();

@@ -34,11 +34,13 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// How often relay names are resolved again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Keeps links to every address of one relay name until `shutdown`.
+/// Keeps links to every address of one relay name until `stop` (a child of the agent's
+/// shutdown, cancelled early when a reload removes the relay).
 pub(crate) async fn maintain_relay(
     relay: RelayAddress,
     shared: Arc<AgentShared>,
     tracker: TaskTracker,
+    stop: CancellationToken,
 ) {
     let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
@@ -59,7 +61,7 @@ pub(crate) async fn maintain_relay(
                     if links.contains_key(&addr) {
                         continue;
                     }
-                    let stop = shared.shutdown.child_token();
+                    let stop = stop.child_token();
                     links.insert(addr, stop.clone());
                     let span = tracing::info_span!("relay", relay = %relay, %addr);
                     tracker.spawn(
@@ -76,7 +78,7 @@ pub(crate) async fn maintain_relay(
             }
         };
         tokio::select! {
-            () = shared.shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
     }

@@ -42,6 +42,7 @@ pub struct AgentMetrics {
     fallbacks: Counter,
     links: Family<LinkLabels, Gauge>,
     streams_active: Gauge,
+    reloads: privlink_admin::ReloadMetrics,
 }
 
 impl Default for AgentMetrics {
@@ -75,7 +76,17 @@ impl Default for AgentMetrics {
         );
         let streams_active = Gauge::default();
         registry.register("agent_streams_active", "Streams open now", streams_active.clone());
-        Self { registry, streams, bytes, connect_duration, fallbacks, links, streams_active }
+        let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
+        Self {
+            registry,
+            streams,
+            bytes,
+            connect_duration,
+            fallbacks,
+            links,
+            streams_active,
+            reloads,
+        }
     }
 }
 
@@ -95,6 +106,11 @@ impl AgentMetrics {
     /// A destination was resolved and connected in `seconds`.
     pub(crate) fn connected(&self, seconds: f64) {
         self.connect_duration.observe(seconds);
+    }
+
+    /// A configuration reload was applied (`true`) or refused.
+    pub(crate) fn reloaded(&self, applied: bool) {
+        self.reloads.reloaded(applied);
     }
 
     /// `auto` fell back to TLS over TCP.

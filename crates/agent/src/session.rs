@@ -101,11 +101,11 @@ async fn run_session(
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         connector: shared.config.connector.clone(),
-        token: shared.config.token.clone(),
+        token: shared.token(),
         agent_name: shared.config.name.clone(),
         agent_id: shared.agent_id.clone(),
         software_version: SOFTWARE_VERSION.to_owned(),
-        allowed: shared.policy.allowlist.describe(),
+        allowed: shared.policy.rules().allowlist.describe(),
     };
     let mut machine = AgentControl::new(hello, now(), Timers::default());
     // Whether our hello went out: a failure after that, on a closed connection, is a refusal
@@ -116,6 +116,9 @@ async fn run_session(
     let mut approved: Arc<HashSet<String>> = Arc::default();
     // The verdicts sent on this connection, for the status view.
     let mut sent_verdicts = Vec::new();
+    // The endpoints assigned on this connection, judged again when a reload changes the rules.
+    let mut endpoints: Vec<EndpointAssignment> = Vec::new();
+    let mut rules_changes = shared.rules_changed.subscribe();
     loop {
         while let Some(event) = machine.poll_event() {
             match event {
@@ -123,7 +126,9 @@ async fn run_session(
                     hello_sent = true;
                     debug!(relay_version = %text::loggable(&software_version), "relay hello");
                 }
-                AgentEvent::Welcome(endpoints) => {
+                AgentEvent::Welcome(welcomed) => {
+                    rules_changes.mark_unchanged(); // judged under the rules in force now
+                    endpoints = welcomed;
                     assigned = endpoints.len();
                     let verdicts = judge(&endpoints, shared);
                     approved = Arc::new(
@@ -155,7 +160,9 @@ async fn run_session(
                     approved = Arc::new(now_approved);
                     sent_verdicts.retain(|v| !removed.contains(&v.endpoint));
                     sent_verdicts.extend(verdicts.iter().cloned());
-                    assigned = assigned.saturating_sub(removed.len()) + added.len();
+                    endpoints.retain(|e| !removed.contains(&e.name));
+                    endpoints.extend(added);
+                    assigned = endpoints.len();
                     shared.status.set_verdicts(link, &sent_verdicts);
                     machine.send_verdict_update(verdicts);
                 }
@@ -214,6 +221,22 @@ async fn run_session(
                 return Ok(());
             }
             () = stop.cancelled(), if !established => return Ok(()),
+            _ = rules_changes.changed(), if established => {
+                // A reload changed the allowlist: judge every endpoint again, send what changed.
+                let verdicts = judge(&endpoints, shared);
+                let changed: Vec<EndpointVerdict> =
+                    verdicts.iter().filter(|v| !sent_verdicts.contains(v)).cloned().collect();
+                approved = Arc::new(
+                    verdicts
+                        .iter()
+                        .filter(|v| v.verdict == Verdict::Approved)
+                        .map(|v| v.endpoint.clone())
+                        .collect(),
+                );
+                sent_verdicts = verdicts;
+                shared.status.set_verdicts(link, &sent_verdicts);
+                machine.send_verdict_update(changed);
+            }
             accepted = connection.accept_stream(), if established => match accepted {
                 Ok(stream) => {
                     let policy = Arc::clone(&shared.policy);
@@ -262,7 +285,7 @@ fn judge(endpoints: &[EndpointAssignment], shared: &AgentShared) -> Vec<Endpoint
 
 fn verdict_for(destination: &str, shared: &AgentShared) -> Verdict {
     match destination.parse::<Destination>() {
-        Ok(d) if shared.policy.allowlist.matching(&d).is_some() => Verdict::Approved,
+        Ok(d) if shared.policy.rules().allowlist.matching(&d).is_some() => Verdict::Approved,
         Ok(d) => Verdict::Rejected { reason: format!("{d} is not in the agent's allowlist") },
         Err(e) => Verdict::Rejected { reason: format!("invalid destination: {e}") },
     }

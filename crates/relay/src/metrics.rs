@@ -76,14 +76,7 @@ pub(crate) struct RelayMetrics {
     endpoint_status: Family<StatusLabels, Gauge>,
     connections_active: Family<EndpointLabel, Gauge>,
     agents_connected: Family<AgentLabels, Gauge>,
-    reload_successful: Gauge,
-    reload_success_time: Gauge,
-    reloads: Family<ResultLabel, Counter>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: &'static str,
+    reloads: privlink_admin::ReloadMetrics,
 }
 
 /// The endpoint statuses, in the order the gauge lists them.
@@ -143,30 +136,9 @@ impl Default for RelayMetrics {
             "Agents connected now, by connector and transport",
             agents_connected.clone(),
         );
-        let reload_successful = Gauge::default();
-        reload_successful.set(1);
-        registry.register(
-            "config_last_reload_successful",
-            "Whether the last configuration reload was applied (1) or refused (0)",
-            reload_successful.clone(),
-        );
-        let reload_success_time = Gauge::default();
-        reload_success_time.set(unix_now());
-        registry.register(
-            "config_last_reload_success_timestamp_seconds",
-            "When the configuration was last loaded or reloaded successfully",
-            reload_success_time.clone(),
-        );
-        let reloads = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "config_reloads",
-            "Configuration reloads attempted, by result (applied, refused)",
-            reloads.clone(),
-        );
+        let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
         Self {
             reloads,
-            reload_successful,
-            reload_success_time,
             registry,
             connections,
             bytes,
@@ -219,12 +191,7 @@ impl RelayMetrics {
 
     /// A configuration reload was applied (`true`) or refused.
     pub(crate) fn reloaded(&self, applied: bool) {
-        self.reload_successful.set(i64::from(applied));
-        let result = if applied { "applied" } else { "refused" };
-        self.reloads.get_or_create(&ResultLabel { result }).inc();
-        if applied {
-            self.reload_success_time.set(unix_now());
-        }
+        self.reloads.reloaded(applied);
     }
 
     /// An agent's hello was refused.
@@ -275,9 +242,4 @@ impl RelayMetrics {
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
-}
-
-fn unix_now() -> i64 {
-    let now = std::time::SystemTime::now();
-    i64::try_from(privlink_admin::unix_seconds(now)).unwrap_or(i64::MAX)
 }

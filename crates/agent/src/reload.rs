@@ -1,0 +1,152 @@
+//! Hot reload of the agent's configuration (SIGHUP, or the file's content changing — the
+//! binary watches for both and calls [`AgentReloader::reload_from`]). A new file is validated
+//! like one at start; an invalid one changes nothing. A valid one is applied whole or not at
+//! all:
+//!
+//! * applied in place: the allowlist and the DNS and connect deadlines (every link judges its
+//!   endpoints again and sends the relay the verdicts that changed; streams already open go
+//!   on), the token (read again from `token_file`, presented at the next hello — links up now
+//!   stay), and `relays` (links started to added relays, drained from removed ones);
+//! * not applied yet (refused, saying what needs a restart): `name`, `connector`, `relay_ca`,
+//!   the transport settings, `[admin]` and `shutdown_grace`.
+
+use std::sync::{Arc, PoisonError};
+
+use tracing::{info, warn};
+
+use crate::AgentShared;
+use crate::config::AgentConfig;
+use crate::forward::StreamRules;
+
+/// The part of `config` streams are judged and connected by.
+pub(crate) fn rules_of(config: &AgentConfig) -> StreamRules {
+    StreamRules {
+        allowlist: config.allowlist.clone(),
+        dns_timeout: config.dns_timeout,
+        connect_timeout: config.connect_timeout,
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentReloadSummary {
+    /// The allowlist or the deadlines changed (verdicts judged again).
+    pub rules_changed: bool,
+    /// The token changed (presented from the next hello on).
+    pub token_changed: bool,
+    /// Relays linked to now.
+    pub relays_added: Vec<String>,
+    /// Relays whose links were drained.
+    pub relays_removed: Vec<String>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentReloadError {
+    /// The new file is invalid.
+    #[error(transparent)]
+    Invalid(#[from] privlink_protocol::config::ConfigError),
+    /// It changes something that is not reloaded yet.
+    #[error("not reloaded — these changes need a restart: {}", .0.join("; "))]
+    NeedsRestart(Vec<String>),
+}
+
+/// Reloads a running agent's configuration (from [`crate::Agent::reloader`]).
+#[derive(Debug, Clone)]
+pub struct AgentReloader {
+    shared: Arc<AgentShared>,
+}
+
+impl AgentReloader {
+    pub(crate) fn new(shared: Arc<AgentShared>) -> Self {
+        Self { shared }
+    }
+
+    /// Reads `path` (with `env_token` as at start, for a token that came from the
+    /// environment) and applies it; the result is logged and in the reload metrics.
+    pub fn reload_from(
+        &self,
+        path: &std::path::Path,
+        env_token: Option<String>,
+    ) -> Result<AgentReloadSummary, AgentReloadError> {
+        let result = AgentConfig::load(path, env_token)
+            .map_err(AgentReloadError::from)
+            .and_then(|new| self.apply(new));
+        match &result {
+            Ok(summary) => info!(
+                rules_changed = summary.rules_changed,
+                token_changed = summary.token_changed,
+                relays_added = %summary.relays_added.join(","),
+                relays_removed = %summary.relays_removed.join(","),
+                "configuration reloaded"
+            ),
+            Err(e) => warn!("configuration not reloaded, the running one stays: {e}"),
+        }
+        self.shared.metrics.reloaded(result.is_ok());
+        result
+    }
+
+    fn apply(&self, new: AgentConfig) -> Result<AgentReloadSummary, AgentReloadError> {
+        let shared = &self.shared;
+        let current = &shared.config;
+        let mut restart = Vec::new();
+        for (key, changed) in [
+            ("name", current.name != new.name),
+            ("connector", current.connector != new.connector),
+            ("relay_ca", current.relay_roots != new.relay_roots),
+            ("transport", current.transport != new.transport),
+            ("quic_fallback_after", current.quic_fallback_after != new.quic_fallback_after),
+            ("quic_probe_interval", current.quic_probe_interval != new.quic_probe_interval),
+            ("shutdown_grace", current.shutdown_grace != new.shutdown_grace),
+            ("[admin]", current.admin != new.admin),
+        ] {
+            if changed {
+                restart.push(key.to_owned());
+            }
+        }
+        if !restart.is_empty() {
+            return Err(AgentReloadError::NeedsRestart(restart));
+        }
+        let mut summary = AgentReloadSummary::default();
+        let rules = rules_of(&new);
+        if *shared.policy.rules() != rules {
+            shared.policy.set_rules(rules);
+            shared.rules_changed.send_modify(|generation| *generation += 1);
+            summary.rules_changed = true;
+        }
+        {
+            let mut token = shared.token.write().unwrap_or_else(PoisonError::into_inner);
+            // Our own two configured tokens, not a peer's guess: no constant-time need.
+            if token.expose() != new.token.expose() {
+                *token = new.token.clone();
+                summary.token_changed = true;
+            }
+        }
+        let wanted: Vec<String> = new.relays.iter().map(ToString::to_string).collect();
+        let removed: Vec<String> = {
+            let mut relays = shared.relays.lock().unwrap_or_else(PoisonError::into_inner);
+            let gone: Vec<String> =
+                relays.keys().filter(|r| !wanted.contains(r)).cloned().collect();
+            for relay in &gone {
+                if let Some(stop) = relays.remove(relay) {
+                    info!(%relay, "relay removed from the configuration: draining its links");
+                    stop.cancel();
+                }
+            }
+            gone
+        };
+        summary.relays_removed = removed;
+        for relay in &new.relays {
+            let known = shared
+                .relays
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&relay.to_string());
+            if !known {
+                summary.relays_added.push(relay.to_string());
+                shared.start_relay(relay);
+            }
+        }
+        Ok(summary)
+    }
+}
