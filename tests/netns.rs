@@ -5,8 +5,9 @@
 //! first); UDP dropped by nftables → TLS over TCP, and back to QUIC; and the faults — a cut
 //! link, the agent killed during 50 live transfers, the relay killed and restarted, SIGTERM to
 //! the relay during transfers, and 128 MiB over a 50 ms / 2 % loss WAN, each on both
-//! transports (QUIC and TLS over TCP); and an absolute destination name resolved without the
-//! search domains of the agent's resolver. Each prints the recovery times it measured; none
+//! transports (QUIC and TLS over TCP); an absolute destination name resolved without the
+//! search domains of the agent's resolver; and a destination only one of two agents (in two
+//! private networks) can reach, every client served by the other. Each prints the recovery times it measured; none
 //! asserts on timing beyond "within the bound".
 //!
 //! Needs root, `/dev/net/tun`, iproute2, nftables, curl, openssl and python3 (`.ci/run`
@@ -809,4 +810,128 @@ fn an_absolute_destination_name_is_resolved_without_the_search_domains() {
 
     let (agent, relay) = tunnel.stop();
     assert!(agent.success() && relay.success(), "agent {agent}, relay {relay}");
+}
+
+/// Two private networks joined to the cloud, each with an agent of the connector.
+const SPLIT_CLOUD_1: &str = "10.231.3.1";
+const SPLIT_VNET_1: &str = "10.231.3.2";
+const SPLIT_CLOUD_2: &str = "10.231.4.1";
+const SPLIT_VNET_2: &str = "10.231.4.2";
+
+/// The destination is in `vnet1` and cannot be reached from `vnet2` (no route). Every client
+/// connection must be served: those first given to the agent in `vnet2` come back
+/// `unreachable` before any answer and are replayed on the agent in `vnet1`, which the relay's
+/// retry counter shows.
+#[test]
+fn a_destination_only_one_of_two_agents_can_reach_costs_no_client_a_failure() {
+    use privlink_testbed::load;
+    use privlink_testbed::netns::spawn_in_namespace;
+
+    let links = [
+        Link::veth(0, 1, SPLIT_CLOUD_1, SPLIT_VNET_1),
+        Link::veth(0, 2, SPLIT_CLOUD_2, SPLIT_VNET_2),
+    ];
+    let Some(topology) = topology_or_skip("sp", &["cloud", "vnet1", "vnet2"], &links) else {
+        return;
+    };
+    let (cloud, vnet1, vnet2) = (topology.ns(0), topology.ns(1), topology.ns(2));
+    // The destination: the load tool's echo backend, in vnet1 only.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let stop_backend = tokio_util::sync::CancellationToken::new();
+    let backend = {
+        let stop = stop_backend.clone();
+        spawn_in_namespace(vnet1, move || async move {
+            let listener =
+                tokio::net::TcpListener::bind((SPLIT_VNET_1, 9000)).await.expect("bind backend");
+            ready_tx.send(()).expect("ready");
+            load::serve_backend(listener, stop).await;
+        })
+    };
+    ready_rx.recv_timeout(common::WAIT).expect("backend ready");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let destination = format!("{SPLIT_VNET_1}:9000");
+    let configs = common::write_tunnel_files(
+        dir.path(),
+        &common::TunnelFiles {
+            tunnel_listen: &format!("{SPLIT_CLOUD_1}:7443"),
+            endpoint: "vault",
+            endpoint_listen: "127.0.0.1:8443",
+            destination: &destination,
+            endpoint_extra: "",
+            agent_extra: "transport = \"quic\"\nname = \"agent-1\"",
+            allow: &destination,
+            admin: ADMIN,
+        },
+    );
+    // The relay answers on both links: one certificate for both of its addresses.
+    let certs = dir.path().join("certs");
+    let out = Command::new(common::BIN)
+        .args(["certs", "init", "--force", "--dir", certs.to_str().expect("utf-8")])
+        .args(["--name", SPLIT_CLOUD_1, "--name", SPLIT_CLOUD_2])
+        .output()
+        .expect("certs init");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let relay_text = std::fs::read_to_string(&configs.relay).expect("relay.toml");
+    std::fs::write(
+        &configs.relay,
+        relay_text.replace(&format!("{SPLIT_CLOUD_1}:7443\""), "0.0.0.0:7443\""),
+    )
+    .expect("relay.toml");
+    let second_agent = std::fs::read_to_string(&configs.agent)
+        .expect("agent.toml")
+        .replace("name = \"agent-1\"", "name = \"agent-2\"")
+        .replace(SPLIT_CLOUD_1, SPLIT_CLOUD_2);
+    let second_path = dir.path().join("agent-2.toml");
+    std::fs::write(&second_path, second_agent).expect("agent-2.toml");
+
+    let placement = Placement::Namespaces { relay: cloud, agent: vnet1 };
+    let tunnel = Tunnel::start(common::BIN, &configs, placement);
+    let _agent2 = Running::spawn(topology.exec(
+        vnet2,
+        common::BIN,
+        &["agent", "--config", second_path.to_str().expect("utf-8")],
+    ));
+    let agent2_admin = AdminProbe::new(Some(vnet2), ADMIN.1);
+    agent2_admin.wait_ready();
+    let agent2_id = agent2_admin.status()["id"].as_str().expect("id").to_owned();
+    tunnel
+        .relay_admin
+        .wait_status(|s| privlink_testbed::process::approved_by(s, &agent2_id, "vault"));
+
+    // Two seconds of new connections from the cloud side, four at a time.
+    let samples = spawn_in_namespace(cloud, || async {
+        load::churn_for(
+            "127.0.0.1:8443".parse().expect("addr"),
+            4,
+            std::time::Duration::from_secs(2),
+        )
+        .await
+    })
+    .join()
+    .expect("load thread")
+    .expect("load in namespace");
+    let failed: Vec<_> = samples.iter().filter_map(|s| s.failure.as_deref()).collect();
+    let worst = samples.iter().map(|s| s.took).max().unwrap_or_default();
+    let (_, metrics) = tunnel.relay_admin.get("/metrics");
+    let retried: u64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("privlink_relay_open_retries_total{") && l.contains("destination_failed")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    eprintln!(
+        "destination reachable from one of two agents: {} connections, {} failed, {retried} \
+         replayed on the other agent, worst open {worst:?}",
+        samples.len(),
+        failed.len()
+    );
+    assert!(samples.len() > 20, "too little load: {}", samples.len());
+    assert!(failed.is_empty(), "clients saw the unreachable agent: {failed:?}");
+    assert!(retried > 0, "the agent that cannot reach the destination was never tried");
+    let (agent, relay) = tunnel.stop();
+    assert!(agent.success() && relay.success(), "exits: agent {agent}, relay {relay}");
+    stop_backend.cancel();
+    let _ = backend.join();
 }
