@@ -177,6 +177,8 @@ struct Deployment {
     agent_files: Vec<(String, std::net::SocketAddr)>,
     agents: Vec<Running>,
     stop_backend: tokio_util::sync::CancellationToken,
+    /// What the load's TLS clients use to reach the backend through the tunnel.
+    tls: privlink_testbed::load::LoadTls,
 }
 
 /// One relay of a [`Deployment`].
@@ -199,7 +201,7 @@ impl Deployment {
     async fn start(transport: &str, relays: usize, agents: usize, agent_extra: &str) -> Self {
         use privlink_testbed::process::{free_fixed_port, write_tunnel_files};
 
-        let (destination, stop_backend) = load_backend().await;
+        let (destination, stop_backend, tls) = load_backend().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let tunnel = loopback(free_fixed_port());
         let endpoint = loopback(free_fixed_port());
@@ -262,7 +264,7 @@ impl Deployment {
             })
             .collect();
         let mut deployment =
-            Self { _dir: dir, relays, agent_files, agents: Vec::new(), stop_backend };
+            Self { _dir: dir, relays, agent_files, agents: Vec::new(), stop_backend, tls };
         for i in 0..agents {
             let agent = deployment.start_agent(i);
             deployment.agents.push(agent);
@@ -322,7 +324,8 @@ async fn losing_one_of_two_agent_processes_under_load(transport: &str, fault: Fa
     }
 
     let stop_load = tokio_util::sync::CancellationToken::new();
-    let load = tokio::spawn(load::churn(endpoint_listen, 4, WAIT, stop_load.clone()));
+    let tls = Some(deployment.tls.clone());
+    let load = tokio::spawn(load::churn_tls(endpoint_listen, 4, WAIT, stop_load.clone(), tls));
     tokio::time::sleep(Duration::from_secs(1)).await;
     match fault {
         Fault::Kill => deployment.agents[1].kill_hard(),
@@ -412,7 +415,8 @@ async fn rolling_sigterm_restarts_of_two_agents_lose_nothing(transport: &str) {
     let mut deployment = Deployment::start(transport, 1, 2, "shutdown_grace = \"20s\"").await;
     let endpoint = deployment.endpoint();
     let stop_load = tokio_util::sync::CancellationToken::new();
-    let churn = tokio::spawn(load::churn(endpoint, 2, WAIT, stop_load.clone()));
+    let tls = Some(deployment.tls.clone());
+    let churn = tokio::spawn(load::churn_tls(endpoint, 2, WAIT, stop_load.clone(), tls));
     for i in 0..2 {
         // Four long transfers: the least-loaded choice puts some on each agent.
         let transfers: Vec<_> =
@@ -491,11 +495,13 @@ async fn with_two_relays_one_killed_the_other_serves_and_the_agent_relinks(trans
     let mut deployment = Deployment::start(transport, 2, 1, "").await;
     let survivor = deployment.relays[1].endpoint;
     for relay in &deployment.relays {
-        let samples = load::churn_for(relay.endpoint, 1, Duration::from_millis(300)).await;
+        let tls = Some(deployment.tls.clone());
+        let samples = load::churn_for(relay.endpoint, 1, Duration::from_millis(300), tls).await;
         assert!(samples.iter().all(|s| s.failure.is_none()), "each relay serves the endpoint");
     }
     let stop_load = tokio_util::sync::CancellationToken::new();
-    let churn = tokio::spawn(load::churn(survivor, 2, WAIT, stop_load.clone()));
+    let tls = Some(deployment.tls.clone());
+    let churn = tokio::spawn(load::churn_tls(survivor, 2, WAIT, stop_load.clone(), tls));
     tokio::time::sleep(Duration::from_millis(300)).await;
     deployment.relays[0].running.kill_hard();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -514,7 +520,9 @@ async fn with_two_relays_one_killed_the_other_serves_and_the_agent_relinks(trans
     let failed: Vec<_> = samples.iter().filter_map(|s| s.failure.as_deref()).collect();
     assert!(samples.len() > 20, "too little load: {}", samples.len());
     assert!(failed.is_empty(), "the surviving relay failed connections: {failed:?}");
-    let back = load::churn_for(deployment.relays[0].endpoint, 1, Duration::from_millis(300)).await;
+    let tls = Some(deployment.tls.clone());
+    let back =
+        load::churn_for(deployment.relays[0].endpoint, 1, Duration::from_millis(300), tls).await;
     assert!(back.iter().all(|s| s.failure.is_none()), "the restarted relay serves again");
 }
 

@@ -838,13 +838,15 @@ fn a_destination_only_one_of_two_agents_can_reach_costs_no_client_a_failure() {
     // The destination: the load tool's echo backend, in vnet1 only.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let stop_backend = tokio_util::sync::CancellationToken::new();
+    let tls = load::LoadTls::new(common::LOAD_BACKEND_NAME);
     let backend = {
         let stop = stop_backend.clone();
+        let server = std::sync::Arc::clone(&tls.server);
         spawn_in_namespace(vnet1, move || async move {
             let listener =
                 tokio::net::TcpListener::bind((SPLIT_VNET_1, 9000)).await.expect("bind backend");
             ready_tx.send(()).expect("ready");
-            load::serve_backend(listener, stop).await;
+            load::serve_backend_tls(listener, stop, Some(server)).await;
         })
     };
     ready_rx.recv_timeout(common::WAIT).expect("backend ready");
@@ -899,14 +901,10 @@ fn a_destination_only_one_of_two_agents_can_reach_costs_no_client_a_failure() {
         .relay_admin
         .wait_status(|s| privlink_testbed::process::approved_by(s, &agent2_id, "vault"));
 
-    // Two seconds of new connections from the cloud side, four at a time.
-    let samples = spawn_in_namespace(cloud, || async {
-        load::churn_for(
-            "127.0.0.1:8443".parse().expect("addr"),
-            4,
-            std::time::Duration::from_secs(2),
-        )
-        .await
+    // Two seconds of new TLS connections from the cloud side, four at a time.
+    let samples = spawn_in_namespace(cloud, move || async move {
+        let endpoint = "127.0.0.1:8443".parse().expect("addr");
+        load::churn_for(endpoint, 4, std::time::Duration::from_secs(2), Some(tls)).await
     })
     .join()
     .expect("load thread")

@@ -40,7 +40,7 @@ impl Running2 {
 
     /// With `endpoint_extra` after endpoint `e` in relay.toml (more endpoints, say).
     async fn start_with(endpoint_extra: &str) -> Self {
-        let (destination, stop_backend) = load_backend().await;
+        let (destination, stop_backend, _) = load_backend().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let endpoint = loopback(free_fixed_port());
         let configs = write_tunnel_files(

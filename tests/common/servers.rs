@@ -196,12 +196,22 @@ pub async fn paced_upload(
     }
 }
 
-/// The load tool's backend on loopback, served until the token is cancelled: its address as
-/// a destination string, and the token.
-pub async fn load_backend() -> (String, tokio_util::sync::CancellationToken) {
+/// The load tool's backend on loopback (plain, and TLS for clients that start a handshake),
+/// served until the token is cancelled: its address as a destination string, the token, and
+/// the TLS settings its clients use.
+pub async fn load_backend()
+-> (String, tokio_util::sync::CancellationToken, privlink_testbed::load::LoadTls) {
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let destination = backend.local_addr().expect("addr").to_string();
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(privlink_testbed::load::serve_backend(backend, stop.clone()));
-    (destination, stop)
+    let tls = privlink_testbed::load::LoadTls::new(LOAD_BACKEND_NAME);
+    tokio::spawn(privlink_testbed::load::serve_backend_tls(
+        backend,
+        stop.clone(),
+        Some(std::sync::Arc::clone(&tls.server)),
+    ));
+    (destination, stop, tls)
 }
+
+/// The name on the load backend's certificate, which its TLS clients ask for.
+pub const LOAD_BACKEND_NAME: &str = "backend.privlink.test";

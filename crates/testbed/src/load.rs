@@ -8,13 +8,17 @@
 //! milliseconds (the backend sends for that long, then FIN), [`ECHO`] (everything is
 //! echoed back until EOF) or [`SINK`] (the backend never reads: an upload to it backs up).
 //! [`stall`] holds connections whose transfers back up, for measuring what they cost the
-//! others. Each measurement is bounded in count and in time.
+//! others. [`churn`] keeps opening connections and records every failure, for faults; with
+//! [`LoadTls`] each is a new TLS connection (the backend speaks TLS to clients that start with
+//! a handshake). Each measurement is bounded in count and in time.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +41,16 @@ const STALL: Duration = Duration::from_secs(30);
 
 /// Serves the load protocol on `listener` until `stop` fires; one task per connection.
 pub async fn serve_backend(listener: TcpListener, stop: CancellationToken) {
+    serve_backend_tls(listener, stop, None).await;
+}
+
+/// [`serve_backend`], also speaking TLS with `tls`: a connection whose first byte is a TLS
+/// record (0x16, which no command byte is) gets a handshake first, then the load protocol.
+pub async fn serve_backend_tls(
+    listener: TcpListener,
+    stop: CancellationToken,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -45,16 +59,38 @@ pub async fn serve_backend(listener: TcpListener, stop: CancellationToken) {
         let Ok((conn, _)) = accepted else { continue };
         let _ = conn.set_nodelay(true);
         let stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = serve_one(conn) => {}
+                _ = serve_maybe_tls(conn, tls) => {}
                 () = stop.cancelled() => {}
             }
         });
     }
 }
 
-async fn serve_one(mut conn: TcpStream) -> io::Result<()> {
+async fn serve_maybe_tls(
+    conn: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
+    let Some(tls) = tls else { return serve_one(conn).await };
+    let mut first = [0u8; 1];
+    if tokio::time::timeout(STALL, conn.peek(&mut first)).await.map_err(io::Error::other)?? == 0 {
+        return Ok(());
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        return serve_one(conn).await;
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let stream =
+        tokio::time::timeout(STALL, acceptor.accept(conn)).await.map_err(io::Error::other)??;
+    serve_one(stream).await
+}
+
+/// The first byte of a TLS ClientHello record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S) -> io::Result<()> {
     match conn.read_u8().await? {
         UPLOAD => {
             let mut buf = vec![0u8; BULK_CHUNK];
@@ -265,6 +301,15 @@ pub async fn request_response(
 async fn connect_and_round_trip(addr: SocketAddr, size: usize) -> io::Result<TcpStream> {
     let mut conn = TcpStream::connect(addr).await?;
     conn.set_nodelay(true)?;
+    round_trip(&mut conn, size).await?;
+    Ok(conn)
+}
+
+/// One echo round trip of `size` bytes on `conn`.
+async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    size: usize,
+) -> io::Result<()> {
     let mut request = vec![0x17u8; size + 1];
     request[0] = ECHO;
     conn.write_all(&request).await?;
@@ -273,7 +318,54 @@ async fn connect_and_round_trip(addr: SocketAddr, size: usize) -> io::Result<Tcp
     if response[..] != request[1..] {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "echo came back changed"));
     }
-    Ok(conn)
+    Ok(())
+}
+
+/// TLS for the load tool's backend and clients: a private CA, a backend certificate for a
+/// name, and both sides' settings.
+#[derive(Debug, Clone)]
+pub struct LoadTls {
+    /// The backend's settings (for [`serve_backend_tls`]).
+    pub server: Arc<rustls::ServerConfig>,
+    /// The clients' settings, trusting only the CA.
+    pub client: Arc<rustls::ClientConfig>,
+    /// The name clients ask for and the certificate carries.
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+impl LoadTls {
+    /// A fresh CA and a backend certificate for `name`.
+    pub fn new(name: &str) -> Self {
+        let ca = privlink_transport::pki::CertificateAuthority::new("load backend CA").expect("CA");
+        let issued = ca.issue_server(&[name]).expect("certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![issued.cert_der.clone()], issued.key_der.clone_key())
+            .expect("server TLS");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.identity.cert_der.clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
+        Self { server: Arc::new(server), client: Arc::new(client), name }
+    }
+}
+
+/// A new TLS connection with one echo round trip: connect, handshake (the destination's
+/// certificate verified end to end), 64 bytes each way.
+async fn tls_round_trip(addr: SocketAddr, tls: &LoadTls) -> io::Result<()> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
+    let mut conn = connector.connect(tls.name.clone(), tcp).await?;
+    round_trip(&mut conn, 64).await?;
+    conn.shutdown().await
 }
 
 /// Connections one after another, each timed from connect to the end of its round trip and
@@ -465,21 +557,35 @@ pub async fn churn(
     per_connection: Duration,
     stop: CancellationToken,
 ) -> Vec<ChurnSample> {
+    churn_tls(addr, workers, per_connection, stop, None).await
+}
+
+/// [`churn`], each connection a new TLS connection to the backend when `tls` is given (the
+/// handshake and the round trip inside it).
+pub async fn churn_tls(
+    addr: SocketAddr,
+    workers: usize,
+    per_connection: Duration,
+    stop: CancellationToken,
+    tls: Option<LoadTls>,
+) -> Vec<ChurnSample> {
     let loops: Vec<_> = (0..workers)
         .map(|_| {
             let stop = stop.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let mut samples = Vec::new();
                 while !stop.is_cancelled() {
                     let started = Instant::now();
-                    let result =
-                        tokio::time::timeout(per_connection, connect_and_round_trip(addr, 64))
-                            .await;
-                    let failure = match result {
-                        Ok(Ok(conn)) => {
-                            drop(conn);
-                            None
+                    let attempt = async {
+                        match &tls {
+                            Some(tls) => tls_round_trip(addr, tls).await,
+                            None => connect_and_round_trip(addr, 64).await.map(drop),
                         }
+                    };
+                    let result = tokio::time::timeout(per_connection, attempt).await;
+                    let failure = match result {
+                        Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(e.to_string()),
                         Err(_) => Some(format!("no answer within {per_connection:?}")),
                     };
@@ -497,9 +603,14 @@ pub async fn churn(
 }
 
 /// [`churn`] for `duration`, then stopped.
-pub async fn churn_for(addr: SocketAddr, workers: usize, duration: Duration) -> Vec<ChurnSample> {
+pub async fn churn_for(
+    addr: SocketAddr,
+    workers: usize,
+    duration: Duration,
+    tls: Option<LoadTls>,
+) -> Vec<ChurnSample> {
     let stop = CancellationToken::new();
-    let running = tokio::spawn(churn(addr, workers, STALL, stop.clone()));
+    let running = tokio::spawn(churn_tls(addr, workers, STALL, stop.clone(), tls));
     tokio::time::sleep(duration).await;
     stop.cancel();
     running.await.unwrap_or_default()
