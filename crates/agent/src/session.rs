@@ -131,13 +131,7 @@ async fn run_session(
                     endpoints = welcomed;
                     assigned = endpoints.len();
                     let verdicts = judge(&endpoints, shared);
-                    approved = Arc::new(
-                        verdicts
-                            .iter()
-                            .filter(|v| v.verdict == Verdict::Approved)
-                            .map(|v| v.endpoint.clone())
-                            .collect(),
-                    );
+                    approved = Arc::new(approved_in(&verdicts).collect());
                     // Data streams are admitted from here on; the new limit leaves before
                     // the verdicts, so the relay can open a stream as soon as it reads them.
                     connection.allow_data_streams();
@@ -151,12 +145,7 @@ async fn run_session(
                     for name in &removed {
                         now_approved.remove(name);
                     }
-                    now_approved.extend(
-                        verdicts
-                            .iter()
-                            .filter(|v| v.verdict == Verdict::Approved)
-                            .map(|v| v.endpoint.clone()),
-                    );
+                    now_approved.extend(approved_in(&verdicts));
                     approved = Arc::new(now_approved);
                     sent_verdicts.retain(|v| !removed.contains(&v.endpoint));
                     sent_verdicts.extend(verdicts.iter().cloned());
@@ -226,13 +215,7 @@ async fn run_session(
                 let verdicts = judge(&endpoints, shared);
                 let changed: Vec<EndpointVerdict> =
                     verdicts.iter().filter(|v| !sent_verdicts.contains(v)).cloned().collect();
-                approved = Arc::new(
-                    verdicts
-                        .iter()
-                        .filter(|v| v.verdict == Verdict::Approved)
-                        .map(|v| v.endpoint.clone())
-                        .collect(),
-                );
+                approved = Arc::new(approved_in(&verdicts).collect());
                 sent_verdicts = verdicts;
                 shared.status.set_verdicts(link, &sent_verdicts);
                 machine.send_verdict_update(changed);
@@ -261,6 +244,11 @@ async fn run_session(
             }
         }
     }
+}
+
+/// The endpoints `verdicts` approve.
+fn approved_in(verdicts: &[EndpointVerdict]) -> impl Iterator<Item = String> + '_ {
+    verdicts.iter().filter(|v| v.verdict == Verdict::Approved).map(|v| v.endpoint.clone())
 }
 
 /// A verdict for each endpoint the relay assigned, from this agent's allowlist.
