@@ -133,6 +133,19 @@ impl FakeAgent {
                                 let failure = OpenFailure { code, message: "fake agent".into() };
                                 let _ = write_frame(&mut stream, &OpenReply::Failed(failure)).await;
                                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                                // As a real agent does: keep the stream until the relay ends
+                                // it, so no reset overtakes the answer.
+                                tokio::spawn(async move {
+                                    let mut sink = [0u8; 1024];
+                                    let read = async {
+                                        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {
+                                            if n == 0 {
+                                                break;
+                                            }
+                                        }
+                                    };
+                                    let _ = tokio::time::timeout(WAIT, read).await;
+                                });
                             }
                             OnOpen::Reset => stream.reset(ResetCode::PeerReset),
                             OnOpen::Ignore => held.push(stream),

@@ -158,9 +158,13 @@ async fn forward(
             } else {
                 info!(code = %failure.code, "destination not opened: {}", failure.message);
             }
-            // Tell the relay why, then finish our side; dropping the stream stops theirs.
+            // Tell the relay why and finish our side, then keep the stream until the relay
+            // has read the answer and ended it: dropping it now would reset it, and over
+            // HTTP/2 a reset can overtake the answer (the relay would see a lost stream, not
+            // the reason, and try another agent for a policy refusal).
             let _ = write_frame(&mut stream, &OpenReply::Failed(failure)).await;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            let _ = tokio::time::timeout(DELIVERY_WAIT, discard_until_end(&mut stream)).await;
             return;
         }
     };
@@ -202,6 +206,16 @@ async fn forward(
         end = %spliced.outcome,
         "stream closed"
     );
+}
+
+/// Reads and drops what the peer still sends until it ends or resets the stream.
+async fn discard_until_end(stream: &mut TunnelStream) {
+    let mut sink = [0u8; 1024];
+    while let Ok(n) = tokio::io::AsyncReadExt::read(stream, &mut sink).await {
+        if n == 0 {
+            return;
+        }
+    }
 }
 
 fn failure(code: OpenFailCode, message: impl Into<String>) -> OpenFailure {

@@ -248,24 +248,30 @@ async fn attempt(
         &live.bytes,
     )
     .await;
+    // The agent's refusal, if it sent one, decides — whichever error the copy saw first (the
+    // agent resets the stream right after its answer, which a write may hit before the read).
+    let refusal = gated.refusal.take();
     if !gated.answered() {
-        if let CopyEnd::Failed { side: Side::Tunnel, error } = &copied.end {
-            let failure = error.get_ref().and_then(|e| e.downcast_ref::<OpenFailure>());
-            let retry = match failure {
-                Some(failure) if failure.code.retry_elsewhere() => {
-                    Some((Outcome::OpenFailed(failure.clone()), false))
-                }
-                Some(_) => None, // a policy refusal: every agent would say the same
-                None => Some((Outcome::failed(Origin::Agent, error, true), gated.timed_out)),
-            };
-            if let Some((failure, timed_out)) = retry {
-                gated.reset(ResetCode::PeerReset);
-                return Attempt::Unanswered { failure, timed_out };
+        let retry = match (&refusal, &copied.end) {
+            (Some(failure), _) if failure.code.retry_elsewhere() => {
+                Some((Outcome::OpenFailed(failure.clone()), false))
             }
+            (Some(_), _) => None, // a policy refusal: every agent would say the same
+            (None, CopyEnd::Failed { side: Side::Tunnel, error }) => {
+                Some((Outcome::failed(Origin::Agent, error, true), gated.timed_out))
+            }
+            (None, _) => None,
+        };
+        if let Some((failure, timed_out)) = retry {
+            gated.reset(ResetCode::PeerReset);
+            return Attempt::Unanswered { failure, timed_out };
         }
     }
     let opened_at = gated.opened_at;
-    let spliced = splice::conclude(copied, socket, &mut gated, Hop::Relay);
+    let mut spliced = splice::conclude(copied, socket, &mut gated, Hop::Relay);
+    if let Some(failure) = refusal {
+        spliced.outcome = Outcome::OpenFailed(failure);
+    }
     if spliced.outcome == Outcome::Completed {
         // The client's last bytes may still be in flight to the agent; the relay's connection
         // must not close under them (a drain closes it once the clients are done).
@@ -379,6 +385,8 @@ struct OpenReplyGate<'a> {
     timed_out: bool,
     /// Set when the agent answered `Opened` (the [`Recording`] stops keeping bytes).
     answered: &'a AtomicBool,
+    /// The agent's refusal, when it answered `OpenFailed`.
+    refusal: Option<OpenFailure>,
 }
 
 #[derive(Debug)]
@@ -397,6 +405,7 @@ impl<'a> OpenReplyGate<'a> {
             deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
             timed_out: false,
             answered,
+            refusal: None,
         }
     }
 
@@ -464,6 +473,7 @@ impl AsyncRead for OpenReplyGate<'_> {
                         }
                         OpenReply::Failed(failure) => {
                             this.deadline = None;
+                            this.refusal = Some(failure.clone());
                             return Poll::Ready(Err(io::Error::new(
                                 io::ErrorKind::ConnectionRefused,
                                 failure,
