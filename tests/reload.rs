@@ -208,13 +208,10 @@ async fn an_acl_change_applies_to_new_connections_and_spares_a_transfer_under_wa
     assert!(is_refused(TcpStream::connect(endpoint).await).await, "nothing of it applied");
 
     // The original, written to the file without a signal: picked up by the watch.
-    let (_, before) = tokio::task::block_in_place(|| running.reload_metrics());
     tokio::task::block_in_place(|| {
         running.reload_and_wait("applied", || running.write_relay_config(&original));
     });
     assert!(served(endpoint).await, "open again after the file changed");
-    let (_, after) = tokio::task::block_in_place(|| running.reload_metrics());
-    assert!(after >= before, "the success timestamp moves on");
 
     let transfer = transfer.await.expect("join");
     transfer.unwrap_or_else(|e| panic!("the transfer under way was cut: {e}"));

@@ -16,7 +16,7 @@ use privlink_transport::io::{read_frame, write_frame};
 use privlink_transport::live::LiveTable;
 use privlink_transport::splice::{self, Hop, Outcome};
 use privlink_transport::tcp::abort;
-use privlink_transport::tunnel::{ResetCode, TunnelStream};
+use privlink_transport::tunnel::{DELIVERY_WAIT, ResetCode, TunnelStream};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -26,8 +26,6 @@ use crate::allowlist::{AllowRule, Allowlist, special_address_kind};
 
 /// Deadline for the open header to arrive after the relay opened the stream.
 pub const OPEN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a completed stream waits for the relay to acknowledge its last bytes and FIN.
-const DELIVERY_WAIT: Duration = Duration::from_secs(2);
 /// Inactivity timeout used when the relay sends none.
 const FALLBACK_INACTIVITY: Duration = Duration::from_secs(60);
 
@@ -193,7 +191,7 @@ async fn forward(
     if spliced.outcome == Outcome::Completed {
         // The stream's end may still be in flight; the agent's connection must not close
         // under it (a drain ends by closing it once the streams are done).
-        stream.delivered(DELIVERY_WAIT).await;
+        stream.delivered().await;
     }
     // What a scrape has not counted yet (socket → tunnel is from the destination).
     let (from_destination, to_destination) = live.unreported();

@@ -111,7 +111,6 @@ async fn run_session(
     // Whether our hello went out: a failure after that, on a closed connection, is a refusal
     // that arrived as the close reason instead of a frame.
     let mut hello_sent = false;
-    let mut assigned = 0;
     // The endpoints approved on this connection; the relay may open streams for these only.
     let mut approved: Arc<HashSet<String>> = Arc::default();
     // The verdicts sent on this connection, for the status view.
@@ -129,7 +128,6 @@ async fn run_session(
                 AgentEvent::Welcome(welcomed) => {
                     rules_changes.mark_unchanged(); // judged under the rules in force now
                     endpoints = welcomed;
-                    assigned = endpoints.len();
                     let verdicts = judge(&endpoints, shared);
                     approved = Arc::new(approved_in(&verdicts).collect());
                     // Data streams are admitted from here on; the new limit leaves before
@@ -151,7 +149,6 @@ async fn run_session(
                     sent_verdicts.extend(verdicts.iter().cloned());
                     endpoints.retain(|e| !removed.contains(&e.name));
                     endpoints.extend(added);
-                    assigned = endpoints.len();
                     shared.status.set_verdicts(link, &sent_verdicts);
                     machine.send_verdict_update(verdicts);
                 }
@@ -170,7 +167,7 @@ async fn run_session(
         }
         control.send_queued(&mut machine).await?;
         if machine.is_established() && !ready.is_cancelled() {
-            info!(transport = %connection.kind(), endpoints = assigned, "connected to relay");
+            info!(transport = %connection.kind(), endpoints = endpoints.len(), "connected to relay");
             shared.status.connected(link, connection.kind(), &sent_verdicts);
             ready.cancel();
         }

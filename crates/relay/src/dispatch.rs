@@ -33,7 +33,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::config::EndpointSpec;
+use crate::config::{EndpointSpec, MAX_OPEN_ATTEMPTS};
 use crate::flow::Flow;
 use crate::listen::{Endpoint, LiveClient};
 use crate::registry::{ChosenAgent, Registry};
@@ -47,8 +47,6 @@ pub const OPEN_STREAM_WAIT: Duration = Duration::from_secs(5);
 /// rather than holding a `max_connections` slot with no timer running (the inactivity
 /// watchdog starts with the copy).
 pub const FIRST_WRITE_WAIT: Duration = Duration::from_secs(5);
-/// How long a completed connection waits for the agent to acknowledge its last bytes and FIN.
-const DELIVERY_WAIT: Duration = Duration::from_secs(2);
 /// Most client bytes sent along with the open header (a TLS ClientHello fits).
 const EARLY_DATA_MAX: usize = 4096;
 
@@ -66,27 +64,34 @@ pub(crate) async fn forward(
     let _ = socket.set_nodelay(true);
     let mut bytes = (0, 0);
     let mut unreported = (0, 0);
-    // The agents tried, in order (registry ids, and names for the flow log).
-    let mut tried: Vec<u64> = Vec::new();
-    let mut agents: Vec<String> = Vec::new();
-    let mut replay = Replay::new(spec.open.buffer);
+    // The agents tried, in order: registry ids (in the task, no allocation: at most
+    // `MAX_OPEN_ATTEMPTS`), and their names for the flow log, comma-separated.
+    let mut tried = [0u64; MAX_OPEN_ATTEMPTS as usize];
+    let mut attempts = 0;
+    let mut agents_tried = String::new();
+    // With one attempt allowed nothing is ever replayed: keep nothing.
+    let mut replay = Replay::new(if spec.open.attempts > 1 { spec.open.buffer } else { 0 });
     // Listed in `/api/v1/connections`, its bytes counted as they move, from the first agent
     // chosen until it ends.
     let mut live = None;
     let mut last_failure: Option<Outcome> = None;
 
     let outcome = loop {
-        let Some(agent) = registry.choose(&spec.connector, &spec.name, &tried) else {
+        let Some(agent) = registry.choose(&spec.connector, &spec.name, &tried[..attempts]) else {
             abort(socket);
             break last_failure.unwrap_or(Outcome::NoAgent);
         };
-        tried.push(agent.id);
-        agents.push(agent.name.clone());
+        tried[attempts] = agent.id;
+        attempts += 1;
+        if !agents_tried.is_empty() {
+            agents_tried.push(',');
+        }
+        agents_tried.push_str(&agent.name);
         let entry = live.get_or_insert_with(|| {
             endpoint.live.insert(LiveClient::new(client, agent.name.clone()))
         });
         entry.info.set_agent(&agent.name);
-        let first = tried.len() == 1;
+        let first = attempts == 1;
         match attempt(&mut socket, client, spec, &agent, &mut replay, entry, force, first).await {
             Attempt::Ended { outcome, opened_at } => {
                 if let Some(at) = opened_at {
@@ -102,7 +107,7 @@ pub(crate) async fn forward(
                 if timed_out {
                     agent.suspect();
                 }
-                let retry = tried.len() < spec.open.attempts as usize
+                let retry = attempts < spec.open.attempts as usize
                     && replay.intact()
                     && !force.is_cancelled();
                 if !retry {
@@ -123,8 +128,9 @@ pub(crate) async fn forward(
     Flow {
         client,
         endpoint: spec,
-        agent: agents.last().map_or("-", String::as_str),
-        agents_tried: &agents,
+        agent: agents_tried.rsplit(',').next().filter(|a| !a.is_empty()).unwrap_or("-"),
+        attempts,
+        agents_tried: &agents_tried,
         duration: started.elapsed(),
         bytes_from_client: bytes.0,
         bytes_to_client: bytes.1,
@@ -275,7 +281,7 @@ async fn attempt(
     if spliced.outcome == Outcome::Completed {
         // The client's last bytes may still be in flight to the agent; the relay's connection
         // must not close under them (a drain closes it once the clients are done).
-        stream.delivered(DELIVERY_WAIT).await;
+        stream.delivered().await;
     }
     Attempt::Ended { outcome: spliced.outcome, opened_at }
 }
@@ -339,11 +345,15 @@ impl AsyncRead for Recording<'_> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // Freed at the first poll after the answer, read or not: an idle connection keeps no
+        // copy of its first bytes.
+        let answered = this.answered.load(Ordering::Relaxed);
+        if answered {
+            this.replay.release();
+        }
         let before = buf.filled().len();
         ready!(Pin::new(&mut *this.socket).poll_read(cx, buf))?;
-        if this.answered.load(Ordering::Relaxed) {
-            this.replay.release();
-        } else {
+        if !answered {
             this.replay.record(&buf.filled()[before..]);
         }
         Poll::Ready(Ok(()))

@@ -28,8 +28,10 @@ pub(crate) struct Flow<'a> {
     pub(crate) endpoint: &'a EndpointSpec,
     /// The agent that carried it (`-` when none was chosen).
     pub(crate) agent: &'a str,
-    /// Every agent tried, in order (more than one when the open was retried).
-    pub(crate) agents_tried: &'a [String],
+    /// How many agents were tried (more than one when the open was retried).
+    pub(crate) attempts: usize,
+    /// Their names in order, comma-separated.
+    pub(crate) agents_tried: &'a str,
     pub(crate) duration: Duration,
     pub(crate) bytes_from_client: u64,
     pub(crate) bytes_to_client: u64,
@@ -46,8 +48,8 @@ impl Flow<'_> {
             endpoint = %self.endpoint.name,
             destination = %self.endpoint.destination,
             agent = %self.agent,
-            attempts = self.agents_tried.len(),
-            agents_tried = %self.agents_tried.join(","),
+            attempts = self.attempts,
+            agents_tried = %self.agents_tried,
             duration_ms,
             bytes_from_client = self.bytes_from_client,
             bytes_to_client = self.bytes_to_client,

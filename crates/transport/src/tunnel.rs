@@ -274,6 +274,11 @@ fn describe_close(error: &quinn::ConnectionError) -> String {
     }
 }
 
+/// Longest a finished stream waits for its peer to take what it was sent before it is dropped
+/// ([`TunnelStream::delivered`], and an agent keeping a refused stream until the relay has
+/// read the refusal).
+pub const DELIVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One byte stream of a tunnel connection. Shutting down the write side sends FIN;
 /// [`TunnelStream::reset`] aborts both directions.
 #[derive(Debug)]
@@ -301,14 +306,15 @@ impl TunnelStream {
         }
     }
 
-    /// Waits, at most `limit`, until the peer has acknowledged everything written and the FIN.
+    /// Waits, at most [`DELIVERY_WAIT`], until the peer has acknowledged everything written
+    /// and the FIN.
     /// Closing a QUIC connection discards stream data still in flight, so a side about to
     /// close its connection (an agent at the end of a drain) waits for this on each finished
     /// stream first. Over TLS/TCP it returns at once: the bytes are in the kernel's send
     /// buffer, which a close does not discard.
-    pub async fn delivered(&mut self, limit: std::time::Duration) {
+    pub async fn delivered(&mut self) {
         if let Stream::Quic { send, .. } = &mut self.inner {
-            let _ = tokio::time::timeout(limit, send.stopped()).await;
+            let _ = tokio::time::timeout(DELIVERY_WAIT, send.stopped()).await;
         }
     }
 }
