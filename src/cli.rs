@@ -23,6 +23,11 @@ pub(crate) enum Command {
         /// Path to relay.toml.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Validate the configuration as a start would (files, certificate and key, token),
+        /// print a one-line summary and exit 0, or 64 naming file, line and key. Binds no
+        /// port and dials nothing.
+        #[arg(long)]
+        check_config: bool,
         /// Log lines as text, or one JSON object each.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -32,6 +37,11 @@ pub(crate) enum Command {
         /// Path to agent.toml.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Validate the configuration as a start would (files, certificate and key, token),
+        /// print a one-line summary and exit 0, or 64 naming file, line and key. Binds no
+        /// port and dials nothing.
+        #[arg(long)]
+        check_config: bool,
         /// Log lines as text, or one JSON object each.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -44,6 +54,23 @@ pub(crate) enum Command {
         /// Log lines as text, or one JSON object each.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+    },
+    /// Diagnose, where the agent runs, everything it needs: its configuration, every relay
+    /// (DNS, QUIC and TLS over TCP, authentication) and every destination (DNS answer and
+    /// whether it is private, TCP connect, the TLS certificate a client would see). Sends no
+    /// request and no credential to a destination. Exit 0 when every check passed (warnings
+    /// included), 69 when one failed, 64 for an invalid configuration.
+    Check {
+        /// Path to agent.toml.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Also check this destination (`host:port`), whether or not an endpoint names it.
+        /// Repeat for several.
+        #[arg(long = "destination", value_name = "HOST:PORT")]
+        destinations: Vec<String>,
+        /// Print the results as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Ask a running relay or agent for its status (its admin listener's /api/v1/status).
     Status {

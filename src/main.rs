@@ -5,6 +5,7 @@
 
 mod cli;
 mod cmd;
+mod notify;
 mod signals;
 
 use std::process::ExitCode;
@@ -72,17 +73,28 @@ const EXIT_UNAVAILABLE: u8 = 69;
 fn main() -> ExitCode {
     tune_malloc();
     let cli = Cli::parse();
-    let env_token =
-        if matches!(cli.command, Command::Agent { .. }) { take_token_from_env() } else { None };
+    let env_token = if matches!(cli.command, Command::Agent { .. } | Command::Check { .. }) {
+        take_token_from_env()
+    } else {
+        None
+    };
     let default_filter = match cli.command {
         Command::Demo { .. } => "warn,privlink::flow=info",
+        // The report is the output; the library's own logs would interleave with it.
+        Command::Check { .. } => "error",
+        Command::Relay { check_config: true, .. } | Command::Agent { check_config: true, .. } => {
+            "warn"
+        }
         _ => "info",
     };
     let log_format = match cli.command {
         Command::Relay { log_format, .. }
         | Command::Agent { log_format, .. }
         | Command::Demo { log_format, .. } => log_format,
-        Command::Token { .. } | Command::Certs { .. } | Command::Status { .. } => LogFormat::Text,
+        Command::Token { .. }
+        | Command::Certs { .. }
+        | Command::Status { .. }
+        | Command::Check { .. } => LogFormat::Text,
     };
     init_logging(default_filter, log_format);
 
@@ -92,6 +104,10 @@ fn main() -> ExitCode {
         }
         Command::Certs { command: CertsCommand::Init { dir, names, force } } => {
             cmd::certs::init(&dir, &names, force)
+        }
+        Command::Relay { config, check_config: true, .. } => cmd::relay::check_config(&config),
+        Command::Agent { config, check_config: true, .. } => {
+            cmd::agent::check_config(&config, env_token)
         }
         command => runtime().and_then(|rt| {
             raise_open_file_limit();
@@ -148,6 +164,9 @@ async fn run_service(command: Command, env_token: Option<String>) -> anyhow::Res
         Command::Demo { port, .. } => cmd::demo::run(port, shutdown).await,
         Command::Status { admin, token_file, json } => {
             cmd::status::run(&admin, token_file.as_deref(), json).await
+        }
+        Command::Check { config, destinations, json } => {
+            cmd::check::run(&config, env_token, destinations, json).await
         }
         Command::Token { .. } | Command::Certs { .. } => unreachable!("handled without a runtime"),
     }

@@ -24,7 +24,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
 /// Sets `key` in `table` of a TOML text (`""` for the top level, `[tunnel]`, the first
 /// `[[endpoint]]`, …) to `value`, whatever it was: the example configs stay what they are while
 /// the tests point them at their own ports and secrets, and an operator's edits to the values
-/// (the README walkthrough's, say) change nothing here. The line must exist.
+/// (the operator guide's walkthrough, say) change nothing here. The line must exist.
 fn set_key(text: &str, table: &str, key: &str, value: &str) -> String {
     let mut current = String::new();
     let mut seen_table = false;
@@ -215,7 +215,7 @@ async fn survive_restarts(transport: &str) {
     assert!(relay.terminate().success(), "relay exits 0 on SIGTERM");
 }
 
-/// The README walkthrough has an operator edit the example configs (the token hash, the
+/// The Key Vault walkthrough (docs/operator.md) has an operator edit the example configs (the token hash, the
 /// vault's name, an ACL, relay names); the suite must not depend on them staying as shipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_walkthroughs_edits_to_the_example_configs_do_not_break_the_suite() {

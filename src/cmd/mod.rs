@@ -3,6 +3,7 @@
 
 pub(crate) mod agent;
 pub(crate) mod certs;
+pub(crate) mod check;
 pub(crate) mod demo;
 pub(crate) mod relay;
 pub(crate) mod status;

@@ -1,16 +1,35 @@
 //! `privlink relay --config relay.toml`: validate the whole configuration, bind, serve until
 //! the shutdown token, drain — and reload the configuration on SIGHUP or when the file
-//! changes ([`super::watch_config`]).
+//! changes ([`super::watch_config`]). `--check-config` only validates.
 
 use std::path::Path;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
+/// `--check-config`: validates the file as [`run`] would, binding nothing; prints a summary.
+pub(crate) fn check_config(config: &Path) -> anyhow::Result<()> {
+    let loaded = privlink_relay::RelayConfig::load(config)?;
+    let admin = loaded.admin.as_ref().map_or_else(|| "off".to_owned(), |a| a.listen.to_string());
+    println!(
+        "{}: valid: tunnel {} (QUIC on UDP, TLS on TCP), {} endpoint{}, {} connector{}, admin {}",
+        config.display(),
+        loaded.tunnel_listen,
+        loaded.endpoints.len(),
+        if loaded.endpoints.len() == 1 { "" } else { "s" },
+        loaded.connectors.len(),
+        if loaded.connectors.len() == 1 { "" } else { "s" },
+        admin,
+    );
+    Ok(())
+}
+
 pub(crate) async fn run(config: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Parse and validate everything before binding anything.
     let loaded = privlink_relay::RelayConfig::load(config)?;
     let relay = privlink_relay::Relay::bind(loaded).await.context("starting the relay")?;
+    // Every listener is bound: the relay is ready (its `/readyz` says so from here on).
+    let _announcer = crate::notify::announce(std::future::ready(()), shutdown.clone());
     let handle = relay.handle();
     let watcher = super::watch_config(config, shutdown.clone(), move |path| {
         // The outcome is logged and in the reload metrics.

@@ -2,20 +2,20 @@
 //! `quic`, `tcp`, or `auto` — QUIC first, TLS over TCP when QUIC does not get through in time,
 //! QUIC probed again while on TCP and promoted once it works, the TCP session then drained.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use privlink_protocol::control::Timers;
 use privlink_transport::tls::CertificateSummary;
 use privlink_transport::tunnel::{AgentConnection, DialError, TransportKind};
-use privlink_transport::{h2, quic};
+use privlink_transport::{h2, quic, tls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::AgentShared;
 use crate::config::{RelayAddress, TransportChoice};
 use crate::session::{SessionError, serve_connection};
+use crate::{AgentConfig, AgentError, AgentShared};
 
 /// One session with a relay address on the transport(s) the configuration asks for.
 pub(crate) async fn session(
@@ -121,68 +121,105 @@ async fn dial(
     shared: &AgentShared,
     deadline: Duration,
 ) -> Result<AgentConnection, SessionError> {
-    let server_name = relay.host.to_string();
-    let server_name = server_name.trim_start_matches('[').trim_end_matches(']');
-    let dialed = match kind {
-        TransportKind::Quic => quic::dial(&shared.quic, addr, server_name, deadline).await,
-        TransportKind::Tcp => h2::dial(addr, server_name, Arc::clone(&shared.tls), deadline).await,
-    };
-    match dialed {
-        Ok(connection) => Ok(connection),
-        Err(DialError::Certificate(detail)) => Err(SessionError::Dial(DialError::Certificate(
-            explain_untrusted(&detail, server_name, addr, shared),
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    Ok(shared.dialer.dial(kind, relay, addr, &shared.config, deadline).await?)
 }
 
-/// What an operator needs when the relay's certificate is rejected: which file the agent
-/// trusts, what the relay presented, and what to check.
-fn explain_untrusted(
-    detail: &str,
-    server_name: &str,
-    addr: SocketAddr,
-    shared: &AgentShared,
-) -> String {
-    let config = &shared.config;
-    let relay_ca = config
-        .relay_ca
-        .as_ref()
-        .map_or_else(|| "relay_ca".to_owned(), |p| format!("relay_ca ({})", p.display()));
-    let trusted: Vec<String> = config
-        .relay_roots
-        .iter()
-        .filter_map(CertificateSummary::of)
-        .map(|ca| format!("`{}`", ca.subject))
-        .collect();
-    let mut message = format!("the relay's certificate is not trusted ({detail}).");
-    match shared.verifier.rejected(server_name).as_ref().and_then(CertificateSummary::of) {
-        Some(presented) => {
-            message.push_str(&format!(
-                " The relay at {addr} presented `{}`, issued by `{}`, for the names [{}]; \
-                 {relay_ca} holds {}.",
-                presented.subject,
-                presented.issuer,
-                presented.names.join(", "),
-                if trusted.is_empty() {
-                    "no readable certificate".to_owned()
-                } else {
-                    trusted.join(", ")
-                }
-            ));
-            if !presented.names.iter().any(|n| n.eq_ignore_ascii_case(server_name)) {
-                message.push_str(&format!(
-                    " The agent dials it as `{server_name}`, a name the certificate does not \
-                     list: put one of its names in `relays`, or reissue the relay's certificate \
-                     with `privlink certs init --name {server_name}`."
-                ));
-            }
-        }
-        None => message.push_str(&format!(" {relay_ca} holds {}.", trusted.join(", "))),
+/// What dialling a relay takes — one QUIC endpoint, the TLS configuration for TLS over TCP,
+/// and the verifier both use — shared by the agent's links and by `privlink check`.
+#[derive(Debug)]
+pub(crate) struct RelayDialer {
+    pub(crate) quic: quinn::Endpoint,
+    tls: Arc<rustls::ClientConfig>,
+    /// Keeps rejected certificates so that errors can say whose they were.
+    verifier: Arc<tls::RelayVerifier>,
+}
+
+impl RelayDialer {
+    /// Trusts `config`'s relay roots; binds one dual-stack UDP socket for every relay (IPv4
+    /// only on hosts without IPv6). Call it within a tokio runtime.
+    pub(crate) fn new(config: &AgentConfig) -> Result<Self, AgentError> {
+        let (tls, verifier) = tls::tunnel_client_config_with_verifier(&config.relay_roots)?;
+        let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
+            .or_else(|_| {
+                quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls.clone())
+            })?;
+        Ok(Self { quic, tls: Arc::new(tls), verifier })
     }
-    message.push_str(&format!(
-        " Check that {relay_ca} is the ca.crt that signed the relay's certificate (the one \
-         `privlink certs init` wrote together with relay.crt)."
-    ));
-    message
+
+    /// Establishes a tunnel connection to `addr` (an address of `relay`) on one transport
+    /// within `deadline`; a rejected certificate is explained against `config`'s `relay_ca`.
+    pub(crate) async fn dial(
+        &self,
+        kind: TransportKind,
+        relay: &RelayAddress,
+        addr: SocketAddr,
+        config: &AgentConfig,
+        deadline: Duration,
+    ) -> Result<AgentConnection, DialError> {
+        let server_name = relay.host.to_string();
+        let server_name = server_name.trim_start_matches('[').trim_end_matches(']');
+        let dialed = match kind {
+            TransportKind::Quic => quic::dial(&self.quic, addr, server_name, deadline).await,
+            TransportKind::Tcp => {
+                h2::dial(addr, server_name, Arc::clone(&self.tls), deadline).await
+            }
+        };
+        dialed.map_err(|e| match e {
+            DialError::Certificate(detail) => {
+                DialError::Certificate(self.explain_untrusted(&detail, server_name, addr, config))
+            }
+            e => e,
+        })
+    }
+
+    /// What an operator needs when the relay's certificate is rejected: which file the agent
+    /// trusts, what the relay presented, and what to check.
+    fn explain_untrusted(
+        &self,
+        detail: &str,
+        server_name: &str,
+        addr: SocketAddr,
+        config: &AgentConfig,
+    ) -> String {
+        let relay_ca = config
+            .relay_ca
+            .as_ref()
+            .map_or_else(|| "relay_ca".to_owned(), |p| format!("relay_ca ({})", p.display()));
+        let trusted: Vec<String> = config
+            .relay_roots
+            .iter()
+            .filter_map(CertificateSummary::of)
+            .map(|ca| format!("`{}`", ca.subject))
+            .collect();
+        let mut message = format!("the relay's certificate is not trusted ({detail}).");
+        match self.verifier.rejected(server_name).as_ref().and_then(CertificateSummary::of) {
+            Some(presented) => {
+                message.push_str(&format!(
+                    " The relay at {addr} presented `{}`, issued by `{}`, for the names [{}]; \
+                     {relay_ca} holds {}.",
+                    presented.subject,
+                    presented.issuer,
+                    presented.names.join(", "),
+                    if trusted.is_empty() {
+                        "no readable certificate".to_owned()
+                    } else {
+                        trusted.join(", ")
+                    }
+                ));
+                if !presented.names.iter().any(|n| n.eq_ignore_ascii_case(server_name)) {
+                    message.push_str(&format!(
+                        " The agent dials it as `{server_name}`, a name the certificate does \
+                         not list: put one of its names in `relays`, or reissue the relay's \
+                         certificate with `privlink certs init --name {server_name}`."
+                    ));
+                }
+            }
+            None => message.push_str(&format!(" {relay_ca} holds {}.", trusted.join(", "))),
+        }
+        message.push_str(&format!(
+            " Check that {relay_ca} is the ca.crt that signed the relay's certificate (the one \
+             `privlink certs init` wrote together with relay.crt)."
+        ));
+        message
+    }
 }

@@ -17,12 +17,14 @@
 //! * [`session`] — one connection: the control conversation, accepting data streams.
 //! * [`forward`] — one data stream: check, resolve, connect, reply, splice.
 //! * [`metrics`] — the Prometheus metrics `/metrics` serves.
+//! * [`check`] — `privlink check`: the relay and destination diagnostics.
 //! * [`status`] — each relay link's state, verdicts and streams, for the admin listener
 //!   (`admin`) and tests.
 #![forbid(unsafe_code)]
 
 mod admin;
 pub mod allowlist;
+pub mod check;
 pub mod config;
 pub mod dial;
 pub mod forward;
@@ -32,7 +34,7 @@ pub mod reload;
 pub mod session;
 pub mod status;
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,12 +79,8 @@ pub(crate) struct AgentShared {
     pub(crate) config: AgentConfig,
     pub(crate) policy: Arc<StreamPolicy>,
     pub(crate) agent_id: String,
-    pub(crate) quic: quinn::Endpoint,
-    /// TLS client configuration for the TCP transport.
-    pub(crate) tls: Arc<rustls::ClientConfig>,
-    /// The relay-certificate verifier both transports use; it keeps rejected certificates
-    /// so that errors can say whose they were.
-    pub(crate) verifier: Arc<tls::RelayVerifier>,
+    /// Dials relays on either transport.
+    pub(crate) dialer: dial::RelayDialer,
     /// Stop dialling and accepting streams.
     pub(crate) shutdown: CancellationToken,
     /// Abort streams still running after the grace period.
@@ -141,11 +139,7 @@ impl Agent {
             ),
             None => None,
         };
-        let (tls, verifier) = tls::tunnel_client_config_with_verifier(&config.relay_roots)?;
-        let tls_for_tcp = tls.clone();
-        // One dual-stack socket serves IPv4 and IPv6 relays; hosts without IPv6 get IPv4.
-        let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
-            .or_else(|_| quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls))?;
+        let dialer = dial::RelayDialer::new(&config)?;
         let metrics = Arc::new(AgentMetrics::default());
         let policy = Arc::new(StreamPolicy::new(reload::rules_of(&config), Arc::clone(&metrics)));
         let shutdown = CancellationToken::new();
@@ -155,9 +149,7 @@ impl Agent {
                 config,
                 policy,
                 agent_id: random_id(),
-                quic,
-                tls: Arc::new(tls_for_tcp),
-                verifier,
+                dialer,
                 force: CancellationToken::new(),
                 shutdown,
                 status: Arc::default(),
@@ -225,7 +217,7 @@ impl Agent {
         info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
         shared.shutdown.cancel();
         drain::drain(&tracker, config.shutdown_grace, &shared.force, "streams").await;
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, shared.quic.wait_idle()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, shared.dialer.quic.wait_idle()).await;
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
@@ -234,7 +226,8 @@ impl Agent {
     }
 }
 
-fn random_id() -> String {
+/// A random id for this process (or a `check` session), in hex.
+pub(crate) fn random_id() -> String {
     let mut bytes = [0u8; 8];
     if SystemRandom::new().fill(&mut bytes).is_err() {
         return "unknown".to_owned();

@@ -84,7 +84,8 @@ pub(crate) async fn maintain_relay(
     }
 }
 
-async fn resolve(relay: &RelayAddress) -> std::io::Result<Vec<SocketAddr>> {
+/// The addresses of `relay`, sorted, each once.
+pub(crate) async fn resolve(relay: &RelayAddress) -> std::io::Result<Vec<SocketAddr>> {
     let host = match &relay.host {
         privlink_protocol::destination::Host::Ip(ip) => {
             return Ok(vec![SocketAddr::new(*ip, relay.port)]);

@@ -98,15 +98,12 @@ async fn run_session(
             })
         })??;
     let mut control = ControlStream::new(accepted);
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        connector: shared.config.connector.clone(),
-        token: shared.token(),
-        agent_name: shared.config.name.clone(),
-        agent_id: shared.agent_id.clone(),
-        software_version: SOFTWARE_VERSION.to_owned(),
-        allowed: shared.policy.rules().allowlist.describe(),
-    };
+    let hello = hello(
+        &shared.config,
+        shared.token(),
+        shared.agent_id.clone(),
+        shared.policy.rules().allowlist.describe(),
+    );
     let mut machine = AgentControl::new(hello, now(), Timers::default());
     // Whether our hello went out: a failure after that, on a closed connection, is a refusal
     // that arrived as the close reason instead of a frame.
@@ -240,6 +237,25 @@ async fn run_session(
                 }
             }
         }
+    }
+}
+
+/// The agent's hello: who it is, the token it presents, and its allowlist (`allowed`, for the
+/// relay's status view).
+pub(crate) fn hello(
+    config: &crate::AgentConfig,
+    token: privlink_protocol::token::Token,
+    agent_id: String,
+    allowed: Vec<String>,
+) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        connector: config.connector.clone(),
+        token,
+        agent_name: config.name.clone(),
+        agent_id,
+        software_version: SOFTWARE_VERSION.to_owned(),
+        allowed,
     }
 }
 

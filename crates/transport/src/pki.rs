@@ -91,6 +91,16 @@ impl CertificateAuthority {
 
     /// A server certificate for `names` (DNS names or IP addresses), signed by this CA.
     pub fn issue_server(&self, names: &[&str]) -> Result<Issued, PkiError> {
+        self.issue_server_valid_for(names, SERVER_VALIDITY)
+    }
+
+    /// [`issue_server`](Self::issue_server) with a validity of `length` from now (tests of
+    /// expiry warnings use short ones).
+    pub fn issue_server_valid_for(
+        &self,
+        names: &[&str],
+        length: Duration,
+    ) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
@@ -104,7 +114,7 @@ impl CertificateAuthority {
             params.subject_alt_names.push(san);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        set_validity(&mut params, SERVER_VALIDITY);
+        set_validity(&mut params, length);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(issued(cert.pem(), cert.der().clone(), &key))

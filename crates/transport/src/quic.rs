@@ -229,8 +229,13 @@ pub async fn dial(
 ) -> Result<AgentConnection, DialError> {
     let connecting =
         endpoint.connect(relay, server_name).map_err(|e| DialError::Handshake(e.to_string()))?;
+    let started = std::time::Instant::now();
     match tokio::time::timeout(deadline, connecting).await {
         Ok(Ok(connection)) => Ok(AgentConnection::from_quic(connection)),
+        // The idle timeout ended the handshake before `deadline`: no answer, as for a timeout.
+        Ok(Err(quinn::ConnectionError::TimedOut)) => Err(DialError::Timeout(Duration::from_secs(
+            (started.elapsed() + Duration::from_millis(500)).as_secs(),
+        ))),
         Ok(Err(quinn::ConnectionError::TransportError(e)))
             if e.reason.starts_with("invalid peer certificate") =>
         {

@@ -171,6 +171,10 @@ pub struct CertificateSummary {
     pub names: Vec<String>,
     /// End of validity, RFC 2822.
     pub not_after: String,
+    /// Start of validity, seconds since the Unix epoch.
+    pub not_before_unix: i64,
+    /// End of validity, seconds since the Unix epoch.
+    pub not_after_unix: i64,
 }
 
 impl CertificateSummary {
@@ -207,6 +211,8 @@ impl CertificateSummary {
                 .not_after
                 .to_rfc2822()
                 .unwrap_or_else(|_| cert.validity().not_after.to_string()),
+            not_before_unix: cert.validity().not_before.timestamp(),
+            not_after_unix: cert.validity().not_after.timestamp(),
         })
     }
 }

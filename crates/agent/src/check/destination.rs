@@ -1,0 +1,464 @@
+//! Destination checks, for every destination of an endpoint the relays assigned and the
+//! allowlist approves, and for every `--destination`: the allowlist's verdict, the DNS answer
+//! through the system resolver (as the agent resolves it) and whether each address is private,
+//! a TCP connect to each address, and a TLS handshake with the server name a client would send,
+//! reporting the certificate. Nothing is sent after the handshake.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use privlink_protocol::destination::{Destination, Host};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::facts::{AddressClass, Validity, client_server_name, private_link_zone};
+use super::{AddressFact, CertificateFact, EndpointFact, Outcome, Report, Step, timed};
+use crate::allowlist::{AllowRule, special_address_kind};
+use crate::config::AgentConfig;
+use crate::forward::admissible_addresses;
+
+/// Most addresses of one destination that are connected to.
+const MAX_ADDRESSES: usize = 8;
+
+/// Checks the approved endpoints' destinations and `extra`, each destination once.
+pub(crate) async fn check_destinations(
+    config: &AgentConfig,
+    endpoints: &[EndpointFact],
+    extra: &[String],
+    report: &mut Report,
+) {
+    let mut checked: Vec<String> = Vec::new();
+    for endpoint in endpoints {
+        let subject = format!("endpoint {} → {}", endpoint.name, endpoint.destination);
+        let destination = match endpoint.destination.parse::<Destination>() {
+            Ok(d) => d,
+            Err(e) => {
+                let mut step = Step::new("allowlist", subject, Outcome::Pass, Duration::ZERO, "");
+                step.warn(format!("invalid destination ({e}): every agent rejects it"));
+                report.push(step);
+                continue;
+            }
+        };
+        let Some(rule) = config.allowlist.matching(&destination) else {
+            let mut step =
+                Step::new("allowlist", subject, Outcome::Pass, Duration::ZERO, "not allowed");
+            step.warn(format!(
+                "{destination} is not in this agent's allowlist: this agent rejects the \
+                 endpoint (another agent of connector `{}` may serve it)",
+                config.connector
+            ));
+            report.push(step);
+            continue;
+        };
+        report.push(Step::new(
+            "allowlist",
+            subject,
+            Outcome::Pass,
+            Duration::ZERO,
+            format!("allowed by `{}`", rule),
+        ));
+        if !checked.contains(&destination.to_string()) {
+            checked.push(destination.to_string());
+            check_destination(config, &destination, Some(rule), report).await;
+        }
+    }
+    for text in extra {
+        let destination = match text.parse::<Destination>() {
+            Ok(d) => d,
+            Err(e) => {
+                report.push(Step::new(
+                    "allowlist",
+                    text.clone(),
+                    Outcome::Fail,
+                    Duration::ZERO,
+                    format!("invalid destination: {e}"),
+                ));
+                continue;
+            }
+        };
+        let rule = config.allowlist.matching(&destination);
+        let mut step =
+            Step::new("allowlist", destination.to_string(), Outcome::Pass, Duration::ZERO, "");
+        match rule {
+            Some(rule) => step.detail = format!("allowed by `{}`", rule),
+            None => {
+                step.detail = "not allowed".to_owned();
+                step.warn("not in this agent's allowlist: the agent refuses to open it");
+            }
+        }
+        report.push(step);
+        if !checked.contains(&destination.to_string()) {
+            checked.push(destination.to_string());
+            check_destination(config, &destination, rule, report).await;
+        }
+    }
+}
+
+/// DNS, TCP and TLS for one destination.
+async fn check_destination(
+    config: &AgentConfig,
+    destination: &Destination,
+    rule: Option<&AllowRule>,
+    report: &mut Report,
+) {
+    let Some(addresses) = resolve(config, destination, rule, report).await else { return };
+    let Some(connected) = connect(config, destination, &addresses, report).await else { return };
+    report.push(handshake(config, destination, connected).await);
+}
+
+/// The `destination-dns` step; the addresses the agent would connect to.
+async fn resolve(
+    config: &AgentConfig,
+    destination: &Destination,
+    rule: Option<&AllowRule>,
+    report: &mut Report,
+) -> Option<Vec<SocketAddr>> {
+    let subject = destination.to_string();
+    let (resolved, took) = match &destination.host {
+        Host::Ip(ip) => (Ok(vec![SocketAddr::new(*ip, destination.port)]), Duration::ZERO),
+        Host::Name(name) => {
+            let lookup = tokio::net::lookup_host((name.lookup_form(), destination.port));
+            let (answer, took) = timed(tokio::time::timeout(config.dns_timeout, lookup)).await;
+            let answer = match answer {
+                Ok(Ok(addrs)) => {
+                    let mut addrs: Vec<SocketAddr> = addrs.collect();
+                    addrs.dedup();
+                    if addrs.is_empty() { Err("no address".to_owned()) } else { Ok(addrs) }
+                }
+                Ok(Err(e)) => Err(format!("does not resolve: {e}")),
+                Err(_) => Err(format!("no answer within {:?} (dns_timeout)", config.dns_timeout)),
+            };
+            (answer, took)
+        }
+    };
+    let addresses = match resolved {
+        Ok(addresses) => addresses,
+        Err(reason) => {
+            let mut step = Step::new("destination-dns", subject, Outcome::Fail, took, reason);
+            if let Some(zone) = private_link_zone(destination.host.to_string().as_str()) {
+                step.detail.push_str(&format!(
+                    "; the private DNS zone `{zone}` is not linked to this network, or has no \
+                     record for this name"
+                ));
+            }
+            report.push(step);
+            return None;
+        }
+    };
+    let facts: Vec<AddressFact> = addresses
+        .iter()
+        .map(|a| {
+            let class = AddressClass::of(a.ip());
+            AddressFact { address: a.ip(), class, private: class.is_private() }
+        })
+        .collect();
+    let listed: Vec<String> =
+        facts.iter().map(|f| format!("{} ({})", f.address, f.class.describe(f.address))).collect();
+    let detail = match &destination.host {
+        Host::Ip(_) => format!("an address: {}", listed.join(", ")),
+        Host::Name(_) => format!("resolves to {}", listed.join(", ")),
+    };
+    let mut step = Step::new("destination-dns", subject, Outcome::Pass, took, detail);
+    let host = destination.host.to_string();
+    if let (Some(zone), Some(public)) =
+        (private_link_zone(&host), facts.iter().find(|f| !f.private))
+    {
+        step.warn(format!(
+            "`{host}` resolves to {}, which is not a private address: this network does not \
+             see the private DNS zone `{zone}`. Link the zone to this virtual network (or, with \
+             your own DNS servers, forward `{zone}` to Azure DNS, 168.63.129.16); until then \
+             connections go to the service's public endpoint, which refuses them when public \
+             access is off",
+            public.address
+        ));
+    }
+    step.addresses = Some(facts);
+    let admissible = match rule {
+        Some(rule) => match admissible_addresses(destination, rule, addresses) {
+            Ok(admissible) => admissible,
+            Err(refused) => {
+                step.outcome = Outcome::Fail;
+                step.detail.push_str(&format!(": {}", refused.message));
+                report.push(step);
+                return None;
+            }
+        },
+        None => {
+            if let Some((ip, kind)) =
+                addresses.iter().find_map(|a| special_address_kind(a.ip()).map(|k| (a.ip(), k)))
+            {
+                step.warn(format!(
+                    "{ip} is a {kind} address, which the agent refuses unless an [[allow]] \
+                     rule names it explicitly"
+                ));
+            }
+            addresses
+        }
+    };
+    report.push(step);
+    Some(admissible)
+}
+
+/// The `destination-tcp` step: connects to each address; returns the first connection.
+async fn connect(
+    config: &AgentConfig,
+    destination: &Destination,
+    addresses: &[SocketAddr],
+    report: &mut Report,
+) -> Option<TcpStream> {
+    let mut first: Option<TcpStream> = None;
+    let mut connected = Vec::new();
+    let mut failed = Vec::new();
+    let (_, took) = timed(async {
+        for addr in addresses.iter().take(MAX_ADDRESSES) {
+            let (result, took) =
+                timed(tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr))).await;
+            match result {
+                Ok(Ok(stream)) => {
+                    connected.push(format!("{addr} in {:.1} ms", took.as_secs_f64() * 1000.0));
+                    first.get_or_insert(stream);
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    failed.push(format!("{addr}: connection refused (nothing listens there)"));
+                }
+                Ok(Err(e)) => failed.push(format!("{addr}: {e}")),
+                Err(_) => failed.push(format!(
+                    "{addr}: no answer within {:?} (connect_timeout): a firewall or network \
+                     security group drops it, or no host has that address",
+                    config.connect_timeout
+                )),
+            }
+        }
+    })
+    .await;
+    let subject = destination.to_string();
+    let mut step = if connected.is_empty() {
+        Step::new("destination-tcp", subject, Outcome::Fail, took, failed.join("; "))
+    } else {
+        let mut step = Step::new(
+            "destination-tcp",
+            subject,
+            Outcome::Pass,
+            took,
+            format!("connected to {}", connected.join(", ")),
+        );
+        for failure in &failed {
+            step.warn(format!("{failure} (the agent tries the next address)"));
+        }
+        step
+    };
+    if addresses.len() > MAX_ADDRESSES {
+        step.warn(format!(
+            "{} addresses; only the first {MAX_ADDRESSES} were tried",
+            addresses.len()
+        ));
+    }
+    report.push(step);
+    first
+}
+
+/// The `destination-tls` step over an established connection.
+async fn handshake(config: &AgentConfig, destination: &Destination, stream: TcpStream) -> Step {
+    let subject = destination.to_string();
+    let (server_name, sni) = match &destination.host {
+        Host::Name(name) => {
+            let sent = client_server_name(name.as_str());
+            (Some(sent.clone()), ServerName::try_from(sent).map_err(|e| e.to_string()))
+        }
+        Host::Ip(ip) => (None, Ok(ServerName::IpAddress((*ip).into()))),
+    };
+    let connector = look_only_config().map(TlsConnector::from);
+    let (sni, connector) = match (sni, connector) {
+        (Ok(sni), Ok(connector)) => (sni, connector),
+        (Err(e), _) | (_, Err(e)) => {
+            return Step::new("destination-tls", subject, Outcome::Fail, Duration::ZERO, e);
+        }
+    };
+    let (result, took) =
+        timed(tokio::time::timeout(config.connect_timeout, connector.connect(sni.clone(), stream)))
+            .await;
+    let tls = match result {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            return Step::new(
+                "destination-tls",
+                subject,
+                Outcome::Fail,
+                took,
+                format!("TLS handshake failed: {e} (does {destination} speak TLS?)"),
+            );
+        }
+        Err(_) => {
+            return Step::new(
+                "destination-tls",
+                subject,
+                Outcome::Fail,
+                took,
+                format!(
+                    "no TLS handshake within {:?}: the destination accepted the connection \
+                     but did not answer a TLS ClientHello",
+                    config.connect_timeout
+                ),
+            );
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let version = match session.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLS 1.2".to_owned(),
+        Some(other) => format!("{other:?}"),
+        None => "unknown".to_owned(),
+    };
+    let Some(leaf) = session.peer_certificates().and_then(|chain| chain.first()).cloned() else {
+        return Step::new("destination-tls", subject, Outcome::Fail, took, "no certificate");
+    };
+    judge_certificate(subject, took, server_name, &sni, version, &leaf)
+}
+
+/// Reads the leaf certificate a destination presented and judges its name and validity.
+fn judge_certificate(
+    subject: String,
+    took: Duration,
+    server_name: Option<String>,
+    sni: &ServerName<'_>,
+    version: String,
+    leaf: &CertificateDer<'_>,
+) -> Step {
+    let Some(summary) = privlink_transport::tls::CertificateSummary::of(leaf) else {
+        return Step::new(
+            "destination-tls",
+            subject,
+            Outcome::Fail,
+            took,
+            "the certificate presented is not valid X.509",
+        );
+    };
+    let name_matches = rustls::server::ParsedCertificate::try_from(leaf)
+        .is_ok_and(|parsed| rustls::client::verify_server_name(&parsed, sni).is_ok());
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let validity = Validity::at(summary.not_before_unix, summary.not_after_unix, now);
+    let days_left = (summary.not_after_unix - now).div_euclid(86_400);
+    let shown_name = server_name.clone().unwrap_or_else(|| sni.to_str().into_owned());
+    let mut step = Step::new(
+        "destination-tls",
+        subject,
+        Outcome::Pass,
+        took,
+        format!(
+            "{}{version}: `{}` for [{}], issued by `{}`, valid until {}",
+            server_name.as_ref().map_or_else(String::new, |n| format!("SNI {n}, ")),
+            summary.subject,
+            summary.names.join(", "),
+            summary.issuer,
+            summary.not_after,
+        ),
+    );
+    match validity {
+        Validity::Valid(days) => step.detail.push_str(&format!(" ({days} days)")),
+        Validity::ExpiresSoon(days) => {
+            step.detail.push_str(&format!(" ({days} days)"));
+            step.warn(format!(
+                "the certificate expires in {days} days: clients will refuse it then"
+            ));
+        }
+        Validity::Expired(days) => {
+            step.outcome = Outcome::Fail;
+            step.detail.push_str(&format!(": EXPIRED {days} days ago — clients refuse it"));
+        }
+        Validity::NotYetValid(days) => {
+            step.outcome = Outcome::Fail;
+            step.detail.push_str(&format!(": NOT VALID YET (in {days} days) — clients refuse it"));
+        }
+    }
+    if name_matches {
+        step.detail.push_str(&format!("; valid for `{shown_name}`"));
+    } else {
+        step.outcome = Outcome::Fail;
+        step.detail.push_str(&format!(
+            "; NOT valid for `{shown_name}`, the name a client sends: clients refuse it"
+        ));
+    }
+    step.certificate = Some(CertificateFact {
+        server_name,
+        tls_version: version,
+        subject: summary.subject,
+        names: summary.names,
+        issuer: summary.issuer,
+        not_after: summary.not_after,
+        days_left,
+        name_matches,
+    });
+    step
+}
+
+/// A client configuration that completes any handshake (signatures still checked, so the
+/// peer holds the certificate's key) and judges the certificate afterwards: the check reports
+/// on a certificate clients may not trust rather than stopping at it, and sends nothing over
+/// the connection.
+fn look_only_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(LookOnly(Arc::clone(&provider)));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS client set-up: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Accepts the certificate for later judgement; verifies handshake signatures.
+#[derive(Debug)]
+struct LookOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for LookOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
