@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{AdminProbe, Running, TunnelConfigs};
-use privlink_testbed::netns::{must, skip_notice};
+use privlink_testbed::netns::{drop_outbound_udp, skip_notice};
 use privlink_testbed::{Link, Topology};
 use privlink_transport::pki::CertificateAuthority;
 use serde_json::Value;
@@ -333,32 +333,10 @@ fn check_flags_a_public_answer_nothing_listening_a_wrong_name_and_an_expiring_ce
     );
 }
 
-/// Drops every UDP datagram leaving `vnet`.
-fn drop_udp(vnet: &str) {
-    must("ip", &["netns", "exec", vnet, "nft", "add", "table", "inet", "plkcheck"]);
-    must(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            vnet,
-            "nft",
-            "add chain inet plkcheck out { type filter hook output priority 0 ; policy accept ; }",
-        ],
-    );
-    must(
-        "ip",
-        &[
-            "netns", "exec", vnet, "nft", "add", "rule", "inet", "plkcheck", "out", "meta",
-            "l4proto", "udp", "drop",
-        ],
-    );
-}
-
 #[test]
 fn check_with_udp_dropped_fails_quic_with_the_reason_and_passes_tcp() {
     let Some(bed) = CheckBed::start("cu", "quic_fallback_after = \"1s\"") else { return };
-    drop_udp(bed.topology.ns(1));
+    drop_outbound_udp(bed.topology.ns(1));
 
     // transport = "auto": the agent would fall back, so QUIC's failure is a warning.
     let (code, report) = bed.check(&bed.configs.agent, &[]);

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{AdminProbe, Placement, Running, Tunnel, TunnelConfigs};
-use privlink_testbed::netns::{must, sh, skip_notice};
+use privlink_testbed::netns::{allow_outbound_udp, drop_outbound_udp, must, sh, skip_notice};
 use privlink_testbed::{Link, Topology};
 
 /// Addresses inside the namespaces this test creates (nothing outside them is ever contacted).
@@ -129,24 +129,7 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
     let (cloud, vnet) = (topology.ns(0), topology.ns(1));
 
     // The private network drops every outbound UDP datagram.
-    must("ip", &["netns", "exec", vnet, "nft", "add", "table", "inet", "plk"]);
-    must(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            vnet,
-            "nft",
-            "add chain inet plk out { type filter hook output priority 0 ; policy accept ; }",
-        ],
-    );
-    must(
-        "ip",
-        &[
-            "netns", "exec", vnet, "nft", "add", "rule", "inet", "plk", "out", "meta", "l4proto",
-            "udp", "drop",
-        ],
-    );
+    drop_outbound_udp(vnet);
 
     let mut echo =
         Running::spawn(topology.exec(vnet, "python3", &["-c", ECHO_SERVER, VNET_ADDR, "9000"]));
@@ -191,7 +174,7 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
     client("over TCP, UDP dropped");
 
     // UDP is allowed again: the agent's probe gets through and new streams move to QUIC.
-    must("ip", &["netns", "exec", vnet, "nft", "delete", "table", "inet", "plk"]);
+    allow_outbound_udp(vnet);
     agent_admin.wait_status(link_on("quic"));
     // The idle TCP link closes once the agent is on QUIC: from then on the relay lists only
     // the QUIC connection, the only way to the agent.

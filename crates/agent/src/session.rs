@@ -89,15 +89,7 @@ async fn run_session(
     ready: &CancellationToken,
     streams: &TaskTracker,
 ) -> Result<(), SessionError> {
-    let accepted = tokio::time::timeout(Timers::HANDSHAKE, connection.accept_stream())
-        .await
-        .map_err(|_| {
-            SessionError::Protocol(ControlError::Timeout {
-                awaiting: "control stream",
-                after: Timers::HANDSHAKE,
-            })
-        })??;
-    let mut control = ControlStream::new(accepted);
+    let mut control = accept_control(connection).await?;
     let hello = hello(
         &shared.config,
         shared.token(),
@@ -238,6 +230,21 @@ async fn run_session(
             }
         }
     }
+}
+
+/// The relay's control stream, the connection's first, within the handshake deadline.
+pub(crate) async fn accept_control(
+    connection: &AgentConnection,
+) -> Result<ControlStream, SessionError> {
+    let accepted = tokio::time::timeout(Timers::HANDSHAKE, connection.accept_stream())
+        .await
+        .map_err(|_| {
+            SessionError::Protocol(ControlError::Timeout {
+                awaiting: "control stream",
+                after: Timers::HANDSHAKE,
+            })
+        })??;
+    Ok(ControlStream::new(accepted))
 }
 
 /// The agent's hello: who it is, the token it presents, and its allowlist (`allowed`, for the

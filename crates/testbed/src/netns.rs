@@ -26,6 +26,25 @@ pub fn must(program: &str, args: &[&str]) {
     assert!(ok, "{program} {}: {stderr}", args.join(" "));
 }
 
+/// Name of the nftables table [`drop_outbound_udp`] adds.
+pub const UDP_DROP_TABLE: &str = "plkdropudp";
+
+/// Makes namespace `ns` drop every UDP datagram it sends (a network that passes only TCP);
+/// [`allow_outbound_udp`] lifts it. Needs nftables.
+pub fn drop_outbound_udp(ns: &str) {
+    let nft = |rule: &str| must("ip", &["netns", "exec", ns, "nft", rule]);
+    nft(&format!("add table inet {UDP_DROP_TABLE}"));
+    nft(&format!(
+        "add chain inet {UDP_DROP_TABLE} out {{ type filter hook output priority 0 ; policy accept ; }}"
+    ));
+    nft(&format!("add rule inet {UDP_DROP_TABLE} out meta l4proto udp drop"));
+}
+
+/// Undoes [`drop_outbound_udp`].
+pub fn allow_outbound_udp(ns: &str) {
+    must("ip", &["netns", "exec", ns, "nft", &format!("delete table inet {UDP_DROP_TABLE}")]);
+}
+
 /// Environment variable that makes the namespace tests skip, on purpose, where the machine
 /// cannot run them.
 pub const SKIP_ENV: &str = "PRIVLINK_SKIP_NETNS";

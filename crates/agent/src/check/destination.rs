@@ -16,7 +16,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::facts::{AddressClass, Validity, client_server_name, private_link_zone};
+use super::facts::{Validity, client_server_name, private_link_zone};
 use super::{AddressFact, CertificateFact, EndpointFact, Outcome, Report, Step, timed};
 use crate::allowlist::{AllowRule, special_address_kind};
 use crate::config::AgentConfig;
@@ -150,13 +150,7 @@ async fn resolve(
             return None;
         }
     };
-    let facts: Vec<AddressFact> = addresses
-        .iter()
-        .map(|a| {
-            let class = AddressClass::of(a.ip());
-            AddressFact { address: a.ip(), class, private: class.is_private() }
-        })
-        .collect();
+    let facts: Vec<AddressFact> = addresses.iter().map(|a| AddressFact::of(a.ip())).collect();
     let listed: Vec<String> =
         facts.iter().map(|f| format!("{} ({})", f.address, f.class.describe(f.address))).collect();
     let detail = match &destination.host {

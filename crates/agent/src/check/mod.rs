@@ -51,6 +51,14 @@ pub struct AddressFact {
     pub private: bool,
 }
 
+impl AddressFact {
+    /// Classifies `address`.
+    pub fn of(address: std::net::IpAddr) -> Self {
+        let class = facts::AddressClass::of(address);
+        Self { address, class, private: class.is_private() }
+    }
+}
+
 /// The certificate a destination presented, as a client would see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct CertificateFact {

@@ -6,19 +6,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use privlink_protocol::control::{
-    AgentControl, AgentEvent, ControlError, ControlMachine as _, Timers,
-};
+use privlink_protocol::control::{AgentControl, AgentEvent, ControlMachine as _, Timers};
 use privlink_protocol::destination::Host;
 use privlink_protocol::message::EndpointAssignment;
-use privlink_transport::control::{ControlStream, now};
+use privlink_transport::control::now;
 use privlink_transport::tunnel::{AgentConnection, CloseCode, DialError, TransportKind};
 
-use super::facts::AddressClass;
 use super::{AddressFact, EndpointFact, Outcome, Report, Step, timed};
 use crate::config::{AgentConfig, RelayAddress, TransportChoice};
 use crate::dial::RelayDialer;
-use crate::session::{SessionError, hello};
+use crate::session::{SessionError, accept_control, hello};
 
 /// Most addresses of one relay name that are dialled.
 const MAX_ADDRESSES: usize = 8;
@@ -76,15 +73,7 @@ async fn resolve(
                 took,
                 format!("resolves to {}", listed.join(", ")),
             );
-            step.addresses = Some(
-                addrs
-                    .iter()
-                    .map(|a| {
-                        let class = AddressClass::of(a.ip());
-                        AddressFact { address: a.ip(), class, private: class.is_private() }
-                    })
-                    .collect(),
-            );
+            step.addresses = Some(addrs.iter().map(|a| AddressFact::of(a.ip())).collect());
             if addrs.len() > MAX_ADDRESSES {
                 step.warn(format!(
                     "{} addresses; only the first {MAX_ADDRESSES} are checked",
@@ -273,15 +262,7 @@ async fn authenticate(
     connection: &AgentConnection,
     config: &AgentConfig,
 ) -> Result<Vec<EndpointAssignment>, SessionError> {
-    let accepted = tokio::time::timeout(Timers::HANDSHAKE, connection.accept_stream())
-        .await
-        .map_err(|_| {
-            SessionError::Protocol(ControlError::Timeout {
-                awaiting: "control stream",
-                after: Timers::HANDSHAKE,
-            })
-        })??;
-    let mut control = ControlStream::new(accepted);
+    let mut control = accept_control(connection).await?;
     let agent_id = format!("check-{}", crate::random_id());
     let hello = hello(config, config.token.clone(), agent_id, config.allowlist.describe());
     // The machine's own handshake deadline bounds the wait for the relay's hello and welcome.
