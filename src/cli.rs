@@ -68,6 +68,10 @@ pub(crate) enum Command {
         /// Repeat for several.
         #[arg(long = "destination", value_name = "HOST:PORT")]
         destinations: Vec<String>,
+        /// The destinations do not speak TLS (plain TCP services): connect, but skip the TLS
+        /// handshake and the certificate checks.
+        #[arg(long)]
+        no_tls: bool,
         /// Print the results as one JSON object.
         #[arg(long)]
         json: bool,

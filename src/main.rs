@@ -165,8 +165,9 @@ async fn run_service(command: Command, env_token: Option<String>) -> anyhow::Res
         Command::Status { admin, token_file, json } => {
             cmd::status::run(&admin, token_file.as_deref(), json).await
         }
-        Command::Check { config, destinations, json } => {
-            cmd::check::run(&config, env_token, destinations, json).await
+        Command::Check { config, destinations, no_tls, json } => {
+            let options = privlink_agent::check::CheckOptions { destinations, tls: !no_tls };
+            cmd::check::run(&config, env_token, options, json).await
         }
         Command::Token { .. } | Command::Certs { .. } => unreachable!("handled without a runtime"),
     }

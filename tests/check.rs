@@ -299,6 +299,16 @@ fn check_flags_a_public_answer_nothing_listening_a_wrong_name_and_an_expiring_ce
     );
     assert_eq!(code, 69, "{report:#}");
     assert_eq!(report["outcome"], "fail");
+    let (_, text, _) = bed.run_check(&[
+        "check",
+        "--config",
+        &bed.configs.agent,
+        "--destination",
+        "kv4.privatelink.vaultcore.azure.net:9443",
+        "--destination",
+        "kv2.privatelink.vaultcore.azure.net:9444",
+    ]);
+    eprintln!("{text}");
 
     // The Private Link name answered with a public address: the unlinked-zone warning.
     let dns = step(&report, "destination-dns", "kv4.privatelink");
@@ -325,6 +335,21 @@ fn check_flags_a_public_answer_nothing_listening_a_wrong_name_and_an_expiring_ce
         tls["detail"].as_str().is_some_and(|d| d.contains("NOT valid for `kv2.vault.azure.net`")),
         "{tls:#}"
     );
+
+    // A plain TCP service: --no-tls connects and stops there.
+    let (code, plain, _) = bed.run_check(&[
+        "check",
+        "--config",
+        &bed.configs.agent,
+        "--json",
+        "--no-tls",
+        "--destination",
+        "kv2.privatelink.vaultcore.azure.net:9444",
+    ]);
+    let plain: Value = serde_json::from_str(&plain).expect("JSON");
+    assert_eq!(code, 0, "the wrong name is not looked at without TLS: {plain:#}");
+    assert_eq!(step(&plain, "destination-tcp", "kv2.privatelink")["outcome"], "pass");
+    assert!(steps(&plain, "destination-tls", "").is_empty(), "{plain:#}");
 
     // The configured endpoint's destination was still checked, and passed.
     assert_eq!(

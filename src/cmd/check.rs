@@ -1,4 +1,4 @@
-//! `privlink check --config agent.toml [--destination H:P]... [--json]`: runs the agent's
+//! `privlink check --config agent.toml [--destination H:P]... [--no-tls] [--json]`: runs the agent's
 //! diagnostics (`privlink_agent::check`) and prints one line per step with its time, warnings
 //! under it, or everything as one JSON object. Exit 0 when nothing failed (warnings allowed),
 //! 69 when a step failed, 64 for an invalid configuration.
@@ -15,7 +15,7 @@ use super::Unavailable;
 pub(crate) async fn run(
     config_path: &Path,
     env_token: Option<String>,
-    destinations: Vec<String>,
+    options: CheckOptions,
     json: bool,
 ) -> anyhow::Result<()> {
     // Steps are printed as they complete, so a slow one shows where the time goes.
@@ -41,7 +41,7 @@ pub(crate) async fn run(
         }
     };
     report.push(check::config_step(config_path, &config, started.elapsed()));
-    check::run(&config, &CheckOptions { destinations }, &mut report).await;
+    check::run(&config, &options, &mut report).await;
     if json {
         print_json(config_path, &report);
     } else {

@@ -17,7 +17,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::facts::{Validity, client_server_name, private_link_zone};
-use super::{AddressFact, CertificateFact, EndpointFact, Outcome, Report, Step, timed};
+use super::{
+    AddressFact, CertificateFact, CheckOptions, EndpointFact, Outcome, Report, Step, timed,
+};
 use crate::allowlist::{AllowRule, special_address_kind};
 use crate::config::AgentConfig;
 use crate::forward::admissible_addresses;
@@ -25,11 +27,11 @@ use crate::forward::admissible_addresses;
 /// Most addresses of one destination that are connected to.
 const MAX_ADDRESSES: usize = 8;
 
-/// Checks the approved endpoints' destinations and `extra`, each destination once.
+/// Checks the approved endpoints' destinations and the options' own, each destination once.
 pub(crate) async fn check_destinations(
     config: &AgentConfig,
     endpoints: &[EndpointFact],
-    extra: &[String],
+    options: &CheckOptions,
     report: &mut Report,
 ) {
     let mut checked: Vec<String> = Vec::new();
@@ -64,10 +66,10 @@ pub(crate) async fn check_destinations(
         ));
         if !checked.contains(&destination.to_string()) {
             checked.push(destination.to_string());
-            check_destination(config, &destination, Some(rule), report).await;
+            check_destination(config, &destination, Some(rule), options.tls, report).await;
         }
     }
-    for text in extra {
+    for text in &options.destinations {
         let destination = match text.parse::<Destination>() {
             Ok(d) => d,
             Err(e) => {
@@ -94,7 +96,7 @@ pub(crate) async fn check_destinations(
         report.push(step);
         if !checked.contains(&destination.to_string()) {
             checked.push(destination.to_string());
-            check_destination(config, &destination, rule, report).await;
+            check_destination(config, &destination, rule, options.tls, report).await;
         }
     }
 }
@@ -104,11 +106,14 @@ async fn check_destination(
     config: &AgentConfig,
     destination: &Destination,
     rule: Option<&AllowRule>,
+    tls: bool,
     report: &mut Report,
 ) {
     let Some(addresses) = resolve(config, destination, rule, report).await else { return };
     let Some(connected) = connect(config, destination, &addresses, report).await else { return };
-    report.push(handshake(config, destination, connected).await);
+    if tls {
+        report.push(handshake(config, destination, connected).await);
+    }
 }
 
 /// The `destination-dns` step; the addresses the agent would connect to.

@@ -190,10 +190,18 @@ impl Report {
 }
 
 /// What to check besides the configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CheckOptions {
     /// Destinations to check whether or not an endpoint names them (`host:port`).
     pub destinations: Vec<String>,
+    /// Whether destinations get a TLS handshake (off for plain TCP services).
+    pub tls: bool,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        Self { destinations: Vec::new(), tls: true }
+    }
 }
 
 /// The config step for a configuration that loaded (an invalid one is an error, exit 64).
@@ -220,7 +228,7 @@ pub fn summary(config: &AgentConfig) -> String {
 /// Call it within a tokio runtime.
 pub async fn run(config: &AgentConfig, options: &CheckOptions, report: &mut Report) {
     let endpoints = relay::check_relays(config, report).await;
-    destination::check_destinations(config, &endpoints, &options.destinations, report).await;
+    destination::check_destinations(config, &endpoints, options, report).await;
 }
 
 /// Times `work`.
