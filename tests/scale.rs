@@ -78,6 +78,31 @@ async fn a_connector_with_10000_endpoints_is_welcomed_approved_and_served() {
     let mut echoed = [0u8; 17];
     socket.read_exact(&mut echoed).await.expect("echo");
     assert_eq!(&echoed, b"the last endpoint");
+
+    // `privlink check` gets the whole list too (in pieces), and checks the one destination.
+    let checked = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::BIN)
+            .args(["check", "--config", &configs.agent, "--json", "--no-tls"])
+            .output()
+            .expect("run check")
+    })
+    .await
+    .expect("join");
+    let report: serde_json::Value = serde_json::from_slice(&checked.stdout).expect("JSON report");
+    assert_eq!(checked.status.code(), Some(0), "{report:#}");
+    let steps = report["steps"].as_array().expect("steps");
+    let quic = steps.iter().find(|s| s["check"] == "relay-quic").expect("relay-quic step");
+    assert_eq!(quic["endpoints"].as_array().map(Vec::len), Some(ENDPOINTS), "{}", quic["detail"]);
+    assert!(
+        quic["detail"].as_str().is_some_and(|d| d.contains("(9995 more)")),
+        "{}",
+        quic["detail"]
+    );
+    let capped = steps.iter().find(|s| s["check"] == "endpoints").expect("the cap is said");
+    assert_eq!(capped["outcome"], "warn");
+    let tcp: Vec<_> = steps.iter().filter(|s| s["check"] == "destination-tcp").collect();
+    assert_eq!(tcp.len(), 1, "one destination, checked once");
+    assert_eq!(tcp[0]["outcome"], "pass", "{:#}", tcp[0]);
     eprintln!(
         "{ENDPOINTS} endpoints: relay ready (all listening) {listening:?} after start, all \
          approved {approved:?} after start"

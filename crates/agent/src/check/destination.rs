@@ -26,99 +26,197 @@ use crate::forward::admissible_addresses;
 
 /// Most addresses of one destination that are connected to.
 const MAX_ADDRESSES: usize = 8;
+/// Most assigned endpoints whose destinations are checked (a connector may have thousands).
+const MAX_ENDPOINTS: usize = 32;
+
+/// The deadlines the agent itself applies to a destination.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    dns: Duration,
+    connect: Duration,
+}
+
+/// One destination to check: its allowlist step, and what to probe (nothing for a
+/// destination the agent rejects or cannot parse, or one already probed).
+struct Job {
+    allowlist: Step,
+    probe: Option<(Destination, Option<AllowRule>)>,
+}
 
 /// Checks the approved endpoints' destinations and the options' own, each destination once.
+/// The probes run at once (a destination that does not answer costs its deadlines, and
+/// 32 of them would otherwise add up); their steps are reported in order.
 pub(crate) async fn check_destinations(
     config: &AgentConfig,
     endpoints: &[EndpointFact],
     options: &CheckOptions,
     report: &mut Report,
 ) {
-    let mut checked: Vec<String> = Vec::new();
-    for endpoint in endpoints {
-        let subject = format!("endpoint {} → {}", endpoint.name, endpoint.destination);
-        let destination = match endpoint.destination.parse::<Destination>() {
-            Ok(d) => d,
-            Err(e) => {
-                let mut step = Step::new("allowlist", subject, Outcome::Pass, Duration::ZERO, "");
-                step.warn(format!("invalid destination ({e}): every agent rejects it"));
-                report.push(step);
-                continue;
-            }
-        };
-        let Some(rule) = config.allowlist.matching(&destination) else {
-            let mut step =
-                Step::new("allowlist", subject, Outcome::Pass, Duration::ZERO, "not allowed");
-            step.warn(format!(
-                "{destination} is not in this agent's allowlist: this agent rejects the \
-                 endpoint (another agent of connector `{}` may serve it)",
-                config.connector
-            ));
-            report.push(step);
-            continue;
-        };
-        report.push(Step::new(
-            "allowlist",
-            subject,
+    if endpoints.len() > MAX_ENDPOINTS {
+        let mut step = Step::new(
+            "endpoints",
+            format!("{} endpoints assigned", endpoints.len()),
             Outcome::Pass,
             Duration::ZERO,
-            format!("allowed by `{}`", rule),
-        ));
-        if !checked.contains(&destination.to_string()) {
-            checked.push(destination.to_string());
-            check_destination(config, &destination, Some(rule), options.tls, report).await;
+            format!("the first {MAX_ENDPOINTS} are checked"),
+        );
+        step.warn("check any other one with --destination HOST:PORT");
+        report.push(step);
+    }
+    let mut jobs: Vec<Job> = endpoints
+        .iter()
+        .take(MAX_ENDPOINTS)
+        .map(|endpoint| endpoint_job(config, endpoint))
+        .chain(options.destinations.iter().map(|text| destination_job(config, text)))
+        .collect();
+    let mut probed: Vec<String> = Vec::new();
+    for job in &mut jobs {
+        if let Some((destination, _)) = &job.probe {
+            if probed.contains(&destination.to_string()) {
+                job.probe = None;
+            } else {
+                probed.push(destination.to_string());
+            }
         }
     }
-    for text in &options.destinations {
-        let destination = match text.parse::<Destination>() {
-            Ok(d) => d,
-            Err(e) => {
-                report.push(Step::new(
-                    "allowlist",
-                    text.clone(),
+
+    let deadlines = Deadlines { dns: config.dns_timeout, connect: config.connect_timeout };
+    let tls = options.tls;
+    let mut probes = tokio::task::JoinSet::new();
+    let mut index_of = std::collections::HashMap::new();
+    let count = jobs.len();
+    let mut allowlist_steps = Vec::with_capacity(count);
+    let mut probing = vec![false; count];
+    let mut subjects = vec![String::new(); count];
+    for (index, job) in jobs.into_iter().enumerate() {
+        allowlist_steps.push(Some(job.allowlist));
+        if let Some((destination, rule)) = job.probe {
+            subjects[index] = destination.to_string();
+            probing[index] = true;
+            let task = probes
+                .spawn(async move { probe(deadlines, &destination, rule.as_ref(), tls).await });
+            index_of.insert(task.id(), index);
+        }
+    }
+    // Each job's steps are reported once every job before it has been: in order, as soon as
+    // they can be.
+    let mut results: Vec<Option<Vec<Step>>> = vec![None; count];
+    let mut next = 0;
+    loop {
+        while next < count && !(probing[next] && results[next].is_none()) {
+            if let Some(step) = allowlist_steps[next].take() {
+                report.push(step);
+            }
+            for step in results[next].take().unwrap_or_default() {
+                report.push(step);
+            }
+            next += 1;
+        }
+        if next == count {
+            return;
+        }
+        let (index, steps) = match probes.join_next_with_id().await {
+            Some(Ok((id, steps))) => (index_of[&id], steps),
+            Some(Err(e)) => {
+                let index = index_of[&e.id()];
+                let failed = Step::new(
+                    "destination-dns",
+                    subjects[index].clone(),
                     Outcome::Fail,
                     Duration::ZERO,
-                    format!("invalid destination: {e}"),
-                ));
-                continue;
+                    format!("the check of this destination failed: {e}"),
+                );
+                (index, vec![failed])
             }
+            None => return, // every probe is in; nothing can be missing
         };
-        let rule = config.allowlist.matching(&destination);
-        let mut step =
-            Step::new("allowlist", destination.to_string(), Outcome::Pass, Duration::ZERO, "");
-        match rule {
-            Some(rule) => step.detail = format!("allowed by `{}`", rule),
-            None => {
-                step.detail = "not allowed".to_owned();
-                step.warn("not in this agent's allowlist: the agent refuses to open it");
-            }
-        }
-        report.push(step);
-        if !checked.contains(&destination.to_string()) {
-            checked.push(destination.to_string());
-            check_destination(config, &destination, rule, options.tls, report).await;
-        }
+        results[index] = Some(steps);
     }
 }
 
-/// DNS, TCP and TLS for one destination.
-async fn check_destination(
-    config: &AgentConfig,
+/// The allowlist step for an endpoint, and the probe when the agent would open it.
+fn endpoint_job(config: &AgentConfig, endpoint: &EndpointFact) -> Job {
+    let subject = format!("endpoint {} → {}", endpoint.name, endpoint.destination);
+    let destination = match endpoint.destination.parse::<Destination>() {
+        Ok(d) => d,
+        Err(e) => {
+            let mut step = Step::new("allowlist", subject, Outcome::Pass, Duration::ZERO, "");
+            step.warn(format!("invalid destination ({e}): every agent rejects it"));
+            return Job { allowlist: step, probe: None };
+        }
+    };
+    let Some(rule) = config.allowlist.matching(&destination) else {
+        let mut step =
+            Step::new("allowlist", subject, Outcome::Pass, Duration::ZERO, "not allowed");
+        step.warn(format!(
+            "{destination} is not in this agent's allowlist: this agent rejects the endpoint \
+             (another agent of connector `{}` may serve it)",
+            config.connector
+        ));
+        return Job { allowlist: step, probe: None };
+    };
+    let step = Step::new(
+        "allowlist",
+        subject,
+        Outcome::Pass,
+        Duration::ZERO,
+        format!("allowed by `{rule}`"),
+    );
+    Job { allowlist: step, probe: Some((destination, Some(rule.clone()))) }
+}
+
+/// The allowlist step for a `--destination`, and its probe (allowed or not: the operator
+/// asked).
+fn destination_job(config: &AgentConfig, text: &str) -> Job {
+    let destination = match text.parse::<Destination>() {
+        Ok(d) => d,
+        Err(e) => {
+            let step = Step::new(
+                "allowlist",
+                text,
+                Outcome::Fail,
+                Duration::ZERO,
+                format!("invalid destination: {e}"),
+            );
+            return Job { allowlist: step, probe: None };
+        }
+    };
+    let rule = config.allowlist.matching(&destination);
+    let mut step =
+        Step::new("allowlist", destination.to_string(), Outcome::Pass, Duration::ZERO, "");
+    match rule {
+        Some(rule) => step.detail = format!("allowed by `{rule}`"),
+        None => {
+            step.detail = "not allowed".to_owned();
+            step.warn("not in this agent's allowlist: the agent refuses to open it");
+        }
+    }
+    Job { allowlist: step, probe: Some((destination, rule.cloned())) }
+}
+
+/// DNS, TCP and TLS for one destination: its steps.
+async fn probe(
+    deadlines: Deadlines,
     destination: &Destination,
     rule: Option<&AllowRule>,
     tls: bool,
-    report: &mut Report,
-) {
-    let Some(addresses) = resolve(config, destination, rule, report).await else { return };
-    let Some(connected) = connect(config, destination, &addresses, report).await else { return };
+) -> Vec<Step> {
+    let mut steps = Report::default();
+    let Some(addresses) = resolve(deadlines, destination, rule, &mut steps).await else {
+        return steps.steps;
+    };
+    let Some(connected) = connect(deadlines, destination, &addresses, &mut steps).await else {
+        return steps.steps;
+    };
     if tls {
-        report.push(handshake(config, destination, connected).await);
+        steps.push(handshake(deadlines, destination, connected).await);
     }
+    steps.steps
 }
 
 /// The `destination-dns` step; the addresses the agent would connect to.
 async fn resolve(
-    config: &AgentConfig,
+    deadlines: Deadlines,
     destination: &Destination,
     rule: Option<&AllowRule>,
     report: &mut Report,
@@ -128,7 +226,7 @@ async fn resolve(
         Host::Ip(ip) => (Ok(vec![SocketAddr::new(*ip, destination.port)]), Duration::ZERO),
         Host::Name(name) => {
             let lookup = tokio::net::lookup_host((name.lookup_form(), destination.port));
-            let (answer, took) = timed(tokio::time::timeout(config.dns_timeout, lookup)).await;
+            let (answer, took) = timed(tokio::time::timeout(deadlines.dns, lookup)).await;
             let answer = match answer {
                 Ok(Ok(addrs)) => {
                     let mut addrs: Vec<SocketAddr> = addrs.collect();
@@ -136,7 +234,7 @@ async fn resolve(
                     if addrs.is_empty() { Err("no address".to_owned()) } else { Ok(addrs) }
                 }
                 Ok(Err(e)) => Err(format!("does not resolve: {e}")),
-                Err(_) => Err(format!("no answer within {:?} (dns_timeout)", config.dns_timeout)),
+                Err(_) => Err(format!("no answer within {:?} (dns_timeout)", deadlines.dns)),
             };
             (answer, took)
         }
@@ -205,36 +303,52 @@ async fn resolve(
 
 /// The `destination-tcp` step: connects to each address; returns the first connection.
 async fn connect(
-    config: &AgentConfig,
+    deadlines: Deadlines,
     destination: &Destination,
     addresses: &[SocketAddr],
     report: &mut Report,
 ) -> Option<TcpStream> {
+    // All addresses at once, so that a destination whose addresses are all filtered costs
+    // one connect_timeout, not one per address.
+    let deadline = deadlines.connect;
+    let (mut results, took) = timed(async {
+        let mut attempts = tokio::task::JoinSet::new();
+        for (index, addr) in addresses.iter().copied().take(MAX_ADDRESSES).enumerate() {
+            attempts.spawn(async move {
+                let (result, took) =
+                    timed(tokio::time::timeout(deadline, TcpStream::connect(addr))).await;
+                (index, addr, result, took)
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(joined) = attempts.join_next().await {
+            if let Ok(result) = joined {
+                results.push(result);
+            }
+        }
+        results
+    })
+    .await;
+    results.sort_by_key(|(index, ..)| *index);
     let mut first: Option<TcpStream> = None;
     let mut connected = Vec::new();
     let mut failed = Vec::new();
-    let (_, took) = timed(async {
-        for addr in addresses.iter().take(MAX_ADDRESSES) {
-            let (result, took) =
-                timed(tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr))).await;
-            match result {
-                Ok(Ok(stream)) => {
-                    connected.push(format!("{addr} in {:.1} ms", took.as_secs_f64() * 1000.0));
-                    first.get_or_insert(stream);
-                }
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    failed.push(format!("{addr}: connection refused (nothing listens there)"));
-                }
-                Ok(Err(e)) => failed.push(format!("{addr}: {e}")),
-                Err(_) => failed.push(format!(
-                    "{addr}: no answer within {:?} (connect_timeout): a firewall or network \
-                     security group drops it, or no host has that address",
-                    config.connect_timeout
-                )),
+    for (_, addr, result, took) in results {
+        match result {
+            Ok(Ok(stream)) => {
+                connected.push(format!("{addr} in {:.1} ms", took.as_secs_f64() * 1000.0));
+                first.get_or_insert(stream);
             }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                failed.push(format!("{addr}: connection refused (nothing listens there)"));
+            }
+            Ok(Err(e)) => failed.push(format!("{addr}: {e}")),
+            Err(_) => failed.push(format!(
+                "{addr}: no answer within {deadline:?} (connect_timeout): a firewall or network \
+                 security group drops it, or no host has that address"
+            )),
         }
-    })
-    .await;
+    }
     let subject = destination.to_string();
     let mut step = if connected.is_empty() {
         Step::new("destination-tcp", subject, Outcome::Fail, took, failed.join("; "))
@@ -262,7 +376,7 @@ async fn connect(
 }
 
 /// The `destination-tls` step over an established connection.
-async fn handshake(config: &AgentConfig, destination: &Destination, stream: TcpStream) -> Step {
+async fn handshake(deadlines: Deadlines, destination: &Destination, stream: TcpStream) -> Step {
     let subject = destination.to_string();
     let (server_name, sni) = match &destination.host {
         Host::Name(name) => {
@@ -279,7 +393,7 @@ async fn handshake(config: &AgentConfig, destination: &Destination, stream: TcpS
         }
     };
     let (result, took) =
-        timed(tokio::time::timeout(config.connect_timeout, connector.connect(sni.clone(), stream)))
+        timed(tokio::time::timeout(deadlines.connect, connector.connect(sni.clone(), stream)))
             .await;
     let tls = match result {
         Ok(Ok(tls)) => tls,
@@ -301,7 +415,7 @@ async fn handshake(config: &AgentConfig, destination: &Destination, stream: TcpS
                 format!(
                     "no TLS handshake within {:?}: the destination accepted the connection \
                      but did not answer a TLS ClientHello",
-                    config.connect_timeout
+                    deadlines.connect
                 ),
             );
         }

@@ -92,8 +92,8 @@ pub struct EndpointFact {
 /// One check and what it found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
-    /// What kind of check: `config`, `relay-dns`, `relay-quic`, `relay-tcp`, `allowlist`,
-    /// `destination-dns`, `destination-tcp`, `destination-tls`.
+    /// What kind of check: `config`, `relay-dns`, `relay-quic`, `relay-tcp`, `endpoints`,
+    /// `allowlist`, `destination-dns`, `destination-tcp`, `destination-tls`.
     pub check: &'static str,
     /// What was checked: a file, a relay address, a destination.
     pub subject: String,

@@ -19,6 +19,8 @@ use crate::session::{SessionError, accept_control, hello};
 
 /// Most addresses of one relay name that are dialled.
 const MAX_ADDRESSES: usize = 8;
+/// Most endpoints named in a step's line (the JSON has them all).
+const LISTED_ENDPOINTS: usize = 5;
 
 /// Checks every relay of `config`; returns the endpoints the relays assigned (each once).
 pub(crate) async fn check_relays(config: &AgentConfig, report: &mut Report) -> Vec<EndpointFact> {
@@ -178,8 +180,14 @@ async fn check_address(
                         destination: e.destination.clone(),
                     })
                     .collect();
-                let listed: Vec<String> =
-                    facts.iter().map(|e| format!("{} → {}", e.name, e.destination)).collect();
+                let mut listed: Vec<String> = facts
+                    .iter()
+                    .take(LISTED_ENDPOINTS)
+                    .map(|e| format!("{} → {}", e.name, e.destination))
+                    .collect();
+                if facts.len() > LISTED_ENDPOINTS {
+                    listed.push(format!("… ({} more)", facts.len() - LISTED_ENDPOINTS));
+                }
                 let mut step = Step::new(
                     check,
                     subject,
