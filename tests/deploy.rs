@@ -69,6 +69,13 @@ fn loopback_configs(
     )
 }
 
+/// [`loopback_configs`] on free ports, for a relay and an agent that really start.
+fn runnable_configs(dir: &Path) -> common::TunnelConfigs {
+    let free = || TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let tunnel = SocketAddr::from(([127, 0, 0, 1], privlink_testbed::process::free_fixed_port()));
+    loopback_configs(dir, tunnel, free(), (free(), free()))
+}
+
 #[test]
 fn check_config_validates_without_binding_or_dialling() {
     // Every address the files name is held by this test: a start would fail to bind them,
@@ -193,9 +200,7 @@ impl NotifySocket {
 #[test]
 fn ready_and_stopping_reach_the_service_manager() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let free = || TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
-    let tunnel = SocketAddr::from(([127, 0, 0, 1], privlink_testbed::process::free_fixed_port()));
-    let configs = loopback_configs(dir.path(), tunnel, free(), (free(), free()));
+    let configs = runnable_configs(dir.path());
 
     let relay_notify = NotifySocket::bind(dir.path(), "relay.sock");
     let relay = Running::spawn(relay_notify.command(&["relay", "--config", &configs.relay]));
@@ -245,9 +250,7 @@ fn confined(args: &[&str]) -> Command {
 fn runs_as_an_unprivileged_user_on_a_read_only_root() {
     use std::os::unix::fs::{PermissionsExt as _, chown};
     let dir = tempfile::tempdir().expect("tempdir");
-    let free = || TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
-    let tunnel = SocketAddr::from(([127, 0, 0, 1], privlink_testbed::process::free_fixed_port()));
-    let configs = loopback_configs(dir.path(), tunnel, free(), (free(), free()));
+    let configs = runnable_configs(dir.path());
     // What an image or a unit hands the process: readable files, the secrets its own.
     for entry in [dir.path().to_owned(), dir.path().join("certs")] {
         std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).expect("chmod");
