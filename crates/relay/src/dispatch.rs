@@ -107,6 +107,7 @@ pub(crate) async fn forward(
                 if timed_out {
                     agent.suspect();
                 }
+                registry.open_failed(agent.id, &spec.name);
                 let retry = attempts < spec.open.attempts as usize
                     && replay.intact()
                     && !force.is_cancelled();

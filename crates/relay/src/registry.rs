@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use privlink_protocol::message::Verdict;
 use privlink_transport::tunnel::{RelayConnection, TransportKind};
@@ -104,7 +105,18 @@ struct AgentEntry {
     draining: bool,
     active_streams: Arc<AtomicU32>,
     suspicion: Arc<Suspicion>,
+    /// Endpoint → when an open for it last failed on this agent before its answer.
+    failed_opens: HashMap<String, Instant>,
 }
+
+/// How long an agent whose open for an endpoint failed before the answer (a destination it
+/// cannot reach, a reset, no answer in time) is chosen for that endpoint only when no other
+/// approving agent is left: without it the least-loaded choice kept giving it half the new
+/// connections, each paying a failed try (or a whole `open_timeout`) before its replay.
+pub const FAILED_OPEN_MEMORY: Duration = Duration::from_secs(10);
+
+/// Above this many remembered failures, an agent's expired ones are pruned at the next one.
+const FAILED_OPENS_PRUNE_AT: usize = 64;
 
 /// Set while an agent has left an open unanswered and has not been heard from since: it is
 /// chosen for no new connection, and its session sends a heartbeat at once, which clears the
@@ -282,16 +294,36 @@ impl Registry {
                     draining: false,
                     active_streams: Arc::clone(&active_streams),
                     suspicion: Arc::clone(&suspicion),
+                    failed_opens: HashMap::new(),
                 },
             );
         });
         Some(AgentRegistration { registry: Arc::clone(self), id: id?, active_streams, suspicion })
     }
 
+    /// Records that an open for `endpoint` failed on agent `id` before its answer: for
+    /// [`FAILED_OPEN_MEMORY`] the agent is chosen for that endpoint after every other one.
+    pub fn open_failed(&self, id: u64, endpoint: &str) {
+        let mut state = self.lock();
+        let Some(agent) = state.agents.get_mut(&id) else { return };
+        let now = Instant::now();
+        if agent.failed_opens.len() >= FAILED_OPENS_PRUNE_AT {
+            agent.failed_opens.retain(|_, at| now.duration_since(*at) < FAILED_OPEN_MEMORY);
+        }
+        match agent.failed_opens.get_mut(endpoint) {
+            Some(at) => *at = now,
+            None => {
+                agent.failed_opens.insert(endpoint.to_owned(), now);
+            }
+        }
+    }
+
     /// Chooses the approving agent with the fewest active streams, leaving out those in
-    /// `tried` and those under [`Suspicion`], and counts the new stream.
+    /// `tried` and those under [`Suspicion`], and trying those with a recent failed open for
+    /// `endpoint` ([`Registry::open_failed`]) last; counts the new stream.
     pub fn choose(&self, connector: &str, endpoint: &str, tried: &[u64]) -> Option<ChosenAgent> {
         let state = self.lock();
+        let now = Instant::now();
         let (id, agent) = state
             .agents
             .iter()
@@ -303,10 +335,15 @@ impl Registry {
                     && !a.suspicion.is_suspect()
                     && !tried.contains(id)
             })
-            // Fewest active streams; among equals the most recently connected agent, which is
-            // the likeliest to be alive when an older one died without a word.
+            // No recent failed open first; then the fewest active streams; among equals the
+            // most recently connected agent, which is the likeliest to be alive when an older
+            // one died without a word.
             .min_by_key(|(id, a)| {
-                (a.active_streams.load(Ordering::Relaxed), std::cmp::Reverse(**id))
+                let failed_recently = a
+                    .failed_opens
+                    .get(endpoint)
+                    .is_some_and(|at| now.duration_since(*at) < FAILED_OPEN_MEMORY);
+                (failed_recently, a.active_streams.load(Ordering::Relaxed), std::cmp::Reverse(**id))
             })?;
         agent.active_streams.fetch_add(1, Ordering::Relaxed);
         Some(ChosenAgent {
