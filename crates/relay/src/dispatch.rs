@@ -180,18 +180,18 @@ async fn attempt(
             return unanswered(Origin::Agent, message, true);
         }
     };
-    let open = Open {
+    // Whatever the client has sent already (usually its TLS ClientHello) goes in the same
+    // write as the header: one packet or TLS record to the agent instead of two. A heap
+    // buffer freed after the write, not an array in this task, which would stay in every
+    // connection's task for its whole life. (The header is a temporary for the same reason:
+    // a local would keep its 88 bytes through the copy.)
+    let mut first_write = match frame::encode(&Open {
         endpoint: spec.name.clone(),
         destination: spec.destination.to_string(),
         client_addr: client,
         inactivity_timeout_ms: u64::try_from(spec.inactivity_timeout.as_millis())
             .unwrap_or(u64::MAX),
-    };
-    // Whatever the client has sent already (usually its TLS ClientHello) goes in the same
-    // write as the header: one packet or TLS record to the agent instead of two. A heap
-    // buffer freed after the write, not an array in this task, which would stay in every
-    // connection's task for its whole life.
-    let mut first_write = match frame::encode(&open) {
+    }) {
         Ok(header) => header,
         Err(e) => {
             // Nothing was sent on the stream yet: reset it so the agent does not wait on it.
