@@ -77,7 +77,11 @@ impl AdminView for RelayAdmin {
                 let agents = agents_of
                     .entry(spec.connector.clone())
                     .or_insert_with(|| handle.agents(&spec.connector));
-                let status = handle.registry().status(&spec.connector, &spec.name);
+                // From the same snapshot as the approving agents below, so that the two
+                // agree while verdicts arrive.
+                let status = EndpointStatus::among(
+                    agents.iter().map(|a| (a.draining, a.verdict(&spec.name))),
+                );
                 let reason = match &status {
                     EndpointStatus::Rejected { reason } => Some(reason.clone()),
                     _ => None,
@@ -85,10 +89,7 @@ impl AdminView for RelayAdmin {
                 let approving: Vec<&str> = agents
                     .iter()
                     .filter(|a| {
-                        !a.draining
-                            && a.verdicts
-                                .iter()
-                                .any(|(e, v)| *e == spec.name && matches!(v, Verdict::Approved))
+                        !a.draining && matches!(a.verdict(&spec.name), Some(Verdict::Approved))
                     })
                     .map(|a| a.name.as_str())
                     .collect();

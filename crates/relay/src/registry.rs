@@ -33,6 +33,28 @@ pub enum EndpointStatus {
 }
 
 impl EndpointStatus {
+    /// The status an endpoint has among the connected agents of its connector, given each
+    /// one's drain flag and verdict on it (`None`: not given yet). A draining agent takes no
+    /// new connections, so its verdict no longer counts.
+    pub fn among<'a>(agents: impl IntoIterator<Item = (bool, Option<&'a Verdict>)>) -> Self {
+        let mut connected = false;
+        let mut pending = false;
+        let mut rejection = None;
+        for (_, verdict) in agents.into_iter().filter(|(draining, _)| !draining) {
+            connected = true;
+            match verdict {
+                Some(Verdict::Approved) => return Self::Approved,
+                Some(Verdict::Rejected { reason }) => rejection = Some(reason.clone()),
+                None => pending = true,
+            }
+        }
+        match (connected, pending, rejection) {
+            (false, _, _) => Self::Disconnected,
+            (true, true, _) | (true, false, None) => Self::Pending,
+            (true, false, Some(reason)) => Self::Rejected { reason },
+        }
+    }
+
     /// The status as one word (`Approved`, `Pending`, `Rejected`, `Disconnected`), as the
     /// status API and the metrics name it.
     pub fn word(&self) -> &'static str {
@@ -81,7 +103,7 @@ pub struct AgentView {
     pub info: AgentInfo,
     /// When it was registered.
     pub connected_since: std::time::SystemTime,
-    /// Its verdict per endpoint (an endpoint not listed is pending).
+    /// Its verdict per endpoint, sorted by endpoint (an endpoint not listed is pending).
     pub verdicts: Vec<(String, Verdict)>,
     /// The transport its connection uses.
     pub transport: TransportKind,
@@ -89,6 +111,14 @@ pub struct AgentView {
     pub draining: bool,
     /// Streams the relay has open on it.
     pub active_streams: u32,
+}
+
+impl AgentView {
+    /// Its verdict on `endpoint`, if it gave one.
+    pub fn verdict(&self, endpoint: &str) -> Option<&Verdict> {
+        let found = self.verdicts.binary_search_by(|(name, _)| name.as_str().cmp(endpoint));
+        found.ok().map(|at| &self.verdicts[at].1)
+    }
 }
 
 /// One connected agent.
@@ -358,23 +388,13 @@ impl Registry {
     /// The status of `endpoint`, served by `connector`.
     pub fn status(&self, connector: &str, endpoint: &str) -> EndpointStatus {
         let state = self.lock();
-        let mut connected = false;
-        let mut pending = false;
-        let mut rejection = None;
-        // A draining agent takes no new connections, so its verdict no longer counts.
-        for agent in state.agents.values().filter(|a| a.connector == connector && !a.draining) {
-            connected = true;
-            match agent.verdicts.get(endpoint) {
-                Some(Verdict::Approved) => return EndpointStatus::Approved,
-                Some(Verdict::Rejected { reason }) => rejection = Some(reason.clone()),
-                None => pending = true,
-            }
-        }
-        match (connected, pending, rejection) {
-            (false, _, _) => EndpointStatus::Disconnected,
-            (true, true, _) | (true, false, None) => EndpointStatus::Pending,
-            (true, false, Some(reason)) => EndpointStatus::Rejected { reason },
-        }
+        EndpointStatus::among(
+            state
+                .agents
+                .values()
+                .filter(|a| a.connector == connector)
+                .map(|a| (a.draining, a.verdicts.get(endpoint))),
+        )
     }
 
     /// The agents connected for `connector`, oldest connection first.
@@ -423,5 +443,74 @@ impl Registry {
     /// A receiver that sees a new value after every change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(reason: &str) -> Verdict {
+        Verdict::Rejected { reason: reason.to_owned() }
+    }
+
+    #[test]
+    fn one_approving_agent_approves_and_a_draining_one_does_not_count() {
+        let approved = Verdict::Approved;
+        let refused = rejected("not in the allowlist");
+        assert_eq!(EndpointStatus::among([]), EndpointStatus::Disconnected);
+        assert_eq!(EndpointStatus::among([(false, None)]), EndpointStatus::Pending);
+        assert_eq!(
+            EndpointStatus::among([(false, Some(&refused)), (false, Some(&approved))]),
+            EndpointStatus::Approved
+        );
+        assert_eq!(
+            EndpointStatus::among([(false, Some(&refused))]),
+            EndpointStatus::Rejected { reason: "not in the allowlist".to_owned() }
+        );
+        // Rejected by one, not yet answered by another: it may still be approved.
+        assert_eq!(
+            EndpointStatus::among([(false, Some(&refused)), (false, None)]),
+            EndpointStatus::Pending
+        );
+        // Only a draining agent approved it: nobody takes its connections.
+        assert_eq!(EndpointStatus::among([(true, Some(&approved))]), EndpointStatus::Disconnected);
+        assert_eq!(
+            EndpointStatus::among([(true, Some(&approved)), (false, Some(&refused))]),
+            EndpointStatus::Rejected { reason: "not in the allowlist".to_owned() }
+        );
+    }
+
+    #[test]
+    fn a_view_finds_each_verdict_in_its_sorted_list() {
+        let mut verdicts: Vec<(String, Verdict)> = (0..1000)
+            .map(|i| {
+                let verdict = if i % 3 == 0 { rejected("no") } else { Verdict::Approved };
+                (format!("e{i}"), verdict)
+            })
+            .collect();
+        verdicts.sort_unstable_by(|x, y| x.0.cmp(&y.0));
+        let view = AgentView {
+            name: "vm".to_owned(),
+            info: AgentInfo {
+                connector: "tunnel".to_owned(),
+                name: "vm".to_owned(),
+                agent_id: "id".to_owned(),
+                version: "0".to_owned(),
+                remote: "127.0.0.1:1".parse().expect("addr"),
+                token_digest: privlink_protocol::token::TokenDigest::of(b"token"),
+            },
+            connected_since: std::time::SystemTime::UNIX_EPOCH,
+            verdicts,
+            transport: TransportKind::Quic,
+            draining: false,
+            active_streams: 0,
+        };
+        for i in 0..1000 {
+            let expected = if i % 3 == 0 { rejected("no") } else { Verdict::Approved };
+            assert_eq!(view.verdict(&format!("e{i}")), Some(&expected), "e{i}");
+        }
+        assert_eq!(view.verdict("e1000"), None);
+        assert_eq!(view.verdict(""), None);
     }
 }
