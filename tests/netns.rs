@@ -543,6 +543,153 @@ fn bulk_transfer_over_a_lossy_wan_arrives_intact_over_tcp() {
     bulk_transfer_over_a_lossy_wan_arrives_intact("tcp", "wt");
 }
 
+/// The thin link of the test below: 2 Mbit/s each way with a quarter-megabyte queue.
+const THIN_RATE_BPS: u64 = 2_000_000;
+/// What the download beside the exchanges carries: about six seconds of the thin link.
+const THIN_DOWNLOAD_BYTES: usize = 1536 * 1024;
+
+/// One download fills a thin link (2 Mbit/s, 20 ms each way) from the vnet to the cloud;
+/// meanwhile new connections through the same tunnel open one after another and each
+/// echoes 1 KiB. Every exchange must succeed (an open behind the download must not outlast
+/// the relay's open deadline), the download must arrive intact, and the tunnel connection
+/// must be the one it started on (its heartbeats, queued behind the download, were answered
+/// in time). What each exchange waited is printed: `docs/benchmarks.md` has the measurement.
+fn a_download_filling_a_thin_link_leaves_room_for_new_connections(transport: &str, tag: &str) {
+    use std::time::{Duration, Instant};
+
+    use privlink_testbed::LinkProfile;
+    use privlink_testbed::netns::spawn_in_namespace;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let profile = LinkProfile {
+        delay: Duration::from_millis(20),
+        rate_bps: Some(THIN_RATE_BPS),
+        queue_bytes: 256 * 1024,
+        ..LinkProfile::default()
+    };
+    let links = [Link::emulated(0, 1, CLOUD_ADDR, VNET_ADDR, profile)];
+    let Some(topology) = topology_or_skip(tag, &["cloud", "vnet"], &links) else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let configs = write_configs(dir.path(), transport);
+    let (cloud, vnet) = (topology.ns(0), topology.ns(1));
+
+    let payload = std::sync::Arc::new(common::random_bytes(THIN_DOWNLOAD_BYTES));
+    let expected = common::sha256(&payload);
+    // The first connection gets the download; every later one is an echo, until `stop`.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let payload = payload.clone();
+        spawn_in_namespace(vnet, move || async move {
+            let listener =
+                tokio::net::TcpListener::bind((VNET_ADDR, 9000)).await.expect("bind server");
+            ready_tx.send(()).expect("ready");
+            let (mut download, _) = listener.accept().await.expect("accept the download");
+            tokio::spawn(async move {
+                download.write_all(&payload).await.expect("send the download");
+                download.shutdown().await.expect("shutdown");
+            });
+            let echoes = async {
+                loop {
+                    let Ok((mut conn, _)) = listener.accept().await else { return };
+                    tokio::spawn(async move {
+                        let (mut from, mut to) = conn.split();
+                        let _ = tokio::io::copy(&mut from, &mut to).await;
+                    });
+                }
+            };
+            tokio::select! {
+                () = echoes => {}
+                _ = stop_rx => {}
+            }
+        })
+    };
+    ready_rx.recv_timeout(common::WAIT).expect("server ready");
+    let placement = Placement::Namespaces { relay: cloud, agent: vnet };
+    let tunnel = Tunnel::start(common::BIN, &configs, placement);
+    let link_before = tunnel.relay_admin.status()["agents"][0]["remote"].clone();
+
+    let (received, digest, waits) = spawn_in_namespace(cloud, || async {
+        let (first_byte_tx, first_byte_rx) = tokio::sync::oneshot::channel::<()>();
+        let download = tokio::spawn(async move {
+            let mut conn = tokio::net::TcpStream::connect("127.0.0.1:8443").await.expect("connect");
+            let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut received = 0usize;
+            let mut first_byte_tx = Some(first_byte_tx);
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf))
+                    .await
+                    .expect("the download stalled for 30 s")
+                    .expect("read the download");
+                if n == 0 {
+                    break;
+                }
+                if let Some(tx) = first_byte_tx.take() {
+                    let _ = tx.send(());
+                }
+                hasher.update(&buf[..n]);
+                received += n;
+            }
+            (received, hasher.finish())
+        });
+        first_byte_rx.await.expect("the download started");
+        let mut waits = Vec::new();
+        let request = [0x5au8; 1024];
+        // Bounded: at most one exchange per round trip of the link for the download's length.
+        for exchange in 0..500 {
+            if download.is_finished() {
+                break;
+            }
+            let began = Instant::now();
+            let mut conn = tokio::net::TcpStream::connect("127.0.0.1:8443").await.expect("connect");
+            conn.write_all(&request).await.expect("send the request");
+            let mut response = [0u8; 1024];
+            tokio::time::timeout(Duration::from_secs(30), conn.read_exact(&mut response))
+                .await
+                .expect("no echo within 30 s")
+                .unwrap_or_else(|e| panic!("exchange {exchange} beside the download failed: {e}"));
+            assert_eq!(response, request, "the echo came back changed");
+            waits.push(began.elapsed());
+        }
+        let (received, digest) = download.await.expect("download task");
+        (received, digest, waits)
+    })
+    .join()
+    .expect("client thread")
+    .expect("client in namespace");
+    let _ = stop_tx.send(());
+    server.join().expect("server thread").expect("server in namespace");
+    assert_eq!(received, THIN_DOWNLOAD_BYTES);
+    assert_eq!(digest.as_ref(), &expected[..], "the bytes changed on the way");
+    assert!(!waits.is_empty(), "no exchange ran beside the download");
+    let link_after = tunnel.relay_admin.status()["agents"][0]["remote"].clone();
+    assert_eq!(link_before, link_after, "the agent's tunnel connection was replaced");
+    let mut sorted = waits.clone();
+    sorted.sort_unstable();
+    eprintln!(
+        "{transport}: {} exchanges beside a {} KiB download on a {} Mbit/s link: median {:?}, \
+         worst {:?}",
+        waits.len(),
+        THIN_DOWNLOAD_BYTES / 1024,
+        THIN_RATE_BPS / 1_000_000,
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
+    let (agent, relay) = tunnel.stop();
+    assert!(agent.success() && relay.success(), "exits: agent {agent}, relay {relay}");
+}
+
+#[test]
+fn a_download_filling_a_thin_link_leaves_room_for_new_connections_over_quic() {
+    a_download_filling_a_thin_link_leaves_room_for_new_connections("quic", "tq");
+}
+
+#[test]
+fn a_download_filling_a_thin_link_leaves_room_for_new_connections_over_tcp() {
+    a_download_filling_a_thin_link_leaves_room_for_new_connections("tcp", "tt");
+}
+
 /// Relay killed with SIGKILL and started again at once (as a supervisor would): the agent
 /// notices on its own, re-dials and serves again, with no operator action.
 fn killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own(transport: &str, tag: &str) {

@@ -28,6 +28,18 @@ pub(crate) const CLOUD_ADDR: &str = "10.232.0.1";
 
 pub(crate) const VNET_ADDR: &str = "10.232.0.2";
 
+/// The thin link of the "beside a download" rows: a few Mbit/s with a quarter-second queue.
+fn thin_link() -> LinkProfile {
+    LinkProfile {
+        rate_bps: Some(4_000_000),
+        queue_bytes: 128 * 1024,
+        ..LinkProfile::wan(WAN_DELAY, 0.0)
+    }
+}
+
+/// How long the download runs before the exchanges beside it are timed.
+const THIN_LINK_SETTLE: Duration = Duration::from_secs(1);
+
 pub(crate) const VAULT_NAME: &str = "contoso-kv.vault.azure.net";
 
 /// A TLS server (certificate for [`VAULT_NAME`]) that answers any request with a short HTTP
@@ -180,6 +192,29 @@ pub(crate) fn wan(dir: &Path, budget: Budget) -> Result<String, String> {
             tunnel.stop();
         }
     }
+
+    // A thin link (a branch office's uplink, say) filled by one download: how long a small
+    // exchange on a second connection waits behind it. What queues ahead of the reply is the
+    // link's own queue (direct pays it too) plus whatever the path buffers before the link.
+    topology.emulator(0).expect("emulated link").set_profile(thin_link());
+    let beside_bulk = |ns: &str, addr: SocketAddr| {
+        sample_in(ns, move || async move {
+            let bulk = tokio::spawn(load::bulk(addr, Direction::Download, wan_bulk));
+            // Let the download reach its steady state (its queues full) before sampling.
+            tokio::time::sleep(THIN_LINK_SETTLE).await;
+            let exchanges = load::request_response(addr, 1024, 10_000, wan_bulk / 2)
+                .await
+                .expect("request/response beside the download");
+            let bulk = bulk.await.expect("bulk task").expect("bulk");
+            (exchanges.quantile(0.5), exchanges.quantile(0.99), bulk.gbit_per_s() * 1e3)
+        })
+    };
+    let mut thin_rows = vec![("direct TCP", beside_bulk(&cloud, bulk_backend))];
+    for (transport, path) in [("quic", "privlink QUIC"), ("tcp", "privlink TCP")] {
+        let tunnel = PrivlinkTarget::start(dir, CLOUD_ADDR, transport, bulk_backend, on_the_wan);
+        thin_rows.push((path, beside_bulk(&cloud, tunnel.endpoint)));
+        tunnel.stop();
+    }
     topology.emulator(0).expect("emulated link").set_profile(LinkProfile::wan(WAN_DELAY, 0.0));
 
     let _ = writeln!(
@@ -203,6 +238,24 @@ pub(crate) fn wan(dir: &Path, budget: Budget) -> Result<String, String> {
     );
     for (label, path, mbit, direct) in loss_rows {
         let _ = writeln!(report, "| {label} | {path} | {mbit:.0} | {:.2}× |", mbit / direct);
+    }
+    let thin = thin_link();
+    let _ = writeln!(
+        report,
+        "\n| 1 KiB request/response beside a one-stream download, {} Mbit/s link, {} KiB queue, \
+         {WAN_DELAY:?} each way | p50 | p99 | download Mbit/s |\n|---|---|---|---|",
+        thin.rate_bps.unwrap_or(0) / 1_000_000,
+        thin.queue_bytes / 1024
+    );
+    let direct_p50 = thin_rows.first().map_or(Duration::ZERO, |(_, (p50, _, _))| *p50);
+    for (path, (p50, p99, mbit)) in thin_rows {
+        let _ = writeln!(
+            report,
+            "| {path} | {} ({:.2}×) | {} | {mbit:.1} |",
+            ms(p50),
+            p50.as_secs_f64() / direct_p50.as_secs_f64(),
+            ms(p99)
+        );
     }
     stop.cancel();
     drop(topology);

@@ -28,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use crate::quic::{MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW, connection_receive_window};
 use crate::tunnel::{AgentConnection, DialError, RelayConnection, ResetCode, StreamError};
 
-/// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB; 256 KiB
-/// keeps per-frame latency low while cutting per-frame overhead for bulk transfers).
+/// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB). A frame is
+/// what another stream's next bytes may wait behind (about 1 s at 2 Mbit/s); 16 KiB frames
+/// saved little of that and cost eight-stream bulk a quarter of its throughput
+/// (`docs/benchmarks.md`, "Thin links").
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Bytes the h2 layer may buffer per stream before `poll_write` waits for the socket.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
@@ -39,6 +41,16 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 8 * 1024;
 /// How long a graceful close may take to flush what is queued.
 const GRACEFUL_CLOSE: Duration = Duration::from_secs(3);
+/// Unsent bytes past which the kernel stops taking more for a tunnel socket
+/// (`TCP_NOTSENT_LOWAT`). Without it the kernel queues up to its whole send buffer (hundreds
+/// of KiB) in front of every stream's next byte — a new connection's reply, a heartbeat's
+/// answer — and on a thin link that queue is seconds long: at 2 Mbit/s, one download made a
+/// 1-byte exchange on another connection wait 1.3 s, and at 500 kbit/s new connections outlived
+/// the relay's 3 s open deadline (below about 1 Mbit/s one frame still can). Bytes held back stay in HTTP/2's per-stream buffers, where
+/// frames of all streams take turns. 16 KiB: 4 Mbit/s exchanges beside a download wait
+/// ~0.3 s, not ~0.9 s, for about a tenth of single-stream bulk over an emulated WAN
+/// (`docs/benchmarks.md`, "Thin links").
+const NOTSENT_LOWAT: u32 = 16 * 1024;
 /// TCP keep-alive: first probe after this much silence.
 const KEEPALIVE_TIME: Duration = Duration::from_secs(4);
 /// TCP keep-alive: interval between probes.
@@ -47,7 +59,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Applies the socket options a tunnel TCP connection needs (no Nagle, fast dead-peer
-/// detection).
+/// detection, a short unsent queue).
 fn tune_socket(socket: &TcpStream) {
     let _ = socket.set_nodelay(true);
     let sock = socket2::SockRef::from(socket);
@@ -57,6 +69,7 @@ fn tune_socket(socket: &TcpStream) {
         .with_retries(3);
     let _ = sock.set_tcp_keepalive(&keepalive);
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
+    let _ = sock.set_tcp_notsent_lowat(NOTSENT_LOWAT);
 }
 
 /// Shared close state of one h2 tunnel connection (opaque outside this crate).

@@ -56,8 +56,10 @@ impl Timers {
     /// Answer deadline of a heartbeat. With the interval, a frozen peer is declared gone
     /// within 6 s — before the QUIC idle timeout (8 s), and on TLS/TCP, where a frozen
     /// process's kernel keeps acknowledging, at all. It must cover the round trip plus
-    /// whatever data is queued ahead of the heartbeat on the connection: on a TLS/TCP link
-    /// slower than about 10 Mbit/s whose send buffer is full, it may not.
+    /// whatever data is queued ahead of the heartbeat on the connection. On TLS/TCP the
+    /// transport keeps that queue short (`TCP_NOTSENT_LOWAT`; at 2 Mbit/s a download delays
+    /// an answer by about half a second), but one HTTP/2 frame of up to 256 KiB still goes
+    /// first: on a link well under 1 Mbit/s a full-speed transfer can outlast this.
     pub const ANSWER: Duration = Duration::from_secs(3);
 }
 
