@@ -6,8 +6,9 @@
 //! 64 concurrent workers), resident memory per idle connection, single-stream bulk beside ten
 //! stalled transfers each way (and the memory they hold); then, in network namespaces
 //! joined by the test bed's link emulator (25 ms each way, then 0.5 % loss), time to first byte
-//! of a new TLS connection against the round trips it physically needs and single-stream bulk
-//! against direct TCP over the same path. It prints a Markdown report (every figure also as a
+//! of a new TLS connection against the round trips it physically needs, single-stream bulk
+//! against direct TCP over the same path, and 1 KiB exchanges beside a download that fills a
+//! 4 Mbit/s link. It prints a Markdown report (every figure also as a
 //! ratio to direct) and writes it to `target/e2e-report.md`; `docs/benchmarks.md` explains it.
 //! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, haproxy2,
 //! quic, tcp, wan) to run a subset and `E2E_MEASURES=connections` (any of memory, bulk, rr,

@@ -1,6 +1,7 @@
 //! The emulated WAN: cloud and vnet namespaces joined by the test bed's link emulator (25 ms
 //! each way, then 0.5 % loss); time to first byte of a new TLS connection and single-stream
-//! bulk, through the tunnel and directly across the same link.
+//! bulk, through the tunnel and directly across the same link; then, the link capped at
+//! 4 Mbit/s, request/response latency beside a download that fills it.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
