@@ -463,12 +463,39 @@ const WAN_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 const WAN_LOSS: f64 = 0.02;
 const WAN_BYTES: usize = 128 * 1024 * 1024;
 
+/// Reads `conn` to its end (failing if it stalls for 30 s) and returns how many bytes came
+/// and their SHA-256; `first_byte` is told when the first bytes arrive.
+async fn read_to_end_hashed(
+    conn: &mut tokio::net::TcpStream,
+    mut first_byte: Option<tokio::sync::oneshot::Sender<()>>,
+) -> (usize, ring::digest::Digest) {
+    use tokio::io::AsyncReadExt as _;
+
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0usize;
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(30), conn.read(&mut buf))
+            .await
+            .expect("the transfer stalled for 30 s")
+            .expect("read");
+        if n == 0 {
+            return (received, hasher.finish());
+        }
+        if let Some(told) = first_byte.take() {
+            let _ = told.send(());
+        }
+        hasher.update(&buf[..n]);
+        received += n;
+    }
+}
+
 /// 128 MiB from a server in the vnet to a client in the cloud, through the tunnel over an
 /// emulated WAN link (50 ms each way, 2 % loss each way); the SHA-256 must match.
 fn bulk_transfer_over_a_lossy_wan_arrives_intact(transport: &str, tag: &str) {
     use privlink_testbed::LinkProfile;
     use privlink_testbed::netns::spawn_in_namespace;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
 
     let links =
         [Link::emulated(0, 1, CLOUD_ADDR, VNET_ADDR, LinkProfile::wan(WAN_DELAY, WAN_LOSS))];
@@ -498,21 +525,7 @@ fn bulk_transfer_over_a_lossy_wan_arrives_intact(transport: &str, tag: &str) {
     let started = std::time::Instant::now();
     let (received, digest) = spawn_in_namespace(cloud, || async {
         let mut conn = tokio::net::TcpStream::connect("127.0.0.1:8443").await.expect("connect");
-        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut received = 0usize;
-        loop {
-            let n = tokio::time::timeout(std::time::Duration::from_secs(30), conn.read(&mut buf))
-                .await
-                .expect("the transfer stalled for 30 s")
-                .expect("read");
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            received += n;
-        }
-        (received, hasher.finish())
+        read_to_end_hashed(&mut conn, None).await
     })
     .join()
     .expect("client thread")
@@ -613,25 +626,7 @@ fn a_download_filling_a_thin_link_leaves_room_for_new_connections(transport: &st
         let (first_byte_tx, first_byte_rx) = tokio::sync::oneshot::channel::<()>();
         let download = tokio::spawn(async move {
             let mut conn = tokio::net::TcpStream::connect("127.0.0.1:8443").await.expect("connect");
-            let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut received = 0usize;
-            let mut first_byte_tx = Some(first_byte_tx);
-            loop {
-                let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf))
-                    .await
-                    .expect("the download stalled for 30 s")
-                    .expect("read the download");
-                if n == 0 {
-                    break;
-                }
-                if let Some(tx) = first_byte_tx.take() {
-                    let _ = tx.send(());
-                }
-                hasher.update(&buf[..n]);
-                received += n;
-            }
-            (received, hasher.finish())
+            read_to_end_hashed(&mut conn, Some(first_byte_tx)).await
         });
         first_byte_rx.await.expect("the download started");
         let mut waits = Vec::new();
