@@ -23,6 +23,16 @@ pub(crate) fn announce(
     })
 }
 
+/// Waits until the announcer has said `STOPPING=1`, so that the process does not exit before
+/// it: the announcer is a task of its own, and a drain with nothing to wait for can end before
+/// that task runs (the runtime then drops it unpolled — a test saw it once).
+pub(crate) async fn stopped(announcer: tokio::task::JoinHandle<()>, shutdown: &CancellationToken) {
+    // Already cancelled when the drain ran; cancelling again only covers a run that ended
+    // by itself, which is a stop too.
+    shutdown.cancel();
+    let _ = announcer.await;
+}
+
 fn send(states: &[NotifyState<'_>]) {
     // `false`: leave NOTIFY_SOCKET in the environment (removing it is not thread-safe).
     if let Err(e) = sd_notify::notify(false, states) {

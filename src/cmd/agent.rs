@@ -33,13 +33,14 @@ pub(crate) async fn run(
             }
         }
     };
-    let _announcer = crate::notify::announce(ready, shutdown.clone());
+    let announcer = crate::notify::announce(ready, shutdown.clone());
     let reloader = agent.reloader();
     let watcher = super::watch_config(config, shutdown.clone(), move |path| {
         // The outcome is logged and in the reload metrics.
         let _ = reloader.reload_from(path, env_token.clone());
     })?;
-    agent.run(shutdown).await;
+    agent.run(shutdown.clone()).await;
     watcher.abort();
+    crate::notify::stopped(announcer, &shutdown).await;
     Ok(())
 }

@@ -29,13 +29,14 @@ pub(crate) async fn run(config: &Path, shutdown: CancellationToken) -> anyhow::R
     let loaded = privlink_relay::RelayConfig::load(config)?;
     let relay = privlink_relay::Relay::bind(loaded).await.context("starting the relay")?;
     // Every listener is bound: the relay is ready (its `/readyz` says so from here on).
-    let _announcer = crate::notify::announce(std::future::ready(()), shutdown.clone());
+    let announcer = crate::notify::announce(std::future::ready(()), shutdown.clone());
     let handle = relay.handle();
     let watcher = super::watch_config(config, shutdown.clone(), move |path| {
         // The outcome is logged and in the reload metrics.
         let _ = handle.reload_from(path);
     })?;
-    relay.run(shutdown).await;
+    relay.run(shutdown.clone()).await;
     watcher.abort();
+    crate::notify::stopped(announcer, &shutdown).await;
     Ok(())
 }
