@@ -46,10 +46,10 @@ const GRACEFUL_CLOSE: Duration = Duration::from_secs(3);
 /// of KiB) in front of every stream's next byte — a new connection's reply, a heartbeat's
 /// answer — and on a thin link that queue is seconds long: at 2 Mbit/s, one download made a
 /// 1-byte exchange on another connection wait 1.3 s, and at 500 kbit/s new connections outlived
-/// the relay's 3 s open deadline (below about 1 Mbit/s one frame still can). Bytes held back stay in HTTP/2's per-stream buffers, where
-/// frames of all streams take turns. 16 KiB: 4 Mbit/s exchanges beside a download wait
-/// ~0.3 s, not ~0.9 s, for about a tenth of single-stream bulk over an emulated WAN
-/// (`docs/benchmarks.md`, "Thin links").
+/// the relay's 3 s open deadline (below about 1 Mbit/s one frame still can). Bytes held back
+/// stay in HTTP/2's per-stream buffers, where frames of all streams take turns. 16 KiB:
+/// 4 Mbit/s exchanges beside a download wait ~0.3 s, not ~0.9 s, for about a tenth of
+/// single-stream bulk over an emulated WAN (`docs/benchmarks.md`, "Thin links").
 const NOTSENT_LOWAT: u32 = 16 * 1024;
 /// TCP keep-alive: first probe after this much silence.
 const KEEPALIVE_TIME: Duration = Duration::from_secs(4);
