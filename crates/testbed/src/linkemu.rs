@@ -76,6 +76,22 @@ impl LinkStats {
             self.write_failed.load(Ordering::Relaxed),
         )
     }
+
+    /// The forwarded count once it reaches `expected`, or whatever it is after `within`.
+    ///
+    /// A packet is counted just after the emulator's write returns, and by then the far end may
+    /// already have read it: a test that has seen its last reply waits here for the count to
+    /// catch up instead of reading it a moment too early.
+    pub fn forwarded_once(&self, expected: u64, within: Duration) -> u64 {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let forwarded = self.forwarded.load(Ordering::Relaxed);
+            if forwarded >= expected || std::time::Instant::now() >= deadline {
+                return forwarded;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// A running emulated link between two TUN interfaces; stops (and removes both interfaces)
