@@ -3,7 +3,8 @@
 //! endpoints added and removed — the agent told, its verdict on the new one shown, the removed
 //! one's open connection going on; an invalid file and a change that needs a restart leave
 //! the running configuration serving and say so in `privlink_config_last_reload_successful`;
-//! a change written to the file is picked up without a signal; a token rotation with two
+//! a change written to the file, or to the certificate, key or token file it names, is picked
+//! up without a signal; a token rotation with two
 //! hashes, then the old one removed, disconnects the old token's agent while the new one's
 //! keeps serving.
 
@@ -353,21 +354,46 @@ async fn a_reload_adds_and_removes_endpoints_and_changes_an_acl_while_a_transfer
     transfer.unwrap_or_else(|e| panic!("the transfer under way was cut: {e}"));
 }
 
+/// `privlink certs init` into `<config dir>/<name>`: a new CA and relay certificate for
+/// 127.0.0.1, which the running agent does not trust.
+fn certs_from_another_ca(running: &Running2, name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(&running.configs.agent).parent().expect("dir").join(name);
+    let out = std::process::Command::new(common::BIN)
+        .args(["certs", "init", "--dir", dir.to_str().expect("utf-8"), "--name", "127.0.0.1"])
+        .output()
+        .expect("certs init");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// A new agent trusting only `<config dir>/<ca>` gets in, over QUIC and over TLS/TCP: new
+/// handshakes use the certificate that CA signed.
+fn new_agents_trusting(running: &Running2, ca: &str) {
+    let dir = std::path::Path::new(&running.configs.agent).parent().expect("dir").to_owned();
+    let new_admin = loopback(free_fixed_port());
+    let text = std::fs::read_to_string(&running.configs.agent)
+        .expect("agent.toml")
+        .replace("certs/ca.crt", ca)
+        .replace(&running.configs.agent_admin.to_string(), &new_admin.to_string());
+    for transport in ["quic", "tcp"] {
+        let path = dir.join(format!("agent-{transport}.toml"));
+        let text = text.replace("transport = \"quic\"", &format!("transport = \"{transport}\""));
+        std::fs::write(&path, text).expect("agent config");
+        let agent = common::privlink(&["agent", "--config", path.to_str().expect("utf-8")]);
+        running.wait_agent_served(new_admin);
+        drop(agent);
+        AdminProbe::new(None, new_admin).wait("/healthz", |code, _| code == 0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_tunnel_certificate_serves_new_handshakes_and_the_live_link_stays() {
     let running = Running2::start().await;
-    let dir = std::path::Path::new(&running.configs.agent).parent().expect("dir").to_owned();
     let agent_id = AdminProbe::new(None, running.configs.agent_admin).status()["id"]
         .as_str()
         .expect("id")
         .to_owned();
-    // A certificate from another CA, which the running agent does not trust.
-    let renewed = dir.join("renewed");
-    let out = std::process::Command::new(common::BIN)
-        .args(["certs", "init", "--dir", renewed.to_str().expect("utf-8"), "--name", "127.0.0.1"])
-        .output()
-        .expect("certs init");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    certs_from_another_ca(&running, "renewed");
     let new_config = running
         .relay_config()
         .replace("certs/relay.crt", "renewed/relay.crt")
@@ -382,23 +408,29 @@ async fn a_new_tunnel_certificate_serves_new_handshakes_and_the_live_link_stays(
     let status = tokio::task::block_in_place(|| running.relay_admin.status());
     assert!(approved_by(&status, &agent_id, "e"), "the live link stays: {status}");
     assert!(served(running.endpoint).await);
-    // A new agent trusting only the new CA gets in: new handshakes use the new certificate.
-    let new_admin = loopback(free_fixed_port());
-    let text = std::fs::read_to_string(&running.configs.agent)
-        .expect("agent.toml")
-        .replace("certs/ca.crt", "renewed/ca.crt")
-        .replace(&running.configs.agent_admin.to_string(), &new_admin.to_string());
-    for transport in ["quic", "tcp"] {
-        let path = dir.join(format!("agent-{transport}.toml"));
-        let text = text.replace("transport = \"quic\"", &format!("transport = \"{transport}\""));
-        std::fs::write(&path, text).expect("agent config");
-        let agent = common::privlink(&["agent", "--config", path.to_str().expect("utf-8")]);
-        tokio::task::block_in_place(|| running.wait_agent_served(new_admin));
-        drop(agent);
-        tokio::task::block_in_place(|| {
-            AdminProbe::new(None, new_admin).wait("/healthz", |code, _| code == 0)
+    tokio::task::block_in_place(|| new_agents_trusting(&running, "renewed/ca.crt"));
+}
+
+/// A certificate renewed where it lies (cert-manager updating a Secret, certbot's deploy hook)
+/// is picked up with no signal and no change to relay.toml.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_renewed_in_place_is_picked_up_without_a_signal() {
+    let running = Running2::start().await;
+    let renewed = certs_from_another_ca(&running, "renewed");
+    let certs = renewed.parent().expect("dir").join("certs");
+    let config_before = running.relay_config();
+    tokio::task::block_in_place(|| {
+        running.reload_and_wait("applied", || {
+            // One file at a time, as a renewal tool writes them: a watch that reads the new key
+            // beside the old certificate refuses that pair and applies the next.
+            for file in ["relay.key", "relay.crt"] {
+                std::fs::rename(renewed.join(file), certs.join(file)).expect("rename");
+            }
         });
-    }
+    });
+    assert_eq!(running.relay_config(), config_before, "relay.toml itself never changed");
+    assert!(served(running.endpoint).await, "the live link serves on");
+    tokio::task::block_in_place(|| new_agents_trusting(&running, "renewed/ca.crt"));
 }
 
 /// The endpoint `e`'s status in the relay's snapshot.
@@ -513,9 +545,9 @@ async fn the_agent_reloads_its_allowlist_its_relays_and_its_token() {
                 &format!("token_sha256 = [\"{}\", \"{}\"]", digest(&old_token), digest(new_token)),
             ));
         });
+        // No signal: the agent watches token_file as it watches its config file.
         reload_and_wait(&agent_admin, "applied", || {
             std::fs::write(&token_path, new_token).expect("token");
-            signal(running.agent.pid(), "-HUP");
         });
         reload_and_wait(&relay2_admin, "applied", || {
             write_relay2(

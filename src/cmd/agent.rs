@@ -22,6 +22,7 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let loaded = privlink_agent::AgentConfig::load(config, env_token.clone())?;
+    let source_files = loaded.source_files.clone();
     let agent = privlink_agent::Agent::new(loaded).context("starting the agent")?;
     // Ready at the first welcomed link with its verdicts sent (`/readyz`'s condition).
     let status = agent.status();
@@ -35,9 +36,9 @@ pub(crate) async fn run(
     };
     let announcer = crate::notify::announce(ready, shutdown.clone());
     let reloader = agent.reloader();
-    let watcher = super::watch_config(config, shutdown.clone(), move |path| {
+    let watcher = super::watch_config(config, source_files, shutdown.clone(), move |path| {
         // The outcome is logged and in the reload metrics.
-        let _ = reloader.reload_from(path, env_token.clone());
+        reloader.reload_from(path, env_token.clone()).ok().map(|applied| applied.source_files)
     })?;
     agent.run(shutdown.clone()).await;
     watcher.abort();

@@ -85,6 +85,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
             token_sha256: vec![TokenDigest::of(token.as_bytes())],
         }],
         endpoints: vec![endpoint(listen)],
+        source_files: Vec::new(),
     };
     let wanted: SocketAddr = ([127, 0, 0, 1], port).into();
     let relay = match Relay::bind(relay_config(wanted)).await {
@@ -118,6 +119,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         dns_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
         admin: None,
+        source_files: Vec::new(),
     };
     let agent = privlink_agent::Agent::new(agent_config)?;
     let agent_stop = CancellationToken::new();

@@ -27,13 +27,14 @@ pub(crate) fn check_config(config: &Path) -> anyhow::Result<()> {
 pub(crate) async fn run(config: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Parse and validate everything before binding anything.
     let loaded = privlink_relay::RelayConfig::load(config)?;
+    let source_files = loaded.source_files.clone();
     let relay = privlink_relay::Relay::bind(loaded).await.context("starting the relay")?;
     // Every listener is bound: the relay is ready (its `/readyz` says so from here on).
     let announcer = crate::notify::announce(std::future::ready(()), shutdown.clone());
     let handle = relay.handle();
-    let watcher = super::watch_config(config, shutdown.clone(), move |path| {
+    let watcher = super::watch_config(config, source_files, shutdown.clone(), move |path| {
         // The outcome is logged and in the reload metrics.
-        let _ = handle.reload_from(path);
+        handle.reload_from(path).ok().map(|applied| applied.source_files)
     })?;
     relay.run(shutdown.clone()).await;
     watcher.abort();

@@ -91,6 +91,7 @@ impl Harness {
                 token_sha256: vec![TokenDigest::of(token.as_bytes())],
             }],
             endpoints,
+            source_files: Vec::new(),
         };
         let relay = Relay::bind(config).await.expect("relay binds");
         let handle = relay.handle();
@@ -122,6 +123,7 @@ impl Harness {
             dns_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
             admin: None,
+            source_files: Vec::new(),
         }
     }
 

@@ -102,6 +102,10 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     /// The admin listener, when `[admin]` is set.
     pub admin: Option<AdminSettings>,
+    /// The files besides the config file whose content this configuration holds (`token_file`,
+    /// `relay_ca`): a change to one reloads it, like a change to the config file. Empty for a
+    /// configuration built in memory.
+    pub source_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +191,7 @@ impl AgentConfig {
             return Err(source.error_at(None, "connector", "must not be empty"));
         }
         let env_token = env_token.filter(|t| !t.trim().is_empty());
+        let mut source_files = Vec::new();
         let token = match (&raw.token_file, env_token) {
             (Some(file), Some(_)) => {
                 return Err(source.error_for(
@@ -211,6 +216,7 @@ impl AgentConfig {
                     source.error_for(file, "token_file", format!("{}: {problem}", path.display()))
                 })?;
                 warn_if_readable_by_others(&path);
+                source_files.push(path);
                 Token::new(token)
             }
             (None, Some(env)) => Token::new(env.trim()),
@@ -255,6 +261,7 @@ impl AgentConfig {
             }
         };
 
+        source_files.extend(relay_ca.clone());
         let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(default_agent_name);
         Ok(Self {
             name,
@@ -273,6 +280,7 @@ impl AgentConfig {
             dns_timeout: raw.dns_timeout.unwrap_or(DEFAULT_DNS_TIMEOUT),
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             admin: raw.admin.map(|a| a.validate(source)).transpose()?,
+            source_files,
         })
     }
 }

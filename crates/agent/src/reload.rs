@@ -1,7 +1,7 @@
-//! Hot reload of the agent's configuration (SIGHUP, or the file's content changing — the
-//! binary watches for both and calls [`AgentReloader::reload_from`]). A new file is validated
-//! like one at start; an invalid one changes nothing. A valid one is applied whole or not at
-//! all:
+//! Hot reload of the agent's configuration (SIGHUP, or the content of the file, its token file
+//! or `relay_ca` changing — the binary watches for both and calls
+//! [`AgentReloader::reload_from`]). A new file is validated like one at start; an invalid one
+//! changes nothing. A valid one is applied whole or not at all:
 //!
 //! * applied in place: the allowlist and the DNS and connect deadlines (every link judges its
 //!   endpoints again and sends the relay the verdicts that changed; streams already open go
@@ -38,6 +38,8 @@ pub struct AgentReloadSummary {
     pub relays_added: Vec<String>,
     /// Relays whose links were drained.
     pub relays_removed: Vec<String>,
+    /// The applied configuration's [`AgentConfig::source_files`], to watch from now on.
+    pub source_files: Vec<std::path::PathBuf>,
 }
 
 /// Why a reload changed nothing.
@@ -147,6 +149,7 @@ impl AgentReloader {
                 shared.start_relay(relay);
             }
         }
+        summary.source_files = new.source_files;
         Ok(summary)
     }
 }

@@ -59,6 +59,10 @@ pub struct RelayConfig {
     pub connectors: Vec<ConnectorSpec>,
     /// Endpoints clients connect to.
     pub endpoints: Vec<EndpointSpec>,
+    /// The files besides the config file whose content this configuration holds (the tunnel
+    /// certificate and key): a change to one reloads it, like a change to the config file.
+    /// Empty for a configuration built in memory.
+    pub source_files: Vec<PathBuf>,
 }
 
 /// A certificate chain and its private key. `Debug` never shows the key.
@@ -405,6 +409,7 @@ impl RelayConfig {
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             connectors,
             endpoints,
+            source_files: vec![cert_path, key_path],
         })
     }
 

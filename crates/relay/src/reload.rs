@@ -1,7 +1,7 @@
-//! Hot reload of the relay's configuration (SIGHUP, or the file changing — the binary watches
-//! for both and calls [`RelayHandle::reload`](crate::RelayHandle::reload)). A new file is
-//! validated like one at start; an invalid one changes nothing. A valid one is applied whole
-//! or not at all:
+//! Hot reload of the relay's configuration (SIGHUP, or the file or the certificate and key it
+//! names changing — the binary watches for both and calls
+//! [`RelayHandle::reload`](crate::RelayHandle::reload)). A new file is validated like one at
+//! start; an invalid one changes nothing. A valid one is applied whole or not at all:
 //!
 //! * applied in place, without dropping a connection: each endpoint's ACL, `max_connections`,
 //!   `inactivity_timeout` and open-retry settings (new connections get them; open ones keep
@@ -133,6 +133,8 @@ pub struct ReloadSummary {
     pub identity_replaced: bool,
     /// Agents disconnected because their connector or token is no longer configured.
     pub agents_disconnected: Vec<String>,
+    /// The applied configuration's [`RelayConfig::source_files`], to watch from now on.
+    pub source_files: Vec<std::path::PathBuf>,
 }
 
 /// Why a reload changed nothing.
@@ -217,6 +219,7 @@ pub(crate) fn apply(handle: &RelayHandle, new: RelayConfig) -> Result<ReloadSumm
     summary.agents_disconnected = disconnect_revoked(handle.registry(), &new);
     summary.endpoints_changed.sort();
     summary.endpoints_removed.sort();
+    summary.source_files.clone_from(&new.source_files);
     handle.config().set(new);
     Ok(summary)
 }
