@@ -1,7 +1,8 @@
 //! Tests of the real `privlink` binary as separate processes: the example configs in config/
 //! run as shipped (with ports and secrets filled in), the agent survives being killed and
-//! restarted, the agent reconnects on its own when the relay is killed and restarted, and
-//! invalid configurations exit 64 naming file, line and key.
+//! restarted, the agent reconnects on its own when the relay is killed and restarted,
+//! invalid configurations exit 64 naming file, line and key, and the README's first command,
+//! `privlink demo`, does what it prints.
 
 mod common;
 
@@ -576,4 +577,38 @@ async fn privlink_status_prints_the_relays_and_the_agents_view() {
     assert_eq!(code, 69, "nothing listening is 'unavailable': {err}");
     assert!(err.contains("cannot reach the admin listener"), "{err}");
     assert!(agent.terminate().success() && relay.terminate().success());
+}
+
+/// `privlink demo`: its request goes through end to end, the `curl` command it tells a newcomer
+/// to try works against it (a client nobody here wrote, trusting only the demo CA), and Ctrl-C
+/// stops it with exit 0.
+#[test]
+fn the_demo_serves_the_curl_it_prints_and_stops_on_ctrl_c() {
+    let mut demo = common::privlink(&["demo", "--port", "0"]);
+    // What the demo prints is its interface: the last line of its report.
+    demo.wait_for("Press Ctrl-C to stop.");
+    let report = demo.seen().join("\n");
+    assert!(report.contains("HTTP/1.1 200 OK"), "{report}");
+    assert!(report.contains("verified against the demo CA"), "{report}");
+    let curl = demo
+        .seen()
+        .iter()
+        .map(|line| line.trim())
+        .find(|line| line.starts_with("curl "))
+        .unwrap_or_else(|| panic!("no curl line in:\n{report}"))
+        .to_owned();
+    // The line is meant for a shell (its URL is quoted); bounded so a hang fails the test.
+    let out = Command::new("sh")
+        .args(["-c", &format!("{curl} --silent --show-error --max-time 10")])
+        .output()
+        .expect("run curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{curl}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(body.contains("hello from inside the private network"), "curl printed {body}");
+
+    let pid = demo.pid().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status().expect("kill -INT");
+    assert!(sent.success());
+    let exit = demo.wait_exit();
+    assert!(exit.success(), "the demo exited with {exit} after Ctrl-C");
 }
