@@ -264,9 +264,9 @@ impl Deployment {
         let relays = relay_files
             .into_iter()
             .map(|(config, _, endpoint, admin)| {
-                let running = common::privlink(&["relay", "--config", &config]);
+                let mut running = common::privlink(&["relay", "--config", &config]);
                 let admin = AdminProbe::new(None, admin);
-                tokio::task::block_in_place(|| admin.wait_ready());
+                tokio::task::block_in_place(|| running.wait_ready(&admin));
                 RelayProcess { running, admin, endpoint, config }
             })
             .collect();
@@ -287,10 +287,10 @@ impl Deployment {
     /// Starts agent `i` and waits until every relay lists it approving `e`.
     fn start_agent(&self, i: usize) -> Running {
         let (config, admin) = &self.agent_files[i];
-        let agent = common::privlink(&["agent", "--config", config]);
+        let mut agent = common::privlink(&["agent", "--config", config]);
         let probe = AdminProbe::new(None, *admin);
         tokio::task::block_in_place(|| {
-            probe.wait_ready();
+            agent.wait_ready(&probe);
             let id = probe.status()["id"].as_str().expect("id").to_owned();
             for relay in &self.relays {
                 relay.admin.wait_status(|s| privlink_testbed::process::approved_by(s, &id, "e"));
@@ -517,10 +517,9 @@ async fn with_two_relays_one_killed_the_other_serves_and_the_agent_relinks(trans
     deployment.relays[0].running = common::privlink(&["relay", "--config", &config]);
     let agent_id = deployment.agent_admin(0).status()["id"].as_str().expect("id").to_owned();
     tokio::task::block_in_place(|| {
-        deployment.relays[0].admin.wait_ready();
-        deployment.relays[0]
-            .admin
-            .wait_status(|s| privlink_testbed::process::approved_by(s, &agent_id, "e"));
+        let relay = &mut deployment.relays[0];
+        relay.running.wait_ready(&relay.admin);
+        relay.admin.wait_status(|s| privlink_testbed::process::approved_by(s, &agent_id, "e"));
     });
     stop_load.cancel();
     let samples = churn.await.expect("churn");

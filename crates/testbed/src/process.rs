@@ -102,18 +102,30 @@ pub fn write_tunnel_files(bin: &str, dir: &Path, files: &TunnelFiles<'_>) -> Tun
 /// A port free for both TCP and UDP, chosen below the kernel's ephemeral range (as a real
 /// deployment's fixed ports are): a port from that range, freed by a killed relay, can be taken
 /// by any outgoing connection before the restarted relay binds it again.
+///
+/// A port is never handed out twice by this process, even once it is free again: tests run
+/// side by side in one test binary, and a port is free both between being chosen and being
+/// bound by a process started later, and while a test has killed the process that held it and
+/// not yet restarted it on the same port. Another test handed it then would take it. (Test
+/// binaries run one after another.)
 pub fn free_fixed_port() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let range =
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
     let ephemeral_start: u16 =
         range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
     let low = 10_000u16.min(ephemeral_start / 2);
     let span = ephemeral_start - low;
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for _ in 0..200 {
         let port = low + fastrand::u16(..span);
+        if handed_out.contains(&port) {
+            continue;
+        }
         let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
         let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
         if tcp.is_ok() && udp.is_ok() {
+            handed_out.push(port);
             return port;
         }
     }
@@ -255,6 +267,29 @@ impl Running {
                     self.seen.join("\n")
                 ),
             }
+        }
+    }
+
+    /// Waits until this process's admin listener (`probe`) answers `/readyz` with 200. When the
+    /// process exits first, or the bound passes, fails saying how it ended and what it printed
+    /// (a port taken by someone else, say), not only the last answer.
+    pub fn wait_ready(&mut self, probe: &AdminProbe) {
+        let deadline = Instant::now() + PROCESS_WAIT;
+        loop {
+            let (code, _) = probe.get("/readyz");
+            if code == 200 {
+                return;
+            }
+            let exited = self.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                let state = exited.map_or_else(|| "still running".to_owned(), |e| e.to_string());
+                panic!(
+                    "/readyz on {} stayed {code} (process {state}); it printed:\n{}",
+                    probe.addr,
+                    self.output_so_far().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
