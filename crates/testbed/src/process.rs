@@ -18,6 +18,10 @@ use privlink_protocol::token::TokenDigest;
 /// through the QUIC idle timeout, 8 s).
 pub const PROCESS_WAIT: Duration = Duration::from_secs(30);
 
+/// Bound for a process told to stop to exit: the example configs' 30 s `shutdown_grace` and a
+/// margin.
+pub const EXIT_WAIT: Duration = Duration::from_secs(60);
+
 /// The files a one-endpoint tunnel of real `privlink` processes needs; see
 /// [`write_tunnel_files`].
 #[derive(Debug)]
@@ -171,13 +175,27 @@ impl AdminProbe {
     /// Asks `path` until the answer satisfies `want`, failing after [`PROCESS_WAIT`] with the
     /// last answer; returns the body that satisfied it.
     pub fn wait(&self, path: &str, want: impl Fn(u16, &str) -> bool) -> String {
+        self.poll(path, want, || false)
+            .unwrap_or_else(|(code, body)| panic!("{path} on {} stayed {code}: {body}", self.addr))
+    }
+
+    /// Asks `path` until the answer satisfies `want` (its body), or until [`PROCESS_WAIT`]
+    /// passes or `give_up` says so (the last code and body).
+    fn poll(
+        &self,
+        path: &str,
+        want: impl Fn(u16, &str) -> bool,
+        mut give_up: impl FnMut() -> bool,
+    ) -> Result<String, (u16, String)> {
         let deadline = Instant::now() + PROCESS_WAIT;
         loop {
             let (code, body) = self.get(path);
             if want(code, &body) {
-                return body;
+                return Ok(body);
             }
-            assert!(Instant::now() < deadline, "{path} on {} stayed {code}: {body}", self.addr);
+            if give_up() || Instant::now() >= deadline {
+                return Err((code, body));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -274,22 +292,35 @@ impl Running {
     /// process exits first, or the bound passes, fails saying how it ended and what it printed
     /// (a port taken by someone else, say), not only the last answer.
     pub fn wait_ready(&mut self, probe: &AdminProbe) {
-        let deadline = Instant::now() + PROCESS_WAIT;
+        let child = &mut self.child;
+        let ready = probe.poll(
+            "/readyz",
+            |code, _| code == 200,
+            || child.try_wait().is_ok_and(|exited| exited.is_some()),
+        );
+        if let Err((code, _)) = ready {
+            let (state, output) = match self.child.try_wait() {
+                Ok(Some(exit)) => (exit.to_string(), self.output_to_the_end()),
+                _ => ("still running".to_owned(), self.output_so_far()),
+            };
+            panic!(
+                "/readyz on {} stayed {code} (process {state}); it printed:\n{}",
+                probe.addr,
+                output.join("\n")
+            );
+        }
+    }
+
+    /// Everything an exited process wrote: its last lines may still be on their way from the
+    /// reader threads, which end when its pipes close (bounded, in case a child inherited them).
+    fn output_to_the_end(&mut self) -> &[String] {
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let (code, _) = probe.get("/readyz");
-            if code == 200 {
-                return;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => return &self.seen,
             }
-            let exited = self.child.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() >= deadline {
-                let state = exited.map_or_else(|| "still running".to_owned(), |e| e.to_string());
-                panic!(
-                    "/readyz on {} stayed {code} (process {state}); it printed:\n{}",
-                    probe.addr,
-                    self.output_so_far().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -314,9 +345,10 @@ impl Running {
         let _ = self.child.wait();
     }
 
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    /// SIGTERM, then [`Running::wait_exit`].
+    pub fn terminate(self) -> std::process::ExitStatus {
         self.signal_terminate();
-        self.child.wait().expect("wait")
+        self.wait_exit()
     }
 
     /// Sends SIGTERM without waiting for the process to exit.
@@ -325,9 +357,22 @@ impl Running {
         Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
     }
 
-    /// Waits for the exit of a process that has announced it is stopping.
+    /// Waits for the exit of a process that has been told to stop, failing with what it
+    /// printed after [`EXIT_WAIT`] (the drop then kills it).
     pub fn wait_exit(mut self) -> std::process::ExitStatus {
-        self.child.wait().expect("wait")
+        let deadline = Instant::now() + EXIT_WAIT;
+        loop {
+            if let Some(exit) = self.child.try_wait().expect("wait") {
+                return exit;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the process did not exit within {EXIT_WAIT:?}; it printed:\n{}",
+                    self.output_so_far().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -452,4 +497,34 @@ fn command(argv: &[String]) -> Command {
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]);
     command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_that_dies_before_it_is_ready_fails_the_wait_at_once_with_its_output() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo 'cannot listen: Address already in use' >&2; exit 3"]);
+        let mut running = Running::spawn(command);
+        // Nothing listens there: the wait can only end by the process's exit or the bound.
+        let probe = AdminProbe::new(None, ([127, 0, 0, 1], free_fixed_port()).into());
+        let started = Instant::now();
+        let failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            running.wait_ready(&probe);
+        }))
+        .expect_err("an exited process is never ready");
+        let message = failure.downcast_ref::<String>().expect("a formatted panic message");
+        assert!(message.contains("exit status: 3"), "{message}");
+        assert!(message.contains("Address already in use"), "{message}");
+        assert!(started.elapsed() < PROCESS_WAIT, "it gave up at the exit, not at the bound");
+    }
+
+    #[test]
+    fn wait_exit_returns_the_exit_status() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "exit 5"]);
+        assert_eq!(Running::spawn(command).wait_exit().code(), Some(5));
+    }
 }
