@@ -1,16 +1,25 @@
-//! Reading and writing one frame on an async byte stream.
+//! Reading and writing frames on an async byte stream, every read through the protocol's
+//! [`FrameDecoder`].
 //!
-//! Reads take exactly the frame's bytes (header, then the announced body) so nothing that
-//! follows — a client's first bytes behind an open header — is consumed. Every read has a
-//! size bound (checked before the body is allocated) and a deadline.
+//! [`read_frame`] and [`poll_read_missing`] take exactly the frame's bytes (what the decoder
+//! says is missing, no more), so nothing that follows — the destination's bytes behind an
+//! open reply — is consumed; [`FrameReader`] reads ahead on streams that carry only frames.
+//! Every read has a size bound (checked before the body is buffered) and a deadline or a
+//! liveness check around it.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::{BufMut as _, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use privlink_protocol::frame::{self, FrameError, HEADER_LEN};
+use privlink_protocol::frame::{self, FrameDecoder, FrameError};
+
+/// Bytes a [`FrameReader`] asks the stream for at a time.
+const READ_AHEAD: usize = 4096;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -50,26 +59,58 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
-    tokio::time::timeout(deadline, read_exact_frame(reader, max_body))
+    tokio::time::timeout(deadline, read_exact_frame(reader, FrameDecoder::new(max_body)))
         .await
         .map_err(|_| ReadFrameError::Timeout(deadline))?
 }
 
-async fn read_exact_frame<T, R>(reader: &mut R, max_body: usize) -> Result<T, ReadFrameError>
+async fn read_exact_frame<T, R>(reader: &mut R, decoder: FrameDecoder) -> Result<T, ReadFrameError>
 where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
-    let mut header = [0u8; HEADER_LEN];
-    let first = reader.read(&mut header).await.map_err(ReadFrameError::Io)?;
-    if first == 0 {
-        return Err(ReadFrameError::Closed);
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(message) = decoder.decode(&mut buf)? {
+            return Ok(message);
+        }
+        let n =
+            std::future::poll_fn(|cx| poll_read_missing(Pin::new(reader), cx, &mut buf, decoder))
+                .await?;
+        if n == 0 {
+            return Err(end_of_stream(&buf));
+        }
     }
-    reader.read_exact(&mut header[first..]).await.map_err(ReadFrameError::Io)?;
-    let len = frame::decode_header(&header, max_body)?;
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).await.map_err(ReadFrameError::Io)?;
-    Ok(frame::decode_body(&body)?)
+}
+
+/// Reads into `buf` at most the bytes the frame at its head still lacks (see
+/// [`FrameDecoder::missing`]), so no byte behind the frame is taken from `reader`. Ready with
+/// the count read: 0 when the stream ended, or when the frame is already whole. A header
+/// that cannot start a valid frame fails here, before its body is read.
+pub fn poll_read_missing<R: AsyncRead + ?Sized>(
+    reader: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    decoder: FrameDecoder,
+) -> Poll<Result<usize, ReadFrameError>> {
+    let missing = decoder.missing(buf)?;
+    if missing == 0 {
+        return Poll::Ready(Ok(0));
+    }
+    buf.reserve(missing);
+    let n = ready!(tokio_util::io::poll_read_buf(reader, cx, &mut buf.limit(missing)))
+        .map_err(ReadFrameError::Io)?;
+    Poll::Ready(Ok(n))
+}
+
+/// What an end of stream means to a reader holding `buf`: clean between frames, a truncation
+/// inside one.
+fn end_of_stream(buf: &[u8]) -> ReadFrameError {
+    if buf.is_empty() {
+        ReadFrameError::Closed
+    } else {
+        ReadFrameError::Io(io::ErrorKind::UnexpectedEof.into())
+    }
 }
 
 /// Reads frame after frame from a long-lived stream (the control stream), keeping partial
@@ -80,7 +121,7 @@ where
 /// it only on streams that carry nothing but frames; [`read_frame`] reads exactly one frame.
 #[derive(Debug, Default)]
 pub struct FrameReader {
-    buf: Vec<u8>,
+    buf: BytesMut,
 }
 
 impl FrameReader {
@@ -96,24 +137,20 @@ impl FrameReader {
         T: DeserializeOwned,
         R: AsyncRead + Unpin,
     {
+        let decoder = FrameDecoder::new(max_body);
         loop {
             // The decoder checks the declared length before the body is buffered, so the
             // buffer never grows beyond one header, one bounded body and one read's surplus.
-            if let Some((message, used)) = frame::decode(&self.buf, max_body)? {
-                self.buf.drain(..used);
+            if let Some(message) = decoder.decode(&mut self.buf)? {
                 return Ok(message);
             }
-            let mut chunk = [0u8; 4096];
-            // `read` is cancel-safe: if this future is dropped, no byte has been taken.
-            let n = reader.read(&mut chunk).await.map_err(ReadFrameError::Io)?;
+            decoder.missing(&self.buf)?;
+            self.buf.reserve(READ_AHEAD);
+            // `read_buf` is cancel-safe: if this future is dropped, no byte has been taken.
+            let n = reader.read_buf(&mut self.buf).await.map_err(ReadFrameError::Io)?;
             if n == 0 {
-                return Err(if self.buf.is_empty() {
-                    ReadFrameError::Closed
-                } else {
-                    ReadFrameError::Io(io::ErrorKind::UnexpectedEof.into())
-                });
+                return Err(end_of_stream(&self.buf));
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 }
