@@ -136,10 +136,14 @@ async fn tunnel_stream_pair(kind: &str) -> (TunnelStream, TunnelStream) {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
         let relay_side = async {
             let (socket, remote) = listener.accept().await.expect("accept");
-            h2::accept(socket, remote, acceptor, LONG).await.expect("h2 relay")
+            RelayConnection::from(
+                h2::accept(socket, remote, acceptor, LONG).await.expect("h2 relay"),
+            )
         };
         let agent_side = async {
-            h2::dial(addr, "localhost", Arc::new(client_tls), LONG).await.expect("h2 agent")
+            AgentConnection::from(
+                h2::dial(addr, "localhost", Arc::new(client_tls), LONG).await.expect("h2 agent"),
+            )
         };
         tokio::join!(relay_side, agent_side)
     };

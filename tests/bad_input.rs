@@ -593,7 +593,7 @@ impl FakeRelay {
                     .await
                     .expect("agent dials")
                     .expect("accept");
-                h2::accept(socket, remote, acceptor.clone(), WAIT).await.expect("handshake")
+                h2::accept(socket, remote, acceptor.clone(), WAIT).await.expect("handshake").into()
             }
         }
     }

@@ -34,6 +34,7 @@ pub async fn dial_relay(
         }
         TransportKind::Tcp => h2::dial(relay, "localhost", Arc::new(client_tls), WAIT)
             .await
+            .map(AgentConnection::from)
             .map_err(|e| e.to_string()),
     }
 }

@@ -2,14 +2,13 @@
 //! `quic`, `tcp`, or `auto` — QUIC first, TLS over TCP when QUIC does not get through in time,
 //! QUIC probed again while on TCP and promoted once it works, the TCP session then drained.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use privlink_protocol::control::Timers;
+use privlink_transport::dialer::Dialer;
 use privlink_transport::tls::CertificateSummary;
-use privlink_transport::tunnel::{AgentConnection, DialError, TransportKind};
-use privlink_transport::{h2, quic, tls};
+use privlink_transport::tunnel::{AgentConnection, CloseCode, DialError, TransportKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -124,26 +123,19 @@ async fn dial(
     Ok(shared.dialer.dial(kind, relay, addr, &shared.config, deadline).await?)
 }
 
-/// What dialling a relay takes — one QUIC endpoint, the TLS configuration for TLS over TCP,
-/// and the verifier both use — shared by the agent's links and by `privlink check`.
+/// Dialling a relay as the configuration says — transport's [`Dialer`] (one QUIC endpoint,
+/// the TLS settings for TLS over TCP) with the relay's name taken from its address and a
+/// rejected certificate explained against `relay_ca` — shared by the agent's links and by
+/// `privlink check`.
 #[derive(Debug)]
 pub(crate) struct RelayDialer {
-    pub(crate) quic: quinn::Endpoint,
-    tls: Arc<rustls::ClientConfig>,
-    /// Keeps rejected certificates so that errors can say whose they were.
-    verifier: Arc<tls::RelayVerifier>,
+    dialer: Dialer,
 }
 
 impl RelayDialer {
-    /// Trusts `config`'s relay roots; binds one dual-stack UDP socket for every relay (IPv4
-    /// only on hosts without IPv6). Call it within a tokio runtime.
+    /// Trusts `config`'s relay roots. Call it within a tokio runtime.
     pub(crate) fn new(config: &AgentConfig) -> Result<Self, AgentError> {
-        let (tls, verifier) = tls::tunnel_client_config_with_verifier(&config.relay_roots)?;
-        let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
-            .or_else(|_| {
-                quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls.clone())
-            })?;
-        Ok(Self { quic, tls: Arc::new(tls), verifier })
+        Ok(Self { dialer: Dialer::new(&config.relay_roots)? })
     }
 
     /// Establishes a tunnel connection to `addr` (an address of `relay`) on one transport
@@ -158,18 +150,24 @@ impl RelayDialer {
     ) -> Result<AgentConnection, DialError> {
         let server_name = relay.host.to_string();
         let server_name = server_name.trim_start_matches('[').trim_end_matches(']');
-        let dialed = match kind {
-            TransportKind::Quic => quic::dial(&self.quic, addr, server_name, deadline).await,
-            TransportKind::Tcp => {
-                h2::dial(addr, server_name, Arc::clone(&self.tls), deadline).await
-            }
-        };
+        let dialed = self.dialer.dial(kind, addr, server_name, deadline).await;
         dialed.map_err(|e| match e {
             DialError::Certificate(detail) => {
                 DialError::Certificate(self.explain_untrusted(&detail, server_name, addr, config))
             }
             e => e,
         })
+    }
+
+    /// Closes every QUIC link with `reason`, and waits up to `wait` for the relays to hear it.
+    pub(crate) async fn close(&self, reason: &str, wait: Duration) {
+        self.dialer.close(CloseCode::Normal, reason);
+        let _ = tokio::time::timeout(wait, self.dialer.wait_idle()).await;
+    }
+
+    /// Waits up to `wait` for closed QUIC links to reach their relays.
+    pub(crate) async fn wait_idle(&self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, self.dialer.wait_idle()).await;
     }
 
     /// What an operator needs when the relay's certificate is rejected: which file the agent
@@ -192,7 +190,12 @@ impl RelayDialer {
             .map(|ca| format!("`{}`", ca.subject))
             .collect();
         let mut message = format!("the relay's certificate is not trusted ({detail}).");
-        match self.verifier.rejected(server_name).as_ref().and_then(CertificateSummary::of) {
+        match self
+            .dialer
+            .rejected_certificate(server_name)
+            .as_ref()
+            .and_then(CertificateSummary::of)
+        {
             Some(presented) => {
                 message.push_str(&format!(
                     " The relay at {addr} presented `{}`, issued by `{}`, for the names [{}]; \

@@ -38,7 +38,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use privlink_transport::{drain, quic, tls};
+use privlink_transport::dialer::DialerError;
+use privlink_transport::drain;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -57,12 +58,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The relay CA could not be used.
-    #[error("relay trust anchors")]
-    Tls(#[from] tls::TlsError),
-    /// The QUIC endpoint could not be set up.
-    #[error("QUIC endpoint")]
-    Quic(#[from] quic::QuicSetupError),
+    /// The relay CA or the QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Dialer(#[from] DialerError),
     /// The admin listener could not be bound.
     #[error("admin listener: cannot listen on {addr}")]
     AdminBind {
@@ -217,7 +215,7 @@ impl Agent {
         info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
         shared.shutdown.cancel();
         drain::drain(&tracker, config.shutdown_grace, &shared.force, "streams").await;
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, shared.dialer.quic.wait_idle()).await;
+        shared.dialer.wait_idle(CLOSE_TIMEOUT).await;
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;

@@ -12,6 +12,7 @@ use privlink_protocol::message::Verdict;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{EndpointState, ScrapedState};
 use crate::registry::{AgentView, EndpointStatus};
 use crate::status::RelayHandle;
 
@@ -33,7 +34,7 @@ impl AdminView for RelayAdmin {
     }
 
     fn metrics(&self) -> Option<String> {
-        Some(self.handle.metrics().render(&self.handle))
+        Some(self.handle.metrics().render(&scrape(&self.handle)))
     }
 
     fn connections(&self) -> Value {
@@ -139,4 +140,37 @@ impl AdminView for RelayAdmin {
             "pending_tunnel_connections": handle.pending_tunnel_connections(),
         })
     }
+}
+
+/// The state gauges `/metrics` shows, read now: each endpoint's status, open connections and
+/// the bytes its open connections moved since the last scrape; each connector's agents by
+/// transport.
+fn scrape(handle: &RelayHandle) -> ScrapedState {
+    let mut state = ScrapedState::default();
+    let mut connectors: Vec<String> = Vec::new();
+    for (endpoint, _) in handle.endpoints() {
+        let spec = endpoint.spec();
+        if !connectors.contains(&spec.connector) {
+            connectors.push(spec.connector.clone());
+        }
+        let unreported = endpoint.live.snapshot().iter().fold((0, 0), |sum, live| {
+            let (from_client, to_client) = live.unreported();
+            (sum.0 + from_client, sum.1 + to_client)
+        });
+        state.endpoints.push(EndpointState {
+            name: spec.name.clone(),
+            status: handle.registry().status(&spec.connector, &spec.name).word(),
+            active: endpoint.active(),
+            unreported,
+        });
+    }
+    for connector in connectors {
+        let agents = handle.agents(&connector);
+        let on = |transport: &str| {
+            agents.iter().filter(|a| a.transport.to_string() == transport).count()
+        };
+        let (quic, tcp) = (on("quic"), on("tcp"));
+        state.agents.push((connector, quic, tcp));
+    }
+    state
 }

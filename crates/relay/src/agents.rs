@@ -9,7 +9,6 @@
 //! ([`crate::admission`]).
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,18 +18,19 @@ use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, Hello, Ver
 use privlink_protocol::text;
 use privlink_transport::control::{Advanced, ControlStream, now};
 use privlink_transport::io::{ReadFrameError, WriteFrameError};
-use privlink_transport::tunnel::{CloseCode, DialError, RelayConnection, StreamError};
-use privlink_transport::{h2, quic, tcp};
-use tokio::net::TcpListener;
+use privlink_transport::listener::{self, Handshake, TunnelListener};
+use privlink_transport::tunnel::{
+    CloseCode, DialError, RelayConnection, StreamError, TransportKind,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::admission::{Admission, PendingSlot};
 use crate::auth::{AuthFailure, FailureLimiter, authenticate};
+use crate::config::CurrentConfig;
 use crate::metrics::{AuthFailureReason, RelayMetrics};
 use crate::registry::{AgentInfo, AgentRegistration, Registry};
-use crate::reload::{CurrentConfig, TunnelIdentity};
 
 /// Agents one connector may have connected to this relay at once: several share a
 /// connector's load and take over from each other, but a token holder cannot fill the relay
@@ -75,82 +75,54 @@ pub(crate) struct AgentsContext {
     pub(crate) draining: CancellationToken,
 }
 
-fn agent_span(remote: SocketAddr, transport: &'static str) -> tracing::Span {
+fn agent_span(remote: SocketAddr, transport: TransportKind) -> tracing::Span {
     tracing::info_span!("agent", %remote, %transport, agent = tracing::field::Empty)
 }
 
-/// Accepts QUIC agent connections until `stop` is cancelled.
-pub(crate) async fn accept_quic_agents(
-    endpoint: quinn::Endpoint,
+/// Accepts agents on both transports until `stop` is cancelled, each connection's handshake
+/// and session in a task of its own.
+pub(crate) async fn accept_agents(
+    listener: TunnelListener,
     ctx: Arc<AgentsContext>,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let incoming = tokio::select! {
-            () = stop.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
-        let remote = incoming.remote_address();
-        // Under load, a source proves its address first (one round trip, no state kept).
-        let incoming = if ctx.admission.wants_retry() && incoming.may_retry() {
-            match incoming.retry() {
-                Ok(()) => continue,
-                Err(not_retried) => not_retried.into_incoming(),
-            }
-        } else {
-            incoming
-        };
-        let slot = match ctx.admission.try_pending(remote.ip()) {
-            Ok(slot) => slot,
-            Err(over) => {
-                ctx.admission.record_turned_away(remote.ip(), "quic", over);
-                incoming.refuse();
-                continue;
-            }
-        };
-        let handshake = quic::accept(incoming, Timers::HANDSHAKE);
-        tracker.spawn(
-            serve_agent(handshake, remote, slot, Arc::clone(&ctx))
-                .instrument(agent_span(remote, "quic")),
-        );
-    }
+    let admission = PendingCap(&ctx.admission);
+    listener
+        .serve(&admission, Timers::HANDSHAKE, &stop, |handshake, remote, kind, slot| {
+            tracker.spawn(
+                serve_agent(handshake, remote, slot, Arc::clone(&ctx))
+                    .instrument(agent_span(remote, kind)),
+            );
+        })
+        .await;
 }
 
-/// Accepts TLS/TCP agent connections until `stop` is cancelled.
-pub(crate) async fn accept_tcp_agents(
-    listener: TcpListener,
-    identity: Arc<TunnelIdentity>,
-    ctx: Arc<AgentsContext>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
-    tcp::accept_until(&listener, &stop, |socket, remote| {
-        // Read at each accept: a reload may have replaced the certificate.
-        let acceptor = tokio_rustls::TlsAcceptor::from(identity.tcp_config());
-        let slot = match ctx.admission.try_pending(remote.ip()) {
-            Ok(slot) => slot,
-            Err(over) => {
-                ctx.admission.record_turned_away(remote.ip(), "tcp", over);
-                tcp::abort(socket);
-                return;
-            }
+/// The cap on unauthenticated connections, as the tunnel listener asks it.
+struct PendingCap<'a>(&'a Arc<Admission>);
+
+impl listener::Admission for PendingCap<'_> {
+    type Ticket = PendingSlot;
+
+    fn wants_address_validation(&self) -> bool {
+        self.0.wants_retry()
+    }
+
+    fn admit(&self, remote: SocketAddr, kind: TransportKind) -> Option<PendingSlot> {
+        let transport = match kind {
+            TransportKind::Quic => "quic",
+            TransportKind::Tcp => "tcp",
         };
-        let handshake = h2::accept(socket, remote, acceptor, Timers::HANDSHAKE);
-        tracker.spawn(
-            serve_agent(handshake, remote, slot, Arc::clone(&ctx))
-                .instrument(agent_span(remote, "tcp")),
-        );
-    })
-    .await;
+        self.0
+            .try_pending(remote.ip())
+            .map_err(|over| self.0.record_turned_away(remote.ip(), transport, over))
+            .ok()
+    }
 }
 
 /// Runs one agent's session after its transport handshake, logging how it ended.
 async fn serve_agent(
-    handshake: impl Future<Output = Result<RelayConnection, DialError>>,
+    handshake: Handshake,
     remote: SocketAddr,
     pending: PendingSlot,
     ctx: Arc<AgentsContext>,

@@ -20,7 +20,7 @@ use privlink_protocol::destination::Destination;
 use privlink_protocol::message::MAX_ENDPOINTS_PER_CONNECTOR;
 use privlink_protocol::token::TokenDigest;
 use privlink_transport::tls;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use privlink_transport::tls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 /// Default inactivity timeout of an endpoint.
@@ -436,5 +436,41 @@ fn check_name(source: &ConfigSource, name: &Spanned<String>, key: &str) -> Resul
             key,
             format!("`{n}` is not a valid name (1–64 of A–Z a–z 0–9 . _ -)"),
         ))
+    }
+}
+
+/// The configuration in force, shared by whoever needs the current one (authentication,
+/// welcomes, drains) and replaced by a reload.
+#[derive(Debug)]
+pub(crate) struct CurrentConfig {
+    config: std::sync::RwLock<std::sync::Arc<RelayConfig>>,
+    /// Bumped by every applied reload: agent sessions tell their agents what changed.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl CurrentConfig {
+    pub(crate) fn new(config: RelayConfig) -> Self {
+        Self {
+            config: std::sync::RwLock::new(std::sync::Arc::new(config)),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The configuration in force now.
+    pub(crate) fn get(&self) -> std::sync::Arc<RelayConfig> {
+        let current = self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::sync::Arc::clone(&current)
+    }
+
+    /// A receiver that sees a new value after each applied reload.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Puts `config` in force (a reload that was applied).
+    pub(crate) fn set(&self, config: RelayConfig) {
+        *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            std::sync::Arc::new(config);
+        self.generation.send_modify(|generation| *generation += 1);
     }
 }

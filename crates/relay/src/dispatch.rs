@@ -4,49 +4,45 @@
 //! which holds the destination's bytes back until the agent's answer has been read.
 //!
 //! Until that answer, nothing has reached the client, so an open that fails in a way another
-//! agent might not (a destination this agent could not reach, a lost stream or connection, no
-//! answer within `open_timeout`) is replayed on another agent: every client byte read before
-//! the answer is kept ([`Replay`], bounded by `open_retry_buffer`) and written again behind a
-//! new open header, up to `open_attempts` agents. An agent that left an open unanswered is
+//! agent might not (see [`crate::open`]) is replayed on another agent: every client byte read
+//! before the answer is kept (bounded by `open_retry_buffer`) and written again behind a new
+//! open header, up to `open_attempts` agents. An agent that left an open unanswered is
 //! suspected — chosen for nothing new — until it is heard from again.
 
-use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use privlink_protocol::frame::{self, HEADER_LEN};
-use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenFailure, OpenReply};
-use privlink_transport::copy::{CopyEnd, DEFAULT_BUFFER_SIZE, Side, copy_bidirectional_counted};
+use privlink_protocol::frame;
+use privlink_protocol::message::Open;
+use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::write_and_flush;
 use privlink_transport::live::Live;
-use privlink_transport::splice::{self, Hop, Origin, Outcome, SpliceStream};
+use privlink_transport::splice::{self, Hop, Origin, Outcome, SpliceStream as _};
 use privlink_transport::tcp::{abort, reset_on_close};
-use privlink_transport::tunnel::{ResetCode, TunnelStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use privlink_transport::tunnel::ResetCode;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::{EndpointSpec, MAX_OPEN_ATTEMPTS};
+use crate::endpoint::{Endpoint, LiveClient};
 use crate::flow::Flow;
-use crate::listen::{Endpoint, LiveClient};
+use crate::open::{OpenReplyGate, Recording, Replay, Unanswered, retry_elsewhere};
 use crate::registry::{ChosenAgent, Registry};
 
 /// How long a client waits for a stream when the chosen agent's stream limit is full (within
 /// the endpoint's `open_timeout`, which is shorter by default).
-pub const OPEN_STREAM_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const OPEN_STREAM_WAIT: Duration = Duration::from_secs(5);
 /// How long the open header (with the client's first bytes) may take to enter the stream
 /// (within `open_timeout`, likewise). It is a few KiB, so only an agent that has stopped
 /// taking data — its connection window full — makes it wait; past this the attempt fails
 /// rather than holding a `max_connections` slot with no timer running (the inactivity
 /// watchdog starts with the copy).
-pub const FIRST_WRITE_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const FIRST_WRITE_WAIT: Duration = Duration::from_secs(5);
 /// Most client bytes sent along with the open header (a TLS ClientHello fits).
 const EARLY_DATA_MAX: usize = 4096;
 
@@ -57,8 +53,8 @@ pub(crate) async fn forward(
     endpoint: &Endpoint,
     spec: Arc<EndpointSpec>,
     registry: &Registry,
-    force: &CancellationToken,
 ) {
+    let force = &endpoint.force;
     let started = Instant::now();
     let spec = &*spec;
     let _ = socket.set_nodelay(true);
@@ -103,7 +99,7 @@ pub(crate) async fn forward(
                 drop(socket); // closes the client's side now, with a reset where one was asked
                 break outcome;
             }
-            Attempt::Unanswered { failure, timed_out } => {
+            Attempt::Unanswered(Unanswered { failure, timed_out }) => {
                 if timed_out {
                     agent.suspect();
                 }
@@ -147,11 +143,7 @@ enum Attempt {
     Ended { outcome: Outcome, opened_at: Option<Instant> },
     /// Before the agent answered, in a way another agent might not fail: nothing reached the
     /// client, and the socket is untouched.
-    Unanswered {
-        failure: Outcome,
-        /// The agent did not answer in time (it becomes suspect).
-        timed_out: bool,
-    },
+    Unanswered(Unanswered),
 }
 
 /// One agent's try: stream, open header with the client's bytes so far, then the copy.
@@ -167,9 +159,8 @@ async fn attempt(
     first: bool,
 ) -> Attempt {
     let deadline = Instant::now() + spec.open.timeout;
-    let unanswered = |origin, message: String, timed_out| Attempt::Unanswered {
-        failure: Outcome::failed(origin, message, true),
-        timed_out,
+    let unanswered = |origin, message: String, timed_out| {
+        Attempt::Unanswered(Unanswered::new(origin, message, timed_out))
     };
     let opening = agent.connection.open_stream(OPEN_STREAM_WAIT);
     let mut stream = match tokio::time::timeout_at(deadline, opening).await {
@@ -255,23 +246,11 @@ async fn attempt(
         &live.bytes,
     )
     .await;
-    // The agent's refusal, if it sent one, decides — whichever error the copy saw first (the
-    // agent resets the stream right after its answer, which a write may hit before the read).
     let refusal = gated.refusal.take();
-    if !gated.answered() {
-        let retry = match (&refusal, &copied.end) {
-            (Some(failure), _) if failure.code.retry_elsewhere() => {
-                Some((Outcome::OpenFailed(failure.clone()), false))
-            }
-            (Some(_), _) => None, // a policy refusal: every agent would say the same
-            (None, CopyEnd::Failed { side: Side::Tunnel, error }) => {
-                Some((Outcome::failed(Origin::Agent, error, true), gated.timed_out))
-            }
-            (None, _) => None,
-        };
-        if let Some((failure, timed_out)) = retry {
+    if !gated.is_open() {
+        if let Some(unanswered) = retry_elsewhere(refusal.as_ref(), &copied.end, gated.timed_out) {
             gated.reset(ResetCode::PeerReset);
-            return Attempt::Unanswered { failure, timed_out };
+            return Attempt::Unanswered(unanswered);
         }
     }
     let opened_at = gated.opened_at;
@@ -285,242 +264,4 @@ async fn attempt(
         stream.delivered().await;
     }
     Attempt::Ended { outcome: spliced.outcome, opened_at }
-}
-
-/// The client bytes read before the agent answered, kept to be written again behind a new
-/// open header if this agent fails before answering. Bounded: past the limit the copy is
-/// dropped and the connection is no longer retried.
-#[derive(Debug)]
-struct Replay {
-    /// `None` once the limit was passed.
-    bytes: Option<Vec<u8>>,
-    limit: usize,
-}
-
-impl Replay {
-    fn new(limit: usize) -> Self {
-        Self { bytes: Some(Vec::new()), limit }
-    }
-
-    fn record(&mut self, data: &[u8]) {
-        if let Some(bytes) = &mut self.bytes {
-            if bytes.len() + data.len() > self.limit {
-                self.bytes = None;
-            } else {
-                bytes.extend_from_slice(data);
-            }
-        }
-    }
-
-    /// Whether every byte the client sent so far is kept.
-    fn intact(&self) -> bool {
-        self.bytes.is_some()
-    }
-
-    fn bytes(&self) -> &[u8] {
-        self.bytes.as_deref().unwrap_or_default()
-    }
-
-    /// The agent answered: nothing will be replayed.
-    fn release(&mut self) {
-        if self.bytes.as_ref().is_some_and(|b| b.capacity() > 0) {
-            self.bytes = Some(Vec::new());
-        }
-    }
-}
-
-/// The client's socket as the copy loop reads it: until the agent answers, every byte read is
-/// also kept in the [`Replay`].
-#[derive(Debug)]
-struct Recording<'a> {
-    socket: &'a mut TcpStream,
-    replay: &'a mut Replay,
-    /// Set by the open-reply gate when the agent answered.
-    answered: &'a AtomicBool,
-}
-
-impl AsyncRead for Recording<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        // Freed at the first poll after the answer, read or not: an idle connection keeps no
-        // copy of its first bytes.
-        let answered = this.answered.load(Ordering::Relaxed);
-        if answered {
-            this.replay.release();
-        }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut *this.socket).poll_read(cx, buf))?;
-        if !answered {
-            this.replay.record(&buf.filled()[before..]);
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Recording<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().socket).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().socket).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().socket).poll_shutdown(cx)
-    }
-}
-
-/// Reads the agent's [`OpenReply`] at the head of a data stream before passing the
-/// destination's bytes through. Writes (the client's bytes) pass straight through from the
-/// start. An open failure surfaces as a `ConnectionRefused` error carrying the
-/// [`OpenFailure`], so the copy loop ends on the tunnel side with the agent's reason; no
-/// answer by the deadline, as a `TimedOut` error.
-#[derive(Debug)]
-struct OpenReplyGate<'a> {
-    stream: &'a mut TunnelStream,
-    state: GateState,
-    /// When the agent's answer was read.
-    opened_at: Option<Instant>,
-    /// The answer's deadline; dropped (freed) once it has come.
-    deadline: Option<Pin<Box<Sleep>>>,
-    /// Whether the deadline passed first.
-    timed_out: bool,
-    /// Set when the agent answered `Opened` (the [`Recording`] stops keeping bytes).
-    answered: &'a AtomicBool,
-    /// The agent's refusal, when it answered `OpenFailed`.
-    refusal: Option<OpenFailure>,
-}
-
-#[derive(Debug)]
-enum GateState {
-    Header { buf: [u8; HEADER_LEN], filled: usize },
-    Body { buf: Vec<u8>, filled: usize },
-    Open,
-}
-
-impl<'a> OpenReplyGate<'a> {
-    fn new(stream: &'a mut TunnelStream, deadline: Instant, answered: &'a AtomicBool) -> Self {
-        Self {
-            stream,
-            state: GateState::Header { buf: [0; HEADER_LEN], filled: 0 },
-            opened_at: None,
-            deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
-            timed_out: false,
-            answered,
-            refusal: None,
-        }
-    }
-
-    /// Reads into `dest` from the stream, never more than `dest` holds: the reply frame is
-    /// consumed exactly, so no destination byte behind it is lost.
-    fn poll_fill(
-        stream: &mut TunnelStream,
-        cx: &mut Context<'_>,
-        dest: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut buf = ReadBuf::new(dest);
-        ready!(Pin::new(stream).poll_read(cx, &mut buf))?;
-        let n = buf.filled().len();
-        if n == 0 {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "agent closed the stream before answering the open request",
-            )));
-        }
-        Poll::Ready(Ok(n))
-    }
-}
-
-impl AsyncRead for OpenReplyGate<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(deadline) = &mut this.deadline {
-            if deadline.as_mut().poll(cx).is_ready() {
-                this.deadline = None;
-                this.timed_out = true;
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the agent did not answer the open request in time",
-                )));
-            }
-        }
-        loop {
-            match &mut this.state {
-                GateState::Open => return Pin::new(&mut *this.stream).poll_read(cx, out),
-                GateState::Header { buf, filled } => {
-                    *filled += ready!(Self::poll_fill(this.stream, cx, &mut buf[*filled..]))?;
-                    if *filled == HEADER_LEN {
-                        let len = frame::decode_header(buf, MAX_OPEN_BODY)
-                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                        this.state = GateState::Body { buf: vec![0; len], filled: 0 };
-                    }
-                }
-                GateState::Body { buf, filled } => {
-                    if *filled < buf.len() {
-                        *filled += ready!(Self::poll_fill(this.stream, cx, &mut buf[*filled..]))?;
-                        continue;
-                    }
-                    let reply: OpenReply = frame::decode_body(buf)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    match reply {
-                        OpenReply::Opened => {
-                            this.state = GateState::Open;
-                            this.opened_at = Some(Instant::now());
-                            this.deadline = None;
-                            this.answered.store(true, Ordering::Relaxed);
-                        }
-                        OpenReply::Failed(failure) => {
-                            this.deadline = None;
-                            this.refusal = Some(failure.clone());
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::ConnectionRefused,
-                                failure,
-                            )));
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl AsyncWrite for OpenReplyGate<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
-impl SpliceStream for OpenReplyGate<'_> {
-    fn reset(&mut self, code: ResetCode) {
-        self.stream.reset(code);
-    }
-
-    fn answered(&self) -> bool {
-        matches!(self.state, GateState::Open)
-    }
 }

@@ -16,10 +16,14 @@
 //! * [`auth`] — token checks against stored digests, failed-attempt limiting.
 //! * [`agents`] — accepting agents on both transports and driving their control streams.
 //! * [`registry`] — connected agents, their verdicts, endpoint status, load-based choice.
-//! * [`listen`] — endpoint accept loops and the policy applied on accept.
-//! * [`dispatch`] — one client connection: choose an agent, open, splice, the open-reply gate.
+//! * `endpoint` — endpoint state at run time (policy, slots, live connections, stop tokens)
+//!   and the table of endpoints by name.
+//! * `listen` — the one owner of endpoint accept loops, and the policy applied on accept.
+//! * `dispatch` — one client connection: choose an agent, open, retry, splice, flow log.
+//! * `open` — the open exchange: the open-reply gate, the replay copy, the retry decision.
 //! * [`flow`] — the flow-log line and endpoint counters.
-//! * `metrics` — the Prometheus metrics `/metrics` serves.
+//! * `metrics` — the Prometheus metrics `/metrics` serves, rendered from scraped state.
+//! * [`reload`] — hot reload: the plan of a new configuration and applying it.
 //! * [`status`] — [`RelayHandle`], the running relay's addresses and status views.
 //!
 //! [`Relay::bind`] binds every socket first (so a test or the demo can bind port 0 and read
@@ -31,21 +35,23 @@ pub mod admission;
 pub mod agents;
 pub mod auth;
 pub mod config;
-pub mod dispatch;
+mod dispatch;
+mod endpoint;
 pub mod flow;
-pub mod listen;
+mod listen;
 mod metrics;
+mod open;
 pub mod registry;
 pub mod reload;
 pub mod status;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use privlink_transport::listener::{ListenError, TunnelListener};
+use privlink_transport::tcp;
 use privlink_transport::tunnel::CloseCode;
-use privlink_transport::{drain, quic, tcp, tls};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,12 +61,14 @@ use privlink_admin::AdminServer;
 
 use crate::admin::RelayAdmin;
 use crate::agents::AgentsContext;
+use crate::config::CurrentConfig;
 pub use crate::config::RelayConfig;
-use crate::listen::Endpoint;
+use crate::endpoint::{Endpoint, EndpointTable};
+use crate::listen::Listeners;
 use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 pub use crate::registry::{AgentView, EndpointStatus};
-use crate::reload::CurrentConfig;
+use crate::reload::Reloader;
 pub use crate::status::RelayHandle;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
@@ -69,20 +77,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// The tunnel's QUIC endpoint could not be set up.
-    #[error("tunnel listener")]
-    Tunnel(#[from] quic::QuicSetupError),
-    /// The tunnel's TCP listener could not be bound.
-    #[error("tunnel listener: cannot listen on TCP {addr}")]
-    TunnelTcp {
-        /// Address.
-        addr: SocketAddr,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The TLS identity is unusable.
-    #[error("tunnel TLS")]
-    Tls(#[from] tls::TlsError),
+    /// The tunnel listener (QUIC and TLS/TCP, its identity) could not be set up.
+    #[error(transparent)]
+    Tunnel(#[from] ListenError),
     /// The admin listener could not be bound.
     #[error("admin listener: cannot listen on {addr}")]
     AdminBind {
@@ -107,10 +104,10 @@ pub enum RelayError {
 #[derive(Debug)]
 pub struct Relay {
     config: Arc<CurrentConfig>,
-    quic: quinn::Endpoint,
-    tunnel_tcp: TcpListener,
-    tunnel_tls: Arc<rustls::ServerConfig>,
-    listeners: Vec<(Arc<Endpoint>, TcpListener)>,
+    tunnel: TunnelListener,
+    /// The endpoints bound at start, started by `run`.
+    bound: Vec<(Arc<Endpoint>, TcpListener)>,
+    listeners: Arc<Listeners>,
     admin: Option<AdminServer>,
     handle: RelayHandle,
 }
@@ -118,35 +115,28 @@ pub struct Relay {
 impl Relay {
     /// Binds the tunnel endpoint and every endpoint listener.
     pub async fn bind(config: RelayConfig) -> Result<Self, RelayError> {
-        let tls = tls::tunnel_server_config(
+        let tunnel = TunnelListener::bind(
+            config.tunnel_listen,
             config.identity.chain.clone(),
             config.identity.key.clone_key(),
         )?;
-        let tunnel_tls = Arc::new(tls);
-        let reset_secret = config.identity.key.secret_der();
-        let (quic, tunnel_tcp) =
-            bind_tunnel(config.tunnel_listen, &tunnel_tls, reset_secret).await?;
-        let tunnel_addr = tunnel_tcp
-            .local_addr()
-            .map_err(|source| RelayError::TunnelTcp { addr: config.tunnel_listen, source })?;
 
         let metrics = Arc::new(RelayMetrics::default());
-        let mut listeners = Vec::new();
-        let mut by_name = HashMap::new();
+        let registry = Arc::new(Registry::default());
+        let listeners = Arc::new(Listeners::new(Arc::clone(&registry), Arc::clone(&metrics)));
+        let endpoints = Arc::new(EndpointTable::default());
+        let mut bound = Vec::new();
         for spec in &config.endpoints {
-            let listener = tcp::listen(spec.listen).map_err(|source| RelayError::EndpointBind {
+            let bind_error = |source| RelayError::EndpointBind {
                 endpoint: spec.name.clone(),
                 addr: spec.listen,
                 source,
-            })?;
-            let addr = listener.local_addr().map_err(|source| RelayError::EndpointBind {
-                endpoint: spec.name.clone(),
-                addr: spec.listen,
-                source,
-            })?;
-            let endpoint = Arc::new(Endpoint::new(spec.clone(), Arc::clone(&metrics)));
-            by_name.insert(spec.name.clone(), (Arc::clone(&endpoint), addr));
-            listeners.push((endpoint, listener));
+            };
+            let listener = tcp::listen(spec.listen).map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            let endpoint = listeners.endpoint(spec.clone());
+            endpoints.insert(Arc::clone(&endpoint), addr);
+            bound.push((endpoint, listener));
         }
         let admin = match &config.admin {
             Some(settings) => Some(
@@ -157,16 +147,16 @@ impl Relay {
         };
         let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
         let config = Arc::new(CurrentConfig::new(config));
-        let handle = RelayHandle::new(
-            Arc::new(Registry::default()),
-            Arc::default(),
-            by_name,
-            tunnel_addr,
-            admin_addr,
-            Arc::clone(&metrics),
-            Arc::clone(&config),
-        );
-        Ok(Self { config, quic, tunnel_tcp, tunnel_tls, listeners, admin, handle })
+        let reloader = Arc::new(Reloader {
+            config: Arc::clone(&config),
+            endpoints,
+            listeners: Arc::clone(&listeners),
+            tunnel: tunnel.endpoint(),
+            registry,
+            metrics,
+        });
+        let handle = RelayHandle::new(reloader, Arc::default(), tunnel.local_addr(), admin_addr);
+        Ok(Self { config, tunnel, bound, listeners, admin, handle })
     }
 
     /// A handle for status queries.
@@ -177,8 +167,8 @@ impl Relay {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets connections finish for
     /// the configured grace period, and closes everything that is left.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { config, quic, tunnel_tcp, tunnel_tls, listeners, admin, handle } = self;
-        let force = CancellationToken::new();
+        let Self { config, tunnel, bound, listeners, admin, handle } = self;
+        let tunnel_endpoint = tunnel.endpoint();
         let draining = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|server| {
@@ -188,7 +178,6 @@ impl Relay {
             let view = Arc::new(RelayAdmin { handle: handle.clone(), draining: draining.clone() });
             tokio::spawn(server.run(view, admin_stop.clone()))
         });
-        let clients = TaskTracker::new();
         let agents = TaskTracker::new();
         let ctx = Arc::new(AgentsContext {
             config: Arc::clone(&config),
@@ -199,17 +188,8 @@ impl Relay {
             draining: CancellationToken::new(),
         });
 
-        let identity = Arc::new(reload::TunnelIdentity::new(quic.clone(), tunnel_tls));
-        handle.set_spawner(reload::EndpointSpawner {
-            registry: Arc::clone(handle.registry()),
-            shutdown: shutdown.clone(),
-            force: force.clone(),
-            clients: clients.clone(),
-            identity: Arc::clone(&identity),
-        });
         info!(tunnel = %handle.tunnel_addr(), "relay listening for agents (QUIC on UDP, TLS on TCP)");
-        let acceptors = TaskTracker::new();
-        for (endpoint, listener) in listeners {
+        for (endpoint, listener) in bound {
             let addr = handle.endpoint_addr(&endpoint.name);
             let spec = endpoint.spec();
             info!(
@@ -219,25 +199,12 @@ impl Relay {
                 connector = %spec.connector,
                 "endpoint listening"
             );
-            acceptors.spawn(listen::accept_clients(
-                listener,
-                endpoint,
-                Arc::clone(handle.registry()),
-                shutdown.clone(),
-                force.clone(),
-                clients.clone(),
-            ));
+            listeners.start(endpoint, listener);
         }
+        let acceptors = TaskTracker::new();
         let tunnel_stop = CancellationToken::new();
-        acceptors.spawn(agents::accept_quic_agents(
-            quic.clone(),
-            Arc::clone(&ctx),
-            tunnel_stop.clone(),
-            agents.clone(),
-        ));
-        acceptors.spawn(agents::accept_tcp_agents(
-            tunnel_tcp,
-            identity,
+        acceptors.spawn(agents::accept_agents(
+            tunnel,
             Arc::clone(&ctx),
             tunnel_stop.clone(),
             agents.clone(),
@@ -249,19 +216,20 @@ impl Relay {
         info!(?grace, "shutting down: no new connections; waiting for open ones");
         ctx.draining.cancel();
         draining.cancel(); // `/readyz` answers 503 from here on
-        // Endpoint accept loops end on `shutdown`, dropping their listeners: new clients are
-        // refused from here on. Agents stay connected so in-flight streams can finish.
-        drain::drain(&clients, grace, &force, "connections").await;
+        // Endpoint accept loops end now, dropping their listeners: new clients are refused
+        // from here on. Agents stay connected so in-flight streams can finish.
+        listeners.stop_accepting();
+        listeners.drain(grace).await;
         tunnel_stop.cancel();
         acceptors.wait().await;
         for connection in handle.registry().connections() {
             connection.close(CloseCode::Shutdown, "relay shutting down");
         }
-        quic.close(quinn::VarInt::from_u32(CloseCode::Shutdown as u32), b"relay shutting down");
+        tunnel_endpoint.close(CloseCode::Shutdown, "relay shutting down");
         agents.close();
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             agents.wait().await;
-            quic.wait_idle().await;
+            tunnel_endpoint.wait_idle().await;
         })
         .await;
         admin_stop.cancel();
@@ -269,38 +237,5 @@ impl Relay {
             let _ = task.await;
         }
         info!("relay stopped");
-    }
-}
-
-/// Binds the tunnel's TCP (TLS) and UDP (QUIC) sockets on the same port number. With port 0
-/// the kernel picks the TCP port — the crowded space, where every outgoing connection holds an
-/// ephemeral port — and UDP follows it; if that UDP port is taken, a new pair is tried.
-async fn bind_tunnel(
-    listen: SocketAddr,
-    tls: &Arc<rustls::ServerConfig>,
-    reset_secret: &[u8],
-) -> Result<(quinn::Endpoint, TcpListener), RelayError> {
-    const ATTEMPTS: usize = 32;
-    let mut attempt = 1;
-    loop {
-        let tcp =
-            tcp::listen(listen).map_err(|source| RelayError::TunnelTcp { addr: listen, source })?;
-        let port = tcp
-            .local_addr()
-            .map_err(|source| RelayError::TunnelTcp { addr: listen, source })?
-            .port();
-        let udp_addr = SocketAddr::new(listen.ip(), port);
-        match quic::relay_endpoint(udp_addr, (**tls).clone(), reset_secret) {
-            Ok(quic) => return Ok((quic, tcp)),
-            Err(quic::QuicSetupError::Bind(_, e))
-                if listen.port() == 0
-                    && attempt < ATTEMPTS
-                    && e.kind() == std::io::ErrorKind::AddrInUse =>
-            {
-                tracing::debug!(%udp_addr, "UDP side of the tunnel port is taken ({e}); trying another");
-                attempt += 1;
-            }
-            Err(e) => return Err(e.into()),
-        }
     }
 }

@@ -1,13 +1,15 @@
-//! Endpoint listeners: one accept loop per endpoint, and the policy applied on accept, before
-//! a byte is read — the source-IP ACL, then the connection limit. An admitted connection gets
+//! Endpoint listeners: [`Listeners`], the one owner of the endpoints' accept loops — it starts
+//! them, at start and on reload, into one task tracker with the client tasks they spawn, and
+//! stops and drains them at shutdown — and the policy applied on accept, before a byte is
+//! read ([`admit`]): the source-IP ACL, then the connection limit. An admitted connection gets
 //! a task of its own (see [`crate::dispatch`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use privlink_transport::live::LiveTable;
-use privlink_transport::tcp;
+use privlink_transport::{drain, tcp};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,170 +17,181 @@ use tracing::{Instrument, debug, warn};
 
 use crate::config::EndpointSpec;
 use crate::dispatch;
-use crate::flow::EndpointCounters;
+use crate::endpoint::{Endpoint, Slot};
 use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 
-/// One endpoint at run time. Its policy — ACL, limits, timeouts — can be replaced by a
-/// reload ([`Endpoint::set_spec`]); each connection keeps the spec it was accepted under.
+/// The owner of every endpoint accept loop and the client connections they accept.
 #[derive(Debug)]
-pub(crate) struct Endpoint {
-    /// Never changes (a reload keeps the name, connector, destination and listen address).
-    pub(crate) name: String,
-    spec: RwLock<Arc<EndpointSpec>>,
-    /// Connections open now, counted against `max_connections`.
-    active: Arc<AtomicUsize>,
-    pub(crate) counters: EndpointCounters,
-    pub(crate) metrics: Arc<RelayMetrics>,
-    /// The connections being forwarded now (from the agent's choice to the end).
-    pub(crate) live: LiveTable<LiveClient>,
-    /// Its accept loop's stop and its connections' force, children of the relay's own; set
-    /// when the loop starts, cancelled early when a reload removes the endpoint.
-    tokens: std::sync::OnceLock<(CancellationToken, CancellationToken)>,
-}
-
-/// What `/api/v1/connections` shows of a client connection besides its times and bytes.
-#[derive(Debug)]
-pub(crate) struct LiveClient {
-    pub(crate) client: SocketAddr,
-    /// The agent carrying it (the one being tried, while an open is retried).
-    agent: std::sync::Mutex<String>,
-}
-
-impl LiveClient {
-    pub(crate) fn new(client: SocketAddr, agent: String) -> Self {
-        Self { client, agent: std::sync::Mutex::new(agent) }
-    }
-
-    /// The agent carrying it now.
-    pub(crate) fn agent(&self) -> String {
-        self.agent.lock().map(|a| a.clone()).unwrap_or_default()
-    }
-
-    /// The connection moved to another agent (a retried open).
-    pub(crate) fn set_agent(&self, agent: &str) {
-        if let Ok(mut current) = self.agent.lock() {
-            if *current != agent {
-                agent.clone_into(&mut current);
-            }
-        }
-    }
-}
-
-impl Endpoint {
-    pub(crate) fn new(spec: EndpointSpec, metrics: Arc<RelayMetrics>) -> Self {
-        Self {
-            name: spec.name.clone(),
-            spec: RwLock::new(Arc::new(spec)),
-            active: Arc::default(),
-            counters: EndpointCounters::default(),
-            metrics,
-            live: LiveTable::default(),
-            tokens: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// This endpoint's accept-loop stop and connection force, made children of the relay's
-    /// `shutdown` and `force` on first use.
-    fn tokens(
-        &self,
-        shutdown: &CancellationToken,
-        force: &CancellationToken,
-    ) -> (CancellationToken, CancellationToken) {
-        self.tokens.get_or_init(|| (shutdown.child_token(), force.child_token())).clone()
-    }
-
-    /// A reload removed the endpoint: it accepts no more clients at once, and the
-    /// connections it has get `grace` to finish before they are closed.
-    pub(crate) fn retire(&self, grace: std::time::Duration) {
-        if let Some((stop, force)) = self.tokens.get() {
-            stop.cancel();
-            let force = force.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                force.cancel();
-            });
-        }
-    }
-
-    /// The current policy.
-    pub(crate) fn spec(&self) -> Arc<EndpointSpec> {
-        Arc::clone(&self.spec.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Replaces the policy for connections accepted from now on.
-    pub(crate) fn set_spec(&self, spec: EndpointSpec) {
-        *self.spec.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(spec);
-    }
-
-    /// Connections open now.
-    pub(crate) fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    /// Counts one more connection unless `limit` are open already.
-    fn admit(&self, limit: usize) -> Option<Slot> {
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
-            .ok()
-            .map(|_| Slot(Arc::clone(&self.active)))
-    }
-}
-
-/// One connection counted against its endpoint's `max_connections` until dropped.
-#[derive(Debug)]
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Accepts clients on one endpoint until `shutdown` is cancelled or the endpoint is retired;
-/// client tasks end early only when `force` is cancelled (or the retired endpoint's grace ends).
-pub(crate) async fn accept_clients(
-    listener: TcpListener,
-    endpoint: Arc<Endpoint>,
+pub(crate) struct Listeners {
+    /// Where admitted connections find their agents.
     registry: Arc<Registry>,
-    shutdown: CancellationToken,
+    /// Counters and histograms every endpoint reports into.
+    metrics: Arc<RelayMetrics>,
+    /// Cancelled when the relay stops accepting clients; each endpoint's stop is a child.
+    stop: CancellationToken,
+    /// Cancelled when the drain's grace is over; each endpoint's force is a child.
     force: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let (stop, force) = endpoint.tokens(&shutdown, &force);
-    let span = tracing::info_span!("endpoint", endpoint = %endpoint.name);
-    let accept = tcp::accept_until(&listener, &stop, |socket, client| {
-        let spec = endpoint.spec();
-        if !spec.acl.permits(client.ip()) {
-            endpoint.counters.denied.fetch_add(1, Ordering::Relaxed);
-            endpoint.metrics.connection_refused(&endpoint.name, "acl_denied");
-            debug!(%client, "connection denied by ACL");
-            tcp::abort(socket);
-            return;
+    /// Every accept loop and every client task, drained together at shutdown.
+    tasks: TaskTracker,
+}
+
+impl Listeners {
+    pub(crate) fn new(registry: Arc<Registry>, metrics: Arc<RelayMetrics>) -> Self {
+        Self {
+            registry,
+            metrics,
+            stop: CancellationToken::new(),
+            force: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         }
-        let Some(slot) = endpoint.admit(spec.max_connections) else {
-            endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
-            endpoint.metrics.connection_refused(&endpoint.name, "over_limit");
-            warn!(
-                %client,
-                max_connections = spec.max_connections,
-                "connection refused: endpoint at max_connections"
-            );
-            tcp::abort(socket);
-            return;
-        };
-        endpoint.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("client", endpoint = %endpoint.name, %client);
-        let endpoint = Arc::clone(&endpoint);
-        let registry = Arc::clone(&registry);
-        let force = force.clone();
-        tracker.spawn(
+    }
+
+    /// A new endpoint under these listeners' stop and force.
+    pub(crate) fn endpoint(&self, spec: EndpointSpec) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            spec,
+            Arc::clone(&self.metrics),
+            self.stop.child_token(),
+            self.force.child_token(),
+        ))
+    }
+
+    /// Starts accepting clients on `listener` for `endpoint`, until the relay stops or the
+    /// endpoint is retired; its connections end early only when forced.
+    pub(crate) fn start(&self, endpoint: Arc<Endpoint>, listener: TcpListener) {
+        let span = tracing::info_span!("endpoint", endpoint = %endpoint.name);
+        let registry = Arc::clone(&self.registry);
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(
             async move {
-                dispatch::forward(socket, client, &endpoint, spec, &registry, &force).await;
-                drop(slot);
+                let stop = endpoint.stop.clone();
+                tcp::accept_until(&listener, &stop, |socket, client| {
+                    let Some((spec, slot)) = admit(&endpoint, client) else {
+                        tcp::abort(socket);
+                        return;
+                    };
+                    let span = tracing::info_span!("client", endpoint = %endpoint.name, %client);
+                    let endpoint = Arc::clone(&endpoint);
+                    let registry = Arc::clone(&registry);
+                    tasks.spawn(
+                        async move {
+                            dispatch::forward(socket, client, &endpoint, spec, &registry).await;
+                            drop(slot);
+                        }
+                        .instrument(span),
+                    );
+                })
+                .await;
             }
             .instrument(span),
         );
-    });
-    accept.instrument(span).await;
+    }
+
+    /// Stops every accept loop: new clients are refused from here on.
+    pub(crate) fn stop_accepting(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits up to `grace` for the open connections, then forces the rest closed.
+    pub(crate) async fn drain(&self, grace: Duration) {
+        drain::drain(&self.tasks, grace, &self.force, "connections").await;
+    }
+}
+
+/// The policy on accept: the ACL, then `max_connections`. An admitted connection gets the
+/// spec in force now and a slot counted until it ends; a refused one is counted by reason.
+pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<EndpointSpec>, Slot)> {
+    let spec = endpoint.spec();
+    if !spec.acl.permits(client.ip()) {
+        endpoint.counters.denied.fetch_add(1, Ordering::Relaxed);
+        endpoint.metrics.connection_refused(&endpoint.name, "acl_denied");
+        debug!(%client, "connection denied by ACL");
+        return None;
+    }
+    let Some(slot) = endpoint.admit(spec.max_connections) else {
+        endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
+        endpoint.metrics.connection_refused(&endpoint.name, "over_limit");
+        warn!(
+            %client,
+            max_connections = spec.max_connections,
+            "connection refused: endpoint at max_connections"
+        );
+        return None;
+    };
+    endpoint.counters.accepted.fetch_add(1, Ordering::Relaxed);
+    Some((spec, slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use privlink_protocol::acl::Acl;
+
+    use super::*;
+    use crate::config::OpenRetry;
+
+    fn endpoint(acl: Acl, max_connections: usize) -> Arc<Endpoint> {
+        let spec = EndpointSpec {
+            name: "kv".into(),
+            connector: "azure".into(),
+            destination: "contoso-kv.privatelink.vaultcore.azure.net:443".parse().expect("dest"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            inactivity_timeout: Duration::from_secs(60),
+            max_connections,
+            acl,
+            open: OpenRetry::default(),
+        };
+        let listeners = Listeners::new(Arc::default(), Arc::default());
+        listeners.endpoint(spec)
+    }
+
+    fn client(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().expect("ip"), 40000)
+    }
+
+    #[test]
+    fn the_acl_is_applied_before_the_limit_and_counted() {
+        let acl = Acl {
+            allow: vec!["10.0.0.0/8".parse().expect("net")],
+            deny: vec!["10.9.0.0/16".parse().expect("net")],
+        };
+        let endpoint = endpoint(acl, 1);
+        assert!(admit(&endpoint, client("192.0.2.1")).is_none(), "not in the allow list");
+        assert!(admit(&endpoint, client("10.9.1.1")).is_none(), "deny wins over allow");
+        // An IPv4 client seen on a dual-stack socket is judged as IPv4.
+        assert!(admit(&endpoint, client("::ffff:10.9.1.1")).is_none());
+        let admitted = admit(&endpoint, client("10.1.1.1")).expect("allowed");
+        assert_eq!(admitted.0.name, "kv");
+        assert_eq!(endpoint.counters.denied.load(Ordering::Relaxed), 3);
+        assert_eq!(endpoint.counters.over_limit.load(Ordering::Relaxed), 0);
+        assert_eq!(endpoint.counters.accepted.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_limit_counts_open_connections_and_frees_a_slot_when_one_ends() {
+        let endpoint = endpoint(Acl::default(), 2);
+        let first = admit(&endpoint, client("192.0.2.1")).expect("first");
+        let second = admit(&endpoint, client("192.0.2.2")).expect("second");
+        assert_eq!(endpoint.active(), 2);
+        assert!(admit(&endpoint, client("192.0.2.3")).is_none(), "over max_connections");
+        assert_eq!(endpoint.counters.over_limit.load(Ordering::Relaxed), 1);
+        drop(first);
+        assert_eq!(endpoint.active(), 1);
+        let third = admit(&endpoint, client("192.0.2.3")).expect("a slot was freed");
+        drop((second, third));
+        assert_eq!(endpoint.active(), 0);
+    }
+
+    #[test]
+    fn a_reloaded_policy_applies_to_connections_accepted_after_it() {
+        let endpoint = endpoint(Acl::default(), 1);
+        let before = admit(&endpoint, client("192.0.2.1")).expect("admitted");
+        let mut spec = (*endpoint.spec()).clone();
+        spec.max_connections = 2;
+        spec.acl.deny = vec!["192.0.2.9/32".parse().expect("net")];
+        endpoint.set_spec(spec);
+        assert_eq!(before.0.max_connections, 1, "an open connection keeps its spec");
+        assert!(admit(&endpoint, client("192.0.2.9")).is_none(), "the new deny entry");
+        assert!(admit(&endpoint, client("192.0.2.2")).is_some(), "the new limit");
+    }
 }

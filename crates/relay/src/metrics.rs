@@ -11,7 +11,28 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::status::RelayHandle;
+/// The state gauges at a scrape, read by the caller from the endpoints and the registry
+/// just before [`RelayMetrics::render`].
+#[derive(Debug, Default)]
+pub(crate) struct ScrapedState {
+    /// Every endpoint.
+    pub(crate) endpoints: Vec<EndpointState>,
+    /// Connected agents per connector: (connector, on QUIC, on TLS/TCP).
+    pub(crate) agents: Vec<(String, usize, usize)>,
+}
+
+/// One endpoint's gauges at a scrape.
+#[derive(Debug)]
+pub(crate) struct EndpointState {
+    pub(crate) name: String,
+    /// Its status word (`Approved`, …).
+    pub(crate) status: &'static str,
+    /// Connections open now.
+    pub(crate) active: usize,
+    /// Bytes its open connections moved that no scrape has counted yet (from the client, to
+    /// the client): the byte counters rise during a long transfer.
+    pub(crate) unreported: (u64, u64),
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabel {
@@ -204,37 +225,27 @@ impl RelayMetrics {
         self.auth_failures.get_or_create(&ReasonLabel { reason }).inc();
     }
 
-    /// The OpenMetrics text, with the state gauges read from `handle` now.
-    pub(crate) fn render(&self, handle: &RelayHandle) -> String {
-        let mut connectors: Vec<String> = Vec::new();
-        for (endpoint, _) in handle.endpoints() {
-            let spec = endpoint.spec();
-            if !connectors.contains(&spec.connector) {
-                connectors.push(spec.connector.clone());
-            }
-            let current = handle.registry().status(&spec.connector, &spec.name).word();
+    /// The OpenMetrics text, with the state gauges set from `state`.
+    pub(crate) fn render(&self, state: &ScrapedState) -> String {
+        for endpoint in &state.endpoints {
             for status in STATUSES {
-                let labels = StatusLabels { endpoint: spec.name.clone(), status };
-                self.endpoint_status.get_or_create(&labels).set(i64::from(status == current));
+                let labels = StatusLabels { endpoint: endpoint.name.clone(), status };
+                self.endpoint_status
+                    .get_or_create(&labels)
+                    .set(i64::from(status == endpoint.status));
             }
-            // Open connections' bytes, up to now: the counter rises during a long transfer.
-            for live in endpoint.live.snapshot() {
-                self.count_bytes(&spec.name, live.unreported());
-            }
-            let active = endpoint.active();
-            let labels = EndpointLabel { endpoint: spec.name.clone() };
+            self.count_bytes(&endpoint.name, endpoint.unreported);
+            let labels = EndpointLabel { endpoint: endpoint.name.clone() };
             self.connections_active
                 .get_or_create(&labels)
-                .set(i64::try_from(active).unwrap_or(i64::MAX));
+                .set(i64::try_from(endpoint.active).unwrap_or(i64::MAX));
         }
-        for connector in &connectors {
-            let agents = handle.agents(connector);
-            for transport in ["quic", "tcp"] {
-                let count = agents.iter().filter(|a| a.transport.to_string() == transport).count();
+        for (connector, quic, tcp) in &state.agents {
+            for (transport, count) in [("quic", quic), ("tcp", tcp)] {
                 let labels = AgentLabels { connector: connector.clone(), transport };
                 self.agents_connected
                     .get_or_create(&labels)
-                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+                    .set(i64::try_from(*count).unwrap_or(i64::MAX));
             }
         }
         let mut text = String::new();

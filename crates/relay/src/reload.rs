@@ -20,104 +20,157 @@
 //! attempt went.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::path::Path;
+use std::sync::Arc;
 
+use privlink_transport::listener::TunnelEndpoint;
 use privlink_transport::tunnel::CloseCode;
-use privlink_transport::{quic, tcp, tls};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use privlink_transport::{tcp, tls};
 use tracing::{info, warn};
 
-use crate::config::{EndpointSpec, RelayConfig, TlsIdentity};
-use crate::listen::Endpoint;
+use crate::config::{CurrentConfig, EndpointSpec, RelayConfig};
+use crate::endpoint::EndpointTable;
+use crate::listen::Listeners;
+use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
-use crate::status::RelayHandle;
 
-/// The configuration in force, shared by whoever needs the current one (authentication,
-/// welcomes) and replaced by a reload.
+/// What a reload touches of the running relay, and the one way to reload it.
 #[derive(Debug)]
-pub(crate) struct CurrentConfig {
-    config: RwLock<Arc<RelayConfig>>,
-    /// Bumped by every applied reload: agent sessions tell their agents what changed.
-    generation: watch::Sender<u64>,
-}
-
-impl CurrentConfig {
-    pub(crate) fn new(config: RelayConfig) -> Self {
-        Self { config: RwLock::new(Arc::new(config)), generation: watch::Sender::new(0) }
-    }
-
-    /// The configuration in force now.
-    pub(crate) fn get(&self) -> Arc<RelayConfig> {
-        Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// A receiver that sees a new value after each applied reload.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
-    }
-
-    fn set(&self, config: RelayConfig) {
-        *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
-        self.generation.send_modify(|generation| *generation += 1);
-    }
-}
-
-/// The tunnel's TLS identity as the listeners use it: QUIC's server settings live in the
-/// endpoint, TLS/TCP's are read at each accept. A reload replaces both; connections already
-/// up keep the identity they were made with.
-#[derive(Debug)]
-pub(crate) struct TunnelIdentity {
-    quic: quinn::Endpoint,
-    tcp: RwLock<Arc<rustls::ServerConfig>>,
-}
-
-impl TunnelIdentity {
-    pub(crate) fn new(quic: quinn::Endpoint, tcp: Arc<rustls::ServerConfig>) -> Self {
-        Self { quic, tcp: RwLock::new(tcp) }
-    }
-
-    /// The TLS/TCP settings in force.
-    pub(crate) fn tcp_config(&self) -> Arc<rustls::ServerConfig> {
-        Arc::clone(&self.tcp.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Builds both transports' settings for `identity` (so a bad certificate or key changes
-    /// nothing) and puts them in force.
-    fn replace(&self, identity: &TlsIdentity) -> Result<(), String> {
-        let tls = tls::tunnel_server_config(identity.chain.clone(), identity.key.clone_key())
-            .map_err(|e| e.to_string())?;
-        let quic = quic::relay_server_config(tls.clone()).map_err(|e| e.to_string())?;
-        self.quic.set_server_config(Some(quic));
-        *self.tcp.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tls);
-        Ok(())
-    }
-}
-
-/// What a reload needs of the running relay (set by `Relay::run`): to start endpoints' accept
-/// loops and to replace the tunnel's identity.
-#[derive(Debug)]
-pub(crate) struct EndpointSpawner {
+pub(crate) struct Reloader {
+    /// The configuration in force, replaced by an applied reload.
+    pub(crate) config: Arc<CurrentConfig>,
+    /// Endpoints by name: added and removed here.
+    pub(crate) endpoints: Arc<EndpointTable>,
+    /// Starts the accept loops of added endpoints.
+    pub(crate) listeners: Arc<Listeners>,
+    /// The tunnel's certificate and key, replaced in place.
+    pub(crate) tunnel: TunnelEndpoint,
+    /// Agents whose token is no longer listed are disconnected.
     pub(crate) registry: Arc<Registry>,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) force: CancellationToken,
-    pub(crate) clients: TaskTracker,
-    pub(crate) identity: Arc<TunnelIdentity>,
+    /// `privlink_config_last_reload_*`.
+    pub(crate) metrics: Arc<RelayMetrics>,
 }
 
-impl EndpointSpawner {
-    pub(crate) fn spawn(&self, endpoint: Arc<Endpoint>, listener: TcpListener) {
-        self.clients.spawn(crate::listen::accept_clients(
-            listener,
-            endpoint,
-            Arc::clone(&self.registry),
-            self.shutdown.clone(),
-            self.force.clone(),
-            self.clients.clone(),
-        ));
+impl Reloader {
+    /// Applies `new` whole or not at all; the result is logged and shown by the metrics.
+    pub(crate) fn reload(&self, new: RelayConfig) -> Result<ReloadSummary, ReloadError> {
+        let result = self.apply(new);
+        self.report(&result);
+        result
     }
+
+    /// Reads `path` and [`reload`](Self::reload)s it; an invalid file changes nothing.
+    pub(crate) fn reload_from(&self, path: &Path) -> Result<ReloadSummary, ReloadError> {
+        match RelayConfig::load(path) {
+            Ok(new) => self.reload(new),
+            Err(e) => {
+                let result = Err(ReloadError::Invalid(e));
+                self.report(&result);
+                result
+            }
+        }
+    }
+
+    fn report(&self, result: &Result<ReloadSummary, ReloadError>) {
+        log(result);
+        self.metrics.reloaded(result.is_ok());
+    }
+
+    /// Works out what `new` changes, prepares everything that can fail (the identity is
+    /// built, every added endpoint bound), then puts it all in force.
+    fn apply(&self, new: RelayConfig) -> Result<ReloadSummary, ReloadError> {
+        let plan = plan(&self.config.get(), &new)?;
+        if plan.identity_changed {
+            tls::tunnel_server_config(new.identity.chain.clone(), new.identity.key.clone_key())
+                .map_err(|e| ReloadError::Identity(e.to_string()))?;
+        }
+        let mut bound = Vec::new();
+        for spec in plan.added {
+            let bind_error = |source| ReloadError::Bind {
+                endpoint: spec.name.clone(),
+                addr: spec.listen,
+                source,
+            };
+            let listener = tcp::listen(spec.listen).map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            bound.push((spec, listener, addr));
+        }
+        let mut summary = ReloadSummary::default();
+        if plan.identity_changed {
+            self.tunnel
+                .replace_identity(new.identity.chain.clone(), new.identity.key.clone_key())
+                .map_err(|e| ReloadError::Identity(error_chain(&e)))?;
+            summary.identity_replaced = true;
+        }
+        for spec in plan.changed {
+            if let Some(endpoint) = self.endpoints.get(&spec.name) {
+                summary.endpoints_changed.push(spec.name.clone());
+                endpoint.set_spec(spec);
+            }
+        }
+        for (spec, listener, addr) in bound {
+            let endpoint = self.listeners.endpoint(spec);
+            info!(endpoint = %endpoint.name, listen = %addr, "endpoint listening (reload)");
+            summary.endpoints_added.push(endpoint.name.clone());
+            self.endpoints.insert(Arc::clone(&endpoint), addr);
+            self.listeners.start(endpoint, listener);
+        }
+        for name in plan.removed {
+            if let Some(endpoint) = self.endpoints.remove(&name) {
+                endpoint.retire(new.shutdown_grace);
+                summary.endpoints_removed.push(name);
+            }
+        }
+        summary.agents_disconnected = disconnect_revoked(&self.registry, &new);
+        summary.source_files.clone_from(&new.source_files);
+        self.config.set(new);
+        Ok(summary)
+    }
+}
+
+/// What a reload would change, worked out before anything is touched.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct ReloadPlan {
+    /// Endpoints that stay, with their new policy, by name.
+    pub(crate) changed: Vec<EndpointSpec>,
+    /// Endpoints to bind and start, in the file's order.
+    pub(crate) added: Vec<EndpointSpec>,
+    /// Endpoints to retire, by name.
+    pub(crate) removed: Vec<String>,
+    /// Whether the tunnel's certificate or key differ.
+    pub(crate) identity_changed: bool,
+}
+
+/// The differences between the configuration in force and `new`, or what in them needs a
+/// restart.
+pub(crate) fn plan(current: &RelayConfig, new: &RelayConfig) -> Result<ReloadPlan, ReloadError> {
+    let restart = needs_restart(current, new);
+    if !restart.is_empty() {
+        return Err(ReloadError::NeedsRestart(restart));
+    }
+    let running: HashMap<&str, &EndpointSpec> =
+        current.endpoints.iter().map(|e| (e.name.as_str(), e)).collect();
+    let mut plan = ReloadPlan {
+        identity_changed: current.identity.chain != new.identity.chain
+            || current.identity.key.secret_der() != new.identity.key.secret_der(),
+        ..ReloadPlan::default()
+    };
+    for spec in &new.endpoints {
+        match running.get(spec.name.as_str()) {
+            None => plan.added.push(spec.clone()),
+            Some(was) if **was != *spec => plan.changed.push(spec.clone()),
+            Some(_) => {}
+        }
+    }
+    plan.changed.sort_by(|a, b| a.name.cmp(&b.name));
+    plan.removed = current
+        .endpoints
+        .iter()
+        .filter(|was| !new.endpoints.iter().any(|e| e.name == was.name))
+        .map(|was| was.name.clone())
+        .collect();
+    plan.removed.sort();
+    Ok(plan)
 }
 
 /// What a reload did.
@@ -159,69 +212,6 @@ pub enum ReloadError {
     /// The new certificate or key cannot be used.
     #[error("not reloaded — tunnel certificate: {0}")]
     Identity(String),
-    /// The relay is not running yet.
-    #[error("not reloaded — the relay is not running")]
-    NotRunning,
-}
-
-/// Checks `new` against what runs and applies it, or says what needs a restart.
-pub(crate) fn apply(handle: &RelayHandle, new: RelayConfig) -> Result<ReloadSummary, ReloadError> {
-    let current = handle.config().get();
-    let restart = needs_restart(&current, &new);
-    if !restart.is_empty() {
-        return Err(ReloadError::NeedsRestart(restart));
-    }
-    let spawner = handle.spawner().ok_or(ReloadError::NotRunning)?;
-    let mut summary = ReloadSummary::default();
-    let running: HashMap<String, Arc<Endpoint>> =
-        handle.endpoints().into_iter().map(|(e, _)| (e.name.clone(), e)).collect();
-    // Prepare everything that can fail before changing anything: the identity is put in
-    // force only if it builds; every added endpoint is bound.
-    let identity_changed = current.identity.chain != new.identity.chain
-        || current.identity.key.secret_der() != new.identity.key.secret_der();
-    if identity_changed {
-        tls::tunnel_server_config(new.identity.chain.clone(), new.identity.key.clone_key())
-            .map_err(|e| ReloadError::Identity(e.to_string()))?;
-    }
-    let mut bound = Vec::new();
-    for spec in new.endpoints.iter().filter(|e| !running.contains_key(&e.name)) {
-        let bind_error =
-            |source| ReloadError::Bind { endpoint: spec.name.clone(), addr: spec.listen, source };
-        let listener = tcp::listen(spec.listen).map_err(bind_error)?;
-        let addr = listener.local_addr().map_err(bind_error)?;
-        bound.push((spec.clone(), listener, addr));
-    }
-    if identity_changed {
-        spawner.identity.replace(&new.identity).map_err(ReloadError::Identity)?;
-        summary.identity_replaced = true;
-    }
-    for spec in &new.endpoints {
-        if let Some(endpoint) = running.get(&spec.name) {
-            if *endpoint.spec() != *spec {
-                endpoint.set_spec(spec.clone());
-                summary.endpoints_changed.push(spec.name.clone());
-            }
-        }
-    }
-    for (spec, listener, addr) in bound {
-        let endpoint = Arc::new(Endpoint::new(spec, Arc::clone(handle.metrics())));
-        info!(endpoint = %endpoint.name, listen = %addr, "endpoint listening (reload)");
-        summary.endpoints_added.push(endpoint.name.clone());
-        handle.add_endpoint(Arc::clone(&endpoint), addr);
-        spawner.spawn(endpoint, listener);
-    }
-    for name in running.keys().filter(|name| !new.endpoints.iter().any(|e| e.name == **name)) {
-        if let Some(endpoint) = handle.remove_endpoint(name) {
-            endpoint.retire(new.shutdown_grace);
-            summary.endpoints_removed.push(name.clone());
-        }
-    }
-    summary.agents_disconnected = disconnect_revoked(handle.registry(), &new);
-    summary.endpoints_changed.sort();
-    summary.endpoints_removed.sort();
-    summary.source_files.clone_from(&new.source_files);
-    handle.config().set(new);
-    Ok(summary)
 }
 
 /// Closes the connections of agents the new configuration no longer admits.
@@ -274,8 +264,20 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
     restart
 }
 
+/// An error with its causes, as one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Logs a reload's result.
-pub(crate) fn log(result: &Result<ReloadSummary, ReloadError>) {
+fn log(result: &Result<ReloadSummary, ReloadError>) {
     match result {
         Ok(summary) => info!(
             endpoints_changed = %summary.endpoints_changed.join(","),
@@ -286,5 +288,91 @@ pub(crate) fn log(result: &Result<ReloadSummary, ReloadError>) {
             "configuration reloaded"
         ),
         Err(e) => warn!("configuration not reloaded, the running one stays: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use privlink_protocol::acl::Acl;
+    use privlink_transport::tls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    use super::*;
+    use crate::config::{OpenRetry, TlsIdentity};
+
+    fn endpoint(name: &str, port: u16) -> EndpointSpec {
+        EndpointSpec {
+            name: name.into(),
+            connector: "azure".into(),
+            destination: format!("{name}.privatelink.vaultcore.azure.net:443")
+                .parse()
+                .expect("destination"),
+            listen: format!("127.0.0.1:{port}").parse().expect("addr"),
+            inactivity_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            acl: Acl::default(),
+            open: OpenRetry::default(),
+        }
+    }
+
+    fn config(key: u8, endpoints: Vec<EndpointSpec>) -> RelayConfig {
+        RelayConfig {
+            tunnel_listen: "127.0.0.1:7443".parse().expect("addr"),
+            identity: TlsIdentity {
+                chain: vec![CertificateDer::from(vec![1, 2, 3])],
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(vec![key])),
+            },
+            admin: None,
+            shutdown_grace: Duration::from_secs(30),
+            connectors: Vec::new(),
+            endpoints,
+            source_files: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_same_file_changes_nothing() {
+        let current = config(1, vec![endpoint("a", 8443), endpoint("b", 8444)]);
+        let again = config(1, vec![endpoint("b", 8444), endpoint("a", 8443)]);
+        assert_eq!(plan(&current, &again).expect("plan"), ReloadPlan::default());
+    }
+
+    #[test]
+    fn endpoints_added_removed_and_changed_are_told_apart() {
+        let current =
+            config(1, vec![endpoint("a", 8443), endpoint("b", 8444), endpoint("c", 8445)]);
+        let mut b = endpoint("b", 8444);
+        b.max_connections = 10;
+        b.acl.allow = vec!["10.0.0.0/8".parse().expect("net")];
+        let new = config(1, vec![endpoint("d", 8446), b.clone(), endpoint("a", 8443)]);
+        let plan = plan(&current, &new).expect("plan");
+        assert_eq!(plan.added, vec![endpoint("d", 8446)]);
+        assert_eq!(plan.changed, vec![b]);
+        assert_eq!(plan.removed, vec!["c".to_owned()]);
+        assert!(!plan.identity_changed);
+    }
+
+    #[test]
+    fn a_new_key_replaces_the_identity() {
+        let plan = plan(&config(1, vec![]), &config(2, vec![])).expect("plan");
+        assert!(plan.identity_changed);
+    }
+
+    #[test]
+    fn what_needs_a_restart_refuses_the_whole_reload_and_says_what() {
+        let current = config(1, vec![endpoint("a", 8443), endpoint("b", 8444)]);
+        let mut moved = endpoint("a", 9443);
+        moved.destination = "elsewhere.example:443".parse().expect("destination");
+        let mut new = config(1, vec![moved, endpoint("b", 8444), endpoint("c", 8445)]);
+        new.shutdown_grace = Duration::from_secs(5);
+        new.tunnel_listen = "127.0.0.1:7444".parse().expect("addr");
+        let Err(ReloadError::NeedsRestart(what)) = plan(&current, &new) else { panic!("refused") };
+        assert_eq!(
+            what,
+            ["tunnel.listen", "shutdown_grace", "endpoint `a` destination", "endpoint `a` listen"]
+        );
+        let message = ReloadError::NeedsRestart(what).to_string();
+        assert!(message.contains("need a restart"), "{message}");
     }
 }

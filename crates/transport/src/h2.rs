@@ -25,8 +25,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::quic::{MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW, connection_receive_window};
-use crate::tunnel::{AgentConnection, DialError, RelayConnection, ResetCode, StreamError};
+use crate::codes::{DialError, ResetCode, StreamError};
+use crate::limits::{
+    MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW, connection_receive_window,
+};
 
 /// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB). A frame is
 /// what another stream's next bytes may wait behind (about 1 s at 2 Mbit/s); 16 KiB frames
@@ -136,13 +138,14 @@ impl AsRef<CloseState> for H2Acceptor {
 }
 
 /// Agent side: connects to a relay at `addr`, then TLS (verifying `server_name`) and the
-/// HTTP/2 handshake, all within `deadline`.
+/// HTTP/2 handshake, all within `deadline`. The acceptor is the agent's half of the
+/// connection; `AgentConnection::from` wraps it.
 pub async fn dial(
     addr: SocketAddr,
     server_name: &str,
     tls: Arc<rustls::ClientConfig>,
     deadline: Duration,
-) -> Result<AgentConnection, DialError> {
+) -> Result<H2Acceptor, DialError> {
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
         .map_err(|e| DialError::Handshake(format!("relay name: {e}")))?;
     let steps = async {
@@ -159,7 +162,7 @@ pub async fn dial(
             .map_err(|e| DialError::Handshake(format!("HTTP/2 handshake failed: {e}")))
     };
     match tokio::time::timeout(deadline, steps).await {
-        Ok(Ok(acceptor)) => Ok(AgentConnection::from_h2(acceptor)),
+        Ok(Ok(acceptor)) => Ok(acceptor),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(DialError::Timeout(deadline)),
     }
@@ -175,20 +178,21 @@ fn tls_failure(error: io::Error) -> DialError {
 }
 
 /// Relay side: TLS and the HTTP/2 handshake on an accepted TCP connection, within `deadline`.
-/// Call it from a task of its own: a stalled peer must not block the accept loop.
+/// Call it from a task of its own: a stalled peer must not block the accept loop. The opener
+/// is the relay's half of the connection; `RelayConnection::from` wraps it.
 pub async fn accept(
     socket: TcpStream,
     remote: SocketAddr,
     tls: tokio_rustls::TlsAcceptor,
     deadline: Duration,
-) -> Result<RelayConnection, DialError> {
+) -> Result<H2Opener, DialError> {
     tune_socket(&socket);
     let steps = async {
         let tls = tls.accept(socket).await.map_err(|e| format!("TLS: {e}"))?;
         relay_handshake(tls, remote).await.map_err(|e| format!("HTTP/2: {e}"))
     };
     match tokio::time::timeout(deadline, steps).await {
-        Ok(Ok(opener)) => Ok(RelayConnection::from_h2(opener)),
+        Ok(Ok(opener)) => Ok(opener),
         Ok(Err(e)) => Err(DialError::Handshake(e)),
         Err(_) => Err(DialError::Timeout(deadline)),
     }

@@ -17,8 +17,13 @@
 //! * [`live`] — the connections open now, with bytes each way as they move, for the admin API.
 //! * [`splice`] — how one forwarded connection's copy ended: resets, aborts and an outcome
 //!   tagged by where it came from, with a retry-safety flag.
-//! * [`tunnel`] — the connection and stream types both transports share, and the dial error.
+//! * [`tunnel`] — the connection and stream types both transports share; the codes and
+//!   errors both report (`codes`, re-exported there).
+//! * [`limits`] — stream and connection windows and the stream limit both transports use.
 //! * [`quic`], [`h2`] — the two transports.
+//! * [`listener`] — the relay's tunnel listener: QUIC and TLS/TCP on one port, both accept
+//!   loops, the identity replaced on reload.
+//! * [`dialer`] — the agent's dialler: one QUIC endpoint and the TLS settings for every relay.
 //! * [`tcp`] — listening with a large backlog, the accept loop, closing with a reset.
 //! * [`throttle`] — log lines a flood could repeat, written at most once per interval.
 //! * [`tls`] — PEM loading and the tunnel's rustls configurations.
@@ -27,11 +32,15 @@
 //!   demo and tests.
 #![forbid(unsafe_code)]
 
+mod codes;
 pub mod control;
 pub mod copy;
+pub mod dialer;
 pub mod drain;
 pub mod h2;
 pub mod io;
+pub mod limits;
+pub mod listener;
 pub mod live;
 #[cfg(feature = "pki")]
 pub mod pki;

@@ -16,80 +16,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+pub use crate::codes::{CloseCode, DialError, ResetCode, StreamError, TransportKind};
 use crate::h2;
-
-/// Which transport carries a tunnel connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportKind {
-    /// QUIC over UDP.
-    Quic,
-    /// TLS 1.3 over TCP carrying HTTP/2.
-    Tcp,
-}
-
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Quic => "quic",
-            Self::Tcp => "tcp",
-        })
-    }
-}
-
-/// Application codes for closing a tunnel connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum CloseCode {
-    /// Ordinary close.
-    Normal = 0,
-    /// The sender is shutting down.
-    Shutdown = 1,
-    /// The agent's hello was refused.
-    Refused = 2,
-    /// The peer broke the protocol.
-    ProtocolError = 3,
-}
-
-/// Application codes for resetting one stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum ResetCode {
-    /// The TCP peer on the sender's side reset or failed.
-    PeerReset = 1,
-    /// The inactivity timeout fired.
-    IdleTimeout = 2,
-    /// The sender is shutting down.
-    Shutdown = 3,
-    /// The stream broke the protocol.
-    ProtocolError = 4,
-}
-
-/// Why a stream could not be opened or accepted.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    /// The connection is closed (the reason says by whom and why).
-    #[error("tunnel connection closed: {0}")]
-    ConnectionClosed(String),
-    /// The peer's concurrent-stream limit stayed full for the whole wait.
-    #[error("no stream available within {0:?}: the agent's concurrent-stream limit is reached")]
-    LimitReached(Duration),
-}
-
-/// Why a tunnel connection could not be established (dialled by the agent or accepted by
-/// the relay), on either transport.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    /// No handshake completed before the deadline (UDP blocked, relay down, …).
-    #[error("no handshake within {0:?}")]
-    Timeout(Duration),
-    /// The connection or its handshake failed (refused, reset, ALPN, …).
-    #[error("{0}")]
-    Handshake(String),
-    /// The relay's certificate was not accepted. Not a network problem: neither retrying at
-    /// full speed nor falling back to another transport helps; an operator has to act.
-    #[error("{0}")]
-    Certificate(String),
-}
+use crate::limits::MAX_CONCURRENT_STREAMS;
 
 mod sealed {
     pub trait Sealed {}
@@ -139,6 +68,18 @@ enum Inner<H> {
     H2(H),
 }
 
+impl From<h2::H2Opener> for RelayConnection {
+    fn from(opener: h2::H2Opener) -> Self {
+        Self { inner: Inner::H2(opener) }
+    }
+}
+
+impl From<h2::H2Acceptor> for AgentConnection {
+    fn from(acceptor: h2::H2Acceptor) -> Self {
+        Self { inner: Inner::H2(acceptor) }
+    }
+}
+
 impl<R: Role> Clone for Connection<R> {
     fn clone(&self) -> Self {
         Self { inner: self.inner.clone() }
@@ -148,10 +89,6 @@ impl<R: Role> Clone for Connection<R> {
 impl<R: Role> Connection<R> {
     pub(crate) fn from_quic(connection: quinn::Connection) -> Self {
         Self { inner: Inner::Quic(connection) }
-    }
-
-    pub(crate) fn from_h2(half: R::H2Half) -> Self {
-        Self { inner: Inner::H2(half) }
     }
 
     /// The QUIC connection underneath, for this crate's tests.
@@ -233,14 +170,14 @@ impl Connection<RelaySide> {
 }
 
 impl Connection<AgentSide> {
-    /// Lets the relay open data streams, up to [`crate::quic::MAX_CONCURRENT_STREAMS`] at once.
+    /// Lets the relay open data streams, up to [`MAX_CONCURRENT_STREAMS`] at once.
     /// Until this is called only the control stream is admitted: a relay cannot pile up
     /// streams (and their data) before the control handshake is done. Over QUIC the new limit
     /// goes out as a MAX_STREAMS frame; over TCP further streams are refused until then.
     pub fn allow_data_streams(&self) {
         match &self.inner {
             Inner::Quic(c) => {
-                c.set_max_concurrent_bi_streams((crate::quic::MAX_CONCURRENT_STREAMS + 1).into());
+                c.set_max_concurrent_bi_streams((MAX_CONCURRENT_STREAMS + 1).into());
             }
             Inner::H2(acceptor) => acceptor.allow_data_streams(),
         }

@@ -48,8 +48,7 @@ pub(crate) async fn check_relays(config: &AgentConfig, report: &mut Report) -> V
             }
         }
     }
-    dialer.quic.close(quinn::VarInt::from_u32(CloseCode::Normal as u32), b"check finished");
-    let _ = tokio::time::timeout(Duration::from_secs(1), dialer.quic.wait_idle()).await;
+    dialer.close("check finished", Duration::from_secs(1)).await;
     endpoints
 }
 

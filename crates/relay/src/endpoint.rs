@@ -1,0 +1,171 @@
+//! Endpoint state at run time, shared by the files that accept, dispatch, reload and report:
+//! one [`Endpoint`] per configured endpoint (its current policy, open-connection count and
+//! slots, counters, the live connections it forwards and the tokens that stop it), and the
+//! [`EndpointTable`] of every endpoint by name with its bound address. It imports nothing of
+//! the relay's own but the config and counters, so every file above can use it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use privlink_transport::live::LiveTable;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::EndpointSpec;
+use crate::flow::EndpointCounters;
+use crate::metrics::RelayMetrics;
+
+/// One endpoint at run time. Its policy — ACL, limits, timeouts — can be replaced by a
+/// reload ([`Endpoint::set_spec`]); each connection keeps the spec it was accepted under.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    /// Never changes (a reload keeps the name, connector, destination and listen address).
+    pub(crate) name: String,
+    spec: RwLock<Arc<EndpointSpec>>,
+    /// Connections open now, counted against `max_connections`.
+    active: Arc<AtomicUsize>,
+    pub(crate) counters: EndpointCounters,
+    pub(crate) metrics: Arc<RelayMetrics>,
+    /// The connections being forwarded now (from the agent's choice to the end).
+    pub(crate) live: LiveTable<LiveClient>,
+    /// Ends its accept loop: a child of the relay's stop, cancelled early when a reload
+    /// removes the endpoint.
+    pub(crate) stop: CancellationToken,
+    /// Ends its connections: a child of the relay's force, cancelled `shutdown_grace` after a
+    /// reload removed the endpoint.
+    pub(crate) force: CancellationToken,
+}
+
+impl Endpoint {
+    /// An endpoint stopped by `stop` and forced by `force` (children of the relay's own).
+    pub(crate) fn new(
+        spec: EndpointSpec,
+        metrics: Arc<RelayMetrics>,
+        stop: CancellationToken,
+        force: CancellationToken,
+    ) -> Self {
+        Self {
+            name: spec.name.clone(),
+            spec: RwLock::new(Arc::new(spec)),
+            active: Arc::default(),
+            counters: EndpointCounters::default(),
+            metrics,
+            live: LiveTable::default(),
+            stop,
+            force,
+        }
+    }
+
+    /// A reload removed the endpoint: it accepts no more clients at once, and the
+    /// connections it has get `grace` to finish before they are closed.
+    pub(crate) fn retire(&self, grace: Duration) {
+        self.stop.cancel();
+        let force = self.force.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            force.cancel();
+        });
+    }
+
+    /// The current policy.
+    pub(crate) fn spec(&self) -> Arc<EndpointSpec> {
+        Arc::clone(&self.spec.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces the policy for connections accepted from now on.
+    pub(crate) fn set_spec(&self, spec: EndpointSpec) {
+        *self.spec.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(spec);
+    }
+
+    /// Connections open now.
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more connection unless `limit` are open already.
+    pub(crate) fn admit(&self, limit: usize) -> Option<Slot> {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(Arc::clone(&self.active)))
+    }
+}
+
+/// One connection counted against its endpoint's `max_connections` until dropped.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What `/api/v1/connections` shows of a client connection besides its times and bytes.
+#[derive(Debug)]
+pub(crate) struct LiveClient {
+    pub(crate) client: SocketAddr,
+    /// The agent carrying it (the one being tried, while an open is retried).
+    agent: Mutex<String>,
+}
+
+impl LiveClient {
+    pub(crate) fn new(client: SocketAddr, agent: String) -> Self {
+        Self { client, agent: Mutex::new(agent) }
+    }
+
+    /// The agent carrying it now.
+    pub(crate) fn agent(&self) -> String {
+        self.agent.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// The connection moved to another agent (a retried open).
+    pub(crate) fn set_agent(&self, agent: &str) {
+        if let Ok(mut current) = self.agent.lock() {
+            if *current != agent {
+                agent.clone_into(&mut current);
+            }
+        }
+    }
+}
+
+/// Every endpoint by name, with its bound address; a reload adds and removes entries.
+#[derive(Debug, Default)]
+pub(crate) struct EndpointTable {
+    by_name: RwLock<HashMap<String, (Arc<Endpoint>, SocketAddr)>>,
+}
+
+impl EndpointTable {
+    /// Every endpoint with its bound address, in no particular order.
+    pub(crate) fn all(&self) -> Vec<(Arc<Endpoint>, SocketAddr)> {
+        self.read().values().map(|(endpoint, addr)| (Arc::clone(endpoint), *addr)).collect()
+    }
+
+    /// The endpoint called `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Endpoint>> {
+        self.read().get(name).map(|(endpoint, _)| Arc::clone(endpoint))
+    }
+
+    /// The bound address of the endpoint called `name`.
+    pub(crate) fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.read().get(name).map(|(_, addr)| *addr)
+    }
+
+    /// Adds a bound endpoint.
+    pub(crate) fn insert(&self, endpoint: Arc<Endpoint>, addr: SocketAddr) {
+        let mut all = self.by_name.write().unwrap_or_else(PoisonError::into_inner);
+        all.insert(endpoint.name.clone(), (endpoint, addr));
+    }
+
+    /// Removes an endpoint; its connections finish on their own.
+    pub(crate) fn remove(&self, name: &str) -> Option<Arc<Endpoint>> {
+        let mut all = self.by_name.write().unwrap_or_else(PoisonError::into_inner);
+        all.remove(name).map(|(endpoint, _)| endpoint)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, (Arc<Endpoint>, SocketAddr)>> {
+        self.by_name.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,230 @@
+//! The relay's way in for agents: [`TunnelListener`] binds QUIC (UDP) and TLS over TCP on one
+//! port number, runs both accept loops and hands each new connection's handshake, not yet
+//! awaited, to the caller, who spawns it (a stalled peer never blocks an accept loop).
+//! Before a handshake starts, the caller's [`Admission`] decides whether it may (the relay
+//! caps unauthenticated connections; under load a QUIC source proves its address first).
+//! [`TunnelEndpoint`] is the part that outlives the loops: the identity both transports
+//! present, replaced in place on reload (new handshakes use it, links up keep theirs), and
+//! the QUIC endpoint closed at shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::codes::{CloseCode, DialError, TransportKind};
+use crate::quic::{self, QuicSetupError};
+use crate::tls::{self, TlsError};
+use crate::tunnel::RelayConnection;
+use crate::{h2, tcp};
+
+/// Why the tunnel listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The QUIC endpoint could not be set up.
+    #[error("tunnel listener")]
+    Quic(#[from] QuicSetupError),
+    /// The TCP listener could not be bound.
+    #[error("tunnel listener: cannot listen on TCP {addr}")]
+    Tcp {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TLS identity is unusable.
+    #[error("tunnel TLS")]
+    Tls(#[from] TlsError),
+}
+
+/// What the relay decides about a tunnel connection before its handshake starts.
+pub trait Admission {
+    /// What an admitted connection holds until it is authenticated (a place among the
+    /// pending ones).
+    type Ticket: Send + 'static;
+
+    /// Whether a new QUIC source should prove its address first (a stateless retry: one round
+    /// trip, no state kept), as a relay under a flood asks.
+    fn wants_address_validation(&self) -> bool;
+
+    /// Admits a connection from `remote` on `kind`, or turns it away (`None`: it is closed
+    /// at once, and the admission counts and logs it).
+    fn admit(&self, remote: SocketAddr, kind: TransportKind) -> Option<Self::Ticket>;
+}
+
+/// One agent connection's transport handshake, started by awaiting it (within the deadline
+/// given to [`TunnelListener::serve`]).
+pub struct Handshake(Pin<Box<dyn Future<Output = Result<RelayConnection, DialError>> + Send>>);
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handshake")
+    }
+}
+
+impl Future for Handshake {
+    type Output = Result<RelayConnection, DialError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+/// The tunnel's QUIC endpoint and the identity both transports present.
+#[derive(Debug, Clone)]
+pub struct TunnelEndpoint {
+    quic: quinn::Endpoint,
+    /// TLS/TCP's settings, read at each accept.
+    tcp: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+}
+
+impl TunnelEndpoint {
+    /// Puts a new certificate chain and key in force on both transports, once both settings
+    /// have been built from them (a bad pair changes nothing).
+    pub fn replace_identity(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), ListenError> {
+        let tls = tls::tunnel_server_config(chain, key)?;
+        let quic = quic::relay_server_config(tls.clone())?;
+        self.quic.set_server_config(Some(quic));
+        *self.tcp.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tls);
+        Ok(())
+    }
+
+    /// Closes every QUIC connection with `code` and `reason`.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.quic.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+    }
+
+    /// Waits until the QUIC connections have told their peers they are closed.
+    pub async fn wait_idle(&self) {
+        self.quic.wait_idle().await;
+    }
+
+    fn tcp_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = Arc::clone(&self.tcp.read().unwrap_or_else(PoisonError::into_inner));
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+}
+
+/// QUIC and TLS/TCP bound on one port number, not accepting yet.
+#[derive(Debug)]
+pub struct TunnelListener {
+    endpoint: TunnelEndpoint,
+    tcp: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl TunnelListener {
+    /// Binds TCP (TLS) and UDP (QUIC) on the same port number of `listen`, presenting `chain`
+    /// and `key`. With port 0 the kernel picks the TCP port — the crowded space, where every
+    /// outgoing connection holds an ephemeral port — and UDP follows it; if that UDP port is
+    /// taken, a new pair is tried.
+    pub fn bind(
+        listen: SocketAddr,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, ListenError> {
+        const ATTEMPTS: usize = 32;
+        // The stateless-reset and connection-ID keys are derived from the private key (see
+        // `quic`), so a restarted relay recognises its agents' packets.
+        let reset_secret = key.secret_der().to_vec();
+        let tls = tls::tunnel_server_config(chain, key)?;
+        let mut attempt = 1;
+        loop {
+            let tcp_error = |source| ListenError::Tcp { addr: listen, source };
+            let tcp = tcp::listen(listen).map_err(tcp_error)?;
+            let local_addr = tcp.local_addr().map_err(tcp_error)?;
+            let udp_addr = SocketAddr::new(listen.ip(), local_addr.port());
+            match quic::relay_endpoint(udp_addr, tls.clone(), &reset_secret) {
+                Ok(quic) => {
+                    let tcp_tls = Arc::new(RwLock::new(Arc::new(tls)));
+                    let endpoint = TunnelEndpoint { quic, tcp: tcp_tls };
+                    return Ok(Self { endpoint, tcp, local_addr });
+                }
+                Err(QuicSetupError::Bind(_, e))
+                    if listen.port() == 0
+                        && attempt < ATTEMPTS
+                        && e.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    tracing::debug!(%udp_addr, "UDP side of the tunnel port is taken ({e}); trying another");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The bound address (the same port on TCP and UDP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The endpoint that outlives the accept loops: identity replacement and close.
+    pub fn endpoint(&self) -> TunnelEndpoint {
+        self.endpoint.clone()
+    }
+
+    /// Accepts agents on both transports until `stop` is cancelled: each connection
+    /// `admission` lets in is handed to `on_connection` with its handshake (bounded by
+    /// `handshake_deadline` once awaited), its address, transport and ticket.
+    pub async fn serve<A, F>(
+        self,
+        admission: &A,
+        handshake_deadline: Duration,
+        stop: &CancellationToken,
+        on_connection: F,
+    ) where
+        A: Admission,
+        F: Fn(Handshake, SocketAddr, TransportKind, A::Ticket),
+    {
+        let Self { endpoint, tcp, .. } = self;
+        let quic_loop = async {
+            loop {
+                let incoming = tokio::select! {
+                    () = stop.cancelled() => break,
+                    incoming = endpoint.quic.accept() => match incoming {
+                        Some(incoming) => incoming,
+                        None => break,
+                    },
+                };
+                let remote = incoming.remote_address();
+                let incoming = if admission.wants_address_validation() && incoming.may_retry() {
+                    match incoming.retry() {
+                        Ok(()) => continue,
+                        Err(not_retried) => not_retried.into_incoming(),
+                    }
+                } else {
+                    incoming
+                };
+                let Some(ticket) = admission.admit(remote, TransportKind::Quic) else {
+                    incoming.refuse();
+                    continue;
+                };
+                let handshake = Handshake(Box::pin(quic::accept(incoming, handshake_deadline)));
+                on_connection(handshake, remote, TransportKind::Quic, ticket);
+            }
+        };
+        let tcp_loop = tcp::accept_until(&tcp, stop, |socket, remote| {
+            let Some(ticket) = admission.admit(remote, TransportKind::Tcp) else {
+                tcp::abort(socket);
+                return;
+            };
+            // Read at each accept: a reload may have replaced the certificate.
+            let acceptor = endpoint.tcp_acceptor();
+            let handshake = h2::accept(socket, remote, acceptor, handshake_deadline);
+            let handshake =
+                Handshake(Box::pin(async move { handshake.await.map(RelayConnection::from) }));
+            on_connection(handshake, remote, TransportKind::Tcp, ticket);
+        });
+        tokio::join!(quic_loop, tcp_loop);
+    }
+}
