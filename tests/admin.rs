@@ -485,3 +485,81 @@ async fn an_open_connection_is_listed_and_its_bytes_counted_while_it_runs() {
     tokio::time::timeout(WAIT, running).await.expect("agent stops").expect("agent task");
     harness.shutdown(&[]).await;
 }
+
+/// The JSON example that follows `heading` in docs/admin-api.md.
+fn documented_example(heading: &str) -> Value {
+    const DOC: &str = include_str!("../docs/admin-api.md");
+    let after = DOC.split_once(heading).unwrap_or_else(|| panic!("the doc has {heading}")).1;
+    let block = after.split_once("```json\n").expect("an example").1;
+    let json = block.split_once("```").expect("the example ends").0;
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{heading}'s example is JSON: {e}"))
+}
+
+/// Every key path in `value` (`agents[].verdicts.*.verdict`): array items merged, and the
+/// keys of a `verdicts` map — endpoint names — as `*`.
+fn key_paths(value: &Value, path: &str, into: &mut std::collections::BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map {
+                let key = if path.ends_with("verdicts") { "*" } else { key.as_str() };
+                let here = if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+                into.insert(here.clone());
+                key_paths(inner, &here, into);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                key_paths(item, &format!("{path}[]"), into);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn assert_same_keys(live: &Value, heading: &str) {
+    let (mut documented, mut served) = (Default::default(), Default::default());
+    key_paths(&documented_example(heading), "", &mut documented);
+    key_paths(live, "", &mut served);
+    assert_eq!(served, documented, "{heading}: the live answer and the doc differ: {live:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_answers_have_exactly_the_keys_the_doc_shows() {
+    let destination = echo_server().await;
+    let harness =
+        Harness::start_with_admin(vec![endpoint("e", destination)], loopback_admin(None)).await;
+    let relay_admin = harness.relay.admin_addr().expect("admin listener");
+    let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]);
+    config.admin = loopback_admin(None);
+    let agent = privlink_agent::Agent::new(config).expect("agent starts");
+    let agent_admin = agent.admin_addr().expect("admin listener");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(agent.run(stop.clone()));
+    harness.wait_approved("e").await;
+    // One connection open, so that both connection lists have an entry.
+    let mut open = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    open.write_all(b"x").await.expect("write");
+    open.read_exact(&mut [0u8; 1]).await.expect("echo");
+    let agent_status = poll("the agent's link to show its verdict", || async {
+        let status = status(agent_admin).await;
+        (status["links"][0]["verdicts"]["e"]["verdict"] == "Approved").then_some(status)
+    })
+    .await;
+
+    assert_same_keys(&status(relay_admin).await, "## `/api/v1/status` (relay)");
+    assert_same_keys(&agent_status, "## `/api/v1/status` (agent)");
+    assert_same_keys(&connections(relay_admin).await, "## `/api/v1/connections`");
+    // What the types read back is what was served.
+    let (_, body) = curl(relay_admin, "/api/v1/status", &[]).await;
+    let typed: privlink_admin::snapshot::StatusSnapshot =
+        serde_json::from_str(&body).expect("the relay's answer reads as a status snapshot");
+    assert_eq!(
+        serde_json::to_value(&typed).expect("JSON"),
+        serde_json::from_str::<Value>(&body).expect("JSON")
+    );
+
+    drop(open);
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await.expect("agent stops").expect("agent task");
+    harness.shutdown(&[]).await;
+}

@@ -231,7 +231,7 @@ fn check_passes_on_private_answers_and_fails_a_refused_token() {
 
     // The relay keeps no agent from the check: its sessions ended at the welcome.
     let relay_admin = AdminProbe::new(Some(bed.topology.ns(0)), bed.configs.relay_admin);
-    relay_admin.wait_status(|status| status["agents"].as_array().is_some_and(Vec::is_empty));
+    relay_admin.wait_relay_status(|status| status.agents.is_empty());
 
     // A token the relay does not know: both relay steps fail with the relay's reason.
     let bad_token = bed.dir.path().join("certs/other-token");

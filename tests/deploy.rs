@@ -217,8 +217,8 @@ fn ready_and_stopping_reach_the_service_manager() {
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     let agent_admin = AdminProbe::new(None, configs.agent_admin);
     assert_eq!(agent_admin.get("/readyz").0, 200, "READY=1 before the agent's /readyz");
-    let status = agent_admin.status();
-    assert_eq!(status["links"][0]["state"], "connected", "{status:#}");
+    let status = agent_admin.agent_status();
+    assert_eq!(status.links[0].state, "connected", "{status:#?}");
 
     agent.signal_terminate();
     let stopping = agent_notify.next();
@@ -268,7 +268,7 @@ fn runs_as_an_unprivileged_user_on_a_read_only_root() {
     relay_admin.wait_ready();
     let agent = Running::spawn(confined(&["agent", "--config", &configs.agent]));
     AdminProbe::new(None, configs.agent_admin).wait_ready();
-    relay_admin.wait_status(|status| status["endpoints"][0]["status"] == "Approved");
+    relay_admin.wait_relay_status(|status| status.endpoints[0].status == "Approved");
     for (role, process) in [("relay", &relay), ("agent", &agent)] {
         let proc_status = std::fs::read_to_string(format!("/proc/{}/status", process.pid()))
             .expect("/proc status");

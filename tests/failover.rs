@@ -291,9 +291,11 @@ impl Deployment {
         let probe = AdminProbe::new(None, *admin);
         tokio::task::block_in_place(|| {
             agent.wait_ready(&probe);
-            let id = probe.status()["id"].as_str().expect("id").to_owned();
+            let id = probe.agent_status().id;
             for relay in &self.relays {
-                relay.admin.wait_status(|s| privlink_testbed::process::approved_by(s, &id, "e"));
+                relay
+                    .admin
+                    .wait_relay_status(|s| privlink_testbed::process::approved_by(s, &id, "e"));
             }
         });
         agent
@@ -448,11 +450,9 @@ async fn rolling_sigterm_restarts_of_two_agents_lose_nothing(transport: &str) {
         tokio::task::block_in_place(|| {
             let body = agent_admin.wait("/readyz", |code, _| code == 503);
             assert!(body.contains("draining"), "{body}");
-            deployment.relays[0].admin.wait_status(|s| {
-                s["agents"].as_array().is_some_and(|agents| {
-                    agents.iter().any(|a| a["name"] == name.as_str() && a["draining"] == true)
-                })
-            });
+            deployment.relays[0]
+                .admin
+                .wait_relay_status(|s| s.agents.iter().any(|a| a.name == name && a.draining));
         });
         for transfer in transfers {
             if let Err(e) = transfer.await.expect("join") {
@@ -515,11 +515,13 @@ async fn with_two_relays_one_killed_the_other_serves_and_the_agent_relinks(trans
     // Back on the same ports: the agent re-links by itself.
     let config = deployment.relays[0].config.clone();
     deployment.relays[0].running = common::privlink(&["relay", "--config", &config]);
-    let agent_id = deployment.agent_admin(0).status()["id"].as_str().expect("id").to_owned();
+    let agent_id = deployment.agent_admin(0).agent_status().id;
     tokio::task::block_in_place(|| {
         let relay = &mut deployment.relays[0];
         relay.running.wait_ready(&relay.admin);
-        relay.admin.wait_status(|s| privlink_testbed::process::approved_by(s, &agent_id, "e"));
+        relay
+            .admin
+            .wait_relay_status(|s| privlink_testbed::process::approved_by(s, &agent_id, "e"));
     });
     stop_load.cancel();
     let samples = churn.await.expect("churn");

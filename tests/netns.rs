@@ -19,6 +19,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{AdminProbe, Placement, Running, Tunnel, TunnelConfigs};
+use privlink_admin::snapshot::{AgentStatus, RelayStatus};
 use privlink_testbed::netns::{allow_outbound_udp, drop_outbound_udp, must, sh, skip_notice};
 use privlink_testbed::{Link, Topology};
 
@@ -144,25 +145,24 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
     // The agent's one link is up over TCP, after a fallback it counted, and the relay has its
     // approval over TCP.
     let link_on = |transport: &'static str| {
-        move |status: &serde_json::Value| {
-            status["links"][0]["state"] == "connected"
-                && status["links"][0]["transport"] == transport
+        move |status: &AgentStatus| {
+            status.links[0].state == "connected"
+                && status.links[0].transport.as_deref() == Some(transport)
         }
     };
-    let agent_status = agent_admin.wait_status(link_on("tcp"));
+    let agent_status = agent_admin.wait_agent_status(link_on("tcp"));
     let metrics = agent_admin.get("/metrics").1;
     assert!(metrics.contains("privlink_agent_transport_fallbacks_total 1"), "{metrics}");
-    let agent_id = agent_status["id"].as_str().expect("agent id").to_owned();
+    let agent_id = agent_status.id;
     let only_agent_on = |transport: &'static str| {
         let agent_id = agent_id.clone();
-        move |status: &serde_json::Value| {
+        move |status: &RelayStatus| {
             privlink_testbed::process::approved_by(status, &agent_id, "vault")
-                && status["agents"]
-                    .as_array()
-                    .is_some_and(|agents| agents.len() == 1 && agents[0]["transport"] == transport)
+                && status.agents.len() == 1
+                && status.agents[0].transport == transport
         }
     };
-    relay_admin.wait_status(only_agent_on("tcp"));
+    relay_admin.wait_relay_status(only_agent_on("tcp"));
 
     let client = |label: &str| {
         let status = topology
@@ -175,10 +175,10 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
 
     // UDP is allowed again: the agent's probe gets through and new streams move to QUIC.
     allow_outbound_udp(vnet);
-    agent_admin.wait_status(link_on("quic"));
+    agent_admin.wait_agent_status(link_on("quic"));
     // The idle TCP link closes once the agent is on QUIC: from then on the relay lists only
     // the QUIC connection, the only way to the agent.
-    relay_admin.wait_status(only_agent_on("quic"));
+    relay_admin.wait_relay_status(only_agent_on("quic"));
     client("over QUIC again");
 
     assert!(agent.terminate().success());
@@ -375,9 +375,9 @@ fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from(transport:
     // Cut the cloud–vnet link for longer than the keep-alive/idle timeout.
     let cut = std::time::Instant::now();
     topology.set_link_up(0, false);
-    tunnel.agent_admin.wait_status(|s| s["links"][0]["state"] != "connected");
+    tunnel.agent_admin.wait_agent_status(|s| s.links[0].state != "connected");
     let noticed = cut.elapsed();
-    tunnel.relay_admin.wait_status(|s| s["agents"].as_array().is_some_and(Vec::is_empty));
+    tunnel.relay_admin.wait_relay_status(|s| s.agents.is_empty());
     topology.set_link_up(0, true);
     let restored = std::time::Instant::now();
     tunnel.wait_served();
@@ -620,7 +620,7 @@ fn a_download_filling_a_thin_link_leaves_room_for_new_connections(transport: &st
     ready_rx.recv_timeout(common::WAIT).expect("server ready");
     let placement = Placement::Namespaces { relay: cloud, agent: vnet };
     let tunnel = Tunnel::start(common::BIN, &configs, placement);
-    let link_before = tunnel.relay_admin.status()["agents"][0]["remote"].clone();
+    let link_before = tunnel.relay_admin.relay_status().agents[0].remote.clone();
 
     let (received, digest, waits) = spawn_in_namespace(cloud, || async {
         let (first_byte_tx, first_byte_rx) = tokio::sync::oneshot::channel::<()>();
@@ -659,7 +659,7 @@ fn a_download_filling_a_thin_link_leaves_room_for_new_connections(transport: &st
     assert_eq!(received, THIN_DOWNLOAD_BYTES);
     assert_eq!(digest.as_ref(), &expected[..], "the bytes changed on the way");
     assert!(!waits.is_empty(), "no exchange ran beside the download");
-    let link_after = tunnel.relay_admin.status()["agents"][0]["remote"].clone();
+    let link_after = tunnel.relay_admin.relay_status().agents[0].remote.clone();
     assert_eq!(link_before, link_after, "the agent's tunnel connection was replaced");
     let mut sorted = waits.clone();
     sorted.sort_unstable();
@@ -1022,10 +1022,10 @@ fn a_destination_only_one_of_two_agents_can_reach_costs_no_client_a_failure() {
     ));
     let agent2_admin = AdminProbe::new(Some(vnet2), ADMIN.1);
     agent2_admin.wait_ready();
-    let agent2_id = agent2_admin.status()["id"].as_str().expect("id").to_owned();
+    let agent2_id = agent2_admin.agent_status().id;
     tunnel
         .relay_admin
-        .wait_status(|s| privlink_testbed::process::approved_by(s, &agent2_id, "vault"));
+        .wait_relay_status(|s| privlink_testbed::process::approved_by(s, &agent2_id, "vault"));
 
     // Two seconds of new TLS connections from the cloud side, four at a time.
     let samples = spawn_in_namespace(cloud, move || async move {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{BIN, Running, echo_round_trip, echo_server};
+use privlink_admin::snapshot::{StatusSnapshot, VerdictView};
 use tokio::net::TcpStream;
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -187,17 +188,17 @@ async fn survive_restarts(transport: &str) {
     // status may list the dead agent as approving until the relay notices it is gone, so this
     // waits for an agent with a new id to approve.
     let (_, before) = common::admin_get(admin, "/api/v1/status");
-    let before: serde_json::Value = serde_json::from_str(&before).expect("status JSON");
-    let old_id = before["agents"][0]["id"].as_str().expect("the agent's id").to_owned();
+    let before: StatusSnapshot = serde_json::from_str(&before).expect("a status snapshot");
+    let old_id = before.relay().expect("a relay's status").agents[0].id.clone();
     agent.kill_hard();
     let agent = common::privlink(&agent_args);
     common::wait_admin(admin, "/api/v1/status", |code, body| {
         code == 200
-            && serde_json::from_str::<serde_json::Value>(body).is_ok_and(|s| {
-                s["agents"].as_array().is_some_and(|agents| {
-                    agents.iter().any(|a| {
-                        a["id"] != old_id.as_str()
-                            && a["verdicts"]["contoso-kv"]["verdict"] == "Approved"
+            && serde_json::from_str::<StatusSnapshot>(body).is_ok_and(|s| {
+                s.relay().is_some_and(|relay| {
+                    relay.agents.iter().any(|a| {
+                        a.id != old_id
+                            && a.verdicts.get("contoso-kv") == Some(&VerdictView::Approved)
                     })
                 })
             })

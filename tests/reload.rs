@@ -71,8 +71,8 @@ impl Running2 {
     fn wait_agent_served(&self, admin: SocketAddr) {
         let agent_admin = AdminProbe::new(None, admin);
         agent_admin.wait_ready();
-        let id = agent_admin.status()["id"].as_str().expect("id").to_owned();
-        self.relay_admin.wait_status(|s| approved_by(s, &id, "e"));
+        let id = agent_admin.agent_status().id;
+        self.relay_admin.wait_relay_status(|s| approved_by(s, &id, "e"));
     }
 
     fn relay_config(&self) -> String {
@@ -257,10 +257,7 @@ async fn a_token_rotation_keeps_the_new_agent_and_disconnects_the_old_one() {
     std::fs::write(&new_path, new_config).expect("agent config");
     let _new_agent = common::privlink(&["agent", "--config", new_path.to_str().expect("utf-8")]);
     tokio::task::block_in_place(|| running.wait_agent_served(new_admin));
-    let old_id = AdminProbe::new(None, running.configs.agent_admin).status()["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let old_id = AdminProbe::new(None, running.configs.agent_admin).agent_status().id;
 
     // Step 3: the old hash removed: its agent is disconnected, the new one serves on.
     let only_new = original.replace(&old_digest, &new_digest);
@@ -269,11 +266,9 @@ async fn a_token_rotation_keeps_the_new_agent_and_disconnects_the_old_one() {
             running.write_relay_config(&only_new);
             running.sighup();
         });
-        running.relay_admin.wait_status(|s| {
-            s["agents"].as_array().is_some_and(|agents| {
-                agents.len() == 1 && agents.iter().all(|a| a["id"] != old_id.as_str())
-            })
-        });
+        running
+            .relay_admin
+            .wait_relay_status(|s| s.agents.len() == 1 && s.agents.iter().all(|a| a.id != old_id));
     });
     for _ in 0..5 {
         assert!(served(running.endpoint).await, "the new token's agent serves");
@@ -337,11 +332,8 @@ async fn a_reload_adds_and_removes_endpoints_and_changes_an_acl_while_a_transfer
             running.sighup();
         });
         // The agent was told: it judged `new`, and the relay lists it approved; `old` is gone.
-        running.relay_admin.wait_status(|s| {
-            s["endpoints"].as_array().is_some_and(|all| {
-                all.iter().any(|e| e["name"] == "new" && e["status"] == "Approved")
-                    && all.iter().all(|e| e["name"] != "old")
-            })
+        running.relay_admin.wait_relay_status(|s| {
+            s.endpoint("new").is_some_and(|e| e.status == "Approved") && s.endpoint("old").is_none()
         });
     });
     assert!(served(new_listen).await, "the added endpoint serves");
@@ -389,10 +381,7 @@ fn new_agents_trusting(running: &Running2, ca: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_tunnel_certificate_serves_new_handshakes_and_the_live_link_stays() {
     let running = Running2::start().await;
-    let agent_id = AdminProbe::new(None, running.configs.agent_admin).status()["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let agent_id = AdminProbe::new(None, running.configs.agent_admin).agent_status().id;
     certs_from_another_ca(&running, "renewed");
     let new_config = running
         .relay_config()
@@ -405,8 +394,8 @@ async fn a_new_tunnel_certificate_serves_new_handshakes_and_the_live_link_stays(
         });
     });
     // The link made with the old certificate stays and serves.
-    let status = tokio::task::block_in_place(|| running.relay_admin.status());
-    assert!(approved_by(&status, &agent_id, "e"), "the live link stays: {status}");
+    let status = tokio::task::block_in_place(|| running.relay_admin.relay_status());
+    assert!(approved_by(&status, &agent_id, "e"), "the live link stays: {status:?}");
     assert!(served(running.endpoint).await);
     tokio::task::block_in_place(|| new_agents_trusting(&running, "renewed/ca.crt"));
 }
@@ -434,13 +423,8 @@ async fn a_certificate_renewed_in_place_is_picked_up_without_a_signal() {
 }
 
 /// The endpoint `e`'s status in the relay's snapshot.
-fn status_of_e(status: &serde_json::Value) -> String {
-    status["endpoints"]
-        .as_array()
-        .and_then(|all| all.iter().find(|e| e["name"] == "e"))
-        .and_then(|e| e["status"].as_str())
-        .unwrap_or_default()
-        .to_owned()
+fn status_of_e(status: &privlink_admin::snapshot::RelayStatus) -> String {
+    status.endpoint("e").map(|e| e.status.clone()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,12 +453,12 @@ async fn the_agent_reloads_its_allowlist_its_relays_and_its_token() {
             write_agent(&narrowed);
             signal(running.agent.pid(), "-HUP");
         });
-        running.relay_admin.wait_status(|s| status_of_e(s) == "Rejected");
+        running.relay_admin.wait_relay_status(|s| status_of_e(s) == "Rejected");
     });
     // Back, picked up from the file alone: approved and serving again.
     tokio::task::block_in_place(|| {
         reload_and_wait(&agent_admin, "applied", || write_agent(&original));
-        running.relay_admin.wait_status(|s| status_of_e(s) == "Approved");
+        running.relay_admin.wait_relay_status(|s| status_of_e(s) == "Approved");
     });
     assert!(served(running.endpoint).await);
 
@@ -504,7 +488,7 @@ async fn the_agent_reloads_its_allowlist_its_relays_and_its_token() {
     tokio::task::block_in_place(|| {
         relay2_admin.wait_ready();
         reload_and_wait(&agent_admin, "applied", || write_agent(&both));
-        relay2_admin.wait_status(|s| status_of_e(s) == "Approved");
+        relay2_admin.wait_relay_status(|s| status_of_e(s) == "Approved");
     });
     assert!(served(endpoint2).await, "the added relay serves");
     // …and drains its link to the one removed from it.
@@ -512,7 +496,7 @@ async fn the_agent_reloads_its_allowlist_its_relays_and_its_token() {
         .replace(&format!("relays = [\"{tunnel1}\"]"), &format!("relays = [\"{tunnel2}\"]"));
     tokio::task::block_in_place(|| {
         reload_and_wait(&agent_admin, "applied", || write_agent(&only_second));
-        running.relay_admin.wait_status(|s| status_of_e(s) == "Disconnected");
+        running.relay_admin.wait_relay_status(|s| status_of_e(s) == "Disconnected");
     });
     assert!(served(endpoint2).await, "the remaining relay serves on");
 

@@ -60,16 +60,15 @@ async fn a_connector_with_10000_endpoints_is_welcomed_approved_and_served() {
     let agent_admin = AdminProbe::new(None, configs.agent_admin);
     let status = tokio::task::block_in_place(|| {
         agent_admin.wait_ready();
-        relay_admin.wait_status(|status| {
-            status["endpoints"].as_array().is_some_and(|all| {
-                all.len() == ENDPOINTS && all.iter().all(|e| e["status"] == "Approved")
-            })
+        relay_admin.wait_relay_status(|status| {
+            status.endpoints.len() == ENDPOINTS
+                && status.endpoints.iter().all(|e| e.status == "Approved")
         })
     });
     let approved = started.elapsed();
-    let agents = status["agents"].as_array().expect("agents");
+    let agents = &status.agents;
     assert_eq!(agents.len(), 1);
-    let verdicts = agents[0]["verdicts"].as_object().expect("verdicts");
+    let verdicts = &agents[0].verdicts;
     assert_eq!(verdicts.len(), ENDPOINTS, "a verdict for every endpoint reached the relay");
 
     let last = listen_of(ENDPOINTS - 1, port);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
+use privlink_admin::snapshot::{AgentStatus, RelayStatus, StatusSnapshot, VerdictView};
 
 use super::Unavailable;
 
@@ -38,29 +38,31 @@ pub(crate) async fn run(admin: &str, token_file: Option<&Path>, json: bool) -> a
         print!("{body}");
         return Ok(());
     }
-    let status: Value = serde_json::from_str(&body).context("the status is not JSON")?;
+    let status: StatusSnapshot =
+        serde_json::from_str(&body).context("the answer is not a privlink status")?;
     print!("{}", render(&status));
     Ok(())
 }
 
 /// The status as tables, by role.
-fn render(status: &Value) -> String {
-    match status["role"].as_str() {
-        Some("agent") => render_agent(status),
-        _ => render_relay(status),
+fn render(status: &StatusSnapshot) -> String {
+    match status {
+        StatusSnapshot::Relay(relay) => render_relay(relay),
+        StatusSnapshot::Agent(agent) => render_agent(agent),
     }
 }
 
-fn text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_owned(),
-        other => other.to_string(),
-    }
+/// A cell for something that may be absent.
+fn or_dash(value: Option<&str>) -> String {
+    value.unwrap_or("-").to_owned()
 }
 
-fn items(value: &Value) -> &[Value] {
-    value.as_array().map_or(&[], Vec::as_slice)
+/// A verdict in words, with the reason of a rejection.
+fn verdict_text(verdict: &VerdictView) -> String {
+    match verdict {
+        VerdictView::Approved => "Approved".to_owned(),
+        VerdictView::Rejected { reason } => format!("Rejected ({reason})"),
+    }
 }
 
 /// Lays rows out in columns as wide as their widest cell.
@@ -91,36 +93,41 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn render_relay(status: &Value) -> String {
-    let endpoints: Vec<Vec<String>> = items(&status["endpoints"])
+fn render_relay(status: &RelayStatus) -> String {
+    let endpoints: Vec<Vec<String>> = status
+        .endpoints
         .iter()
         .map(|e| {
-            let mut state = text(&e["status"]);
-            if let Some(reason) = e["reason"].as_str() {
+            let mut state = e.status.clone();
+            if let Some(reason) = &e.reason {
                 let _ = write!(state, " ({reason})");
             }
-            let agents: Vec<String> = items(&e["approving_agents"]).iter().map(text).collect();
             vec![
-                text(&e["name"]),
+                e.name.clone(),
                 state,
-                if agents.is_empty() { "-".to_owned() } else { agents.join(",") },
-                text(&e["active_connections"]),
-                text(&e["total_connections"]),
-                text(&e["destination"]),
+                if e.approving_agents.is_empty() {
+                    "-".to_owned()
+                } else {
+                    e.approving_agents.join(",")
+                },
+                e.active_connections.to_string(),
+                e.total_connections.to_string(),
+                e.destination.clone(),
             ]
         })
         .collect();
-    let agents: Vec<Vec<String>> = items(&status["agents"])
+    let agents: Vec<Vec<String>> = status
+        .agents
         .iter()
         .map(|a| {
             vec![
-                text(&a["name"]),
-                text(&a["connector"]),
-                text(&a["transport"]),
-                text(&a["active_streams"]),
-                if a["draining"].as_bool() == Some(true) { "yes" } else { "no" }.to_owned(),
-                text(&a["remote"]),
-                text(&a["version"]),
+                a.name.clone(),
+                a.connector.clone(),
+                a.transport.clone(),
+                a.active_streams.to_string(),
+                if a.draining { "yes" } else { "no" }.to_owned(),
+                a.remote.clone(),
+                a.version.clone(),
             ]
         })
         .collect();
@@ -138,35 +145,30 @@ fn render_relay(status: &Value) -> String {
     out
 }
 
-fn render_agent(status: &Value) -> String {
+fn render_agent(status: &AgentStatus) -> String {
     let mut verdicts = Vec::new();
-    let links: Vec<Vec<String>> = items(&status["links"])
+    let links: Vec<Vec<String>> = status
+        .links
         .iter()
         .map(|l| {
-            if let Some(all) = l["verdicts"].as_object() {
-                for (endpoint, v) in all {
-                    let mut verdict = text(&v["verdict"]);
-                    if let Some(reason) = v["reason"].as_str() {
-                        let _ = write!(verdict, " ({reason})");
-                    }
-                    verdicts.push(vec![text(&l["relay"]), endpoint.clone(), verdict]);
-                }
+            for (endpoint, verdict) in &l.verdicts {
+                verdicts.push(vec![l.relay.clone(), endpoint.clone(), verdict_text(verdict)]);
             }
             vec![
-                text(&l["relay"]),
-                text(&l["address"]),
-                text(&l["state"]),
-                text(&l["transport"]),
-                text(&l["active_streams"]),
-                text(&l["last_error"]),
+                l.relay.clone(),
+                l.address.clone(),
+                l.state.clone(),
+                or_dash(l.transport.as_deref()),
+                l.active_streams.to_string(),
+                or_dash(l.last_error.as_deref()),
             ]
         })
         .collect();
     let mut out = format!(
         "agent {} (connector {}): {}\n\n",
-        text(&status["name"]),
-        text(&status["connector"]),
-        if status["ready"].as_bool() == Some(true) { "ready" } else { "not ready" }
+        status.name,
+        status.connector,
+        if status.ready { "ready" } else { "not ready" }
     );
     out.push_str(&table(
         &["RELAY", "ADDRESS", "STATE", "TRANSPORT", "STREAMS", "LAST ERROR"],
@@ -187,17 +189,23 @@ mod tests {
     fn a_relay_status_prints_as_two_tables() {
         let status = serde_json::json!({
             "role": "relay",
+            "version": "0.1.0",
+            "ready": true,
+            "pending_tunnel_connections": 0,
             "endpoints": [
                 { "name": "kv", "status": "Approved", "reason": null, "approving_agents": ["a1"],
-                  "active_connections": 2, "total_connections": 10, "destination": "kv.example:443" },
+                  "active_connections": 2, "total_connections": 10, "destination": "kv.example:443",
+                  "listen": "0.0.0.0:8443", "connector": "east" },
                 { "name": "db", "status": "Rejected", "reason": "not in the allowlist",
                   "approving_agents": [], "active_connections": 0, "total_connections": 0,
-                  "destination": "db.example:5432" }
+                  "destination": "db.example:5432", "listen": "0.0.0.0:8444", "connector": "east" }
             ],
             "agents": [ { "name": "a1", "connector": "east", "transport": "quic",
                           "active_streams": 2, "draining": false, "remote": "10.0.0.9:5000",
-                          "version": "0.1.0" } ]
+                          "version": "0.1.0", "id": "1", "connected_since_unix": 1,
+                          "verdicts": {} } ]
         });
+        let status: StatusSnapshot = serde_json::from_value(status).expect("a relay status");
         let out = render(&status);
         let lines: Vec<&str> = out.lines().collect();
         // Columns line up under their headers.

@@ -78,10 +78,12 @@ pub fn wait_endpoint_status(admin: std::net::SocketAddr, endpoint: &str, status:
     wait_admin(admin, "/readyz", |code, _| code == 200);
     wait_admin(admin, "/api/v1/status", |code, body| {
         code == 200
-            && serde_json::from_str::<serde_json::Value>(body).is_ok_and(|s| {
-                s["endpoints"].as_array().is_some_and(|all| {
-                    all.iter().any(|e| e["name"] == endpoint && e["status"] == status)
-                })
-            })
+            && serde_json::from_str::<privlink_admin::snapshot::StatusSnapshot>(body).is_ok_and(
+                |s| {
+                    s.relay()
+                        .and_then(|relay| relay.endpoint(endpoint))
+                        .is_some_and(|e| e.status == status)
+                },
+            )
     });
 }

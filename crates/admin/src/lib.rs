@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod snapshot;
 
 use std::convert::Infallible;
 use std::io;
@@ -60,10 +61,10 @@ pub trait AdminView: Send + Sync + 'static {
     /// For `/readyz`.
     fn readiness(&self) -> Readiness;
     /// For `/api/v1/status`: the role's status snapshot.
-    fn status(&self) -> serde_json::Value;
+    fn status(&self) -> snapshot::StatusSnapshot;
     /// For `/api/v1/connections`: the connections open now, at most
     /// [`MAX_LISTED_CONNECTIONS`] of them, oldest first.
-    fn connections(&self) -> serde_json::Value;
+    fn connections(&self) -> snapshot::ConnectionsSnapshot;
     /// For `/metrics`: OpenMetrics text, or `None` where the role has no metrics yet.
     fn metrics(&self) -> Option<String> {
         None
@@ -155,18 +156,6 @@ fn unix_now() -> i64 {
 /// Seconds since the Unix epoch, as the JSON writes every time (0 for a time before it).
 pub fn unix_seconds(time: std::time::SystemTime) -> u64 {
     time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// A verdict as both roles' status JSON writes it: `{"verdict": "Approved"}` or
-/// `{"verdict": "Rejected", "reason": "…"}`.
-pub fn verdict_json(verdict: &privlink_protocol::message::Verdict) -> serde_json::Value {
-    use privlink_protocol::message::Verdict;
-    match verdict {
-        Verdict::Approved => serde_json::json!({ "verdict": "Approved" }),
-        Verdict::Rejected { reason } => {
-            serde_json::json!({ "verdict": "Rejected", "reason": reason })
-        }
-    }
 }
 
 /// A bound admin listener, ready to [`run`](AdminServer::run).
@@ -326,8 +315,9 @@ fn page(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>>
     response
 }
 
-fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut body = value.to_string();
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    // Serializing these plain structs into a String cannot fail.
+    let mut body = serde_json::to_string(value).unwrap_or_default();
     body.push('\n');
     let mut response = Response::new(Full::new(Bytes::from(body)));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

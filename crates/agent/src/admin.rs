@@ -6,8 +6,11 @@
 
 use std::sync::Arc;
 
+use privlink_admin::snapshot::{
+    AgentConnectionView, AgentStatus as AgentStatusView, ConnectionList, ConnectionsSnapshot,
+    StatusSnapshot,
+};
 use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
-use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::StreamPolicy;
@@ -42,37 +45,36 @@ impl AdminView for AgentAdmin {
         Some(self.policy.metrics.render(&self.status, &self.policy.live))
     }
 
-    fn connections(&self) -> Value {
+    fn connections(&self) -> ConnectionsSnapshot {
         let mut open = self.policy.live.snapshot();
         let total = open.len();
         open.sort_unstable_by_key(|live| (live.started, live.id));
-        let listed: Vec<Value> = open
+        let listed = open
             .iter()
             .take(MAX_LISTED_CONNECTIONS)
             .map(|live| {
-                let (from_destination, to_destination) = live.bytes.get();
-                json!({
-                    "endpoint": live.info.endpoint,
-                    "client": live.info.client.to_string(),
-                    "destination": live.info.destination,
-                    "started_unix": unix_seconds(live.started),
-                    "bytes_to_destination": to_destination,
-                    "bytes_from_destination": from_destination,
-                })
+                let (bytes_from_destination, bytes_to_destination) = live.bytes.get();
+                AgentConnectionView {
+                    endpoint: live.info.endpoint.clone(),
+                    client: live.info.client.to_string(),
+                    destination: live.info.destination.clone(),
+                    started_unix: unix_seconds(live.started),
+                    bytes_to_destination,
+                    bytes_from_destination,
+                }
             })
             .collect();
-        json!({ "total": total, "connections": listed })
+        ConnectionsSnapshot { total, connections: ConnectionList::Agent(listed) }
     }
 
-    fn status(&self) -> Value {
-        json!({
-            "role": "agent",
-            "version": env!("CARGO_PKG_VERSION"),
-            "ready": matches!(self.readiness(), Readiness::Ready),
-            "name": self.name,
-            "id": self.id,
-            "connector": self.connector,
-            "links": self.status.links_json(),
+    fn status(&self) -> StatusSnapshot {
+        StatusSnapshot::Agent(AgentStatusView {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ready: matches!(self.readiness(), Readiness::Ready),
+            name: self.name.clone(),
+            id: self.id.clone(),
+            connector: self.connector.clone(),
+            links: self.status.link_views(),
         })
     }
 }

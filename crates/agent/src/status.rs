@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use privlink_admin::snapshot::{self, VerdictView};
 use privlink_protocol::message::EndpointVerdict;
 use privlink_transport::tunnel::TransportKind;
-use serde_json::{Value, json};
 use tokio::sync::watch;
 
 /// Where one relay link stands.
@@ -165,26 +165,23 @@ impl AgentStatus {
         self.changed.subscribe()
     }
 
-    /// The links as the status JSON's `links` array.
-    pub(crate) fn links_json(&self) -> Value {
+    /// The links as the status snapshot lists them.
+    pub(crate) fn link_views(&self) -> Vec<snapshot::LinkView> {
         self.links()
             .into_iter()
-            .map(|link| {
-                let verdicts: serde_json::Map<String, Value> = link
+            .map(|link| snapshot::LinkView {
+                relay: link.relay,
+                address: link.address.to_string(),
+                state: link.state.word().to_owned(),
+                transport: link.transport.map(|t| t.to_string()),
+                since_unix: privlink_admin::unix_seconds(link.since),
+                last_error: link.last_error,
+                verdicts: link
                     .verdicts
                     .iter()
-                    .map(|v| (v.endpoint.clone(), privlink_admin::verdict_json(&v.verdict)))
-                    .collect();
-                json!({
-                    "relay": link.relay,
-                    "address": link.address.to_string(),
-                    "state": link.state.word(),
-                    "transport": link.transport.map(|t| t.to_string()),
-                    "since_unix": privlink_admin::unix_seconds(link.since),
-                    "last_error": link.last_error,
-                    "verdicts": verdicts,
-                    "active_streams": link.active_streams,
-                })
+                    .map(|v| (v.endpoint.clone(), VerdictView::from(&v.verdict)))
+                    .collect(),
+                active_streams: link.active_streams,
             })
             .collect()
     }

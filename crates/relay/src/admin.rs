@@ -7,9 +7,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds, verdict_json};
+use privlink_admin::snapshot::{
+    ConnectionList, ConnectionsSnapshot, EndpointView, RelayAgentView, RelayConnectionView,
+    RelayStatus, StatusSnapshot, VerdictView,
+};
+use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
 use privlink_protocol::message::Verdict;
-use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{EndpointState, ScrapedState};
@@ -37,7 +40,7 @@ impl AdminView for RelayAdmin {
         Some(self.handle.metrics().render(&scrape(&self.handle)))
     }
 
-    fn connections(&self) -> Value {
+    fn connections(&self) -> ConnectionsSnapshot {
         let endpoints = self.handle.endpoints();
         let mut open: Vec<(&str, _)> = endpoints
             .iter()
@@ -48,29 +51,29 @@ impl AdminView for RelayAdmin {
             .collect();
         let total = open.len();
         open.sort_unstable_by_key(|(_, live)| (live.started, live.id));
-        let listed: Vec<Value> = open
+        let listed = open
             .iter()
             .take(MAX_LISTED_CONNECTIONS)
             .map(|(endpoint, live)| {
-                let (from_client, to_client) = live.bytes.get();
-                json!({
-                    "endpoint": endpoint,
-                    "client": live.info.client.to_string(),
-                    "agent": live.info.agent(),
-                    "started_unix": unix_seconds(live.started),
-                    "bytes_from_client": from_client,
-                    "bytes_to_client": to_client,
-                })
+                let (bytes_from_client, bytes_to_client) = live.bytes.get();
+                RelayConnectionView {
+                    endpoint: (*endpoint).to_owned(),
+                    client: live.info.client.to_string(),
+                    agent: live.info.agent(),
+                    started_unix: unix_seconds(live.started),
+                    bytes_from_client,
+                    bytes_to_client,
+                }
             })
             .collect();
-        json!({ "total": total, "connections": listed })
+        ConnectionsSnapshot { total, connections: ConnectionList::Relay(listed) }
     }
 
-    fn status(&self) -> Value {
+    fn status(&self) -> StatusSnapshot {
         let handle = &self.handle;
         // Each connector's agents, read once: an endpoint's approving agents come from them.
         let mut agents_of: BTreeMap<String, Vec<AgentView>> = BTreeMap::new();
-        let endpoints: Vec<Value> = handle
+        let endpoints = handle
             .endpoints()
             .into_iter()
             .map(|(endpoint, addr)| {
@@ -87,57 +90,52 @@ impl AdminView for RelayAdmin {
                     EndpointStatus::Rejected { reason } => Some(reason.clone()),
                     _ => None,
                 };
-                let approving: Vec<&str> = agents
+                let approving_agents = agents
                     .iter()
                     .filter(|a| {
                         !a.draining && matches!(a.verdict(&spec.name), Some(Verdict::Approved))
                     })
-                    .map(|a| a.name.as_str())
+                    .map(|a| a.name.clone())
                     .collect();
-                let active = endpoint.active();
-                json!({
-                    "name": spec.name,
-                    "listen": addr.to_string(),
-                    "destination": spec.destination.to_string(),
-                    "connector": spec.connector,
-                    "status": status.word(),
-                    "reason": reason,
-                    "active_connections": active,
-                    "total_connections": endpoint.counters.accepted.load(Ordering::Relaxed),
-                    "approving_agents": approving,
-                })
+                EndpointView {
+                    name: spec.name.clone(),
+                    listen: addr.to_string(),
+                    destination: spec.destination.to_string(),
+                    connector: spec.connector.clone(),
+                    status: status.word().to_owned(),
+                    reason,
+                    active_connections: endpoint.active(),
+                    total_connections: endpoint.counters.accepted.load(Ordering::Relaxed),
+                    approving_agents,
+                }
             })
             .collect();
-        let agents: Vec<Value> = agents_of
+        let agents = agents_of
             .values()
             .flatten()
-            .map(|a| {
-                let verdicts: serde_json::Map<String, Value> = a
+            .map(|a| RelayAgentView {
+                name: a.name.clone(),
+                id: a.info.agent_id.clone(),
+                connector: a.info.connector.clone(),
+                version: a.info.version.clone(),
+                transport: a.transport.to_string(),
+                remote: a.info.remote.to_string(),
+                connected_since_unix: unix_seconds(a.connected_since),
+                active_streams: a.active_streams,
+                draining: a.draining,
+                verdicts: a
                     .verdicts
                     .iter()
-                    .map(|(endpoint, verdict)| (endpoint.clone(), verdict_json(verdict)))
-                    .collect();
-                json!({
-                    "name": a.name,
-                    "id": a.info.agent_id,
-                    "connector": a.info.connector,
-                    "version": a.info.version,
-                    "transport": a.transport.to_string(),
-                    "remote": a.info.remote.to_string(),
-                    "connected_since_unix": unix_seconds(a.connected_since),
-                    "active_streams": a.active_streams,
-                    "draining": a.draining,
-                    "verdicts": verdicts,
-                })
+                    .map(|(endpoint, verdict)| (endpoint.clone(), VerdictView::from(verdict)))
+                    .collect(),
             })
             .collect();
-        json!({
-            "role": "relay",
-            "version": env!("CARGO_PKG_VERSION"),
-            "ready": matches!(self.readiness(), Readiness::Ready),
-            "endpoints": endpoints,
-            "agents": agents,
-            "pending_tunnel_connections": handle.pending_tunnel_connections(),
+        StatusSnapshot::Relay(RelayStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ready: matches!(self.readiness(), Readiness::Ready),
+            pending_tunnel_connections: handle.pending_tunnel_connections(),
+            endpoints,
+            agents,
         })
     }
 }

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use privlink_admin::snapshot::{AgentStatus, RelayStatus, StatusSnapshot, VerdictView};
 use privlink_protocol::token::TokenDigest;
 
 /// Generous bound for process start-up and reconnection (the relay notices a killed peer
@@ -206,26 +207,41 @@ impl AdminProbe {
     }
 
     /// Waits until the status snapshot satisfies `want`; returns it.
-    pub fn wait_status(&self, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_status(&self, want: impl Fn(&StatusSnapshot) -> bool) -> StatusSnapshot {
         let body = self.wait("/api/v1/status", |code, body| {
             code == 200 && serde_json::from_str(body).is_ok_and(|status| want(&status))
         });
-        serde_json::from_str(&body).expect("status JSON")
+        serde_json::from_str(&body).expect("a status snapshot")
     }
 
-    /// The status snapshot now.
-    pub fn status(&self) -> serde_json::Value {
-        self.wait_status(|_| true)
+    /// Waits until a relay's status snapshot satisfies `want`; returns it.
+    pub fn wait_relay_status(&self, want: impl Fn(&RelayStatus) -> bool) -> RelayStatus {
+        let status = self.wait_status(|s| s.relay().is_some_and(&want));
+        status.relay().cloned().expect("a relay's status")
+    }
+
+    /// Waits until an agent's status snapshot satisfies `want`; returns it.
+    pub fn wait_agent_status(&self, want: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
+        let status = self.wait_status(|s| s.agent().is_some_and(&want));
+        status.agent().cloned().expect("an agent's status")
+    }
+
+    /// A relay's status snapshot now.
+    pub fn relay_status(&self) -> RelayStatus {
+        self.wait_relay_status(|_| true)
+    }
+
+    /// An agent's status snapshot now.
+    pub fn agent_status(&self) -> AgentStatus {
+        self.wait_agent_status(|_| true)
     }
 }
 
 /// Whether a relay's status snapshot shows the agent `agent_id` approving `endpoint`.
-pub fn approved_by(status: &serde_json::Value, agent_id: &str, endpoint: &str) -> bool {
-    status["agents"].as_array().is_some_and(|agents| {
-        agents
-            .iter()
-            .any(|a| a["id"] == agent_id && a["verdicts"][endpoint]["verdict"] == "Approved")
-    })
+pub fn approved_by(status: &RelayStatus, agent_id: &str, endpoint: &str) -> bool {
+    status
+        .agent_by_id(agent_id)
+        .is_some_and(|a| a.verdicts.get(endpoint) == Some(&VerdictView::Approved))
 }
 
 /// A child process whose stderr lines are collected by a thread.
@@ -477,13 +493,12 @@ impl Tunnel {
     pub fn wait_served(&self) {
         self.agent_admin.wait_ready();
         let id = self.agent_id();
-        self.relay_admin.wait_status(|status| approved_by(status, &id, &self.endpoint));
+        self.relay_admin.wait_relay_status(|status| approved_by(status, &id, &self.endpoint));
     }
 
     /// The running agent's id, from its status snapshot.
     pub fn agent_id(&self) -> String {
-        let status = self.agent_admin.wait_status(|s| s["id"].is_string());
-        status["id"].as_str().expect("id").to_owned()
+        self.agent_admin.agent_status().id
     }
 
     /// SIGTERM to the agent, then the relay, waiting for each to exit; returns their exit
