@@ -42,7 +42,11 @@ impl AdminView for AgentAdmin {
     }
 
     fn metrics(&self) -> Option<String> {
-        Some(self.policy.metrics.render(&self.status, &self.policy.live))
+        let unreported = self.policy.live.snapshot().iter().fold((0, 0), |sum, live| {
+            let (from_destination, to_destination) = live.unreported();
+            (sum.0 + from_destination, sum.1 + to_destination)
+        });
+        Some(self.policy.metrics.render(&self.status, unreported))
     }
 
     fn connections(&self) -> ConnectionsSnapshot {

@@ -14,6 +14,9 @@
 //! * [`allowlist`] — rules, matching and the special-address refusal.
 //! * [`links`] — per relay name: resolve, keep a link to every address, back off, re-dial.
 //! * [`dial`] — one connection attempt: the transport choice, `auto` fallback and promotion.
+//! * `dialer` — dialling one relay address as the configuration says (transport's dialler,
+//!   the relay's name, a rejected certificate explained).
+//! * `shared` — what every link, session and stream shares.
 //! * [`session`] — one connection: the control conversation, accepting data streams.
 //! * [`forward`] — one data stream: check, resolve, connect, reply, splice.
 //! * [`metrics`] — the Prometheus metrics `/metrics` serves.
@@ -27,11 +30,13 @@ pub mod allowlist;
 pub mod check;
 pub mod config;
 pub mod dial;
+mod dialer;
 pub mod forward;
 pub mod links;
 pub mod metrics;
 pub mod reload;
 pub mod session;
+mod shared;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -40,7 +45,6 @@ use std::time::Duration;
 
 use privlink_transport::dialer::DialerError;
 use privlink_transport::drain;
-use ring::rand::{SecureRandom, SystemRandom};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -48,8 +52,10 @@ use privlink_admin::AdminServer;
 
 use crate::admin::AgentAdmin;
 pub use crate::config::AgentConfig;
+use crate::dialer::RelayDialer;
 use crate::forward::StreamPolicy;
 use crate::metrics::AgentMetrics;
+use crate::shared::{AgentShared, random_id};
 use crate::status::AgentStatus;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
@@ -71,54 +77,6 @@ pub enum AgentError {
     },
 }
 
-/// State every link and stream of the agent shares.
-#[derive(Debug)]
-pub(crate) struct AgentShared {
-    pub(crate) config: AgentConfig,
-    pub(crate) policy: Arc<StreamPolicy>,
-    pub(crate) agent_id: String,
-    /// Dials relays on either transport.
-    pub(crate) dialer: dial::RelayDialer,
-    /// Stop dialling and accepting streams.
-    pub(crate) shutdown: CancellationToken,
-    /// Abort streams still running after the grace period.
-    pub(crate) force: CancellationToken,
-    /// Each relay link's state, for the admin listener.
-    pub(crate) status: Arc<AgentStatus>,
-    pub(crate) metrics: Arc<AgentMetrics>,
-    /// The connector token in force (a reload re-reads the file); presented at each hello.
-    pub(crate) token: std::sync::RwLock<privlink_protocol::token::Token>,
-    /// Bumped when a reload changes the allowlist: sessions judge their endpoints again.
-    pub(crate) rules_changed: tokio::sync::watch::Sender<u64>,
-    /// Each configured relay's links, by the relay as written, and the token that retires it.
-    pub(crate) relays: std::sync::Mutex<std::collections::HashMap<String, CancellationToken>>,
-    /// Every relay's link tasks.
-    pub(crate) links: tokio_util::task::TaskTracker,
-}
-
-impl AgentShared {
-    /// The token to present.
-    pub(crate) fn token(&self) -> privlink_protocol::token::Token {
-        self.token.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-    }
-
-    /// Starts keeping links to `relay` (at start, or when a reload adds it).
-    pub(crate) fn start_relay(self: &Arc<Self>, relay: &config::RelayAddress) {
-        let stop = self.shutdown.child_token();
-        let mut relays = self.relays.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if relays.contains_key(&relay.to_string()) {
-            return;
-        }
-        relays.insert(relay.to_string(), stop.clone());
-        self.links.spawn(links::maintain_relay(
-            relay.clone(),
-            Arc::clone(self),
-            self.links.clone(),
-            stop,
-        ));
-    }
-}
-
 /// A configured agent, ready to [`run`](Agent::run).
 #[derive(Debug)]
 pub struct Agent {
@@ -137,7 +95,7 @@ impl Agent {
             ),
             None => None,
         };
-        let dialer = dial::RelayDialer::new(&config)?;
+        let dialer = RelayDialer::new(&config)?;
         let metrics = Arc::new(AgentMetrics::default());
         let policy = Arc::new(StreamPolicy::new(reload::rules_of(&config), Arc::clone(&metrics)));
         let shutdown = CancellationToken::new();
@@ -208,7 +166,7 @@ impl Agent {
             "agent starting"
         );
         for relay in &config.relays {
-            shared.start_relay(relay);
+            links::start_relay(&shared, relay);
         }
         let tracker = shared.links.clone();
         shutdown.cancelled().await;
@@ -222,13 +180,4 @@ impl Agent {
         }
         info!("agent stopped");
     }
-}
-
-/// A random id for this process (or a `check` session), in hex.
-pub(crate) fn random_id() -> String {
-    let mut bytes = [0u8; 8];
-    if SystemRandom::new().fill(&mut bytes).is_err() {
-        return "unknown".to_owned();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -15,10 +15,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, warn};
 
-use crate::AgentShared;
 use crate::config::RelayAddress;
 use crate::dial;
 use crate::session::SessionError;
+use crate::shared::AgentShared;
+
+/// Starts keeping links to `relay` (at start, or when a reload adds it).
+pub(crate) fn start_relay(shared: &Arc<AgentShared>, relay: &RelayAddress) {
+    let stop = shared.shutdown.child_token();
+    let mut relays = shared.relays.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if relays.contains_key(&relay.to_string()) {
+        return;
+    }
+    relays.insert(relay.to_string(), stop.clone());
+    shared.links.spawn(maintain_relay(
+        relay.clone(),
+        Arc::clone(shared),
+        shared.links.clone(),
+        stop,
+    ));
+}
 
 /// First re-dial delay.
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
@@ -132,7 +148,7 @@ async fn maintain_link(
                 info!("relay link ended; reconnecting in {delay:?}");
                 delay
             }
-            Err(SessionError::Refused(reason)) => {
+            Err(SessionError::Refused { reason, .. }) => {
                 let delay = operator_backoff.next_delay();
                 let reason = privlink_protocol::text::loggable(&reason);
                 let hint = if reason.contains("authentication failed") {

@@ -10,9 +10,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use privlink_transport::live::LiveTable;
-
-use crate::forward::LiveStream;
 use crate::status::{AgentStatus, LinkState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,13 +115,12 @@ impl AgentMetrics {
         self.fallbacks.inc();
     }
 
-    /// The OpenMetrics text, with the link gauges read from `status` now and the bytes of
-    /// the `open` streams counted up to now (the counters rise during a long transfer).
-    pub(crate) fn render(&self, status: &AgentStatus, open: &LiveTable<LiveStream>) -> String {
-        for live in open.snapshot() {
-            let (from_destination, to_destination) = live.unreported();
-            self.count_bytes(to_destination, from_destination);
-        }
+    /// The OpenMetrics text, with the link gauges read from `status` now and `unreported`,
+    /// the bytes open streams moved since the last scrape (from the destination, to it),
+    /// counted: the counters rise during a long transfer.
+    pub(crate) fn render(&self, status: &AgentStatus, unreported: (u64, u64)) -> String {
+        let (from_destination, to_destination) = unreported;
+        self.count_bytes(to_destination, from_destination);
         // Links that changed state since the last scrape would otherwise keep their old series.
         self.links.clear();
         let mut active = 0i64;

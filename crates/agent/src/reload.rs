@@ -14,9 +14,9 @@ use std::sync::{Arc, PoisonError};
 
 use tracing::{info, warn};
 
-use crate::AgentShared;
 use crate::config::AgentConfig;
 use crate::forward::StreamRules;
+use crate::shared::AgentShared;
 
 /// The part of `config` streams are judged and connected by.
 pub(crate) fn rules_of(config: &AgentConfig) -> StreamRules {
@@ -146,7 +146,7 @@ impl AgentReloader {
                 .contains_key(&relay.to_string());
             if !known {
                 summary.relays_added.push(relay.to_string());
-                shared.start_relay(relay);
+                crate::links::start_relay(shared, relay);
             }
         }
         summary.source_files = new.source_files;

@@ -1,54 +1,31 @@
 //! A session on one established tunnel connection: accept the relay's control stream and
-//! drive the agent's side of the control conversation ([`AgentControl`]) — our hello, the
-//! welcome or refusal, a verdict for each endpoint from the allowlist, heartbeats, drain
-//! notices — while serving the data streams the relay opens, until the connection ends or the
-//! agent winds the session down.
+//! drive the agent's side of the control conversation ([`AgentControl`], through transport's
+//! session driver) — our hello, the welcome or refusal, a verdict for each endpoint from the
+//! allowlist, heartbeats, drain notices — while serving the data streams the relay opens,
+//! until the connection ends or the agent winds the session down.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use privlink_protocol::control::{AgentControl, AgentEvent, ControlError, ControlMachine, Timers};
+use privlink_protocol::control::{AgentControl, AgentEvent, ControlMachine as _, Timers};
 use privlink_protocol::destination::Destination;
 use privlink_protocol::message::{
     EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict,
 };
 use privlink_protocol::{SOFTWARE_VERSION, text};
-use privlink_transport::control::{ControlStream, now};
-use privlink_transport::io::{ReadFrameError, WriteFrameError};
-use privlink_transport::tunnel::{AgentConnection, CloseCode, DialError, StreamError};
+pub use privlink_transport::session::SessionError;
+use privlink_transport::session::{Peer, Session, Step, now};
+use privlink_transport::tunnel::{AgentConnection, AgentSide, CloseCode};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::AgentShared;
 use crate::forward::serve_stream;
+use crate::shared::AgentShared;
 
-/// Why a session with a relay ended.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    /// No tunnel connection.
-    #[error(transparent)]
-    Dial(#[from] DialError),
-    /// The relay did not open its control stream.
-    #[error("control stream: {0}")]
-    ControlStream(#[from] StreamError),
-    /// The relay refused this agent (token, connector, version).
-    #[error("relay refused this agent: {0}")]
-    Refused(String),
-    /// The relay broke the control conversation, or went silent.
-    #[error("relay {0}")]
-    Protocol(#[from] ControlError),
-    /// A control frame could not be read.
-    #[error("reading from relay: {0}")]
-    Read(#[from] ReadFrameError),
-    /// A control frame could not be written.
-    #[error("writing to relay: {0}")]
-    Write(#[from] WriteFrameError),
-    /// The established connection was lost.
-    #[error("connection lost: {0}")]
-    Lost(String),
-}
+/// The agent's session driver.
+pub(crate) type AgentSession = Session<AgentControl, AgentSide>;
 
 /// Runs a session on an established connection until it ends or `wind_down` is cancelled,
 /// then lets its streams finish (or be forced) and closes the connection. `ready` is cancelled
@@ -89,122 +66,58 @@ async fn run_session(
     ready: &CancellationToken,
     streams: &TaskTracker,
 ) -> Result<(), SessionError> {
-    let mut control = accept_control(connection).await?;
     let hello = hello(
         &shared.config,
         shared.token(),
         shared.agent_id.clone(),
         shared.policy.rules().allowlist.describe(),
     );
-    let mut machine = AgentControl::new(hello, now(), Timers::default());
-    // Whether our hello went out: a failure after that, on a closed connection, is a refusal
-    // that arrived as the close reason instead of a frame.
-    let mut hello_sent = false;
-    // The endpoints approved on this connection; the relay may open streams for these only.
+    let mut session = accept_control(connection, hello).await?;
+    // The endpoints approved on this connection (the machine's, shared with stream tasks):
+    // the relay may open streams for these only.
     let mut approved: Arc<HashSet<String>> = Arc::default();
-    // The verdicts sent on this connection, for the status view.
-    let mut sent_verdicts = Vec::new();
-    // The endpoints assigned on this connection, judged again when a reload changes the rules.
-    let mut endpoints: Vec<EndpointAssignment> = Vec::new();
     let mut rules_changes = shared.rules_changed.subscribe();
     loop {
-        while let Some(event) = machine.poll_event() {
-            match event {
-                AgentEvent::RelayHello { software_version } => {
-                    hello_sent = true;
-                    debug!(relay_version = %text::loggable(&software_version), "relay hello");
-                }
-                AgentEvent::Welcome(welcomed) => {
-                    rules_changes.mark_unchanged(); // judged under the rules in force now
-                    endpoints = welcomed;
-                    let verdicts = judge(&endpoints, shared);
-                    approved = Arc::new(approved_in(&verdicts).collect());
-                    // Data streams are admitted from here on; the new limit leaves before
-                    // the verdicts, so the relay can open a stream as soon as it reads them.
-                    connection.allow_data_streams();
-                    sent_verdicts.clone_from(&verdicts);
-                    machine.send_verdicts(verdicts, now());
-                }
-                AgentEvent::EndpointsChanged { added, removed } => {
-                    // A relay reload: judge the new endpoints, stop opening the removed ones.
-                    let verdicts = judge(&added, shared);
-                    let mut now_approved: HashSet<String> = (*approved).clone();
-                    for name in &removed {
-                        now_approved.remove(name);
-                    }
-                    now_approved.extend(approved_in(&verdicts));
-                    approved = Arc::new(now_approved);
-                    sent_verdicts.retain(|v| !removed.contains(&v.endpoint));
-                    sent_verdicts.extend(verdicts.iter().cloned());
-                    endpoints.retain(|e| !removed.contains(&e.name));
-                    endpoints.extend(added);
-                    shared.status.set_verdicts(link, &sent_verdicts);
-                    machine.send_verdict_update(verdicts);
-                }
-                AgentEvent::Refused { reason } => return Err(SessionError::Refused(reason)),
-                AgentEvent::Heartbeat { active_streams } => {
-                    debug!(active_streams, "relay heartbeat")
-                }
-                AgentEvent::RelayDraining { reason } => {
-                    info!(reason = %text::loggable(&reason), "relay is draining");
-                }
-                AgentEvent::Failed(error) => {
-                    connection.close(CloseCode::ProtocolError, &error.to_string());
-                    return Err(error.into());
-                }
-            }
-        }
-        control.send_queued(&mut machine).await?;
-        if machine.is_established() && !ready.is_cancelled() {
-            info!(transport = %connection.kind(), endpoints = endpoints.len(), "connected to relay");
-            shared.status.connected(link, connection.kind(), &sent_verdicts);
+        session.flush().await?;
+        if session.machine().is_established() && !ready.is_cancelled() {
+            let endpoints = session.machine().endpoints().len();
+            info!(transport = %connection.kind(), endpoints, "connected to relay");
+            shared.status.connected(link, connection.kind(), session.machine().verdicts());
             ready.cancel();
         }
         let active_streams = u32::try_from(streams.len()).unwrap_or(u32::MAX);
-        machine.set_active_streams(active_streams);
+        session.machine_mut().set_active_streams(active_streams);
         shared.status.set_active_streams(link, active_streams);
-        let established = machine.is_established();
+        let established = session.machine().is_established();
         tokio::select! {
             () = stop.cancelled(), if established => {
                 let reason = if shared.shutdown.is_cancelled() { "agent shutting down" } else { "agent moving to another transport" };
-                machine.drain(reason);
-                let _ = control.send_queued(&mut machine).await;
+                session.machine_mut().drain(reason);
                 // Keep the control stream until the streams already running are done (dropping
                 // it would reset it, which the relay takes for a broken agent), then end it
-                // with FIN.
+                // with FIN. The conversation goes on meanwhile: the relay's heartbeats are
+                // answered (and ours sent), or it would take a long drain for a dead agent.
                 streams.close();
-                // The conversation goes on meanwhile: the relay's heartbeats are answered (and
-                // ours sent), or it would take a long drain for a dead agent.
-                loop {
+                session.linger(async {
                     tokio::select! {
-                        () = streams.wait() => break,
-                        () = shared.force.cancelled() => break,
-                        _ = connection.closed() => break,
-                        advanced = control.advance(&mut machine) => {
-                            let failed = std::iter::from_fn(|| machine.poll_event())
-                                .any(|event| matches!(event, AgentEvent::Failed(_)));
-                            if advanced.is_err()
-                                || failed
-                                || control.send_queued(&mut machine).await.is_err()
-                            {
-                                break;
-                            }
-                        }
+                        () = streams.wait() => {}
+                        () = shared.force.cancelled() => {}
                     }
-                }
-                control.finish().await;
+                }).await;
+                session.finish().await;
                 return Ok(());
             }
             () = stop.cancelled(), if !established => return Ok(()),
             _ = rules_changes.changed(), if established => {
                 // A reload changed the allowlist: judge every endpoint again, send what changed.
-                let verdicts = judge(&endpoints, shared);
-                let changed: Vec<EndpointVerdict> =
-                    verdicts.iter().filter(|v| !sent_verdicts.contains(v)).cloned().collect();
-                approved = Arc::new(approved_in(&verdicts).collect());
-                sent_verdicts = verdicts;
-                shared.status.set_verdicts(link, &sent_verdicts);
+                let machine = session.machine_mut();
+                let changed: Vec<EndpointVerdict> = judge(machine.endpoints(), shared)
+                    .into_iter()
+                    .filter(|v| !machine.verdicts().contains(v))
+                    .collect();
                 machine.send_verdict_update(changed);
+                approved = Arc::new(machine.approved());
+                shared.status.set_verdicts(link, machine.verdicts());
             }
             accepted = connection.accept_stream(), if established => match accepted {
                 Ok(stream) => {
@@ -215,42 +128,91 @@ async fn run_session(
                 }
                 Err(e) => return Err(SessionError::Lost(e.to_string())),
             },
-            advanced = control.advance(&mut machine) => {
-                if let Err(e) = advanced {
-                    if established {
-                        let reason = connection.closed().await;
-                        debug!("control stream ended: {e}");
-                        return Err(SessionError::Lost(reason));
-                    }
-                    return Err(match connection.close_reason() {
-                        Some(reason) if hello_sent => SessionError::Refused(reason),
-                        _ => e.into(),
-                    });
+            step = session.next() => match step {
+                Ok(Step::Event(event)) => {
+                    on_event(&mut session, event, connection, link, shared, &mut rules_changes)?;
+                    approved = Arc::new(session.machine().approved());
                 }
-            }
+                Ok(Step::Heard | Step::Timer) => {}
+                Err(e) if established => {
+                    let reason = connection.closed().await;
+                    debug!("control stream ended: {e}");
+                    return Err(SessionError::Lost(reason));
+                }
+                Err(e) => return Err(refusal_in_close(&session, connection, e)),
+            },
         }
     }
 }
 
-/// The relay's control stream, the connection's first, within the handshake deadline.
+/// Acts on one event of the machine; an error ends the session.
+fn on_event(
+    session: &mut AgentSession,
+    event: AgentEvent,
+    connection: &AgentConnection,
+    link: SocketAddr,
+    shared: &AgentShared,
+    rules_changes: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<(), SessionError> {
+    match event {
+        AgentEvent::RelayHello { software_version } => {
+            debug!(relay_version = %text::loggable(&software_version), "relay hello");
+        }
+        AgentEvent::Welcome(endpoints) => {
+            rules_changes.mark_unchanged(); // judged under the rules in force now
+            let verdicts = judge(&endpoints, shared);
+            // Data streams are admitted from here on; the new limit leaves before the
+            // verdicts, so the relay can open a stream as soon as it reads them.
+            connection.allow_data_streams();
+            session.machine_mut().send_verdicts(verdicts, now());
+        }
+        AgentEvent::EndpointsChanged { added, .. } => {
+            // A relay reload: the machine forgot the removed endpoints; judge the added ones.
+            let verdicts = judge(&added, shared);
+            session.machine_mut().send_verdict_update(verdicts);
+            shared.status.set_verdicts(link, session.machine().verdicts());
+        }
+        AgentEvent::Refused { reason } => {
+            return Err(SessionError::Refused { peer: Peer::Relay, reason });
+        }
+        AgentEvent::Heartbeat { active_streams } => debug!(active_streams, "relay heartbeat"),
+        AgentEvent::RelayDraining { reason } => {
+            info!(reason = %text::loggable(&reason), "relay is draining");
+        }
+        AgentEvent::Failed(error) => return Err(session.fail(error)),
+    }
+    Ok(())
+}
+
+/// A failure before the conversation was established. Once our hello is out, a connection
+/// the relay closed with a reason is a refusal that arrived as the close instead of a frame.
+pub(crate) fn refusal_in_close(
+    session: &AgentSession,
+    connection: &AgentConnection,
+    error: SessionError,
+) -> SessionError {
+    match connection.close_reason() {
+        Some(reason) if session.machine().hello_sent() => {
+            SessionError::Refused { peer: Peer::Relay, reason }
+        }
+        _ => error,
+    }
+}
+
+/// Accepts the relay's control stream, the connection's first, within the handshake deadline;
+/// the conversation starts with `hello` once the relay has introduced itself.
 pub(crate) async fn accept_control(
     connection: &AgentConnection,
-) -> Result<ControlStream, SessionError> {
-    let accepted = tokio::time::timeout(Timers::HANDSHAKE, connection.accept_stream())
-        .await
-        .map_err(|_| {
-            SessionError::Protocol(ControlError::Timeout {
-                awaiting: "control stream",
-                after: Timers::HANDSHAKE,
-            })
-        })??;
-    Ok(ControlStream::new(accepted))
+    hello: Hello,
+) -> Result<AgentSession, SessionError> {
+    let machine = AgentControl::new(hello, now(), Timers::default());
+    Session::accept(connection, machine, Timers::HANDSHAKE).await
 }
 
 /// The agent's hello: who it is, the token it presents, and its allowlist (`allowed`, for the
 /// relay's status view).
 pub(crate) fn hello(
-    config: &crate::AgentConfig,
+    config: &crate::config::AgentConfig,
     token: privlink_protocol::token::Token,
     agent_id: String,
     allowed: Vec<String>,
@@ -264,11 +226,6 @@ pub(crate) fn hello(
         software_version: SOFTWARE_VERSION.to_owned(),
         allowed,
     }
-}
-
-/// The endpoints `verdicts` approve.
-fn approved_in(verdicts: &[EndpointVerdict]) -> impl Iterator<Item = String> + '_ {
-    verdicts.iter().filter(|v| v.verdict == Verdict::Approved).map(|v| v.endpoint.clone())
 }
 
 /// A verdict for each endpoint the relay assigned, from this agent's allowlist.

@@ -8,20 +8,17 @@
 //! its hello is admitted the connection holds a place among the capped pending ones
 //! ([`crate::admission`]).
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use privlink_protocol::control::{ControlError, ControlMachine, RelayControl, RelayEvent, Timers};
+use privlink_protocol::control::{ControlMachine as _, RelayControl, RelayEvent, Timers};
 use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, Hello, Verdict};
 use privlink_protocol::text;
-use privlink_transport::control::{Advanced, ControlStream, now};
-use privlink_transport::io::{ReadFrameError, WriteFrameError};
+use privlink_transport::io::ReadFrameError;
 use privlink_transport::listener::{self, Handshake, TunnelListener};
-use privlink_transport::tunnel::{
-    CloseCode, DialError, RelayConnection, StreamError, TransportKind,
-};
+use privlink_transport::session::{Peer, Session, SessionError, Step, now};
+use privlink_transport::tunnel::{CloseCode, RelayConnection, RelaySide, TransportKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
@@ -38,29 +35,6 @@ use crate::registry::{AgentInfo, AgentRegistration, Registry};
 pub const MAX_AGENTS_PER_CONNECTOR: usize = 64;
 /// How long a refused agent gets to read the refusal before the relay closes.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
-
-/// Why an agent's tunnel connection ended before or during its session.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentSessionError {
-    /// The transport handshake did not complete.
-    #[error("tunnel handshake: {0}")]
-    Handshake(#[from] DialError),
-    /// The control stream could not be opened.
-    #[error("control stream: {0}")]
-    ControlStream(#[from] StreamError),
-    /// The agent broke the control conversation, or went silent.
-    #[error("agent {0}")]
-    Protocol(#[from] ControlError),
-    /// Reading a control frame failed.
-    #[error("reading from agent: {0}")]
-    Read(#[from] ReadFrameError),
-    /// Writing a control frame failed.
-    #[error("writing to agent: {0}")]
-    Write(#[from] WriteFrameError),
-    /// The agent was refused (authentication, version); logged where it was decided.
-    #[error("agent refused: {0}")]
-    Refused(String),
-}
 
 /// Shared state of the agent-facing side.
 #[derive(Debug)]
@@ -129,164 +103,184 @@ async fn serve_agent(
 ) {
     let result = async {
         let connection = handshake.await?;
-        run_agent(&connection, remote, pending, &ctx).await
+        AgentSession::new(&connection, remote, pending, &ctx).run().await
     }
     .await;
     match result {
-        Ok(()) | Err(AgentSessionError::Refused(_)) => {} // logged where it happened
+        Ok(()) | Err(SessionError::Refused { .. }) => {} // logged where it happened
+        Err(SessionError::Dial(e)) => warn!("agent session ended: tunnel handshake: {e}"),
         Err(e) => warn!("agent session ended: {e}"),
     }
 }
 
-/// Drives the relay's control state machine on the connection's control stream until the
-/// connection ends.
-async fn run_agent(
-    connection: &RelayConnection,
+/// The relay's side of one agent's session, besides the control machine: what it decided
+/// about the agent, and the agent's place in the registry once admitted.
+struct AgentSession<'a> {
+    connection: &'a RelayConnection,
     remote: SocketAddr,
-    pending: PendingSlot,
-    ctx: &AgentsContext,
-) -> Result<(), AgentSessionError> {
-    // Held until the hello is admitted.
-    let mut pending = Some(pending);
-    let mut control = ControlStream::new(connection.open_stream(Timers::HANDSHAKE).await?);
-    let mut machine = RelayControl::new(now(), Timers::default());
-    let mut registration: Option<AgentRegistration> = None;
-    // The endpoints this agent was welcomed with: verdicts for any other name are dropped.
-    let mut assigned: HashSet<String> = HashSet::new();
-    let mut drain_sent = false;
-    // The connector this agent serves, once admitted (reloads are announced for it).
-    let mut connector: Option<String> = None;
-    let mut config_changes = ctx.config.subscribe();
-    // Refusals decided here are logged by `admit`; the machine's own (version) are not.
-    let mut refused_here = false;
-    loop {
-        while let Some(event) = machine.poll_event() {
-            match event {
-                RelayEvent::Hello(hello) => match admit(&hello, remote, ctx)
-                    .and_then(|endpoints| Ok((register(connection, &hello, ctx)?, endpoints)))
-                {
-                    Ok((registered, endpoints)) => {
-                        connector = Some(hello.connector.clone());
-                        config_changes.mark_unchanged(); // the welcome has the current list
-                        assigned = endpoints.iter().map(|e| e.name.clone()).collect();
-                        machine.accept(endpoints, now());
-                        registration = Some(registered);
-                        drop(pending.take()); // admitted: no longer pending
-                    }
-                    Err((reason, delay)) => {
-                        refused_here = true;
-                        // Slows down a source that keeps failing; a right token never waits.
-                        tokio::time::sleep(delay).await;
-                        machine.refuse(reason);
-                    }
-                },
-                RelayEvent::Verdicts(verdicts) => {
-                    if let Some(registration) = &registration {
-                        record_verdicts(registration, verdicts, &assigned);
-                    }
-                }
-                RelayEvent::Heartbeat { active_streams } => {
-                    debug!(active_streams, "agent heartbeat")
-                }
-                RelayEvent::AgentDraining { reason } => {
-                    let reason = text::loggable(&reason);
-                    info!(%reason, "agent is draining: no new streams go to it");
-                    if let Some(registration) = &registration {
-                        registration.set_draining();
-                    }
-                }
-                RelayEvent::Refused { reason } => {
-                    if !refused_here {
-                        warn!(%reason, "refusing agent");
-                    }
-                    refuse(connection, &mut control, &mut machine, &reason).await;
-                    return Err(AgentSessionError::Refused(reason));
-                }
-                RelayEvent::Failed(error) => {
-                    connection.close(CloseCode::ProtocolError, &error.to_string());
-                    return Err(error.into());
-                }
-            }
+    ctx: &'a AgentsContext,
+    /// Held until the hello is admitted.
+    pending: Option<PendingSlot>,
+    registration: Option<AgentRegistration>,
+    /// The connector this agent serves, once admitted (reloads are announced for it).
+    connector: Option<String>,
+    /// Refusals decided here are logged by `admit`; the machine's own (version) are not.
+    refused_here: bool,
+}
+
+type RelaySession = Session<RelayControl, RelaySide>;
+
+impl<'a> AgentSession<'a> {
+    fn new(
+        connection: &'a RelayConnection,
+        remote: SocketAddr,
+        pending: PendingSlot,
+        ctx: &'a AgentsContext,
+    ) -> Self {
+        Self {
+            connection,
+            remote,
+            ctx,
+            pending: Some(pending),
+            registration: None,
+            connector: None,
+            refused_here: false,
         }
-        control.send_queued(&mut machine).await?;
-        if let Some(registration) = &registration {
-            machine.set_active_streams(registration.active_streams());
-        }
-        tokio::select! {
-            reason = connection.closed() => {
-                info!(%reason, "agent disconnected");
-                return Ok(());
+    }
+
+    /// Drives the relay's control state machine on the connection's control stream until the
+    /// connection ends.
+    async fn run(mut self) -> Result<(), SessionError> {
+        let machine = RelayControl::new(now(), Timers::default());
+        let mut session = Session::open(self.connection, machine, Timers::HANDSHAKE).await?;
+        let mut config_changes = self.ctx.config.subscribe();
+        let mut drain_sent = false;
+        loop {
+            session.flush().await?;
+            if let Some(registration) = &self.registration {
+                session.machine_mut().set_active_streams(registration.active_streams());
             }
-            () = ctx.draining.cancelled(), if !drain_sent => {
-                drain_sent = true;
-                machine.drain("relay shutting down");
-            }
-            () = probe_requested(registration.as_ref()) => machine.probe(now()),
-            _ = config_changes.changed(), if machine.is_established() => {
-                if let Some(connector) = &connector {
-                    announce_changes(&mut machine, &mut assigned, connector, ctx, registration.as_ref());
-                }
-            }
-            advanced = control.advance(&mut machine) => match advanced {
-                Ok(Advanced::Heard) => {
-                    if let Some(registration) = &registration {
-                        registration.heard();
-                    }
-                }
-                Ok(Advanced::Timer) => {}
-                Err(ReadFrameError::Closed) if registration.is_some() => {
-                    // The agent finished its control stream: it is leaving. Wait for the close.
-                    let reason = connection.closed().await;
+            let established = session.machine().is_established();
+            tokio::select! {
+                reason = self.connection.closed() => {
                     info!(%reason, "agent disconnected");
                     return Ok(());
                 }
-                Err(e) => {
-                    if let Some(reason) = connection.close_reason() {
+                () = self.ctx.draining.cancelled(), if !drain_sent => {
+                    drain_sent = true;
+                    session.machine_mut().drain("relay shutting down");
+                }
+                () = probe_requested(self.registration.as_ref()) => session.machine_mut().probe(now()),
+                _ = config_changes.changed(), if established => self.announce_changes(&mut session),
+                step = session.next() => match step {
+                    Ok(Step::Event(event)) => {
+                        if let Some(end) = self.on_event(&mut session, event, &mut config_changes).await {
+                            return end;
+                        }
+                    }
+                    Ok(Step::Heard) => {
+                        if let Some(registration) = &self.registration {
+                            registration.heard();
+                        }
+                    }
+                    Ok(Step::Timer) => {}
+                    Err(SessionError::Read { error: ReadFrameError::Closed, .. })
+                        if self.registration.is_some() =>
+                    {
+                        // The agent finished its control stream: it is leaving. Wait for the close.
+                        let reason = self.connection.closed().await;
                         info!(%reason, "agent disconnected");
                         return Ok(());
                     }
-                    connection.close(CloseCode::ProtocolError, "bad control frame");
-                    return Err(e.into());
-                }
-            },
+                    Err(e) => {
+                        if let Some(reason) = self.connection.close_reason() {
+                            info!(%reason, "agent disconnected");
+                            return Ok(());
+                        }
+                        self.connection.close(CloseCode::ProtocolError, "bad control frame");
+                        return Err(e);
+                    }
+                },
+            }
         }
     }
-}
 
-/// A reload changed the configuration: tells the agent which of its connector's endpoints
-/// were added and removed, and forgets its verdicts on the removed ones.
-fn announce_changes(
-    machine: &mut RelayControl,
-    assigned: &mut HashSet<String>,
-    connector: &str,
-    ctx: &AgentsContext,
-    registration: Option<&AgentRegistration>,
-) {
-    let config = ctx.config.get();
-    let now_assigned: HashSet<String> =
-        config.endpoints_of(connector).map(|e| e.name.clone()).collect();
-    let added: Vec<EndpointAssignment> = config
-        .endpoints_of(connector)
-        .filter(|e| !assigned.contains(&e.name))
-        .map(|e| EndpointAssignment {
-            name: e.name.clone(),
-            destination: e.destination.to_string(),
-        })
-        .collect();
-    let removed: Vec<String> = assigned.difference(&now_assigned).cloned().collect();
-    if added.is_empty() && removed.is_empty() {
-        return;
+    /// Acts on one event of the machine; `Some` ends the session with that result.
+    async fn on_event(
+        &mut self,
+        session: &mut RelaySession,
+        event: RelayEvent,
+        config_changes: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Option<Result<(), SessionError>> {
+        match event {
+            RelayEvent::Hello(hello) => match admit(&hello, self.remote, self.ctx)
+                .and_then(|endpoints| Ok((register(self.connection, &hello, self.ctx)?, endpoints)))
+            {
+                Ok((registered, endpoints)) => {
+                    self.connector = Some(hello.connector.clone());
+                    config_changes.mark_unchanged(); // the welcome has the current list
+                    session.machine_mut().accept(endpoints, now());
+                    self.registration = Some(registered);
+                    drop(self.pending.take()); // admitted: no longer pending
+                }
+                Err((reason, delay)) => {
+                    self.refused_here = true;
+                    // Slows down a source that keeps failing; a right token never waits.
+                    tokio::time::sleep(delay).await;
+                    session.machine_mut().refuse(reason);
+                }
+            },
+            RelayEvent::Verdicts(verdicts) => {
+                if let Some(registration) = &self.registration {
+                    record_verdicts(registration, verdicts);
+                }
+            }
+            RelayEvent::VerdictsIgnored(dropped) => {
+                warn!(dropped, "verdicts for endpoints not assigned to this agent ignored");
+            }
+            RelayEvent::Heartbeat { active_streams } => debug!(active_streams, "agent heartbeat"),
+            RelayEvent::AgentDraining { reason } => {
+                let reason = text::loggable(&reason);
+                info!(%reason, "agent is draining: no new streams go to it");
+                if let Some(registration) = &self.registration {
+                    registration.set_draining();
+                }
+            }
+            RelayEvent::Refused { reason } => {
+                if !self.refused_here {
+                    warn!(%reason, "refusing agent");
+                }
+                session.refuse(&reason, REFUSAL_LINGER).await;
+                return Some(Err(SessionError::Refused { peer: Peer::Agent, reason }));
+            }
+            RelayEvent::Failed(error) => return Some(Err(session.fail(error))),
+        }
+        None
     }
-    info!(
-        added = added.len(),
-        removed = removed.len(),
-        "telling the agent about changed endpoints"
-    );
-    if let Some(registration) = registration {
-        registration.forget_verdicts(&removed);
+
+    /// A reload changed the configuration: tells the agent which of its connector's endpoints
+    /// were added and removed, and forgets its verdicts on the removed ones.
+    fn announce_changes(&self, session: &mut RelaySession) {
+        let Some(connector) = &self.connector else { return };
+        let config = self.ctx.config.get();
+        let endpoints: Vec<EndpointAssignment> = config
+            .endpoints_of(connector)
+            .map(|e| EndpointAssignment {
+                name: e.name.clone(),
+                destination: e.destination.to_string(),
+            })
+            .collect();
+        let kept = endpoints.iter().filter(|e| session.machine().is_assigned(&e.name)).count();
+        let added = endpoints.len() - kept;
+        let removed = session.machine_mut().reassign(endpoints);
+        if added == 0 && removed.is_empty() {
+            return;
+        }
+        info!(added, removed = removed.len(), "telling the agent about changed endpoints");
+        if let Some(registration) = &self.registration {
+            registration.forget_verdicts(&removed);
+        }
     }
-    *assigned = now_assigned;
-    machine.update_endpoints(added, removed);
 }
 
 /// Resolves when a client connection suspects the registered agent (never before it is
@@ -407,39 +401,9 @@ fn register(
     Ok(registration)
 }
 
-/// Sends the queued refusal, gives the agent a moment to read it, then closes.
-async fn refuse(
-    connection: &RelayConnection,
-    control: &mut ControlStream,
-    machine: &mut RelayControl,
-    reason: &str,
-) {
-    if let Err(e) = control.send_queued(machine).await {
-        debug!("refusal not delivered on the control stream: {e}");
-    }
-    control.finish().await;
-    // Closing now would discard the frame in flight: give the agent a moment to read it and
-    // hang up itself, then close regardless (the close carries the reason too).
-    let _ = tokio::time::timeout(REFUSAL_LINGER, connection.closed()).await;
-    connection.close(CloseCode::Refused, reason);
-}
-
-/// Records the verdicts for endpoints assigned to the agent (any others are dropped, with one
-/// summary line: an agent cannot grow the relay's state or log with made-up names), each
-/// rejection reason bounded.
-fn record_verdicts(
-    registration: &AgentRegistration,
-    mut verdicts: Vec<EndpointVerdict>,
-    assigned: &HashSet<String>,
-) {
-    let sent = verdicts.len();
-    verdicts.retain(|v| assigned.contains(&v.endpoint));
-    if verdicts.len() < sent {
-        warn!(
-            dropped = sent - verdicts.len(),
-            "verdicts for endpoints not assigned to this agent ignored"
-        );
-    }
+/// Records the agent's verdicts (the machine keeps only those for endpoints assigned to it),
+/// each rejection reason made safe to log.
+fn record_verdicts(registration: &AgentRegistration, mut verdicts: Vec<EndpointVerdict>) {
     for v in &mut verdicts {
         if let Verdict::Rejected { reason } = &mut v.verdict {
             *reason = text::loggable(reason).into_owned();

@@ -12,7 +12,8 @@
 //!
 //! * [`io`] — one frame on an async stream, with a size bound and a deadline; a cancel-safe
 //!   frame reader for long-lived streams.
-//! * [`control`] — a control stream driving a protocol state machine.
+//! * [`session`] — the one session driver: a control stream and either side's state machine,
+//!   bytes and time moved, events handed to the role; the session error both roles share.
 //! * [`copy`] — the bidirectional copy loop with inactivity timeout and byte counts.
 //! * [`live`] — the connections open now, with bytes each way as they move, for the admin API.
 //! * [`splice`] — how one forwarded connection's copy ended: resets, aborts and an outcome
@@ -33,7 +34,6 @@
 #![forbid(unsafe_code)]
 
 mod codes;
-pub mod control;
 pub mod copy;
 pub mod dialer;
 pub mod drain;
@@ -45,6 +45,7 @@ pub mod live;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod quic;
+pub mod session;
 pub mod splice;
 pub mod tcp;
 pub mod throttle;

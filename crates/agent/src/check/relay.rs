@@ -6,16 +6,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use privlink_protocol::control::{AgentControl, AgentEvent, ControlMachine as _, Timers};
+use privlink_protocol::control::{AgentEvent, Timers};
 use privlink_protocol::destination::Host;
 use privlink_protocol::message::EndpointAssignment;
-use privlink_transport::control::now;
+use privlink_transport::session::{self, Peer};
 use privlink_transport::tunnel::{AgentConnection, CloseCode, DialError, TransportKind};
 
 use super::{AddressFact, EndpointFact, Outcome, Report, Step, timed};
 use crate::config::{AgentConfig, RelayAddress, TransportChoice};
-use crate::dial::RelayDialer;
-use crate::session::{SessionError, accept_control, hello};
+use crate::dialer::RelayDialer;
+use crate::session::{SessionError, accept_control, hello, refusal_in_close};
 
 /// Most addresses of one relay name that are dialled.
 const MAX_ADDRESSES: usize = 8;
@@ -269,30 +269,20 @@ async fn authenticate(
     connection: &AgentConnection,
     config: &AgentConfig,
 ) -> Result<Vec<EndpointAssignment>, SessionError> {
-    let mut control = accept_control(connection).await?;
-    let agent_id = format!("check-{}", crate::random_id());
+    let agent_id = format!("check-{}", crate::shared::random_id());
     let hello = hello(config, config.token.clone(), agent_id, config.allowlist.describe());
     // The machine's own handshake deadline bounds the wait for the relay's hello and welcome.
-    let mut machine = AgentControl::new(hello, now(), Timers::default());
-    let mut hello_sent = false;
+    let mut session = accept_control(connection, hello).await?;
     loop {
-        while let Some(event) = machine.poll_event() {
-            match event {
-                AgentEvent::RelayHello { .. } => hello_sent = true,
-                AgentEvent::Welcome(endpoints) => return Ok(endpoints),
-                AgentEvent::Refused { reason } => return Err(SessionError::Refused(reason)),
-                AgentEvent::Failed(e) => return Err(e.into()),
-                AgentEvent::Heartbeat { .. }
-                | AgentEvent::EndpointsChanged { .. }
-                | AgentEvent::RelayDraining { .. } => {}
+        session.flush().await?;
+        match session.next().await {
+            Ok(session::Step::Event(AgentEvent::Welcome(endpoints))) => return Ok(endpoints),
+            Ok(session::Step::Event(AgentEvent::Refused { reason })) => {
+                return Err(SessionError::Refused { peer: Peer::Relay, reason });
             }
-        }
-        control.send_queued(&mut machine).await?;
-        if let Err(e) = control.advance(&mut machine).await {
-            return Err(match connection.close_reason() {
-                Some(reason) if hello_sent => SessionError::Refused(reason),
-                _ => e.into(),
-            });
+            Ok(session::Step::Event(AgentEvent::Failed(error))) => return Err(session.fail(error)),
+            Ok(_) => {}
+            Err(e) => return Err(refusal_in_close(&session, connection, e)),
         }
     }
 }
@@ -319,7 +309,7 @@ fn explain_dial(kind: TransportKind, addr: SocketAddr, error: &DialError) -> Str
 /// A failure after the handshake.
 fn explain_session(error: &SessionError) -> String {
     match error {
-        SessionError::Refused(reason) => format!("the relay refused this agent: {reason}"),
+        SessionError::Refused { reason, .. } => format!("the relay refused this agent: {reason}"),
         e => format!("handshake done, but no welcome: {e}"),
     }
 }

@@ -1,11 +1,12 @@
 //! The agent's side of the control conversation.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use super::{Common, ControlError, ControlMachine, Timers};
 use crate::message::{
     Control, EndpointAssignment, EndpointVerdict, Hello, MAX_ENDPOINTS_PER_CONNECTOR,
-    PROTOCOL_VERSION, in_pieces,
+    PROTOCOL_VERSION, Verdict, in_pieces,
 };
 
 /// What happened on the agent's side of a control conversation.
@@ -64,7 +65,11 @@ pub struct AgentControl {
     hello: Option<Hello>,
     common: Common<AgentEvent>,
     /// Endpoints received in pieces before the welcome.
-    endpoints: Vec<EndpointAssignment>,
+    pieces: Vec<EndpointAssignment>,
+    /// The endpoints assigned to this agent: the welcome's, then as reloads change them.
+    assigned: Vec<EndpointAssignment>,
+    /// The verdict this agent last sent on each assigned endpoint.
+    verdicts: Vec<EndpointVerdict>,
 }
 
 impl AgentControl {
@@ -75,7 +80,9 @@ impl AgentControl {
             state: State::AwaitRelayHello,
             hello: Some(hello),
             common: Common::new(now, timers, "RelayHello"),
-            endpoints: Vec::new(),
+            pieces: Vec::new(),
+            assigned: Vec::new(),
+            verdicts: Vec::new(),
         }
     }
 
@@ -86,6 +93,7 @@ impl AgentControl {
             return;
         }
         self.state = State::Established;
+        self.verdicts.clone_from(&verdicts);
         let mut pieces = in_pieces(verdicts, EndpointVerdict::encoded_size_bound);
         let last = pieces.pop().unwrap_or_default();
         for piece in pieces {
@@ -98,23 +106,30 @@ impl AgentControl {
     /// Adds a piece of the welcome's endpoints; fails the conversation past
     /// [`MAX_ENDPOINTS_PER_CONNECTOR`].
     fn receive_endpoints(&mut self, piece: Vec<EndpointAssignment>) -> bool {
-        if self.endpoints.len() + piece.len() > MAX_ENDPOINTS_PER_CONNECTOR {
+        if self.pieces.len() + piece.len() > MAX_ENDPOINTS_PER_CONNECTOR {
             self.fail(ControlError::TooMany {
                 what: "endpoints",
                 max: MAX_ENDPOINTS_PER_CONNECTOR,
             });
-            self.endpoints = Vec::new();
+            self.pieces = Vec::new();
             return false;
         }
-        self.endpoints.extend(piece);
+        self.pieces.extend(piece);
         true
     }
 
-    /// Answers an [`AgentEvent::EndpointsChanged`] with verdicts on the added endpoints (in
-    /// pieces when long). Does nothing before the conversation is established.
+    /// Answers an [`AgentEvent::EndpointsChanged`] with verdicts on the added endpoints, or
+    /// tells the relay verdicts that changed (in pieces when long). Does nothing before the
+    /// conversation is established.
     pub fn send_verdict_update(&mut self, verdicts: Vec<EndpointVerdict>) {
         if self.state != State::Established || verdicts.is_empty() {
             return;
+        }
+        for verdict in &verdicts {
+            match self.verdicts.iter_mut().find(|v| v.endpoint == verdict.endpoint) {
+                Some(sent) => sent.clone_from(verdict),
+                None => self.verdicts.push(verdict.clone()),
+            }
         }
         let mut pieces = in_pieces(verdicts, EndpointVerdict::encoded_size_bound);
         let last = pieces.pop().unwrap_or_default();
@@ -122,6 +137,30 @@ impl AgentControl {
             self.common.transmits.push_back(Control::VerdictsPart(piece));
         }
         self.common.transmits.push_back(Control::Verdicts(last));
+    }
+
+    /// Whether this agent's hello has gone out (the relay introduced itself first).
+    pub fn hello_sent(&self) -> bool {
+        self.hello.is_none()
+    }
+
+    /// The endpoints assigned to this agent now.
+    pub fn endpoints(&self) -> &[EndpointAssignment] {
+        &self.assigned
+    }
+
+    /// The verdicts this agent sent, one per assigned endpoint it has judged.
+    pub fn verdicts(&self) -> &[EndpointVerdict] {
+        &self.verdicts
+    }
+
+    /// The endpoints this agent approved: the relay may open streams for these only.
+    pub fn approved(&self) -> HashSet<String> {
+        self.verdicts
+            .iter()
+            .filter(|v| v.verdict == Verdict::Approved)
+            .map(|v| v.endpoint.clone())
+            .collect()
     }
 
     /// Whether the verdicts have been sent (the relay may now open streams).
@@ -171,8 +210,8 @@ impl ControlMachine for AgentControl {
                 if self.receive_endpoints(endpoints) {
                     self.state = State::Judging;
                     self.common.handshake_deadline = None;
-                    let all = std::mem::take(&mut self.endpoints);
-                    self.common.events.push_back(AgentEvent::Welcome(all));
+                    self.assigned = std::mem::take(&mut self.pieces);
+                    self.common.events.push_back(AgentEvent::Welcome(self.assigned.clone()));
                 }
             }
             (State::AwaitWelcome, Control::Refused { reason }) => {
@@ -181,6 +220,17 @@ impl ControlMachine for AgentControl {
                 self.common.events.push_back(AgentEvent::Refused { reason });
             }
             (State::Established, Control::EndpointsChanged { added, removed }) => {
+                self.assigned.retain(|e| !removed.contains(&e.name));
+                self.verdicts.retain(|v| !removed.contains(&v.endpoint));
+                self.assigned.extend(added.iter().cloned());
+                // One update is bounded by the frame size; the total by the connector's limit.
+                if self.assigned.len() > MAX_ENDPOINTS_PER_CONNECTOR {
+                    self.fail(ControlError::TooMany {
+                        what: "endpoints",
+                        max: MAX_ENDPOINTS_PER_CONNECTOR,
+                    });
+                    return;
+                }
                 self.common.events.push_back(AgentEvent::EndpointsChanged { added, removed });
             }
             (State::Established, Control::Heartbeat { active_streams }) => {
@@ -409,5 +459,36 @@ mod tests {
         let verdict = EndpointVerdict { endpoint: "new".into(), verdict: Verdict::Approved };
         agent.send_verdict_update(vec![verdict.clone()]);
         assert_eq!(agent.poll_transmit(), Some(Control::Verdicts(vec![verdict])));
+    }
+
+    #[test]
+    fn the_machine_keeps_the_assigned_endpoints_and_the_verdicts_it_sent() {
+        let (mut agent, now) = welcomed();
+        assert_eq!(agent.endpoints(), assignment().as_slice());
+        agent.send_verdicts(verdicts(), now);
+        assert_eq!(agent.verdicts(), verdicts().as_slice());
+        assert_eq!(agent.approved(), HashSet::from(["kv".to_owned()]));
+        while agent.poll_transmit().is_some() {}
+
+        // A reload on the relay: `kv` goes, `db` comes; the driver judges `db`.
+        let db = EndpointAssignment { name: "db".into(), destination: "db.example:5432".into() };
+        agent.handle_message(
+            Control::EndpointsChanged { added: vec![db.clone()], removed: vec!["kv".into()] },
+            now,
+        );
+        assert!(matches!(agent.poll_event(), Some(AgentEvent::EndpointsChanged { .. })));
+        assert_eq!(agent.endpoints(), [db].as_slice());
+        assert!(agent.verdicts().is_empty() && agent.approved().is_empty(), "kv's verdict goes");
+        let rejected = Verdict::Rejected { reason: "not allowed".into() };
+        agent.send_verdict_update(vec![EndpointVerdict {
+            endpoint: "db".into(),
+            verdict: rejected,
+        }]);
+        assert!(agent.approved().is_empty());
+        // A changed allowlist approves it: the verdict is replaced, not added.
+        let approved = EndpointVerdict { endpoint: "db".into(), verdict: Verdict::Approved };
+        agent.send_verdict_update(vec![approved.clone()]);
+        assert_eq!(agent.verdicts(), [approved].as_slice());
+        assert_eq!(agent.approved(), HashSet::from(["db".to_owned()]));
     }
 }

@@ -77,7 +77,8 @@ impl Default for Timers {
 /// Messages a peer may send at once before the rate limit applies.
 pub const MESSAGE_BURST: u32 = 32;
 /// Sustained rate a peer may send messages at: one per interval (4 a second). Heartbeats come
-/// every 15 s, verdicts and drains rarely.
+/// every [`Timers::HEARTBEAT`] (3 s) from each side, with an answer to each; verdicts and
+/// drains rarely.
 pub const MESSAGE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Why a conversation failed. The driver closes the tunnel connection with a protocol error
@@ -169,6 +170,11 @@ pub trait ControlMachine {
     /// The next event for the driver.
     fn poll_event(&mut self) -> Option<Self::Event> {
         self.common().events.pop_front()
+    }
+
+    /// Whether the conversation is over (refused or failed): nothing more is sent or awaited.
+    fn has_ended(&self) -> bool {
+        self.common_ref().closed
     }
 
     /// This side is shutting down (or moving to another transport): tell the peer, once.

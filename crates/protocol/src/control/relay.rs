@@ -1,5 +1,6 @@
 //! The relay's side of the control conversation.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use super::{Common, ControlError, ControlMachine, Timers};
@@ -15,6 +16,9 @@ pub enum RelayEvent {
     Hello(Hello),
     /// The agent's verdicts: the first set after the welcome, or a later update.
     Verdicts(Vec<EndpointVerdict>),
+    /// Verdicts for endpoints not assigned to this agent were dropped (an agent cannot grow
+    /// the relay's state with made-up names): how many.
+    VerdictsIgnored(usize),
     /// The agent's heartbeat.
     Heartbeat {
         /// Data streams the agent carries.
@@ -50,8 +54,9 @@ enum State {
 pub struct RelayControl {
     state: State,
     common: Common<RelayEvent>,
-    /// Endpoints in the welcome: the first set of verdicts may not hold more.
-    assigned: usize,
+    /// The endpoints assigned to the agent (the welcome's, then as reloads change them): the
+    /// first set of verdicts may not hold more, and verdicts for others are dropped.
+    assigned: HashSet<String>,
     /// Verdicts received in the first set so far.
     judged: usize,
 }
@@ -67,7 +72,7 @@ impl RelayControl {
             protocol_version: PROTOCOL_VERSION,
             software_version: String::new(),
         });
-        Self { state: State::AwaitHello, common, assigned: 0, judged: 0 }
+        Self { state: State::AwaitHello, common, assigned: HashSet::new(), judged: 0 }
     }
 
     /// The agent authenticated: welcome it with its connector's endpoints.
@@ -76,7 +81,7 @@ impl RelayControl {
             return;
         }
         self.state = State::AwaitVerdicts;
-        self.assigned = endpoints.len();
+        self.assigned = endpoints.iter().map(|e| e.name.clone()).collect();
         let mut pieces = in_pieces(endpoints, EndpointAssignment::encoded_size_bound);
         let last = pieces.pop().unwrap_or_default();
         for piece in pieces {
@@ -94,6 +99,10 @@ impl RelayControl {
         if self.state != State::Established || (added.is_empty() && removed.is_empty()) {
             return;
         }
+        for name in &removed {
+            self.assigned.remove(name);
+        }
+        self.assigned.extend(added.iter().map(|e| e.name.clone()));
         let mut removed_pieces = in_pieces(removed, |name| name.len() + 10).into_iter();
         for added in in_pieces(added, EndpointAssignment::encoded_size_bound) {
             let removed = removed_pieces.next().unwrap_or_default();
@@ -102,6 +111,39 @@ impl RelayControl {
         for removed in removed_pieces {
             self.common.transmits.push_back(Control::EndpointsChanged { added: vec![], removed });
         }
+    }
+
+    /// The connector's endpoints are now `endpoints` (a reload): tells the agent what was added
+    /// and removed since it was last told (see [`update_endpoints`](Self::update_endpoints))
+    /// and returns the names removed, whose verdicts the driver forgets. Nothing before the
+    /// conversation is established, or when nothing changed.
+    pub fn reassign(&mut self, endpoints: Vec<EndpointAssignment>) -> Vec<String> {
+        if self.state != State::Established {
+            return Vec::new();
+        }
+        let now: HashSet<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
+        let mut removed: Vec<String> =
+            self.assigned.iter().filter(|name| !now.contains(name.as_str())).cloned().collect();
+        removed.sort();
+        let added: Vec<EndpointAssignment> =
+            endpoints.into_iter().filter(|e| !self.assigned.contains(&e.name)).collect();
+        self.update_endpoints(added, removed.clone());
+        removed
+    }
+
+    /// Whether `endpoint` is assigned to the agent now.
+    pub fn is_assigned(&self, endpoint: &str) -> bool {
+        self.assigned.contains(endpoint)
+    }
+
+    /// Keeps the verdicts on assigned endpoints and reports them, with a count of the rest.
+    fn report_verdicts(&mut self, mut verdicts: Vec<EndpointVerdict>) {
+        let sent = verdicts.len();
+        verdicts.retain(|v| self.assigned.contains(&v.endpoint));
+        if verdicts.len() < sent {
+            self.common.events.push_back(RelayEvent::VerdictsIgnored(sent - verdicts.len()));
+        }
+        self.common.events.push_back(RelayEvent::Verdicts(verdicts));
     }
 
     /// Refuses the agent with a reason it is shown (never a secret).
@@ -119,8 +161,8 @@ impl RelayControl {
     /// pieces are not rate-limited, so their total is what bounds them).
     fn count_judged(&mut self, more: usize) -> bool {
         self.judged = self.judged.saturating_add(more);
-        if self.judged > self.assigned {
-            self.fail(ControlError::TooMany { what: "verdicts", max: self.assigned });
+        if self.judged > self.assigned.len() {
+            self.fail(ControlError::TooMany { what: "verdicts", max: self.assigned.len() });
             return false;
         }
         true
@@ -166,18 +208,18 @@ impl ControlMachine for RelayControl {
             }
             (State::AwaitVerdicts, Control::VerdictsPart(verdicts)) => {
                 if self.count_judged(verdicts.len()) {
-                    self.common.events.push_back(RelayEvent::Verdicts(verdicts));
+                    self.report_verdicts(verdicts);
                 }
             }
             (State::AwaitVerdicts, Control::Verdicts(verdicts)) => {
                 if self.count_judged(verdicts.len()) {
                     self.state = State::Established;
                     self.common.establish(now);
-                    self.common.events.push_back(RelayEvent::Verdicts(verdicts));
+                    self.report_verdicts(verdicts);
                 }
             }
             (State::Established, Control::Verdicts(verdicts) | Control::VerdictsPart(verdicts)) => {
-                self.common.events.push_back(RelayEvent::Verdicts(verdicts));
+                self.report_verdicts(verdicts);
             }
             (State::Established, Control::Heartbeat { active_streams }) => {
                 self.common.answer_heartbeat();
@@ -579,5 +621,42 @@ mod tests {
         }
         assert!(got_added == added);
         assert_eq!(got_removed, vec!["kv".to_owned()]);
+    }
+
+    #[test]
+    fn verdicts_for_endpoints_not_assigned_are_dropped_and_counted() {
+        // Once established (before, the first set is bounded by the welcome's length).
+        let (mut relay, now) = established();
+        let mut sent = verdicts();
+        let made_up = crate::message::Verdict::Approved;
+        sent.push(EndpointVerdict { endpoint: "made-up".into(), verdict: made_up });
+        relay.handle_message(Control::Verdicts(sent), now);
+        assert_eq!(relay.poll_event(), Some(RelayEvent::VerdictsIgnored(1)));
+        assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
+    }
+
+    #[test]
+    fn a_reassignment_tells_the_agent_the_difference_and_names_what_was_removed() {
+        let (mut relay, _) = established();
+        while relay.poll_transmit().is_some() {}
+        let vault = EndpointAssignment {
+            name: "vault".into(),
+            destination: "vault.privatelink.vaultcore.azure.net:443".into(),
+        };
+        assert_eq!(relay.reassign(vec![vault.clone()]), vec!["kv".to_owned()]);
+        assert_eq!(
+            relay.poll_transmit(),
+            Some(Control::EndpointsChanged {
+                added: vec![vault.clone()],
+                removed: vec!["kv".into()]
+            })
+        );
+        assert!(relay.is_assigned("vault") && !relay.is_assigned("kv"));
+        // The same list again changes nothing and sends nothing.
+        assert!(relay.reassign(vec![vault]).is_empty());
+        assert_eq!(relay.poll_transmit(), None);
+        // Verdicts on the removed endpoint are dropped from now on.
+        relay.handle_message(Control::Verdicts(verdicts()), Instant::now());
+        assert_eq!(relay.poll_event(), Some(RelayEvent::VerdictsIgnored(1)));
     }
 }
