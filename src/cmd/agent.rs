@@ -24,17 +24,10 @@ pub(crate) async fn run(
     let loaded = privlink_agent::AgentConfig::load(config, env_token.clone())?;
     let source_files = loaded.source_files.clone();
     let agent = privlink_agent::Agent::new(loaded).context("starting the agent")?;
-    // Ready at the first welcomed link with its verdicts sent (`/readyz`'s condition).
-    let status = agent.status();
-    let mut changes = status.subscribe();
-    let ready = async move {
-        while !status.any_connected() {
-            if changes.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    let announcer = crate::notify::announce(ready, shutdown.clone());
+    // Ready at the first welcomed link with its verdicts sent (`/readyz`'s latch).
+    let readiness = agent.status().readiness().clone();
+    let announcer =
+        crate::notify::announce(async move { readiness.ready().await }, shutdown.clone());
     let reloader = agent.reloader();
     let watcher = super::watch_config(config, source_files, shutdown.clone(), move |path| {
         // The outcome is logged and in the reload metrics.

@@ -267,14 +267,8 @@ async fn serve_vault(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let connections = tokio_util::task::TaskTracker::new();
-    loop {
-        let socket = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((socket, _)) => socket,
-                Err(_) => continue,
-            },
-        };
+    // An accept error (EMFILE, say) is logged, throttled, and paused on: the loop never spins.
+    privlink_transport::tcp::accept_until(&listener, &stop, |socket, _| {
         let acceptor = acceptor.clone();
         connections.spawn(async move {
             let served = tokio::time::timeout(STEP_TIMEOUT, async {
@@ -304,7 +298,8 @@ async fn serve_vault(
                 tracing::debug!("demo vault: {e:#}");
             }
         });
-    }
+    })
+    .await;
     connections.close();
     connections.wait().await;
 }

@@ -29,9 +29,11 @@ pub(crate) async fn run(config: &Path, shutdown: CancellationToken) -> anyhow::R
     let loaded = privlink_relay::RelayConfig::load(config)?;
     let source_files = loaded.source_files.clone();
     let relay = privlink_relay::Relay::bind(loaded).await.context("starting the relay")?;
-    // Every listener is bound: the relay is ready (its `/readyz` says so from here on).
-    let announcer = crate::notify::announce(std::future::ready(()), shutdown.clone());
+    // Every listener is bound: the relay is ready (its `/readyz` latch says so from here on).
     let handle = relay.handle();
+    let readiness = handle.readiness().clone();
+    let announcer =
+        crate::notify::announce(async move { readiness.ready().await }, shutdown.clone());
     let watcher = super::watch_config(config, source_files, shutdown.clone(), move |path| {
         // The outcome is logged and in the reload metrics.
         handle.reload_from(path).ok().map(|applied| applied.source_files)

@@ -15,7 +15,10 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+mod latch;
 pub mod snapshot;
+
+pub use latch::ReadyLatch;
 
 use std::convert::Infallible;
 use std::io;

@@ -11,7 +11,6 @@ use privlink_admin::snapshot::{
     StatusSnapshot,
 };
 use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
-use tokio_util::sync::CancellationToken;
 
 use crate::forward::StreamPolicy;
 use crate::status::AgentStatus;
@@ -26,19 +25,11 @@ pub(crate) struct AgentAdmin {
     /// Drawn at start; the relay lists the agent under it.
     pub(crate) id: String,
     pub(crate) connector: String,
-    /// Cancelled when the agent starts shutting down.
-    pub(crate) draining: CancellationToken,
 }
 
 impl AdminView for AgentAdmin {
     fn readiness(&self) -> Readiness {
-        if self.draining.is_cancelled() {
-            Readiness::NotReady("draining".to_owned())
-        } else if self.status.any_connected() {
-            Readiness::Ready
-        } else {
-            Readiness::NotReady("no relay link is connected".to_owned())
-        }
+        self.status.readiness().current()
     }
 
     fn metrics(&self) -> Option<String> {

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use privlink_admin::{Readiness, ReadyLatch};
 use privlink_protocol::control::Timers;
 use privlink_transport::tunnel::{AgentConnection, DialError, TransportKind};
 use tokio_util::sync::CancellationToken;
@@ -30,7 +31,7 @@ pub(crate) async fn session(
         () = stop.cancelled() => return Ok(()),
         dialed = dial(only, relay, addr, shared, Timers::HANDSHAKE) => dialed?,
     };
-    serve_connection(&connection, addr, shared, stop, &CancellationToken::new()).await
+    serve_connection(&connection, addr, shared, stop, &session_latch()).await
 }
 
 /// `transport = "auto"`: QUIC if a handshake completes within `quic_fallback_after`, else TLS
@@ -47,7 +48,7 @@ async fn auto_session(
     let quic_failure = tokio::select! {
         () = stop.cancelled() => return Ok(()),
         dialed = dial(TransportKind::Quic, relay, addr, shared, fallback_after) => match dialed {
-            Ok(connection) => return serve_connection(&connection, addr, shared, stop, &CancellationToken::new()).await,
+            Ok(connection) => return serve_connection(&connection, addr, shared, stop, &session_latch()).await,
             // A rejected certificate is not UDP being blocked: TCP would fail the same way.
             Err(e @ SessionError::Dial(DialError::Certificate(_))) => return Err(e),
             Err(e) => e,
@@ -60,7 +61,7 @@ async fn auto_session(
         dialed = dial(TransportKind::Tcp, relay, addr, shared, Timers::HANDSHAKE) => dialed?,
     };
     let tcp_wind_down = stop.child_token();
-    let tcp_ready = CancellationToken::new();
+    let tcp_ready = session_latch();
     let mut on_tcp =
         std::pin::pin!(serve_connection(&tcp, addr, shared, &tcp_wind_down, &tcp_ready));
     let quic = tokio::select! {
@@ -70,12 +71,12 @@ async fn auto_session(
     info!(
         "QUIC gets through again: new streams move to QUIC once it is approved; open TCP streams run to completion"
     );
-    let quic_ready = CancellationToken::new();
+    let quic_ready = session_latch();
     // Drain TCP only once the QUIC session has given its verdicts, so the relay always has an
     // approving agent; if the QUIC session fails before that, TCP simply carries on.
     let drain_tcp = async {
         tokio::select! {
-            () = quic_ready.cancelled() => {
+            () = quic_ready.ready() => {
                 tcp_wind_down.cancel();
                 on_tcp.await
             }
@@ -88,6 +89,11 @@ async fn auto_session(
         debug!("TCP session after the move to QUIC: {e}");
     }
     on_quic
+}
+
+/// A session's readiness: ready once the relay has its verdicts.
+fn session_latch() -> ReadyLatch {
+    ReadyLatch::new(Readiness::NotReady("awaiting the welcome".to_owned()))
 }
 
 /// Dials QUIC every `quic_probe_interval` until a handshake completes.

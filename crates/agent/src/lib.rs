@@ -21,8 +21,11 @@
 //! * [`forward`] — one data stream: check, resolve, connect, reply, splice.
 //! * [`metrics`] — the Prometheus metrics `/metrics` serves.
 //! * [`check`] — `privlink check`: the relay and destination diagnostics.
-//! * [`status`] — each relay link's state, verdicts and streams, for the admin listener
-//!   (`admin`) and tests.
+//! * [`status`] — each relay link's state, verdicts and streams, and the agent's readiness
+//!   latch, for the admin listener and tests.
+//! * [`reload`] — hot reload: the token, the relays and the allowlist re-read in place.
+//! * `admin` — what the admin listener (`privlink-admin`) reports: readiness, the typed
+//!   status and connections snapshots, metrics.
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -150,7 +153,6 @@ impl Agent {
                 name: config.name.clone(),
                 id: shared.agent_id.clone(),
                 connector: config.connector.clone(),
-                draining: shared.shutdown.clone(),
             });
             tokio::spawn(server.run(view, admin_stop.clone()))
         });
@@ -171,6 +173,7 @@ impl Agent {
         let tracker = shared.links.clone();
         shutdown.cancelled().await;
         info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
+        shared.status.readiness().drain();
         shared.shutdown.cancel();
         drain::drain(&tracker, config.shutdown_grace, &shared.force, "streams").await;
         shared.dialer.wait_idle(CLOSE_TIMEOUT).await;

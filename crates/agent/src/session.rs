@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use privlink_admin::{Readiness, ReadyLatch};
 use privlink_protocol::control::{AgentControl, AgentEvent, ControlMachine as _, Timers};
 use privlink_protocol::destination::Destination;
 use privlink_protocol::message::{
@@ -28,7 +29,7 @@ use crate::shared::AgentShared;
 pub(crate) type AgentSession = Session<AgentControl, AgentSide>;
 
 /// Runs a session on an established connection until it ends or `wind_down` is cancelled,
-/// then lets its streams finish (or be forced) and closes the connection. `ready` is cancelled
+/// then lets its streams finish (or be forced) and closes the connection. `ready` turns ready
 /// once the relay has the agent's verdicts (the session can carry streams). `link` is the relay
 /// address dialled, which the agent's status is keyed by.
 pub(crate) async fn serve_connection(
@@ -36,7 +37,7 @@ pub(crate) async fn serve_connection(
     link: SocketAddr,
     shared: &AgentShared,
     wind_down: &CancellationToken,
-    ready: &CancellationToken,
+    ready: &ReadyLatch,
 ) -> Result<(), SessionError> {
     let streams = TaskTracker::new();
     let result = run_session(connection, link, shared, wind_down, ready, &streams).await;
@@ -63,7 +64,7 @@ async fn run_session(
     link: SocketAddr,
     shared: &AgentShared,
     stop: &CancellationToken,
-    ready: &CancellationToken,
+    ready: &ReadyLatch,
     streams: &TaskTracker,
 ) -> Result<(), SessionError> {
     let hello = hello(
@@ -79,11 +80,11 @@ async fn run_session(
     let mut rules_changes = shared.rules_changed.subscribe();
     loop {
         session.flush().await?;
-        if session.machine().is_established() && !ready.is_cancelled() {
+        if session.machine().is_established() && ready.current() != Readiness::Ready {
             let endpoints = session.machine().endpoints().len();
             info!(transport = %connection.kind(), endpoints, "connected to relay");
             shared.status.connected(link, connection.kind(), session.machine().verdicts());
-            ready.cancel();
+            ready.set(Readiness::Ready);
         }
         let active_streams = u32::try_from(streams.len()).unwrap_or(u32::MAX);
         session.machine_mut().set_active_streams(active_streams);

@@ -10,6 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use privlink_admin::snapshot::{self, VerdictView};
+use privlink_admin::{Readiness, ReadyLatch};
 use privlink_protocol::message::EndpointVerdict;
 use privlink_transport::tunnel::TransportKind;
 use tokio::sync::watch;
@@ -61,11 +62,20 @@ pub struct LinkView {
 pub struct AgentStatus {
     links: Mutex<BTreeMap<SocketAddr, LinkView>>,
     changed: watch::Sender<u64>,
+    /// Ready while at least one link is connected, until the drain.
+    readiness: ReadyLatch,
 }
+
+/// Why an agent with no connected link is not ready.
+const NO_LINK: &str = "no relay link is connected";
 
 impl Default for AgentStatus {
     fn default() -> Self {
-        Self { links: Mutex::default(), changed: watch::Sender::new(0) }
+        Self {
+            links: Mutex::default(),
+            changed: watch::Sender::new(0),
+            readiness: ReadyLatch::new(Readiness::NotReady(NO_LINK.to_owned())),
+        }
     }
 }
 
@@ -75,11 +85,26 @@ impl AgentStatus {
         self.links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Tells watchers that a link changed, and sets the readiness it implies.
+    fn changed_now(&self) {
+        self.readiness.set(if self.any_connected() {
+            Readiness::Ready
+        } else {
+            Readiness::NotReady(NO_LINK.to_owned())
+        });
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// The agent's readiness: `/readyz`, `READY=1`, and the drain.
+    pub fn readiness(&self) -> &ReadyLatch {
+        &self.readiness
+    }
+
     fn update(&self, address: SocketAddr, change: impl FnOnce(&mut LinkView)) {
         if let Some(link) = self.lock().get_mut(&address) {
             change(link);
         }
-        self.changed.send_modify(|generation| *generation += 1);
+        self.changed_now();
     }
 
     /// A link to `address` (of `relay`) is dialling.
@@ -100,7 +125,7 @@ impl AgentStatus {
             link.since = SystemTime::now();
         }
         drop(links);
-        self.changed.send_modify(|generation| *generation += 1);
+        self.changed_now();
     }
 
     /// The link to `address` was welcomed over `transport` and sent `verdicts`.
@@ -147,7 +172,7 @@ impl AgentStatus {
     /// agent stops).
     pub(crate) fn remove(&self, address: SocketAddr) {
         self.lock().remove(&address);
-        self.changed.send_modify(|generation| *generation += 1);
+        self.changed_now();
     }
 
     /// Every link, by address.

@@ -13,7 +13,6 @@ use privlink_admin::snapshot::{
 };
 use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
 use privlink_protocol::message::Verdict;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{EndpointState, ScrapedState};
 use crate::registry::{AgentView, EndpointStatus};
@@ -23,17 +22,11 @@ use crate::status::RelayHandle;
 #[derive(Debug)]
 pub(crate) struct RelayAdmin {
     pub(crate) handle: RelayHandle,
-    /// Cancelled when the relay starts shutting down.
-    pub(crate) draining: CancellationToken,
 }
 
 impl AdminView for RelayAdmin {
     fn readiness(&self) -> Readiness {
-        if self.draining.is_cancelled() {
-            Readiness::NotReady("draining".to_owned())
-        } else {
-            Readiness::Ready
-        }
+        self.handle.readiness().current()
     }
 
     fn metrics(&self) -> Option<String> {

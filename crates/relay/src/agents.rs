@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use privlink_admin::ReadyLatch;
 use privlink_protocol::control::{ControlMachine as _, RelayControl, RelayEvent, Timers};
 use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, Hello, Verdict};
 use privlink_protocol::text;
@@ -45,8 +46,8 @@ pub(crate) struct AgentsContext {
     pub(crate) failures: Mutex<FailureLimiter>,
     pub(crate) admission: Arc<Admission>,
     pub(crate) metrics: Arc<RelayMetrics>,
-    /// Cancelled when the relay starts shutting down: agents are told to drain.
-    pub(crate) draining: CancellationToken,
+    /// Drains when the relay starts shutting down: agents are told to drain.
+    pub(crate) readiness: ReadyLatch,
 }
 
 fn agent_span(remote: SocketAddr, transport: TransportKind) -> tracing::Span {
@@ -166,7 +167,7 @@ impl<'a> AgentSession<'a> {
                     info!(%reason, "agent disconnected");
                     return Ok(());
                 }
-                () = self.ctx.draining.cancelled(), if !drain_sent => {
+                () = self.ctx.readiness.draining(), if !drain_sent => {
                     drain_sent = true;
                     session.machine_mut().drain("relay shutting down");
                 }

@@ -11,7 +11,8 @@
 //! # Layout
 //!
 //! * [`config`] — `relay.toml` and its validation into [`RelayConfig`].
-//! * `admin` — what the admin listener (`privlink-admin`) reports: readiness and status.
+//! * `admin` — what the admin listener (`privlink-admin`) reports: readiness (the latch in
+//!   [`RelayHandle::readiness`]), the typed status and connections snapshots, scraped state.
 //! * [`admission`] — caps on unauthenticated tunnel connections, in all and per source.
 //! * [`auth`] — token checks against stored digests, failed-attempt limiting.
 //! * [`agents`] — accepting agents on both transports and driving their control streams.
@@ -169,13 +170,12 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let Self { config, tunnel, bound, listeners, admin, handle } = self;
         let tunnel_endpoint = tunnel.endpoint();
-        let draining = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|server| {
             if let Ok(addr) = server.local_addr() {
                 info!(admin = %addr, "admin listener: /healthz /readyz /api/v1/status");
             }
-            let view = Arc::new(RelayAdmin { handle: handle.clone(), draining: draining.clone() });
+            let view = Arc::new(RelayAdmin { handle: handle.clone() });
             tokio::spawn(server.run(view, admin_stop.clone()))
         });
         let agents = TaskTracker::new();
@@ -185,7 +185,7 @@ impl Relay {
             failures: Mutex::default(),
             admission: Arc::clone(handle.admission()),
             metrics: Arc::clone(handle.metrics()),
-            draining: CancellationToken::new(),
+            readiness: handle.readiness().clone(),
         });
 
         info!(tunnel = %handle.tunnel_addr(), "relay listening for agents (QUIC on UDP, TLS on TCP)");
@@ -214,8 +214,8 @@ impl Relay {
         shutdown.cancelled().await;
         let grace = config.get().shutdown_grace;
         info!(?grace, "shutting down: no new connections; waiting for open ones");
-        ctx.draining.cancel();
-        draining.cancel(); // `/readyz` answers 503 from here on
+        // `/readyz` answers 503 from here on, and every agent session tells its agent.
+        handle.readiness().drain();
         // Endpoint accept loops end now, dropping their listeners: new clients are refused
         // from here on. Agents stay connected so in-flight streams can finish.
         listeners.stop_accepting();

@@ -3,6 +3,8 @@
 //! (unauthenticated) tunnel connections, and waits for a state (for the demo, tests and — next — the admin API).
 
 use std::net::SocketAddr;
+
+use privlink_admin::{Readiness, ReadyLatch};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +27,8 @@ pub struct RelayHandle {
     metrics: Arc<RelayMetrics>,
     /// Applies new configurations.
     reloader: Arc<Reloader>,
+    /// Ready from the moment every listener is bound until the drain.
+    readiness: ReadyLatch,
 }
 
 impl RelayHandle {
@@ -42,6 +46,7 @@ impl RelayHandle {
             admin_addr,
             metrics: Arc::clone(&reloader.metrics),
             reloader,
+            readiness: ReadyLatch::new(Readiness::Ready),
         }
     }
 
@@ -54,6 +59,11 @@ impl RelayHandle {
     /// Reads `path` and [`reload`](Self::reload)s it; an invalid file changes nothing.
     pub fn reload_from(&self, path: &std::path::Path) -> Result<ReloadSummary, ReloadError> {
         self.reloader.reload_from(path)
+    }
+
+    /// The relay's readiness: `/readyz`, `READY=1`, and the drain agents are told about.
+    pub fn readiness(&self) -> &ReadyLatch {
+        &self.readiness
     }
 
     pub(crate) fn metrics(&self) -> &Arc<RelayMetrics> {

@@ -7,6 +7,7 @@
 //! from config files ([`process`]).
 #![forbid(unsafe_code)]
 
+pub mod admin_probe;
 pub mod linkemu;
 pub mod load;
 pub mod netns;

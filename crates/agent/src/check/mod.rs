@@ -10,6 +10,7 @@
 pub mod destination;
 pub mod facts;
 pub mod relay;
+mod tls_probe;
 
 use std::time::{Duration, Instant};
 
