@@ -384,8 +384,19 @@ async fn connections(admin: SocketAddr) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("connections are JSON ({e}): {body}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_connection_is_listed_and_its_bytes_counted_while_it_runs() {
+/// A relay and an agent in this runtime, each with a loopback admin listener, endpoint `e`
+/// (an echo server) approved.
+struct Served {
+    destination: SocketAddr,
+    harness: Harness,
+    relay_admin: SocketAddr,
+    agent_admin: SocketAddr,
+    /// Stops the agent.
+    stop: tokio_util::sync::CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+}
+
+async fn served_with_admin_listeners() -> Served {
     let destination = echo_server().await;
     let harness =
         Harness::start_with_admin(vec![endpoint("e", destination)], loopback_admin(None)).await;
@@ -397,6 +408,13 @@ async fn an_open_connection_is_listed_and_its_bytes_counted_while_it_runs() {
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(agent.run(stop.clone()));
     harness.wait_approved("e").await;
+    Served { destination, harness, relay_admin, agent_admin, stop, running }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_is_listed_and_its_bytes_counted_while_it_runs() {
+    let Served { destination, harness, relay_admin, agent_admin, stop, running } =
+        served_with_admin_listeners().await;
     assert_eq!(connections(relay_admin).await["total"], 0);
 
     // A transfer in rounds that never closes: what is counted must grow while it is open.
@@ -525,17 +543,8 @@ fn assert_same_keys(live: &Value, heading: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_answers_have_exactly_the_keys_the_doc_shows() {
-    let destination = echo_server().await;
-    let harness =
-        Harness::start_with_admin(vec![endpoint("e", destination)], loopback_admin(None)).await;
-    let relay_admin = harness.relay.admin_addr().expect("admin listener");
-    let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]);
-    config.admin = loopback_admin(None);
-    let agent = privlink_agent::Agent::new(config).expect("agent starts");
-    let agent_admin = agent.admin_addr().expect("admin listener");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(agent.run(stop.clone()));
-    harness.wait_approved("e").await;
+    let Served { destination: _, harness, relay_admin, agent_admin, stop, running } =
+        served_with_admin_listeners().await;
     // One connection open, so that both connection lists have an entry.
     let mut open = TcpStream::connect(harness.addr("e")).await.expect("connect");
     open.write_all(b"x").await.expect("write");
