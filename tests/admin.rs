@@ -32,10 +32,10 @@ async fn curl(admin: SocketAddr, path: &str, extra: &[&str]) -> (u16, String) {
 }
 
 fn loopback_admin(token: Option<&str>) -> Option<AdminSettings> {
-    Some(AdminSettings {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        token: token.map(|t| TokenDigest::of(t.as_bytes())),
-    })
+    Some(AdminSettings::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        token.map(|t| TokenDigest::of(t.as_bytes())),
+    ))
 }
 
 /// The status snapshot's entry for endpoint `e`.
@@ -150,6 +150,124 @@ async fn the_status_api_needs_the_bearer_token_and_the_probes_do_not() {
     assert_eq!(right.0, 200, "{}", right.1);
     assert_eq!(curl(admin, "/healthz", &[]).await.0, 200);
     assert_eq!(curl(admin, "/readyz", &[]).await.0, 200);
+    harness.shutdown(&[]).await;
+}
+
+/// A page on another origin that rebinds its name to a loopback admin listener sends its own
+/// name as `Host`: answered 421, whatever the path, while an IP literal, `localhost` and a
+/// configured name are served; and with `metrics_require_token`, `/metrics` needs the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_its_own_host_names_are_answered_and_metrics_can_need_the_token() {
+    let mut settings = AdminSettings::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        Some(TokenDigest::of(b"admin-secret")),
+    );
+    settings.hosts = vec!["admin.privlink.example".to_owned()];
+    settings.metrics_require_token = true;
+    let harness =
+        Harness::start_with_admin(vec![endpoint("e", echo_server().await)], Some(settings)).await;
+    let admin = harness.relay.admin_addr().expect("admin listener");
+    let port = admin.port();
+    let bearer = ["-H", "Authorization: Bearer admin-secret"];
+    for foreign in ["rebind.attacker.example", "evil.example:80", "127.0.0.1.nip.io"] {
+        let host = format!("Host: {foreign}");
+        for path in ["/api/v1/status", "/healthz", "/"] {
+            let (code, body) = curl(admin, path, &["-H", &host, bearer[0], bearer[1]]).await;
+            assert_eq!(code, 421, "{foreign} {path}: {body}");
+        }
+    }
+    for own in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LOCALHOST".to_owned(),
+        "[::1]".to_owned(),
+        format!("admin.privlink.example:{port}"),
+    ] {
+        let host = format!("Host: {own}");
+        let (code, body) =
+            curl(admin, "/api/v1/status", &["-H", &host, bearer[0], bearer[1]]).await;
+        assert_eq!(code, 200, "{own}: {body}");
+    }
+    assert_eq!(curl(admin, "/metrics", &[]).await.0, 401, "metrics need the token");
+    assert_eq!(curl(admin, "/metrics", &bearer).await.0, 200);
+    assert_eq!(curl(admin, "/healthz", &[]).await.0, 200, "the probes stay open");
+    harness.shutdown(&[]).await;
+}
+
+/// Clients that trickle request heads, reconnecting as they are cut off, cannot starve the
+/// probes: `/healthz` answers at least 95 % of them meanwhile — beside 64 such clients on the
+/// prober's own address (the slowest head makes room), and beside 1,000 on another (one
+/// address holds at most a quarter of the slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_clients_do_not_starve_the_probes() {
+    const PROBES: usize = 20;
+    let harness =
+        Harness::start_with_admin(vec![endpoint("e", echo_server().await)], loopback_admin(None))
+            .await;
+    let admin = harness.relay.admin_addr().expect("admin listener");
+    for (attackers, from) in [(64, "127.0.0.1"), (1_000, "127.0.0.2")] {
+        let from: std::net::IpAddr = from.parse().expect("ip");
+        let stop = tokio_util::sync::CancellationToken::new();
+        // A permit for each client that has sent the start of its request once.
+        let started = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let mut trickling = tokio::task::JoinSet::new();
+        for _ in 0..attackers {
+            let stop = stop.clone();
+            let started = std::sync::Arc::clone(&started);
+            trickling.spawn(async move {
+                let mut first = true;
+                // Bounded by `stop`, which the test cancels after its probes.
+                while !stop.is_cancelled() {
+                    let Ok(socket) = tokio::net::TcpSocket::new_v4() else { return };
+                    if socket.bind(SocketAddr::new(from, 0)).is_err() {
+                        return;
+                    }
+                    let Ok(mut socket) = socket.connect(admin).await else { continue };
+                    if socket
+                        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                        .await
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    if std::mem::take(&mut first) {
+                        started.add_permits(1);
+                    }
+                    // One byte of a header every 100 ms, until the listener cuts it off.
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                        if socket.write_all(b"X").await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        // Every trickling client has started before the probes.
+        let all = u32::try_from(attackers).expect("small");
+        let begun = tokio::time::timeout(WAIT, started.acquire_many(all)).await;
+        begun.expect("the trickling clients start").expect("open").forget();
+        let mut answered = 0;
+        let mut failures = Vec::new();
+        for _ in 0..PROBES {
+            let started = std::time::Instant::now();
+            match curl(admin, "/healthz", &["-m", "2"]).await {
+                (200, _) => answered += 1,
+                (code, body) => {
+                    failures.push(format!("{code} after {:?}: {body}", started.elapsed()))
+                }
+            }
+        }
+        stop.cancel();
+        while trickling.join_next().await.is_some() {}
+        assert!(
+            answered * 100 >= PROBES * 95,
+            "{answered} of {PROBES} probes answered beside {attackers} trickling clients: {failures:?}"
+        );
+    }
     harness.shutdown(&[]).await;
 }
 

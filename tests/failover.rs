@@ -33,7 +33,7 @@ async fn relay_with_a_real_agent(
     let destination = echo_server().await;
     let mut spec = endpoint("e", destination);
     spec.open.timeout = Duration::from_millis(500);
-    let admin = AdminSettings { listen: "127.0.0.1:0".parse().expect("addr"), token: None };
+    let admin = AdminSettings::new("127.0.0.1:0".parse().expect("addr"), None);
     let harness = Harness::start_with_admin(vec![spec], Some(admin)).await;
     let agent = harness.spawn_agent(harness.agent_config(transport, &[rule_for(destination)]));
     harness.wait_approved("e").await;
@@ -110,7 +110,7 @@ async fn a_policy_refusal_is_not_retried(transport: TransportChoice) {
     // Only the refusing agent, so the client's fate does not depend on which agent the relay
     // picks first: a retry would show in the counter even with no other agent to go to.
     let destination = echo_server().await;
-    let admin = AdminSettings { listen: "127.0.0.1:0".parse().expect("addr"), token: None };
+    let admin = AdminSettings::new("127.0.0.1:0".parse().expect("addr"), None);
     let harness = Harness::start_with_admin(vec![endpoint("e", destination)], Some(admin)).await;
     let _fake = FakeAgent::start(&harness, kind(transport), OnOpen::FailNotAllowed, true).await;
     // Every agent would refuse alike: the client is refused, and no other agent is tried.

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use common::{BIN, Running, echo_round_trip, echo_server};
 use privlink_admin::snapshot::{StatusSnapshot, VerdictView};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -612,4 +613,40 @@ fn the_demo_serves_the_curl_it_prints_and_stops_on_ctrl_c() {
     assert!(sent.success());
     let exit = demo.wait_exit();
     assert!(exit.success(), "the demo exited with {exit} after Ctrl-C");
+}
+
+/// 2,000 connections over `max_connections` are each refused and counted, and the warning
+/// about them is written once per interval with a count of the rest — not 2,000 times (a
+/// flood of refusals used to be a flood of log lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_over_max_connections_is_counted_not_logged_line_by_line() {
+    const FLOOD: usize = 2_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (relay, agent) = example_configs();
+    let relay = set_key(&relay, "[[endpoint]]", "max_connections", "1");
+    let Deployment { relay_cfg, agent_cfg, endpoint, admin, agent_admin } =
+        deploy_from(dir.path(), echo_server().await, &relay, &agent);
+    let mut relay = common::privlink(&["relay", "--config", relay_cfg.to_str().expect("utf-8")]);
+    let agent = common::privlink(&["agent", "--config", agent_cfg.to_str().expect("utf-8")]);
+    common::wait_admin(agent_admin, "/readyz", |code, _| code == 200);
+    common::wait_endpoint_status(admin, "contoso-kv", "Approved");
+
+    // One connection holds the only slot (its echo proves it was admitted).
+    let mut held = TcpStream::connect(endpoint).await.expect("connect");
+    held.write_all(b"x").await.expect("write");
+    held.read_exact(&mut [0u8; 1]).await.expect("echo");
+    for _ in 0..FLOOD {
+        // Refused at once (a reset); a connect that the kernel turned away counts the same.
+        drop(TcpStream::connect(endpoint).await);
+    }
+    let counted = format!(
+        "privlink_relay_connections_total{{endpoint=\"contoso-kv\",outcome=\"over_limit\"}} {FLOOD}"
+    );
+    common::wait_admin(admin, "/metrics", |code, body| code == 200 && body.contains(&counted));
+    relay.wait_for("endpoint at max_connections");
+    let warned =
+        relay.output_so_far().iter().filter(|l| l.contains("endpoint at max_connections")).count();
+    assert!(warned <= 3, "{warned} warning lines for {FLOOD} refusals");
+    drop(held);
+    assert!(agent.terminate().success() && relay.terminate().success());
 }

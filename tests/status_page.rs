@@ -25,7 +25,7 @@ async fn the_status_page_shows_the_endpoint_approved_then_disconnected_in_chromi
         "the browser test needs Debian's chromium (apt-get install chromium; .ci/run does)"
     );
     let destination = echo_server().await;
-    let admin = AdminSettings { listen: "127.0.0.1:0".parse().expect("addr"), token: None };
+    let admin = AdminSettings::new("127.0.0.1:0".parse().expect("addr"), None);
     let harness = Harness::start_with_admin(vec![endpoint("e", destination)], Some(admin)).await;
     let agent =
         harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]));
@@ -73,10 +73,10 @@ async fn the_status_page_shows_the_endpoint_approved_then_disconnected_in_chromi
 #[tokio::test]
 async fn the_page_is_served_without_a_token_and_its_data_is_not() {
     let token = "page-token";
-    let admin = AdminSettings {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        token: Some(TokenDigest::of(token.as_bytes())),
-    };
+    let admin = AdminSettings::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        Some(TokenDigest::of(token.as_bytes())),
+    );
     let harness =
         Harness::start_with_admin(vec![endpoint("e", echo_server().await)], Some(admin)).await;
     let addr = harness.relay.admin_addr().expect("admin listener");

@@ -16,6 +16,7 @@
 
 pub mod client;
 mod latch;
+mod slots;
 pub mod snapshot;
 
 pub use latch::ReadyLatch;
@@ -29,19 +30,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use privlink_protocol::config::AdminSettings;
 use privlink_protocol::token::TokenDigest;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Admin connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Longest a client may take to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a client may take to send its request headers: a probe or a scraper sends them in
+/// one packet, and a client that trickles them holds one of the [`MAX_CONNECTIONS`] slots.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest one connection may last, request and answer together.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted (hyper's smallest allowed read buffer).
@@ -165,16 +167,33 @@ pub fn unix_seconds(time: std::time::SystemTime) -> u64 {
 #[derive(Debug)]
 pub struct AdminServer {
     listener: TcpListener,
+    guard: Guard,
+}
+
+/// What a request must show: a `Host` this listener answers to, and the token where one is
+/// configured.
+#[derive(Debug)]
+struct Guard {
+    /// The digest of the token `/api/*` (and `/metrics`, when asked) needs.
     token: Option<TokenDigest>,
+    /// Host names answered besides IP literals and `localhost`, in lower case.
+    hosts: Vec<String>,
+    /// Whether `/metrics` needs the token.
+    metrics_require_token: bool,
 }
 
 impl AdminServer {
-    /// Binds `addr`; `token` (its digest), when given, guards `/api/*`. Call it within a tokio
-    /// runtime.
-    pub fn bind(addr: SocketAddr, token: Option<TokenDigest>) -> io::Result<Self> {
-        let listener = std::net::TcpListener::bind(addr)?;
+    /// Binds `settings.listen`; its token (the digest), when given, guards `/api/*` and — with
+    /// `metrics_require_token` — `/metrics`. Call it within a tokio runtime.
+    pub fn bind(settings: &AdminSettings) -> io::Result<Self> {
+        let listener = std::net::TcpListener::bind(settings.listen)?;
         listener.set_nonblocking(true)?;
-        Ok(Self { listener: TcpListener::from_std(listener)?, token })
+        let guard = Guard {
+            token: settings.token,
+            hosts: settings.hosts.clone(),
+            metrics_require_token: settings.metrics_require_token,
+        };
+        Ok(Self { listener: TcpListener::from_std(listener)?, guard })
     }
 
     /// The bound address.
@@ -184,9 +203,9 @@ impl AdminServer {
 
     /// Serves until `stop` is cancelled.
     pub async fn run(self, view: Arc<dyn AdminView>, stop: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let slots = Arc::new(slots::Slots::default());
         let tasks = TaskTracker::new();
-        let token = self.token.map(Arc::new);
+        let guard = Arc::new(self.guard);
         loop {
             let accepted = tokio::select! {
                 () = stop.cancelled() => break,
@@ -197,15 +216,20 @@ impl AdminServer {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                tracing::debug!(%peer, "admin connection closed: {MAX_CONNECTIONS} already open");
+            // Full, or this source over its share: the connection that has waited longest for
+            // its request head makes room, so a trickling client cannot starve the probes.
+            let Some(slot) = slots.take(peer.ip()) else {
+                tracing::debug!(%peer, "admin connection closed: {MAX_CONNECTIONS} already busy");
                 continue;
             };
             let view = Arc::clone(&view);
-            let token = token.clone();
+            let guard = Arc::clone(&guard);
             tasks.spawn(async move {
+                let evicted = slot.evicted();
+                let head = slot.head_received();
                 let service = hyper::service::service_fn(move |request| {
-                    let answer = answer(&request, view.as_ref(), token.as_deref());
+                    head();
+                    let answer = answer(&request, view.as_ref(), &guard);
                     async move { Ok::<_, Infallible>(answer) }
                 });
                 let mut http = hyper::server::conn::http1::Builder::new();
@@ -214,12 +238,15 @@ impl AdminServer {
                     .max_buf_size(MAX_REQUEST_HEAD)
                     .keep_alive(false);
                 let connection = http.serve_connection(TokioIo::new(socket), service);
-                match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(%peer, "admin connection: {e}"),
-                    Err(_) => {
-                        tracing::debug!(%peer, "admin connection over {CONNECTION_TIMEOUT:?}")
-                    }
+                tokio::select! {
+                    served = tokio::time::timeout(CONNECTION_TIMEOUT, connection) => match served {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(%peer, "admin connection: {e}"),
+                        Err(_) => {
+                            tracing::debug!(%peer, "admin connection over {CONNECTION_TIMEOUT:?}")
+                        }
+                    },
+                    () = evicted => tracing::debug!(%peer, "admin connection evicted: its request head was the slowest"),
                 }
                 drop(slot);
             });
@@ -233,9 +260,9 @@ impl AdminServer {
 fn answer(
     request: &Request<Incoming>,
     view: &dyn AdminView,
-    token: Option<&TokenDigest>,
+    guard: &Guard,
 ) -> Response<Full<Bytes>> {
-    let mut response = route(request, view, token);
+    let mut response = route(request, view, guard);
     let headers = response.headers_mut();
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     headers.insert("cache-control", HeaderValue::from_static("no-store"));
@@ -245,13 +272,20 @@ fn answer(
 fn route(
     request: &Request<Incoming>,
     view: &dyn AdminView,
-    token: Option<&TokenDigest>,
+    guard: &Guard,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
+    if !host_allowed(request.headers().get(HOST), &guard.hosts) {
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this listener answers to its IP address, localhost and admin.hosts only\n",
+        );
+    }
     let path = request.uri().path();
-    if path.starts_with("/api/") && !authorized(request.headers(), token) {
+    let guarded = path.starts_with("/api/") || (path == "/metrics" && guard.metrics_require_token);
+    if guarded && !authorized(request.headers(), guard.token.as_ref()) {
         let mut response = text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
         response
             .headers_mut()
@@ -286,6 +320,23 @@ fn route(
         "/api/v1/connections" => json(&view.connections()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Whether a request's `Host` is one this listener answers to: an IP literal (any address
+/// this listener may be reached at), `localhost`, or a configured name — each with or without
+/// a port. A name that merely resolves here (a DNS-rebinding page's own) is not. A request
+/// without `Host` (HTTP/1.0) carries no name to rebind and is answered.
+fn host_allowed(host: Option<&HeaderValue>, hosts: &[String]) -> bool {
+    let Some(host) = host else { return true };
+    let Ok(host) = host.to_str() else { return false };
+    let Ok(authority) = host.parse::<hyper::http::uri::Authority>() else { return false };
+    let name = authority.host();
+    let name = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || hosts.contains(&name)
 }
 
 /// Whether the request carries the configured bearer token (always, with none configured).

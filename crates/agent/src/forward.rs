@@ -16,6 +16,7 @@ use privlink_transport::io::{read_frame, write_frame};
 use privlink_transport::live::LiveTable;
 use privlink_transport::splice::{self, Hop, Outcome};
 use privlink_transport::tcp::abort;
+use privlink_transport::throttle::Throttle;
 use privlink_transport::tunnel::{DELIVERY_WAIT, ResetCode, TunnelStream};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -23,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::allowlist::{AllowRule, Allowlist, special_address_kind};
+
+/// Longest silence between two warnings of one kind about streams the relay asked for (a
+/// refused destination, a malformed header) while they keep coming; each counts the others.
+const STREAM_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Deadline for the open header to arrive after the relay opened the stream.
 pub const OPEN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,7 +115,10 @@ pub async fn serve_stream(
     let open: Open = match read_frame(&mut stream, MAX_OPEN_BODY, OPEN_HEADER_TIMEOUT).await {
         Ok(open) => open,
         Err(e) => {
-            warn!("bad open header from relay: {e}");
+            static BAD_HEADERS: Throttle = Throttle::new(STREAM_LOG_INTERVAL);
+            if let Some(left_out) = BAD_HEADERS.admit(std::time::Instant::now()) {
+                warn!(left_out, "bad open header from relay: {e}");
+            }
             stream.reset(ResetCode::ProtocolError);
             return;
         }
@@ -155,7 +163,11 @@ async fn forward(
             };
             policy.metrics.stream_ended(outcome, 0, 0);
             if failure.code == OpenFailCode::NotAllowed {
-                warn!("refused: {}", failure.message);
+                // A relay asking for what the allowlist refuses can ask as fast as it likes.
+                static REFUSALS: Throttle = Throttle::new(STREAM_LOG_INTERVAL);
+                if let Some(left_out) = REFUSALS.admit(std::time::Instant::now()) {
+                    warn!(left_out, "refused: {}", failure.message);
+                }
             } else {
                 info!(code = %failure.code, "destination not opened: {}", failure.message);
             }

@@ -93,7 +93,7 @@ impl Agent {
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
         let admin = match &config.admin {
             Some(settings) => Some(
-                AdminServer::bind(settings.listen, settings.token)
+                AdminServer::bind(settings)
                     .map_err(|source| AgentError::AdminBind { addr: settings.listen, source })?,
             ),
             None => None,

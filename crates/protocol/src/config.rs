@@ -186,6 +186,11 @@ pub struct AdminTable {
     listen: Spanned<std::net::SocketAddr>,
     #[serde(default)]
     token_file: Option<Spanned<PathBuf>>,
+    /// Names besides IP literals and `localhost` that requests may carry in `Host`.
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    metrics_require_token: Option<Spanned<bool>>,
 }
 
 /// The admin listener's settings (`[admin]`), validated.
@@ -195,6 +200,20 @@ pub struct AdminSettings {
     pub listen: std::net::SocketAddr,
     /// The digest of the token `/api/*` requires (from `token_file`); required off loopback.
     pub token: Option<crate::token::TokenDigest>,
+    /// Names a request's `Host` may carry besides an IP literal and `localhost` (`hosts`, in
+    /// lower case): anything else is answered 421, so a page on another origin that rebinds
+    /// its name to this listener's address reads nothing.
+    pub hosts: Vec<String>,
+    /// Whether `/metrics` needs the token too (`metrics_require_token`; endpoints and
+    /// connectors are named in its labels).
+    pub metrics_require_token: bool,
+}
+
+impl AdminSettings {
+    /// Settings with no extra host names and open metrics.
+    pub fn new(listen: std::net::SocketAddr, token: Option<crate::token::TokenDigest>) -> Self {
+        Self { listen, token, hosts: Vec::new(), metrics_require_token: false }
+    }
 }
 
 impl AdminTable {
@@ -224,7 +243,24 @@ impl AdminTable {
             }
             None => None,
         };
-        Ok(AdminSettings { listen, token })
+        let mut hosts = Vec::with_capacity(self.hosts.len());
+        for (i, host) in self.hosts.iter().enumerate() {
+            let name = crate::destination::normalize_dns_name(host.get_ref())
+                .map_err(|e| source.error_for(host, &format!("admin.hosts[{i}]"), e.to_string()))?;
+            hosts.push(name);
+        }
+        let metrics_require_token = match &self.metrics_require_token {
+            Some(setting) if *setting.get_ref() && token.is_none() => {
+                return Err(source.error_for(
+                    setting,
+                    "admin.metrics_require_token",
+                    "set admin.token_file too: it is the token /metrics would require",
+                ));
+            }
+            Some(setting) => *setting.get_ref(),
+            None => false,
+        };
+        Ok(AdminSettings { listen, token, hosts, metrics_require_token })
     }
 }
 
@@ -295,5 +331,27 @@ mod tests {
         let sample: Sample = source.parse().expect("valid");
         let err = source.error_for(&sample.item[0].name, "item[0].name", "duplicate");
         assert_eq!(err.line, Some(4));
+    }
+
+    fn admin(text: &str) -> Result<AdminSettings, ConfigError> {
+        let source = ConfigSource::from_text("relay.toml", text);
+        source.parse::<AdminTable>()?.validate(&source)
+    }
+
+    #[test]
+    fn admin_host_names_are_validated_and_metrics_need_a_token_to_require() {
+        let settings =
+            admin("listen = \"127.0.0.1:9090\"\nhosts = [\"Admin.Example.\"]\n").expect("valid");
+        assert_eq!(settings.hosts, ["admin.example"], "lower case, no trailing dot");
+        assert!(!settings.metrics_require_token, "metrics are open unless asked");
+
+        let bad = admin("listen = \"127.0.0.1:9090\"\nhosts = [\"not a name\"]\n")
+            .expect_err("a bad name");
+        assert_eq!((bad.key.as_str(), bad.line), ("admin.hosts[0]", Some(2)));
+
+        let tokenless = admin("listen = \"127.0.0.1:9090\"\nmetrics_require_token = true\n")
+            .expect_err("no token to require");
+        assert_eq!(tokenless.key, "admin.metrics_require_token");
+        assert!(tokenless.message.contains("token_file"), "{tokenless}");
     }
 }

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use privlink_transport::throttle::Throttle;
 
+use crate::source::SourceKey;
+
 /// Pending (unauthenticated) tunnel connections the relay holds at most.
 pub const MAX_PENDING: usize = 512;
 /// Pending tunnel connections from one source address (one IPv6 /64) at most. Many agents may
@@ -61,23 +63,6 @@ impl Default for Admission {
             counts: Mutex::default(),
             turned_away: AtomicU64::new(0),
             refusals: Throttle::new(REFUSAL_LOG_INTERVAL),
-        }
-    }
-}
-
-/// A source as the per-source cap counts it: an IPv4 address (IPv4-mapped IPv6 included), or
-/// an IPv6 /64 — one host's worth of IPv6 addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct SourceKey(IpAddr);
-
-impl SourceKey {
-    fn of(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
-            IpAddr::V6(v6) => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                Self(IpAddr::V6(prefix.into()))
-            }
         }
     }
 }

@@ -19,6 +19,7 @@ use privlink_protocol::text;
 use privlink_transport::io::ReadFrameError;
 use privlink_transport::listener::{self, Handshake, TunnelListener};
 use privlink_transport::session::{Peer, Session, SessionError, Step, now};
+use privlink_transport::throttle::Throttle;
 use privlink_transport::tunnel::{CloseCode, RelayConnection, RelaySide, TransportKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +35,10 @@ use crate::registry::{AgentInfo, AgentRegistration, Registry};
 /// connector's load and take over from each other, but a token holder cannot fill the relay
 /// with sessions.
 pub const MAX_AGENTS_PER_CONNECTOR: usize = 64;
+/// Longest silence between two warnings of one kind about unauthenticated connections
+/// (handshakes that failed, hellos refused) while they keep coming: each line counts the ones
+/// left out, so a flood of them cannot become a flood of log lines.
+const PRE_AUTH_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a refused agent gets to read the refusal before the relay closes.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
@@ -109,7 +114,13 @@ async fn serve_agent(
     .await;
     match result {
         Ok(()) | Err(SessionError::Refused { .. }) => {} // logged where it happened
-        Err(SessionError::Dial(e)) => warn!("agent session ended: tunnel handshake: {e}"),
+        Err(SessionError::Dial(e)) => {
+            // Before any authentication: anyone can cause these, as fast as they connect.
+            static HANDSHAKE_FAILURES: Throttle = Throttle::new(PRE_AUTH_LOG_INTERVAL);
+            if let Some(left_out) = HANDSHAKE_FAILURES.admit(Instant::now()) {
+                warn!(left_out, "agent session ended: tunnel handshake: {e}");
+            }
+        }
         Err(e) => warn!("agent session ended: {e}"),
     }
 }
@@ -309,7 +320,10 @@ fn admit(
     if let Some((field, value)) = fields.iter().find(|(_, value)| !text::is_valid_name(value)) {
         let delay = record_failure(ctx, remote);
         ctx.metrics.auth_failed(AuthFailureReason::InvalidHello);
-        warn!(field, value = %text::loggable(value), "refusing agent: invalid hello");
+        static INVALID_HELLOS: Throttle = Throttle::new(PRE_AUTH_LOG_INTERVAL);
+        if let Some(left_out) = INVALID_HELLOS.admit(Instant::now()) {
+            warn!(field, value = %text::loggable(value), left_out, "refusing agent: invalid hello");
+        }
         let reason = format!(
             "invalid hello: {field} must be 1 to {} letters, digits, '.', '-', '_' or '+'",
             text::MAX_NAME_LEN
@@ -327,13 +341,18 @@ fn admit(
             AuthFailure::UnknownConnector => AuthFailureReason::UnknownConnector,
             AuthFailure::WrongToken => AuthFailureReason::WrongToken,
         });
-        warn!(
-            connector = %hello.connector,
-            agent = %hello.agent_name,
-            cause,
-            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            "refusing agent: authentication failed"
-        );
+        static AUTH_FAILURES: Throttle = Throttle::new(PRE_AUTH_LOG_INTERVAL);
+        if let Some(left_out) = AUTH_FAILURES.admit(Instant::now()) {
+            warn!(
+                connector = %hello.connector,
+                agent = %hello.agent_name,
+                cause,
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                left_out,
+                "refusing agent: authentication failed (left_out: failures since the last such \
+                 line; all are counted in privlink_relay_auth_failures_total)"
+            );
+        }
         let reason = format!(
             "authentication failed for connector `{}`: unknown connector or wrong token",
             hello.connector

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use privlink_protocol::token::TokenDigest;
 
 use crate::config::ConnectorSpec;
+use crate::source::SourceKey;
 
 /// Delay added to a refusal for each failure from the same source within the window.
 pub const REFUSAL_DELAY_STEP: Duration = Duration::from_millis(50);
@@ -22,8 +23,12 @@ pub const REFUSAL_DELAY_STEP: Duration = Duration::from_millis(50);
 pub const MAX_REFUSAL_DELAY: Duration = Duration::from_secs(1);
 /// Length of the failure-counting window.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Tracked addresses beyond which expired entries are swept.
+/// Tracked sources beyond which expired entries are swept.
 const SWEEP_THRESHOLD: usize = 4096;
+/// Most sources tracked at once. A flood from more sources than this (a botnet, or /64s
+/// beyond count) empties the table rather than growing it: the delays only slow down
+/// guessing, which 256-bit tokens make hopeless anyway, so forgetting them costs nothing.
+pub const MAX_TRACKED_SOURCES: usize = 65_536;
 
 /// Why an agent was not admitted. The agent is told only "authentication failed"; the relay
 /// logs which it was.
@@ -55,22 +60,32 @@ pub fn authenticate(
     }
 }
 
-/// Counts authentication failures per source address in fixed windows, to slow down a source
-/// that keeps failing.
+/// Counts authentication failures per source (an IPv4 address or an IPv6 /64) in fixed
+/// windows, to slow down a source that keeps failing; at most [`MAX_TRACKED_SOURCES`] sources.
 #[derive(Debug, Default)]
 pub struct FailureLimiter {
-    windows: HashMap<IpAddr, (Instant, u32)>,
+    windows: HashMap<SourceKey, (Instant, u32)>,
+    /// When expired entries may next be swept: a sweep is a scan of the whole table, so under
+    /// a flood it runs once per [`SWEEP_INTERVAL`], not at every failure.
+    next_sweep: Option<Instant>,
 }
+
+/// Least time between two sweeps of expired entries.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl FailureLimiter {
     /// Records a failure from `source`; returns how long to wait before sending the refusal:
     /// [`REFUSAL_DELAY_STEP`] times the failures in the current window, at most
     /// [`MAX_REFUSAL_DELAY`].
     pub fn record_failure(&mut self, source: IpAddr, now: Instant) -> Duration {
-        if self.windows.len() >= SWEEP_THRESHOLD {
+        if self.windows.len() >= SWEEP_THRESHOLD && self.next_sweep.is_none_or(|at| now >= at) {
             self.windows.retain(|_, (start, _)| now.duration_since(*start) < FAILURE_WINDOW);
+            self.next_sweep = Some(now + SWEEP_INTERVAL);
         }
-        let entry = self.windows.entry(source).or_insert((now, 0));
+        if self.windows.len() >= MAX_TRACKED_SOURCES {
+            self.windows.clear();
+        }
+        let entry = self.windows.entry(SourceKey::of(source)).or_insert((now, 0));
         if now.duration_since(entry.0) >= FAILURE_WINDOW {
             *entry = (now, 0);
         }
@@ -122,5 +137,24 @@ mod tests {
         assert_eq!(limiter.record_failure(ip, t0), MAX_REFUSAL_DELAY);
         assert_eq!(limiter.record_failure(other, t0), REFUSAL_DELAY_STEP, "per source");
         assert_eq!(limiter.record_failure(ip, t0 + FAILURE_WINDOW), REFUSAL_DELAY_STEP);
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_source_and_the_table_stays_bounded() {
+        let mut limiter = FailureLimiter::default();
+        let t0 = Instant::now();
+        // Rotating addresses inside one /64 does not reset the count.
+        for i in 1..=4u32 {
+            let ip: IpAddr = format!("2001:db8:1:2::{i:x}").parse().expect("ip");
+            assert_eq!(limiter.record_failure(ip, t0), REFUSAL_DELAY_STEP * i);
+        }
+        // A flood of distinct /64s, all within the window, never grows the table past its cap.
+        for i in 0..(MAX_TRACKED_SOURCES as u64 + 10_000) {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(
+                (0x2001_0db8_u128 << 96) | (u128::from(i) << 64),
+            ));
+            limiter.record_failure(ip, t0);
+            assert!(limiter.windows.len() <= MAX_TRACKED_SOURCES);
+        }
     }
 }

@@ -11,11 +11,16 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use privlink_transport::live::LiveTable;
+use privlink_transport::throttle::Throttle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EndpointSpec;
 use crate::flow::EndpointCounters;
 use crate::metrics::RelayMetrics;
+
+/// Longest silence between two warnings about connections refused over the limit, while
+/// they keep coming (each line counts the ones left out).
+pub(crate) const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One endpoint at run time. Its policy — ACL, limits, timeouts — can be replaced by a
 /// reload ([`Endpoint::set_spec`]); each connection keeps the spec it was accepted under.
@@ -27,6 +32,9 @@ pub(crate) struct Endpoint {
     /// Connections open now, counted against `max_connections`.
     active: Arc<AtomicUsize>,
     pub(crate) counters: EndpointCounters,
+    /// Writes the "at max_connections" warning at most once per [`REFUSAL_LOG_INTERVAL`]: a
+    /// flood of connections over the limit must not become a flood of log lines.
+    pub(crate) over_limit_log: Throttle,
     pub(crate) metrics: Arc<RelayMetrics>,
     /// The connections being forwarded now (from the agent's choice to the end).
     pub(crate) live: LiveTable<LiveClient>,
@@ -51,6 +59,7 @@ impl Endpoint {
             spec: RwLock::new(Arc::new(spec)),
             active: Arc::default(),
             counters: EndpointCounters::default(),
+            over_limit_log: Throttle::new(REFUSAL_LOG_INTERVAL),
             metrics,
             live: LiveTable::default(),
             stop,

@@ -15,6 +15,7 @@
 //!   [`RelayHandle::readiness`]), the typed status and connections snapshots, scraped state.
 //! * [`admission`] — caps on unauthenticated tunnel connections, in all and per source.
 //! * [`auth`] — token checks against stored digests, failed-attempt limiting.
+//! * `source` — a source address as per-source limits count it (IPv4, or an IPv6 /64).
 //! * [`agents`] — accepting agents on both transports and driving their control streams.
 //! * [`registry`] — connected agents, their verdicts, endpoint status, load-based choice.
 //! * `endpoint` — endpoint state at run time (policy, slots, live connections, stop tokens)
@@ -44,6 +45,7 @@ mod metrics;
 mod open;
 pub mod registry;
 pub mod reload;
+mod source;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -141,7 +143,7 @@ impl Relay {
         }
         let admin = match &config.admin {
             Some(settings) => Some(
-                AdminServer::bind(settings.listen, settings.token)
+                AdminServer::bind(settings)
                     .map_err(|source| RelayError::AdminBind { addr: settings.listen, source })?,
             ),
             None => None,

@@ -112,11 +112,15 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
     let Some(slot) = endpoint.admit(spec.max_connections) else {
         endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
         endpoint.metrics.connection_refused(&endpoint.name, "over_limit");
-        warn!(
-            %client,
-            max_connections = spec.max_connections,
-            "connection refused: endpoint at max_connections"
-        );
+        if let Some(left_out) = endpoint.over_limit_log.admit(std::time::Instant::now()) {
+            warn!(
+                %client,
+                max_connections = spec.max_connections,
+                left_out,
+                "connection refused: endpoint at max_connections (left_out: refusals since \
+                 the last such line; all are counted in privlink_relay_connections_total)"
+            );
+        }
         return None;
     };
     endpoint.counters.accepted.fetch_add(1, Ordering::Relaxed);
