@@ -478,10 +478,11 @@ async fn agents_per_connector_are_capped() {
     harness.shutdown(&[]).await;
 }
 
-/// Sources that flood the tunnel port with connections that never authenticate: each gets
-/// `MAX_PENDING_PER_SOURCE` pending places and the rest are turned away at once (TCP reset,
-/// QUIC refused); with that many pending, QUIC sources must answer a Retry; and throughout,
-/// agents from another source get in on both transports and the endpoint keeps serving.
+/// Sources that flood the tunnel port with connections that never authenticate: each holds
+/// at most `MAX_PENDING_PER_SOURCE` pending places, a newcomer beyond its share evicting its
+/// own oldest (counted); with that many pending, QUIC sources must answer a Retry; throughout,
+/// agents from another source get in on both transports and the endpoint keeps serving; and a
+/// silent connection is cut after the first-byte deadline even while its peer holds it open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unauthenticated_connections_is_capped_and_agents_still_get_in() {
     use privlink_relay::admission::{MAX_PENDING_PER_SOURCE, RETRY_ABOVE};
@@ -492,39 +493,38 @@ async fn a_flood_of_unauthenticated_connections_is_capped_and_agents_still_get_i
     let held = sources.len() * MAX_PENDING_PER_SOURCE;
     assert!(held >= RETRY_ABOVE, "the flood must be large enough to ask for Retry");
 
-    // TCP first: each source holds its share and is turned away beyond it.
+    // TCP first: each source holds its share; beyond it, each newcomer evicts its own oldest.
     let mut flood = Vec::new();
     for source in sources {
         for _ in 0..MAX_PENDING_PER_SOURCE + EXTRA {
-            // A connection turned away may be reset before `connect` returns.
             if let Ok(socket) = connect_from(source, tunnel).await {
                 flood.push(socket);
             }
         }
     }
     let settled = async {
-        while harness.relay.pending_tunnel_connections() < held
-            || harness.relay.turned_away_tunnel_connections() < (sources.len() * EXTRA) as u64
-        {
+        while harness.relay.turned_away_tunnel_connections() < (sources.len() * EXTRA) as u64 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
     tokio::time::timeout(WAIT, settled).await.unwrap_or_else(|_| {
         panic!(
-            "pending {} turned away {}",
+            "pending {} evicted {}",
             harness.relay.pending_tunnel_connections(),
             harness.relay.turned_away_tunnel_connections()
         )
     });
-    assert_eq!(harness.relay.pending_tunnel_connections(), held, "no source exceeds its share");
+    assert!(harness.relay.pending_tunnel_connections() <= held, "no source exceeds its share");
 
-    // QUIC from the same sources: refused, their places are taken.
+    // QUIC from the same sources: each gets a place, made from its own source's oldest.
+    let mut quic_flood = Vec::new();
     for source in sources {
         let endpoint =
             quic::agent_endpoint(format!("{source}:0").parse().expect("addr"), tls_for(&harness))
                 .expect("endpoint");
         let dialed = quic::dial(&endpoint, tunnel, "localhost", WAIT).await;
-        assert!(dialed.is_err(), "{source} got a QUIC connection beyond its share");
+        quic_flood.push((endpoint, dialed.expect("a place is made for it")));
+        assert!(harness.relay.pending_tunnel_connections() <= held, "{source} over its share");
     }
 
     // Meanwhile: an agent from another source gets in over QUIC (through a Retry, with this
@@ -538,15 +538,77 @@ async fn a_flood_of_unauthenticated_connections_is_capped_and_agents_still_get_i
     let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     assert_eq!(echo_round_trip(socket, b"during the flood").await, b"during the flood");
 
-    // The places come back when the flood goes.
-    drop(flood);
+    // The silent TCP connections are cut by the first-byte deadline though their peers keep
+    // them open; the QUIC ones give their places back when they go.
+    drop(quic_flood);
     let drained = async {
         while harness.relay.pending_tunnel_connections() > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
     tokio::time::timeout(WAIT, drained).await.expect("pending places are given back");
+    drop(flood);
     harness.shutdown(&[agent]).await;
+}
+
+/// Silent connections that reconnect as soon as they are cut — 600 from 20 sources, over the
+/// total cap — cannot keep an agent out: its hello is welcomed within 3 s on both transports,
+/// several times over (the flood used to keep a reconnecting TLS/TCP agent out for as long as
+/// it lasted). Not covered yet: the same flood from the agent's own address (a NAT), where
+/// nothing tells the agent's connection from the flood's until its first byte is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_flood_cannot_keep_an_agent_out() {
+    let harness = Harness::start(vec![endpoint("e", echo_server().await)]).await;
+    let tunnel = harness.relay.tunnel_addr();
+    let twenty: Vec<String> = (10..30).map(|n| format!("127.0.1.{n}")).collect();
+    for (label, sources, per_source) in [("600 from 20 sources", twenty, 30)] {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let opened = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let mut flood = tokio::task::JoinSet::new();
+        for source in &sources {
+            for _ in 0..per_source {
+                let (source, stop, opened) = (source.clone(), stop.clone(), opened.clone());
+                flood.spawn(async move {
+                    let mut first = true;
+                    // Bounded by `stop`, which the test cancels after its hellos.
+                    while !stop.is_cancelled() {
+                        let Ok(mut socket) = connect_from(&source, tunnel).await else {
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = tokio::time::sleep(Duration::from_millis(20)) => continue,
+                            }
+                        };
+                        if std::mem::take(&mut first) {
+                            opened.add_permits(1);
+                        }
+                        // Silent until the relay cuts it, then again.
+                        let mut byte = [0u8; 1];
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            _ = socket.read(&mut byte) => {}
+                        }
+                    }
+                });
+            }
+        }
+        let all = u32::try_from(sources.len() * per_source).expect("small");
+        let begun = tokio::time::timeout(WAIT, opened.acquire_many(all)).await;
+        begun.expect("the flood opens").expect("open").forget();
+        for transport in [TransportKind::Tcp, TransportKind::Quic] {
+            for _ in 0..3 {
+                let token = harness.token.clone();
+                let hello = hello_with(&harness, transport, CONNECTOR, &token);
+                let answer = tokio::time::timeout(Duration::from_secs(3), hello)
+                    .await
+                    .unwrap_or_else(|_| panic!("{label}: no welcome over {transport} in 3 s"))
+                    .unwrap_or_else(|e| panic!("{label}: {transport}: {e}"));
+                assert!(matches!(answer, Control::Welcome { .. }), "{label}: {answer:?}");
+            }
+        }
+        stop.cancel();
+        while flood.join_next().await.is_some() {}
+    }
+    harness.shutdown(&[]).await;
 }
 
 /// A relay played by hand on either transport: a bound listener with the relay's certificate.

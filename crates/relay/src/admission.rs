@@ -1,21 +1,25 @@
 //! Bounds on the work the relay does for tunnel connections that have not authenticated: from
 //! accept until its hello is admitted a connection is *pending*, and pending connections are
 //! capped in all ([`MAX_PENDING`]) and per source ([`MAX_PENDING_PER_SOURCE`]; IPv6 sources
-//! counted per /64). A connection over a cap is turned away at once — a TCP connection closed,
-//! a QUIC one refused — so a flood of idle or slow handshakes holds neither descriptors nor
-//! memory beyond the caps, and agents from other sources, agents already connected and every
-//! endpoint client keep being served. Once [`RETRY_ABOVE`] connections are pending, a QUIC
-//! connection whose source address is not validated yet is sent a Retry first (RFC 9000 §8.1),
-//! which a spoofed source cannot answer. Refusals are logged at most once per
-//! [`REFUSAL_LOG_INTERVAL`], with how many were left out.
+//! counted per /64). A new connection over a cap is not turned away — that let a flood of
+//! silent connections keep a reconnecting agent out for as long as it lasted — but makes room:
+//! the oldest pending connection (of its own source, when that source is over its share) is
+//! evicted, one that has sent nothing yet before any that has (a real agent's ClientHello
+//! comes at once; a silent connection is also cut after the listener's first-byte deadline).
+//! So a flood holds neither descriptors nor memory beyond the caps, and an agent that speaks
+//! gets in beside it. Once [`RETRY_ABOVE`] connections are pending, a QUIC connection whose
+//! source address is not validated yet is sent a Retry first (RFC 9000 §8.1), which a spoofed
+//! source cannot answer. Evictions are logged at most once per [`REFUSAL_LOG_INTERVAL`], with
+//! how many were left out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use privlink_transport::throttle::Throttle;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::source::SourceKey;
 
@@ -30,7 +34,7 @@ pub const RETRY_ABOVE: usize = 64;
 /// Longest silence between two "turned away" lines while connections keep being turned away.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Which cap turned a connection away.
+/// Which cap a new connection found full (and so evicted an older one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OverCap {
     /// [`MAX_PENDING`] connections are pending.
@@ -55,6 +59,19 @@ pub struct Admission {
 struct Counts {
     total: usize,
     by_source: HashMap<SourceKey, usize>,
+    /// Every pending connection by id, which grows with each admission: oldest first.
+    pending: BTreeMap<u64, Pending>,
+    next_id: u64,
+}
+
+/// One pending connection as the table keeps it.
+#[derive(Debug)]
+struct Pending {
+    source: SourceKey,
+    /// Set once the peer has sent its first byte.
+    spoke: Arc<AtomicBool>,
+    /// Cancelled to evict it.
+    evict: CancellationToken,
 }
 
 impl Default for Admission {
@@ -68,23 +85,53 @@ impl Default for Admission {
 }
 
 /// One pending connection; dropping it (the hello admitted, or the connection gone) frees the
-/// place.
+/// place. When a newer connection evicts it, [`evicted`](Self::evicted) resolves: its session
+/// ends.
 #[derive(Debug)]
 pub struct PendingSlot {
     admission: Arc<Admission>,
-    source: SourceKey,
+    id: u64,
+    evict: CancellationToken,
+}
+
+impl PendingSlot {
+    /// Resolves when a newer connection evicted this one.
+    pub fn evicted(&self) -> WaitForCancellationFutureOwned {
+        self.evict.clone().cancelled_owned()
+    }
 }
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
-        let mut counts = self.admission.lock();
-        counts.total = counts.total.saturating_sub(1);
-        if let Some(count) = counts.by_source.get_mut(&self.source) {
+        // An evicted slot has left the table already.
+        self.admission.lock().remove(self.id);
+    }
+}
+
+impl Counts {
+    /// Takes a pending connection out of the table and the counts; `None` if it left already.
+    fn remove(&mut self, id: u64) -> Option<Pending> {
+        let removed = self.pending.remove(&id)?;
+        self.total = self.total.saturating_sub(1);
+        if let Some(count) = self.by_source.get_mut(&removed.source) {
             *count -= 1;
             if *count == 0 {
-                counts.by_source.remove(&self.source);
+                self.by_source.remove(&removed.source);
             }
         }
+        Some(removed)
+    }
+
+    /// The connection to evict for a newcomer from `source` over `cap`: the oldest silent one
+    /// (of that source, for the per-source cap), else the oldest.
+    fn victim(&self, source: SourceKey, cap: OverCap) -> Option<u64> {
+        let candidates = || {
+            self.pending.iter().filter(move |(_, p)| cap == OverCap::Total || p.source == source)
+        };
+        candidates()
+            .find(|(_, p)| !p.spoke.load(Ordering::Relaxed))
+            .or_else(|| candidates().next())
+            .map(|(id, _)| *id)
     }
 }
 
@@ -94,20 +141,31 @@ impl Admission {
         self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes a pending place for a connection from `source`, or says which cap is full.
-    pub fn try_pending(self: &Arc<Self>, source: IpAddr) -> Result<PendingSlot, OverCap> {
+    /// Takes a pending place for a connection from `source`, evicting an older one when a cap
+    /// is full (see the module notes). `spoke` is set once the peer has sent a byte.
+    pub fn admit(self: &Arc<Self>, source: IpAddr, spoke: Arc<AtomicBool>) -> PendingSlot {
         let key = SourceKey::of(source);
         let mut counts = self.lock();
-        if counts.total >= MAX_PENDING {
-            return Err(OverCap::Total);
+        let full = if counts.by_source.get(&key).copied().unwrap_or(0) >= MAX_PENDING_PER_SOURCE {
+            Some(OverCap::Source)
+        } else if counts.total >= MAX_PENDING {
+            Some(OverCap::Total)
+        } else {
+            None
+        };
+        if let Some(cap) = full {
+            if let Some(evicted) = counts.victim(key, cap).and_then(|id| counts.remove(id)) {
+                evicted.evict.cancel();
+                self.record_eviction(source, cap);
+            }
         }
-        let from_source = counts.by_source.entry(key).or_insert(0);
-        if *from_source >= MAX_PENDING_PER_SOURCE {
-            return Err(OverCap::Source);
-        }
-        *from_source += 1;
+        *counts.by_source.entry(key).or_insert(0) += 1;
         counts.total += 1;
-        Ok(PendingSlot { admission: Arc::clone(self), source: key })
+        let id = counts.next_id;
+        counts.next_id += 1;
+        let evict = CancellationToken::new();
+        counts.pending.insert(id, Pending { source: key, spoke, evict: evict.clone() });
+        PendingSlot { admission: Arc::clone(self), id, evict }
     }
 
     /// Connections pending now.
@@ -120,22 +178,21 @@ impl Admission {
         self.pending() >= RETRY_ABOVE
     }
 
-    /// Tunnel connections turned away over a cap since the relay started.
+    /// Pending tunnel connections evicted to make room since the relay started.
     pub fn turned_away(&self) -> u64 {
         self.turned_away.load(Ordering::Relaxed)
     }
 
-    /// Counts a connection from `source` turned away, and logs it — at most once per
-    /// [`REFUSAL_LOG_INTERVAL`].
-    pub fn record_turned_away(&self, source: IpAddr, transport: &'static str, why: OverCap) {
+    /// Counts a pending connection evicted for a newcomer from `source`, and logs it — at most
+    /// once per [`REFUSAL_LOG_INTERVAL`].
+    fn record_eviction(&self, source: IpAddr, why: OverCap) {
         self.turned_away.fetch_add(1, Ordering::Relaxed);
         if let Some(left_out) = self.refusals.admit(std::time::Instant::now()) {
             tracing::warn!(
                 %source,
-                transport,
                 left_out,
-                "tunnel connection turned away: {why} (left_out: others turned away since the \
-                 last such line)"
+                "unauthenticated tunnel connection evicted: {why} (left_out: others evicted \
+                 since the last such line)"
             );
         }
     }
@@ -149,52 +206,59 @@ mod tests {
         text.parse().expect("ip")
     }
 
-    #[test]
-    fn each_source_gets_its_share_and_the_total_is_capped() {
-        let admission = Arc::new(Admission::default());
-        let flood: Vec<_> = (0..MAX_PENDING_PER_SOURCE)
-            .map(|_| admission.try_pending(ip("198.51.100.1")).expect("within the source cap"))
-            .collect();
-        assert_eq!(admission.try_pending(ip("198.51.100.1")).err(), Some(OverCap::Source));
-        // The same host written as IPv4-mapped IPv6 is the same source.
-        assert_eq!(admission.try_pending(ip("::ffff:198.51.100.1")).err(), Some(OverCap::Source));
-        let other = admission.try_pending(ip("198.51.100.2")).expect("another source is served");
-        drop(other);
+    fn admit(admission: &Arc<Admission>, source: &str) -> PendingSlot {
+        admission.admit(ip(source), Arc::default())
+    }
 
-        // Many sources: the total cap holds.
-        let mut held = flood;
-        for n in 0.. {
-            let source = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000_u32 + n / 8));
-            match admission.try_pending(source) {
-                Ok(slot) => held.push(slot),
-                Err(over) => {
-                    assert_eq!(over, OverCap::Total);
-                    break;
-                }
-            }
-            assert!(held.len() <= MAX_PENDING, "the total cap did not hold");
+    #[test]
+    fn a_source_over_its_share_makes_room_from_its_own_oldest() {
+        let admission = Arc::new(Admission::default());
+        let flood: Vec<_> =
+            (0..MAX_PENDING_PER_SOURCE).map(|_| admit(&admission, "198.51.100.1")).collect();
+        let other = admit(&admission, "198.51.100.2");
+        // One more from the flooding source, even written as IPv4-mapped IPv6: its own oldest
+        // goes, nobody else's.
+        let newest = admit(&admission, "::ffff:198.51.100.1");
+        assert!(flood[0].evict.is_cancelled() && !other.evict.is_cancelled());
+        assert_eq!(admission.pending(), MAX_PENDING_PER_SOURCE + 1);
+        assert_eq!(admission.turned_away(), 1);
+        drop((flood, other, newest));
+        assert_eq!(admission.pending(), 0);
+        assert!(admission.lock().by_source.is_empty(), "no per-source entry is left behind");
+    }
+
+    #[test]
+    fn when_full_a_silent_connection_goes_before_one_that_spoke() {
+        let admission = Arc::new(Admission::default());
+        let spoke = Arc::new(AtomicBool::new(true));
+        // The oldest has sent its ClientHello; every later one is silent.
+        let speaker = admission.admit(ip("203.0.113.1"), Arc::clone(&spoke));
+        let mut held = Vec::new();
+        for n in 0..MAX_PENDING - 1 {
+            let n = u32::try_from(n).expect("small");
+            let source = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n / 8));
+            held.push(admission.admit(source, Arc::default()));
         }
         assert_eq!(admission.pending(), MAX_PENDING);
         assert!(admission.wants_retry());
-
-        // Places are given back when dropped.
-        drop(held);
+        let newcomer = admit(&admission, "192.0.2.7");
+        assert_eq!(admission.pending(), MAX_PENDING, "the total cap holds");
+        assert!(!speaker.evict.is_cancelled(), "the one that spoke stays");
+        assert!(held[0].evict.is_cancelled(), "the oldest silent one goes");
+        drop((speaker, held, newcomer));
         assert_eq!(admission.pending(), 0);
         assert!(!admission.wants_retry());
-        assert!(admission.lock().by_source.is_empty(), "no per-source entry is left behind");
     }
 
     #[test]
     fn an_ipv6_host_is_counted_per_64() {
         let admission = Arc::new(Admission::default());
         let held: Vec<_> = (0..MAX_PENDING_PER_SOURCE)
-            .map(|i| {
-                let address = ip(&format!("2001:db8:1:2::{:x}", i + 1));
-                admission.try_pending(address).expect("within the cap")
-            })
+            .map(|i| admit(&admission, &format!("2001:db8:1:2::{:x}", i + 1)))
             .collect();
-        assert_eq!(admission.try_pending(ip("2001:db8:1:2:ffff::1")).err(), Some(OverCap::Source));
-        assert!(admission.try_pending(ip("2001:db8:1:3::1")).is_ok(), "another /64");
-        drop(held);
+        let _same_64 = admit(&admission, "2001:db8:1:2:ffff::1");
+        assert!(held[0].evict.is_cancelled(), "the same /64 made room from itself");
+        let _other_64 = admit(&admission, "2001:db8:1:3::1");
+        assert!(!held[1].evict.is_cancelled(), "another /64 evicts nothing");
     }
 }

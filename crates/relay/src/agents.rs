@@ -9,6 +9,7 @@
 //! ([`crate::admission`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,15 +89,14 @@ impl listener::Admission for PendingCap<'_> {
         self.0.wants_retry()
     }
 
-    fn admit(&self, remote: SocketAddr, kind: TransportKind) -> Option<PendingSlot> {
-        let transport = match kind {
-            TransportKind::Quic => "quic",
-            TransportKind::Tcp => "tcp",
-        };
-        self.0
-            .try_pending(remote.ip())
-            .map_err(|over| self.0.record_turned_away(remote.ip(), transport, over))
-            .ok()
+    fn admit(
+        &self,
+        remote: SocketAddr,
+        _kind: TransportKind,
+        spoke: Arc<AtomicBool>,
+    ) -> Option<PendingSlot> {
+        // Never turned away: over a cap, an older pending connection makes room.
+        Some(self.0.admit(remote.ip(), spoke))
     }
 }
 
@@ -107,8 +107,13 @@ async fn serve_agent(
     pending: PendingSlot,
     ctx: Arc<AgentsContext>,
 ) {
+    let evicted = pending.evicted();
     let result = async {
-        let connection = handshake.await?;
+        let connection = tokio::select! {
+            connection = handshake => connection?,
+            // A newer connection needed the place (the relay is flooded): give it up.
+            () = evicted => return Ok(()),
+        };
         AgentSession::new(&connection, remote, pending, &ctx).run().await
     }
     .await;
@@ -183,6 +188,11 @@ impl<'a> AgentSession<'a> {
                     session.machine_mut().drain("relay shutting down");
                 }
                 () = probe_requested(self.registration.as_ref()) => session.machine_mut().probe(now()),
+                () = evicted(self.pending.as_ref()) => {
+                    debug!("unauthenticated connection evicted: the relay is flooded");
+                    self.connection.close(CloseCode::Refused, "too many unauthenticated connections");
+                    return Ok(());
+                }
                 _ = config_changes.changed(), if established => self.announce_changes(&mut session),
                 step = session.next() => match step {
                     Ok(Step::Event(event)) => {
@@ -292,6 +302,15 @@ impl<'a> AgentSession<'a> {
         if let Some(registration) = &self.registration {
             registration.forget_verdicts(&removed);
         }
+    }
+}
+
+/// Resolves when a newer connection evicted this still unauthenticated one (never once it is
+/// admitted).
+async fn evicted(pending: Option<&PendingSlot>) {
+    match pending {
+        Some(pending) => pending.evicted().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -54,8 +55,15 @@ pub trait Admission {
     fn wants_address_validation(&self) -> bool;
 
     /// Admits a connection from `remote` on `kind`, or turns it away (`None`: it is closed
-    /// at once, and the admission counts and logs it).
-    fn admit(&self, remote: SocketAddr, kind: TransportKind) -> Option<Self::Ticket>;
+    /// at once, and the admission counts and logs it). `spoke` is set once the peer has sent
+    /// a byte: at once on QUIC (its first packet holds its ClientHello), on TCP when its first
+    /// byte arrives.
+    fn admit(
+        &self,
+        remote: SocketAddr,
+        kind: TransportKind,
+        spoke: Arc<AtomicBool>,
+    ) -> Option<Self::Ticket>;
 }
 
 /// One agent connection's transport handshake, started by awaiting it (within the deadline
@@ -73,6 +81,21 @@ impl Future for Handshake {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.as_mut().poll(cx)
+    }
+}
+
+/// How long an accepted TCP connection may stay silent before its first byte: an agent sends
+/// its ClientHello at once, so a connection silent this long is dropped rather than holding a
+/// pending place for the whole handshake deadline.
+pub const FIRST_BYTE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Waits for a TCP peer's first byte (without taking it), within [`FIRST_BYTE_DEADLINE`].
+async fn first_byte(socket: &tokio::net::TcpStream) -> Result<(), DialError> {
+    match tokio::time::timeout(FIRST_BYTE_DEADLINE, socket.peek(&mut [0u8; 1])).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err(DialError::Handshake("closed before sending a byte".to_owned())),
+        Ok(Err(e)) => Err(DialError::Handshake(format!("TCP: {e}"))),
+        Err(_) => Err(DialError::Timeout(FIRST_BYTE_DEADLINE)),
     }
 }
 
@@ -205,7 +228,8 @@ impl TunnelListener {
                 } else {
                     incoming
                 };
-                let Some(ticket) = admission.admit(remote, TransportKind::Quic) else {
+                let spoke = Arc::new(AtomicBool::new(true));
+                let Some(ticket) = admission.admit(remote, TransportKind::Quic, spoke) else {
                     incoming.refuse();
                     continue;
                 };
@@ -214,15 +238,20 @@ impl TunnelListener {
             }
         };
         let tcp_loop = tcp::accept_until(&tcp, stop, |socket, remote| {
-            let Some(ticket) = admission.admit(remote, TransportKind::Tcp) else {
+            let spoke = Arc::new(AtomicBool::new(false));
+            let Some(ticket) = admission.admit(remote, TransportKind::Tcp, Arc::clone(&spoke))
+            else {
                 tcp::abort(socket);
                 return;
             };
             // Read at each accept: a reload may have replaced the certificate.
             let acceptor = endpoint.tcp_acceptor();
-            let handshake = h2::accept(socket, remote, acceptor, handshake_deadline);
-            let handshake =
-                Handshake(Box::pin(async move { handshake.await.map(RelayConnection::from) }));
+            let handshake = Handshake(Box::pin(async move {
+                first_byte(&socket).await?;
+                spoke.store(true, Ordering::Relaxed);
+                let accepted = h2::accept(socket, remote, acceptor, handshake_deadline).await;
+                accepted.map(RelayConnection::from)
+            }));
             on_connection(handshake, remote, TransportKind::Tcp, ticket);
         });
         tokio::join!(quic_loop, tcp_loop);
