@@ -44,22 +44,70 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Takes `PRIVLINK_TOKEN` out of the environment and returns it, so that nothing the process
-/// does later — a library that dumps the environment into a crash report, a child process —
-/// sees the token. (The kernel keeps the environment the process started with in
-/// `/proc/PID/environ`, readable by the same user and root; `token_file` avoids that too.)
+/// Set by [`take_token_from_env`] on the process it re-executes: the token waits on stdin.
+const TOKEN_ON_STDIN: &str = "PRIVLINK_TOKEN_ON_STDIN";
+/// Most bytes read from stdin for a token handed over that way.
+const MAX_TOKEN_ON_STDIN: u64 = 4096;
+
+/// Takes `PRIVLINK_TOKEN` out of the process for good and returns it. Removing a variable
+/// does not remove it from `/proc/PID/environ`, which shows the environment the process
+/// *started* with (to its user and root) for as long as it runs; so a process started with the
+/// variable writes the token into a pipe, and re-executes itself — the same PID, the same
+/// arguments — without it, the pipe on its stdin, where this function reads it back. The pipe
+/// is empty once read and never named in the environment. If the re-execution fails, the
+/// variable is removed as before and a warning says that `/proc` still shows it.
+fn take_token_from_env() -> Option<String> {
+    use std::io::Read as _;
+    if std::env::var_os(TOKEN_ON_STDIN).is_some() {
+        let mut token = String::new();
+        let read = std::io::stdin().take(MAX_TOKEN_ON_STDIN).read_to_string(&mut token);
+        // A token is ASCII; anything else is reported by the config check as invalid.
+        return read.ok().map(|_| token);
+    }
+    let token = std::env::var_os(privlink_agent::config::TOKEN_ENV)?;
+    let error = reexec_without_token(&token);
+    eprintln!(
+        "warning: PRIVLINK_TOKEN could not be moved out of the process environment ({error}); \
+         it stays readable in /proc/{}/environ: prefer token_file",
+        std::process::id()
+    );
+    remove_token_variable();
+    Some(token.to_string_lossy().into_owned())
+}
+
+/// Replaces this process with itself, minus `PRIVLINK_TOKEN`, the token on a pipe on stdin.
+/// Returns only if that failed.
+fn reexec_without_token(token: &std::ffi::OsStr) -> std::io::Error {
+    use std::io::Write as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::process::CommandExt as _;
+    let result = (|| {
+        let exe = std::env::current_exe()?;
+        let (reader, mut writer) = std::io::pipe()?;
+        // A token is far below a pipe's capacity: the write completes without a reader.
+        writer.write_all(token.as_bytes())?;
+        drop(writer);
+        Ok(std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env_remove(privlink_agent::config::TOKEN_ENV)
+            .env(TOKEN_ON_STDIN, "1")
+            .stdin(reader)
+            .exec())
+    })();
+    match result {
+        Ok(error) | Err(error) => error,
+    }
+}
+
 #[allow(
     unsafe_code,
     reason = "std::env::remove_var is unsafe in edition 2024 because another thread might read \
               the environment meanwhile; it is called before any other thread exists"
 )]
-fn take_token_from_env() -> Option<String> {
-    let token = std::env::var_os(privlink_agent::config::TOKEN_ENV)?;
+fn remove_token_variable() {
     // SAFETY: called from `main` before the runtime (or anything else) starts a thread, so no
     // other thread can be reading the environment.
     unsafe { std::env::remove_var(privlink_agent::config::TOKEN_ENV) };
-    // A token is ASCII; anything else is reported by the config check as an invalid token.
-    Some(token.to_string_lossy().into_owned())
 }
 
 /// How long leftover blocking tasks may delay the exit once a service has stopped.

@@ -650,3 +650,34 @@ async fn a_flood_over_max_connections_is_counted_not_logged_line_by_line() {
     drop(held);
     assert!(agent.terminate().success() && relay.terminate().success());
 }
+
+/// An agent given its token in `PRIVLINK_TOKEN` serves with it, and the process that runs —
+/// the very PID that was started — no longer shows the token in `/proc/PID/environ` (removing
+/// the variable alone left it there: the kernel keeps the environment a process started with).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_the_environment_is_not_left_in_proc_environ() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Deployment { relay_cfg, agent_cfg, admin, agent_admin, .. } =
+        deploy(dir.path(), echo_server().await);
+    let token = std::fs::read_to_string(dir.path().join("certs").join("token")).expect("token");
+    let token = token.trim().to_owned();
+    let without_file: String = std::fs::read_to_string(&agent_cfg)
+        .expect("agent.toml")
+        .lines()
+        .filter(|line| !line.starts_with("token_file"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&agent_cfg, without_file).expect("write agent.toml");
+    let relay = common::privlink(&["relay", "--config", relay_cfg.to_str().expect("utf-8")]);
+    let mut command = Command::new(BIN);
+    command.args(["agent", "--config", agent_cfg.to_str().expect("utf-8")]);
+    command.env("PRIVLINK_TOKEN", &token);
+    let agent = Running::spawn(command);
+    common::wait_admin(agent_admin, "/readyz", |code, _| code == 200);
+    common::wait_endpoint_status(admin, "contoso-kv", "Approved");
+    let environ = std::fs::read(format!("/proc/{}/environ", agent.pid())).expect("environ");
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains(&token), "the token is still in /proc/PID/environ");
+    assert!(!environ.contains("PRIVLINK_TOKEN="), "the variable is still there");
+    assert!(agent.terminate().success() && relay.terminate().success());
+}
