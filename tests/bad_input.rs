@@ -611,6 +611,79 @@ async fn a_silent_flood_cannot_keep_an_agent_out() {
     harness.shutdown(&[]).await;
 }
 
+/// A client that stops reading its download is reset at the endpoint's stall timeout, and an
+/// upload into a destination that stops reading at the agent's — though the inactivity timeout
+/// (60 s) never fires, since a stalled stream's other direction may still move; each is counted
+/// as `stalled`, and a fresh transfer on the same endpoint is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_receivers_are_reset_at_the_stall_timeout() {
+    const STALL: Duration = Duration::from_secs(2);
+    // More than every buffer on the way can hold (kernel socket buffers autotune to tens of MiB
+    // here), so that a receiver that stops reading does hold the transfer back.
+    const DOWNLOAD: usize = 160 << 20;
+    let server = choosy_server(DOWNLOAD).await;
+    let mut spec = endpoint("e", server.addr);
+    spec.stall_timeout = STALL;
+    let admin = Some(privlink_relay::config::AdminSettings::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        None,
+    ));
+    let harness = Harness::start_with_admin(vec![spec], admin).await;
+    let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(server.addr)]);
+    config.stall_timeout = STALL;
+    let agent = privlink_agent::Agent::new(config).expect("agent starts");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(agent.run(stop.clone()));
+    harness.wait_approved("e").await;
+
+    // A download read once, then never again: reset, well before the transfer could end.
+    let mut download = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    download.write_all(&[ask::DOWNLOAD]).await.expect("ask");
+    let mut first = [0u8; 4096];
+    download.read_exact(&mut first).await.expect("the download starts");
+    // An upload into a destination that never reads: cut by the agent.
+    let mut upload = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    upload.write_all(&[ask::SINK]).await.expect("ask");
+    let pushing = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 * 1024];
+        // Bounded: far more than every buffer on the way holds, and the copy is cut first.
+        for _ in 0..(TRANSFER * 4) / chunk.len() {
+            if upload.write_all(&chunk).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    // Meanwhile a fresh download is served whole.
+    let mut fresh = TcpStream::connect(harness.addr("e")).await.expect("connect");
+    fresh.write_all(&[ask::DOWNLOAD]).await.expect("ask");
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, fresh.read_to_end(&mut got)).await.expect("in time").expect("read");
+    assert_eq!(got.len(), DOWNLOAD);
+    drop(fresh);
+
+    let cut = tokio::time::timeout(WAIT, pushing).await.expect("the upload is cut").expect("join");
+    assert!(cut, "the stalled upload was never cut");
+    // Both stalled connections are gone, and the relay counted at least the download as
+    // stalled (the upload is cut by whichever side saw it first: the agent, or the relay).
+    let admin = harness.relay.admin_addr().expect("admin listener");
+    let counted = |body: &str| {
+        body.contains("privlink_relay_connections_active{endpoint=\"e\"} 0")
+            && body.contains("privlink_relay_connections_total{endpoint=\"e\",outcome=\"stalled\"}")
+    };
+    tokio::task::block_in_place(|| {
+        privlink_testbed::process::AdminProbe::new(None, admin)
+            .wait("/metrics", |code, body| code == 200 && counted(body));
+    });
+    let mut rest = Vec::new();
+    let read = download.read_to_end(&mut rest).await;
+    assert!(read.is_err() || rest.len() + first.len() < DOWNLOAD, "the stalled download ran on");
+
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await.expect("agent stops").expect("agent task");
+    harness.shutdown(&[]).await;
+}
+
 /// A relay played by hand on either transport: a bound listener with the relay's certificate.
 enum FakeRelay {
     Quic(quinn::Endpoint),

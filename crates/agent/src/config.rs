@@ -22,6 +22,9 @@ use crate::allowlist::{AllowRule, Allowlist};
 pub const TOKEN_ENV: &str = "PRIVLINK_TOKEN";
 /// Default deadline for connecting to a destination (all its addresses together).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default stall timeout: a destination that takes less than
+/// `privlink_transport::copy::STALL_MIN_PROGRESS` of an upload for this long is cut.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default deadline for resolving a destination.
 pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default wait for a QUIC handshake before `auto` falls back to TCP.
@@ -98,6 +101,9 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// Deadline for resolving a destination.
     pub dns_timeout: Duration,
+    /// A stream whose destination (or the relay) took too little of what waited for it for
+    /// this long is reset both ways.
+    pub stall_timeout: Duration,
     /// Time open streams get to finish on shutdown.
     pub shutdown_grace: Duration,
     /// The admin listener, when `[admin]` is set.
@@ -129,6 +135,8 @@ struct RawConfig {
     connect_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     dns_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
+    stall_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_optional_duration")]
     shutdown_grace: Option<Duration>,
     #[serde(default)]
@@ -277,6 +285,7 @@ impl AgentConfig {
                 rules: raw.allow.into_iter().map(|a| a.destination.0).collect(),
             },
             connect_timeout: raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            stall_timeout: raw.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT),
             dns_timeout: raw.dns_timeout.unwrap_or(DEFAULT_DNS_TIMEOUT),
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             admin: raw.admin.map(|a| a.validate(source)).transpose()?,

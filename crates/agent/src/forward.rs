@@ -11,7 +11,7 @@ use std::time::Duration;
 use privlink_protocol::destination::{Destination, Host};
 use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenFailCode, OpenFailure, OpenReply};
 use privlink_protocol::text;
-use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
+use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::{read_frame, write_frame};
 use privlink_transport::live::LiveTable;
 use privlink_transport::splice::{self, Hop, Outcome};
@@ -55,6 +55,8 @@ pub struct StreamRules {
     pub dns_timeout: Duration,
     /// Deadline for connecting to a destination.
     pub connect_timeout: Duration,
+    /// Reset a stream whose destination (or the relay) stopped taking bytes for this long.
+    pub stall_timeout: Duration,
 }
 
 impl StreamPolicy {
@@ -189,12 +191,15 @@ async fn forward(
         abort(socket);
         return;
     }
-    let timeout = inactivity_timeout(inactivity_timeout_ms);
+    let timeouts = CopyTimeouts {
+        inactivity: inactivity_timeout(inactivity_timeout_ms),
+        stall: Some(policy.rules().stall_timeout),
+    };
     let live = policy.live.insert(LiveStream { endpoint, client: client_addr, destination });
     let copied = copy_bidirectional_counted(
         &mut socket,
         &mut stream,
-        timeout,
+        timeouts,
         DEFAULT_BUFFER_SIZE,
         force.cancelled(),
         &live.bytes,
@@ -379,6 +384,7 @@ mod tests {
             allowlist: Allowlist { rules: vec![rule.parse().expect("rule")] },
             dns_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            stall_timeout: Duration::from_secs(30),
         };
         StreamPolicy::new(rules, std::sync::Arc::default())
     }

@@ -24,6 +24,7 @@ pub(crate) fn rules_of(config: &AgentConfig) -> StreamRules {
         allowlist: config.allowlist.clone(),
         dns_timeout: config.dns_timeout,
         connect_timeout: config.connect_timeout,
+        stall_timeout: config.stall_timeout,
     }
 }
 

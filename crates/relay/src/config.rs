@@ -25,6 +25,9 @@ use serde::Deserialize;
 
 /// Default inactivity timeout of an endpoint.
 pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default stall timeout of an endpoint: a client that takes less than
+/// `privlink_transport::copy::STALL_MIN_PROGRESS` of a download for this long is cut.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default connection limit of an endpoint.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Most `token_sha256` hashes a connector may hold (the old and the new token during a
@@ -111,6 +114,9 @@ pub struct EndpointSpec {
     pub listen: SocketAddr,
     /// Close after this long with no byte in either direction.
     pub inactivity_timeout: Duration,
+    /// Reset both ways when the client (or the tunnel) took too little of what waited for it
+    /// for this long: a client that stopped reading, or reads a trickle.
+    pub stall_timeout: Duration,
     /// Concurrent connections beyond which new ones are refused.
     pub max_connections: usize,
     /// Source-IP rules.
@@ -182,6 +188,8 @@ struct RawEndpoint {
     listen: Spanned<SocketAddr>,
     #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     inactivity_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
+    stall_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_limit")]
     max_connections: Option<usize>,
     #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
@@ -372,6 +380,7 @@ impl RelayConfig {
                 destination: e.destination,
                 listen,
                 inactivity_timeout: e.inactivity_timeout.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
+                stall_timeout: e.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT),
                 max_connections: e.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                 acl: Acl {
                     allow: e.acl.allow.into_iter().map(|a| a.0).collect(),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use privlink_protocol::frame;
 use privlink_protocol::message::Open;
-use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
+use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::write_and_flush;
 use privlink_transport::live::Live;
 use privlink_transport::splice::{self, Hop, Origin, Outcome, SpliceStream as _};
@@ -237,10 +237,12 @@ async fn attempt(
     let mut gated = OpenReplyGate::new(&mut stream, deadline, &answered);
     let mut recording =
         Recording { socket: &mut *socket, replay: &mut *replay, answered: &answered };
+    let timeouts =
+        CopyTimeouts { inactivity: spec.inactivity_timeout, stall: Some(spec.stall_timeout) };
     let copied = copy_bidirectional_counted(
         &mut recording,
         &mut gated,
-        spec.inactivity_timeout,
+        timeouts,
         DEFAULT_BUFFER_SIZE,
         force.cancelled(),
         &live.bytes,

@@ -141,6 +141,7 @@ mod tests {
             destination: "contoso-kv.privatelink.vaultcore.azure.net:443".parse().expect("dest"),
             listen: "127.0.0.1:0".parse().expect("addr"),
             inactivity_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(30),
             max_connections,
             acl,
             open: OpenRetry::default(),

@@ -310,6 +310,7 @@ mod tests {
                 .expect("destination"),
             listen: format!("127.0.0.1:{port}").parse().expect("addr"),
             inactivity_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(30),
             max_connections: 1024,
             acl: Acl::default(),
             open: OpenRetry::default(),

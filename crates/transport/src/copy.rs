@@ -14,7 +14,10 @@
 //! Around the loop: a thin `Metered` wrapper on each side that counts bytes read, stamps the
 //! time of the last byte, and remembers whether that side failed; and a watchdog that ends the
 //! copy when no byte has moved in either direction for the timeout (HAProxy's `timeout
-//! tunnel` semantics). The caller decides how to close each side (FIN, TCP reset, stream
+//! tunnel` semantics), or — with a stall timeout — when a writer has taken less than
+//! [`STALL_MIN_PROGRESS`] for that long while bytes waited for it: a receiver that stopped
+//! reading, or reads a trickle, would otherwise hold its buffers (and its stream's window)
+//! forever, since the bytes it does take keep the inactivity timer from firing. The caller decides how to close each side (FIN, TCP reset, stream
 //! reset) from the [`CopyEnd`] it gets back.
 
 use std::future::{Future, poll_fn};
@@ -45,6 +48,27 @@ pub enum Side {
     Tunnel,
 }
 
+/// Bytes a blocked writer must take per stall timeout not to be stalled: a receiver slower than
+/// this (16 KiB in 30 s is about 4 kbit/s) holds buffers for nothing.
+pub const STALL_MIN_PROGRESS: u64 = 16 * 1024;
+
+/// The deadlines of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyTimeouts {
+    /// No byte moved either way for this long: the copy ends ([`CopyEnd::IdleTimeout`]).
+    pub inactivity: Duration,
+    /// A writer that took less than [`STALL_MIN_PROGRESS`] for this long while bytes waited
+    /// for it ends the copy ([`CopyEnd::Stalled`]); seen within half as long again.
+    pub stall: Option<Duration>,
+}
+
+impl From<Duration> for CopyTimeouts {
+    /// An inactivity timeout alone.
+    fn from(inactivity: Duration) -> Self {
+        Self { inactivity, stall: None }
+    }
+}
+
 /// How a copy ended.
 #[derive(Debug)]
 pub enum CopyEnd {
@@ -54,6 +78,11 @@ pub enum CopyEnd {
     IdleTimeout,
     /// The caller's cancellation fired (shutdown).
     Cancelled,
+    /// The writer towards `side` took too little for the stall timeout while bytes waited.
+    Stalled {
+        /// The side that stopped taking bytes.
+        side: Side,
+    },
     /// One side failed.
     Failed {
         /// The side whose read, write or shutdown failed.
@@ -79,7 +108,7 @@ pub struct CopyReport {
 pub async fn copy_bidirectional_metered<S, T, C>(
     socket: &mut S,
     tunnel: &mut T,
-    inactivity_timeout: Duration,
+    timeouts: impl Into<CopyTimeouts>,
     buffer_size: usize,
     cancel: C,
 ) -> CopyReport
@@ -89,8 +118,7 @@ where
     C: Future<Output = ()>,
 {
     let counts = ByteCounts::default();
-    copy_bidirectional_counted(socket, tunnel, inactivity_timeout, buffer_size, cancel, &counts)
-        .await
+    copy_bidirectional_counted(socket, tunnel, timeouts, buffer_size, cancel, &counts).await
 }
 
 /// [`copy_bidirectional_metered`], adding every byte read to `counts` as it moves, so others
@@ -99,7 +127,7 @@ where
 pub async fn copy_bidirectional_counted<S, T, C>(
     socket: &mut S,
     tunnel: &mut T,
-    inactivity_timeout: Duration,
+    timeouts: impl Into<CopyTimeouts>,
     buffer_size: usize,
     cancel: C,
     counts: &ByteCounts,
@@ -109,7 +137,10 @@ where
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
     C: Future<Output = ()>,
 {
+    let timeouts = timeouts.into();
     let activity = ActivityClock::new();
+    let to_tunnel = StallMeter::default();
+    let to_socket = StallMeter::default();
     let socket_meter =
         SideMeter { bytes: &counts.socket_to_tunnel, failed: AtomicBool::new(false) };
     let tunnel_meter =
@@ -118,7 +149,7 @@ where
     let mut tunnel_side = Metered { inner: tunnel, meter: &tunnel_meter, clock: &activity };
 
     let end = tokio::select! {
-        result = copy_both_ways(&mut socket_side, &mut tunnel_side, buffer_size) => match result {
+        result = copy_both_ways(&mut socket_side, &mut tunnel_side, buffer_size, [&to_tunnel, &to_socket], &activity) => match result {
             Ok(_) => CopyEnd::Finished,
             Err(error) => {
                 // The side that saw an error first is the one that failed; if neither recorded
@@ -127,7 +158,7 @@ where
                 CopyEnd::Failed { side, error }
             }
         },
-        () = activity.expired(inactivity_timeout) => CopyEnd::IdleTimeout,
+        end = watchdog(&activity, timeouts, &to_tunnel, &to_socket) => end,
         () = cancel => CopyEnd::Cancelled,
     };
     let (socket_to_tunnel, tunnel_to_socket) = counts.get();
@@ -162,15 +193,22 @@ impl ByteCounts {
     }
 }
 
-/// Copies a→b and b→a until both have reached EOF and shut their writer down, or one fails.
-async fn copy_both_ways<A, B>(a: &mut A, b: &mut B, max_read: usize) -> io::Result<()>
+/// Copies a→b and b→a until both have reached EOF and shut their writer down, or one fails;
+/// `stalls` are the meters of a→b and b→a.
+async fn copy_both_ways<A, B>(
+    a: &mut A,
+    b: &mut B,
+    max_read: usize,
+    stalls: [&StallMeter; 2],
+    clock: &ActivityClock,
+) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let max_read = max_read.clamp(1, MAX_READ);
-    let mut a_to_b = OneWay::new(max_read);
-    let mut b_to_a = OneWay::new(max_read);
+    let mut a_to_b = OneWay::new(max_read, stalls[0], clock);
+    let mut b_to_a = OneWay::new(max_read, stalls[1], clock);
     poll_fn(|cx| {
         let a_to_b_done = a_to_b.poll(cx, &mut *a, &mut *b)?.is_ready();
         let b_to_a_done = b_to_a.poll(cx, &mut *b, &mut *a)?.is_ready();
@@ -179,9 +217,97 @@ where
     .await
 }
 
+/// Ends the copy when no byte has moved for the inactivity timeout, or when a direction's
+/// writer is stalled (see [`CopyTimeouts::stall`]). `to_tunnel` meters the socket→tunnel
+/// direction, `to_socket` the other.
+async fn watchdog(
+    clock: &ActivityClock,
+    timeouts: CopyTimeouts,
+    to_tunnel: &StallMeter,
+    to_socket: &StallMeter,
+) -> CopyEnd {
+    loop {
+        let now = Instant::now();
+        let idle_at = clock.last() + timeouts.inactivity;
+        if now >= idle_at {
+            return CopyEnd::IdleTimeout;
+        }
+        let mut wake = idle_at;
+        if let Some(stall) = timeouts.stall {
+            for (meter, side) in [(to_tunnel, Side::Tunnel), (to_socket, Side::Socket)] {
+                if let Some(since) = meter.blocked_since(clock) {
+                    let stalled_at = since + stall;
+                    if now >= stalled_at {
+                        return CopyEnd::Stalled { side };
+                    }
+                    wake = wake.min(stalled_at);
+                }
+            }
+            // A writer that blocks while this sleeps is seen within half the timeout.
+            wake = wake.min(now + stall / 2);
+        }
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+/// Whether one direction's writer is keeping up: since when bytes have been waiting for it
+/// without it taking [`STALL_MIN_PROGRESS`] of them.
+#[derive(Debug)]
+struct StallMeter {
+    /// Milliseconds on the copy's clock since which it has been blocked, or [`NOT_BLOCKED`].
+    blocked_since_ms: AtomicU64,
+    /// Bytes it took since then.
+    progress: AtomicU64,
+}
+
+/// [`StallMeter::blocked_since_ms`] of a writer that has nothing waiting.
+const NOT_BLOCKED: u64 = u64::MAX;
+
+impl Default for StallMeter {
+    fn default() -> Self {
+        Self { blocked_since_ms: AtomicU64::new(NOT_BLOCKED), progress: AtomicU64::new(0) }
+    }
+}
+
+impl StallMeter {
+    /// The writer could not take bytes that wait for it (the window starts unless running).
+    fn blocked(&self, clock: &ActivityClock) {
+        if self.blocked_since_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
+            self.progress.store(0, Ordering::Relaxed);
+            self.blocked_since_ms.store(clock.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The writer took `n` bytes while blocked: enough of them start a new window.
+    fn wrote(&self, n: usize, clock: &ActivityClock) {
+        if self.blocked_since_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
+            return;
+        }
+        let progress = self.progress.load(Ordering::Relaxed) + n as u64;
+        if progress >= STALL_MIN_PROGRESS {
+            self.progress.store(0, Ordering::Relaxed);
+            self.blocked_since_ms.store(clock.now_ms(), Ordering::Relaxed);
+        } else {
+            self.progress.store(progress, Ordering::Relaxed);
+        }
+    }
+
+    /// Nothing waits for the writer any more.
+    fn drained(&self) {
+        self.blocked_since_ms.store(NOT_BLOCKED, Ordering::Relaxed);
+    }
+
+    fn blocked_since(&self, clock: &ActivityClock) -> Option<Instant> {
+        match self.blocked_since_ms.load(Ordering::Relaxed) {
+            NOT_BLOCKED => None,
+            ms => Some(clock.start + Duration::from_millis(ms)),
+        }
+    }
+}
+
 /// One direction of the copy.
 #[derive(Debug)]
-struct OneWay {
+struct OneWay<'a> {
     /// Largest single read.
     max_read: usize,
     /// A heap buffer, taken when the writer first could not keep up and kept while bytes keep
@@ -198,10 +324,13 @@ struct OneWay {
     need_flush: bool,
     /// The writer has been shut down after EOF.
     done: bool,
+    /// Whether the writer keeps up with what waits for it.
+    stall: &'a StallMeter,
+    clock: &'a ActivityClock,
 }
 
-impl OneWay {
-    fn new(max_read: usize) -> Self {
+impl<'a> OneWay<'a> {
+    fn new(max_read: usize, stall: &'a StallMeter, clock: &'a ActivityClock) -> Self {
         Self {
             max_read,
             buf: None,
@@ -210,6 +339,8 @@ impl OneWay {
             read_done: false,
             need_flush: false,
             done: false,
+            stall,
+            clock,
         }
     }
 
@@ -274,6 +405,7 @@ impl OneWay {
                         let mut buf = vec![0u8; self.max_read].into_boxed_slice();
                         buf[..rest.len()].copy_from_slice(rest);
                         (self.buf, self.pos, self.cap) = (Some(buf), 0, rest.len());
+                        self.stall.blocked(self.clock);
                         return Poll::Pending;
                     }
                 }
@@ -305,11 +437,17 @@ impl OneWay {
             }
         }
         while self.pos < self.cap {
-            let n = ready!(poll_write_some(cx, writer, &buf[self.pos..self.cap]))?;
+            let Poll::Ready(written) = poll_write_some(cx, writer, &buf[self.pos..self.cap]) else {
+                self.stall.blocked(self.clock);
+                return Poll::Pending;
+            };
+            let n = written?;
             self.pos += n;
             self.need_flush = true;
+            self.stall.wrote(n, self.clock);
         }
         (self.pos, self.cap) = (0, 0);
+        self.stall.drained();
         if reader_idle || self.read_done {
             // Drained and nothing more to read right now: an idle direction holds no buffer.
             self.buf = None;
@@ -379,21 +517,18 @@ impl ActivityClock {
         Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
-    fn touch(&self) {
-        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(elapsed, Ordering::Relaxed);
+    /// Milliseconds on this clock now.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
-    /// Resolves once `timeout` has passed since the last byte moved.
-    async fn expired(&self, timeout: Duration) {
-        loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + timeout;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the last byte moved.
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -646,9 +781,10 @@ mod tests {
     async fn a_direction_takes_a_buffer_only_while_its_writer_lags_and_frees_it_when_idle() {
         let (mut reader, mut reader_far) = duplex(4096);
         let (mut writer, mut writer_far) = duplex(64);
-        let mut one_way = OneWay::new(DEFAULT_BUFFER_SIZE);
+        let (stall, clock) = (StallMeter::default(), ActivityClock::new());
+        let mut one_way = OneWay::new(DEFAULT_BUFFER_SIZE, &stall, &clock);
         let poll_once =
-            |one_way: &mut OneWay, reader: &mut DuplexStream, writer: &mut DuplexStream| {
+            |one_way: &mut OneWay<'_>, reader: &mut DuplexStream, writer: &mut DuplexStream| {
                 let waker = std::task::Waker::noop();
                 one_way.poll(&mut Context::from_waker(waker), reader, writer)
             };
@@ -765,5 +901,88 @@ mod tests {
         drop((socket_far, tunnel_far));
         let report = copy.await.expect("join");
         assert_eq!((report.socket_to_tunnel, report.tunnel_to_socket), (8, 2));
+    }
+
+    /// A copy between two duplex pairs with a 30 s stall timeout and no inactivity timeout to
+    /// speak of; returns the far ends (the socket's peer, the tunnel's peer) and the copy.
+    fn stall_copy() -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<CopyReport>) {
+        let (mut socket, socket_far) = duplex(16 * 1024);
+        let (mut tunnel, tunnel_far) = duplex(16 * 1024);
+        let timeouts = CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)) };
+        let copy = tokio::spawn(async move {
+            copy_bidirectional_metered(&mut socket, &mut tunnel, timeouts, 4096, pending()).await
+        });
+        (socket_far, tunnel_far, copy)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receiver_that_stops_reading_is_cut_at_the_stall_timeout() {
+        let (mut socket_far, mut tunnel_far, copy) = stall_copy();
+        let started = Instant::now();
+        // The tunnel's peer sends a download the socket's peer never reads, while the socket's
+        // peer keeps the other direction busy (so the inactivity timer alone would never fire).
+        let pushing = tokio::spawn(async move {
+            let chunk = vec![1u8; 1024];
+            while tunnel_far.write_all(&chunk).await.is_ok() {}
+        });
+        let pinging = tokio::spawn(async move {
+            while socket_far.write_all(b"ping").await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let report = copy.await.expect("copy");
+        assert!(matches!(report.end, CopyEnd::Stalled { side: Side::Socket }), "{:?}", report.end);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(30) && took <= Duration::from_secs(46), "{took:?}");
+        pushing.abort();
+        pinging.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_reader_is_cut_and_a_slow_steady_one_is_not() {
+        // A byte a second: far below STALL_MIN_PROGRESS per timeout.
+        for (every, take, stalls) in
+            [(Duration::from_secs(1), 1, true), (Duration::from_secs(5), 8192, false)]
+        {
+            let (mut socket_far, mut tunnel_far, copy) = stall_copy();
+            let total = 512 * 1024;
+            let pushing = tokio::spawn(async move {
+                let chunk = vec![2u8; 1024];
+                for _ in 0..total / 1024 {
+                    if tunnel_far.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tunnel_far.shutdown().await;
+                // Keep the tunnel's peer open until the copy ends.
+                let mut rest = Vec::new();
+                let _ = tunnel_far.read_to_end(&mut rest).await;
+            });
+            let reading = tokio::spawn(async move {
+                let mut got = 0;
+                let mut buf = vec![0u8; take];
+                while got < total {
+                    tokio::time::sleep(every).await;
+                    match socket_far.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                drop(socket_far);
+                got
+            });
+            let report = copy.await.expect("copy");
+            if stalls {
+                assert!(
+                    matches!(report.end, CopyEnd::Stalled { side: Side::Socket }),
+                    "{:?}",
+                    report.end
+                );
+            } else {
+                assert!(!matches!(report.end, CopyEnd::Stalled { .. }), "{:?}", report.end);
+                assert_eq!(reading.await.expect("reader"), total, "a slow reader gets it all");
+            }
+            pushing.abort();
+        }
     }
 }

@@ -77,6 +77,9 @@ pub enum Outcome {
     Shutdown,
     /// No connected agent has approved the endpoint (relay only).
     NoAgent,
+    /// The receiver at `origin` took too little for the stall timeout while bytes waited for
+    /// it (it stopped reading, or reads a trickle): reset both ways.
+    Stalled(Origin),
     /// The agent answered the open with a failure.
     OpenFailed(OpenFailure),
     /// A side failed.
@@ -102,7 +105,11 @@ impl Outcome {
         match self {
             Self::OpenFailed(failure) => failure.code.retry_elsewhere(),
             Self::Failed { retry_safe, .. } => *retry_safe,
-            Self::Completed | Self::IdleTimeout | Self::Shutdown | Self::NoAgent => false,
+            Self::Completed
+            | Self::IdleTimeout
+            | Self::Shutdown
+            | Self::NoAgent
+            | Self::Stalled(_) => false,
         }
     }
 
@@ -113,6 +120,7 @@ impl Outcome {
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
             Self::NoAgent => "no_agent",
+            Self::Stalled(_) => "stalled",
             Self::OpenFailed(_) | Self::Failed { origin: Origin::Destination, .. } => {
                 "destination_failed"
             }
@@ -130,6 +138,9 @@ impl fmt::Display for Outcome {
             Self::IdleTimeout => f.write_str("idle-timeout"),
             Self::Shutdown => f.write_str("shutdown"),
             Self::NoAgent => f.write_str("no-agent: no connected agent has approved this endpoint"),
+            Self::Stalled(origin) => {
+                write!(f, "stalled: the {origin} stopped taking bytes (or took a trickle)")
+            }
             Self::OpenFailed(failure) => {
                 let message = privlink_protocol::text::loggable(&failure.message);
                 write!(f, "destination-failed ({}): {message}", failure.code)
@@ -195,6 +206,14 @@ pub fn conclude<T: SpliceStream>(
             tunnel.reset(ResetCode::Shutdown);
             reset_on_close(socket);
             Outcome::Shutdown
+        }
+        CopyEnd::Stalled { side } => {
+            tunnel.reset(ResetCode::IdleTimeout);
+            reset_on_close(socket);
+            Outcome::Stalled(match side {
+                Side::Socket => hop.socket_origin(),
+                Side::Tunnel => hop.tunnel_origin(),
+            })
         }
         CopyEnd::Failed { side: Side::Socket, error } => {
             tunnel.reset(ResetCode::PeerReset);
