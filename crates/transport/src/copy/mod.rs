@@ -29,7 +29,10 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
+
+mod watch;
+
+use watch::{ActivityClock, Metered, SideMeter, StallMeter, watchdog};
 
 /// Largest read per direction. A first measured choice: large enough for full-speed bulk
 /// transfers on loopback. It lives on the stack while a read is in hand; heap memory of this
@@ -215,94 +218,6 @@ where
         if a_to_b_done && b_to_a_done { Poll::Ready(Ok(())) } else { Poll::Pending }
     })
     .await
-}
-
-/// Ends the copy when no byte has moved for the inactivity timeout, or when a direction's
-/// writer is stalled (see [`CopyTimeouts::stall`]). `to_tunnel` meters the socket→tunnel
-/// direction, `to_socket` the other.
-async fn watchdog(
-    clock: &ActivityClock,
-    timeouts: CopyTimeouts,
-    to_tunnel: &StallMeter,
-    to_socket: &StallMeter,
-) -> CopyEnd {
-    loop {
-        let now = Instant::now();
-        let idle_at = clock.last() + timeouts.inactivity;
-        if now >= idle_at {
-            return CopyEnd::IdleTimeout;
-        }
-        let mut wake = idle_at;
-        if let Some(stall) = timeouts.stall {
-            for (meter, side) in [(to_tunnel, Side::Tunnel), (to_socket, Side::Socket)] {
-                if let Some(since) = meter.blocked_since(clock) {
-                    let stalled_at = since + stall;
-                    if now >= stalled_at {
-                        return CopyEnd::Stalled { side };
-                    }
-                    wake = wake.min(stalled_at);
-                }
-            }
-            // A writer that blocks while this sleeps is seen within half the timeout.
-            wake = wake.min(now + stall / 2);
-        }
-        tokio::time::sleep_until(wake).await;
-    }
-}
-
-/// Whether one direction's writer is keeping up: since when bytes have been waiting for it
-/// without it taking [`STALL_MIN_PROGRESS`] of them.
-#[derive(Debug)]
-struct StallMeter {
-    /// Milliseconds on the copy's clock since which it has been blocked, or [`NOT_BLOCKED`].
-    blocked_since_ms: AtomicU64,
-    /// Bytes it took since then.
-    progress: AtomicU64,
-}
-
-/// [`StallMeter::blocked_since_ms`] of a writer that has nothing waiting.
-const NOT_BLOCKED: u64 = u64::MAX;
-
-impl Default for StallMeter {
-    fn default() -> Self {
-        Self { blocked_since_ms: AtomicU64::new(NOT_BLOCKED), progress: AtomicU64::new(0) }
-    }
-}
-
-impl StallMeter {
-    /// The writer could not take bytes that wait for it (the window starts unless running).
-    fn blocked(&self, clock: &ActivityClock) {
-        if self.blocked_since_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
-            self.progress.store(0, Ordering::Relaxed);
-            self.blocked_since_ms.store(clock.now_ms(), Ordering::Relaxed);
-        }
-    }
-
-    /// The writer took `n` bytes while blocked: enough of them start a new window.
-    fn wrote(&self, n: usize, clock: &ActivityClock) {
-        if self.blocked_since_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
-            return;
-        }
-        let progress = self.progress.load(Ordering::Relaxed) + n as u64;
-        if progress >= STALL_MIN_PROGRESS {
-            self.progress.store(0, Ordering::Relaxed);
-            self.blocked_since_ms.store(clock.now_ms(), Ordering::Relaxed);
-        } else {
-            self.progress.store(progress, Ordering::Relaxed);
-        }
-    }
-
-    /// Nothing waits for the writer any more.
-    fn drained(&self) {
-        self.blocked_since_ms.store(NOT_BLOCKED, Ordering::Relaxed);
-    }
-
-    fn blocked_since(&self, clock: &ActivityClock) -> Option<Instant> {
-        match self.blocked_since_ms.load(Ordering::Relaxed) {
-            NOT_BLOCKED => None,
-            ms => Some(clock.start + Duration::from_millis(ms)),
-        }
-    }
 }
 
 /// One direction of the copy.
@@ -505,101 +420,12 @@ fn poll_write_some<W: AsyncWrite + Unpin + ?Sized>(
     }
 }
 
-/// Time of the last byte moved, as milliseconds since the copy started.
-#[derive(Debug)]
-struct ActivityClock {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl ActivityClock {
-    fn new() -> Self {
-        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
-    }
-
-    /// Milliseconds on this clock now.
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
-    }
-
-    fn touch(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    /// When the last byte moved.
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// Per-side counters shared between a [`Metered`] wrapper and the report.
-#[derive(Debug)]
-struct SideMeter<'a> {
-    bytes: &'a AtomicU64,
-    failed: AtomicBool,
-}
-
-/// Passes reads and writes through, counting bytes read, stamping activity and recording
-/// the first failure of its side.
-#[derive(Debug)]
-struct Metered<'a, S: ?Sized> {
-    inner: &'a mut S,
-    meter: &'a SideMeter<'a>,
-    clock: &'a ActivityClock,
-}
-
-impl<S: ?Sized> Metered<'_, S> {
-    fn record<T>(&self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        if let Poll::Ready(Err(_)) = &result {
-            self.meter.failed.store(true, Ordering::Relaxed);
-        }
-        result
-    }
-}
-
-impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Metered<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        if read > 0 {
-            self.meter.bytes.fetch_add(read as u64, Ordering::Relaxed);
-            self.clock.touch();
-        }
-        self.record(result)
-    }
-}
-
-impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Metered<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        self.record(result)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let result = Pin::new(&mut *self.inner).poll_flush(cx);
-        self.record(result)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let result = Pin::new(&mut *self.inner).poll_shutdown(cx);
-        self.record(result)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::future::pending;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+    use tokio::time::Instant;
 
     const LONG: Duration = Duration::from_secs(3600);
 

@@ -1,0 +1,193 @@
+//! What watches a copy from outside its loop: the clock of the last byte moved
+//! ([`ActivityClock`]), each direction's [`StallMeter`], the [`watchdog`] that ends the copy on
+//! the inactivity or the stall timeout, and the [`Metered`] wrapper that counts each side's
+//! bytes, stamps the clock and remembers which side failed first.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::{CopyEnd, CopyTimeouts, STALL_MIN_PROGRESS, Side};
+
+/// Ends the copy when no byte has moved for the inactivity timeout, or when a direction's
+/// writer is stalled (see [`CopyTimeouts::stall`]). `to_tunnel` meters the socket→tunnel
+/// direction, `to_socket` the other.
+pub(super) async fn watchdog(
+    clock: &ActivityClock,
+    timeouts: CopyTimeouts,
+    to_tunnel: &StallMeter,
+    to_socket: &StallMeter,
+) -> CopyEnd {
+    loop {
+        let now = Instant::now();
+        let idle_at = clock.last() + timeouts.inactivity;
+        if now >= idle_at {
+            return CopyEnd::IdleTimeout;
+        }
+        let mut wake = idle_at;
+        if let Some(stall) = timeouts.stall {
+            for (meter, side) in [(to_tunnel, Side::Tunnel), (to_socket, Side::Socket)] {
+                if let Some(since) = meter.blocked_since(clock) {
+                    let stalled_at = since + stall;
+                    if now >= stalled_at {
+                        return CopyEnd::Stalled { side };
+                    }
+                    wake = wake.min(stalled_at);
+                }
+            }
+            // A writer that blocks while this sleeps is seen within half the timeout.
+            wake = wake.min(now + stall / 2);
+        }
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+/// Whether one direction's writer is keeping up: since when bytes have been waiting for it
+/// without it taking [`STALL_MIN_PROGRESS`] of them.
+#[derive(Debug)]
+pub(super) struct StallMeter {
+    /// Milliseconds on the copy's clock since which it has been blocked, or [`NOT_BLOCKED`].
+    blocked_since_ms: AtomicU64,
+    /// Bytes it took since then.
+    progress: AtomicU64,
+}
+
+/// [`StallMeter::blocked_since_ms`] of a writer that has nothing waiting.
+const NOT_BLOCKED: u64 = u64::MAX;
+
+impl Default for StallMeter {
+    fn default() -> Self {
+        Self { blocked_since_ms: AtomicU64::new(NOT_BLOCKED), progress: AtomicU64::new(0) }
+    }
+}
+
+impl StallMeter {
+    /// The writer could not take bytes that wait for it (the window starts unless running).
+    pub(super) fn blocked(&self, clock: &ActivityClock) {
+        if self.blocked_since_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
+            self.progress.store(0, Ordering::Relaxed);
+            self.blocked_since_ms.store(clock.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The writer took `n` bytes while blocked: enough of them start a new window.
+    pub(super) fn wrote(&self, n: usize, clock: &ActivityClock) {
+        if self.blocked_since_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
+            return;
+        }
+        let progress = self.progress.load(Ordering::Relaxed) + n as u64;
+        if progress >= STALL_MIN_PROGRESS {
+            self.progress.store(0, Ordering::Relaxed);
+            self.blocked_since_ms.store(clock.now_ms(), Ordering::Relaxed);
+        } else {
+            self.progress.store(progress, Ordering::Relaxed);
+        }
+    }
+
+    /// Nothing waits for the writer any more.
+    pub(super) fn drained(&self) {
+        self.blocked_since_ms.store(NOT_BLOCKED, Ordering::Relaxed);
+    }
+
+    fn blocked_since(&self, clock: &ActivityClock) -> Option<Instant> {
+        match self.blocked_since_ms.load(Ordering::Relaxed) {
+            NOT_BLOCKED => None,
+            ms => Some(clock.start + Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// Time of the last byte moved, as milliseconds since the copy started.
+#[derive(Debug)]
+pub(super) struct ActivityClock {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl ActivityClock {
+    pub(super) fn new() -> Self {
+        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    /// Milliseconds on this clock now.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the last byte moved.
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Per-side counters shared between a [`Metered`] wrapper and the report.
+#[derive(Debug)]
+pub(super) struct SideMeter<'a> {
+    pub(super) bytes: &'a AtomicU64,
+    pub(super) failed: AtomicBool,
+}
+
+/// Passes reads and writes through, counting bytes read, stamping activity and recording
+/// the first failure of its side.
+#[derive(Debug)]
+pub(super) struct Metered<'a, S: ?Sized> {
+    pub(super) inner: &'a mut S,
+    pub(super) meter: &'a SideMeter<'a>,
+    pub(super) clock: &'a ActivityClock,
+}
+
+impl<S: ?Sized> Metered<'_, S> {
+    fn record<T>(&self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(_)) = &result {
+            self.meter.failed.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Metered<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.meter.bytes.fetch_add(read as u64, Ordering::Relaxed);
+            self.clock.touch();
+        }
+        self.record(result)
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Metered<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        self.record(result)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut *self.inner).poll_flush(cx);
+        self.record(result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut *self.inner).poll_shutdown(cx);
+        self.record(result)
+    }
+}
