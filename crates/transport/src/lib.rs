@@ -14,7 +14,8 @@
 //!   frame reader for long-lived streams.
 //! * [`session`] — the one session driver: a control stream and either side's state machine,
 //!   bytes and time moved, events handed to the role; the session error both roles share.
-//! * [`copy`] — the bidirectional copy loop with inactivity timeout and byte counts.
+//! * [`copy`] — the bidirectional copy loop with inactivity and stall timeouts and byte
+//!   counts (`copy::watch`: what watches it from outside the loop).
 //! * [`live`] — the connections open now, with bytes each way as they move, for the admin API.
 //! * [`splice`] — how one forwarded connection's copy ended: resets, aborts and an outcome
 //!   tagged by where it came from, with a retry-safety flag.
