@@ -31,7 +31,7 @@ pub const MAX_PENDING: usize = 512;
 pub const MAX_PENDING_PER_SOURCE: usize = 32;
 /// Pending connections above which QUIC sources must prove their address with a Retry.
 pub const RETRY_ABOVE: usize = 64;
-/// Longest silence between two "turned away" lines while connections keep being turned away.
+/// Longest silence between two "evicted" lines while pending connections keep being evicted.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Which cap a new connection found full (and so evicted an older one).

@@ -83,8 +83,8 @@ impl RelayHandle {
         self.admission.pending()
     }
 
-    /// Tunnel connections turned away because too many were pending (in all or from their
-    /// source), since the relay started.
+    /// Unauthenticated tunnel connections evicted to make room for newer ones (too many were
+    /// pending, in all or from one source), since the relay started.
     pub fn turned_away_tunnel_connections(&self) -> u64 {
         self.admission.turned_away()
     }
