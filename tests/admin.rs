@@ -222,7 +222,10 @@ async fn trickling_clients_do_not_starve_the_probes() {
                     if socket.bind(SocketAddr::new(from, 0)).is_err() {
                         return;
                     }
-                    let Ok(mut socket) = socket.connect(admin).await else { continue };
+                    let Ok(mut socket) = socket.connect(admin).await else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
                     if socket
                         .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                         .await

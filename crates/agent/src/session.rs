@@ -131,8 +131,9 @@ async fn run_session(
             },
             step = session.next() => match step {
                 Ok(Step::Event(event)) => {
-                    on_event(&mut session, event, connection, link, shared, &mut rules_changes)?;
-                    approved = Arc::new(session.machine().approved());
+                    if on_event(&mut session, event, connection, link, shared, &mut rules_changes)? {
+                        approved = Arc::new(session.machine().approved());
+                    }
                 }
                 Ok(Step::Heard | Step::Timer) => {}
                 Err(e) if established => {
@@ -146,7 +147,8 @@ async fn run_session(
     }
 }
 
-/// Acts on one event of the machine; an error ends the session.
+/// Acts on one event of the machine; `true` when the verdicts sent changed (the approved
+/// set is then read again), an error ends the session.
 fn on_event(
     session: &mut AgentSession,
     event: AgentEvent,
@@ -154,7 +156,7 @@ fn on_event(
     link: SocketAddr,
     shared: &AgentShared,
     rules_changes: &mut tokio::sync::watch::Receiver<u64>,
-) -> Result<(), SessionError> {
+) -> Result<bool, SessionError> {
     match event {
         AgentEvent::RelayHello { software_version } => {
             debug!(relay_version = %text::loggable(&software_version), "relay hello");
@@ -166,12 +168,14 @@ fn on_event(
             // verdicts, so the relay can open a stream as soon as it reads them.
             connection.allow_data_streams();
             session.machine_mut().send_verdicts(verdicts, now());
+            return Ok(true);
         }
         AgentEvent::EndpointsChanged { added, .. } => {
             // A relay reload: the machine forgot the removed endpoints; judge the added ones.
             let verdicts = judge(&added, shared);
             session.machine_mut().send_verdict_update(verdicts);
             shared.status.set_verdicts(link, session.machine().verdicts());
+            return Ok(true);
         }
         AgentEvent::Refused { reason } => {
             return Err(SessionError::Refused { peer: Peer::Relay, reason });
@@ -182,7 +186,7 @@ fn on_event(
         }
         AgentEvent::Failed(error) => return Err(session.fail(error)),
     }
-    Ok(())
+    Ok(false)
 }
 
 /// A failure before the conversation was established. Once our hello is out, a connection

@@ -89,12 +89,7 @@ impl listener::Admission for PendingCap<'_> {
         self.0.wants_retry()
     }
 
-    fn admit(
-        &self,
-        remote: SocketAddr,
-        _kind: TransportKind,
-        spoke: Arc<AtomicBool>,
-    ) -> Option<PendingSlot> {
+    fn admit(&self, remote: SocketAddr, spoke: Arc<AtomicBool>) -> Option<PendingSlot> {
         // Never turned away: over a cap, an older pending connection makes room.
         Some(self.0.admit(remote.ip(), spoke))
     }

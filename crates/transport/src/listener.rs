@@ -54,16 +54,11 @@ pub trait Admission {
     /// trip, no state kept), as a relay under a flood asks.
     fn wants_address_validation(&self) -> bool;
 
-    /// Admits a connection from `remote` on `kind`, or turns it away (`None`: it is closed
-    /// at once, and the admission counts and logs it). `spoke` is set once the peer has sent
-    /// a byte: at once on QUIC (its first packet holds its ClientHello), on TCP when its first
-    /// byte arrives.
-    fn admit(
-        &self,
-        remote: SocketAddr,
-        kind: TransportKind,
-        spoke: Arc<AtomicBool>,
-    ) -> Option<Self::Ticket>;
+    /// Admits a connection from `remote`, or turns it away (`None`: it is closed at once, and
+    /// the admission counts and logs it). `spoke` is set once the peer has sent a byte: at
+    /// once on QUIC (its first packet holds its ClientHello), on TCP when its first byte
+    /// arrives.
+    fn admit(&self, remote: SocketAddr, spoke: Arc<AtomicBool>) -> Option<Self::Ticket>;
 }
 
 /// One agent connection's transport handshake, started by awaiting it (within the deadline
@@ -229,7 +224,7 @@ impl TunnelListener {
                     incoming
                 };
                 let spoke = Arc::new(AtomicBool::new(true));
-                let Some(ticket) = admission.admit(remote, TransportKind::Quic, spoke) else {
+                let Some(ticket) = admission.admit(remote, spoke) else {
                     incoming.refuse();
                     continue;
                 };
@@ -239,8 +234,7 @@ impl TunnelListener {
         };
         let tcp_loop = tcp::accept_until(&tcp, stop, |socket, remote| {
             let spoke = Arc::new(AtomicBool::new(false));
-            let Some(ticket) = admission.admit(remote, TransportKind::Tcp, Arc::clone(&spoke))
-            else {
+            let Some(ticket) = admission.admit(remote, Arc::clone(&spoke)) else {
                 tcp::abort(socket);
                 return;
             };
