@@ -440,7 +440,11 @@ async fn a_verdict_flood_is_cut_off_and_made_up_endpoints_are_never_recorded() {
     assert!(sent < 1_000, "the relay took {sent} verdict messages without a word");
     // The made-up names left no trace, and the relay still serves the real endpoint.
     assert_eq!(harness.relay.endpoint_status("no-such-endpoint-1"), None);
-    let agents = harness.relay.agents(CONNECTOR);
+    // The peer sees the close as the relay's session task ends: wait for the relay's view.
+    let agents = harness
+        .relay
+        .wait_for_agents(CONNECTOR, WAIT, |agents| agents.iter().all(|a| a.name != "flooder"))
+        .await;
     assert!(agents.iter().all(|a| a.name != "flooder"), "{agents:?}");
     let socket = TcpStream::connect(harness.addr("e")).await.expect("connect");
     assert_eq!(echo_round_trip(socket, b"still served").await, b"still served");
