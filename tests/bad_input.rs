@@ -483,24 +483,24 @@ async fn agents_per_connector_are_capped() {
 }
 
 /// Sources that flood the tunnel port with connections that never authenticate: each holds
-/// at most `MAX_PENDING_PER_SOURCE` pending places, a newcomer beyond its share evicting its
+/// at most its share of pending places (`PendingCaps::per_source`), a newcomer beyond its share evicting its
 /// own oldest (counted); with that many pending, QUIC sources must answer a Retry; throughout,
 /// agents from another source get in on both transports and the endpoint keeps serving; and a
 /// silent connection is cut after the first-byte deadline even while its peer holds it open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unauthenticated_connections_is_capped_and_agents_still_get_in() {
-    use privlink_relay::admission::{MAX_PENDING_PER_SOURCE, RETRY_ABOVE};
     let (harness, agent) = Harness::single(TransportChoice::Quic, echo_server().await).await;
     let tunnel = harness.relay.tunnel_addr();
     let sources = ["127.0.0.3", "127.0.0.4", "127.0.0.5"];
     const EXTRA: usize = 8;
-    let held = sources.len() * MAX_PENDING_PER_SOURCE;
-    assert!(held >= RETRY_ABOVE, "the flood must be large enough to ask for Retry");
+    let caps = harness.relay.pending_caps();
+    let held = sources.len() * caps.per_source;
+    assert!(held >= caps.retry_above, "the flood must be large enough to ask for Retry");
 
     // TCP first: each source holds its share; beyond it, each newcomer evicts its own oldest.
     let mut flood = Vec::new();
     for source in sources {
-        for _ in 0..MAX_PENDING_PER_SOURCE + EXTRA {
+        for _ in 0..caps.per_source + EXTRA {
             if let Ok(socket) = connect_from(source, tunnel).await {
                 flood.push(socket);
             }
@@ -555,17 +555,25 @@ async fn a_flood_of_unauthenticated_connections_is_capped_and_agents_still_get_i
     harness.shutdown(&[agent]).await;
 }
 
-/// Silent connections that reconnect as soon as they are cut — 600 from 20 sources, over the
-/// total cap — cannot keep an agent out: its hello is welcomed within 3 s on both transports,
-/// several times over (the flood used to keep a reconnecting TLS/TCP agent out for as long as
-/// it lasted). Not covered yet: the same flood from the agent's own address (a NAT), where
-/// nothing tells the agent's connection from the flood's until its first byte is read.
+/// Silent connections that reconnect as soon as they are cut — more than the total cap from
+/// 20 sources (600 with the default caps), and 2,000 from the agent's own address (a NAT,
+/// where nothing tells the agent's connection from the flood's until its first byte is read)
+/// — cannot keep an agent out: its hello is welcomed within 3 s on both transports, several
+/// times over (the first flood used to keep a reconnecting TLS/TCP agent out for as long as it
+/// lasted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_flood_cannot_keep_an_agent_out() {
     let harness = Harness::start(vec![endpoint("e", echo_server().await)]).await;
     let tunnel = harness.relay.tunnel_addr();
     let twenty: Vec<String> = (10..30).map(|n| format!("127.0.1.{n}")).collect();
-    for (label, sources, per_source) in [("600 from 20 sources", twenty, 30)] {
+    // Over the total cap, each source within its share.
+    let each =
+        (harness.relay.pending_caps().total / 20 + 5).min(harness.relay.pending_caps().per_source);
+    let cases = [
+        (format!("{} from 20 sources", 20 * each), twenty, each),
+        ("2,000 from the agent's own address".to_owned(), vec!["127.0.0.1".to_owned()], 2_000),
+    ];
+    for (label, sources, per_source) in cases {
         let stop = tokio_util::sync::CancellationToken::new();
         let opened = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
         let mut flood = tokio::task::JoinSet::new();

@@ -338,10 +338,15 @@ async fn losing_one_of_two_agent_processes_under_load(transport: &str, fault: Fa
     tokio::time::sleep(Duration::from_secs(1)).await;
     match fault {
         Fault::Kill => deployment.agents[1].kill_hard(),
-        Fault::Freeze => signal(deployment.agents[1].pid(), "-STOP"),
+        Fault::Freeze => {
+            signal(deployment.agents[1].pid(), "-STOP");
+            wait_stopped(deployment.agents[1].pid());
+        }
     }
-    // Taken once the signal is delivered (`kill` has returned; a killed agent is reaped):
-    // connections begun before could be answered by the agent before it went.
+    // Taken once the agent is gone (a killed agent is reaped; every thread of a frozen one
+    // shows as stopped, which on a loaded machine was seen to take tens of milliseconds after
+    // `kill -STOP` returned — time in which the agent still answered an open): connections
+    // begun before could be answered by the agent before it went.
     let fault_at = std::time::Instant::now();
     // Load through and past the heartbeat deadline (two 3 s periods).
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -382,10 +387,39 @@ async fn losing_one_of_two_agent_processes_under_load(transport: &str, fault: Fa
         samples.len() - after.len(),
     );
     assert!(after.len() > 20, "too little load to judge: {} connections", after.len());
+    if !failed.is_empty() {
+        // What the relay saw: its log lines other than completed flows.
+        let relay = deployment.relays[0].running.output_so_far();
+        for line in relay.iter().filter(|l| !l.contains("outcome=completed")) {
+            eprintln!("relay: {line}");
+        }
+        for line in deployment.agents[1].output_so_far() {
+            eprintln!("agent-1: {line}");
+        }
+    }
     assert!(failed.is_empty(), "connections opened after the fault failed: {failed:?}");
     // The least-loaded choice put some on each agent: those on the lost one ended, the others
     // still echo.
     assert!((1..4).contains(&ended), "{ended} of 4 held connections ended");
+}
+
+/// Waits until every thread of process `pid` is stopped (state `T` in `/proc`), for at most
+/// [`WAIT`].
+fn wait_stopped(pid: u32) {
+    let stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+        tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+            })
+        })
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while !stopped() {
+        assert!(std::time::Instant::now() < deadline, "process {pid} did not stop within {WAIT:?}");
+        std::thread::yield_now();
+    }
 }
 
 fn signal(pid: u32, which: &str) {

@@ -416,6 +416,16 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         "tunnel.key",
         d,
     );
+    assert_config_rejected(
+        "relay",
+        &relay("", "").replace(
+            "key = \"certs/relay.key\"\n",
+            "key = \"certs/relay.key\"\nbuffer_budget = \"512MB\"\n",
+        ),
+        5,
+        "tunnel.buffer_budget",
+        d,
+    );
     let duplicate_name = format!(
         "{}\n[[endpoint]]\nname = \"e\"\nconnector = \"c\"\ndestination = \"v.internal:443\"\nlisten = \"127.0.0.1:8444\"\n",
         relay("", "")
@@ -442,6 +452,7 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         d,
     );
     assert_config_rejected("agent", &agent("transport = \"udp\""), 5, "transport", d);
+    assert_config_rejected("agent", &agent("buffer_budget = 0"), 5, "buffer_budget", d);
     let open_admin = agent("[admin]\nlisten = \"[::]:9091\"");
     assert_config_rejected("agent", &open_admin, 6, "admin.listen", d);
     assert_config_rejected(

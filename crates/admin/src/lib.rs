@@ -96,6 +96,41 @@ pub fn metrics_registry(role: &'static str) -> prometheus_client::registry::Regi
     registry
 }
 
+/// The buffer-budget gauges both roles expose: `privlink_buffer_budget_bytes` (the limit)
+/// and `privlink_buffer_held_bytes` (what streams whose receivers do not keep up are charged
+/// now), set at each scrape.
+#[derive(Debug)]
+pub struct BufferMetrics {
+    limit: prometheus_client::metrics::gauge::Gauge,
+    held: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl BufferMetrics {
+    /// Registers them in `registry`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self { limit: Default::default(), held: Default::default() };
+        registry.register(
+            "buffer_budget_bytes",
+            "Bytes this process may hold for streams whose receivers do not keep up before it \
+             refuses new ones (buffer_budget)",
+            metrics.limit.clone(),
+        );
+        registry.register(
+            "buffer_held_bytes",
+            "Bytes charged now to streams whose receivers do not keep up (each at most its \
+             stream window and copy buffer)",
+            metrics.held.clone(),
+        );
+        metrics
+    }
+
+    /// Sets both before a scrape.
+    pub fn set(&self, held: u64, limit: u64) {
+        self.held.set(i64::try_from(held).unwrap_or(i64::MAX));
+        self.limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+}
+
 /// The configuration-reload metrics both roles expose: `privlink_config_last_reload_successful`
 /// (1 until a reload is refused), `…_success_timestamp_seconds`, and
 /// `privlink_config_reloads_total{result}`.

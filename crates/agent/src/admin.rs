@@ -37,7 +37,8 @@ impl AdminView for AgentAdmin {
             let (from_destination, to_destination) = live.unreported();
             (sum.0 + from_destination, sum.1 + to_destination)
         });
-        Some(self.policy.metrics.render(&self.status, unreported))
+        let buffer = (self.policy.budget.held(), self.policy.budget.limit());
+        Some(self.policy.metrics.render(&self.status, unreported, buffer))
     }
 
     fn connections(&self) -> ConnectionsSnapshot {

@@ -8,7 +8,7 @@ use std::time::Duration;
 pub use privlink_protocol::config::AdminSettings;
 use privlink_protocol::config::{
     AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
-    deserialize_optional_positive_duration,
+    deserialize_optional_positive_duration, deserialize_optional_size,
 };
 use privlink_protocol::destination::{Host, parse_port, split_host_port};
 use privlink_protocol::token::Token;
@@ -33,6 +33,9 @@ pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
 pub const DEFAULT_QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// Default time open streams get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default `buffer_budget`: 256 uploads whose destinations stopped reading, each holding a
+/// whole stream window, before new streams are refused (`over_budget`).
+pub const DEFAULT_BUFFER_BUDGET: u64 = 512 << 20;
 
 /// How the agent reaches relays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -106,6 +109,8 @@ pub struct AgentConfig {
     pub stall_timeout: Duration,
     /// Time open streams get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// Bytes the agent may hold for destinations that do not read (`buffer_budget`).
+    pub buffer_budget: u64,
     /// The admin listener, when `[admin]` is set.
     pub admin: Option<AdminSettings>,
     /// The files besides the config file whose content this configuration holds (`token_file`,
@@ -139,6 +144,8 @@ struct RawConfig {
     stall_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_optional_duration")]
     shutdown_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "deserialize_optional_size")]
+    buffer_budget: Option<u64>,
     #[serde(default)]
     allow: Vec<RawAllow>,
     #[serde(default)]
@@ -288,6 +295,7 @@ impl AgentConfig {
             stall_timeout: raw.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT),
             dns_timeout: raw.dns_timeout.unwrap_or(DEFAULT_DNS_TIMEOUT),
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            buffer_budget: raw.buffer_budget.unwrap_or(DEFAULT_BUFFER_BUDGET),
             admin: raw.admin.map(|a| a.validate(source)).transpose()?,
             source_files,
         })

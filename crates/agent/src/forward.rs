@@ -11,6 +11,7 @@ use std::time::Duration;
 use privlink_protocol::destination::{Destination, Host};
 use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenFailCode, OpenFailure, OpenReply};
 use privlink_protocol::text;
+use privlink_transport::budget::BufferBudget;
 use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::{read_frame, write_frame};
 use privlink_transport::live::LiveTable;
@@ -44,6 +45,10 @@ pub struct StreamPolicy {
     pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
     /// The streams forwarding now, for `/api/v1/connections` and the byte counters.
     pub live: LiveTable<LiveStream>,
+    /// What destinations that do not read may make the agent hold, all streams together.
+    pub budget: std::sync::Arc<BufferBudget>,
+    /// Each endpoint's share of it, by name (only endpoints this agent approved get one).
+    shares: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<BufferBudget>>>,
 }
 
 /// The part of the agent's configuration a stream is judged and connected by.
@@ -60,13 +65,29 @@ pub struct StreamRules {
 }
 
 impl StreamPolicy {
-    /// A policy with `rules`, counting into `metrics`.
-    pub fn new(rules: StreamRules, metrics: std::sync::Arc<crate::metrics::AgentMetrics>) -> Self {
+    /// A policy with `rules`, counting into `metrics`, holding at most `budget` bytes for
+    /// destinations that do not read.
+    pub fn new(
+        rules: StreamRules,
+        metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
+        budget: u64,
+    ) -> Self {
         Self {
             rules: std::sync::RwLock::new(std::sync::Arc::new(rules)),
             metrics,
             live: LiveTable::default(),
+            budget: std::sync::Arc::new(BufferBudget::new(budget)),
+            shares: std::sync::Mutex::default(),
         }
+    }
+
+    /// `endpoint`'s share of the budget.
+    fn share(&self, endpoint: &str) -> std::sync::Arc<BufferBudget> {
+        let mut shares = self.shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let share = shares
+            .entry(endpoint.to_owned())
+            .or_insert_with(|| std::sync::Arc::new(BufferBudget::share_of(&self.budget)));
+        std::sync::Arc::clone(share)
     }
 
     /// The rules in force now.
@@ -145,13 +166,24 @@ async fn forward(
     // Taken apart so that each field's storage ends where it is moved: a partly moved `open`
     // would keep its whole 88 bytes in the task through the copy.
     let Open { endpoint, destination, client_addr, inactivity_timeout_ms } = open;
-    let connected = if approved.contains(&endpoint) {
-        connect_allowed(&destination, policy).await
-    } else {
+    let approved = approved.contains(&endpoint);
+    let share = approved.then(|| policy.share(&endpoint));
+    let connected = if !approved {
         Err(failure(
             OpenFailCode::NotAllowed,
             format!("endpoint `{}` was not approved by this agent", text::loggable(&endpoint)),
         ))
+    } else if !share.as_ref().is_some_and(|share| share.has_room()) {
+        Err(failure(
+            OpenFailCode::OverBudget,
+            format!(
+                "destinations that do not read hold the agent's buffer_budget ({} bytes: all \
+                 of it, or this endpoint's half)",
+                policy.budget.limit()
+            ),
+        ))
+    } else {
+        connect_allowed(&destination, policy).await
     };
     let mut socket = match connected {
         Ok(socket) => {
@@ -161,11 +193,13 @@ async fn forward(
         Err(failure) => {
             let outcome = match failure.code {
                 OpenFailCode::NotAllowed => "not_allowed",
+                OpenFailCode::OverBudget => "over_budget",
                 _ => "destination_failed",
             };
             policy.metrics.stream_ended(outcome, 0, 0);
-            if failure.code == OpenFailCode::NotAllowed {
-                // A relay asking for what the allowlist refuses can ask as fast as it likes.
+            if matches!(failure.code, OpenFailCode::NotAllowed | OpenFailCode::OverBudget) {
+                // A relay asking for what the allowlist refuses can ask as fast as it likes;
+                // over the budget, every new stream is refused until some is returned.
                 static REFUSALS: Throttle = Throttle::new(STREAM_LOG_INTERVAL);
                 if let Some(left_out) = REFUSALS.admit(std::time::Instant::now()) {
                     warn!(left_out, "refused: {}", failure.message);
@@ -203,6 +237,7 @@ async fn forward(
         DEFAULT_BUFFER_SIZE,
         force.cancelled(),
         &live.bytes,
+        share.as_deref(),
     )
     .await;
     let spliced = splice::conclude(copied, &socket, &mut stream, Hop::Agent);
@@ -386,7 +421,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             stall_timeout: Duration::from_secs(30),
         };
-        StreamPolicy::new(rules, std::sync::Arc::default())
+        StreamPolicy::new(rules, std::sync::Arc::default(), 1 << 20)
     }
 
     #[tokio::test]

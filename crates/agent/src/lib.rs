@@ -100,7 +100,11 @@ impl Agent {
         };
         let dialer = RelayDialer::new(&config)?;
         let metrics = Arc::new(AgentMetrics::default());
-        let policy = Arc::new(StreamPolicy::new(reload::rules_of(&config), Arc::clone(&metrics)));
+        let policy = Arc::new(StreamPolicy::new(
+            reload::rules_of(&config),
+            Arc::clone(&metrics),
+            config.buffer_budget,
+        ));
         let shutdown = CancellationToken::new();
         let token = config.token.clone();
         Ok(Self {

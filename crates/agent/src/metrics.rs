@@ -40,6 +40,7 @@ pub struct AgentMetrics {
     links: Family<LinkLabels, Gauge>,
     streams_active: Gauge,
     reloads: privlink_admin::ReloadMetrics,
+    buffer: privlink_admin::BufferMetrics,
 }
 
 impl Default for AgentMetrics {
@@ -74,6 +75,7 @@ impl Default for AgentMetrics {
         let streams_active = Gauge::default();
         registry.register("agent_streams_active", "Streams open now", streams_active.clone());
         let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
+        let buffer = privlink_admin::BufferMetrics::register(&mut registry);
         Self {
             registry,
             streams,
@@ -83,6 +85,7 @@ impl Default for AgentMetrics {
             links,
             streams_active,
             reloads,
+            buffer,
         }
     }
 }
@@ -117,8 +120,15 @@ impl AgentMetrics {
 
     /// The OpenMetrics text, with the link gauges read from `status` now and `unreported`,
     /// the bytes open streams moved since the last scrape (from the destination, to it),
-    /// counted: the counters rise during a long transfer.
-    pub(crate) fn render(&self, status: &AgentStatus, unreported: (u64, u64)) -> String {
+    /// counted: the counters rise during a long transfer; `buffer` is the buffer budget
+    /// (held, limit).
+    pub(crate) fn render(
+        &self,
+        status: &AgentStatus,
+        unreported: (u64, u64),
+        buffer: (u64, u64),
+    ) -> String {
+        self.buffer.set(buffer.0, buffer.1);
         let (from_destination, to_destination) = unreported;
         self.count_bytes(to_destination, from_destination);
         // Links that changed state since the last scrape would otherwise keep their old series.

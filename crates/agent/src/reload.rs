@@ -111,6 +111,7 @@ impl AgentReloader {
             return Err(AgentReloadError::NeedsRestart(restart));
         }
         let mut summary = AgentReloadSummary::default();
+        shared.policy.budget.set_limit(new.buffer_budget);
         let rules = rules_of(&new);
         if *shared.policy.rules() != rules {
             shared.policy.set_rules(rules);

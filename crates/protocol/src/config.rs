@@ -1,6 +1,6 @@
 //! Shared configuration plumbing: reading a TOML file into typed values with errors that name
 //! the file, the line and the key, and the value syntaxes both configs use (durations with
-//! units such as `"60s"`).
+//! units such as `"60s"`, sizes such as `"512MiB"`).
 //!
 //! Parsing goes through `serde_path_to_error`, so a bad value anywhere reports its full key
 //! path (`endpoint[1].acl.allow[0]`); checks that span several fields (unknown connector,
@@ -179,6 +179,49 @@ pub fn deserialize_optional_positive_duration<'de, D: Deserializer<'de>>(
     deserialize_positive_duration(d).map(Some)
 }
 
+/// Parses a size written with a binary unit: `64KiB`, `512MiB`, `2GiB` (whole numbers; a
+/// plain number of bytes is written as an integer, not a string). By hand: four units do not
+/// warrant a crate.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let help = || {
+        format!(
+            "`{text}` is not a size; write a whole number with a unit: KiB, MiB or GiB \
+             (e.g. \"512MiB\"), or a number of bytes without quotes"
+        )
+    };
+    let value: u64 = number.parse().map_err(|_| help())?;
+    let unit_bytes: u64 = match unit.trim_start() {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(help()),
+    };
+    value.checked_mul(unit_bytes).ok_or_else(|| format!("`{text}` is too large a size"))
+}
+
+/// Serde helper for optional sizes (fields with `#[serde(default)]`): a string with a unit
+/// ([`parse_size`]) or an integer number of bytes; it must be greater than zero.
+pub fn deserialize_optional_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Bytes(u64),
+        Text(String),
+    }
+    let bytes = match Written::deserialize(d)? {
+        Written::Bytes(bytes) => bytes,
+        Written::Text(text) => parse_size(&text).map_err(D::Error::custom)?,
+    };
+    if bytes == 0 {
+        return Err(D::Error::custom("the size must be greater than zero"));
+    }
+    Ok(Some(bytes))
+}
+
 /// The `[admin]` table both configs share, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -299,6 +342,17 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         for bad in ["5", "s", "1.5s", "-1s", "10 sec", "", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_need_binary_units() {
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("100 B"), Ok(100));
+        for bad in ["5", "MiB", "1.5GiB", "-1MiB", "10MB", "1 gb", "", "99999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
         }
     }
 

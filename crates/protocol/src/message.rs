@@ -243,14 +243,22 @@ pub enum OpenFailCode {
     Unreachable,
     /// The open header itself was invalid.
     BadRequest,
+    /// The agent holds its whole buffer budget for destinations that do not read; it opens
+    /// nothing new until some of it is returned. (Last: postcard encodes the variant's index,
+    /// and an older relay reading a code it does not know treats the answer as malformed —
+    /// which it retries elsewhere too.)
+    OverBudget,
 }
 
 impl OpenFailCode {
     /// Whether another agent might succeed where this one failed: true for causes that lie in
-    /// this agent's network view (DNS, reachability), false for policy and malformed requests,
+    /// this agent's network view (DNS, reachability) or its load (its buffer budget), false for policy and malformed requests,
     /// which every agent would refuse alike.
     pub fn retry_elsewhere(self) -> bool {
-        matches!(self, Self::DnsFailure | Self::Refused | Self::Timeout | Self::Unreachable)
+        matches!(
+            self,
+            Self::DnsFailure | Self::Refused | Self::Timeout | Self::Unreachable | Self::OverBudget
+        )
     }
 }
 
@@ -263,6 +271,7 @@ impl fmt::Display for OpenFailCode {
             Self::Timeout => "timeout",
             Self::Unreachable => "unreachable",
             Self::BadRequest => "bad-request",
+            Self::OverBudget => "over-budget",
         })
     }
 }

@@ -138,6 +138,8 @@ impl AdminView for RelayAdmin {
 /// transport.
 fn scrape(handle: &RelayHandle) -> ScrapedState {
     let mut state = ScrapedState::default();
+    let budget = handle.buffer_budget();
+    state.buffer = (budget.held(), budget.limit());
     let mut connectors: Vec<String> = Vec::new();
     for (endpoint, _) in handle.endpoints() {
         let spec = endpoint.spec();

@@ -1,7 +1,8 @@
 //! Bounds on the work the relay does for tunnel connections that have not authenticated: from
 //! accept until its hello is admitted a connection is *pending*, and pending connections are
-//! capped in all ([`MAX_PENDING`]) and per source ([`MAX_PENDING_PER_SOURCE`]; IPv6 sources
-//! counted per /64). A new connection over a cap is not turned away — that let a flood of
+//! capped in all and per source ([`PendingCaps`], sized from the open-file limit; IPv6
+//! sources counted per /64). An agent that has authenticated holds no pending place, so
+//! agents already linked from an address never count against its share. A new connection over a cap is not turned away — that let a flood of
 //! silent connections keep a reconnecting agent out for as long as it lasted — but makes room:
 //! the oldest pending connection (of its own source, when that source is over its share) is
 //! evicted, one that has sent nothing yet before any that has (a real agent's ClientHello
@@ -23,13 +24,43 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::source::SourceKey;
 
-/// Pending (unauthenticated) tunnel connections the relay holds at most.
+/// Pending (unauthenticated) tunnel connections the relay holds at most, with the common
+/// open-file limit of 8,192 ([`PendingCaps::default`]).
 pub const MAX_PENDING: usize = 512;
-/// Pending tunnel connections from one source address (one IPv6 /64) at most. Many agents may
-/// share an address (NAT, a Kubernetes node); they each take well under a second to
-/// authenticate, so this many at once is far more than they need.
+/// Pending tunnel connections from one source address (one IPv6 /64) at most, likewise. Many
+/// agents may share an address (NAT, a Kubernetes node); they each take well under a second
+/// to authenticate, so this many at once is far more than they need.
 pub const MAX_PENDING_PER_SOURCE: usize = 32;
-/// Pending connections above which QUIC sources must prove their address with a Retry.
+
+/// The caps on pending connections: in all and per source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingCaps {
+    /// Pending connections at most.
+    pub total: usize,
+    /// Pending connections from one source (one IPv6 /64) at most.
+    pub per_source: usize,
+    /// Pending connections above which QUIC sources must prove their address with a Retry.
+    pub retry_above: usize,
+}
+
+impl PendingCaps {
+    /// The caps of a process allowed `open_files` descriptors: a sixteenth of them (a pending
+    /// connection holds one, a client connection two, and the clients must keep the most),
+    /// between 64 and 4,096 in all; a sixteenth of that per source, at least 4.
+    pub fn for_open_files(open_files: u64) -> Self {
+        let total = usize::try_from(open_files / 16).unwrap_or(usize::MAX).clamp(64, 4096);
+        Self { total, per_source: (total / 16).max(4), retry_above: total / 8 }
+    }
+}
+
+impl Default for PendingCaps {
+    /// [`MAX_PENDING`] and [`MAX_PENDING_PER_SOURCE`]: the caps for 8,192 open files.
+    fn default() -> Self {
+        Self { total: MAX_PENDING, per_source: MAX_PENDING_PER_SOURCE, retry_above: RETRY_ABOVE }
+    }
+}
+/// Pending connections above which QUIC sources must prove their address with a Retry, with
+/// the default caps (an eighth of the total cap).
 pub const RETRY_ABOVE: usize = 64;
 /// Longest silence between two "evicted" lines while pending connections keep being evicted.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -37,19 +68,18 @@ pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Which cap a new connection found full (and so evicted an older one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OverCap {
-    /// [`MAX_PENDING`] connections are pending.
-    #[error("{MAX_PENDING} unauthenticated tunnel connections are pending")]
-    Total,
-    /// [`MAX_PENDING_PER_SOURCE`] connections from this source are pending.
-    #[error(
-        "{MAX_PENDING_PER_SOURCE} unauthenticated tunnel connections from this source are pending"
-    )]
-    Source,
+    /// The total cap: this many connections are pending.
+    #[error("{0} unauthenticated tunnel connections are pending")]
+    Total(usize),
+    /// The per-source cap: this many connections from this source are pending.
+    #[error("{0} unauthenticated tunnel connections from this source are pending")]
+    Source(usize),
 }
 
 /// The pending-connection counts.
 #[derive(Debug)]
 pub struct Admission {
+    caps: PendingCaps,
     counts: Mutex<Counts>,
     turned_away: AtomicU64,
     refusals: Throttle,
@@ -76,7 +106,15 @@ struct Pending {
 
 impl Default for Admission {
     fn default() -> Self {
+        Self::new(PendingCaps::default())
+    }
+}
+
+impl Admission {
+    /// Admission under `caps`.
+    pub fn new(caps: PendingCaps) -> Self {
         Self {
+            caps,
             counts: Mutex::default(),
             turned_away: AtomicU64::new(0),
             refusals: Throttle::new(REFUSAL_LOG_INTERVAL),
@@ -126,7 +164,9 @@ impl Counts {
     /// (of that source, for the per-source cap), else the oldest.
     fn victim(&self, source: SourceKey, cap: OverCap) -> Option<u64> {
         let candidates = || {
-            self.pending.iter().filter(move |(_, p)| cap == OverCap::Total || p.source == source)
+            self.pending
+                .iter()
+                .filter(move |(_, p)| matches!(cap, OverCap::Total(_)) || p.source == source)
         };
         candidates()
             .find(|(_, p)| !p.spoke.load(Ordering::Relaxed))
@@ -146,10 +186,10 @@ impl Admission {
     pub fn admit(self: &Arc<Self>, source: IpAddr, spoke: Arc<AtomicBool>) -> PendingSlot {
         let key = SourceKey::of(source);
         let mut counts = self.lock();
-        let full = if counts.by_source.get(&key).copied().unwrap_or(0) >= MAX_PENDING_PER_SOURCE {
-            Some(OverCap::Source)
-        } else if counts.total >= MAX_PENDING {
-            Some(OverCap::Total)
+        let full = if counts.by_source.get(&key).copied().unwrap_or(0) >= self.caps.per_source {
+            Some(OverCap::Source(self.caps.per_source))
+        } else if counts.total >= self.caps.total {
+            Some(OverCap::Total(self.caps.total))
         } else {
             None
         };
@@ -168,6 +208,11 @@ impl Admission {
         PendingSlot { admission: Arc::clone(self), id, evict }
     }
 
+    /// The caps in force.
+    pub fn caps(&self) -> PendingCaps {
+        self.caps
+    }
+
     /// Connections pending now.
     pub fn pending(&self) -> usize {
         self.lock().total
@@ -175,7 +220,7 @@ impl Admission {
 
     /// Whether QUIC sources should prove their address before a connection is accepted.
     pub fn wants_retry(&self) -> bool {
-        self.pending() >= RETRY_ABOVE
+        self.pending() >= self.caps.retry_above
     }
 
     /// Pending tunnel connections evicted to make room since the relay started.
@@ -248,6 +293,19 @@ mod tests {
         drop((speaker, held, newcomer));
         assert_eq!(admission.pending(), 0);
         assert!(!admission.wants_retry());
+    }
+
+    #[test]
+    fn the_caps_follow_the_open_file_limit() {
+        assert_eq!(PendingCaps::for_open_files(8192), PendingCaps::default());
+        let small = PendingCaps { total: 64, per_source: 4, retry_above: 8 };
+        assert_eq!(PendingCaps::for_open_files(1024), small);
+        let plenty = PendingCaps::for_open_files(1 << 20);
+        assert_eq!(plenty, PendingCaps { total: 4096, per_source: 256, retry_above: 512 });
+        let small = Arc::new(Admission::new(PendingCaps::for_open_files(1024)));
+        let held: Vec<_> = (0..4).map(|_| admit(&small, "198.51.100.1")).collect();
+        let _fifth = admit(&small, "198.51.100.1");
+        assert!(held[0].evict.is_cancelled(), "a source's share of a small relay is 4");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use privlink_protocol::acl::{Acl, parse_acl_entry};
 pub use privlink_protocol::config::AdminSettings;
 use privlink_protocol::config::{
     AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
-    deserialize_optional_positive_duration,
+    deserialize_optional_positive_duration, deserialize_optional_size,
 };
 use privlink_protocol::destination::Destination;
 use privlink_protocol::message::MAX_ENDPOINTS_PER_CONNECTOR;
@@ -46,6 +46,9 @@ pub const DEFAULT_OPEN_RETRY_BUFFER: usize = 64 * 1024;
 pub const MAX_OPEN_RETRY_BUFFER: usize = 1024 * 1024;
 /// Default time in-flight connections get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default `[tunnel] buffer_budget`: 256 downloads whose clients stopped reading, each
+/// holding a whole stream window, before new connections are refused (`over_budget`).
+pub const DEFAULT_BUFFER_BUDGET: u64 = 512 << 20;
 
 /// A validated relay configuration.
 #[derive(Debug)]
@@ -58,6 +61,8 @@ pub struct RelayConfig {
     pub admin: Option<AdminSettings>,
     /// How long in-flight connections may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Bytes the relay may hold for clients that do not read (`[tunnel] buffer_budget`).
+    pub buffer_budget: u64,
     /// Connectors and their token hashes.
     pub connectors: Vec<ConnectorSpec>,
     /// Endpoints clients connect to.
@@ -169,6 +174,8 @@ struct RawTunnel {
     listen: SocketAddr,
     cert: Spanned<PathBuf>,
     key: Spanned<PathBuf>,
+    #[serde(default, deserialize_with = "deserialize_optional_size")]
+    buffer_budget: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -416,6 +423,7 @@ impl RelayConfig {
             identity: TlsIdentity { chain, key },
             admin,
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            buffer_budget: raw.tunnel.buffer_budget.unwrap_or(DEFAULT_BUFFER_BUDGET),
             connectors,
             endpoints,
             source_files: vec![cert_path, key_path],

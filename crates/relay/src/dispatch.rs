@@ -25,7 +25,6 @@ use privlink_transport::tcp::{abort, reset_on_close};
 use privlink_transport::tunnel::ResetCode;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::{EndpointSpec, MAX_OPEN_ATTEMPTS};
@@ -88,7 +87,8 @@ pub(crate) async fn forward(
         });
         entry.info.set_agent(&agent.name);
         let first = attempts == 1;
-        match attempt(&mut socket, client, spec, &agent, &mut replay, entry, force, first).await {
+        match attempt(&mut socket, client, spec, &agent, &mut replay, entry, endpoint, first).await
+        {
             Attempt::Ended { outcome, opened_at } => {
                 if let Some(at) = opened_at {
                     endpoint.metrics.opened(&spec.name, at.duration_since(started).as_secs_f64());
@@ -155,9 +155,10 @@ async fn attempt(
     agent: &ChosenAgent,
     replay: &mut Replay,
     live: &Live<LiveClient>,
-    force: &CancellationToken,
+    endpoint: &Endpoint,
     first: bool,
 ) -> Attempt {
+    let (force, budget) = (&endpoint.force, &*endpoint.budget);
     let deadline = Instant::now() + spec.open.timeout;
     let unanswered = |origin, message: String, timed_out| {
         Attempt::Unanswered(Unanswered::new(origin, message, timed_out))
@@ -246,6 +247,7 @@ async fn attempt(
         DEFAULT_BUFFER_SIZE,
         force.cancelled(),
         &live.bytes,
+        Some(budget),
     )
     .await;
     let refusal = gated.refusal.take();

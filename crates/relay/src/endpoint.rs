@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use privlink_transport::budget::BufferBudget;
 use privlink_transport::live::LiveTable;
 use privlink_transport::throttle::Throttle;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,8 @@ pub(crate) struct Endpoint {
     /// flood of connections over the limit must not become a flood of log lines.
     pub(crate) over_limit_log: Throttle,
     pub(crate) metrics: Arc<RelayMetrics>,
+    /// Its share of the relay-wide budget of bytes held for clients that do not read.
+    pub(crate) budget: Arc<BufferBudget>,
     /// The connections being forwarded now (from the agent's choice to the end).
     pub(crate) live: LiveTable<LiveClient>,
     /// Ends its accept loop: a child of the relay's stop, cancelled early when a reload
@@ -51,6 +54,7 @@ impl Endpoint {
     pub(crate) fn new(
         spec: EndpointSpec,
         metrics: Arc<RelayMetrics>,
+        budget: Arc<BufferBudget>,
         stop: CancellationToken,
         force: CancellationToken,
     ) -> Self {
@@ -61,6 +65,7 @@ impl Endpoint {
             counters: EndpointCounters::default(),
             over_limit_log: Throttle::new(REFUSAL_LOG_INTERVAL),
             metrics,
+            budget,
             live: LiveTable::default(),
             stop,
             force,

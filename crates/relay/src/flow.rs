@@ -19,6 +19,8 @@ pub struct EndpointCounters {
     pub denied: AtomicU64,
     /// Connections closed at once because `max_connections` was reached.
     pub over_limit: AtomicU64,
+    /// Connections closed at once because the relay held its whole buffer budget.
+    pub over_budget: AtomicU64,
 }
 
 /// One finished client connection.

@@ -52,6 +52,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use privlink_transport::budget::BufferBudget;
 use privlink_transport::listener::{ListenError, TunnelListener};
 use privlink_transport::tcp;
 use privlink_transport::tunnel::CloseCode;
@@ -63,6 +64,7 @@ use tracing::info;
 use privlink_admin::AdminServer;
 
 use crate::admin::RelayAdmin;
+use crate::admission::{Admission, PendingCaps};
 use crate::agents::AgentsContext;
 use crate::config::CurrentConfig;
 pub use crate::config::RelayConfig;
@@ -126,7 +128,9 @@ impl Relay {
 
         let metrics = Arc::new(RelayMetrics::default());
         let registry = Arc::new(Registry::default());
-        let listeners = Arc::new(Listeners::new(Arc::clone(&registry), Arc::clone(&metrics)));
+        let budget = Arc::new(BufferBudget::new(config.buffer_budget));
+        let listeners =
+            Arc::new(Listeners::new(Arc::clone(&registry), Arc::clone(&metrics), budget));
         let endpoints = Arc::new(EndpointTable::default());
         let mut bound = Vec::new();
         for spec in &config.endpoints {
@@ -158,7 +162,14 @@ impl Relay {
             registry,
             metrics,
         });
-        let handle = RelayHandle::new(reloader, Arc::default(), tunnel.local_addr(), admin_addr);
+        // Read after the binary raised the soft limit to the hard one.
+        let caps = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            Ok((soft, _)) => PendingCaps::for_open_files(soft),
+            Err(_) => PendingCaps::default(),
+        };
+        tracing::debug!(total = caps.total, per_source = caps.per_source, "pending tunnel caps");
+        let admission = Arc::new(Admission::new(caps));
+        let handle = RelayHandle::new(reloader, admission, tunnel.local_addr(), admin_addr);
         Ok(Self { config, tunnel, bound, listeners, admin, handle })
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use privlink_transport::budget::BufferBudget;
 use privlink_transport::{drain, tcp};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,8 @@ pub(crate) struct Listeners {
     registry: Arc<Registry>,
     /// Counters and histograms every endpoint reports into.
     metrics: Arc<RelayMetrics>,
+    /// What clients that do not read may make the relay hold, all endpoints together.
+    pub(crate) budget: Arc<BufferBudget>,
     /// Cancelled when the relay stops accepting clients; each endpoint's stop is a child.
     stop: CancellationToken,
     /// Cancelled when the drain's grace is over; each endpoint's force is a child.
@@ -37,10 +40,15 @@ pub(crate) struct Listeners {
 }
 
 impl Listeners {
-    pub(crate) fn new(registry: Arc<Registry>, metrics: Arc<RelayMetrics>) -> Self {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<RelayMetrics>,
+        budget: Arc<BufferBudget>,
+    ) -> Self {
         Self {
             registry,
             metrics,
+            budget,
             stop: CancellationToken::new(),
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -52,6 +60,7 @@ impl Listeners {
         Arc::new(Endpoint::new(
             spec,
             Arc::clone(&self.metrics),
+            Arc::new(BufferBudget::share_of(&self.budget)),
             self.stop.child_token(),
             self.force.child_token(),
         ))
@@ -99,8 +108,9 @@ impl Listeners {
     }
 }
 
-/// The policy on accept: the ACL, then `max_connections`. An admitted connection gets the
-/// spec in force now and a slot counted until it ends; a refused one is counted by reason.
+/// The policy on accept: the ACL, then `max_connections`, then the buffer budget. An admitted
+/// connection gets the spec in force now and a slot counted until it ends; a refused one is
+/// counted by reason.
 pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<EndpointSpec>, Slot)> {
     let spec = endpoint.spec();
     if !spec.acl.permits(client.ip()) {
@@ -123,6 +133,22 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
         }
         return None;
     };
+    if !endpoint.budget.has_room() {
+        endpoint.counters.over_budget.fetch_add(1, Ordering::Relaxed);
+        endpoint.metrics.connection_refused(&endpoint.name, "over_budget");
+        if let Some(left_out) = endpoint.over_limit_log.admit(std::time::Instant::now()) {
+            warn!(
+                %client,
+                held = endpoint.budget.held(),
+                buffer_budget = endpoint.budget.limit(),
+                left_out,
+                "connection refused: clients that do not read hold the relay's buffer_budget \
+                 (all of it, or this endpoint's half) (left_out: refusals since the last such \
+                 line; all are counted in privlink_relay_connections_total)"
+            );
+        }
+        return None;
+    }
     endpoint.counters.accepted.fetch_add(1, Ordering::Relaxed);
     Some((spec, slot))
 }
@@ -135,6 +161,14 @@ mod tests {
     use crate::config::OpenRetry;
 
     fn endpoint(acl: Acl, max_connections: usize) -> Arc<Endpoint> {
+        endpoint_within(acl, max_connections, Arc::new(BufferBudget::new(1 << 20)))
+    }
+
+    fn endpoint_within(
+        acl: Acl,
+        max_connections: usize,
+        budget: Arc<BufferBudget>,
+    ) -> Arc<Endpoint> {
         let spec = EndpointSpec {
             name: "kv".into(),
             connector: "azure".into(),
@@ -146,7 +180,7 @@ mod tests {
             acl,
             open: OpenRetry::default(),
         };
-        let listeners = Listeners::new(Arc::default(), Arc::default());
+        let listeners = Listeners::new(Arc::default(), Arc::default(), budget);
         listeners.endpoint(spec)
     }
 
@@ -185,6 +219,20 @@ mod tests {
         let third = admit(&endpoint, client("192.0.2.3")).expect("a slot was freed");
         drop((second, third));
         assert_eq!(endpoint.active(), 0);
+    }
+
+    #[test]
+    fn over_the_buffer_budget_connections_are_refused_after_the_acl_and_the_limit() {
+        let whole = Arc::new(BufferBudget::new(0));
+        let endpoint = endpoint_within(Acl::default(), 1, Arc::clone(&whole));
+        assert!(admit(&endpoint, client("192.0.2.1")).is_none(), "no room in the budget");
+        assert_eq!(endpoint.counters.over_budget.load(Ordering::Relaxed), 1);
+        whole.set_limit(2);
+        let admitted = admit(&endpoint, client("192.0.2.1")).expect("room again");
+        assert!(admit(&endpoint, client("192.0.2.2")).is_none(), "max_connections first");
+        assert_eq!(endpoint.counters.over_limit.load(Ordering::Relaxed), 1);
+        assert_eq!(endpoint.counters.over_budget.load(Ordering::Relaxed), 1);
+        drop(admitted);
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub(crate) struct ScrapedState {
     pub(crate) endpoints: Vec<EndpointState>,
     /// Connected agents per connector: (connector, on QUIC, on TLS/TCP).
     pub(crate) agents: Vec<(String, usize, usize)>,
+    /// The buffer budget: (held, limit).
+    pub(crate) buffer: (u64, u64),
 }
 
 /// One endpoint's gauges at a scrape.
@@ -98,6 +100,7 @@ pub(crate) struct RelayMetrics {
     connections_active: Family<EndpointLabel, Gauge>,
     agents_connected: Family<AgentLabels, Gauge>,
     reloads: privlink_admin::ReloadMetrics,
+    buffer: privlink_admin::BufferMetrics,
 }
 
 /// The endpoint statuses, in the order the gauge lists them.
@@ -158,8 +161,10 @@ impl Default for RelayMetrics {
             agents_connected.clone(),
         );
         let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
+        let buffer = privlink_admin::BufferMetrics::register(&mut registry);
         Self {
             reloads,
+            buffer,
             registry,
             connections,
             bytes,
@@ -248,6 +253,7 @@ impl RelayMetrics {
                     .set(i64::try_from(*count).unwrap_or(i64::MAX));
             }
         }
+        self.buffer.set(state.buffer.0, state.buffer.1);
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

@@ -121,6 +121,7 @@ impl Reloader {
                 summary.endpoints_removed.push(name);
             }
         }
+        self.listeners.budget.set_limit(new.buffer_budget);
         summary.agents_disconnected = disconnect_revoked(&self.registry, &new);
         summary.source_files.clone_from(&new.source_files);
         self.config.set(new);
@@ -326,6 +327,7 @@ mod tests {
             },
             admin: None,
             shutdown_grace: Duration::from_secs(30),
+            buffer_budget: crate::config::DEFAULT_BUFFER_BUDGET,
             connectors: Vec::new(),
             endpoints,
             source_files: Vec::new(),

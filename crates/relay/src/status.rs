@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use privlink_admin::{Readiness, ReadyLatch};
+use privlink_transport::budget::BufferBudget;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +77,16 @@ impl RelayHandle {
 
     pub(crate) fn admission(&self) -> &Arc<Admission> {
         &self.admission
+    }
+
+    /// The relay-wide budget of bytes held for clients that do not read.
+    pub fn buffer_budget(&self) -> &BufferBudget {
+        &self.reloader.listeners.budget
+    }
+
+    /// The caps on unauthenticated tunnel connections (sized from the open-file limit).
+    pub fn pending_caps(&self) -> crate::admission::PendingCaps {
+        self.admission.caps()
     }
 
     /// Tunnel connections accepted but not authenticated yet.

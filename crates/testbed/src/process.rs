@@ -143,10 +143,13 @@ pub struct Running {
 }
 
 impl Running {
-    /// Runs a prepared command, collecting its stderr (and stdout, for helper scripts).
+    /// Runs a prepared command, collecting its stderr (and stdout, for helper scripts). It
+    /// logs at `info`, or as `PRIVLINK_TEST_LOG` says (a `RUST_LOG` filter, for diagnosing a
+    /// failing test).
     pub fn spawn(mut command: Command) -> Self {
+        let filter = std::env::var("PRIVLINK_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
         let mut child = command
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

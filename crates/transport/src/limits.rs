@@ -1,20 +1,34 @@
 //! Limits both tunnel transports share, so that a stream or a connection holds the same on
 //! QUIC and on TLS/TCP: concurrent streams per connection, the stream receive window, and the
-//! connection receive window of each end.
+//! connection receive windows, chosen so that streams whose receivers stall hold only their
+//! own windows and leave credit for the others and for control.
+//!
+//! A connection window only as large as a few stream windows (64 MiB, eight streams, until
+//! this was measured) lets a few clients that stop reading take all of it: credit returns
+//! only as data is consumed, so every other stream on the connection stops. Ten stalled
+//! downloads gave a new client on the same endpoint no byte in 12 s
+//! (`tests/bad_input.rs`, `stalled_clients_hold_only_their_own_windows`).
 
 /// Concurrent streams the relay may open on one agent connection (plus the control stream).
 pub const MAX_CONCURRENT_STREAMS: u32 = 16_384;
-/// Per-stream receive window: above the 6.25 MB bandwidth-delay product of 1 Gbit/s × 50 ms.
-pub const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
-/// What the relay may buffer per agent connection (what the agent sends: downloads): the
-/// largest window HTTP/2 can express, 2 GiB − 1, used on both transports. It takes 255 stalled
-/// streams, each holding its full stream window, before the others slow down; what the relay
-/// buffers is at most its open streams × [`STREAM_RECEIVE_WINDOW`], and the open streams are
-/// bounded by the endpoints' `max_connections`.
-pub const RELAY_RECEIVE_WINDOW: u32 = (1 << 31) - 1;
-/// What the agent may buffer per relay connection (uploads): 1 GiB, room for 128 stalled
-/// streams, and the most any relay — a compromised one too — can make an agent hold.
-pub const AGENT_RECEIVE_WINDOW: u32 = 1 << 30;
+/// Per-stream receive window: what one stream may have in flight, and so the most its
+/// transport buffers when the socket it is copied to stops reading. 2 MiB carries about
+/// 330 Mbit/s per stream at 50 ms RTT (8 MiB did until the byte budget: 140 stalled uploads
+/// then took 1.1 GB of an agent's memory and the whole connection window, heartbeats
+/// included). Measured before and after in `docs/benchmarks.md`, "Stream window".
+pub const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+/// The QUIC connection receive window: every stream the limit allows holding its whole window
+/// still leaves a whole window of credit for the control stream, so heartbeats and control
+/// messages never wait behind data credit. QUIC windows are 62-bit credits, not memory: what
+/// is held is bounded by the buffer budget ([`crate::budget`]) and the stall timeout.
+pub const QUIC_CONNECTION_WINDOW: u64 =
+    (MAX_CONCURRENT_STREAMS as u64 + 1) * STREAM_RECEIVE_WINDOW as u64;
+/// The HTTP/2 connection receive window (TLS/TCP): the largest HTTP/2 can express,
+/// 2 GiB − 1, room for 1,023 streams each holding its whole window before the control stream
+/// would wait for credit. The buffer budget refuses new streams long before that many stall
+/// (its default holds 256); on this transport the invariant is the budget's, not the
+/// window's.
+pub const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Which end of the tunnel a transport's settings are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,19 +37,4 @@ pub enum Role {
     Relay,
     /// Dials relays and accepts streams.
     Agent,
-}
-
-/// The connection-level receive window of `role`.
-///
-/// A window only as large as a few stream windows (64 MiB, eight streams, until this was
-/// measured) lets a few clients that stop reading — or destinations that stop reading
-/// uploads — take all of it: credit returns only as data is consumed, so every other stream
-/// on the connection stops. Ten stalled downloads gave a new client on the same endpoint no
-/// byte in 12 s. With a connection window of hundreds of stream windows a stalled stream holds
-/// only its own window (`tests/bad_input.rs`, `stalled_clients_hold_only_their_own_windows`).
-pub fn connection_receive_window(role: Role) -> u32 {
-    match role {
-        Role::Relay => RELAY_RECEIVE_WINDOW,
-        Role::Agent => AGENT_RECEIVE_WINDOW,
-    }
 }

@@ -85,6 +85,12 @@ impl Future for Handshake {
 pub const FIRST_BYTE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Waits for a TCP peer's first byte (without taking it), within [`FIRST_BYTE_DEADLINE`].
+/// Whether the peer's first bytes have arrived already (a non-blocking peek).
+fn has_bytes_waiting(socket: &tokio::net::TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    socket2::SockRef::from(socket).peek(&mut byte).is_ok_and(|n| n > 0)
+}
+
 async fn first_byte(socket: &tokio::net::TcpStream) -> Result<(), DialError> {
     match tokio::time::timeout(FIRST_BYTE_DEADLINE, socket.peek(&mut [0u8; 1])).await {
         Ok(Ok(n)) if n > 0 => Ok(()),
@@ -233,7 +239,10 @@ impl TunnelListener {
             }
         };
         let tcp_loop = tcp::accept_until(&tcp, stop, |socket, remote| {
-            let spoke = Arc::new(AtomicBool::new(false));
+            // Under a flood the accept lags, and an agent's ClientHello is usually waiting
+            // already: counted as spoken from the start, it is never the one evicted, however
+            // late its task gets to run.
+            let spoke = Arc::new(AtomicBool::new(has_bytes_waiting(&socket)));
             let Some(ticket) = admission.admit(remote, Arc::clone(&spoke)) else {
                 tcp::abort(socket);
                 return;

@@ -1,8 +1,8 @@
 //! QUIC endpoints tuned for a tunnel rather than for quinn's defaults.
 //!
-//! * Receive windows sized for 1 Gbit/s at 50 ms RTT on a single stream (the bandwidth-delay
-//!   product is 6.25 MB; the stream window is 8 MiB), and connection windows far larger than a
-//!   stream's, so a stream whose reader stalls holds back only itself (see
+//! * A 2 MiB stream window (about 330 Mbit/s per stream at 50 ms RTT) and a connection window
+//!   with credit for every stream's whole window and the control stream's besides, so a
+//!   stream whose reader stalls holds back only itself and never the heartbeats (see
 //!   [`crate::limits`]).
 //! * The agent admits one relay-opened stream — the control stream — until its control
 //!   handshake is done, then up to [`MAX_CONCURRENT_STREAMS`] more
@@ -29,7 +29,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 use crate::codes::DialError;
-use crate::limits::connection_receive_window;
+use crate::limits::QUIC_CONNECTION_WINDOW;
 pub use crate::limits::{MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW};
 use crate::tls::TlsError;
 use crate::tunnel::{AgentConnection, RelayConnection};
@@ -55,7 +55,9 @@ pub fn transport_config(role: Role) -> quinn::TransportConfig {
         .max_concurrent_bidi_streams(incoming_streams.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
-        .receive_window(connection_receive_window(role).into())
+        .receive_window(
+            quinn::VarInt::from_u64(QUIC_CONNECTION_WINDOW).unwrap_or(quinn::VarInt::MAX),
+        )
         .send_window(SEND_WINDOW)
         .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
         .keep_alive_interval(Some(KEEP_ALIVE))

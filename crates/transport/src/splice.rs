@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use privlink_protocol::message::OpenFailure;
+use privlink_protocol::message::{OpenFailCode, OpenFailure};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -121,6 +121,7 @@ impl Outcome {
             Self::Shutdown => "shutdown",
             Self::NoAgent => "no_agent",
             Self::Stalled(_) => "stalled",
+            Self::OpenFailed(failure) if failure.code == OpenFailCode::OverBudget => "over_budget",
             Self::OpenFailed(_) | Self::Failed { origin: Origin::Destination, .. } => {
                 "destination_failed"
             }

@@ -34,6 +34,9 @@ mod watch;
 
 use watch::{ActivityClock, Metered, SideMeter, StallMeter, watchdog};
 
+use crate::budget::{BudgetCharge, BufferBudget};
+use crate::limits::STREAM_RECEIVE_WINDOW;
+
 /// Largest read per direction. A first measured choice: large enough for full-speed bulk
 /// transfers on loopback. It lives on the stack while a read is in hand; heap memory of this
 /// size is taken only while a writer is not keeping up.
@@ -121,12 +124,17 @@ where
     C: Future<Output = ()>,
 {
     let counts = ByteCounts::default();
-    copy_bidirectional_counted(socket, tunnel, timeouts, buffer_size, cancel, &counts).await
+    copy_bidirectional_counted(socket, tunnel, timeouts, buffer_size, cancel, &counts, None).await
 }
 
 /// [`copy_bidirectional_metered`], adding every byte read to `counts` as it moves, so others
 /// (the admin API, metrics) can watch a connection grow. The report's byte counts are the
 /// totals in `counts` when the copy ended, including whatever they held before it began.
+///
+/// While the socket does not take what the tunnel delivers, the copy is charged on `budget`
+/// the most the tunnel stream can then hold ([`STREAM_RECEIVE_WINDOW`]) plus its own buffer;
+/// while the tunnel does not take what the socket delivers, its buffer alone (the socket's
+/// kernel buffer holds the rest).
 pub async fn copy_bidirectional_counted<S, T, C>(
     socket: &mut S,
     tunnel: &mut T,
@@ -134,6 +142,7 @@ pub async fn copy_bidirectional_counted<S, T, C>(
     buffer_size: usize,
     cancel: C,
     counts: &ByteCounts,
+    budget: Option<&BufferBudget>,
 ) -> CopyReport
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -142,8 +151,10 @@ where
 {
     let timeouts = timeouts.into();
     let activity = ActivityClock::new();
-    let to_tunnel = StallMeter::default();
-    let to_socket = StallMeter::default();
+    let own_buffer = buffer_size.clamp(1, MAX_READ) as u64;
+    let to_tunnel = StallMeter::new(BudgetCharge::new(budget, own_buffer));
+    let to_socket =
+        StallMeter::new(BudgetCharge::new(budget, u64::from(STREAM_RECEIVE_WINDOW) + own_buffer));
     let socket_meter =
         SideMeter { bytes: &counts.socket_to_tunnel, failed: AtomicBool::new(false) };
     let tunnel_meter =
@@ -202,7 +213,7 @@ async fn copy_both_ways<A, B>(
     a: &mut A,
     b: &mut B,
     max_read: usize,
-    stalls: [&StallMeter; 2],
+    stalls: [&StallMeter<'_>; 2],
     clock: &ActivityClock,
 ) -> io::Result<()>
 where
@@ -240,12 +251,12 @@ struct OneWay<'a> {
     /// The writer has been shut down after EOF.
     done: bool,
     /// Whether the writer keeps up with what waits for it.
-    stall: &'a StallMeter,
+    stall: &'a StallMeter<'a>,
     clock: &'a ActivityClock,
 }
 
 impl<'a> OneWay<'a> {
-    fn new(max_read: usize, stall: &'a StallMeter, clock: &'a ActivityClock) -> Self {
+    fn new(max_read: usize, stall: &'a StallMeter<'a>, clock: &'a ActivityClock) -> Self {
         Self {
             max_read,
             buf: None,
@@ -607,7 +618,7 @@ mod tests {
     async fn a_direction_takes_a_buffer_only_while_its_writer_lags_and_frees_it_when_idle() {
         let (mut reader, mut reader_far) = duplex(4096);
         let (mut writer, mut writer_far) = duplex(64);
-        let (stall, clock) = (StallMeter::default(), ActivityClock::new());
+        let (stall, clock) = (StallMeter::new(BudgetCharge::new(None, 0)), ActivityClock::new());
         let mut one_way = OneWay::new(DEFAULT_BUFFER_SIZE, &stall, &clock);
         let poll_once =
             |one_way: &mut OneWay<'_>, reader: &mut DuplexStream, writer: &mut DuplexStream| {
@@ -712,7 +723,8 @@ mod tests {
         let copy = tokio::spawn({
             let counts = std::sync::Arc::clone(&counts);
             async move {
-                copy_bidirectional_counted(&mut socket, &mut tunnel, LONG, 512, pending(), &counts)
+                let (socket, tunnel) = (&mut socket, &mut tunnel);
+                copy_bidirectional_counted(socket, tunnel, LONG, 512, pending(), &counts, None)
                     .await
             }
         });
@@ -727,6 +739,65 @@ mod tests {
         drop((socket_far, tunnel_far));
         let report = copy.await.expect("join");
         assert_eq!((report.socket_to_tunnel, report.tunnel_to_socket), (8, 2));
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_does_not_read_charges_the_budget_until_the_copy_ends() {
+        let budget = std::sync::Arc::new(crate::budget::BufferBudget::new(u64::MAX));
+        let (mut socket, mut socket_far) = duplex(1024);
+        let (mut tunnel, mut tunnel_far) = duplex(64 * 1024);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let copy = tokio::spawn({
+            let budget = std::sync::Arc::clone(&budget);
+            async move {
+                let counts = ByteCounts::default();
+                let cancel = async {
+                    let _ = stopped.await;
+                };
+                let budget = Some(&*budget);
+                copy_bidirectional_counted(
+                    &mut socket,
+                    &mut tunnel,
+                    LONG,
+                    512,
+                    cancel,
+                    &counts,
+                    budget,
+                )
+                .await
+            }
+        });
+        // More than the socket's pipe takes: the copy's writer to the socket blocks.
+        tunnel_far.write_all(&[7u8; 8 * 1024]).await.expect("write");
+        let charged = u64::from(STREAM_RECEIVE_WINDOW) + 512;
+        for _ in 0..1_000 {
+            if budget.held() == charged {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(budget.held(), charged, "a blocked socket writer is charged a stream window");
+        let mut read = vec![0u8; 8 * 1024];
+        socket_far.read_exact(&mut read).await.expect("the socket reads again");
+        for _ in 0..1_000 {
+            if budget.held() == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(budget.held(), 0, "the charge goes back once the writer has caught up");
+        tunnel_far.write_all(&[7u8; 8 * 1024]).await.expect("write");
+        for _ in 0..1_000 {
+            if budget.held() == charged {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(budget.held(), charged, "blocked again");
+        let _ = stop.send(());
+        let report = copy.await.expect("join");
+        assert!(matches!(report.end, CopyEnd::Cancelled), "{:?}", report.end);
+        assert_eq!(budget.held(), 0, "the charge goes back when the copy ends");
     }
 
     /// A copy between two duplex pairs with a 30 s stall timeout and no inactivity timeout to

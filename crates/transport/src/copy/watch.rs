@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::{CopyEnd, CopyTimeouts, STALL_MIN_PROGRESS, Side};
+use crate::budget::BudgetCharge;
 
 /// Ends the copy when no byte has moved for the inactivity timeout, or when a direction's
 /// writer is stalled (see [`CopyTimeouts::stall`]). `to_tunnel` meters the socket→tunnel
@@ -20,8 +21,8 @@ use super::{CopyEnd, CopyTimeouts, STALL_MIN_PROGRESS, Side};
 pub(super) async fn watchdog(
     clock: &ActivityClock,
     timeouts: CopyTimeouts,
-    to_tunnel: &StallMeter,
-    to_socket: &StallMeter,
+    to_tunnel: &StallMeter<'_>,
+    to_socket: &StallMeter<'_>,
 ) -> CopyEnd {
     loop {
         let now = Instant::now();
@@ -48,30 +49,33 @@ pub(super) async fn watchdog(
 }
 
 /// Whether one direction's writer is keeping up: since when bytes have been waiting for it
-/// without it taking [`STALL_MIN_PROGRESS`] of them.
+/// without it taking [`STALL_MIN_PROGRESS`] of them. While it is blocked, its direction is
+/// charged on the process's buffer budget.
 #[derive(Debug)]
-pub(super) struct StallMeter {
+pub(super) struct StallMeter<'a> {
     /// Milliseconds on the copy's clock since which it has been blocked, or [`NOT_BLOCKED`].
     blocked_since_ms: AtomicU64,
     /// Bytes it took since then.
     progress: AtomicU64,
+    /// What its direction holds while blocked.
+    charge: BudgetCharge<'a>,
 }
 
 /// [`StallMeter::blocked_since_ms`] of a writer that has nothing waiting.
 const NOT_BLOCKED: u64 = u64::MAX;
 
-impl Default for StallMeter {
-    fn default() -> Self {
-        Self { blocked_since_ms: AtomicU64::new(NOT_BLOCKED), progress: AtomicU64::new(0) }
+impl<'a> StallMeter<'a> {
+    /// A writer that is keeping up, charged `charge` while it is not.
+    pub(super) fn new(charge: BudgetCharge<'a>) -> Self {
+        Self { blocked_since_ms: AtomicU64::new(NOT_BLOCKED), progress: AtomicU64::new(0), charge }
     }
-}
 
-impl StallMeter {
     /// The writer could not take bytes that wait for it (the window starts unless running).
     pub(super) fn blocked(&self, clock: &ActivityClock) {
         if self.blocked_since_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
             self.progress.store(0, Ordering::Relaxed);
             self.blocked_since_ms.store(clock.now_ms(), Ordering::Relaxed);
+            self.charge.take();
         }
     }
 
@@ -92,6 +96,7 @@ impl StallMeter {
     /// Nothing waits for the writer any more.
     pub(super) fn drained(&self) {
         self.blocked_since_ms.store(NOT_BLOCKED, Ordering::Relaxed);
+        self.charge.give_back();
     }
 
     fn blocked_since(&self, clock: &ActivityClock) -> Option<Instant> {

@@ -28,9 +28,7 @@ pub use stream::H2Stream;
 use stream::{RecvState, SendState, Unsent};
 
 use crate::codes::{DialError, StreamError};
-use crate::limits::{
-    MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW, connection_receive_window,
-};
+use crate::limits::{H2_CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_RECEIVE_WINDOW};
 
 /// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB). A frame is
 /// what another stream's next bytes may wait behind (about 1 s at 2 Mbit/s); 16 KiB frames
@@ -225,7 +223,7 @@ where
 {
     let (send_request, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_RECEIVE_WINDOW)
-        .initial_connection_window_size(connection_receive_window(Role::Relay))
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_concurrent_streams(0)
@@ -256,7 +254,7 @@ where
 {
     let mut connection = h2::server::Builder::new()
         .initial_window_size(STREAM_RECEIVE_WINDOW)
-        .initial_connection_window_size(connection_receive_window(Role::Agent))
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS + 1)

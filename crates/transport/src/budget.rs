@@ -1,0 +1,179 @@
+//! The process-wide budget of bytes held for tunnel streams whose receiver is not keeping up.
+//!
+//! A tunnel stream's transport (quinn, h2) buffers what the peer sends until the copy loop
+//! reads it, up to the stream's receive window; the copy loop reads only as fast as the socket
+//! on the other side takes bytes. So a stream whose socket stops taking bytes (a client that
+//! does not read its download, a destination that does not read its upload) soon holds a
+//! whole window in this process. The copy loop charges such a stream here while its writer is
+//! blocked ([`BudgetCharge`]) and releases the charge when the writer catches up or the copy
+//! ends. The relay and the agent ask [`BufferBudget::has_room`] before they open a new stream:
+//! past the budget new streams are refused (`over_budget`) and nothing open is disturbed.
+//! Each endpoint draws on a share of at most half the budget.
+//!
+//! What is charged is an upper bound per stream — the transport's stream window plus the copy
+//! loop's own buffer — not a measurement: neither quinn nor h2 reports how much of a stream
+//! they hold. A stream that is merely slow is charged as much as a stalled one; the stall
+//! timeout ends the stalled ones and returns their charge.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A budget of buffered tunnel bytes, shared by every copy in the process.
+///
+/// A budget can be a share of another ([`BufferBudget::share_of`]): what is charged to the
+/// share is charged to the whole as well, and a new stream needs room in both. Each endpoint
+/// gets a share of half the whole, so that clients of one endpoint that stop reading cannot
+/// take the budget every other endpoint needs.
+#[derive(Debug)]
+pub struct BufferBudget {
+    limit: AtomicU64,
+    held: AtomicU64,
+    /// The budget this one is a share of.
+    whole: Option<Arc<BufferBudget>>,
+}
+
+impl BufferBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Self { limit: AtomicU64::new(limit), held: AtomicU64::new(0), whole: None }
+    }
+
+    /// A share of `whole`, of at most half of it (following its limit as a reload changes
+    /// it).
+    pub fn share_of(whole: &Arc<BufferBudget>) -> Self {
+        Self { limit: AtomicU64::new(0), held: AtomicU64::new(0), whole: Some(Arc::clone(whole)) }
+    }
+
+    /// The most this process (or this share) means to hold.
+    pub fn limit(&self) -> u64 {
+        match &self.whole {
+            Some(whole) => whole.limit() / 2,
+            None => self.limit.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A reload changed the limit: streams open now keep their charges.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// What blocked streams are charged now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Whether a new stream may start: what is held now is under the limit (the share's and
+    /// the whole's).
+    pub fn has_room(&self) -> bool {
+        self.held() < self.limit() && self.whole.as_ref().is_none_or(|whole| whole.has_room())
+    }
+
+    fn add(&self, amount: u64) {
+        self.held.fetch_add(amount, Ordering::Relaxed);
+        if let Some(whole) = &self.whole {
+            whole.add(amount);
+        }
+    }
+
+    fn sub(&self, amount: u64) {
+        self.held.fetch_sub(amount, Ordering::Relaxed);
+        if let Some(whole) = &self.whole {
+            whole.sub(amount);
+        }
+    }
+}
+
+/// One blocked direction's charge on a [`BufferBudget`]: taken while its writer cannot keep
+/// up, returned when it drains and when the charge is dropped.
+#[derive(Debug)]
+pub(crate) struct BudgetCharge<'a> {
+    budget: Option<&'a BufferBudget>,
+    amount: u64,
+    /// Whether `amount` is charged now.
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> BudgetCharge<'a> {
+    /// A charge of `amount` on `budget` (none: charges nothing), not yet taken.
+    pub(crate) fn new(budget: Option<&'a BufferBudget>, amount: u64) -> Self {
+        Self { budget, amount, held: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    /// The writer is blocked: charge, unless charged already.
+    pub(crate) fn take(&self) {
+        if let Some(budget) = self.budget {
+            if !self.held.swap(true, Ordering::Relaxed) {
+                budget.add(self.amount);
+            }
+        }
+    }
+
+    /// The writer caught up: return the charge, if taken.
+    pub(crate) fn give_back(&self) {
+        if let Some(budget) = self.budget {
+            if self.held.swap(false, Ordering::Relaxed) {
+                budget.sub(self.amount);
+            }
+        }
+    }
+}
+
+impl Drop for BudgetCharge<'_> {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_charge_is_taken_once_and_always_given_back() {
+        let budget = BufferBudget::new(100);
+        let charge = BudgetCharge::new(Some(&budget), 60);
+        assert!(budget.has_room());
+        charge.take();
+        charge.take(); // blocked again while blocked: no second charge
+        assert_eq!(budget.held(), 60);
+        assert!(budget.has_room(), "60 of 100 held");
+        let other = BudgetCharge::new(Some(&budget), 60);
+        other.take();
+        assert_eq!(budget.held(), 120);
+        assert!(!budget.has_room(), "over the limit: new streams are refused");
+        charge.give_back();
+        charge.give_back();
+        assert_eq!(budget.held(), 60);
+        drop(other); // a copy that ends while blocked returns its charge
+        assert_eq!(budget.held(), 0);
+        assert!(budget.has_room());
+    }
+
+    #[test]
+    fn a_share_takes_at_most_half_and_charges_the_whole_too() {
+        let whole = Arc::new(BufferBudget::new(100));
+        let (e, f) = (BufferBudget::share_of(&whole), BufferBudget::share_of(&whole));
+        assert_eq!(e.limit(), 50);
+        let first = BudgetCharge::new(Some(&e), 60);
+        first.take();
+        assert_eq!((e.held(), whole.held()), (60, 60));
+        assert!(!e.has_room(), "e holds more than its half");
+        assert!(f.has_room(), "f still gets in");
+        let second = BudgetCharge::new(Some(&f), 45);
+        second.take();
+        assert!(f.held() < f.limit(), "45 of f's 50");
+        assert!(!whole.has_room() && !f.has_room(), "the whole is spent: f waits too");
+        whole.set_limit(400);
+        assert_eq!(e.limit(), 200, "a share follows the whole's limit");
+        assert!(e.has_room() && f.has_room());
+        drop((first, second));
+        assert_eq!((e.held(), f.held(), whole.held()), (0, 0, 0));
+    }
+
+    #[test]
+    fn without_a_budget_nothing_is_charged() {
+        let charge = BudgetCharge::new(None, 60);
+        charge.take();
+        charge.give_back();
+    }
+}

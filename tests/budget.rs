@@ -1,0 +1,334 @@
+//! The buffer budgets, against real relay and agent processes (so each one's memory can be
+//! read from `/proc`): clients that stop reading their downloads, and uploads into a
+//! destination that never reads, cost each process at most its `buffer_budget` — new
+//! connections beyond it are refused with a counted reason (`over_budget`) — while the tunnel
+//! link stays up and other connections are served; the stalled ones end at `stall_timeout`.
+
+#[macro_use]
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use privlink_agent::config::TransportChoice;
+use privlink_testbed::process::free_fixed_port;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The budget each test gives the process under test: 32 stalled streams' worth.
+const BUDGET_MIB: u64 = 64;
+/// What one stalled stream is charged: its stream window and the copy loop's buffer.
+const CHARGE: u64 = privlink_transport::limits::STREAM_RECEIVE_WINDOW as u64
+    + privlink_transport::copy::DEFAULT_BUFFER_SIZE as u64;
+/// How much a process's peak resident memory may exceed what it used before the flood, besides
+/// its budget: the allocator's and the transports' overhead on what the budget counts (quinn
+/// keeps received data in the datagram buffers it arrived in), the kernel-facing buffers, and
+/// the tasks of the connections refused.
+const RSS_SLACK_MIB: u64 = 64;
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A relay and an agent as processes, endpoint `e` (and `f`, same destination) in front of a
+/// [`choosy_server`].
+struct Budgeted {
+    _dir: tempfile::TempDir,
+    relay: Running,
+    agent: Running,
+    relay_admin: AdminProbe,
+    agent_admin: AdminProbe,
+    e: SocketAddr,
+    f: SocketAddr,
+}
+
+impl Budgeted {
+    /// `relay_tunnel` and `agent_extra` go into the relay's `[tunnel]` table and the agent's
+    /// top level.
+    async fn start(
+        transport: TransportChoice,
+        destination: SocketAddr,
+        relay_tunnel: &str,
+        agent_extra: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tunnel = loopback(free_fixed_port());
+        let (e, f) = (loopback(free_fixed_port()), loopback(free_fixed_port()));
+        let admin = (loopback(free_fixed_port()), loopback(free_fixed_port()));
+        let transport = match transport {
+            TransportChoice::Tcp => "tcp",
+            _ => "quic",
+        };
+        let configs = write_tunnel_files(
+            dir.path(),
+            &TunnelFiles {
+                tunnel_listen: &tunnel.to_string(),
+                endpoint: "e",
+                endpoint_listen: &e.to_string(),
+                destination: &destination.to_string(),
+                endpoint_extra: "",
+                agent_extra: &format!("transport = \"{transport}\"\n{agent_extra}"),
+                allow: &destination.to_string(),
+                admin,
+            },
+        );
+        let relay_text = std::fs::read_to_string(&configs.relay).expect("relay.toml");
+        let relay_text =
+            relay_text.replacen("[tunnel]\n", &format!("[tunnel]\n{relay_tunnel}\n"), 1)
+                + &format!(
+                    "\n[[endpoint]]\nname = \"f\"\nconnector = \"tunnel\"\ndestination = \
+                 \"{destination}\"\nlisten = \"{f}\"\n"
+                );
+        std::fs::write(&configs.relay, relay_text).expect("relay.toml");
+        let mut relay = common::privlink(&["relay", "--config", &configs.relay]);
+        let relay_admin = AdminProbe::new(None, configs.relay_admin);
+        let mut agent = common::privlink(&["agent", "--config", &configs.agent]);
+        let agent_admin = AdminProbe::new(None, configs.agent_admin);
+        tokio::task::block_in_place(|| {
+            relay.wait_ready(&relay_admin);
+            agent.wait_ready(&agent_admin);
+            relay_admin.wait_relay_status(|s| {
+                s.endpoints.iter().filter(|e| e.status == "Approved").count() == 2
+            });
+        });
+        Self { _dir: dir, relay, agent, relay_admin, agent_admin, e, f }
+    }
+}
+
+/// The value of the series `series` (name and labels exactly as exposed) in a scrape.
+fn series(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |value| value.trim().parse().expect("an integer value"))
+}
+
+fn scrape(probe: &AdminProbe) -> String {
+    let (code, body) = probe.get("/metrics");
+    assert_eq!(code, 200, "/metrics: {body}");
+    body
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`).
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("memory figure")
+}
+
+/// Waits until a scrape of `probe` satisfies `decided`, which says what it shows (`Some`).
+async fn decided_by_metrics<T>(probe: &AdminProbe, decided: impl Fn(&str) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = tokio::task::block_in_place(|| scrape(probe));
+        if let Some(answer) = decided(&body) {
+            return answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "metrics never decided: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A download through `endpoint` that reads everything: its length.
+async fn full_download(endpoint: SocketAddr) -> usize {
+    let mut socket = TcpStream::connect(endpoint).await.expect("connect");
+    socket.write_all(&[ask::DOWNLOAD]).await.expect("ask");
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, socket.read_to_end(&mut got)).await.expect("in time").expect("read");
+    got.len()
+}
+
+/// 300 clients that each read the start of a large download and then nothing: the relay
+/// holds at most its budget for them (its peak memory shows it), refuses the rest with
+/// `over_budget` counted, and a download that reads normally, begun before them, completes.
+async fn clients_that_stop_reading_cost_the_relay_at_most_its_budget(transport: TransportChoice) {
+    const CLIENTS: usize = 300;
+    const DOWNLOAD: usize = 48 << 20;
+    let server = choosy_server(DOWNLOAD).await;
+    let budget = format!("buffer_budget = \"{BUDGET_MIB}MiB\"");
+    let net = Budgeted::start(transport, server.addr, &budget, "").await;
+    let relay_pid = net.relay.pid();
+    let before_kib = memory_kib(relay_pid, "VmRSS");
+    let victim = tokio::spawn(full_download(net.e));
+
+    let (mut stalled, mut refused) = (Vec::new(), 0);
+    for _ in 0..CLIENTS {
+        // A refusal is a reset at once, which may reach the client before its connect returns.
+        let Ok(mut socket) = TcpStream::connect(net.e).await else {
+            refused += 1;
+            continue;
+        };
+        let _ = socket.write_all(&[ask::DOWNLOAD]).await;
+        let mut first = [0u8; 4096];
+        match tokio::time::timeout(WAIT, socket.read_exact(&mut first)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => {
+                refused += 1;
+                continue;
+            }
+            Err(_) => panic!("a client was neither served nor refused within {WAIT:?}"),
+        }
+        stalled.push(socket); // and never read again
+        // Admitted: wait until its download is backed up into the relay (charged), so that
+        // the next client meets the budget as it is.
+        let want = stalled.len() as u64 * CHARGE;
+        decided_by_metrics(&net.relay_admin, |body| {
+            (series(body, "privlink_buffer_held_bytes") >= want.min(BUDGET_MIB << 20)).then_some(())
+        })
+        .await;
+    }
+    let scraped = tokio::task::block_in_place(|| scrape(&net.relay_admin));
+    let counted = series(
+        &scraped,
+        "privlink_relay_connections_total{endpoint=\"e\",outcome=\"over_budget\"}",
+    );
+    let held = series(&scraped, "privlink_buffer_held_bytes");
+    let peak_kib = memory_kib(relay_pid, "VmHWM");
+    let grew_mib = peak_kib.saturating_sub(before_kib) / 1024;
+    eprintln!(
+        "{transport:?}: {} clients stalled, {refused} refused ({counted} counted over_budget); \
+         relay holds {} MiB; its memory {} → peak {} MiB (+{grew_mib} MiB) for a {BUDGET_MIB} \
+         MiB budget",
+        stalled.len(),
+        held >> 20,
+        before_kib / 1024,
+        peak_kib / 1024,
+    );
+    assert!(refused > 0, "nobody was refused: the budget did not hold");
+    assert_eq!(counted, refused, "every refusal is counted as over_budget");
+    assert!(
+        stalled.len() as u64 <= (BUDGET_MIB << 20) / 2 / CHARGE + 2,
+        "{} clients admitted for the endpoint's half of a {BUDGET_MIB} MiB budget",
+        stalled.len()
+    );
+    assert!(
+        grew_mib <= BUDGET_MIB + RSS_SLACK_MIB,
+        "the relay grew {grew_mib} MiB for a {BUDGET_MIB} MiB budget"
+    );
+    let got = tokio::time::timeout(WAIT, victim).await.expect("victim in time").expect("join");
+    assert_eq!(got, DOWNLOAD, "the victim's download completes");
+    drop(stalled);
+    // Their charges come back as the stalled connections go: new clients are served again.
+    decided_by_metrics(&net.relay_admin, |body| {
+        (series(body, "privlink_buffer_held_bytes") == 0).then_some(())
+    })
+    .await;
+    assert_eq!(full_download(net.e).await, DOWNLOAD);
+}
+
+/// 140 uploads into a destination that never reads: the agent holds at most its budget for
+/// them (its peak memory shows it) and refuses the rest with `over_budget` counted; the relay
+/// link stays up and a request on another endpoint is served throughout; the stalled uploads
+/// are reset at the agent's `stall_timeout` and their charges returned.
+async fn uploads_nobody_reads_cost_the_agent_at_most_its_budget(transport: TransportChoice) {
+    const UPLOADS: usize = 140;
+    const STALL: Duration = Duration::from_secs(3);
+    let server = choosy_server(64 * 1024).await;
+    let agent_extra = format!("buffer_budget = \"{BUDGET_MIB}MiB\"\nstall_timeout = \"3s\"");
+    let net = Budgeted::start(transport, server.addr, "", &agent_extra).await;
+    let agent_pid = net.agent.pid();
+    let before_kib = memory_kib(agent_pid, "VmRSS");
+    let linked_since = || {
+        let status = tokio::task::block_in_place(|| net.relay_admin.relay_status());
+        status.agents.iter().map(|a| a.connected_since_unix).collect::<Vec<_>>()
+    };
+    let linked_before = linked_since();
+
+    let mut pushers = Vec::new();
+    let (mut admitted, mut refused, mut most_held) = (0u64, 0u64, 0u64);
+    for i in 0..UPLOADS {
+        // The relay opens the stream at once, so the agent's refusal can come back as a reset
+        // before the client's connect has returned.
+        if let Ok(mut socket) = TcpStream::connect(net.e).await {
+            let _ = socket.write_all(&[ask::SINK]).await;
+            pushers.push(tokio::spawn(async move {
+                let began = tokio::time::Instant::now();
+                let chunk = vec![0u8; 64 * 1024];
+                // Bounded: far more than every buffer on the way holds.
+                for _ in 0..1024 {
+                    if socket.write_all(&chunk).await.is_err() {
+                        return began.elapsed();
+                    }
+                }
+                panic!("an upload nobody reads went through whole");
+            }));
+        }
+        // Either the agent takes it and it backs up (charged), or the agent refuses it.
+        // Counted as held while it backs up, and as stalled once the stall timeout cut it (on
+        // a loaded machine the first ones are cut before the last ones are opened).
+        let (want_held, want_refused) = ((admitted + 1) * CHARGE, refused + 1);
+        let (was_admitted, held) = decided_by_metrics(&net.agent_admin, |body| {
+            let over = series(body, "privlink_agent_streams_total{outcome=\"over_budget\"}");
+            let held = series(body, "privlink_buffer_held_bytes");
+            let stalled = series(body, "privlink_agent_streams_total{outcome=\"stalled\"}");
+            if over >= want_refused {
+                Some((false, held))
+            } else if held + stalled * CHARGE >= want_held {
+                Some((true, held))
+            } else {
+                None
+            }
+        })
+        .await;
+        most_held = most_held.max(held);
+        if was_admitted {
+            admitted += 1;
+        } else {
+            refused += 1;
+        }
+        if i % 35 == 0 {
+            // Meanwhile the other endpoint is served (the link is up, heartbeats get through).
+            assert_eq!(full_download(net.f).await, 64 * 1024, "endpoint f during the flood");
+        }
+    }
+    let peak_kib = memory_kib(agent_pid, "VmHWM");
+    let grew_mib = peak_kib.saturating_sub(before_kib) / 1024;
+    eprintln!(
+        "{transport:?}: {admitted} uploads admitted, {refused} refused; agent memory {} → peak \
+         {} MiB (+{grew_mib} MiB) for a {BUDGET_MIB} MiB budget",
+        before_kib / 1024,
+        peak_kib / 1024,
+    );
+    assert!(refused > 0, "nobody was refused: the budget did not hold");
+    // The endpoint's half of the budget, overrun by at most the streams that began backing up
+    // at the same moment.
+    assert!(
+        most_held <= (BUDGET_MIB << 20) / 2 + 2 * CHARGE,
+        "the agent held {most_held} bytes for a {BUDGET_MIB} MiB budget"
+    );
+    assert!(
+        grew_mib <= BUDGET_MIB + RSS_SLACK_MIB,
+        "the agent grew {grew_mib} MiB for a {BUDGET_MIB} MiB budget"
+    );
+    assert_eq!(full_download(net.f).await, 64 * 1024, "endpoint f after the flood");
+
+    // Every upload ends: the refused ones at once, the stalled ones at the stall timeout.
+    let mut cut_at_the_stall_timeout = 0;
+    for pusher in pushers {
+        let lasted = tokio::time::timeout(WAIT, pusher).await.expect("upload cut").expect("join");
+        if lasted >= STALL {
+            cut_at_the_stall_timeout += 1;
+        }
+    }
+    assert!(
+        cut_at_the_stall_timeout >= admitted,
+        "{cut_at_the_stall_timeout} uploads lasted the stall timeout, {admitted} stalled"
+    );
+    let body = decided_by_metrics(&net.agent_admin, |body| {
+        (series(body, "privlink_buffer_held_bytes") == 0).then(|| body.to_owned())
+    })
+    .await;
+    let stalled = series(&body, "privlink_agent_streams_total{outcome=\"stalled\"}");
+    assert!(stalled >= admitted, "{stalled} counted stalled of {admitted} stalled uploads");
+    // The same link carried it all: the agent never reconnected.
+    assert_eq!(linked_since(), linked_before, "the agent's link was dropped during the flood");
+    assert_eq!(full_download(net.f).await, 64 * 1024, "endpoint f at the end");
+}
+
+on_both_transports!(
+    clients_that_stop_reading_cost_the_relay_at_most_its_budget,
+    uploads_nobody_reads_cost_the_agent_at_most_its_budget,
+);
