@@ -45,7 +45,10 @@ impl Slots {
 
     /// A slot for a connection from `source`, evicting the connection that has waited longest
     /// for its head if there is no room; `None` when every connection is being answered.
-    pub(crate) fn take(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
+    /// `head_arrived`: its whole request head was waiting at accept already (it is answered
+    /// from the start, so a storm of reconnecting tricklers cannot evict it before its task
+    /// has run).
+    pub(crate) fn take(self: &Arc<Self>, source: IpAddr, head_arrived: bool) -> Option<Slot> {
         let mut table = self.lock();
         let from_source = table.open.values().filter(|e| e.source == source).count();
         let over_share = from_source >= MAX_PER_SOURCE;
@@ -62,7 +65,7 @@ impl Slots {
         let id = table.next_id;
         table.next_id += 1;
         let evict = CancellationToken::new();
-        table.open.insert(id, Entry { source, answering: false, evict: evict.clone() });
+        table.open.insert(id, Entry { source, answering: head_arrived, evict: evict.clone() });
         Some(Slot { slots: Arc::clone(self), id, evict })
     }
 
@@ -117,10 +120,12 @@ mod tests {
     fn the_longest_waiting_head_makes_room_and_answered_ones_stay() {
         let slots = Arc::new(Slots::default());
         let mut held: Vec<Slot> = (0..MAX_CONNECTIONS)
-            .map(|i| slots.take(ip(&format!("10.0.{}.{}", i / 200, i % 200 + 1))).expect("room"))
+            .map(|i| {
+                slots.take(ip(&format!("10.0.{}.{}", i / 200, i % 200 + 1)), false).expect("room")
+            })
             .collect();
         held[0].head_received()(); // the oldest is being answered
-        let probe = slots.take(ip("192.0.2.1")).expect("room is made");
+        let probe = slots.take(ip("192.0.2.1"), false).expect("room is made");
         assert_eq!(slots.len(), MAX_CONNECTIONS);
         assert!(!held[0].evict.is_cancelled(), "an answered connection is never evicted");
         assert!(held[1].evict.is_cancelled(), "the next oldest waiting one is");
@@ -128,9 +133,12 @@ mod tests {
         for slot in &held {
             slot.head_received()();
         }
-        let second = slots.take(ip("192.0.2.2")).expect("the probe's place, freed");
+        let second = slots.take(ip("192.0.2.2"), false).expect("the probe's place, freed");
         second.head_received()();
-        assert!(slots.take(ip("192.0.2.3")).is_none(), "all answering: the newcomer is closed");
+        assert!(
+            slots.take(ip("192.0.2.3"), false).is_none(),
+            "all answering: the newcomer is closed"
+        );
         held.clear();
         drop(second);
         assert_eq!(slots.len(), 0, "every place is given back");
@@ -141,10 +149,24 @@ mod tests {
         let slots = Arc::new(Slots::default());
         let attacker = ip("127.0.0.1");
         let held: Vec<Slot> =
-            (0..MAX_PER_SOURCE * 3).filter_map(|_| slots.take(attacker)).collect();
+            (0..MAX_PER_SOURCE * 3).filter_map(|_| slots.take(attacker, false)).collect();
         assert_eq!(slots.len(), MAX_PER_SOURCE, "its own oldest made room each time");
         let evicted = held.iter().filter(|s| s.evict.is_cancelled()).count();
         assert_eq!(evicted, MAX_PER_SOURCE * 2);
-        assert!(slots.take(ip("192.0.2.9")).is_some(), "others still have room");
+        assert!(slots.take(ip("192.0.2.9"), false).is_some(), "others still have room");
+    }
+
+    #[test]
+    fn a_connection_whose_head_was_waiting_at_accept_is_never_evicted() {
+        let slots = Arc::new(Slots::default());
+        let source = ip("127.0.0.1");
+        let probe = slots.take(source, true).expect("room");
+        let tricklers: Vec<Slot> =
+            (0..MAX_PER_SOURCE * 3).filter_map(|_| slots.take(source, false)).collect();
+        assert!(!probe.evict.is_cancelled(), "the probe outlived a storm of newcomers");
+        assert_eq!(
+            tricklers.iter().filter(|s| s.evict.is_cancelled()).count(),
+            MAX_PER_SOURCE * 2 + 1
+        );
     }
 }
