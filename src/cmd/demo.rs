@@ -81,7 +81,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         },
         admin: None,
         shutdown_grace: Duration::from_secs(5),
-        buffer_budget: privlink_relay::config::DEFAULT_BUFFER_BUDGET,
+        buffer_budget: privlink_transport::budget::default_limit(),
         connectors: vec![ConnectorSpec {
             name: "demo".into(),
             token_sha256: vec![TokenDigest::of(token.as_bytes())],
@@ -121,7 +121,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         stall_timeout: Duration::from_secs(30),
         dns_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
-        buffer_budget: privlink_agent::config::DEFAULT_BUFFER_BUDGET,
+        buffer_budget: privlink_transport::budget::default_limit(),
         admin: None,
         source_files: Vec::new(),
     };

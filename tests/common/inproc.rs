@@ -87,7 +87,7 @@ impl Harness {
             },
             admin,
             shutdown_grace: Duration::from_secs(5),
-            buffer_budget: privlink_relay::config::DEFAULT_BUFFER_BUDGET,
+            buffer_budget: privlink_transport::budget::default_limit(),
             connectors: vec![ConnectorSpec {
                 name: CONNECTOR.to_owned(),
                 token_sha256: vec![TokenDigest::of(token.as_bytes())],
@@ -125,7 +125,7 @@ impl Harness {
             stall_timeout: Duration::from_secs(30),
             dns_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
-            buffer_budget: privlink_agent::config::DEFAULT_BUFFER_BUDGET,
+            buffer_budget: privlink_transport::budget::default_limit(),
             admin: None,
             source_files: Vec::new(),
         }

@@ -33,9 +33,6 @@ pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
 pub const DEFAULT_QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// Default time open streams get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Default `buffer_budget`: 256 uploads whose destinations stopped reading, each holding a
-/// whole stream window, before new streams are refused (`over_budget`).
-pub const DEFAULT_BUFFER_BUDGET: u64 = 512 << 20;
 
 /// How the agent reaches relays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -295,7 +292,10 @@ impl AgentConfig {
             stall_timeout: raw.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT),
             dns_timeout: raw.dns_timeout.unwrap_or(DEFAULT_DNS_TIMEOUT),
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
-            buffer_budget: raw.buffer_budget.unwrap_or(DEFAULT_BUFFER_BUDGET),
+            // Unset: a quarter of memory (see `budget::default_limit`).
+            buffer_budget: raw
+                .buffer_budget
+                .unwrap_or_else(privlink_transport::budget::default_limit),
             admin: raw.admin.map(|a| a.validate(source)).transpose()?,
             source_files,
         })

@@ -168,12 +168,14 @@ async fn forward(
     let Open { endpoint, destination, client_addr, inactivity_timeout_ms } = open;
     let approved = approved.contains(&endpoint);
     let share = approved.then(|| policy.share(&endpoint));
+    // Taken now, before the connect: a burst of opens meets the budget as it will be.
+    let charge = share.as_deref().and_then(BufferBudget::admit_stream);
     let connected = if !approved {
         Err(failure(
             OpenFailCode::NotAllowed,
             format!("endpoint `{}` was not approved by this agent", text::loggable(&endpoint)),
         ))
-    } else if !share.as_ref().is_some_and(|share| share.has_room()) {
+    } else if charge.is_none() {
         Err(failure(
             OpenFailCode::OverBudget,
             format!(
@@ -237,7 +239,7 @@ async fn forward(
         DEFAULT_BUFFER_SIZE,
         force.cancelled(),
         &live.bytes,
-        share.as_deref(),
+        charge.as_ref(),
     )
     .await;
     let spliced = splice::conclude(copied, &socket, &mut stream, Hop::Agent);

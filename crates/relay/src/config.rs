@@ -19,8 +19,8 @@ use privlink_protocol::config::{
 use privlink_protocol::destination::Destination;
 use privlink_protocol::message::MAX_ENDPOINTS_PER_CONNECTOR;
 use privlink_protocol::token::TokenDigest;
-use privlink_transport::tls;
 use privlink_transport::tls::pki_types::{CertificateDer, PrivateKeyDer};
+use privlink_transport::{budget, tls};
 use serde::Deserialize;
 
 /// Default inactivity timeout of an endpoint.
@@ -46,9 +46,6 @@ pub const DEFAULT_OPEN_RETRY_BUFFER: usize = 64 * 1024;
 pub const MAX_OPEN_RETRY_BUFFER: usize = 1024 * 1024;
 /// Default time in-flight connections get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Default `[tunnel] buffer_budget`: 256 downloads whose clients stopped reading, each
-/// holding a whole stream window, before new connections are refused (`over_budget`).
-pub const DEFAULT_BUFFER_BUDGET: u64 = 512 << 20;
 
 /// A validated relay configuration.
 #[derive(Debug)]
@@ -423,7 +420,8 @@ impl RelayConfig {
             identity: TlsIdentity { chain, key },
             admin,
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
-            buffer_budget: raw.tunnel.buffer_budget.unwrap_or(DEFAULT_BUFFER_BUDGET),
+            // Unset: a quarter of memory (see `budget::default_limit`).
+            buffer_budget: raw.tunnel.buffer_budget.unwrap_or_else(budget::default_limit),
             connectors,
             endpoints,
             source_files: vec![cert_path, key_path],

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use privlink_protocol::frame;
 use privlink_protocol::message::Open;
+use privlink_transport::budget::BudgetCharge;
 use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::write_and_flush;
 use privlink_transport::live::Live;
@@ -54,6 +55,15 @@ pub(crate) async fn forward(
     registry: &Registry,
 ) {
     let force = &endpoint.force;
+    // Taken before any agent is asked (`listen::admit` looked a moment ago; this takes the
+    // charge and looks again in one step, so a burst of clients cannot all pass the look
+    // before any of them is charged).
+    let Some(charge) = endpoint.budget.admit_stream() else {
+        endpoint.counters.over_budget.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        endpoint.metrics.connection_refused(&spec.name, "over_budget");
+        abort(socket);
+        return;
+    };
     let started = Instant::now();
     let spec = &*spec;
     let _ = socket.set_nodelay(true);
@@ -87,7 +97,18 @@ pub(crate) async fn forward(
         });
         entry.info.set_agent(&agent.name);
         let first = attempts == 1;
-        match attempt(&mut socket, client, spec, &agent, &mut replay, entry, endpoint, first).await
+        match attempt(
+            &mut socket,
+            client,
+            spec,
+            &agent,
+            &mut replay,
+            entry,
+            endpoint,
+            &charge,
+            first,
+        )
+        .await
         {
             Attempt::Ended { outcome, opened_at } => {
                 if let Some(at) = opened_at {
@@ -156,9 +177,10 @@ async fn attempt(
     replay: &mut Replay,
     live: &Live<LiveClient>,
     endpoint: &Endpoint,
+    charge: &BudgetCharge<'_>,
     first: bool,
 ) -> Attempt {
-    let (force, budget) = (&endpoint.force, &*endpoint.budget);
+    let force = &endpoint.force;
     let deadline = Instant::now() + spec.open.timeout;
     let unanswered = |origin, message: String, timed_out| {
         Attempt::Unanswered(Unanswered::new(origin, message, timed_out))
@@ -247,7 +269,7 @@ async fn attempt(
         DEFAULT_BUFFER_SIZE,
         force.cancelled(),
         &live.bytes,
-        Some(budget),
+        Some(charge),
     )
     .await;
     let refusal = gated.refusal.take();

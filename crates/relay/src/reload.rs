@@ -327,7 +327,7 @@ mod tests {
             },
             admin: None,
             shutdown_grace: Duration::from_secs(30),
-            buffer_budget: crate::config::DEFAULT_BUFFER_BUDGET,
+            buffer_budget: privlink_transport::budget::default_limit(),
             connectors: Vec::new(),
             endpoints,
             source_files: Vec::new(),

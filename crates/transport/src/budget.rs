@@ -16,6 +16,8 @@
 //! timeout ends the stalled ones and returns their charge.
 
 use std::sync::Arc;
+
+use crate::limits::STALLED_STREAM_COST;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A budget of buffered tunnel bytes, shared by every copy in the process.
@@ -68,6 +70,38 @@ impl BufferBudget {
         self.held() < self.limit() && self.whole.as_ref().is_none_or(|whole| whole.has_room())
     }
 
+    /// A new stream's charge, taken now (it is on probation until its copy shows that its
+    /// receiver keeps up: see `copy`), if there is room; `None` over the budget. Taken at
+    /// once so that a burst of new streams meets the budget as it will be, not as it was
+    /// before any of them had backed up.
+    pub fn admit_stream(&self) -> Option<BudgetCharge<'_>> {
+        if !self.whole.as_ref().is_none_or(|whole| whole.has_room()) {
+            return None;
+        }
+        // Looked at and taken in one step: streams admitted at the same moment cannot all
+        // pass the look before any of them is charged.
+        let limit = self.limit();
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held < limit).then_some(held + STREAM_CHARGE)
+            })
+            .ok()?;
+        if let Some(whole) = &self.whole {
+            whole.add(STREAM_CHARGE);
+        }
+        let charge = BudgetCharge::new(Some(self), STREAM_CHARGE);
+        charge.held.store(true, Ordering::Relaxed);
+        Some(charge)
+    }
+
+    /// A new stream's charge, taken now whatever the budget holds (for a stream already
+    /// admitted by [`has_room`](Self::has_room) a moment before).
+    pub fn charge_stream(&self) -> BudgetCharge<'_> {
+        let charge = BudgetCharge::new(Some(self), STREAM_CHARGE);
+        charge.take();
+        charge
+    }
+
     fn add(&self, amount: u64) {
         self.held.fetch_add(amount, Ordering::Relaxed);
         if let Some(whole) = &self.whole {
@@ -83,10 +117,34 @@ impl BufferBudget {
     }
 }
 
-/// One blocked direction's charge on a [`BufferBudget`]: taken while its writer cannot keep
-/// up, returned when it drains and when the charge is dropped.
+/// The budget when none is configured: a quarter of the memory this process may use (the
+/// machine's, or its cgroup's limit when lower), at least 256 MiB and at most 4 GiB — about
+/// 50 to 800 streams' worth of stalled windows, new streams on probation included.
+pub fn default_limit() -> u64 {
+    const MIN: u64 = 256 << 20;
+    const MAX: u64 = 4 << 30;
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+        let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+        kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    // cgroup v2; "max" (no limit) does not parse.
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|max| max.trim().parse::<u64>().ok());
+    match machine.into_iter().chain(cgroup).min() {
+        Some(memory) => (memory / 4).clamp(MIN, MAX),
+        None => MIN,
+    }
+}
+
+/// What a stream whose socket stopped taking bytes is charged: what its window can cost the
+/// transport, and the copy loop's buffer.
+pub const STREAM_CHARGE: u64 = STALLED_STREAM_COST + crate::copy::DEFAULT_BUFFER_SIZE as u64;
+
+/// One direction's charge on a [`BufferBudget`]: taken while its writer cannot keep up (and a
+/// new stream's from the start), returned when it drains and when the charge is dropped.
 #[derive(Debug)]
-pub(crate) struct BudgetCharge<'a> {
+pub struct BudgetCharge<'a> {
     budget: Option<&'a BufferBudget>,
     amount: u64,
     /// Whether `amount` is charged now.
@@ -97,6 +155,11 @@ impl<'a> BudgetCharge<'a> {
     /// A charge of `amount` on `budget` (none: charges nothing), not yet taken.
     pub(crate) fn new(budget: Option<&'a BufferBudget>, amount: u64) -> Self {
         Self { budget, amount, held: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    /// The budget charged.
+    pub(crate) fn budget(&self) -> Option<&'a BufferBudget> {
+        self.budget
     }
 
     /// The writer is blocked: charge, unless charged already.
@@ -168,6 +231,12 @@ mod tests {
         assert!(e.has_room() && f.has_room());
         drop((first, second));
         assert_eq!((e.held(), f.held(), whole.held()), (0, 0, 0));
+    }
+
+    #[test]
+    fn the_default_is_a_quarter_of_memory_within_bounds() {
+        let limit = default_limit();
+        assert!(((256 << 20)..=(4 << 30)).contains(&limit), "{limit}");
     }
 
     #[test]

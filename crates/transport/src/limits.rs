@@ -17,6 +17,13 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 16_384;
 /// then took 1.1 GB of an agent's memory and the whole connection window, heartbeats
 /// included). Measured before and after in `docs/benchmarks.md`, "Stream window".
 pub const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+/// What a stream whose socket stopped taking bytes is charged on the buffer budget
+/// ([`crate::budget`]) besides the copy loop's buffer: its window, and the allocation the
+/// transport may keep around it — quinn keeps received data in the buffers it arrived in and
+/// compacts only past 1.5 × the buffered bytes of overhead, so a full window can hold 2.5
+/// windows of memory (140 stalled uploads held about 4.2 MB each in an agent; HTTP/2 measured
+/// nearer 1.1 windows).
+pub const STALLED_STREAM_COST: u64 = STREAM_RECEIVE_WINDOW as u64 * 5 / 2;
 /// The QUIC connection receive window: every stream the limit allows holding its whole window
 /// still leaves a whole window of credit for the control stream, so heartbeats and control
 /// messages never wait behind data credit. QUIC windows are 62-bit credits, not memory: what
@@ -26,7 +33,7 @@ pub const QUIC_CONNECTION_WINDOW: u64 =
 /// The HTTP/2 connection receive window (TLS/TCP): the largest HTTP/2 can express,
 /// 2 GiB − 1, room for 1,023 streams each holding its whole window before the control stream
 /// would wait for credit. The buffer budget refuses new streams long before that many stall
-/// (its default holds 256); on this transport the invariant is the budget's, not the
+/// (its default holds about 100); on this transport the invariant is the budget's, not the
 /// window's.
 pub const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 

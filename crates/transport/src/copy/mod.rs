@@ -32,10 +32,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 mod watch;
 
-use watch::{ActivityClock, Metered, SideMeter, StallMeter, watchdog};
+use watch::{ActivityClock, MeterCharge, Metered, SideMeter, StallMeter, watchdog};
 
-use crate::budget::{BudgetCharge, BufferBudget};
-use crate::limits::STREAM_RECEIVE_WINDOW;
+use crate::budget::BudgetCharge;
+#[cfg(doc)]
+use crate::budget::BufferBudget;
+#[cfg(doc)]
+use crate::limits::STALLED_STREAM_COST;
 
 /// Largest read per direction. A first measured choice: large enough for full-speed bulk
 /// transfers on loopback. It lives on the stack while a read is in hand; heap memory of this
@@ -131,10 +134,13 @@ where
 /// (the admin API, metrics) can watch a connection grow. The report's byte counts are the
 /// totals in `counts` when the copy ended, including whatever they held before it began.
 ///
-/// While the socket does not take what the tunnel delivers, the copy is charged on `budget`
-/// the most the tunnel stream can then hold ([`STREAM_RECEIVE_WINDOW`]) plus its own buffer;
-/// while the tunnel does not take what the socket delivers, its buffer alone (the socket's
-/// kernel buffer holds the rest).
+/// `charge` is the stream's charge on its buffer budget, taken when the stream was admitted
+/// ([`BufferBudget::admit_stream`]): it stays taken while the socket does not take what the
+/// tunnel delivers (the tunnel stream then holds up to a window, [`STALLED_STREAM_COST`]),
+/// and until the new stream has shown that it keeps up (it drained after blocking, or was
+/// idle for a moment); then it is given back, until the socket blocks again. While the tunnel
+/// does not take what the socket delivers, the budget is charged the copy's buffer alone (the
+/// socket's kernel buffer holds the rest).
 pub async fn copy_bidirectional_counted<S, T, C>(
     socket: &mut S,
     tunnel: &mut T,
@@ -142,7 +148,7 @@ pub async fn copy_bidirectional_counted<S, T, C>(
     buffer_size: usize,
     cancel: C,
     counts: &ByteCounts,
-    budget: Option<&BufferBudget>,
+    charge: Option<&BudgetCharge<'_>>,
 ) -> CopyReport
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -152,9 +158,12 @@ where
     let timeouts = timeouts.into();
     let activity = ActivityClock::new();
     let own_buffer = buffer_size.clamp(1, MAX_READ) as u64;
-    let to_tunnel = StallMeter::new(BudgetCharge::new(budget, own_buffer));
-    let to_socket =
-        StallMeter::new(BudgetCharge::new(budget, u64::from(STREAM_RECEIVE_WINDOW) + own_buffer));
+    let budget = charge.and_then(BudgetCharge::budget);
+    let to_tunnel = StallMeter::new(MeterCharge::Own(BudgetCharge::new(budget, own_buffer)));
+    let to_socket = match charge {
+        Some(charge) => StallMeter::on_probation(charge),
+        None => StallMeter::new(MeterCharge::Own(BudgetCharge::new(None, 0))),
+    };
     let socket_meter =
         SideMeter { bytes: &counts.socket_to_tunnel, failed: AtomicBool::new(false) };
     let tunnel_meter =
@@ -172,7 +181,7 @@ where
                 CopyEnd::Failed { side, error }
             }
         },
-        end = watchdog(&activity, timeouts, &to_tunnel, &to_socket) => end,
+        end = watchdog(&activity, timeouts, &to_tunnel, &to_socket, &counts.tunnel_to_socket) => end,
         () = cancel => CopyEnd::Cancelled,
     };
     let (socket_to_tunnel, tunnel_to_socket) = counts.get();
@@ -618,7 +627,8 @@ mod tests {
     async fn a_direction_takes_a_buffer_only_while_its_writer_lags_and_frees_it_when_idle() {
         let (mut reader, mut reader_far) = duplex(4096);
         let (mut writer, mut writer_far) = duplex(64);
-        let (stall, clock) = (StallMeter::new(BudgetCharge::new(None, 0)), ActivityClock::new());
+        let charge = MeterCharge::Own(BudgetCharge::new(None, 0));
+        let (stall, clock) = (StallMeter::new(charge), ActivityClock::new());
         let mut one_way = OneWay::new(DEFAULT_BUFFER_SIZE, &stall, &clock);
         let poll_once =
             |one_way: &mut OneWay<'_>, reader: &mut DuplexStream, writer: &mut DuplexStream| {
@@ -754,7 +764,7 @@ mod tests {
                 let cancel = async {
                     let _ = stopped.await;
                 };
-                let budget = Some(&*budget);
+                let charge = budget.charge_stream();
                 copy_bidirectional_counted(
                     &mut socket,
                     &mut tunnel,
@@ -762,14 +772,14 @@ mod tests {
                     512,
                     cancel,
                     &counts,
-                    budget,
+                    Some(&charge),
                 )
                 .await
             }
         });
         // More than the socket's pipe takes: the copy's writer to the socket blocks.
         tunnel_far.write_all(&[7u8; 8 * 1024]).await.expect("write");
-        let charged = u64::from(STREAM_RECEIVE_WINDOW) + 512;
+        let charged = crate::budget::STREAM_CHARGE;
         for _ in 0..1_000 {
             if budget.held() == charged {
                 break;
@@ -798,6 +808,44 @@ mod tests {
         let report = copy.await.expect("join");
         assert!(matches!(report.end, CopyEnd::Cancelled), "{:?}", report.end);
         assert_eq!(budget.held(), 0, "the charge goes back when the copy ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_stream_is_charged_until_it_idles() {
+        let budget = std::sync::Arc::new(crate::budget::BufferBudget::new(u64::MAX));
+        let (mut socket, mut socket_far) = duplex(64 * 1024);
+        let (mut tunnel, mut tunnel_far) = duplex(64 * 1024);
+        let copy = tokio::spawn({
+            let budget = std::sync::Arc::clone(&budget);
+            async move {
+                let counts = ByteCounts::default();
+                let charge = budget.charge_stream();
+                copy_bidirectional_counted(
+                    &mut socket,
+                    &mut tunnel,
+                    LONG,
+                    512,
+                    pending(),
+                    &counts,
+                    Some(&charge),
+                )
+                .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let charged = crate::budget::STREAM_CHARGE;
+        assert_eq!(budget.held(), charged, "charged from the start");
+        // A request and its answer; then nothing moves.
+        tunnel_far.write_all(b"answer").await.expect("write");
+        let mut read = [0u8; 6];
+        socket_far.read_exact(&mut read).await.expect("read");
+        tokio::time::sleep(watch::PROBATION_IDLE / 2).await;
+        assert_eq!(budget.held(), charged, "still on probation while it may be busy");
+        tokio::time::sleep(watch::PROBATION_IDLE).await;
+        assert_eq!(budget.held(), 0, "an idle stream holds nothing");
+        drop((socket_far, tunnel_far));
+        let _ = copy.await.expect("join");
+        assert_eq!(budget.held(), 0);
     }
 
     /// A copy between two duplex pairs with a 30 s stall timeout and no inactivity timeout to

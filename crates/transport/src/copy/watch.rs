@@ -16,13 +16,15 @@ use super::{CopyEnd, CopyTimeouts, STALL_MIN_PROGRESS, Side};
 use crate::budget::BudgetCharge;
 
 /// Ends the copy when no byte has moved for the inactivity timeout, or when a direction's
-/// writer is stalled (see [`CopyTimeouts::stall`]). `to_tunnel` meters the socket→tunnel
-/// direction, `to_socket` the other.
+/// writer is stalled (see [`CopyTimeouts::stall`]); ends a new stream's probation once it has
+/// delivered nothing for [`PROBATION_IDLE`]. `to_tunnel` meters the socket→tunnel direction,
+/// `to_socket` the other, whose bytes read so far are `delivered`.
 pub(super) async fn watchdog(
     clock: &ActivityClock,
     timeouts: CopyTimeouts,
     to_tunnel: &StallMeter<'_>,
     to_socket: &StallMeter<'_>,
+    delivered: &AtomicU64,
 ) -> CopyEnd {
     loop {
         let now = Instant::now();
@@ -31,6 +33,13 @@ pub(super) async fn watchdog(
             return CopyEnd::IdleTimeout;
         }
         let mut wake = idle_at;
+        if let Some(ends) = to_socket.probation_ends(clock, delivered.load(Ordering::Relaxed)) {
+            if now >= ends {
+                to_socket.end_probation();
+            } else {
+                wake = wake.min(ends);
+            }
+        }
         if let Some(stall) = timeouts.stall {
             for (meter, side) in [(to_tunnel, Side::Tunnel), (to_socket, Side::Socket)] {
                 if let Some(since) = meter.blocked_since(clock) {
@@ -58,16 +67,84 @@ pub(super) struct StallMeter<'a> {
     /// Bytes it took since then.
     progress: AtomicU64,
     /// What its direction holds while blocked.
-    charge: BudgetCharge<'a>,
+    charge: MeterCharge<'a>,
+    /// Charged from the start, until the direction has drained after blocking or been idle
+    /// for [`PROBATION_IDLE`]: see [`StallMeter::on_probation`].
+    probation: AtomicBool,
+    /// The direction's bytes when the probation's idle period began, and when that was (ms
+    /// on the copy's clock).
+    probation_mark: (AtomicU64, AtomicU64),
 }
+
+/// A meter's charge: its own, or the stream's, which its owner took when it admitted the
+/// stream.
+#[derive(Debug)]
+pub(super) enum MeterCharge<'a> {
+    Own(BudgetCharge<'a>),
+    Stream(&'a BudgetCharge<'a>),
+}
+
+impl<'a> std::ops::Deref for MeterCharge<'a> {
+    type Target = BudgetCharge<'a>;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Self::Own(charge) => charge,
+            Self::Stream(charge) => charge,
+        }
+    }
+}
+
+/// How long a new stream's direction must be idle before its probation charge is given back.
+pub(super) const PROBATION_IDLE: Duration = Duration::from_millis(250);
 
 /// [`StallMeter::blocked_since_ms`] of a writer that has nothing waiting.
 const NOT_BLOCKED: u64 = u64::MAX;
 
 impl<'a> StallMeter<'a> {
     /// A writer that is keeping up, charged `charge` while it is not.
-    pub(super) fn new(charge: BudgetCharge<'a>) -> Self {
-        Self { blocked_since_ms: AtomicU64::new(NOT_BLOCKED), progress: AtomicU64::new(0), charge }
+    pub(super) fn new(charge: MeterCharge<'a>) -> Self {
+        Self {
+            blocked_since_ms: AtomicU64::new(NOT_BLOCKED),
+            progress: AtomicU64::new(0),
+            charge,
+            probation: AtomicBool::new(false),
+            probation_mark: (AtomicU64::new(0), AtomicU64::new(0)),
+        }
+    }
+
+    /// A new stream's direction, charged from the start as if blocked (its owner took
+    /// `charge` when it admitted the stream): until it has shown that it drains (it blocked
+    /// and caught up again) or idles, nothing says its receiver keeps up, and a burst of new
+    /// streams whose receivers never read would otherwise all be admitted before the first of
+    /// them backed up far enough to be charged.
+    pub(super) fn on_probation(charge: &'a BudgetCharge<'a>) -> Self {
+        let meter = Self::new(MeterCharge::Stream(charge));
+        meter.charge.take();
+        meter.probation.store(true, Ordering::Relaxed);
+        meter
+    }
+
+    /// When the probation charge goes back if the direction delivers nothing before:
+    /// [`PROBATION_IDLE`] after its count was last seen to change from `delivered` (`None`:
+    /// not on probation, or blocked — then the charge stays). Judged on this direction alone:
+    /// an upload keeps the other one busy, and holds nothing here.
+    fn probation_ends(&self, clock: &ActivityClock, delivered: u64) -> Option<Instant> {
+        let blocked = self.blocked_since_ms.load(Ordering::Relaxed) != NOT_BLOCKED;
+        if !self.probation.load(Ordering::Relaxed) || blocked {
+            return None;
+        }
+        let (mark, since_ms) = &self.probation_mark;
+        if mark.swap(delivered, Ordering::Relaxed) != delivered {
+            since_ms.store(clock.now_ms(), Ordering::Relaxed);
+        }
+        Some(clock.start + Duration::from_millis(since_ms.load(Ordering::Relaxed)) + PROBATION_IDLE)
+    }
+
+    fn end_probation(&self) {
+        if self.probation.swap(false, Ordering::Relaxed) {
+            self.charge.give_back();
+        }
     }
 
     /// The writer could not take bytes that wait for it (the window starts unless running).
@@ -96,6 +173,7 @@ impl<'a> StallMeter<'a> {
     /// Nothing waits for the writer any more.
     pub(super) fn drained(&self) {
         self.blocked_since_ms.store(NOT_BLOCKED, Ordering::Relaxed);
+        self.probation.store(false, Ordering::Relaxed);
         self.charge.give_back();
     }
 
