@@ -180,7 +180,7 @@ async fn forward(
             OpenFailCode::OverBudget,
             format!(
                 "destinations that do not read hold the agent's buffer_budget ({} bytes: all \
-                 of it, or this endpoint's half)",
+                 of it, or this endpoint's three quarters)",
                 policy.budget.limit()
             ),
         ))

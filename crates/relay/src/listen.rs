@@ -143,7 +143,7 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
                 buffer_budget = endpoint.budget.limit(),
                 left_out,
                 "connection refused: clients that do not read hold the relay's buffer_budget \
-                 (all of it, or this endpoint's half) (left_out: refusals since the last such \
+                 (all of it, or this endpoint's three quarters) (left_out: refusals since the last such \
                  line; all are counted in privlink_relay_connections_total)"
             );
         }

@@ -8,7 +8,7 @@
 //! blocked ([`BudgetCharge`]) and releases the charge when the writer catches up or the copy
 //! ends. The relay and the agent ask [`BufferBudget::has_room`] before they open a new stream:
 //! past the budget new streams are refused (`over_budget`) and nothing open is disturbed.
-//! Each endpoint draws on a share of at most half the budget.
+//! Each endpoint draws on a share of at most three quarters of the budget.
 //!
 //! What is charged is an upper bound per stream — the transport's stream window plus the copy
 //! loop's own buffer — not a measurement: neither quinn nor h2 reports how much of a stream
@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 ///
 /// A budget can be a share of another ([`BufferBudget::share_of`]): what is charged to the
 /// share is charged to the whole as well, and a new stream needs room in both. Each endpoint
-/// gets a share of half the whole, so that clients of one endpoint that stop reading cannot
+/// gets a share of three quarters of the whole, so that clients of one endpoint that stop reading cannot
 /// take the budget every other endpoint needs.
 #[derive(Debug)]
 pub struct BufferBudget {
@@ -40,7 +40,7 @@ impl BufferBudget {
         Self { limit: AtomicU64::new(limit), held: AtomicU64::new(0), whole: None }
     }
 
-    /// A share of `whole`, of at most half of it (following its limit as a reload changes
+    /// A share of `whole`, of at most three quarters of it (following its limit as a reload changes
     /// it).
     pub fn share_of(whole: &Arc<BufferBudget>) -> Self {
         Self { limit: AtomicU64::new(0), held: AtomicU64::new(0), whole: Some(Arc::clone(whole)) }
@@ -49,7 +49,7 @@ impl BufferBudget {
     /// The most this process (or this share) means to hold.
     pub fn limit(&self) -> u64 {
         match &self.whole {
-            Some(whole) => whole.limit() / 2,
+            Some(whole) => whole.limit() / 4 * 3,
             None => self.limit.load(Ordering::Relaxed),
         }
     }
@@ -213,24 +213,27 @@ mod tests {
     }
 
     #[test]
-    fn a_share_takes_at_most_half_and_charges_the_whole_too() {
+    fn a_share_takes_at_most_three_quarters_and_charges_the_whole_too() {
         let whole = Arc::new(BufferBudget::new(100));
         let (e, f) = (BufferBudget::share_of(&whole), BufferBudget::share_of(&whole));
-        assert_eq!(e.limit(), 50);
-        let first = BudgetCharge::new(Some(&e), 60);
+        assert_eq!(e.limit(), 75);
+        let first = BudgetCharge::new(Some(&e), 80);
         first.take();
-        assert_eq!((e.held(), whole.held()), (60, 60));
-        assert!(!e.has_room(), "e holds more than its half");
+        assert_eq!((e.held(), whole.held()), (80, 80));
+        assert!(!e.has_room(), "e holds more than its three quarters");
         assert!(f.has_room(), "f still gets in");
-        let second = BudgetCharge::new(Some(&f), 45);
+        let second = BudgetCharge::new(Some(&f), 25);
         second.take();
-        assert!(f.held() < f.limit(), "45 of f's 50");
+        assert!(f.held() < f.limit(), "25 of f's 75");
         assert!(!whole.has_room() && !f.has_room(), "the whole is spent: f waits too");
         whole.set_limit(400);
-        assert_eq!(e.limit(), 200, "a share follows the whole's limit");
+        assert_eq!(e.limit(), 300, "a share follows the whole's limit");
         assert!(e.has_room() && f.has_room());
         drop((first, second));
         assert_eq!((e.held(), f.held(), whole.held()), (0, 0, 0));
+        assert!(e.admit_stream().is_some(), "admitted with room");
+        let full = BufferBudget::share_of(&Arc::new(BufferBudget::new(0)));
+        assert!(full.admit_stream().is_none(), "refused without");
     }
 
     #[test]
