@@ -227,7 +227,7 @@ mod tests {
         let endpoint = endpoint_within(Acl::default(), 1, Arc::clone(&whole));
         assert!(admit(&endpoint, client("192.0.2.1")).is_none(), "no room in the budget");
         assert_eq!(endpoint.counters.over_budget.load(Ordering::Relaxed), 1);
-        whole.set_limit(2);
+        whole.set_limit(4); // the endpoint's share: 3
         let admitted = admit(&endpoint, client("192.0.2.1")).expect("room again");
         assert!(admit(&endpoint, client("192.0.2.2")).is_none(), "max_connections first");
         assert_eq!(endpoint.counters.over_limit.load(Ordering::Relaxed), 1);

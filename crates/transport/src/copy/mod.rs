@@ -841,7 +841,8 @@ mod tests {
         socket_far.read_exact(&mut read).await.expect("read");
         tokio::time::sleep(watch::PROBATION_IDLE / 2).await;
         assert_eq!(budget.held(), charged, "still on probation while it may be busy");
-        tokio::time::sleep(watch::PROBATION_IDLE).await;
+        // Seen by the watchdog within as long again.
+        tokio::time::sleep(watch::PROBATION_IDLE * 2).await;
         assert_eq!(budget.held(), 0, "an idle stream holds nothing");
         drop((socket_far, tunnel_far));
         let _ = copy.await.expect("join");
