@@ -39,8 +39,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Admin connections served at once; more are closed on accept.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Admin connections open at once (a quarter of them from one address at most); beyond, the
+/// one waiting longest for its request head makes room (see `slots`).
+pub const MAX_CONNECTIONS: usize = 256;
 /// Longest a client may take to send its request headers: a probe or a scraper sends them in
 /// one packet, and a client that trickles them holds one of the [`MAX_CONNECTIONS`] slots.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -253,7 +254,7 @@ impl AdminServer {
             };
             // Full, or this source over its share: the connection that has waited longest for
             // its request head makes room, so a trickling client cannot starve the probes.
-            let Some(slot) = slots.take(peer.ip(), head_waiting(&socket)) else {
+            let Some(slot) = slots.take(peer.ip(), slots::HeadPeek::of(&socket)) else {
                 tracing::debug!(%peer, "admin connection closed: {MAX_CONNECTIONS} already busy");
                 continue;
             };
@@ -289,18 +290,6 @@ impl AdminServer {
         tasks.close();
         let _ = tokio::time::timeout(CONNECTION_TIMEOUT, tasks.wait()).await;
     }
-}
-
-/// Whether a whole request head is waiting on `socket` already: a non-blocking peek, through
-/// a duplicate of its descriptor (std's `peek` is the safe one; the duplicate shares the
-/// socket and its non-blocking mode).
-fn head_waiting(socket: &tokio::net::TcpStream) -> bool {
-    use std::os::fd::AsFd as _;
-    let Ok(duplicate) = socket.as_fd().try_clone_to_owned() else { return false };
-    let mut peeked = [0u8; 2048];
-    std::net::TcpStream::from(duplicate)
-        .peek(&mut peeked)
-        .is_ok_and(|n| peeked[..n].windows(4).any(|w| w == b"\r\n\r\n"))
 }
 
 /// The answer to one request.

@@ -36,6 +36,48 @@ struct Entry {
     answering: bool,
     /// Cancelled to evict it.
     evict: CancellationToken,
+    /// Its socket, to look at (never read) before it is chosen for eviction: a connection
+    /// whose whole head has arrived but whose task has not run yet is spared.
+    peek: Option<HeadPeek>,
+}
+
+/// A duplicate of a connection's descriptor, peeked at to see whether its whole request head
+/// has arrived (std's `peek` is the safe one; the duplicate shares the socket and its
+/// non-blocking mode, and reads nothing).
+#[derive(Debug)]
+pub(crate) struct HeadPeek(std::net::TcpStream);
+
+impl HeadPeek {
+    /// A peek handle on `socket` (`None` if its descriptor cannot be duplicated).
+    pub(crate) fn of(socket: &tokio::net::TcpStream) -> Option<Self> {
+        use std::os::fd::AsFd as _;
+        let duplicate = socket.as_fd().try_clone_to_owned().ok()?;
+        Some(Self(std::net::TcpStream::from(duplicate)))
+    }
+
+    /// Whether a whole request head is waiting.
+    fn head_waiting(&self) -> bool {
+        self.waiting() == Waiting::WholeHead
+    }
+
+    /// What has arrived and not been read yet.
+    fn waiting(&self) -> Waiting {
+        let mut peeked = [0u8; 2048];
+        match self.0.peek(&mut peeked) {
+            Ok(0) | Err(_) => Waiting::Nothing,
+            Ok(n) if peeked[..n].windows(4).any(|w| w == b"\r\n\r\n") => Waiting::WholeHead,
+            Ok(_) => Waiting::PartOfAHead,
+        }
+    }
+}
+
+/// What a connection's socket holds that its task has not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    Nothing,
+    /// Bytes, but not a whole head: a client trickling its request.
+    PartOfAHead,
+    WholeHead,
 }
 
 impl Slots {
@@ -45,19 +87,36 @@ impl Slots {
 
     /// A slot for a connection from `source`, evicting the connection that has waited longest
     /// for its head if there is no room; `None` when every connection is being answered.
-    /// `head_arrived`: its whole request head was waiting at accept already (it is answered
-    /// from the start, so a storm of reconnecting tricklers cannot evict it before its task
-    /// has run).
-    pub(crate) fn take(self: &Arc<Self>, source: IpAddr, head_arrived: bool) -> Option<Slot> {
+    /// `peek` looks at the new connection's socket: a connection whose whole head has arrived
+    /// counts as answered even before its task has run, so a storm of reconnecting tricklers
+    /// cannot evict a probe in the moment between its accept and its first read.
+    pub(crate) fn take(self: &Arc<Self>, source: IpAddr, peek: Option<HeadPeek>) -> Option<Slot> {
         let mut table = self.lock();
         let from_source = table.open.values().filter(|e| e.source == source).count();
         let over_share = from_source >= MAX_PER_SOURCE;
         if over_share || table.open.len() >= MAX_CONNECTIONS {
-            let victim = table
-                .open
-                .iter()
-                .find(|(_, e)| !e.answering && (!over_share || e.source == source))
-                .map(|(id, _)| *id)?;
+            // At most the source's share (or all the slots) of peeks, and only when full. A
+            // connection trickling its head goes first, the oldest of those; then the oldest
+            // that has sent nothing yet (a probe whose head is still on its way, or a silent
+            // one, which the head deadline cuts anyway).
+            let mut trickling = None;
+            let mut silent = None;
+            for (id, entry) in &mut table.open {
+                if entry.answering || (over_share && entry.source != source) {
+                    continue;
+                }
+                match entry.peek.as_ref().map_or(Waiting::Nothing, HeadPeek::waiting) {
+                    Waiting::WholeHead => entry.answering = true,
+                    Waiting::PartOfAHead => {
+                        trickling = Some(*id);
+                        break;
+                    }
+                    Waiting::Nothing => {
+                        silent = silent.or(Some(*id));
+                    }
+                }
+            }
+            let victim = trickling.or(silent)?;
             if let Some(evicted) = table.open.remove(&victim) {
                 evicted.evict.cancel();
             }
@@ -65,7 +124,8 @@ impl Slots {
         let id = table.next_id;
         table.next_id += 1;
         let evict = CancellationToken::new();
-        table.open.insert(id, Entry { source, answering: head_arrived, evict: evict.clone() });
+        let answering = peek.as_ref().is_some_and(HeadPeek::head_waiting);
+        table.open.insert(id, Entry { source, answering, evict: evict.clone(), peek });
         Some(Slot { slots: Arc::clone(self), id, evict })
     }
 
@@ -97,6 +157,7 @@ impl Slot {
         move || {
             if let Some(entry) = slots.lock().open.get_mut(&id) {
                 entry.answering = true;
+                entry.peek = None; // its descriptor's duplicate is not needed any more
             }
         }
     }
@@ -121,11 +182,11 @@ mod tests {
         let slots = Arc::new(Slots::default());
         let mut held: Vec<Slot> = (0..MAX_CONNECTIONS)
             .map(|i| {
-                slots.take(ip(&format!("10.0.{}.{}", i / 200, i % 200 + 1)), false).expect("room")
+                slots.take(ip(&format!("10.0.{}.{}", i / 200, i % 200 + 1)), None).expect("room")
             })
             .collect();
         held[0].head_received()(); // the oldest is being answered
-        let probe = slots.take(ip("192.0.2.1"), false).expect("room is made");
+        let probe = slots.take(ip("192.0.2.1"), None).expect("room is made");
         assert_eq!(slots.len(), MAX_CONNECTIONS);
         assert!(!held[0].evict.is_cancelled(), "an answered connection is never evicted");
         assert!(held[1].evict.is_cancelled(), "the next oldest waiting one is");
@@ -133,10 +194,10 @@ mod tests {
         for slot in &held {
             slot.head_received()();
         }
-        let second = slots.take(ip("192.0.2.2"), false).expect("the probe's place, freed");
+        let second = slots.take(ip("192.0.2.2"), None).expect("the probe's place, freed");
         second.head_received()();
         assert!(
-            slots.take(ip("192.0.2.3"), false).is_none(),
+            slots.take(ip("192.0.2.3"), None).is_none(),
             "all answering: the newcomer is closed"
         );
         held.clear();
@@ -149,24 +210,41 @@ mod tests {
         let slots = Arc::new(Slots::default());
         let attacker = ip("127.0.0.1");
         let held: Vec<Slot> =
-            (0..MAX_PER_SOURCE * 3).filter_map(|_| slots.take(attacker, false)).collect();
+            (0..MAX_PER_SOURCE * 3).filter_map(|_| slots.take(attacker, None)).collect();
         assert_eq!(slots.len(), MAX_PER_SOURCE, "its own oldest made room each time");
         let evicted = held.iter().filter(|s| s.evict.is_cancelled()).count();
         assert_eq!(evicted, MAX_PER_SOURCE * 2);
-        assert!(slots.take(ip("192.0.2.9"), false).is_some(), "others still have room");
+        assert!(slots.take(ip("192.0.2.9"), None).is_some(), "others still have room");
     }
 
-    #[test]
-    fn a_connection_whose_head_was_waiting_at_accept_is_never_evicted() {
+    #[tokio::test]
+    async fn a_connection_whose_whole_head_has_arrived_is_never_evicted() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
         let slots = Arc::new(Slots::default());
         let source = ip("127.0.0.1");
-        let probe = slots.take(source, true).expect("room");
+        // Accepted before its head arrives; its task has not read it when the storm comes.
+        let mut probe_client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (probe_socket, _) = listener.accept().await.expect("accept");
+        let probe = slots.take(source, HeadPeek::of(&probe_socket)).expect("room");
+        probe_client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .expect("write");
+        // Until the bytes are in the socket's buffer (a bounded wait on loopback).
+        let peek = HeadPeek::of(&probe_socket).expect("peek");
+        for _ in 0..1_000 {
+            if peek.head_waiting() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(peek.head_waiting(), "the probe's head arrived");
         let tricklers: Vec<Slot> =
-            (0..MAX_PER_SOURCE * 3).filter_map(|_| slots.take(source, false)).collect();
+            (0..MAX_PER_SOURCE * 3).filter_map(|_| slots.take(source, None)).collect();
         assert!(!probe.evict.is_cancelled(), "the probe outlived a storm of newcomers");
-        assert_eq!(
-            tricklers.iter().filter(|s| s.evict.is_cancelled()).count(),
-            MAX_PER_SOURCE * 2 + 1
-        );
+        let evicted = tricklers.iter().filter(|s| s.evict.is_cancelled()).count();
+        assert_eq!(evicted, MAX_PER_SOURCE * 2 + 1);
     }
 }
