@@ -885,6 +885,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn over_the_budget_a_receiver_that_stops_reading_is_cut_sooner() {
+        // Spent: the stream was let in before (while it idled, say) and stalls only now.
+        let budget = std::sync::Arc::new(crate::budget::BufferBudget::new(0));
+        let (mut socket, _socket_far) = duplex(16 * 1024);
+        let (mut tunnel, mut tunnel_far) = duplex(16 * 1024);
+        let timeouts = CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)) };
+        let copy = tokio::spawn({
+            let budget = std::sync::Arc::clone(&budget);
+            async move {
+                let charge = budget.charge_stream();
+                let counts = ByteCounts::default();
+                let (socket, tunnel) = (&mut socket, &mut tunnel);
+                copy_bidirectional_counted(
+                    socket,
+                    tunnel,
+                    timeouts,
+                    4096,
+                    pending(),
+                    &counts,
+                    Some(&charge),
+                )
+                .await
+            }
+        });
+        let started = Instant::now();
+        let pushing = tokio::spawn(async move {
+            let chunk = vec![1u8; 1024];
+            while tunnel_far.write_all(&chunk).await.is_ok() {}
+        });
+        let report = copy.await.expect("copy");
+        assert!(matches!(report.end, CopyEnd::Stalled { side: Side::Socket }), "{:?}", report.end);
+        let took = started.elapsed();
+        let pressure = watch::PRESSURE_STALL;
+        assert!(took >= pressure && took <= pressure * 2, "{took:?}: not the 30 s configured");
+        pushing.abort();
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_trickle_reader_is_cut_and_a_slow_steady_one_is_not() {
         // A byte a second: far below STALL_MIN_PROGRESS per timeout.
         for (every, take, stalls) in

@@ -41,6 +41,14 @@ pub(super) async fn watchdog(
             }
         }
         if let Some(stall) = timeouts.stall {
+            // Over the budget, a stream that holds a window without taking from it gets less
+            // patience: a stream admitted while it was idle and stalled only later was never
+            // looked at against the budget.
+            let stall = if to_socket.charge.budget().is_some_and(|b| !b.has_room()) {
+                stall.min(PRESSURE_STALL)
+            } else {
+                stall
+            };
             for (meter, side) in [(to_tunnel, Side::Tunnel), (to_socket, Side::Socket)] {
                 if let Some(since) = meter.blocked_since(clock) {
                     let stalled_at = since + stall;
@@ -94,6 +102,9 @@ impl<'a> std::ops::Deref for MeterCharge<'a> {
         }
     }
 }
+
+/// The stall timeout while the budget is spent (when the configured one is longer).
+pub(super) const PRESSURE_STALL: Duration = Duration::from_secs(5);
 
 /// How long a new stream's direction must be idle before its probation charge is given back.
 pub(super) const PROBATION_IDLE: Duration = Duration::from_millis(250);
