@@ -15,10 +15,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use privlink_transport::listener::FirstBytes;
 use privlink_transport::throttle::Throttle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -98,8 +99,8 @@ struct Counts {
 #[derive(Debug)]
 struct Pending {
     source: SourceKey,
-    /// Set once the peer has sent its first byte.
-    spoke: Arc<AtomicBool>,
+    /// Whether the peer has sent its first byte.
+    first: Arc<FirstBytes>,
     /// Cancelled to evict it.
     evict: CancellationToken,
 }
@@ -169,7 +170,7 @@ impl Counts {
                 .filter(move |(_, p)| matches!(cap, OverCap::Total(_)) || p.source == source)
         };
         candidates()
-            .find(|(_, p)| !p.spoke.load(Ordering::Relaxed))
+            .find(|(_, p)| !p.first.arrived())
             .or_else(|| candidates().next())
             .map(|(id, _)| *id)
     }
@@ -182,8 +183,8 @@ impl Admission {
     }
 
     /// Takes a pending place for a connection from `source`, evicting an older one when a cap
-    /// is full (see the module notes). `spoke` is set once the peer has sent a byte.
-    pub fn admit(self: &Arc<Self>, source: IpAddr, spoke: Arc<AtomicBool>) -> PendingSlot {
+    /// is full (see the module notes). `first` says whether the peer has sent a byte.
+    pub fn admit(self: &Arc<Self>, source: IpAddr, first: Arc<FirstBytes>) -> PendingSlot {
         let key = SourceKey::of(source);
         let mut counts = self.lock();
         let full = if counts.by_source.get(&key).copied().unwrap_or(0) >= self.caps.per_source {
@@ -204,7 +205,7 @@ impl Admission {
         let id = counts.next_id;
         counts.next_id += 1;
         let evict = CancellationToken::new();
-        counts.pending.insert(id, Pending { source: key, spoke, evict: evict.clone() });
+        counts.pending.insert(id, Pending { source: key, first, evict: evict.clone() });
         PendingSlot { admission: Arc::clone(self), id, evict }
     }
 
@@ -275,7 +276,7 @@ mod tests {
     #[test]
     fn when_full_a_silent_connection_goes_before_one_that_spoke() {
         let admission = Arc::new(Admission::default());
-        let spoke = Arc::new(AtomicBool::new(true));
+        let spoke = Arc::new(FirstBytes::spoken());
         // The oldest has sent its ClientHello; every later one is silent.
         let speaker = admission.admit(ip("203.0.113.1"), Arc::clone(&spoke));
         let mut held = Vec::new();

@@ -8,8 +8,8 @@
 //! its hello is admitted the connection holds a place among the capped pending ones
 //! ([`crate::admission`]).
 
+use privlink_transport::listener::FirstBytes;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,9 +89,9 @@ impl listener::Admission for PendingCap<'_> {
         self.0.wants_retry()
     }
 
-    fn admit(&self, remote: SocketAddr, spoke: Arc<AtomicBool>) -> Option<PendingSlot> {
+    fn admit(&self, remote: SocketAddr, first: Arc<FirstBytes>) -> Option<PendingSlot> {
         // Never turned away: over a cap, an older pending connection makes room.
-        Some(self.0.admit(remote.ip(), spoke))
+        Some(self.0.admit(remote.ip(), first))
     }
 }
 

@@ -55,10 +55,53 @@ pub trait Admission {
     fn wants_address_validation(&self) -> bool;
 
     /// Admits a connection from `remote`, or turns it away (`None`: it is closed at once, and
-    /// the admission counts and logs it). `spoke` is set once the peer has sent a byte: at
-    /// once on QUIC (its first packet holds its ClientHello), on TCP when its first byte
-    /// arrives.
-    fn admit(&self, remote: SocketAddr, spoke: Arc<AtomicBool>) -> Option<Self::Ticket>;
+    /// the admission counts and logs it). `first` says whether the peer has sent a byte: at
+    /// once on QUIC (its first packet holds its ClientHello), on TCP when its first byte has
+    /// arrived — seen by its task, or by a look at its socket when the admission asks.
+    fn admit(&self, remote: SocketAddr, first: Arc<FirstBytes>) -> Option<Self::Ticket>;
+}
+
+/// Whether a pending connection's peer has sent its first bytes. Its task records them once
+/// it has read them; until then [`arrived`](Self::arrived) looks at the socket itself (a
+/// duplicate of its descriptor, peeked at, never read), so a connection whose ClientHello
+/// came while its task waited behind a flood is not taken for a silent one.
+#[derive(Debug, Default)]
+pub struct FirstBytes {
+    seen: AtomicBool,
+    socket: Option<std::net::TcpStream>,
+}
+
+impl FirstBytes {
+    /// A peer known to have spoken (QUIC: its first packet carried its ClientHello).
+    pub fn spoken() -> Self {
+        Self { seen: AtomicBool::new(true), socket: None }
+    }
+
+    /// A TCP peer, looked at through a duplicate of `socket`'s descriptor.
+    fn watching(socket: &tokio::net::TcpStream) -> Self {
+        use std::os::fd::AsFd as _;
+        let socket = socket.as_fd().try_clone_to_owned().ok().map(std::net::TcpStream::from);
+        let first = Self { seen: AtomicBool::new(false), socket };
+        first.arrived();
+        first
+    }
+
+    /// Whether the peer has sent a byte (a system call while not known yet).
+    pub fn arrived(&self) -> bool {
+        if self.seen.load(Ordering::Relaxed) {
+            return true;
+        }
+        let waiting =
+            self.socket.as_ref().is_some_and(|s| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
+        if waiting {
+            self.seen.store(true, Ordering::Relaxed);
+        }
+        waiting
+    }
+
+    fn record(&self) {
+        self.seen.store(true, Ordering::Relaxed);
+    }
 }
 
 /// One agent connection's transport handshake, started by awaiting it (within the deadline
@@ -85,12 +128,6 @@ impl Future for Handshake {
 pub const FIRST_BYTE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Waits for a TCP peer's first byte (without taking it), within [`FIRST_BYTE_DEADLINE`].
-/// Whether the peer's first bytes have arrived already (a non-blocking peek).
-fn has_bytes_waiting(socket: &tokio::net::TcpStream) -> bool {
-    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-    socket2::SockRef::from(socket).peek(&mut byte).is_ok_and(|n| n > 0)
-}
-
 async fn first_byte(socket: &tokio::net::TcpStream) -> Result<(), DialError> {
     match tokio::time::timeout(FIRST_BYTE_DEADLINE, socket.peek(&mut [0u8; 1])).await {
         Ok(Ok(n)) if n > 0 => Ok(()),
@@ -229,8 +266,7 @@ impl TunnelListener {
                 } else {
                     incoming
                 };
-                let spoke = Arc::new(AtomicBool::new(true));
-                let Some(ticket) = admission.admit(remote, spoke) else {
+                let Some(ticket) = admission.admit(remote, Arc::new(FirstBytes::spoken())) else {
                     incoming.refuse();
                     continue;
                 };
@@ -239,11 +275,10 @@ impl TunnelListener {
             }
         };
         let tcp_loop = tcp::accept_until(&tcp, stop, |socket, remote| {
-            // Under a flood the accept lags, and an agent's ClientHello is usually waiting
-            // already: counted as spoken from the start, it is never the one evicted, however
-            // late its task gets to run.
-            let spoke = Arc::new(AtomicBool::new(has_bytes_waiting(&socket)));
-            let Some(ticket) = admission.admit(remote, Arc::clone(&spoke)) else {
+            // Under a flood an agent's task may run long after its ClientHello has come: the
+            // admission looks at the socket itself before it takes it for a silent one.
+            let first = Arc::new(FirstBytes::watching(&socket));
+            let Some(ticket) = admission.admit(remote, Arc::clone(&first)) else {
                 tcp::abort(socket);
                 return;
             };
@@ -251,7 +286,7 @@ impl TunnelListener {
             let acceptor = endpoint.tcp_acceptor();
             let handshake = Handshake(Box::pin(async move {
                 first_byte(&socket).await?;
-                spoke.store(true, Ordering::Relaxed);
+                first.record();
                 let accepted = h2::accept(socket, remote, acceptor, handshake_deadline).await;
                 accepted.map(RelayConnection::from)
             }));
