@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::limits::STALLED_STREAM_COST;
+use crate::limits::{DEFAULT_BUFFER_SIZE, STALLED_STREAM_COST};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A budget of buffered tunnel bytes, shared by every copy in the process.
@@ -139,7 +139,7 @@ pub fn default_limit() -> u64 {
 
 /// What a stream whose socket stopped taking bytes is charged: what its window can cost the
 /// transport, and the copy loop's buffer.
-pub const STREAM_CHARGE: u64 = STALLED_STREAM_COST + crate::copy::DEFAULT_BUFFER_SIZE as u64;
+pub const STREAM_CHARGE: u64 = STALLED_STREAM_COST + DEFAULT_BUFFER_SIZE as u64;
 
 /// One direction's charge on a [`BufferBudget`]: taken while its writer cannot keep up (and a
 /// new stream's from the start), returned when it drains and when the charge is dropped.

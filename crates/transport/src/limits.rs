@@ -9,6 +9,10 @@
 //! downloads gave a new client on the same endpoint no byte in 12 s
 //! (`tests/bad_input.rs`, `stalled_clients_hold_only_their_own_windows`).
 
+/// The copy loop's largest read per direction. A first measured choice: large enough for
+/// full-speed bulk transfers on loopback. It lives on the stack while a read is in hand; heap
+/// memory of this size is taken only while a writer is not keeping up.
+pub const DEFAULT_BUFFER_SIZE: usize = 32 * 1024;
 /// Concurrent streams the relay may open on one agent connection (plus the control stream).
 pub const MAX_CONCURRENT_STREAMS: u32 = 16_384;
 /// Per-stream receive window: what one stream may have in flight, and so the most its

@@ -40,10 +40,7 @@ use crate::budget::BufferBudget;
 #[cfg(doc)]
 use crate::limits::STALLED_STREAM_COST;
 
-/// Largest read per direction. A first measured choice: large enough for full-speed bulk
-/// transfers on loopback. It lives on the stack while a read is in hand; heap memory of this
-/// size is taken only while a writer is not keeping up.
-pub const DEFAULT_BUFFER_SIZE: usize = 32 * 1024;
+pub use crate::limits::DEFAULT_BUFFER_SIZE;
 
 /// The stack buffer each read lands in; reads are capped at this size.
 const MAX_READ: usize = 64 * 1024;
