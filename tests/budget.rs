@@ -3,6 +3,8 @@
 //! destination that never reads, cost each process at most its `buffer_budget` — new
 //! connections beyond it are refused with a counted reason (`over_budget`) — while the tunnel
 //! link stays up and other connections are served; the stalled ones end at `stall_timeout`.
+//! Clients let in while idle that all stop keeping up at once cost at most the budget's
+//! ceiling, a quarter above it: past it each is cut the moment it backs up.
 
 #[macro_use]
 mod common;
@@ -336,7 +338,161 @@ async fn uploads_nobody_reads_cost_the_agent_at_most_its_budget(transport: Trans
     assert_eq!(full_download(net.f).await, 64 * 1024, "endpoint f at the end");
 }
 
+/// Which process an idle-then-stall flood is aimed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Downloads the clients never read: the relay holds them.
+    Relay,
+    /// Uploads into a destination that never reads: the agent holds them.
+    Agent,
+}
+
+/// The attack the probation charge cannot see: clients let in a few at a time while each
+/// idles (its probation charge goes back after a moment without data), and then all at once
+/// begin a transfer whose receiver reads nothing. Each backs up and is charged again without a
+/// look at the limit (nothing open is disturbed), but none past the ceiling, a quarter above
+/// the limit: the others are cut the moment they back up, counted `stalled`. What the process
+/// holds (and its peak memory) stays within the ceiling; the other endpoint is served during the
+/// flood, on the same link; every stalled stream ends and its charge comes back.
+async fn idle_clients_that_all_stall_at_once_cost_at_most_the_ceiling(
+    transport: TransportChoice,
+    target: Target,
+) {
+    const CLIENTS: usize = 40;
+    const BATCH: usize = 5;
+    const DOWNLOAD: usize = 48 << 20;
+    let server = choosy_server(DOWNLOAD).await;
+    let budget = format!("buffer_budget = \"{BUDGET_MIB}MiB\"");
+    let stall = "stall_timeout = \"3s\"";
+    let net = match target {
+        Target::Relay => Budgeted::start(transport, server.addr, &budget, stall, "").await,
+        Target::Agent => {
+            let agent_extra = format!("{budget}\n{stall}");
+            Budgeted::start(transport, server.addr, "", "", &agent_extra).await
+        }
+    };
+    let (admin, pid) = match target {
+        Target::Relay => (&net.relay_admin, net.relay.pid()),
+        Target::Agent => (&net.agent_admin, net.agent.pid()),
+    };
+    let (active, stalled_series) = match target {
+        Target::Relay => (
+            "privlink_relay_connections_active{endpoint=\"e\"}",
+            "privlink_relay_connections_total{endpoint=\"e\",outcome=\"stalled\"}",
+        ),
+        Target::Agent => {
+            ("privlink_agent_streams_active", "privlink_agent_streams_total{outcome=\"stalled\"}")
+        }
+    };
+    let linked_since = || {
+        let status = tokio::task::block_in_place(|| net.relay_admin.relay_status());
+        status.agents.iter().map(|a| a.connected_since_unix).collect::<Vec<_>>()
+    };
+    let linked_before = linked_since();
+    let before_kib = memory_kib(pid, "VmRSS");
+
+    // Let in a few at a time, each batch once every stream's probation has ended: nothing is
+    // charged for them while they idle, so the budget never refuses one.
+    let mut idle = Vec::new();
+    while idle.len() < CLIENTS {
+        for _ in 0..BATCH {
+            idle.push(TcpStream::connect(net.e).await.expect("connect"));
+        }
+        let open = idle.len() as u64;
+        decided_by_metrics(admin, |body| {
+            let held = series(body, "privlink_buffer_held_bytes");
+            (series(body, active) == open && held == 0).then_some(())
+        })
+        .await;
+    }
+
+    // All at once: each begins its transfer and its receiver reads none of it.
+    let ask = match target {
+        Target::Relay => ask::DOWNLOAD,
+        Target::Agent => ask::SINK,
+    };
+    let flood: Vec<_> = idle
+        .into_iter()
+        .map(|mut socket| {
+            tokio::spawn(async move {
+                let _ = socket.write_all(&[ask]).await;
+                if ask == ask::SINK {
+                    let chunk = vec![0u8; 64 * 1024];
+                    // Bounded: far more than every buffer on the way holds.
+                    for _ in 0..1024 {
+                        if socket.write_all(&chunk).await.is_err() {
+                            return socket;
+                        }
+                    }
+                    panic!("an upload nobody reads went through whole");
+                }
+                socket
+            })
+        })
+        .collect();
+    // Meanwhile the other endpoint is served, on the same link.
+    let during = tokio::spawn(full_download(net.f));
+    let mut most_held = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = tokio::task::block_in_place(|| scrape(admin));
+        most_held = most_held.max(series(&body, "privlink_buffer_held_bytes"));
+        if series(&body, stalled_series) >= CLIENTS as u64 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not every stream was cut: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = tokio::time::timeout(WAIT, during).await.expect("in time").expect("join");
+    assert_eq!(during, DOWNLOAD, "endpoint f during the flood");
+    let peak_kib = memory_kib(pid, "VmHWM");
+    let grew_mib = peak_kib.saturating_sub(before_kib) / 1024;
+    let ceiling = (BUDGET_MIB << 20) + (BUDGET_MIB << 20) / 4;
+    let share_ceiling = (BUDGET_MIB << 20) / 4 * 3 / 4 * 5;
+    // The figure covers the whole process: the endpoint's streams (at most its share's
+    // ceiling), a download on f while it is new, and the copy buffers of uploads into the
+    // tunnel.
+    eprintln!(
+        "{transport:?}, {target:?}: {CLIENTS} idle clients stalled at once; most held {} MiB \
+         (the endpoint's ceiling {} MiB); memory {} → peak {} MiB (+{grew_mib} MiB) for a \
+         {BUDGET_MIB} MiB budget",
+        most_held >> 20,
+        share_ceiling >> 20,
+        before_kib / 1024,
+        peak_kib / 1024,
+    );
+    assert!(most_held <= ceiling, "{most_held} bytes held; the ceiling is {ceiling}");
+    assert!(
+        grew_mib <= ceiling >> 20,
+        "grew {grew_mib} MiB for a {BUDGET_MIB} MiB budget (ceiling {} MiB)",
+        ceiling >> 20
+    );
+    for client in flood {
+        drop(tokio::time::timeout(WAIT, client).await.expect("client in time").expect("join"));
+    }
+    decided_by_metrics(admin, |body| {
+        (series(body, "privlink_buffer_held_bytes") == 0).then_some(())
+    })
+    .await;
+    assert_eq!(linked_since(), linked_before, "the agent's link was dropped during the flood");
+    assert_eq!(full_download(net.e).await, DOWNLOAD, "endpoint e after the flood");
+}
+
+async fn idle_downloads_that_all_stall_at_once_cost_the_relay_at_most_its_ceiling(
+    transport: TransportChoice,
+) {
+    idle_clients_that_all_stall_at_once_cost_at_most_the_ceiling(transport, Target::Relay).await;
+}
+
+async fn idle_uploads_that_all_stall_at_once_cost_the_agent_at_most_its_ceiling(
+    transport: TransportChoice,
+) {
+    idle_clients_that_all_stall_at_once_cost_at_most_the_ceiling(transport, Target::Agent).await;
+}
+
 on_both_transports!(
     clients_that_stop_reading_cost_the_relay_at_most_its_budget,
     uploads_nobody_reads_cost_the_agent_at_most_its_budget,
+    idle_downloads_that_all_stall_at_once_cost_the_relay_at_most_its_ceiling,
+    idle_uploads_that_all_stall_at_once_cost_the_agent_at_most_its_ceiling,
 );

@@ -453,6 +453,7 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     );
     assert_config_rejected("agent", &agent("transport = \"udp\""), 5, "transport", d);
     assert_config_rejected("agent", &agent("buffer_budget = 0"), 5, "buffer_budget", d);
+    assert_config_rejected("agent", &agent("buffer_budget = \"5GiB\""), 5, "buffer_budget", d);
     let open_admin = agent("[admin]\nlisten = \"[::]:9091\"");
     assert_config_rejected("agent", &open_admin, 6, "admin.listen", d);
     assert_config_rejected(

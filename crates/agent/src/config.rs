@@ -7,8 +7,8 @@ use std::time::Duration;
 
 pub use privlink_protocol::config::AdminSettings;
 use privlink_protocol::config::{
-    AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
-    deserialize_optional_positive_duration, deserialize_optional_size,
+    AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_buffer_budget,
+    deserialize_optional_duration, deserialize_optional_positive_duration,
 };
 use privlink_protocol::destination::{Host, parse_port, split_host_port};
 use privlink_protocol::token::Token;
@@ -141,7 +141,7 @@ struct RawConfig {
     stall_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_optional_duration")]
     shutdown_grace: Option<Duration>,
-    #[serde(default, deserialize_with = "deserialize_optional_size")]
+    #[serde(default, deserialize_with = "deserialize_optional_buffer_budget")]
     buffer_budget: Option<u64>,
     #[serde(default)]
     allow: Vec<RawAllow>,

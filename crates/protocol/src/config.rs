@@ -222,6 +222,27 @@ pub fn deserialize_optional_size<'de, D: Deserializer<'de>>(d: D) -> Result<Opti
     Ok(Some(bytes))
 }
 
+/// The largest `buffer_budget` either role accepts. Past it, more streams could be charged at
+/// once (up to the budget's ceiling, a quarter above it) than one TLS/TCP tunnel connection's
+/// HTTP/2 window holds beside its control stream: 5 GiB of charges at about 5 MiB a stream is
+/// 1,017 stalled streams × 2 MiB of window, within the 2 GiB − 1 that HTTP/2 can express.
+pub const MAX_BUFFER_BUDGET: u64 = 4 << 30;
+
+/// Serde helper for `buffer_budget`: a size ([`deserialize_optional_size`]) of at most
+/// [`MAX_BUFFER_BUDGET`].
+pub fn deserialize_optional_buffer_budget<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    let bytes = deserialize_optional_size(d)?;
+    if bytes.is_some_and(|bytes| bytes > MAX_BUFFER_BUDGET) {
+        return Err(D::Error::custom(
+            "at most 4GiB: past that, more streams could stall at once than one TLS/TCP tunnel \
+             connection's flow-control window holds beside its control messages",
+        ));
+    }
+    Ok(bytes)
+}
+
 /// The `[admin]` table both configs share, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

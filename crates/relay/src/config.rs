@@ -13,8 +13,8 @@ use ipnet::IpNet;
 use privlink_protocol::acl::{Acl, parse_acl_entry};
 pub use privlink_protocol::config::AdminSettings;
 use privlink_protocol::config::{
-    AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_duration,
-    deserialize_optional_positive_duration, deserialize_optional_size,
+    AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_buffer_budget,
+    deserialize_optional_duration, deserialize_optional_positive_duration,
 };
 use privlink_protocol::destination::Destination;
 use privlink_protocol::message::MAX_ENDPOINTS_PER_CONNECTOR;
@@ -171,7 +171,7 @@ struct RawTunnel {
     listen: SocketAddr,
     cert: Spanned<PathBuf>,
     key: Spanned<PathBuf>,
-    #[serde(default, deserialize_with = "deserialize_optional_size")]
+    #[serde(default, deserialize_with = "deserialize_optional_buffer_budget")]
     buffer_budget: Option<u64>,
 }
 

@@ -59,8 +59,7 @@ pub(crate) async fn forward(
     // charge and looks again in one step, so a burst of clients cannot all pass the look
     // before any of them is charged).
     let Some(charge) = endpoint.budget.admit_stream() else {
-        endpoint.counters.over_budget.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        endpoint.metrics.connection_refused(&spec.name, "over_budget");
+        endpoint.refused_over_budget(client);
         abort(socket);
         return;
     };

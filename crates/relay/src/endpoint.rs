@@ -50,6 +50,24 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
+    /// Counts a client refused because the buffer budget (the relay's, or this endpoint's
+    /// share) is spent, and says so in the log at most once per [`REFUSAL_LOG_INTERVAL`].
+    pub(crate) fn refused_over_budget(&self, client: SocketAddr) {
+        self.counters.over_budget.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connection_refused(&self.name, "over_budget");
+        if let Some(left_out) = self.over_limit_log.admit(std::time::Instant::now()) {
+            tracing::warn!(
+                %client,
+                held = self.budget.held(),
+                buffer_budget = self.budget.limit(),
+                left_out,
+                "connection refused: clients that do not read hold the relay's buffer_budget \
+                 (all of it, or this endpoint's three quarters) (left_out: refusals since the \
+                 last such line; all are counted in privlink_relay_connections_total)"
+            );
+        }
+    }
+
     /// An endpoint stopped by `stop` and forced by `force` (children of the relay's own).
     pub(crate) fn new(
         spec: EndpointSpec,

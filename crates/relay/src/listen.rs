@@ -134,19 +134,7 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
         return None;
     };
     if !endpoint.budget.has_room() {
-        endpoint.counters.over_budget.fetch_add(1, Ordering::Relaxed);
-        endpoint.metrics.connection_refused(&endpoint.name, "over_budget");
-        if let Some(left_out) = endpoint.over_limit_log.admit(std::time::Instant::now()) {
-            warn!(
-                %client,
-                held = endpoint.budget.held(),
-                buffer_budget = endpoint.budget.limit(),
-                left_out,
-                "connection refused: clients that do not read hold the relay's buffer_budget \
-                 (all of it, or this endpoint's three quarters) (left_out: refusals since the last such \
-                 line; all are counted in privlink_relay_connections_total)"
-            );
-        }
+        endpoint.refused_over_budget(client);
         return None;
     }
     endpoint.counters.accepted.fetch_add(1, Ordering::Relaxed);

@@ -10,6 +10,14 @@
 //! past the budget new streams are refused (`over_budget`) and nothing open is disturbed.
 //! Each endpoint draws on a share of at most three quarters of the budget.
 //!
+//! The budget is a hard bound too: a stream admitted while it was idle (its probation charge
+//! given back) that backs up later is charged again without a look at the limit — nothing open
+//! is disturbed — but only up to the budget's [ceiling](BufferBudget::ceiling), a quarter above
+//! the limit. A stream whose receiver stops keeping up when its charge would pass the ceiling
+//! is cut at once ([`BudgetCharge::try_take`]); the transport's buffers for it go with it. Past
+//! the limit, below the ceiling, streams that stop taking bytes are cut after a short stall
+//! timeout (see `copy`).
+//!
 //! What is charged is an upper bound per stream — the transport's stream window plus the copy
 //! loop's own buffer — not a measurement: neither quinn nor h2 reports how much of a stream
 //! they hold. A stream that is merely slow is charged as much as a stalled one; the stall
@@ -64,6 +72,14 @@ impl BufferBudget {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// The most this process (or this share) holds at any moment: a quarter above the limit.
+    /// Between the limit and the ceiling are streams admitted under the limit that backed up
+    /// only later; no charge passes it ([`BudgetCharge::try_take`]).
+    pub fn ceiling(&self) -> u64 {
+        let limit = self.limit();
+        limit.saturating_add(limit / 4)
+    }
+
     /// Whether a new stream may start: what is held now is under the limit (the share's and
     /// the whole's).
     pub fn has_room(&self) -> bool {
@@ -102,6 +118,28 @@ impl BufferBudget {
         charge
     }
 
+    /// Charges `amount` if that keeps this budget (and the whole) at or under its ceiling.
+    fn try_add(&self, amount: u64) -> bool {
+        let ceiling = self.ceiling();
+        let added = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                let after = held.checked_add(amount)?;
+                (after <= ceiling).then_some(after)
+            })
+            .is_ok();
+        if !added {
+            return false;
+        }
+        match &self.whole {
+            Some(whole) if !whole.try_add(amount) => {
+                self.held.fetch_sub(amount, Ordering::Relaxed);
+                false
+            }
+            _ => true,
+        }
+    }
+
     fn add(&self, amount: u64) {
         self.held.fetch_add(amount, Ordering::Relaxed);
         if let Some(whole) = &self.whole {
@@ -122,7 +160,7 @@ impl BufferBudget {
 /// 50 to 800 streams' worth of stalled windows, new streams on probation included.
 pub fn default_limit() -> u64 {
     const MIN: u64 = 256 << 20;
-    const MAX: u64 = 4 << 30;
+    const MAX: u64 = privlink_protocol::config::MAX_BUFFER_BUDGET;
     let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
         let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
         kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kib| kib * 1024)
@@ -169,6 +207,24 @@ impl<'a> BudgetCharge<'a> {
                 budget.add(self.amount);
             }
         }
+    }
+
+    /// The writer is blocked and its stream must stay under the budget's ceiling: charge unless
+    /// charged already, if that keeps the budget (and the whole) at or under the ceiling.
+    /// `false`: it would not, and the stream is to be cut.
+    pub(crate) fn try_take(&self) -> bool {
+        let Some(budget) = self.budget else { return true };
+        if self.held.load(Ordering::Relaxed) {
+            return true;
+        }
+        if !budget.try_add(self.amount) {
+            return false;
+        }
+        if self.held.swap(true, Ordering::Relaxed) {
+            // Taken meanwhile by another call on the same charge: keep one.
+            budget.sub(self.amount);
+        }
+        true
     }
 
     /// The writer caught up: return the charge, if taken.
@@ -234,6 +290,34 @@ mod tests {
         assert!(e.admit_stream().is_some(), "admitted with room");
         let full = BufferBudget::share_of(&Arc::new(BufferBudget::new(0)));
         assert!(full.admit_stream().is_none(), "refused without");
+    }
+
+    #[test]
+    fn no_charge_passes_the_ceiling_a_quarter_above_the_limit() {
+        let whole = Arc::new(BufferBudget::new(400));
+        assert_eq!(whole.ceiling(), 500);
+        let share = BufferBudget::share_of(&whole);
+        assert_eq!((share.limit(), share.ceiling()), (300, 375));
+        // Charged past the limit (streams let in while idle that back up later) up to the
+        // share's ceiling.
+        let charges: Vec<_> = (0..4).map(|_| BudgetCharge::new(Some(&share), 90)).collect();
+        assert!(charges.iter().all(BudgetCharge::try_take), "4 × 90 = 360 ≤ 375");
+        assert!(charges[0].try_take(), "a charge already taken stays");
+        assert_eq!((share.held(), whole.held()), (360, 360));
+        let fifth = BudgetCharge::new(Some(&share), 90);
+        assert!(!fifth.try_take(), "450 would pass the share's ceiling");
+        drop(fifth);
+        assert_eq!(share.held(), 360, "a refused charge gives nothing back");
+        // The whole's ceiling binds a share that still has room.
+        let other = BufferBudget::share_of(&whole);
+        let big = BudgetCharge::new(Some(&other), 200);
+        assert!(!big.try_take(), "360 + 200 passes the whole's 500");
+        assert_eq!((other.held(), whole.held()), (0, 360), "the share's part was taken back");
+        let small = BudgetCharge::new(Some(&other), 140);
+        assert!(small.try_take(), "360 + 140 = 500, the ceiling itself");
+        drop((charges, small));
+        assert_eq!(whole.held(), 0);
+        assert!(BudgetCharge::new(None, 1 << 40).try_take(), "no budget, no ceiling");
     }
 
     #[test]

@@ -36,9 +36,9 @@ pub const QUIC_CONNECTION_WINDOW: u64 =
     (MAX_CONCURRENT_STREAMS as u64 + 1) * STREAM_RECEIVE_WINDOW as u64;
 /// The HTTP/2 connection receive window (TLS/TCP): the largest HTTP/2 can express,
 /// 2 GiB − 1, room for 1,023 streams each holding its whole window before the control stream
-/// would wait for credit. The buffer budget refuses new streams long before that many stall
-/// (its default holds about 100); on this transport the invariant is the budget's, not the
-/// window's.
+/// would wait for credit. On this transport the invariant is the buffer budget's: no more
+/// streams are charged at once than its ceiling allows (1.25 × the budget, at most 4 GiB:
+/// 1,017 streams), and a stream that backs up past the ceiling is cut.
 pub const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Which end of the tunnel a transport's settings are for.

@@ -84,7 +84,8 @@ pub enum CopyEnd {
     IdleTimeout,
     /// The caller's cancellation fired (shutdown).
     Cancelled,
-    /// The writer towards `side` took too little for the stall timeout while bytes waited.
+    /// The writer towards `side` took too little for the stall timeout while bytes waited, or
+    /// it blocked when the buffer budget's ceiling left no room for its stream's charge.
     Stalled {
         /// The side that stopped taking bytes.
         side: Side,
@@ -135,7 +136,9 @@ where
 /// ([`BufferBudget::admit_stream`]): it stays taken while the socket does not take what the
 /// tunnel delivers (the tunnel stream then holds up to a window, [`STALLED_STREAM_COST`]),
 /// and until the new stream has shown that it keeps up (it drained after blocking, or was
-/// idle for a moment); then it is given back, until the socket blocks again. While the tunnel
+/// idle for a moment); then it is given back, until the socket blocks again — and if the
+/// budget's ceiling has no room for it then, the copy ends at once ([`CopyEnd::Stalled`]
+/// towards the socket). While the tunnel
 /// does not take what the socket delivers, the budget is charged the copy's buffer alone (the
 /// socket's kernel buffer holds the rest).
 pub async fn copy_bidirectional_counted<S, T, C>(
@@ -171,6 +174,8 @@ where
     let end = tokio::select! {
         result = copy_both_ways(&mut socket_side, &mut tunnel_side, buffer_size, [&to_tunnel, &to_socket], &activity) => match result {
             Ok(_) => CopyEnd::Finished,
+            // Blocked when the budget's ceiling had no room for its charge: cut as stalled.
+            Err(_) if to_socket.over_ceiling() => CopyEnd::Stalled { side: Side::Socket },
             Err(error) => {
                 // The side that saw an error first is the one that failed; if neither recorded
                 // one (cannot happen with these wrappers), blame the tunnel.
@@ -337,7 +342,7 @@ impl<'a> OneWay<'a> {
                         let mut buf = vec![0u8; self.max_read].into_boxed_slice();
                         buf[..rest.len()].copy_from_slice(rest);
                         (self.buf, self.pos, self.cap) = (Some(buf), 0, rest.len());
-                        self.stall.blocked(self.clock);
+                        self.stall.blocked(self.clock)?;
                         return Poll::Pending;
                     }
                 }
@@ -370,7 +375,7 @@ impl<'a> OneWay<'a> {
         }
         while self.pos < self.cap {
             let Poll::Ready(written) = poll_write_some(cx, writer, &buf[self.pos..self.cap]) else {
-                self.stall.blocked(self.clock);
+                self.stall.blocked(self.clock)?;
                 return Poll::Pending;
             };
             let n = written?;
@@ -918,6 +923,68 @@ mod tests {
         assert!(took >= pressure && took <= pressure * 2, "{took:?}: not the 30 s configured");
         pushing.abort();
         assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_let_in_while_idle_is_cut_when_it_backs_up_at_the_ceiling() {
+        use crate::budget::{BudgetCharge, BufferBudget, STREAM_CHARGE};
+        // Others hold the budget past its limit: at the ceiling (no room for one more stream's
+        // window), and a stream's charge short of it.
+        for (others_hold, cut_at_once) in [(80 << 20, true), (64 << 20, false)] {
+            let budget = std::sync::Arc::new(BufferBudget::new(64 << 20));
+            assert_eq!(budget.ceiling(), 80 << 20);
+            let others = BudgetCharge::new(Some(&*budget), others_hold);
+            others.take();
+            let (mut socket, _socket_far) = duplex(16 * 1024);
+            let (mut tunnel, mut tunnel_far) = duplex(16 * 1024);
+            let timeouts = CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)) };
+            let copy = tokio::spawn({
+                let budget = std::sync::Arc::clone(&budget);
+                async move {
+                    // Admitted while there was room; its probation charge goes back as it idles.
+                    let charge = budget.charge_stream();
+                    let counts = ByteCounts::default();
+                    let (socket, tunnel) = (&mut socket, &mut tunnel);
+                    let copy = copy_bidirectional_counted(
+                        socket,
+                        tunnel,
+                        timeouts,
+                        4096,
+                        pending(),
+                        &counts,
+                        Some(&charge),
+                    );
+                    copy.await
+                }
+            });
+            tokio::time::sleep(watch::PROBATION_IDLE * 2).await;
+            assert_eq!(budget.held(), others_hold, "its probation charge went back as it idled");
+            // Now the download comes, and the socket's peer reads none of it.
+            let started = Instant::now();
+            let pushing = tokio::spawn(async move {
+                let chunk = vec![1u8; 1024];
+                while tunnel_far.write_all(&chunk).await.is_ok() {}
+            });
+            let report = copy.await.expect("copy");
+            assert!(
+                matches!(report.end, CopyEnd::Stalled { side: Side::Socket }),
+                "{:?}",
+                report.end
+            );
+            let took = started.elapsed();
+            if cut_at_once {
+                assert!(took < Duration::from_millis(100), "{took:?}: cut the moment it blocked");
+            } else {
+                // Charged past the limit (nothing open is disturbed), then cut at the shorter
+                // stall timeout of a spent budget.
+                let pressure = watch::PRESSURE_STALL;
+                assert!(took >= pressure && took <= pressure * 2, "{took:?}");
+            }
+            assert!(budget.held() <= budget.ceiling());
+            pushing.abort();
+            assert_eq!(budget.held(), others_hold, "its charge, if taken, is back");
+            assert!(others_hold + STREAM_CHARGE > budget.ceiling() || !cut_at_once);
+        }
     }
 
     #[tokio::test(start_paused = true)]

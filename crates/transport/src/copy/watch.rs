@@ -42,8 +42,8 @@ pub(super) async fn watchdog(
         }
         if let Some(stall) = timeouts.stall {
             // Over the budget, a stream that holds a window without taking from it gets less
-            // patience: a stream admitted while it was idle and stalled only later was never
-            // looked at against the budget.
+            // patience: streams admitted while idle that back up later are charged past the
+            // limit (up to the ceiling), and should not hold that for the whole timeout.
             let stall = if to_socket.charge.budget().is_some_and(|b| !b.has_room()) {
                 stall.min(PRESSURE_STALL)
             } else {
@@ -82,7 +82,19 @@ pub(super) struct StallMeter<'a> {
     /// The direction's bytes when the probation's idle period began, and when that was (ms
     /// on the copy's clock).
     probation_mark: (AtomicU64, AtomicU64),
+    /// Whether blocking when the charge would pass the budget's ceiling ends the copy (a
+    /// stream's window: see [`BudgetCharge::try_take`]); else it is charged regardless (the
+    /// copy's own buffer alone).
+    bounded_by_ceiling: bool,
+    /// It blocked when its charge would have passed the ceiling: the copy is to be cut.
+    over_ceiling: AtomicBool,
 }
+
+/// The error that ends a copy whose writer blocked when the budget's ceiling left no room for
+/// its charge.
+#[derive(Debug, thiserror::Error)]
+#[error("the receiver stopped keeping up with the buffer budget at its ceiling")]
+pub(super) struct OverCeiling;
 
 /// A meter's charge: its own, or the stream's, which its owner took when it admitted the
 /// stream.
@@ -121,6 +133,8 @@ impl<'a> StallMeter<'a> {
             charge,
             probation: AtomicBool::new(false),
             probation_mark: (AtomicU64::new(0), AtomicU64::new(0)),
+            bounded_by_ceiling: false,
+            over_ceiling: AtomicBool::new(false),
         }
     }
 
@@ -129,8 +143,12 @@ impl<'a> StallMeter<'a> {
     /// and caught up again) or idles, nothing says its receiver keeps up, and a burst of new
     /// streams whose receivers never read would otherwise all be admitted before the first of
     /// them backed up far enough to be charged.
+    ///
+    /// Once off probation, a charge that would pass the budget's ceiling when the writer blocks
+    /// again ends the copy instead ([`StallMeter::blocked`]).
     pub(super) fn on_probation(charge: &'a BudgetCharge<'a>) -> Self {
-        let meter = Self::new(MeterCharge::Stream(charge));
+        let mut meter = Self::new(MeterCharge::Stream(charge));
+        meter.bounded_by_ceiling = true;
         meter.charge.take();
         meter.probation.store(true, Ordering::Relaxed);
         meter
@@ -159,12 +177,24 @@ impl<'a> StallMeter<'a> {
     }
 
     /// The writer could not take bytes that wait for it (the window starts unless running).
-    pub(super) fn blocked(&self, clock: &ActivityClock) {
+    /// An error: its charge would pass the budget's ceiling, and the copy must end.
+    pub(super) fn blocked(&self, clock: &ActivityClock) -> io::Result<()> {
         if self.blocked_since_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
             self.progress.store(0, Ordering::Relaxed);
             self.blocked_since_ms.store(clock.now_ms(), Ordering::Relaxed);
-            self.charge.take();
+            if !self.bounded_by_ceiling {
+                self.charge.take();
+            } else if !self.charge.try_take() {
+                self.over_ceiling.store(true, Ordering::Relaxed);
+                return Err(io::Error::other(OverCeiling));
+            }
         }
+        Ok(())
+    }
+
+    /// Whether it blocked when its charge would have passed the budget's ceiling.
+    pub(super) fn over_ceiling(&self) -> bool {
+        self.over_ceiling.load(Ordering::Relaxed)
     }
 
     /// The writer took `n` bytes while blocked: enough of them start a new window.
