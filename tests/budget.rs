@@ -315,17 +315,23 @@ async fn uploads_nobody_reads_cost_the_agent_at_most_its_budget(transport: Trans
         peak_kib / 1024,
     );
     assert!(refused > 0, "nobody was refused: the budget did not hold");
-    // Each stream is admitted only while the endpoint's share is not spent; one that idled (its
-    // probation charge given back) and then backs up is charged again without a look at the
-    // budget — nothing open is disturbed — so the share can be overrun by those.
+    // Each stream is admitted only while the endpoint's share is not spent; one whose probation
+    // ended (a gap in its data) and that then backs up is charged again past the share, but
+    // never past its ceiling, a quarter above it.
+    let share_ceiling = (BUDGET_MIB << 20) / 4 * 3 / 4 * 5;
     assert!(
-        most_held <= BUDGET_MIB << 20,
-        "the agent held {most_held} bytes for a {BUDGET_MIB} MiB budget"
+        most_held <= share_ceiling,
+        "the agent held {most_held} bytes; the endpoint's ceiling is {share_ceiling}"
     );
     assert!(grew_mib <= BUDGET_MIB, "the agent grew {grew_mib} MiB for a {BUDGET_MIB} MiB budget");
+    // Every admitted upload ends stalled: at the stall timeout, or at once when it backed up
+    // with no room left under the ceiling. Those that held their charge for the whole timeout
+    // fit under the ceiling together.
+    let fit = share_ceiling / CHARGE + 1;
     assert!(
-        cut_at_the_stall_timeout >= admitted,
-        "{cut_at_the_stall_timeout} uploads lasted the stall timeout, {admitted} stalled"
+        (1..=fit).contains(&(cut_at_the_stall_timeout as u64)),
+        "{cut_at_the_stall_timeout} uploads lasted the stall timeout ({fit} fit under the \
+         ceiling), {admitted} stalled"
     );
     let body = decided_by_metrics(&net.agent_admin, |body| {
         (series(body, "privlink_buffer_held_bytes") == 0).then(|| body.to_owned())
@@ -461,9 +467,13 @@ async fn idle_clients_that_all_stall_at_once_cost_at_most_the_ceiling(
         before_kib / 1024,
         peak_kib / 1024,
     );
+    // The hard bound is on what is charged. Resident memory follows it only roughly: a stream
+    // is charged when its writer blocks, and a process too slow to copy (a debug build under
+    // this flood) lets the transport buffer some windows before that (release: +24–48 MiB,
+    // debug: up to +96 MiB; without the ceiling, release grew over 100 MiB).
     assert!(most_held <= ceiling, "{most_held} bytes held; the ceiling is {ceiling}");
     assert!(
-        grew_mib <= ceiling >> 20,
+        grew_mib <= 2 * (ceiling >> 20),
         "grew {grew_mib} MiB for a {BUDGET_MIB} MiB budget (ceiling {} MiB)",
         ceiling >> 20
     );
