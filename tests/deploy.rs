@@ -352,7 +352,7 @@ fn kubernetes_manifests_validate_and_their_configs_pass_check_config() {
             }
         }
     }
-    assert!(manifests.len() >= 7, "{manifests:?}");
+    assert!(manifests.len() >= 8, "{manifests:?}");
     let mut args = vec!["--strict", "--quiet"];
     args.extend(manifests.iter().map(String::as_str));
     let validated = tool("kubernetes-validate", &args);
@@ -442,15 +442,20 @@ impl Secrets {
             .replace("REPLACE-with-the-token_sha256-line-from-privlink-token-new", &digest);
         let role = if local.contains("[tunnel]") { "relay" } else { "agent" };
         let path = self.dir.path().join(format!("checked-{role}.toml"));
-        std::fs::write(&path, local).expect("write");
+        std::fs::write(&path, &local).expect("write");
         // A configuration without token_file takes the token from the environment (the
         // Kubernetes agent's comes from a Secret that way); one with it must not get both.
         let has_token_file = original
             .lines()
             .take_while(|line| !line.starts_with('['))
             .any(|line| line.starts_with("token_file"));
-        let env: &[(&str, &str)] =
-            if has_token_file { &[] } else { &[("PRIVLINK_TOKEN", &self.token)] };
+        let mut env: Vec<(&str, &str)> =
+            if has_token_file { vec![] } else { vec![("PRIVLINK_TOKEN", &self.token)] };
+        // A relay in a fleet found by name learns its own entry from the pod's IP.
+        if role == "relay" && local.contains("peers_dns") {
+            env.push(("PRIVLINK_FLEET_ADVERTISE", "10.0.0.11"));
+        }
+        let env = env.as_slice();
         let checked =
             privlink(&[role, "--config", path.to_str().expect("utf-8"), "--check-config"], env);
         assert_eq!(

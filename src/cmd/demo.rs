@@ -87,6 +87,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
             token_sha256: vec![TokenDigest::of(token.as_bytes())],
         }],
         endpoints: vec![endpoint(listen)],
+        fleet: None,
         source_files: Vec::new(),
     };
     let wanted: SocketAddr = ([127, 0, 0, 1], port).into();

@@ -142,6 +142,18 @@ fn render_relay(status: &RelayStatus) -> String {
             &agents,
         ));
     }
+    if let Some(reason) = &status.not_ready_reason {
+        let _ = writeln!(out, "\nnot ready: {reason}");
+    }
+    if let Some(fleet) = &status.fleet {
+        let _ = writeln!(
+            out,
+            "\nrelay {} of a fleet of {}: {}",
+            fleet.id,
+            fleet.members.len(),
+            fleet.members.join(", ")
+        );
+    }
     out
 }
 
@@ -155,7 +167,10 @@ fn render_agent(status: &AgentStatus) -> String {
                 verdicts.push(vec![l.relay.clone(), endpoint.clone(), verdict_text(verdict)]);
             }
             vec![
-                l.relay.clone(),
+                match &l.relay_id {
+                    Some(id) => format!("{} -> {id}", l.relay),
+                    None => l.relay.clone(),
+                },
                 l.address.clone(),
                 l.state.clone(),
                 or_dash(l.transport.as_deref()),
@@ -177,6 +192,22 @@ fn render_agent(status: &AgentStatus) -> String {
     if !verdicts.is_empty() {
         out.push('\n');
         out.push_str(&table(&["RELAY", "ENDPOINT", "VERDICT"], &verdicts));
+    }
+    if !status.fleets.is_empty() {
+        let fleets: Vec<Vec<String>> = status
+            .fleets
+            .iter()
+            .map(|f| {
+                vec![
+                    f.relay.clone(),
+                    f.members.len().to_string(),
+                    f.reached.len().to_string(),
+                    if f.missing.is_empty() { "-".to_owned() } else { f.missing.join(", ") },
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(&["RELAY", "FLEET", "REACHED", "MISSING"], &fleets));
     }
     out
 }

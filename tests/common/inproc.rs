@@ -95,6 +95,7 @@ impl Harness {
                 token_sha256: vec![TokenDigest::of(token.as_bytes())],
             }],
             endpoints,
+            fleet: None,
             source_files: Vec::new(),
         };
         let relay = Relay::bind(config).await.expect("relay binds");

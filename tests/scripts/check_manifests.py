@@ -123,6 +123,33 @@ if tunnel:
     ports = {(p["port"], p["protocol"]) for p in tunnel[0]["spec"]["ports"]}
     need({(7443, "TCP"), (7443, "UDP")} <= ports, "relay: tunnel Service on TCP and UDP 7443")
 
+if tunnel:
+    need(tunnel[0]["spec"].get("publishNotReadyAddresses") is True,
+         "relay: the tunnel Service publishes relays that are not ready (agents make them ready)")
+peers = [s for s in by_kind.get(("relay", "Service"), []) if s["spec"].get("clusterIP") == "None"]
+need(len(peers) == 1, "relay: one headless Service for the fleet's peers")
+relay_config = next(iter(by_kind.get(("relay", "ConfigMap"), [{}])[0].get("data", {}).values()), "")
+if peers:
+    need(peers[0]["spec"].get("publishNotReadyAddresses") is True,
+         "relay: the peers Service lists relays that are not ready")
+    name = peers[0]["metadata"]["name"]
+    need(re.search(rf'^peers_dns = "{name}\.', relay_config, re.M),
+         f"relay: [fleet] peers_dns names the headless Service {name}")
+(relay_deployment,) = by_kind.get(("relay", "Deployment"), [None])
+if relay_deployment:
+    (relay_container,) = relay_deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in relay_container.get("env", [])}
+    advertise = env.get("PRIVLINK_FLEET_ADVERTISE", {})
+    need(advertise.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP",
+         "relay: PRIVLINK_FLEET_ADVERTISE is the pod IP")
+scalers = by_kind.get(("relay", "HorizontalPodAutoscaler"), [])
+need(len(scalers) == 1, "relay: a HorizontalPodAutoscaler")
+if scalers and relay_deployment:
+    target = scalers[0]["spec"]["scaleTargetRef"]
+    need(target["kind"] == "Deployment" and target["name"] == relay_deployment["metadata"]["name"],
+         "relay: the autoscaler scales the relay Deployment")
+    need(scalers[0]["spec"]["minReplicas"] >= 2, "relay: the autoscaler keeps at least 2 relays")
+
 if problems:
     for problem in problems:
         print(f"PROBLEM: {problem}")

@@ -58,6 +58,21 @@ pub struct RelayStatus {
     pub endpoints: Vec<EndpointView>,
     /// Every connected agent, by connector and then oldest connection first.
     pub agents: Vec<RelayAgentView>,
+    /// Why `/readyz` does not answer 200, when it does not.
+    #[serde(default)]
+    pub not_ready_reason: Option<String>,
+    /// The fleet this relay belongs to (`[fleet]`), if any.
+    #[serde(default)]
+    pub fleet: Option<RelayFleetView>,
+}
+
+/// A relay's fleet as it knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayFleetView {
+    /// This relay's id: the tunnel address it advertises.
+    pub id: String,
+    /// Every relay of the fleet, this one included: what its agents are told to cover.
+    pub members: Vec<String>,
 }
 
 impl RelayStatus {
@@ -133,8 +148,26 @@ pub struct AgentStatus {
     pub id: String,
     /// Its connector.
     pub connector: String,
-    /// One link per address its relays resolve to.
+    /// One link per address its relays resolve to (per relay of the fleet, for an address
+    /// in front of a relay fleet).
     pub links: Vec<LinkView>,
+    /// Each configured relay that belongs to a fleet: which of the fleet's relays the agent
+    /// reaches and which not (empty without fleets; absent from older agents).
+    #[serde(default)]
+    pub fleets: Vec<FleetView>,
+}
+
+/// A relay fleet as an agent covers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    /// The relay as configured (the balancer's `host:port`).
+    pub relay: String,
+    /// Every relay of the fleet (their ids: advertised tunnel addresses).
+    pub members: Vec<String>,
+    /// The relays a link of this agent holds.
+    pub reached: Vec<String>,
+    /// The relays none does (yet).
+    pub missing: Vec<String>,
 }
 
 /// One relay link as the agent reports it.
@@ -144,6 +177,9 @@ pub struct LinkView {
     pub relay: String,
     /// The address this link dials.
     pub address: String,
+    /// The relay of a fleet this link reached (its id), when the relay belongs to one.
+    #[serde(default)]
+    pub relay_id: Option<String>,
     /// `connecting`, `connected` or `down`.
     pub state: String,
     /// The transport of its current connection (`quic` or `tcp`), if any.
@@ -260,6 +296,8 @@ mod tests {
                     ("f".to_owned(), VerdictView::Rejected { reason: "no rule".into() }),
                 ]),
             }],
+            not_ready_reason: None,
+            fleet: Some(RelayFleetView { id: "10.0.0.1:7443".into(), members: vec![] }),
         });
         let json = serde_json::to_value(&snapshot).expect("serialize");
         assert_eq!(json["role"], "relay");

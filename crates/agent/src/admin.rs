@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use privlink_admin::snapshot::{
     AgentConnectionView, AgentStatus as AgentStatusView, ConnectionList, ConnectionsSnapshot,
-    StatusSnapshot,
+    FleetView, StatusSnapshot,
 };
 use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
 
@@ -71,6 +71,17 @@ impl AdminView for AgentAdmin {
             id: self.id.clone(),
             connector: self.connector.clone(),
             links: self.status.link_views(),
+            fleets: self
+                .status
+                .fleets()
+                .into_iter()
+                .map(|(relay, coverage)| FleetView {
+                    relay,
+                    members: coverage.members,
+                    reached: coverage.reached,
+                    missing: coverage.missing,
+                })
+                .collect(),
         })
     }
 }

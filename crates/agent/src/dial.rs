@@ -2,36 +2,36 @@
 //! `quic`, `tcp`, or `auto` — QUIC first, TLS over TCP when QUIC does not get through in time,
 //! QUIC probed again while on TCP and promoted once it works, the TCP session then drained.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use privlink_admin::{Readiness, ReadyLatch};
 use privlink_protocol::control::Timers;
+use privlink_transport::dialer::QuicSource;
 use privlink_transport::tunnel::{AgentConnection, DialError, TransportKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{RelayAddress, TransportChoice};
+use crate::config::TransportChoice;
+use crate::fleet::Link;
 use crate::session::{SessionError, serve_connection};
 use crate::shared::AgentShared;
 
-/// One session with a relay address on the transport(s) the configuration asks for.
+/// One session on `link` on the transport(s) the configuration asks for.
 pub(crate) async fn session(
-    relay: &RelayAddress,
-    addr: SocketAddr,
+    link: &Link,
     shared: &AgentShared,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
     let only = match shared.config.transport {
-        TransportChoice::Auto => return auto_session(relay, addr, shared, stop).await,
+        TransportChoice::Auto => return auto_session(link, shared, stop).await,
         TransportChoice::Quic => TransportKind::Quic,
         TransportChoice::Tcp => TransportKind::Tcp,
     };
     let connection = tokio::select! {
         () = stop.cancelled() => return Ok(()),
-        dialed = dial(only, relay, addr, shared, Timers::HANDSHAKE) => dialed?,
+        dialed = dial(only, link, shared, Timers::HANDSHAKE) => dialed?,
     };
-    serve_connection(&connection, addr, shared, stop, &session_latch()).await
+    serve_connection(&connection, link, shared, stop, &session_latch()).await
 }
 
 /// `transport = "auto"`: QUIC if a handshake completes within `quic_fallback_after`, else TLS
@@ -39,16 +39,15 @@ pub(crate) async fn session(
 /// session starts (the relay prefers the newest agent connection) and the TCP session drains:
 /// it tells the relay to send it no new streams and closes when its open streams are done.
 async fn auto_session(
-    relay: &RelayAddress,
-    addr: SocketAddr,
+    link: &Link,
     shared: &AgentShared,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
     let fallback_after = shared.config.quic_fallback_after;
     let quic_failure = tokio::select! {
         () = stop.cancelled() => return Ok(()),
-        dialed = dial(TransportKind::Quic, relay, addr, shared, fallback_after) => match dialed {
-            Ok(connection) => return serve_connection(&connection, addr, shared, stop, &session_latch()).await,
+        dialed = dial(TransportKind::Quic, link, shared, fallback_after) => match dialed {
+            Ok(connection) => return serve_connection(&connection, link, shared, stop, &session_latch()).await,
             // A rejected certificate is not UDP being blocked: TCP would fail the same way.
             Err(e @ SessionError::Dial(DialError::Certificate(_))) => return Err(e),
             Err(e) => e,
@@ -58,15 +57,15 @@ async fn auto_session(
     shared.metrics.fell_back();
     let tcp = tokio::select! {
         () = stop.cancelled() => return Ok(()),
-        dialed = dial(TransportKind::Tcp, relay, addr, shared, Timers::HANDSHAKE) => dialed?,
+        dialed = dial(TransportKind::Tcp, link, shared, Timers::HANDSHAKE) => dialed?,
     };
     let tcp_wind_down = stop.child_token();
     let tcp_ready = session_latch();
     let mut on_tcp =
-        std::pin::pin!(serve_connection(&tcp, addr, shared, &tcp_wind_down, &tcp_ready));
+        std::pin::pin!(serve_connection(&tcp, link, shared, &tcp_wind_down, &tcp_ready));
     let quic = tokio::select! {
         result = &mut on_tcp => return result,
-        quic = probe_quic(relay, addr, shared) => quic,
+        quic = probe_quic(link, shared) => quic,
     };
     info!(
         "QUIC gets through again: new streams move to QUIC once it is approved; open TCP streams run to completion"
@@ -84,7 +83,7 @@ async fn auto_session(
         }
     };
     let (on_quic, tcp_tail) =
-        tokio::join!(serve_connection(&quic, addr, shared, stop, &quic_ready), drain_tcp);
+        tokio::join!(serve_connection(&quic, link, shared, stop, &quic_ready), drain_tcp);
     if let Err(e) = tcp_tail {
         debug!("TCP session after the move to QUIC: {e}");
     }
@@ -97,32 +96,30 @@ fn session_latch() -> ReadyLatch {
 }
 
 /// Dials QUIC every `quic_probe_interval` until a handshake completes.
-async fn probe_quic(
-    relay: &RelayAddress,
-    addr: SocketAddr,
-    shared: &AgentShared,
-) -> AgentConnection {
+async fn probe_quic(link: &Link, shared: &AgentShared) -> AgentConnection {
     let mut ticks = tokio::time::interval(shared.config.quic_probe_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        match dial(TransportKind::Quic, relay, addr, shared, shared.config.quic_fallback_after)
-            .await
-        {
+        match dial(TransportKind::Quic, link, shared, shared.config.quic_fallback_after).await {
             Ok(connection) => return connection,
             Err(e) => debug!("QUIC probe: {e}"),
         }
     }
 }
 
-/// Establishes a tunnel connection on one transport within `deadline`.
+/// Establishes a tunnel connection for `link` on one transport within `deadline`. In front of
+/// a relay fleet a QUIC connection goes out from a UDP socket of its own: a UDP balancer
+/// hashes source ports, and links from one port would all land on one relay.
 async fn dial(
     kind: TransportKind,
-    relay: &RelayAddress,
-    addr: SocketAddr,
+    link: &Link,
     shared: &AgentShared,
     deadline: Duration,
 ) -> Result<AgentConnection, SessionError> {
-    Ok(shared.dialer.dial(kind, relay, addr, &shared.config, deadline).await?)
+    let in_fleet = link.key.slot > 0 || link.cover.links_wanted() > 1;
+    let source = if in_fleet { QuicSource::Own } else { QuicSource::Shared };
+    let target = (&link.relay, link.key.address);
+    Ok(shared.dialer.dial(kind, target, &shared.config, deadline, source).await?)
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use privlink_transport::dialer::{Dialer, DialerError};
+use privlink_transport::dialer::{Dialer, DialerError, QuicSource};
 use privlink_transport::tls::CertificateSummary;
 use privlink_transport::tunnel::{AgentConnection, CloseCode, DialError, TransportKind};
 
@@ -27,18 +27,19 @@ impl RelayDialer {
     }
 
     /// Establishes a tunnel connection to `addr` (an address of `relay`) on one transport
-    /// within `deadline`; a rejected certificate is explained against `config`'s `relay_ca`.
+    /// within `deadline`, a QUIC one from `source`; a rejected certificate is explained against
+    /// `config`'s `relay_ca`.
     pub(crate) async fn dial(
         &self,
         kind: TransportKind,
-        relay: &RelayAddress,
-        addr: SocketAddr,
+        (relay, addr): (&RelayAddress, SocketAddr),
         config: &AgentConfig,
         deadline: Duration,
+        source: QuicSource,
     ) -> Result<AgentConnection, DialError> {
         let server_name = relay.host.to_string();
         let server_name = server_name.trim_start_matches('[').trim_end_matches(']');
-        let dialed = self.dialer.dial(kind, addr, server_name, deadline).await;
+        let dialed = self.dialer.dial_from(kind, addr, server_name, deadline, source).await;
         dialed.map_err(|e| match e {
             DialError::Certificate(detail) => {
                 DialError::Certificate(self.explain_untrusted(&detail, server_name, addr, config))

@@ -12,7 +12,9 @@
 //!
 //! * [`config`] — `agent.toml` and its validation into [`AgentConfig`].
 //! * [`allowlist`] — rules, matching and the special-address refusal.
-//! * [`links`] — per relay name: resolve, keep a link to every address, back off, re-dial.
+//! * [`links`] — per relay name: resolve, keep a link to every address (and, for an address in
+//!   front of a relay fleet, one per relay of the fleet), back off, re-dial.
+//! * [`fleet`] — which relays of a fleet the links of one relay name reach; duplicates.
 //! * [`dial`] — one connection attempt: the transport choice, `auto` fallback and promotion.
 //! * `dialer` — dialling one relay address as the configuration says (transport's dialler,
 //!   the relay's name, a rejected certificate explained).
@@ -34,6 +36,7 @@ pub mod check;
 pub mod config;
 pub mod dial;
 mod dialer;
+pub mod fleet;
 pub mod forward;
 pub mod links;
 pub mod metrics;

@@ -1,11 +1,13 @@
 //! Links to relays: for every configured relay, a connection to each address its name
-//! resolves to, re-dialled with capped exponential backoff and jitter when it drops, and
-//! re-resolved periodically so new relay addresses are picked up and vanished ones dropped.
+//! resolves to — as many to each as the relay fleet behind it has relays, when it has one
+//! ([`crate::fleet`]) — re-dialled with capped exponential backoff and jitter when it drops,
+//! and re-resolved periodically so new relay addresses are picked up and vanished ones dropped.
 //! What one connection attempt does is [`crate::dial`]'s business.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use privlink_transport::tunnel::DialError;
@@ -13,10 +15,11 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::config::RelayAddress;
 use crate::dial;
+use crate::fleet::{FleetCover, Link, LinkKey};
 use crate::session::SessionError;
 use crate::shared::AgentShared;
 
@@ -50,52 +53,87 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// How often relay names are resolved again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// First re-dial delay of a link that landed on a relay another link holds.
+pub const FLEET_RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// Longest such delay: a balancer that keeps sending a link to relays already held (a hashing
+/// one) is asked again this often.
+pub const FLEET_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Keeps links to every address of one relay name until `stop` (a child of the agent's
-/// shutdown, cancelled early when a reload removes the relay).
+/// shutdown, cancelled early when a reload removes the relay): one per address, or, when the
+/// relays behind it belong to a fleet, as many per address as the fleet has relays, so that
+/// through a balancer every relay of the fleet gets a link.
 pub(crate) async fn maintain_relay(
     relay: RelayAddress,
     shared: Arc<AgentShared>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    let relay_name = relay.to_string();
+    let cover = Arc::new(FleetCover::default());
+    shared.status.add_fleet(&relay_name, Arc::clone(&cover));
+    let mut fleet_changes = cover.subscribe();
+    // Links per address, shared with the link tasks: a slot past it retires when its link ends.
+    let per_address = Arc::new(AtomicUsize::new(1));
+    let mut links: HashMap<LinkKey, CancellationToken> = HashMap::new();
+    let mut addrs: Vec<SocketAddr> = Vec::new();
     let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
+    let mut resolve_at = Instant::now();
     loop {
-        let resolved = resolve(&relay).await;
-        let wait = match resolved {
-            Ok(addrs) => {
-                backoff.reset();
-                links.retain(|addr, stop| {
-                    let keep = addrs.contains(addr);
-                    if !keep {
-                        info!(relay = %relay, %addr, "relay address no longer resolves; dropping its link");
-                        stop.cancel();
+        if Instant::now() >= resolve_at {
+            match resolve(&relay).await {
+                Ok(resolved) => {
+                    backoff.reset();
+                    for gone in addrs.iter().filter(|a| !resolved.contains(a)) {
+                        info!(relay = %relay, addr = %gone, "relay address no longer resolves; dropping its links");
                     }
-                    keep
-                });
-                for addr in addrs {
-                    if links.contains_key(&addr) {
-                        continue;
-                    }
-                    let stop = stop.child_token();
-                    links.insert(addr, stop.clone());
-                    let span = tracing::info_span!("relay", relay = %relay, %addr);
-                    tracker.spawn(
-                        maintain_link(relay.clone(), addr, Arc::clone(&shared), stop)
-                            .instrument(span),
-                    );
+                    addrs = resolved;
+                    resolve_at = Instant::now() + RESOLVE_INTERVAL;
                 }
-                RESOLVE_INTERVAL
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(relay = %relay, "cannot resolve relay: {e}; retrying in {delay:?}");
+                    resolve_at = Instant::now() + delay;
+                }
             }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                warn!(relay = %relay, "cannot resolve relay: {e}; retrying in {delay:?}");
-                delay
+        }
+        let wanted = cover.links_wanted().div_ceil(addrs.len().max(1));
+        per_address.store(wanted, Ordering::Relaxed);
+        links.retain(|key, link_stop| {
+            let resolves = addrs.contains(&key.address);
+            // A slot past what the fleet needs goes unless it holds a relay (then it goes
+            // when its link ends).
+            let surplus = usize::from(key.slot) >= wanted && !cover.holds(*key);
+            if !resolves || surplus {
+                link_stop.cancel();
             }
-        };
+            !link_stop.is_cancelled()
+        });
+        for &address in &addrs {
+            for slot in 0..u16::try_from(wanted).unwrap_or(u16::MAX) {
+                let key = LinkKey { address, slot };
+                if links.contains_key(&key) {
+                    continue;
+                }
+                let link_stop = stop.child_token();
+                links.insert(key, link_stop.clone());
+                let link = Link {
+                    relay: relay.clone(),
+                    key,
+                    cover: Arc::clone(&cover),
+                    per_address: Arc::clone(&per_address),
+                };
+                let span = tracing::info_span!("relay", relay = %relay, addr = %key);
+                tracker.spawn(maintain_link(link, Arc::clone(&shared), link_stop).instrument(span));
+            }
+        }
         tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => {
+                shared.status.remove_fleet(&relay_name);
+                return;
+            }
+            () = tokio::time::sleep_until(resolve_at) => {}
+            _ = fleet_changes.changed() => {}
         }
     }
 }
@@ -115,70 +153,103 @@ pub(crate) async fn resolve(relay: &RelayAddress) -> std::io::Result<Vec<SocketA
     Ok(addrs)
 }
 
-/// Dials one relay address again and again until `stop`.
-async fn maintain_link(
-    relay: RelayAddress,
-    addr: SocketAddr,
-    shared: Arc<AgentShared>,
-    stop: CancellationToken,
-) {
+/// Dials one link again and again until `stop`, or until the fleet no longer needs its slot.
+async fn maintain_link(link: Link, shared: Arc<AgentShared>, stop: CancellationToken) {
     let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
     let mut operator_backoff = Backoff::new(OPERATOR_BACKOFF_INITIAL, OPERATOR_BACKOFF_MAX);
-    let relay_name = relay.to_string();
+    let mut fleet_backoff = Backoff::new(FLEET_RETRY_INITIAL, FLEET_RETRY_MAX);
+    let relay_name = link.relay.to_string();
+    let key = link.key;
     loop {
         let started = Instant::now();
-        shared.status.connecting(&relay_name, addr);
-        let result = dial::session(&relay, addr, &shared, &stop).await;
+        shared.status.connecting(&relay_name, key);
+        let result = dial::session(&link, &shared, &stop).await;
+        let duplicate_of = link.cover.released(key);
         if stop.is_cancelled() {
-            shared.status.remove(addr);
+            shared.status.remove(key);
+            return;
+        }
+        if usize::from(key.slot) >= link.per_address.load(Ordering::Relaxed) {
+            // The fleet shrank: this slot is no longer needed.
+            debug!("relay link ended; the fleet needs no link in its place");
+            shared.status.remove(key);
+            stop.cancel();
             return;
         }
         let error = result
             .as_ref()
             .err()
             .map(|e| privlink_protocol::text::loggable(&e.to_string()).into_owned());
-        shared.status.down(addr, error);
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
             operator_backoff.reset();
+            fleet_backoff.reset();
         }
-        let delay = match result {
-            Ok(()) => {
-                let delay = backoff.next_delay();
-                info!("relay link ended; reconnecting in {delay:?}");
+        let delay = match (duplicate_of, result) {
+            (Some(relay_id), _) => {
+                let delay = fleet_backoff.next_delay();
+                let relay_id = privlink_protocol::text::loggable(&relay_id).into_owned();
+                debug!(%relay_id, "landed on a relay another link holds; dialling again in {delay:?}");
+                shared.status.down(
+                    key,
+                    Some(format!(
+                        "landed on relay {relay_id}, which another link holds; dialling again to \
+                         reach another relay of the fleet"
+                    )),
+                );
                 delay
             }
-            Err(SessionError::Refused { reason, .. }) => {
-                let delay = operator_backoff.next_delay();
-                let reason = privlink_protocol::text::loggable(&reason);
-                let hint = if reason.contains("authentication failed") {
-                    format!(
-                        " Check that the token this agent presents (token_file or \
-                         PRIVLINK_TOKEN) is the one whose token_sha256 the relay's \
-                         [[connector]] `{}` holds.",
-                        shared.config.connector
-                    )
-                } else {
-                    String::new()
-                };
-                error!("relay refused this agent: {reason}.{hint} Retrying in {delay:?}.");
-                delay
-            }
-            Err(SessionError::Dial(DialError::Certificate(explained))) => {
-                let delay = operator_backoff.next_delay();
-                error!("{explained} Retrying in {delay:?}.");
-                delay
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                warn!("relay link down: {e}; reconnecting in {delay:?}");
-                delay
+            (None, result) => {
+                shared.status.down(key, error);
+                link_down_delay(result, &shared, &mut backoff, &mut operator_backoff)
             }
         };
         backoff_sleep(&stop, delay).await;
         if stop.is_cancelled() {
-            shared.status.remove(addr);
+            shared.status.remove(key);
             return;
+        }
+    }
+}
+
+/// How long a link that ended with `result` waits before it dials again, said in the log.
+fn link_down_delay(
+    result: Result<(), SessionError>,
+    shared: &AgentShared,
+    backoff: &mut Backoff,
+    operator_backoff: &mut Backoff,
+) -> Duration {
+    match result {
+        Ok(()) => {
+            let delay = backoff.next_delay();
+            info!("relay link ended; reconnecting in {delay:?}");
+            delay
+        }
+        Err(SessionError::Refused { reason, .. }) => {
+            let delay = operator_backoff.next_delay();
+            let reason = privlink_protocol::text::loggable(&reason);
+            let hint = if reason.contains("authentication failed") {
+                format!(
+                    " Check that the token this agent presents (token_file or \
+                     PRIVLINK_TOKEN) is the one whose token_sha256 the relay's \
+                     [[connector]] `{}` holds.",
+                    shared.config.connector
+                )
+            } else {
+                String::new()
+            };
+            error!("relay refused this agent: {reason}.{hint} Retrying in {delay:?}.");
+            delay
+        }
+        Err(SessionError::Dial(DialError::Certificate(explained))) => {
+            let delay = operator_backoff.next_delay();
+            error!("{explained} Retrying in {delay:?}.");
+            delay
+        }
+        Err(e) => {
+            let delay = backoff.next_delay();
+            warn!("relay link down: {e}; reconnecting in {delay:?}");
+            delay
         }
     }
 }

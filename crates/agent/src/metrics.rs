@@ -1,7 +1,7 @@
 //! The agent's Prometheus metrics (the names in DESIGN.md, "Admin API and metrics"), served as
 //! OpenMetrics text on the admin listener's `/metrics`: streams by how they ended, bytes each
 //! way, destination connect times and transport fallbacks are counted where they happen; link
-//! states and active streams are read from the link status when scraped.
+//! states, active streams and fleet coverage are read from the link status when scraped.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,6 +23,12 @@ struct DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FleetLabels {
+    relay: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LinkLabels {
     relay: String,
     transport: &'static str,
@@ -38,6 +44,7 @@ pub struct AgentMetrics {
     connect_duration: Histogram,
     fallbacks: Counter,
     links: Family<LinkLabels, Gauge>,
+    fleet_relays: Family<FleetLabels, Gauge>,
     streams_active: Gauge,
     reloads: privlink_admin::ReloadMetrics,
     buffer: privlink_admin::BufferMetrics,
@@ -72,6 +79,12 @@ impl Default for AgentMetrics {
             "Relay links by relay, transport and state",
             links.clone(),
         );
+        let fleet_relays = Family::<FleetLabels, Gauge>::default();
+        registry.register(
+            "agent_fleet_relays",
+            "Relays of the fleet behind each configured relay address, reached by a link or missing",
+            fleet_relays.clone(),
+        );
         let streams_active = Gauge::default();
         registry.register("agent_streams_active", "Streams open now", streams_active.clone());
         let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
@@ -83,6 +96,7 @@ impl Default for AgentMetrics {
             connect_duration,
             fallbacks,
             links,
+            fleet_relays,
             streams_active,
             reloads,
             buffer,
@@ -150,6 +164,13 @@ impl AgentMetrics {
             active += i64::from(link.active_streams);
         }
         self.streams_active.set(active);
+        for (relay, coverage) in status.fleets() {
+            let gauge = |state| {
+                self.fleet_relays.get_or_create(&FleetLabels { relay: relay.clone(), state })
+            };
+            gauge("reached").set(i64::try_from(coverage.reached.len()).unwrap_or(i64::MAX));
+            gauge("missing").set(i64::try_from(coverage.missing.len()).unwrap_or(i64::MAX));
+        }
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

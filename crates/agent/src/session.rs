@@ -5,7 +5,6 @@
 //! until the connection ends or the agent winds the session down.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use privlink_admin::{Readiness, ReadyLatch};
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::fleet::{Link, Reached};
 use crate::forward::serve_stream;
 use crate::shared::AgentShared;
 
@@ -30,11 +30,12 @@ pub(crate) type AgentSession = Session<AgentControl, AgentSide>;
 
 /// Runs a session on an established connection until it ends or `wind_down` is cancelled,
 /// then lets its streams finish (or be forced) and closes the connection. `ready` turns ready
-/// once the relay has the agent's verdicts (the session can carry streams). `link` is the relay
-/// address dialled, which the agent's status is keyed by.
+/// once the relay has the agent's verdicts (the session can carry streams). `link` says which
+/// link this is (the agent's status is keyed by it) and which relays of a fleet its siblings
+/// hold: a session that reaches one of those ends before it judges anything.
 pub(crate) async fn serve_connection(
     connection: &AgentConnection,
-    link: SocketAddr,
+    link: &Link,
     shared: &AgentShared,
     wind_down: &CancellationToken,
     ready: &ReadyLatch,
@@ -49,24 +50,36 @@ pub(crate) async fn serve_connection(
     }
     let (code, reason) = if shared.shutdown.is_cancelled() {
         (CloseCode::Shutdown, "agent shutting down")
+    } else if result.as_ref().is_ok_and(|end| *end == SessionEnd::Duplicate) {
+        (CloseCode::Normal, "another link of this agent holds this relay")
     } else if wind_down.is_cancelled() {
         (CloseCode::Normal, "agent moved to another transport")
     } else {
         (CloseCode::Normal, "session ended")
     };
     connection.close(code, reason);
-    result
+    result.map(drop)
+}
+
+/// How a session that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// The agent or the relay ended it.
+    Ended,
+    /// It reached a relay of a fleet that another link of the agent holds.
+    Duplicate,
 }
 
 /// Drives the agent's control state machine and accepts data streams.
 async fn run_session(
     connection: &AgentConnection,
-    link: SocketAddr,
+    link: &Link,
     shared: &AgentShared,
     stop: &CancellationToken,
     ready: &ReadyLatch,
     streams: &TaskTracker,
-) -> Result<(), SessionError> {
+) -> Result<SessionEnd, SessionError> {
+    let key = link.key;
     let hello = hello(
         &shared.config,
         shared.token(),
@@ -83,12 +96,12 @@ async fn run_session(
         if session.machine().is_established() && ready.current() != Readiness::Ready {
             let endpoints = session.machine().endpoints().len();
             info!(transport = %connection.kind(), endpoints, "connected to relay");
-            shared.status.connected(link, connection.kind(), session.machine().verdicts());
+            shared.status.connected(key, connection.kind(), session.machine().verdicts());
             ready.set(Readiness::Ready);
         }
         let active_streams = u32::try_from(streams.len()).unwrap_or(u32::MAX);
         session.machine_mut().set_active_streams(active_streams);
-        shared.status.set_active_streams(link, active_streams);
+        shared.status.set_active_streams(key, active_streams);
         let established = session.machine().is_established();
         tokio::select! {
             () = stop.cancelled(), if established => {
@@ -106,9 +119,9 @@ async fn run_session(
                     }
                 }).await;
                 session.finish().await;
-                return Ok(());
+                return Ok(SessionEnd::Ended);
             }
-            () = stop.cancelled(), if !established => return Ok(()),
+            () = stop.cancelled(), if !established => return Ok(SessionEnd::Ended),
             _ = rules_changes.changed(), if established => {
                 // A reload changed the allowlist: judge every endpoint again, send what changed.
                 let machine = session.machine_mut();
@@ -118,7 +131,7 @@ async fn run_session(
                     .collect();
                 machine.send_verdict_update(changed);
                 approved = Arc::new(machine.approved());
-                shared.status.set_verdicts(link, machine.verdicts());
+                shared.status.set_verdicts(key, machine.verdicts());
             }
             accepted = connection.accept_stream(), if established => match accepted {
                 Ok(stream) => {
@@ -131,8 +144,10 @@ async fn run_session(
             },
             step = session.next() => match step {
                 Ok(Step::Event(event)) => {
-                    if on_event(&mut session, event, connection, link, shared, &mut rules_changes)? {
-                        approved = Arc::new(session.machine().approved());
+                    match on_event(&mut session, event, connection, link, shared, &mut rules_changes)? {
+                        Handled::VerdictsChanged => approved = Arc::new(session.machine().approved()),
+                        Handled::Duplicate => return Ok(SessionEnd::Duplicate),
+                        Handled::Done => {}
                     }
                 }
                 Ok(Step::Heard | Step::Timer) => {}
@@ -147,16 +162,26 @@ async fn run_session(
     }
 }
 
-/// Acts on one event of the machine; `true` when the verdicts sent changed (the approved
-/// set is then read again), an error ends the session.
+/// What acting on an event calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    /// Nothing more.
+    Done,
+    /// The verdicts sent changed: the approved set is read again.
+    VerdictsChanged,
+    /// The relay is one of a fleet that another link holds: end the session.
+    Duplicate,
+}
+
+/// Acts on one event of the machine; an error ends the session.
 fn on_event(
     session: &mut AgentSession,
     event: AgentEvent,
     connection: &AgentConnection,
-    link: SocketAddr,
+    link: &Link,
     shared: &AgentShared,
     rules_changes: &mut tokio::sync::watch::Receiver<u64>,
-) -> Result<bool, SessionError> {
+) -> Result<Handled, SessionError> {
     match event {
         AgentEvent::RelayHello { software_version } => {
             debug!(relay_version = %text::loggable(&software_version), "relay hello");
@@ -168,14 +193,32 @@ fn on_event(
             // verdicts, so the relay can open a stream as soon as it reads them.
             connection.allow_data_streams();
             session.machine_mut().send_verdicts(verdicts, now());
-            return Ok(true);
+            return Ok(Handled::VerdictsChanged);
         }
         AgentEvent::EndpointsChanged { added, .. } => {
             // A relay reload: the machine forgot the removed endpoints; judge the added ones.
             let verdicts = judge(&added, shared);
             session.machine_mut().send_verdict_update(verdicts);
-            shared.status.set_verdicts(link, session.machine().verdicts());
-            return Ok(true);
+            shared.status.set_verdicts(link.key, session.machine().verdicts());
+            return Ok(Handled::VerdictsChanged);
+        }
+        AgentEvent::Fleet(view) if !session.machine().is_established() => {
+            // Before the welcome: a relay another link holds gets no second one.
+            let relay_id = text::loggable(&view.relay).into_owned();
+            match link.cover.reached(link.key, &view) {
+                Reached::Held => {
+                    debug!(%relay_id, members = view.members.len(), "reached a relay of a fleet");
+                    shared.status.set_relay_id(link.key, &view.relay);
+                }
+                Reached::Duplicate { holder } => {
+                    debug!(%relay_id, %holder, "another link holds this relay of the fleet");
+                    return Ok(Handled::Duplicate);
+                }
+            }
+        }
+        AgentEvent::Fleet(view) => {
+            info!(members = view.members.len(), "the relay fleet changed");
+            link.cover.updated(&view);
         }
         AgentEvent::Refused { reason } => {
             return Err(SessionError::Refused { peer: Peer::Relay, reason });
@@ -186,7 +229,7 @@ fn on_event(
         }
         AgentEvent::Failed(error) => return Err(session.fail(error)),
     }
-    Ok(false)
+    Ok(Handled::Done)
 }
 
 /// A failure before the conversation was established. Once our hello is out, a connection

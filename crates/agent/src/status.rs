@@ -2,11 +2,13 @@
 //! transport, down with its last error), the verdicts it gave on that link, and the streams it
 //! carries — for the admin listener (readiness: at least one link welcomed and its verdicts
 //! sent; the status JSON of `docs/admin-api.md`) and for tests. Links are keyed by the relay
-//! address they dial; the link tasks and sessions update them.
+//! address they dial and their slot on it ([`LinkKey`]); the link tasks and sessions update
+//! them. Each configured relay's [`FleetCover`] is registered here too, so status and metrics
+//! can say which relays of a fleet the agent reaches.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use privlink_admin::snapshot::{self, VerdictView};
@@ -14,6 +16,8 @@ use privlink_admin::{Readiness, ReadyLatch};
 use privlink_protocol::message::EndpointVerdict;
 use privlink_transport::tunnel::TransportKind;
 use tokio::sync::watch;
+
+use crate::fleet::{Coverage, FleetCover, LinkKey};
 
 /// Where one relay link stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +47,8 @@ pub struct LinkView {
     pub relay: String,
     /// The address this link dials.
     pub address: SocketAddr,
+    /// The relay of a fleet it reached (its id), when the relay belongs to one.
+    pub relay_id: Option<String>,
     /// Where it stands.
     pub state: LinkState,
     /// The transport of its connection, once connected.
@@ -60,7 +66,9 @@ pub struct LinkView {
 /// Every relay link of the agent.
 #[derive(Debug)]
 pub struct AgentStatus {
-    links: Mutex<BTreeMap<SocketAddr, LinkView>>,
+    links: Mutex<BTreeMap<LinkKey, LinkView>>,
+    /// Each configured relay's fleet coverage, by the relay as written.
+    fleets: Mutex<BTreeMap<String, Arc<FleetCover>>>,
     changed: watch::Sender<u64>,
     /// Ready while at least one link is connected, until the drain.
     readiness: ReadyLatch,
@@ -73,6 +81,7 @@ impl Default for AgentStatus {
     fn default() -> Self {
         Self {
             links: Mutex::default(),
+            fleets: Mutex::default(),
             changed: watch::Sender::new(0),
             readiness: ReadyLatch::new(Readiness::NotReady(NO_LINK.to_owned())),
         }
@@ -80,7 +89,7 @@ impl Default for AgentStatus {
 }
 
 impl AgentStatus {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<SocketAddr, LinkView>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<LinkKey, LinkView>> {
         // Plain views: a poisoned lock still holds usable data.
         self.links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -100,19 +109,20 @@ impl AgentStatus {
         &self.readiness
     }
 
-    fn update(&self, address: SocketAddr, change: impl FnOnce(&mut LinkView)) {
-        if let Some(link) = self.lock().get_mut(&address) {
+    fn update(&self, key: LinkKey, change: impl FnOnce(&mut LinkView)) {
+        if let Some(link) = self.lock().get_mut(&key) {
             change(link);
         }
         self.changed_now();
     }
 
-    /// A link to `address` (of `relay`) is dialling.
-    pub(crate) fn connecting(&self, relay: &str, address: SocketAddr) {
+    /// The link `key` (of `relay`) is dialling.
+    pub(crate) fn connecting(&self, relay: &str, key: LinkKey) {
         let mut links = self.lock();
-        let link = links.entry(address).or_insert_with(|| LinkView {
+        let link = links.entry(key).or_insert_with(|| LinkView {
             relay: relay.to_owned(),
-            address,
+            address: key.address,
+            relay_id: None,
             state: LinkState::Connecting,
             transport: None,
             since: SystemTime::now(),
@@ -123,19 +133,20 @@ impl AgentStatus {
         if link.state != LinkState::Connecting {
             link.state = LinkState::Connecting;
             link.since = SystemTime::now();
+            link.relay_id = None;
         }
         drop(links);
         self.changed_now();
     }
 
-    /// The link to `address` was welcomed over `transport` and sent `verdicts`.
+    /// The link `key` was welcomed over `transport` and sent `verdicts`.
     pub(crate) fn connected(
         &self,
-        address: SocketAddr,
+        key: LinkKey,
         transport: TransportKind,
         verdicts: &[EndpointVerdict],
     ) {
-        self.update(address, |link| {
+        self.update(key, |link| {
             link.state = LinkState::Connected;
             link.transport = Some(transport);
             link.since = SystemTime::now();
@@ -143,22 +154,27 @@ impl AgentStatus {
         });
     }
 
-    /// The link to `address` now has `verdicts` (a relay reload changed its endpoints).
-    pub(crate) fn set_verdicts(&self, address: SocketAddr, verdicts: &[EndpointVerdict]) {
-        self.update(address, |link| link.verdicts = verdicts.to_vec());
+    /// The link `key` now has `verdicts` (a relay reload changed its endpoints).
+    pub(crate) fn set_verdicts(&self, key: LinkKey, verdicts: &[EndpointVerdict]) {
+        self.update(key, |link| link.verdicts = verdicts.to_vec());
     }
 
-    /// The link to `address` carries `active_streams` streams.
-    pub(crate) fn set_active_streams(&self, address: SocketAddr, active_streams: u32) {
+    /// The link `key` reached the relay `relay_id` of a fleet.
+    pub(crate) fn set_relay_id(&self, key: LinkKey, relay_id: &str) {
+        self.update(key, |link| link.relay_id = Some(relay_id.to_owned()));
+    }
+
+    /// The link `key` carries `active_streams` streams.
+    pub(crate) fn set_active_streams(&self, key: LinkKey, active_streams: u32) {
         let mut links = self.lock();
-        if let Some(link) = links.get_mut(&address) {
+        if let Some(link) = links.get_mut(&key) {
             link.active_streams = active_streams;
         }
     }
 
-    /// The link to `address` went down (`error`: why, when it failed).
-    pub(crate) fn down(&self, address: SocketAddr, error: Option<String>) {
-        self.update(address, |link| {
+    /// The link `key` went down (`error`: why, when it failed).
+    pub(crate) fn down(&self, key: LinkKey, error: Option<String>) {
+        self.update(key, |link| {
             link.state = LinkState::Down;
             link.since = SystemTime::now();
             link.active_streams = 0;
@@ -168,14 +184,34 @@ impl AgentStatus {
         });
     }
 
-    /// The link to `address` is gone for good (its relay address no longer resolves, or the
-    /// agent stops).
-    pub(crate) fn remove(&self, address: SocketAddr) {
-        self.lock().remove(&address);
+    /// The link `key` is gone for good (its relay address no longer resolves, the fleet
+    /// shrank, or the agent stops).
+    pub(crate) fn remove(&self, key: LinkKey) {
+        self.lock().remove(&key);
         self.changed_now();
     }
 
-    /// Every link, by address.
+    /// `relay`'s fleet coverage is `cover` (its links started).
+    pub(crate) fn add_fleet(&self, relay: &str, cover: Arc<FleetCover>) {
+        self.fleets.lock().unwrap_or_else(|p| p.into_inner()).insert(relay.to_owned(), cover);
+    }
+
+    /// `relay` is no longer configured.
+    pub(crate) fn remove_fleet(&self, relay: &str) {
+        self.fleets.lock().unwrap_or_else(|p| p.into_inner()).remove(relay);
+    }
+
+    /// Each configured relay that belongs to a fleet, with which of its relays the agent
+    /// reaches.
+    pub fn fleets(&self) -> Vec<(String, Coverage)> {
+        let fleets = self.fleets.lock().unwrap_or_else(|p| p.into_inner());
+        fleets
+            .iter()
+            .filter_map(|(relay, cover)| Some((relay.clone(), cover.coverage()?)))
+            .collect()
+    }
+
+    /// Every link, by address and slot.
     pub fn links(&self) -> Vec<LinkView> {
         self.lock().values().cloned().collect()
     }
@@ -197,6 +233,7 @@ impl AgentStatus {
             .map(|link| snapshot::LinkView {
                 relay: link.relay,
                 address: link.address.to_string(),
+                relay_id: link.relay_id,
                 state: link.state.word().to_owned(),
                 transport: link.transport.map(|t| t.to_string()),
                 since_unix: privlink_admin::unix_seconds(link.since),

@@ -5,7 +5,8 @@
 //! first with [`Control::RelayHello`] — a QUIC stream only becomes visible to the peer once
 //! bytes are sent on it — then the agent sends [`Control::Hello`], the relay answers
 //! [`Control::Welcome`] or [`Control::Refused`], and the agent answers
-//! [`Control::Verdicts`]. After that either side sends heartbeats and drain notices. A list
+//! [`Control::Verdicts`]; a relay with a fleet sends [`Control::Fleet`] just before its welcome.
+//! After that either side sends heartbeats and drain notices (and such a relay, fleet changes). A list
 //! too long for one frame (a connector may have 10,000 endpoints) travels in pieces: zero or
 //! more [`Control::EndpointsPart`] before the `Welcome` that ends it, zero or more
 //! [`Control::VerdictsPart`] before the `Verdicts` that ends it ([`in_pieces`] cuts them).
@@ -82,6 +83,46 @@ pub enum Control {
     /// unanswered past [`Timers::answer`](crate::control::Timers::answer) means the peer is
     /// gone — frozen, partitioned — even while its transport connection looks alive.
     HeartbeatAck,
+    /// Relay → agent, from a relay with a `[fleet]`: which relay of the fleet this is, and every
+    /// relay of it. Sent after the hello is accepted and before the welcome (so that an agent
+    /// that holds a link to this relay already can close this one before it judges anything),
+    /// and again whenever the fleet changes. Agents open links through the address they were
+    /// given until they hold one to every member.
+    Fleet(FleetView),
+}
+
+/// A relay fleet as one of its members sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    /// The sending relay's id: its advertised tunnel address.
+    pub relay: String,
+    /// Every relay's id, the sender's included, sorted.
+    pub members: Vec<String>,
+}
+
+/// Most relays a fleet view may list (an agent keeps a link to each).
+pub const MAX_FLEET_MEMBERS: usize = 64;
+/// Longest relay id in a fleet view.
+pub const MAX_RELAY_ID_LEN: usize = 256;
+
+impl FleetView {
+    /// Why the view cannot be taken as it is, if it cannot: too many members, an id too long,
+    /// or the sender missing from its own fleet.
+    pub fn problem(&self) -> Option<String> {
+        if self.members.len() > MAX_FLEET_MEMBERS {
+            return Some(format!(
+                "{} relays in the fleet, more than {MAX_FLEET_MEMBERS}",
+                self.members.len()
+            ));
+        }
+        if self.members.iter().chain([&self.relay]).any(|id| id.len() > MAX_RELAY_ID_LEN) {
+            return Some(format!("a relay id longer than {MAX_RELAY_ID_LEN} bytes"));
+        }
+        if !self.members.contains(&self.relay) {
+            return Some("the relay is not in its own fleet".to_owned());
+        }
+        None
+    }
 }
 
 impl Control {
@@ -100,6 +141,7 @@ impl Control {
             Self::Heartbeat { .. } => "Heartbeat",
             Self::Drain { .. } => "Drain",
             Self::HeartbeatAck => "HeartbeatAck",
+            Self::Fleet(_) => "Fleet",
         }
     }
 }

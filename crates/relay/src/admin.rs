@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
+use privlink_admin::snapshot::RelayFleetView;
 use privlink_admin::snapshot::{
     ConnectionList, ConnectionsSnapshot, EndpointView, RelayAgentView, RelayConnectionView,
     RelayStatus, StatusSnapshot, VerdictView,
@@ -26,7 +27,7 @@ pub(crate) struct RelayAdmin {
 
 impl AdminView for RelayAdmin {
     fn readiness(&self) -> Readiness {
-        self.handle.readiness().current()
+        self.handle.client_readiness()
     }
 
     fn metrics(&self) -> Option<String> {
@@ -123,12 +124,21 @@ impl AdminView for RelayAdmin {
                     .collect(),
             })
             .collect();
+        let readiness = self.readiness();
         StatusSnapshot::Relay(RelayStatus {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            ready: matches!(self.readiness(), Readiness::Ready),
+            ready: matches!(readiness, Readiness::Ready),
             pending_tunnel_connections: handle.pending_tunnel_connections(),
             endpoints,
             agents,
+            not_ready_reason: match readiness {
+                Readiness::Ready => None,
+                Readiness::NotReady(reason) => Some(reason),
+            },
+            fleet: handle.fleet().map(|fleet| {
+                let view = fleet.view();
+                RelayFleetView { id: view.relay, members: view.members }
+            }),
         })
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use privlink_admin::ReadyLatch;
 use privlink_protocol::control::{ControlMachine as _, RelayControl, RelayEvent, Timers};
-use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, Hello, Verdict};
+use privlink_protocol::message::{EndpointAssignment, EndpointVerdict, FleetView, Hello, Verdict};
 use privlink_protocol::text;
 use privlink_transport::io::ReadFrameError;
 use privlink_transport::listener::{self, Handshake, TunnelListener};
@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::admission::{Admission, PendingSlot};
 use crate::auth::{AuthFailure, FailureLimiter, authenticate};
 use crate::config::CurrentConfig;
+use crate::fleet::Fleet;
 use crate::metrics::{AuthFailureReason, RelayMetrics};
 use crate::registry::{AgentInfo, AgentRegistration, Registry};
 
@@ -54,6 +55,24 @@ pub(crate) struct AgentsContext {
     pub(crate) metrics: Arc<RelayMetrics>,
     /// Drains when the relay starts shutting down: agents are told to drain.
     pub(crate) readiness: ReadyLatch,
+    /// The fleet this relay belongs to, told to every agent before its welcome and whenever
+    /// it changes.
+    pub(crate) fleet: Option<Arc<Fleet>>,
+}
+
+/// The fleet's next view, once it changes (never, without a fleet). An agent is told the view
+/// of its welcome and every change after; a change it was welcomed with is told again, which
+/// it takes as it is.
+async fn fleet_changed(
+    changes: &mut Option<tokio::sync::watch::Receiver<FleetView>>,
+) -> Option<FleetView> {
+    match changes {
+        Some(changes) => match changes.changed().await {
+            Ok(()) => Some(changes.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 fn agent_span(remote: SocketAddr, transport: TransportKind) -> tracing::Span {
@@ -166,6 +185,7 @@ impl<'a> AgentSession<'a> {
         let machine = RelayControl::new(now(), Timers::default());
         let mut session = Session::open(self.connection, machine, Timers::HANDSHAKE).await?;
         let mut config_changes = self.ctx.config.subscribe();
+        let mut fleet_changes = self.ctx.fleet.as_ref().map(|fleet| fleet.subscribe());
         let mut drain_sent = false;
         loop {
             session.flush().await?;
@@ -189,6 +209,9 @@ impl<'a> AgentSession<'a> {
                     return Ok(());
                 }
                 _ = config_changes.changed(), if established => self.announce_changes(&mut session),
+                Some(view) = fleet_changed(&mut fleet_changes), if established => {
+                    session.machine_mut().announce_fleet(view);
+                }
                 step = session.next() => match step {
                     Ok(Step::Event(event)) => {
                         if let Some(end) = self.on_event(&mut session, event, &mut config_changes).await {
@@ -236,7 +259,8 @@ impl<'a> AgentSession<'a> {
                 Ok((registered, endpoints)) => {
                     self.connector = Some(hello.connector.clone());
                     config_changes.mark_unchanged(); // the welcome has the current list
-                    session.machine_mut().accept(endpoints, now());
+                    let fleet = self.ctx.fleet.as_ref().map(|fleet| fleet.view());
+                    session.machine_mut().accept(endpoints, fleet, now());
                     self.registration = Some(registered);
                     drop(self.pending.take()); // admitted: no longer pending
                 }

@@ -23,6 +23,8 @@ use privlink_transport::tls::pki_types::{CertificateDer, PrivateKeyDer};
 use privlink_transport::{budget, tls};
 use serde::Deserialize;
 
+use crate::fleet::{FleetSpec, RawFleet};
+
 /// Default inactivity timeout of an endpoint.
 pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default stall timeout of an endpoint: a client that takes less than
@@ -64,6 +66,8 @@ pub struct RelayConfig {
     pub connectors: Vec<ConnectorSpec>,
     /// Endpoints clients connect to.
     pub endpoints: Vec<EndpointSpec>,
+    /// The relay fleet this relay belongs to (`[fleet]`).
+    pub fleet: Option<FleetSpec>,
     /// The files besides the config file whose content this configuration holds (the tunnel
     /// certificate and key): a change to one reloads it, like a change to the config file.
     /// Empty for a configuration built in memory.
@@ -163,6 +167,8 @@ struct RawConfig {
     connector: Vec<RawConnector>,
     #[serde(default)]
     endpoint: Vec<RawEndpoint>,
+    #[serde(default)]
+    fleet: Option<RawFleet>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -415,6 +421,7 @@ impl RelayConfig {
         })?;
 
         let admin = raw.admin.map(|a| a.validate(source)).transpose()?;
+        let fleet = raw.fleet.map(|f| f.validate(source, raw.tunnel.listen)).transpose()?;
         Ok(Self {
             tunnel_listen: raw.tunnel.listen,
             identity: TlsIdentity { chain, key },
@@ -424,6 +431,7 @@ impl RelayConfig {
             buffer_budget: raw.tunnel.buffer_budget.unwrap_or_else(budget::default_limit),
             connectors,
             endpoints,
+            fleet,
             source_files: vec![cert_path, key_path],
         })
     }

@@ -18,6 +18,8 @@
 //! * `source` — a source address as per-source limits count it (IPv4, or an IPv6 /64).
 //! * [`agents`] — accepting agents on both transports and driving their control streams.
 //! * [`registry`] — connected agents, their verdicts, endpoint status, load-based choice.
+//! * [`fleet`] — `[fleet]`: this relay's id and every member's, told to agents so they cover
+//!   every relay behind one balancer.
 //! * `endpoint` — endpoint state at run time (policy, slots, live connections, stop tokens)
 //!   and the table of endpoints by name.
 //! * `listen` — the one owner of endpoint accept loops, and the policy applied on accept.
@@ -39,6 +41,7 @@ pub mod auth;
 pub mod config;
 mod dispatch;
 mod endpoint;
+pub mod fleet;
 pub mod flow;
 mod listen;
 mod metrics;
@@ -69,6 +72,7 @@ use crate::agents::AgentsContext;
 use crate::config::CurrentConfig;
 pub use crate::config::RelayConfig;
 use crate::endpoint::{Endpoint, EndpointTable};
+use crate::fleet::Fleet;
 use crate::listen::Listeners;
 use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
@@ -153,6 +157,7 @@ impl Relay {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
+        let fleet = config.fleet.as_ref().map(|spec| Arc::new(Fleet::new(spec)));
         let config = Arc::new(CurrentConfig::new(config));
         let reloader = Arc::new(Reloader {
             config: Arc::clone(&config),
@@ -161,6 +166,7 @@ impl Relay {
             tunnel: tunnel.endpoint(),
             registry,
             metrics,
+            fleet,
         });
         // Read after the binary raised the soft limit to the hard one.
         let caps = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
@@ -199,7 +205,17 @@ impl Relay {
             admission: Arc::clone(handle.admission()),
             metrics: Arc::clone(handle.metrics()),
             readiness: handle.readiness().clone(),
+            fleet: handle.fleet().cloned(),
         });
+        let fleet_stop = CancellationToken::new();
+        let fleet_task = match (handle.fleet(), config.get().fleet.clone()) {
+            (Some(fleet), Some(spec)) => {
+                let fleet = Arc::clone(fleet);
+                let stop = fleet_stop.clone();
+                Some(tokio::spawn(async move { fleet.refresh(spec, stop).await }))
+            }
+            _ => None,
+        };
 
         info!(tunnel = %handle.tunnel_addr(), "relay listening for agents (QUIC on UDP, TLS on TCP)");
         for (endpoint, listener) in bound {
@@ -246,7 +262,8 @@ impl Relay {
         })
         .await;
         admin_stop.cancel();
-        if let Some(task) = admin_task {
+        fleet_stop.cancel();
+        for task in admin_task.into_iter().chain(fleet_task) {
             let _ = task.await;
         }
         info!("relay stopped");

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::config::{CurrentConfig, EndpointSpec, RelayConfig};
 use crate::endpoint::EndpointTable;
+use crate::fleet::{Fleet, Members};
 use crate::listen::Listeners;
 use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
@@ -49,6 +50,9 @@ pub(crate) struct Reloader {
     pub(crate) registry: Arc<Registry>,
     /// `privlink_config_last_reload_*`.
     pub(crate) metrics: Arc<RelayMetrics>,
+    /// The fleet this relay belongs to, when `[fleet]` is set: a reload may change its listed
+    /// peers.
+    pub(crate) fleet: Option<Arc<Fleet>>,
 }
 
 impl Reloader {
@@ -101,6 +105,9 @@ impl Reloader {
                 .replace_identity(new.identity.chain.clone(), new.identity.key.clone_key())
                 .map_err(|e| ReloadError::Identity(error_chain(&e)))?;
             summary.identity_replaced = true;
+        }
+        if let (Some(fleet), Some(spec)) = (&self.fleet, &new.fleet) {
+            fleet.set_spec(spec);
         }
         for spec in plan.changed {
             if let Some(endpoint) = self.endpoints.get(&spec.name) {
@@ -244,6 +251,22 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
     if current.shutdown_grace != new.shutdown_grace {
         restart.push("shutdown_grace".to_owned());
     }
+    // A listed fleet's peers are reloaded; anything else about the fleet needs a restart.
+    let fleet_kept = match (&current.fleet, &new.fleet) {
+        (None, None) => true,
+        (Some(was), Some(now)) => {
+            was.advertise == now.advertise
+                && (was.members == now.members
+                    || matches!(
+                        (&was.members, &now.members),
+                        (Members::Listed(_), Members::Listed(_))
+                    ))
+        }
+        _ => false,
+    };
+    if !fleet_kept {
+        restart.push("[fleet] (other than its listed peers)".to_owned());
+    }
     let old: HashMap<&str, &EndpointSpec> =
         current.endpoints.iter().map(|e| (e.name.as_str(), e)).collect();
     for spec in &new.endpoints {
@@ -330,6 +353,7 @@ mod tests {
             buffer_budget: privlink_transport::budget::default_limit(),
             connectors: Vec::new(),
             endpoints,
+            fleet: None,
             source_files: Vec::new(),
         }
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::admission::Admission;
 use crate::config::RelayConfig;
 use crate::endpoint::{Endpoint, EndpointTable};
+use crate::fleet::Fleet;
 use crate::metrics::RelayMetrics;
 use crate::registry::{AgentView, EndpointStatus, Registry};
 use crate::reload::{ReloadError, ReloadSummary, Reloader};
@@ -62,9 +63,40 @@ impl RelayHandle {
         self.reloader.reload_from(path)
     }
 
-    /// The relay's readiness: `/readyz`, `READY=1`, and the drain agents are told about.
+    /// The relay's readiness: `READY=1`, the drain agents are told about, and — for a relay
+    /// without a fleet — `/readyz` (see [`client_readiness`](Self::client_readiness)).
     pub fn readiness(&self) -> &ReadyLatch {
         &self.readiness
+    }
+
+    /// What `/readyz` answers: the process's readiness, and for a relay in a fleet also
+    /// whether it can serve clients — at least one endpoint has an approving agent here. A
+    /// balancer then sends a new relay no client before an agent has reached it, while agents
+    /// (through the tunnel Service, which publishes relays that are not ready) still can. A
+    /// relay alone stays ready without agents: there is no other relay to send clients to, and
+    /// an unready sole relay only turns "no agent" answers into refused connections.
+    pub fn client_readiness(&self) -> Readiness {
+        let process = self.readiness.current();
+        if process != Readiness::Ready || self.reloader.fleet.is_none() {
+            return process;
+        }
+        let serves_one = self.endpoints().iter().any(|(endpoint, _)| {
+            let spec = endpoint.spec();
+            self.registry.status(&spec.connector, &spec.name) == EndpointStatus::Approved
+        });
+        if serves_one {
+            Readiness::Ready
+        } else {
+            Readiness::NotReady(
+                "no agent approves an endpoint on this relay yet (agents can still connect)"
+                    .to_owned(),
+            )
+        }
+    }
+
+    /// The fleet this relay belongs to, when `[fleet]` is set.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.reloader.fleet.as_ref()
     }
 
     pub(crate) fn metrics(&self) -> &Arc<RelayMetrics> {

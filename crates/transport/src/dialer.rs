@@ -2,7 +2,10 @@
 //! (one dual-stack UDP socket), the TLS settings for TLS over TCP, and the verifier both
 //! use, which remembers the certificate a relay presented when it was rejected so that an
 //! error can say whose it was. It dials one address on one transport; which transport, when
-//! to fall back and how often to retry are the agent's business.
+//! to fall back and how often to retry are the agent's business. A QUIC dial can also go out
+//! from a socket of its own ([`QuicSource::Own`]): a UDP balancer in front of a relay fleet
+//! hashes each flow's addresses and ports, so links that share a source port all land on one
+//! relay.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -27,11 +30,23 @@ pub enum DialerError {
     Quic(#[from] QuicSetupError),
 }
 
+/// Which UDP socket a QUIC dial goes out from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuicSource {
+    /// The dialler's one socket, shared by every link.
+    Shared,
+    /// A socket of its own, on a port of its own (a balancer in front of a relay fleet then
+    /// treats it as a flow of its own).
+    Own,
+}
+
 /// What dialling a relay takes, shared by every link of an agent and by `privlink check`.
 #[derive(Debug)]
 pub struct Dialer {
     /// One endpoint for every relay: its UDP socket is the agent's QUIC source.
     quic: quinn::Endpoint,
+    /// Endpoints of dials from a socket of their own, while they have connections.
+    own: std::sync::Mutex<Vec<quinn::Endpoint>>,
     /// TLS over TCP's client settings.
     tls: Arc<rustls::ClientConfig>,
     /// Keeps rejected certificates so that errors can say whose they were.
@@ -47,7 +62,7 @@ impl Dialer {
             .or_else(|_| {
                 quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls.clone())
             })?;
-        Ok(Self { quic, tls: Arc::new(tls), verifier })
+        Ok(Self { quic, own: std::sync::Mutex::default(), tls: Arc::new(tls), verifier })
     }
 
     /// Establishes a tunnel connection to `addr` on one transport within `deadline`,
@@ -59,12 +74,49 @@ impl Dialer {
         server_name: &str,
         deadline: Duration,
     ) -> Result<AgentConnection, DialError> {
-        match kind {
-            TransportKind::Quic => quic::dial(&self.quic, addr, server_name, deadline).await,
-            TransportKind::Tcp => h2::dial(addr, server_name, Arc::clone(&self.tls), deadline)
+        self.dial_from(kind, addr, server_name, deadline, QuicSource::Shared).await
+    }
+
+    /// [`dial`](Self::dial), a QUIC connection going out from `source`.
+    pub async fn dial_from(
+        &self,
+        kind: TransportKind,
+        addr: SocketAddr,
+        server_name: &str,
+        deadline: Duration,
+        source: QuicSource,
+    ) -> Result<AgentConnection, DialError> {
+        match (kind, source) {
+            (TransportKind::Quic, QuicSource::Shared) => {
+                quic::dial(&self.quic, addr, server_name, deadline).await
+            }
+            (TransportKind::Quic, QuicSource::Own) => {
+                let endpoint = self.own_endpoint(addr)?;
+                quic::dial(&endpoint, addr, server_name, deadline).await
+            }
+            (TransportKind::Tcp, _) => h2::dial(addr, server_name, Arc::clone(&self.tls), deadline)
                 .await
                 .map(AgentConnection::from),
         }
+    }
+
+    /// A new endpoint on a socket of its own, of the address family of `addr`, kept (for
+    /// [`close`](Self::close) and [`wait_idle`](Self::wait_idle)) while it has connections.
+    fn own_endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint, DialError> {
+        let bind = match addr {
+            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        let endpoint = quic::agent_endpoint(bind, (*self.tls).clone())
+            .map_err(|e| DialError::Handshake(format!("a UDP socket of its own: {e}")))?;
+        let mut own = self.own.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        own.retain(|endpoint| endpoint.open_connections() > 0);
+        own.push(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    fn own_endpoints(&self) -> Vec<quinn::Endpoint> {
+        self.own.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The certificate the relay dialled as `server_name` presented when it was last rejected.
@@ -74,11 +126,16 @@ impl Dialer {
 
     /// Closes every QUIC connection with `code` and `reason`.
     pub fn close(&self, code: CloseCode, reason: &str) {
-        self.quic.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+        for endpoint in std::iter::once(self.quic.clone()).chain(self.own_endpoints()) {
+            endpoint.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+        }
     }
 
-    /// Waits until the QUIC endpoint's connections have told their peers they are closed.
+    /// Waits until the QUIC endpoints' connections have told their peers they are closed.
     pub async fn wait_idle(&self) {
         self.quic.wait_idle().await;
+        for endpoint in self.own_endpoints() {
+            endpoint.wait_idle().await;
+        }
     }
 }

@@ -77,9 +77,20 @@ function linkRow(l) {
   tr.dataset.relay = l.relay;
   tr.dataset.state = l.state;
   tr.append(
-    cell(l.relay), cell(l.address), cell(badge(l.state)), cell(l.transport || "–"),
+    cell(l.relay + (l.relay_id ? " → " + l.relay_id : "")), cell(l.address),
+    cell(badge(l.state)), cell(l.transport || "–"),
     cell(since(l.since_unix)), cell(l.active_streams, "number"), cell(verdicts(l.verdicts)),
     cell(l.last_error || "–"));
+  return tr;
+}
+
+function fleetRow(f) {
+  const tr = element("tr");
+  tr.dataset.relay = f.relay;
+  tr.dataset.missing = String(f.missing.length);
+  tr.append(
+    cell(f.relay), cell(f.members.length, "number"), cell(f.reached.join(", ") || "–"),
+    cell(f.missing.join(", ") || "none"));
   return tr;
 }
 
@@ -92,9 +103,12 @@ function draw(status) {
     const endpoints = status.endpoints || [];
     const active = endpoints.reduce((sum, e) => sum + (e.active_connections || 0), 0);
     const approved = endpoints.filter((e) => e.status === "Approved").length;
-    summary.textContent = (status.ready ? "Ready" : "Not ready") + " · " + approved + " of " +
-      endpoints.length + " endpoints approved · " + (status.agents || []).length +
-      " agents connected · " + active + " connections open";
+    summary.textContent = (status.ready ? "Ready" : "Not ready") +
+      (status.not_ready_reason ? " (" + status.not_ready_reason + ")" : "") + " · " + approved +
+      " of " + endpoints.length + " endpoints approved · " + (status.agents || []).length +
+      " agents connected · " + active + " connections open" +
+      (status.fleet ? " · relay " + status.fleet.id + " of a fleet of " +
+        status.fleet.members.length : "");
     endpoints.sort((a, b) => a.name.localeCompare(b.name));
     fill("endpoints", endpoints.map(endpointRow), 8, "No endpoints configured.");
     fill("agents", (status.agents || []).map(agentRow), 8, "No agent is connected.");
@@ -107,6 +121,9 @@ function draw(status) {
       links.filter((l) => l.state === "connected").length + " of " + links.length +
       " relay links connected · " + streams + " streams open";
     fill("links", links.map(linkRow), 8, "No relay link yet.");
+    const fleets = status.fleets || [];
+    document.getElementById("fleets-part").hidden = fleets.length === 0;
+    fill("fleets", fleets.map(fleetRow), 4, "");
   }
   document.getElementById("updated").textContent =
     "Last refreshed " + new Date().toLocaleTimeString() + ".";

@@ -9,6 +9,7 @@ use std::time::Duration;
 use privlink_protocol::control::{AgentEvent, Timers};
 use privlink_protocol::destination::Host;
 use privlink_protocol::message::EndpointAssignment;
+use privlink_transport::dialer::QuicSource;
 use privlink_transport::session::{self, Peer};
 use privlink_transport::tunnel::{AgentConnection, CloseCode, DialError, TransportKind};
 
@@ -251,7 +252,8 @@ async fn attempt(
     deadline: Duration,
 ) -> Attempt {
     let ((result, handshake), took) = timed(async {
-        let (dialed, handshake) = timed(dialer.dial(kind, relay, addr, config, deadline)).await;
+        let (dialed, handshake) =
+            timed(dialer.dial(kind, (relay, addr), config, deadline, QuicSource::Shared)).await;
         let connection = match dialed {
             Ok(connection) => connection,
             Err(e) => return (Err(explain_dial(kind, addr, &e)), handshake),

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::{Common, ControlError, ControlMachine, Timers};
 use crate::message::{
-    Control, EndpointAssignment, EndpointVerdict, Hello, MAX_ENDPOINTS_PER_CONNECTOR,
+    Control, EndpointAssignment, EndpointVerdict, FleetView, Hello, MAX_ENDPOINTS_PER_CONNECTOR,
     PROTOCOL_VERSION, Verdict, in_pieces,
 };
 
@@ -43,6 +43,10 @@ pub enum AgentEvent {
         /// Why, as the relay put it.
         reason: String,
     },
+    /// The relay belongs to a fleet: which relay this is and every member. Comes before the
+    /// welcome (a link that reached a relay another link holds can close before judging) and
+    /// again when the fleet changes.
+    Fleet(FleetView),
     /// The conversation failed: close the connection with a protocol error.
     Failed(ControlError),
 }
@@ -239,16 +243,22 @@ impl ControlMachine for AgentControl {
             }
             // Its work is done by `heard`: the answer deadline is over.
             (State::Established, Control::HeartbeatAck) => {}
+            (State::AwaitWelcome | State::Judging | State::Established, Control::Fleet(view)) => {
+                match view.problem() {
+                    Some(problem) => self.fail(ControlError::Fleet(problem)),
+                    None => self.common.events.push_back(AgentEvent::Fleet(view)),
+                }
+            }
             (State::Established, Control::Drain { reason }) => {
                 self.common.events.push_back(AgentEvent::RelayDraining { reason });
             }
             (state, other) => self.fail(ControlError::Unexpected {
                 expected: match state {
                     State::AwaitRelayHello => "RelayHello",
-                    State::AwaitWelcome => "Welcome, EndpointsPart or Refused",
+                    State::AwaitWelcome => "Welcome, EndpointsPart, Fleet or Refused",
                     State::Judging => "nothing before the verdicts",
                     State::Established | State::Closed => {
-                        "Heartbeat, HeartbeatAck, EndpointsChanged or Drain"
+                        "Heartbeat, HeartbeatAck, EndpointsChanged, Fleet or Drain"
                     }
                 },
                 got: other.kind(),
@@ -318,6 +328,41 @@ mod tests {
         assert_eq!(agent.poll_transmit(), Some(Control::Verdicts(verdicts())));
         assert!(agent.is_established());
         assert_eq!(agent.poll_timeout(), Some(now + Timers::HEARTBEAT));
+    }
+
+    #[test]
+    fn a_fleet_view_comes_before_the_welcome_and_a_bad_one_fails() {
+        use crate::message::{FleetView, MAX_FLEET_MEMBERS};
+        let now = Instant::now();
+        let mut agent = AgentControl::new(hello(PROTOCOL_VERSION), now, Timers::default());
+        agent.handle_message(relay_hello(PROTOCOL_VERSION), now);
+        agent.poll_event();
+        agent.poll_transmit();
+        let view = FleetView { relay: "b:1".into(), members: vec!["a:1".into(), "b:1".into()] };
+        agent.handle_message(Control::Fleet(view.clone()), now);
+        assert_eq!(agent.poll_event(), Some(AgentEvent::Fleet(view.clone())));
+        agent.handle_message(Control::Welcome { endpoints: assignment() }, now);
+        assert_eq!(agent.poll_event(), Some(AgentEvent::Welcome(assignment())));
+        agent.send_verdicts(verdicts(), now);
+        // A change once established.
+        agent.handle_message(Control::Fleet(view.clone()), now);
+        assert_eq!(agent.poll_event(), Some(AgentEvent::Fleet(view)));
+        // A relay missing from its own fleet, or a fleet over the limit, ends the conversation.
+        for bad in [
+            FleetView { relay: "c:1".into(), members: vec!["a:1".into()] },
+            FleetView {
+                relay: "a:1".into(),
+                members: (0..=MAX_FLEET_MEMBERS).map(|i| format!("a:{i}")).collect(),
+            },
+        ] {
+            let (mut agent, now) = welcomed();
+            agent.handle_message(Control::Fleet(bad), now);
+            assert!(
+                matches!(agent.poll_event(), Some(AgentEvent::Failed(ControlError::Fleet(_)))),
+                "a bad view fails"
+            );
+            assert!(agent.is_closed());
+        }
     }
 
     #[test]

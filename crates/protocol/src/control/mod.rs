@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 pub use agent::{AgentControl, AgentEvent};
 pub use relay::{RelayControl, RelayEvent};
 
+#[cfg(doc)]
+use crate::message::FleetView;
 use crate::message::{Control, PROTOCOL_VERSION};
 
 /// The deadlines and intervals of the conversation.
@@ -127,6 +129,9 @@ pub enum ControlError {
          {MESSAGE_INTERVAL:?})"
     )]
     TooFast,
+    /// The relay's fleet view cannot be taken (see [`FleetView::problem`]).
+    #[error("the relay's fleet view: {0}")]
+    Fleet(String),
 }
 
 /// What a driver does with either side's machine. The queues, timers and heartbeats are the

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::{Common, ControlError, ControlMachine, Timers};
 use crate::message::{
-    Control, EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION, in_pieces,
+    Control, EndpointAssignment, EndpointVerdict, FleetView, Hello, PROTOCOL_VERSION, in_pieces,
 };
 
 /// What happened on the relay's side of a control conversation.
@@ -75,12 +75,21 @@ impl RelayControl {
         Self { state: State::AwaitHello, common, assigned: HashSet::new(), judged: 0 }
     }
 
-    /// The agent authenticated: welcome it with its connector's endpoints.
-    pub fn accept(&mut self, endpoints: Vec<EndpointAssignment>, now: Instant) {
+    /// The agent authenticated: welcome it with its connector's endpoints — after the fleet
+    /// this relay belongs to, if it belongs to one.
+    pub fn accept(
+        &mut self,
+        endpoints: Vec<EndpointAssignment>,
+        fleet: Option<FleetView>,
+        now: Instant,
+    ) {
         if self.state != State::Authenticating {
             return;
         }
         self.state = State::AwaitVerdicts;
+        if let Some(fleet) = fleet {
+            self.common.transmits.push_back(Control::Fleet(fleet));
+        }
         self.assigned = endpoints.iter().map(|e| e.name.clone()).collect();
         let mut pieces = in_pieces(endpoints, EndpointAssignment::encoded_size_bound);
         let last = pieces.pop().unwrap_or_default();
@@ -129,6 +138,14 @@ impl RelayControl {
             endpoints.into_iter().filter(|e| !self.assigned.contains(&e.name)).collect();
         self.update_endpoints(added, removed.clone());
         removed
+    }
+
+    /// The fleet changed: tells the agent (once it has been welcomed; the welcome carries the
+    /// fleet as it is then).
+    pub fn announce_fleet(&mut self, fleet: FleetView) {
+        if matches!(self.state, State::AwaitVerdicts | State::Established) {
+            self.common.transmits.push_back(Control::Fleet(fleet));
+        }
     }
 
     /// Whether `endpoint` is assigned to the agent now.
@@ -289,7 +306,7 @@ mod tests {
         let (mut relay, now) = started();
         relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
         assert!(matches!(relay.poll_event(), Some(RelayEvent::Hello(_))));
-        relay.accept(kv(), now);
+        relay.accept(kv(), None, now);
         assert!(matches!(relay.poll_transmit(), Some(Control::Welcome { .. })));
         relay.handle_message(Control::Verdicts(verdicts()), now);
         assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
@@ -307,12 +324,28 @@ mod tests {
         assert_eq!(relay.poll_timeout(), None);
         assert_eq!(relay.poll_transmit(), None);
         let later = now + Duration::from_secs(1);
-        relay.accept(kv(), later);
+        relay.accept(kv(), None, later);
         assert_eq!(relay.poll_transmit(), Some(Control::Welcome { endpoints: kv() }));
         assert_eq!(relay.poll_timeout(), Some(later + Timers::HANDSHAKE));
         relay.handle_message(Control::Verdicts(verdicts()), later);
         assert!(relay.is_established());
         assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
+    }
+
+    #[test]
+    fn the_fleet_goes_before_the_welcome_and_changes_once_welcomed() {
+        use crate::message::FleetView;
+        let (mut relay, now) = started();
+        let view = FleetView { relay: "a:1".into(), members: vec!["a:1".into(), "b:1".into()] };
+        relay.announce_fleet(view.clone());
+        assert_eq!(relay.poll_transmit(), None, "nothing before the agent is welcomed");
+        relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
+        relay.poll_event();
+        relay.accept(kv(), Some(view.clone()), now);
+        assert_eq!(relay.poll_transmit(), Some(Control::Fleet(view.clone())));
+        assert_eq!(relay.poll_transmit(), Some(Control::Welcome { endpoints: kv() }));
+        relay.announce_fleet(view.clone());
+        assert_eq!(relay.poll_transmit(), Some(Control::Fleet(view)));
     }
 
     #[test]
@@ -362,7 +395,7 @@ mod tests {
             relay.poll_transmit(),
             Some(Control::Refused { reason: "authentication failed".into() })
         );
-        relay.accept(kv(), now);
+        relay.accept(kv(), None, now);
         relay.handle_message(Control::Verdicts(verdicts()), now);
         assert_eq!(relay.poll_transmit(), None, "a closed conversation sends nothing more");
         assert!(matches!(relay.poll_event(), Some(RelayEvent::Refused { .. })));
@@ -385,7 +418,7 @@ mod tests {
         let (mut relay, now) = started();
         relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
         relay.poll_event();
-        relay.accept(kv(), now);
+        relay.accept(kv(), None, now);
         relay.handle_message(Control::Heartbeat { active_streams: 0 }, now);
         assert!(matches!(
             relay.poll_event(),
@@ -420,7 +453,7 @@ mod tests {
         let (mut relay, now) = started();
         relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
         relay.poll_event();
-        relay.accept(kv(), now);
+        relay.accept(kv(), None, now);
         relay.handle_timeout(now + Timers::HANDSHAKE);
         assert!(matches!(
             relay.poll_event(),
@@ -515,7 +548,7 @@ mod tests {
         let (mut relay, now) = started();
         relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
         relay.poll_event();
-        relay.accept(endpoints.clone(), now);
+        relay.accept(endpoints.clone(), None, now);
         let mut sent = Vec::new();
         while let Some(message) = relay.poll_transmit() {
             let body = crate::frame::encode(&message).expect("every piece fits a frame");
@@ -582,7 +615,7 @@ mod tests {
         let (mut relay, now) = started();
         relay.handle_message(Control::Hello(hello(PROTOCOL_VERSION)), now);
         relay.poll_event();
-        relay.accept(kv(), now);
+        relay.accept(kv(), None, now);
         relay.handle_message(Control::VerdictsPart(verdicts()), now);
         assert_eq!(relay.poll_event(), Some(RelayEvent::Verdicts(verdicts())));
         relay.handle_message(Control::VerdictsPart(verdicts()), now);
