@@ -26,10 +26,6 @@ const BUDGET_MIB: u64 = 64;
 const CHARGE: u64 = privlink_transport::limits::STALLED_STREAM_COST
     + privlink_transport::copy::DEFAULT_BUFFER_SIZE as u64;
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// A relay and an agent as processes, endpoint `e` (and `f`, same destination) in front of a
 /// [`choosy_server`].
 struct Budgeted {

@@ -197,10 +197,6 @@ struct RelayProcess {
     config: String,
 }
 
-fn loopback(port: u16) -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 impl Deployment {
     /// `relays` relays (the same certificate, token and endpoint, each on its own ports) and
     /// `agents` agents (agent-0, agent-1, …) on `transport` linked to every relay, every agent

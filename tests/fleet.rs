@@ -25,10 +25,6 @@ use tokio::net::TcpStream;
 /// The destination's answer to a download.
 const DOWNLOAD: usize = 4096;
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// One relay of the fleet: its files and ports, and its process while it runs.
 struct FleetRelay {
     config: PathBuf,

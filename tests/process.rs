@@ -343,6 +343,44 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     // 11 name 12 connector 13 destination 14 listen 15 extra.
     let d = dir.path();
     assert_config_rejected("relay", &relay("listn = \"x\"", ""), 15, "endpoint[0].listn", d);
+    let names = |list: &str| relay(&format!("server_names = [{list}]"), "");
+    assert_config_rejected("relay", &names("\"a.b.*.test\""), 15, "endpoint[0].server_names[0]", d);
+    assert_config_rejected(
+        "relay",
+        &names("\"x.test\", \"X.test.\""),
+        15,
+        "endpoint[0].server_names[1]",
+        d,
+    );
+    assert_config_rejected("relay", &names(""), 15, "endpoint[0].server_names", d);
+    // Two endpoints on one shared listener claiming the same name: both are named.
+    let shared = |second_names: &str| {
+        format!(
+            "[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"certs/relay.crt\"\nkey = \"certs/relay.key\"\n\n\
+             [[connector]]\nname = \"c\"\ntoken_sha256 = \"{hash}\"\n\n\
+             [[listener]]\nname = \"vaults\"\nlisten = \"127.0.0.1:8443\"\n\n\
+             [[endpoint]]\nname = \"a\"\nconnector = \"c\"\ndestination = \"a.internal:443\"\nlistener = \"vaults\"\nserver_names = [\"a.vault.test\"]\n\n\
+             [[endpoint]]\nname = \"b\"\nconnector = \"c\"\ndestination = \"b.internal:443\"\nlistener = \"vaults\"\nserver_names = [{second_names}]\n"
+        )
+    };
+    let twice = shared("\"x.vault.test\", \"A.vault.test\"");
+    assert_config_rejected("relay", &twice, 26, "endpoint[1].server_names[1]", d);
+    let path = d.join("relay-twice-named.toml");
+    std::fs::write(&path, &twice).expect("write");
+    let (_, _, stderr) = run(&["relay", "--config", path.to_str().expect("utf-8")]);
+    assert!(stderr.contains("endpoint[0] (`a`) and endpoint[1] (`b`)"), "{stderr}");
+    assert_config_rejected(
+        "relay",
+        &shared("").replace("listener = \"vaults\"\nserver_names = []", "listener = \"nope\""),
+        25,
+        "endpoint[1].listener",
+        d,
+    );
+    let both = shared("\"b.vault.test\"").replace(
+        "listener = \"vaults\"\nserver_names = [\"b",
+        "listen = \"127.0.0.1:9443\"\nlistener = \"vaults\"\nserver_names = [\"b",
+    );
+    assert_config_rejected("relay", &both, 25, "endpoint[1].listener", d);
     // An admin listener off loopback without a token file: the status API would be open.
     let open_admin = format!("{}\n[admin]\nlisten = \"0.0.0.0:9090\"\n", relay("", ""));
     assert_config_rejected("relay", &open_admin, 20, "admin.listen", d);

@@ -19,10 +19,6 @@ use privlink_testbed::process::{TunnelConfigs, approved_by, free_fixed_port, wri
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// A relay and an agent on loopback in front of the load tool's backend, both ready.
 struct Running2 {
     configs: TunnelConfigs,

@@ -72,6 +72,8 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         max_connections: 1024,
         acl: Acl { allow: vec!["127.0.0.0/8".parse().expect("cidr")], deny: vec![] },
         open: OpenRetry::default(),
+        server_names: Vec::new(),
+        listener: None,
     };
     let relay_config = |listen| RelayConfig {
         tunnel_listen: "127.0.0.1:0".parse().expect("addr"),
@@ -88,6 +90,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         }],
         endpoints: vec![endpoint(listen)],
         fleet: None,
+        listeners: Vec::new(),
         source_files: Vec::new(),
     };
     let wanted: SocketAddr = ([127, 0, 0, 1], port).into();

@@ -54,6 +54,8 @@ pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
         max_connections: 1024,
         acl: Acl::default(),
         open: privlink_relay::config::OpenRetry::default(),
+        server_names: Vec::new(),
+        listener: None,
     }
 }
 
@@ -76,6 +78,15 @@ impl Harness {
         endpoints: Vec<EndpointSpec>,
         admin: Option<privlink_relay::config::AdminSettings>,
     ) -> Self {
+        Self::start_with(endpoints, Vec::new(), admin).await
+    }
+
+    /// [`Harness::start`] with shared listeners and an admin listener.
+    pub async fn start_with(
+        endpoints: Vec<EndpointSpec>,
+        listeners: Vec<privlink_relay::config::ListenerSpec>,
+        admin: Option<privlink_relay::config::AdminSettings>,
+    ) -> Self {
         init_tracing();
         let pki = pki();
         let token = format!("test-token-{}", hex(&random_bytes(8)));
@@ -96,6 +107,7 @@ impl Harness {
             }],
             endpoints,
             fleet: None,
+            listeners,
             source_files: Vec::new(),
         };
         let relay = Relay::bind(config).await.expect("relay binds");

@@ -37,6 +37,7 @@ pub mod gate;
 pub mod inproc;
 pub mod peers;
 pub mod servers;
+pub mod vault;
 
 pub use gate::*;
 pub use inproc::*;
@@ -45,6 +46,11 @@ pub use privlink_testbed::process::{
     AdminProbe, PROCESS_WAIT, Placement, Running, Tunnel, TunnelConfigs, TunnelFiles,
 };
 pub use servers::*;
+
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
 
 /// The `privlink` binary of this build.
 pub const BIN: &str = env!("CARGO_BIN_EXE_privlink");

@@ -64,6 +64,20 @@ pub struct RelayStatus {
     /// The fleet this relay belongs to (`[fleet]`), if any.
     #[serde(default)]
     pub fleet: Option<RelayFleetView>,
+    /// Shared TLS ports (`[[listener]]`) and which endpoint each server name routes to.
+    #[serde(default)]
+    pub listeners: Vec<ListenerView>,
+}
+
+/// A shared TLS port as the relay reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerView {
+    /// Its name.
+    pub name: String,
+    /// The address it is bound to.
+    pub listen: String,
+    /// Server name (exact, or `*.` and a domain) → the endpoint that claims it.
+    pub routes: BTreeMap<String, String>,
 }
 
 /// A relay's fleet as it knows it.
@@ -298,6 +312,7 @@ mod tests {
             }],
             not_ready_reason: None,
             fleet: Some(RelayFleetView { id: "10.0.0.1:7443".into(), members: vec![] }),
+            listeners: vec![],
         });
         let json = serde_json::to_value(&snapshot).expect("serialize");
         assert_eq!(json["role"], "relay");

@@ -15,6 +15,10 @@
 //!   [`control::AgentControl`], each fed messages and timer ticks, each yielding messages to
 //!   send and events for its driver.
 //! * [`destination`] — `host:port` destinations and the name syntax rules share.
+//! * [`client_hello`] — the server name a TLS ClientHello asks for, read as bytes arrive, and
+//!   the names endpoints claim on a shared port.
+//! * [`proxy_header`] — the PROXY protocol header (v1 and v2) a load balancer puts before a
+//!   connection, read and written.
 //! * [`acl`] — per-endpoint source-IP allow/deny lists.
 //! * [`token`] — connector tokens (redacted in `Debug`), SHA-256 digests, hex.
 //! * [`text`] — peer-supplied strings made safe to log: strict names, escaped free text.
@@ -22,11 +26,13 @@
 #![forbid(unsafe_code)]
 
 pub mod acl;
+pub mod client_hello;
 pub mod config;
 pub mod control;
 pub mod destination;
 pub mod frame;
 pub mod message;
+pub mod proxy_header;
 pub mod text;
 pub mod token;
 

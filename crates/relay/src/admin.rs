@@ -139,6 +139,7 @@ impl AdminView for RelayAdmin {
                 let view = fleet.view();
                 RelayFleetView { id: view.relay, members: view.members }
             }),
+            listeners: handle.listener_views(),
         })
     }
 }

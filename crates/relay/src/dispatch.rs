@@ -32,6 +32,7 @@ use crate::config::{EndpointSpec, MAX_OPEN_ATTEMPTS};
 use crate::endpoint::{Endpoint, LiveClient};
 use crate::flow::Flow;
 use crate::open::{OpenReplyGate, Recording, Replay, Unanswered, retry_elsewhere};
+use crate::preread;
 use crate::registry::{ChosenAgent, Registry};
 
 /// How long a client waits for a stream when the chosen agent's stream limit is full (within
@@ -43,16 +44,20 @@ pub(crate) const OPEN_STREAM_WAIT: Duration = Duration::from_secs(5);
 /// rather than holding a `max_connections` slot with no timer running (the inactivity
 /// watchdog starts with the copy).
 pub(crate) const FIRST_WRITE_WAIT: Duration = Duration::from_secs(5);
+/// How long an endpoint with server names waits for a client's whole ClientHello.
+const PREREAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most client bytes sent along with the open header (a TLS ClientHello fits).
 const EARLY_DATA_MAX: usize = 4096;
 
-/// Forwards one admitted client connection and writes its flow-log line.
+/// Forwards one admitted client connection and writes its flow-log line. `preread`: the
+/// bytes a shared listener read to route it (its ClientHello), forwarded first.
 pub(crate) async fn forward(
     mut socket: TcpStream,
     client: SocketAddr,
     endpoint: &Endpoint,
     spec: Arc<EndpointSpec>,
     registry: &Registry,
+    preread: Option<Vec<u8>>,
 ) {
     let force = &endpoint.force;
     // Taken before any agent is asked (`listen::admit` looked a moment ago; this takes the
@@ -66,6 +71,35 @@ pub(crate) async fn forward(
     let started = Instant::now();
     let spec = &*spec;
     let _ = socket.set_nodelay(true);
+    // An endpoint with server names reads the ClientHello first: one that asks for another
+    // name gets no agent (SNI pinning). What was read goes to the agent with the open header.
+    let preread = if let Some(routed) = preread {
+        routed
+    } else if spec.server_names.is_empty() {
+        Vec::new()
+    } else {
+        match preread::server_name(&mut socket, PREREAD_TIMEOUT, &endpoint.force).await {
+            Ok((bytes, name)) if spec.admits_server_name(name.as_deref()) => bytes,
+            refused => {
+                let asked = preread::refuse(&socket, refused);
+                let outcome = Outcome::SniUnmatched(asked);
+                endpoint.metrics.connection_ended(&spec.name, outcome.label(), (0, 0));
+                Flow {
+                    client,
+                    endpoint: spec,
+                    agent: "-",
+                    attempts: 0,
+                    agents_tried: "",
+                    duration: started.elapsed(),
+                    bytes_from_client: 0,
+                    bytes_to_client: 0,
+                    outcome: &outcome,
+                }
+                .log();
+                return;
+            }
+        }
+    };
     let mut bytes = (0, 0);
     let mut unreported = (0, 0);
     // The agents tried, in order: registry ids (in the task, no allocation: at most
@@ -96,6 +130,7 @@ pub(crate) async fn forward(
         });
         entry.info.set_agent(&agent.name);
         let first = attempts == 1;
+
         match attempt(
             &mut socket,
             client,
@@ -105,7 +140,7 @@ pub(crate) async fn forward(
             entry,
             endpoint,
             &charge,
-            first,
+            first.then_some(preread.as_slice()),
         )
         .await
         {
@@ -167,6 +202,7 @@ enum Attempt {
 }
 
 /// One agent's try: stream, open header with the client's bytes so far, then the copy.
+/// `first`: this is the first try, and these bytes were read from the client already.
 #[allow(clippy::too_many_arguments)] // one call site; the pieces are the connection's own
 async fn attempt(
     socket: &mut TcpStream,
@@ -177,7 +213,7 @@ async fn attempt(
     live: &Live<LiveClient>,
     endpoint: &Endpoint,
     charge: &BudgetCharge<'_>,
-    first: bool,
+    first: Option<&[u8]>,
 ) -> Attempt {
     let force = &endpoint.force;
     let deadline = Instant::now() + spec.open.timeout;
@@ -217,7 +253,9 @@ async fn attempt(
         }
     };
     let header_len = first_write.len();
-    if first {
+    if let Some(preread) = first {
+        // The ClientHello read to route the connection, and whatever came after it.
+        first_write.extend_from_slice(preread);
         first_write.reserve_exact(EARLY_DATA_MAX);
         match socket.try_read_buf(&mut first_write) {
             // Ok(0) is an end of stream, which the copy loop sees again.

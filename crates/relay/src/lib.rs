@@ -25,6 +25,8 @@
 //! * `listen` — the one owner of endpoint accept loops, and the policy applied on accept.
 //! * `dispatch` — one client connection: choose an agent, open, retry, splice, flow log.
 //! * `open` — the open exchange: the open-reply gate, the replay copy, the retry decision.
+//! * `preread` — an endpoint with server names reads the ClientHello first (SNI pinning).
+//! * `shared_port` — a shared TLS port (`[[listener]]`) at run time: its routes by server name.
 //! * [`flow`] — the flow-log line and endpoint counters.
 //! * `metrics` — the Prometheus metrics `/metrics` serves, rendered from scraped state.
 //! * [`reload`] — hot reload: the plan of a new configuration and applying it.
@@ -46,8 +48,10 @@ pub mod flow;
 mod listen;
 mod metrics;
 mod open;
+mod preread;
 pub mod registry;
 pub mod reload;
+mod shared_port;
 mod source;
 pub mod status;
 
@@ -78,6 +82,7 @@ use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
 pub use crate::registry::{AgentView, EndpointStatus};
 use crate::reload::Reloader;
+use crate::shared_port::SharedPort;
 pub use crate::status::RelayHandle;
 
 /// How long closing tunnel connections may take at the very end of a shutdown.
@@ -107,6 +112,16 @@ pub enum RelayError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A shared listener could not be bound.
+    #[error("listener `{listener}`: cannot listen on {addr}")]
+    ListenerBind {
+        /// Listener name.
+        listener: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// A relay whose sockets are bound, ready to [`run`](Relay::run).
@@ -116,6 +131,8 @@ pub struct Relay {
     tunnel: TunnelListener,
     /// The endpoints bound at start, started by `run`.
     bound: Vec<(Arc<Endpoint>, TcpListener)>,
+    /// The shared listeners bound at start, started by `run`.
+    ports: Vec<(Arc<SharedPort>, TcpListener)>,
     listeners: Arc<Listeners>,
     admin: Option<AdminServer>,
     handle: RelayHandle,
@@ -136,8 +153,28 @@ impl Relay {
         let listeners =
             Arc::new(Listeners::new(Arc::clone(&registry), Arc::clone(&metrics), budget));
         let endpoints = Arc::new(EndpointTable::default());
+        let mut ports = Vec::new();
+        for spec in &config.listeners {
+            let bind_error = |source| RelayError::ListenerBind {
+                listener: spec.name.clone(),
+                addr: spec.listen,
+                source,
+            };
+            let listener = tcp::listen(spec.listen).map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            let port =
+                SharedPort::new(spec.clone(), addr, Arc::clone(&metrics), listeners.child_stop());
+            ports.push((Arc::new(port), listener));
+        }
         let mut bound = Vec::new();
         for spec in &config.endpoints {
+            if let Some(name) = &spec.listener {
+                // Reached through its shared listener: no socket of its own.
+                let addr = ports.iter().find(|(p, _)| p.name == *name).map(|(p, _)| p.addr);
+                let endpoint = listeners.endpoint(spec.clone());
+                endpoints.insert(endpoint, addr.unwrap_or(spec.listen));
+                continue;
+            }
             let bind_error = |source| RelayError::EndpointBind {
                 endpoint: spec.name.clone(),
                 addr: spec.listen,
@@ -167,6 +204,7 @@ impl Relay {
             registry,
             metrics,
             fleet,
+            ports: ports.iter().map(|(port, _)| (port.name.clone(), Arc::clone(port))).collect(),
         });
         // Read after the binary raised the soft limit to the hard one.
         let caps = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
@@ -176,7 +214,7 @@ impl Relay {
         tracing::debug!(total = caps.total, per_source = caps.per_source, "pending tunnel caps");
         let admission = Arc::new(Admission::new(caps));
         let handle = RelayHandle::new(reloader, admission, tunnel.local_addr(), admin_addr);
-        Ok(Self { config, tunnel, bound, listeners, admin, handle })
+        Ok(Self { config, tunnel, bound, ports, listeners, admin, handle })
     }
 
     /// A handle for status queries.
@@ -187,7 +225,7 @@ impl Relay {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets connections finish for
     /// the configured grace period, and closes everything that is left.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { config, tunnel, bound, listeners, admin, handle } = self;
+        let Self { config, tunnel, bound, ports, listeners, admin, handle } = self;
         let tunnel_endpoint = tunnel.endpoint();
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|server| {
@@ -229,6 +267,16 @@ impl Relay {
                 "endpoint listening"
             );
             listeners.start(endpoint, listener);
+        }
+        for (port, listener) in ports {
+            let routing = port.routing();
+            info!(
+                listener = %port.name,
+                listen = %port.addr,
+                routes = routing.spec.routes.len(),
+                "shared listener listening (routed by server name)"
+            );
+            listeners.start_shared(port, listener, Arc::clone(handle.endpoint_table()));
         }
         let acceptors = TaskTracker::new();
         let tunnel_stop = CancellationToken::new();

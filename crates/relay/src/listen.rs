@@ -18,9 +18,11 @@ use tracing::{Instrument, debug, warn};
 
 use crate::config::EndpointSpec;
 use crate::dispatch;
-use crate::endpoint::{Endpoint, Slot};
+use crate::endpoint::{Endpoint, EndpointTable, Slot};
 use crate::metrics::RelayMetrics;
+use crate::preread;
 use crate::registry::Registry;
+use crate::shared_port::SharedPort;
 
 /// The owner of every endpoint accept loop and the client connections they accept.
 #[derive(Debug)]
@@ -55,6 +57,11 @@ impl Listeners {
         }
     }
 
+    /// A stop token for a shared listener: cancelled with every accept loop.
+    pub(crate) fn child_stop(&self) -> CancellationToken {
+        self.stop.child_token()
+    }
+
     /// A new endpoint under these listeners' stop and force.
     pub(crate) fn endpoint(&self, spec: EndpointSpec) -> Arc<Endpoint> {
         Arc::new(Endpoint::new(
@@ -85,8 +92,49 @@ impl Listeners {
                     let registry = Arc::clone(&registry);
                     tasks.spawn(
                         async move {
-                            dispatch::forward(socket, client, &endpoint, spec, &registry).await;
+                            dispatch::forward(socket, client, &endpoint, spec, &registry, None)
+                                .await;
                             drop(slot);
+                        }
+                        .instrument(span),
+                    );
+                })
+                .await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Starts accepting clients on `listener` for the shared port `port`: the port's ACL on
+    /// accept, then — in the client's own task — its ClientHello read within the port's
+    /// `preread_timeout`, the endpoint that claims the name it asks for found in `endpoints`,
+    /// and that endpoint's own policy ([`admit`]) before it is forwarded with the bytes read.
+    pub(crate) fn start_shared(
+        &self,
+        port: Arc<SharedPort>,
+        listener: TcpListener,
+        endpoints: Arc<EndpointTable>,
+    ) {
+        let span = tracing::info_span!("listener", listener = %port.name);
+        let registry = Arc::clone(&self.registry);
+        let tasks = self.tasks.clone();
+        let force = self.force.clone();
+        self.tasks.spawn(
+            async move {
+                let stop = port.stop.clone();
+                tcp::accept_until(&listener, &stop, |socket, client| {
+                    if !port.routing().spec.acl.permits(client.ip()) {
+                        port.metrics.listener_refused(&port.name, "acl_denied");
+                        debug!(%client, "connection denied by the listener's ACL");
+                        tcp::abort(socket);
+                        return;
+                    }
+                    let span = tracing::info_span!("client", listener = %port.name, %client);
+                    let (port, endpoints) = (Arc::clone(&port), Arc::clone(&endpoints));
+                    let (registry, force) = (Arc::clone(&registry), force.clone());
+                    tasks.spawn(
+                        async move {
+                            route(socket, client, &port, &endpoints, &registry, &force).await;
                         }
                         .instrument(span),
                     );
@@ -106,6 +154,42 @@ impl Listeners {
     pub(crate) async fn drain(&self, grace: Duration) {
         drain::drain(&self.tasks, grace, &self.force, "connections").await;
     }
+}
+
+/// One connection to a shared port: its ClientHello read, routed by the name it asks for,
+/// admitted by that endpoint's policy, forwarded.
+async fn route(
+    mut socket: tokio::net::TcpStream,
+    client: SocketAddr,
+    port: &SharedPort,
+    endpoints: &EndpointTable,
+    registry: &Registry,
+    force: &CancellationToken,
+) {
+    let Some(waiting) = port.start_preread() else {
+        port.refused(client, "over_limit", "too many connections wait for their ClientHello");
+        tcp::abort(socket);
+        return;
+    };
+    let routing = port.routing();
+    let read = preread::server_name(&mut socket, routing.spec.preread_timeout, force).await;
+    drop(waiting);
+    let endpoint = match &read {
+        Ok((_, Some(name))) => routing.names.route(name).and_then(|name| endpoints.get(name)),
+        _ => None,
+    };
+    let (Some(endpoint), Ok((bytes, _))) = (endpoint, read.as_ref()) else {
+        let asked = preread::refuse(&socket, read);
+        port.refused(client, "sni_unmatched", &asked);
+        return;
+    };
+    let bytes = bytes.clone();
+    let Some((spec, slot)) = admit(&endpoint, client) else {
+        tcp::abort(socket);
+        return;
+    };
+    dispatch::forward(socket, client, &endpoint, spec, registry, Some(bytes)).await;
+    drop(slot);
 }
 
 /// The policy on accept: the ACL, then `max_connections`, then the buffer budget. An admitted
@@ -167,6 +251,8 @@ mod tests {
             max_connections,
             acl,
             open: OpenRetry::default(),
+            server_names: Vec::new(),
+            listener: None,
         };
         let listeners = Listeners::new(Arc::default(), Arc::default(), budget);
         listeners.endpoint(spec)

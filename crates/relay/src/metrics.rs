@@ -72,6 +72,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -94,6 +100,7 @@ pub(crate) struct RelayMetrics {
     connections: Family<OutcomeLabels, Counter>,
     bytes: Family<DirectionLabels, Counter>,
     open_retries: Family<ReasonLabels, Counter>,
+    listener_refused: Family<ListenerLabels, Counter>,
     open_duration: Family<EndpointLabel, Histogram>,
     auth_failures: Family<ReasonLabel, Counter>,
     endpoint_status: Family<StatusLabels, Gauge>,
@@ -127,6 +134,13 @@ impl Default for RelayMetrics {
             "Opens tried again on another agent, by endpoint and why the previous agent did not \
              serve it (destination_failed, agent_error, relay_error)",
             open_retries.clone(),
+        );
+        let listener_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "relay_listener_refused",
+            "Connections a shared listener turned away before any endpoint took them, by reason \
+             (acl_denied, over_limit, sni_unmatched)",
+            listener_refused.clone(),
         );
         let open_duration = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
@@ -169,6 +183,7 @@ impl Default for RelayMetrics {
             connections,
             bytes,
             open_retries,
+            listener_refused,
             open_duration,
             auth_failures,
             endpoint_status,
@@ -201,6 +216,13 @@ impl RelayMetrics {
     pub(crate) fn open_retried(&self, endpoint: &str, reason: &'static str) {
         let labels = ReasonLabels { endpoint: endpoint.to_owned(), reason };
         self.open_retries.get_or_create(&labels).inc();
+    }
+
+    /// A connection to the shared listener `listener` was turned away before any endpoint
+    /// took it.
+    pub(crate) fn listener_refused(&self, listener: &str, reason: &'static str) {
+        let labels = ListenerLabels { listener: listener.to_owned(), reason };
+        self.listener_refused.get_or_create(&labels).inc();
     }
 
     /// A connection of `endpoint` was turned away on accept (`acl_denied`, `over_limit`).

@@ -34,6 +34,7 @@ use crate::fleet::{Fleet, Members};
 use crate::listen::Listeners;
 use crate::metrics::RelayMetrics;
 use crate::registry::Registry;
+use crate::shared_port::SharedPort;
 
 /// What a reload touches of the running relay, and the one way to reload it.
 #[derive(Debug)]
@@ -53,6 +54,9 @@ pub(crate) struct Reloader {
     /// The fleet this relay belongs to, when `[fleet]` is set: a reload may change its listed
     /// peers.
     pub(crate) fleet: Option<Arc<Fleet>>,
+    /// The shared listeners by name: a reload may change their routes, ACL and preread
+    /// timeout (adding, removing or moving one needs a restart).
+    pub(crate) ports: HashMap<String, Arc<SharedPort>>,
 }
 
 impl Reloader {
@@ -89,7 +93,13 @@ impl Reloader {
                 .map_err(|e| ReloadError::Identity(e.to_string()))?;
         }
         let mut bound = Vec::new();
+        let mut routed = Vec::new();
         for spec in plan.added {
+            if let Some(port) = spec.listener.as_ref().and_then(|name| self.ports.get(name)) {
+                // Reached through its shared listener, whose new routes name it.
+                routed.push((spec, port.addr));
+                continue;
+            }
             let bind_error = |source| ReloadError::Bind {
                 endpoint: spec.name.clone(),
                 addr: spec.listen,
@@ -114,6 +124,17 @@ impl Reloader {
                 summary.endpoints_changed.push(spec.name.clone());
                 endpoint.set_spec(spec);
             }
+        }
+        for spec in &new.listeners {
+            if let Some(port) = self.ports.get(&spec.name) {
+                port.set_spec(spec.clone());
+            }
+        }
+        for (spec, addr) in routed {
+            let endpoint = self.listeners.endpoint(spec);
+            info!(endpoint = %endpoint.name, listen = %addr, "endpoint routed by server name (reload)");
+            summary.endpoints_added.push(endpoint.name.clone());
+            self.endpoints.insert(endpoint, addr);
         }
         for (spec, listener, addr) in bound {
             let endpoint = self.listeners.endpoint(spec);
@@ -267,6 +288,16 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
     if !fleet_kept {
         restart.push("[fleet] (other than its listed peers)".to_owned());
     }
+    // A shared listener's routes, ACL and preread timeout are reloaded; not the set of
+    // listeners or their addresses.
+    let listeners = |config: &RelayConfig| -> Vec<(String, std::net::SocketAddr)> {
+        let mut all: Vec<_> = config.listeners.iter().map(|l| (l.name.clone(), l.listen)).collect();
+        all.sort();
+        all
+    };
+    if listeners(current) != listeners(new) {
+        restart.push("[[listener]] added, removed or moved".to_owned());
+    }
     let old: HashMap<&str, &EndpointSpec> =
         current.endpoints.iter().map(|e| (e.name.as_str(), e)).collect();
     for spec in &new.endpoints {
@@ -277,6 +308,7 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
                     ("connector", was.connector != spec.connector),
                     ("destination", was.destination != spec.destination),
                     ("listen", was.listen != spec.listen),
+                    ("listener", was.listener != spec.listener),
                 ] {
                     if changed {
                         restart.push(format!("endpoint `{}` {field}", spec.name));
@@ -338,6 +370,8 @@ mod tests {
             max_connections: 1024,
             acl: Acl::default(),
             open: OpenRetry::default(),
+            server_names: Vec::new(),
+            listener: None,
         }
     }
 
@@ -354,6 +388,7 @@ mod tests {
             connectors: Vec::new(),
             endpoints,
             fleet: None,
+            listeners: Vec::new(),
             source_files: Vec::new(),
         }
     }

@@ -94,6 +94,22 @@ impl RelayHandle {
         }
     }
 
+    /// Each shared listener with its bound address and routes, by name.
+    pub fn listener_views(&self) -> Vec<privlink_admin::snapshot::ListenerView> {
+        let mut views: Vec<_> = self
+            .reloader
+            .ports
+            .values()
+            .map(|port| privlink_admin::snapshot::ListenerView {
+                name: port.name.clone(),
+                listen: port.addr.to_string(),
+                routes: port.routing().spec.routes.iter().cloned().collect(),
+            })
+            .collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        views
+    }
+
     /// The fleet this relay belongs to, when `[fleet]` is set.
     pub fn fleet(&self) -> Option<&Arc<Fleet>> {
         self.reloader.fleet.as_ref()
@@ -135,6 +151,11 @@ impl RelayHandle {
     /// The address agents connect to.
     pub fn tunnel_addr(&self) -> SocketAddr {
         self.tunnel_addr
+    }
+
+    /// The table of endpoints by name.
+    pub(crate) fn endpoint_table(&self) -> &Arc<EndpointTable> {
+        &self.endpoints
     }
 
     /// Every endpoint with its bound address, in no particular order.

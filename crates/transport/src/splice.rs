@@ -77,6 +77,10 @@ pub enum Outcome {
     Shutdown,
     /// No connected agent has approved the endpoint (relay only).
     NoAgent,
+    /// The client's first bytes were not a TLS ClientHello asking for a name the endpoint
+    /// serves (relay only; refused before an agent was asked): what it asked for, or why it
+    /// could not be read.
+    SniUnmatched(String),
     /// The receiver at `origin` took too little for the stall timeout while bytes waited for
     /// it (it stopped reading, or reads a trickle): reset both ways.
     Stalled(Origin),
@@ -109,6 +113,7 @@ impl Outcome {
             | Self::IdleTimeout
             | Self::Shutdown
             | Self::NoAgent
+            | Self::SniUnmatched(_)
             | Self::Stalled(_) => false,
         }
     }
@@ -120,6 +125,7 @@ impl Outcome {
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
             Self::NoAgent => "no_agent",
+            Self::SniUnmatched(_) => "sni_unmatched",
             Self::Stalled(_) => "stalled",
             Self::OpenFailed(failure) if failure.code == OpenFailCode::OverBudget => "over_budget",
             Self::OpenFailed(_) | Self::Failed { origin: Origin::Destination, .. } => {
@@ -139,6 +145,7 @@ impl fmt::Display for Outcome {
             Self::IdleTimeout => f.write_str("idle-timeout"),
             Self::Shutdown => f.write_str("shutdown"),
             Self::NoAgent => f.write_str("no-agent: no connected agent has approved this endpoint"),
+            Self::SniUnmatched(asked) => write!(f, "sni-unmatched: {asked}"),
             Self::Stalled(origin) => {
                 write!(f, "stalled: the {origin} stopped taking bytes (or took a trickle)")
             }

@@ -886,31 +886,38 @@ mod tests {
         pinging.abort();
     }
 
+    /// A copy whose stream was admitted on `budget` (charged on probation), with a 30 s stall
+    /// timeout: the socket's and the tunnel's far ends, and the copy.
+    fn budgeted_copy(
+        budget: &std::sync::Arc<crate::budget::BufferBudget>,
+    ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<CopyReport>) {
+        let (mut socket, socket_far) = duplex(16 * 1024);
+        let (mut tunnel, tunnel_far) = duplex(16 * 1024);
+        let timeouts = CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)) };
+        let budget = std::sync::Arc::clone(budget);
+        let copy = tokio::spawn(async move {
+            let charge = budget.charge_stream();
+            let counts = ByteCounts::default();
+            let (socket, tunnel) = (&mut socket, &mut tunnel);
+            let copy = copy_bidirectional_counted(
+                socket,
+                tunnel,
+                timeouts,
+                4096,
+                pending(),
+                &counts,
+                Some(&charge),
+            );
+            copy.await
+        });
+        (socket_far, tunnel_far, copy)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn over_the_budget_a_receiver_that_stops_reading_is_cut_sooner() {
         // Spent: the stream was let in before (while it idled, say) and stalls only now.
         let budget = std::sync::Arc::new(crate::budget::BufferBudget::new(0));
-        let (mut socket, _socket_far) = duplex(16 * 1024);
-        let (mut tunnel, mut tunnel_far) = duplex(16 * 1024);
-        let timeouts = CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)) };
-        let copy = tokio::spawn({
-            let budget = std::sync::Arc::clone(&budget);
-            async move {
-                let charge = budget.charge_stream();
-                let counts = ByteCounts::default();
-                let (socket, tunnel) = (&mut socket, &mut tunnel);
-                copy_bidirectional_counted(
-                    socket,
-                    tunnel,
-                    timeouts,
-                    4096,
-                    pending(),
-                    &counts,
-                    Some(&charge),
-                )
-                .await
-            }
-        });
+        let (_socket_far, mut tunnel_far, copy) = budgeted_copy(&budget);
         let started = Instant::now();
         let pushing = tokio::spawn(async move {
             let chunk = vec![1u8; 1024];
@@ -935,28 +942,8 @@ mod tests {
             assert_eq!(budget.ceiling(), 80 << 20);
             let others = BudgetCharge::new(Some(&*budget), others_hold);
             others.take();
-            let (mut socket, _socket_far) = duplex(16 * 1024);
-            let (mut tunnel, mut tunnel_far) = duplex(16 * 1024);
-            let timeouts = CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)) };
-            let copy = tokio::spawn({
-                let budget = std::sync::Arc::clone(&budget);
-                async move {
-                    // Admitted while there was room; its probation charge goes back as it idles.
-                    let charge = budget.charge_stream();
-                    let counts = ByteCounts::default();
-                    let (socket, tunnel) = (&mut socket, &mut tunnel);
-                    let copy = copy_bidirectional_counted(
-                        socket,
-                        tunnel,
-                        timeouts,
-                        4096,
-                        pending(),
-                        &counts,
-                        Some(&charge),
-                    );
-                    copy.await
-                }
-            });
+            // Admitted while there was room; its probation charge goes back as it idles.
+            let (_socket_far, mut tunnel_far, copy) = budgeted_copy(&budget);
             tokio::time::sleep(watch::PROBATION_IDLE * 2).await;
             assert_eq!(budget.held(), others_hold, "its probation charge went back as it idled");
             // Now the download comes, and the socket's peer reads none of it.

@@ -9,14 +9,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::IpNet;
-use privlink_protocol::acl::{Acl, parse_acl_entry};
+use privlink_protocol::client_hello::ServerNames;
 pub use privlink_protocol::config::AdminSettings;
 use privlink_protocol::config::{
     AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_buffer_budget,
-    deserialize_optional_duration, deserialize_optional_positive_duration,
+    deserialize_optional_duration,
 };
-use privlink_protocol::destination::Destination;
 use privlink_protocol::message::MAX_ENDPOINTS_PER_CONNECTOR;
 use privlink_protocol::token::TokenDigest;
 use privlink_transport::tls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -24,6 +22,14 @@ use privlink_transport::{budget, tls};
 use serde::Deserialize;
 
 use crate::fleet::{FleetSpec, RawFleet};
+
+mod endpoint;
+mod listener;
+
+use endpoint::RawEndpoint;
+pub use endpoint::{EndpointSpec, OpenRetry};
+use listener::RawListener;
+pub use listener::{DEFAULT_PREREAD_TIMEOUT, ListenerSpec};
 
 /// Default inactivity timeout of an endpoint.
 pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,6 +72,8 @@ pub struct RelayConfig {
     pub connectors: Vec<ConnectorSpec>,
     /// Endpoints clients connect to.
     pub endpoints: Vec<EndpointSpec>,
+    /// Shared TLS ports routed to endpoints by server name (`[[listener]]`).
+    pub listeners: Vec<ListenerSpec>,
     /// The relay fleet this relay belongs to (`[fleet]`).
     pub fleet: Option<FleetSpec>,
     /// The files besides the config file whose content this configuration holds (the tunnel
@@ -107,54 +115,6 @@ impl fmt::Debug for ConnectorSpec {
     }
 }
 
-/// An endpoint: a listening port mapped to a destination reached through a connector.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointSpec {
-    /// Endpoint name (unique).
-    pub name: String,
-    /// Connector whose agents serve it.
-    pub connector: String,
-    /// Where the agent connects.
-    pub destination: Destination,
-    /// Where clients connect.
-    pub listen: SocketAddr,
-    /// Close after this long with no byte in either direction.
-    pub inactivity_timeout: Duration,
-    /// Reset both ways when the client (or the tunnel) took too little of what waited for it
-    /// for this long: a client that stopped reading, or reads a trickle.
-    pub stall_timeout: Duration,
-    /// Concurrent connections beyond which new ones are refused.
-    pub max_connections: usize,
-    /// Source-IP rules.
-    pub acl: Acl,
-    /// How an open the agent did not answer is tried again on another agent.
-    pub open: OpenRetry,
-}
-
-/// How the relay retries a client connection's open on another agent when the first could
-/// not serve it before answering (a destination it could not reach, a lost stream, no answer
-/// in time). Nothing was answered, so the client never sees the difference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpenRetry {
-    /// How long an agent may take to answer an open (`open_timeout`).
-    pub timeout: Duration,
-    /// Agents tried at most, the first included (`open_attempts`; 1: no retry).
-    pub attempts: u32,
-    /// Most client bytes kept for a replay (`open_retry_buffer`); a client that sends more
-    /// before the answer is no longer retried.
-    pub buffer: usize,
-}
-
-impl Default for OpenRetry {
-    fn default() -> Self {
-        Self {
-            timeout: DEFAULT_OPEN_TIMEOUT,
-            attempts: DEFAULT_OPEN_ATTEMPTS,
-            buffer: DEFAULT_OPEN_RETRY_BUFFER,
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -165,6 +125,8 @@ struct RawConfig {
     admin: Option<AdminTable>,
     #[serde(default)]
     connector: Vec<RawConnector>,
+    #[serde(default)]
+    listener: Vec<RawListener>,
     #[serde(default)]
     endpoint: Vec<RawEndpoint>,
     #[serde(default)]
@@ -187,80 +149,6 @@ struct RawConnector {
     name: Spanned<String>,
     #[serde(deserialize_with = "deserialize_sha256_list")]
     token_sha256: Vec<TokenDigest>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEndpoint {
-    name: Spanned<String>,
-    connector: Spanned<String>,
-    destination: Destination,
-    listen: Spanned<SocketAddr>,
-    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
-    inactivity_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
-    stall_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "deserialize_limit")]
-    max_connections: Option<usize>,
-    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
-    open_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "deserialize_open_attempts")]
-    open_attempts: Option<u32>,
-    #[serde(default, deserialize_with = "deserialize_retry_buffer")]
-    open_retry_buffer: Option<usize>,
-    #[serde(default)]
-    acl: RawAcl,
-}
-
-fn deserialize_open_attempts<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<u32>, D::Error> {
-    let n = u32::deserialize(d)?;
-    if !(1..=MAX_OPEN_ATTEMPTS).contains(&n) {
-        return Err(serde::de::Error::custom(format!(
-            "open_attempts must be 1 to {MAX_OPEN_ATTEMPTS} (1: no retry)"
-        )));
-    }
-    Ok(Some(n))
-}
-
-fn deserialize_retry_buffer<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<usize>, D::Error> {
-    let n = u32::deserialize(d)? as usize;
-    if n > MAX_OPEN_RETRY_BUFFER {
-        return Err(serde::de::Error::custom(format!(
-            "open_retry_buffer is at most {MAX_OPEN_RETRY_BUFFER} bytes (0: no replay)"
-        )));
-    }
-    Ok(Some(n))
-}
-
-fn deserialize_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    let n = u32::deserialize(d)?;
-    if n == 0 {
-        return Err(serde::de::Error::custom("max_connections must be at least 1"));
-    }
-    Ok(Some(n as usize))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAcl {
-    #[serde(default)]
-    allow: Vec<AclEntry>,
-    #[serde(default)]
-    deny: Vec<AclEntry>,
-}
-
-#[derive(Debug)]
-struct AclEntry(IpNet);
-
-impl<'de> Deserialize<'de> for AclEntry {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_acl_entry(&text).map(AclEntry).map_err(serde::de::Error::custom)
-    }
 }
 
 /// `token_sha256 = "…"`, or `token_sha256 = ["…", "…"]` during a rotation (at most
@@ -329,10 +217,40 @@ impl RelayConfig {
             });
         }
 
-        let mut endpoints = Vec::with_capacity(raw.endpoint.len());
+        // Every bound address, and what binds it (for messages).
+        let mut listens: HashMap<SocketAddr, String> = HashMap::new();
+        let mut bind = |addr: SocketAddr, owner: String| match listens.get(&addr) {
+            Some(first) => Err(format!("listen address {addr} is already used by {first}")),
+            None if addr == raw.tunnel.listen && addr.port() != 0 => {
+                Err(format!("listen address {addr} is the tunnel's address"))
+            }
+            None => {
+                listens.insert(addr, owner);
+                Ok(())
+            }
+        };
+        // Shared listeners first: endpoints name them.
+        let mut listeners: Vec<ListenerSpec> = Vec::with_capacity(raw.listener.len());
+        let mut listener_index = HashMap::new();
+        for (i, l) in raw.listener.into_iter().enumerate() {
+            let key = format!("listener[{i}].name");
+            check_name(source, &l.name, &key)?;
+            if let Some(first) = listener_index.insert(l.name.get_ref().clone(), i) {
+                let message = format!(
+                    "duplicate listener name `{}` (also listener[{first}])",
+                    l.name.get_ref()
+                );
+                return Err(source.error_for(&l.name, &key, message));
+            }
+            bind(*l.listen.get_ref(), format!("listener[{i}]"))
+                .map_err(|m| source.error_for(&l.listen, &format!("listener[{i}].listen"), m))?;
+            listeners.push(l.into_spec());
+        }
+        let mut claims: Vec<ServerNames<usize>> = vec![ServerNames::default(); listeners.len()];
+
+        let mut endpoints: Vec<EndpointSpec> = Vec::with_capacity(raw.endpoint.len());
         let mut names = HashMap::new();
         let mut per_connector: HashMap<String, usize> = HashMap::new();
-        let mut listens = HashMap::new();
         for (i, e) in raw.endpoint.into_iter().enumerate() {
             let name_key = format!("endpoint[{i}].name");
             check_name(source, &e.name, &name_key)?;
@@ -368,23 +286,68 @@ impl RelayConfig {
                     ),
                 ));
             }
-            let listen = *e.listen.get_ref();
-            let listen_key = format!("endpoint[{i}].listen");
-            if let Some(first) = listens.insert(listen, i) {
-                return Err(source.error_for(
-                    &e.listen,
-                    &listen_key,
-                    format!("listen address {listen} is already used by endpoint[{first}]"),
-                ));
-            }
-            if listen == raw.tunnel.listen && listen.port() != 0 {
-                return Err(source.error_for(
-                    &e.listen,
-                    &listen_key,
-                    format!("listen address {listen} is the tunnel's address"),
-                ));
-            }
+            let server_names = e.server_names(source, i)?;
+            let (listen, listener) = match (&e.listen, &e.listener) {
+                (Some(listen), None) => {
+                    bind(*listen.get_ref(), format!("endpoint[{i}]")).map_err(|m| {
+                        source.error_for(listen, &format!("endpoint[{i}].listen"), m)
+                    })?;
+                    (*listen.get_ref(), None)
+                }
+                (None, Some(name)) => {
+                    let key = format!("endpoint[{i}].listener");
+                    let Some(&l) = listener_index.get(name.get_ref()) else {
+                        let message = format!(
+                            "unknown listener `{}`; declare it in a [[listener]] table",
+                            name.get_ref()
+                        );
+                        return Err(source.error_for(name, &key, message));
+                    };
+                    if server_names.is_empty() {
+                        let message = "an endpoint on a shared listener needs server_names: \
+                                       the names clients reach it by";
+                        return Err(source.error_for(name, &key, message));
+                    }
+                    for (j, claimed) in server_names.iter().enumerate() {
+                        if claims[l].claim(claimed, i).is_err() {
+                            let holder = claims[l].claimant(claimed).copied().unwrap_or(i);
+                            let message = format!(
+                                "`{claimed}` is claimed on listener `{}` by endpoint[{holder}] \
+                                 (`{}`) and endpoint[{i}] (`{}`)",
+                                name.get_ref(),
+                                endpoints.get(holder).map_or("", |h| h.name.as_str()),
+                                e.name.get_ref()
+                            );
+                            let at = e.server_names.as_ref().map_or(name.span(), |s| s.span());
+                            let key = format!("endpoint[{i}].server_names[{j}]");
+                            return Err(source.error_at(Some(at), &key, message));
+                        }
+                        listeners[l].routes.push((claimed.clone(), e.name.get_ref().clone()));
+                    }
+                    (listeners[l].listen, Some(listeners[l].name.clone()))
+                }
+                (Some(listen), Some(_)) => {
+                    let message = "give either listen (a port of its own) or listener (a shared \
+                                   port routed by server name), not both";
+                    return Err(source.error_for(
+                        listen,
+                        &format!("endpoint[{i}].listener"),
+                        message,
+                    ));
+                }
+                (None, None) => {
+                    let message = "needs listen (a port of its own) or listener (a shared port \
+                                   routed by server name)";
+                    return Err(source.error_for(
+                        &e.name,
+                        &format!("endpoint[{i}].listen"),
+                        message,
+                    ));
+                }
+            };
             endpoints.push(EndpointSpec {
+                server_names,
+                listener,
                 name: e.name.into_inner(),
                 connector: e.connector.into_inner(),
                 destination: e.destination,
@@ -392,16 +355,17 @@ impl RelayConfig {
                 inactivity_timeout: e.inactivity_timeout.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
                 stall_timeout: e.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT),
                 max_connections: e.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-                acl: Acl {
-                    allow: e.acl.allow.into_iter().map(|a| a.0).collect(),
-                    deny: e.acl.deny.into_iter().map(|a| a.0).collect(),
-                },
+                acl: e.acl.into_acl(),
                 open: OpenRetry {
                     timeout: e.open_timeout.unwrap_or(DEFAULT_OPEN_TIMEOUT),
                     attempts: e.open_attempts.unwrap_or(DEFAULT_OPEN_ATTEMPTS),
                     buffer: e.open_retry_buffer.unwrap_or(DEFAULT_OPEN_RETRY_BUFFER),
                 },
             });
+        }
+
+        for listener in &mut listeners {
+            listener.routes.sort();
         }
 
         let cert_path = source.resolve_path(raw.tunnel.cert.get_ref());
@@ -431,6 +395,7 @@ impl RelayConfig {
             buffer_budget: raw.tunnel.buffer_budget.unwrap_or_else(budget::default_limit),
             connectors,
             endpoints,
+            listeners,
             fleet,
             source_files: vec![cert_path, key_path],
         })

@@ -1,0 +1,88 @@
+//! Reading a client's TLS ClientHello before an agent is asked, for an endpoint that serves
+//! only some server names (SNI pinning): the bytes as they arrive go through protocol's
+//! [`ServerNameReader`] within a deadline and a size bound, and are kept whole to be forwarded
+//! untouched. A client refused here gets TLS's `unrecognized_name` alert (a plain close when it
+//! did not speak TLS) and nothing else.
+
+use std::time::Duration;
+
+use privlink_protocol::client_hello::{
+    MAX_CLIENT_HELLO, NotRoutable, Preread, ServerNameReader, UNRECOGNIZED_NAME_ALERT,
+};
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Why a connection's ClientHello could not be read.
+#[derive(Debug)]
+pub(crate) enum Unread {
+    /// Its first bytes are not a routable ClientHello.
+    NotRoutable(NotRoutable),
+    /// No whole ClientHello within the deadline.
+    Timeout(Duration),
+    /// The client closed (or reset) before a whole ClientHello.
+    Closed,
+    /// The relay is shutting down.
+    Cancelled,
+}
+
+/// What was read: every byte (to forward), the server name the ClientHello asks for, and
+/// whether the first byte was a TLS record's.
+pub(crate) type Read = (Vec<u8>, Option<String>);
+
+/// Reads until `socket` has sent a whole ClientHello, within `timeout`, unless `cancel` fires.
+pub(crate) async fn server_name(
+    socket: &mut TcpStream,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<Read, (Vec<u8>, Unread)> {
+    let mut reader = ServerNameReader::new();
+    let mut bytes = Vec::with_capacity(2048);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let room = MAX_CLIENT_HELLO.saturating_sub(bytes.len()).max(1);
+        let mut chunk = [0u8; 2048];
+        let want = room.min(chunk.len());
+        let read = tokio::select! {
+            () = cancel.cancelled() => return Err((bytes, Unread::Cancelled)),
+            read = tokio::time::timeout_at(deadline, socket.read(&mut chunk[..want])) => read,
+        };
+        let n = match read {
+            Err(_) => return Err((bytes, Unread::Timeout(timeout))),
+            Ok(Ok(0) | Err(_)) => return Err((bytes, Unread::Closed)),
+            Ok(Ok(n)) => n,
+        };
+        bytes.extend_from_slice(&chunk[..n]);
+        match reader.feed(&chunk[..n]) {
+            Preread::NeedMore => {}
+            Preread::ClientHello { server_name } => return Ok((bytes, server_name)),
+            Preread::Refused(why) => return Err((bytes, Unread::NotRoutable(why))),
+        }
+    }
+}
+
+/// Turns away a client whose ClientHello `read` found (or did not) a name the endpoint serves:
+/// the `unrecognized_name` alert to one that spoke TLS, then the close (when the socket drops).
+/// Returns what the flow log says it asked for.
+pub(crate) fn refuse(socket: &TcpStream, read: Result<Read, (Vec<u8>, Unread)>) -> String {
+    let (spoke_tls, asked) = match read {
+        Ok((_, Some(name))) => {
+            (true, format!("the client asked for {name}, a name this endpoint does not serve"))
+        }
+        Ok((_, None)) => (true, "the client's ClientHello names no server".to_owned()),
+        Err((_, Unread::NotRoutable(NotRoutable::NotTls))) => {
+            (false, "the client did not begin with a TLS ClientHello".to_owned())
+        }
+        Err((bytes, Unread::NotRoutable(why))) => (bytes.first() == Some(&0x16), why.to_string()),
+        Err((bytes, Unread::Timeout(after))) => {
+            (bytes.first() == Some(&0x16), format!("no whole ClientHello within {after:?}"))
+        }
+        Err((_, Unread::Closed)) => (false, "the client closed before its ClientHello".to_owned()),
+        Err((_, Unread::Cancelled)) => (false, "the relay is shutting down".to_owned()),
+    };
+    if spoke_tls {
+        // Seven bytes into an empty send buffer: written at once or not at all, never waited on.
+        let _ = socket.try_write(&UNRECOGNIZED_NAME_ALERT);
+    }
+    asked
+}

@@ -1,0 +1,50 @@
+//! A stand-in for a key vault: an HTTPS server whose certificate (from a test CA) names the
+//! vault, answering every request with `200` and the vault's name as the body, so a client
+//! can tell which vault it reached and verify that vault's own certificate end to end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use privlink_transport::pki::CertificateAuthority;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Starts an HTTPS "vault" for `name` on loopback, its certificate issued by `ca`.
+pub async fn https_vault(ca: &CertificateAuthority, name: &str) -> SocketAddr {
+    let issued = ca.issue_server(&[name]).expect("vault certificate");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![issued.cert_der], issued.key_der)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind vault");
+    let addr = listener.local_addr().expect("addr");
+    let body = name.to_owned();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else { return };
+                // The request head, bounded.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
