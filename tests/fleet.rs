@@ -94,24 +94,21 @@ impl RelayFleet {
         let haproxy = Haproxy::start(
             dir.path(),
             &[
-                Frontend {
-                    name: "tunnel".into(),
-                    bind: tunnel_balancer,
-                    servers: relays
-                        .iter()
-                        .map(|r| Server { addr: r.tunnel, admin: r.admin_addr })
-                        .collect(),
-                    check: Check::Connect,
-                },
-                Frontend {
-                    name: "clients".into(),
-                    bind: client_balancer,
-                    servers: relays
+                Frontend::new(
+                    "tunnel",
+                    tunnel_balancer,
+                    relays.iter().map(|r| Server { addr: r.tunnel, admin: r.admin_addr }).collect(),
+                    Check::Connect,
+                ),
+                Frontend::new(
+                    "clients",
+                    client_balancer,
+                    relays
                         .iter()
                         .map(|r| Server { addr: r.endpoint, admin: r.admin_addr })
                         .collect(),
-                    check: Check::Readyz,
-                },
+                    Check::Readyz,
+                ),
             ],
         );
         let mut fleet = Self {

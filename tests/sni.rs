@@ -15,7 +15,6 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
 use common::*;
 use privlink_agent::config::TransportChoice;
@@ -124,22 +123,6 @@ fn openssl(port: u16, ca: &Path, name: Option<&str>) -> String {
     String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned()
 }
 
-/// The ClientHello rustls writes for `name`.
-fn client_hello_for(name: &str) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let server = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
-    let mut client = rustls::ClientConnection::new(Arc::new(config), server).expect("client");
-    let mut hello = Vec::new();
-    client.write_tls(&mut hello).expect("ClientHello");
-    hello
-}
-
 /// What the relay answers to `bytes` sent one per TCP segment: the first bytes back (empty
 /// when it closed without a word, or reset).
 async fn answer_to_trickle(relay: SocketAddr, bytes: &[u8]) -> Vec<u8> {
@@ -192,9 +175,9 @@ async fn a_pinned_endpoint_serves_its_names_and_refuses_every_other(transport: T
         assert!(refused.contains("unrecognized name"), "{refused}");
     });
     // One byte per segment: still read, still routed (the vault answers with its handshake).
-    let answer = answer_to_trickle(relay, &client_hello_for(VAULT)).await;
+    let answer = answer_to_trickle(relay, &vault::client_hello_for(VAULT)).await;
     assert_eq!(answer.first(), Some(&0x16), "a TLS handshake record back: {answer:?}");
-    let answer = answer_to_trickle(relay, &client_hello_for("elsewhere.test")).await;
+    let answer = answer_to_trickle(relay, &vault::client_hello_for("elsewhere.test")).await;
     assert_eq!(answer, UNRECOGNIZED_NAME_ALERT, "the alert, one byte at a time too");
     // Not TLS: closed without a word.
     let answer = answer_to_trickle(relay, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -232,6 +215,7 @@ async fn two_vaults_behind_one_shared_port_each_by_its_own_name(transport: Trans
         listen: loopback(0),
         preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
         acl: Default::default(),
+        proxy_protocol: None,
         routes: routes.iter().map(|(n, e)| ((*n).to_owned(), (*e).to_owned())).collect(),
     };
     let admin = loopback(privlink_testbed::process::free_fixed_port());
@@ -259,7 +243,7 @@ async fn two_vaults_behind_one_shared_port_each_by_its_own_name(transport: Trans
         let no_name = openssl(port, ca, None);
         assert!(no_name.contains("unrecognized name"), "{no_name}");
     });
-    let answer = answer_to_trickle(shared, &client_hello_for(OTHER_VAULT)).await;
+    let answer = answer_to_trickle(shared, &vault::client_hello_for(OTHER_VAULT)).await;
     assert_eq!(answer.first(), Some(&0x16), "routed one byte at a time: {answer:?}");
     let answer = answer_to_trickle(shared, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(answer.is_empty(), "plain HTTP gets a close: {answer:?}");

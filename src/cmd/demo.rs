@@ -74,6 +74,8 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         open: OpenRetry::default(),
         server_names: Vec::new(),
         listener: None,
+        proxy_protocol: None,
+        send_proxy_protocol: None,
     };
     let relay_config = |listen| RelayConfig {
         tunnel_listen: "127.0.0.1:0".parse().expect("addr"),

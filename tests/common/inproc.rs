@@ -56,6 +56,8 @@ pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
         open: privlink_relay::config::OpenRetry::default(),
         server_names: Vec::new(),
         listener: None,
+        proxy_protocol: None,
+        send_proxy_protocol: None,
     }
 }
 

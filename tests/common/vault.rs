@@ -48,3 +48,19 @@ pub async fn https_vault(ca: &CertificateAuthority, name: &str) -> SocketAddr {
     });
     addr
 }
+
+/// The ClientHello rustls writes for `name` (to send by hand, a byte at a time, say).
+pub fn client_hello_for(name: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let server = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
+    let mut client = rustls::ClientConnection::new(Arc::new(config), server).expect("client");
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).expect("ClientHello");
+    hello
+}

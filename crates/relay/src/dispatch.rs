@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use privlink_protocol::frame;
 use privlink_protocol::message::Open;
+use privlink_protocol::{frame, proxy_header};
 use privlink_transport::budget::BudgetCharge;
 use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::write_and_flush;
@@ -44,21 +44,36 @@ pub(crate) const OPEN_STREAM_WAIT: Duration = Duration::from_secs(5);
 /// rather than holding a `max_connections` slot with no timer running (the inactivity
 /// watchdog starts with the copy).
 pub(crate) const FIRST_WRITE_WAIT: Duration = Duration::from_secs(5);
-/// How long an endpoint with server names waits for a client's whole ClientHello.
-const PREREAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most client bytes sent along with the open header (a TLS ClientHello fits).
 const EARLY_DATA_MAX: usize = 4096;
 
-/// Forwards one admitted client connection and writes its flow-log line. `preread`: the
-/// bytes a shared listener read to route it (its ClientHello), forwarded first.
+/// How a client connection arrived: who the client is, the load balancer that said so in a
+/// PROXY header (if one did), and what was read of the connection already — after that
+/// header, and the ClientHello when a shared listener `routed` it by its name.
+#[derive(Debug)]
+pub(crate) struct Arrival {
+    pub(crate) client: SocketAddr,
+    pub(crate) via: Option<SocketAddr>,
+    pub(crate) read: Vec<u8>,
+    pub(crate) routed: bool,
+}
+
+impl Arrival {
+    /// A client that connected itself, nothing read yet.
+    pub(crate) fn direct(client: SocketAddr) -> Self {
+        Self { client, via: None, read: Vec::new(), routed: false }
+    }
+}
+
+/// Forwards one admitted client connection and writes its flow-log line.
 pub(crate) async fn forward(
     mut socket: TcpStream,
-    client: SocketAddr,
+    arrival: Arrival,
     endpoint: &Endpoint,
     spec: Arc<EndpointSpec>,
     registry: &Registry,
-    preread: Option<Vec<u8>>,
 ) {
+    let Arrival { client, via, read, routed } = arrival;
     let force = &endpoint.force;
     // Taken before any agent is asked (`listen::admit` looked a moment ago; this takes the
     // charge and looks again in one step, so a burst of clients cannot all pass the look
@@ -73,33 +88,48 @@ pub(crate) async fn forward(
     let _ = socket.set_nodelay(true);
     // An endpoint with server names reads the ClientHello first: one that asks for another
     // name gets no agent (SNI pinning). What was read goes to the agent with the open header.
-    let preread = if let Some(routed) = preread {
-        routed
-    } else if spec.server_names.is_empty() {
-        Vec::new()
+    let mut preread = if routed || spec.server_names.is_empty() {
+        read
     } else {
-        match preread::server_name(&mut socket, PREREAD_TIMEOUT, &endpoint.force).await {
+        match preread::server_name(&mut socket, read, preread::TIMEOUT, &endpoint.force).await {
             Ok((bytes, name)) if spec.admits_server_name(name.as_deref()) => bytes,
             refused => {
                 let asked = preread::refuse(&socket, refused);
                 let outcome = Outcome::SniUnmatched(asked);
-                endpoint.metrics.connection_ended(&spec.name, outcome.label(), (0, 0));
-                Flow {
-                    client,
-                    endpoint: spec,
-                    agent: "-",
-                    attempts: 0,
-                    agents_tried: "",
-                    duration: started.elapsed(),
-                    bytes_from_client: 0,
-                    bytes_to_client: 0,
-                    outcome: &outcome,
-                }
-                .log();
+                refused_before_open(endpoint, spec, (client, via), started, &outcome);
                 return;
             }
         }
     };
+    if let Some(version) = spec.send_proxy_protocol {
+        // The destination learns the original client first; the header rides with the open.
+        let local = socket.local_addr().unwrap_or(spec.listen);
+        let mut header = proxy_header::encode(version, client, local);
+        header.append(&mut preread);
+        preread = header;
+    }
+    // From a source not trusted to send a PROXY header, a connection that begins with one is
+    // a forgery (the endpoint expects headers from its balancer only): its first bytes are
+    // looked at before an agent is asked (a client that says nothing for a while is let on).
+    let guard_proxy = spec.proxy_protocol.is_some() && via.is_none();
+    if guard_proxy && preread.is_empty() {
+        let deadline = Instant::now() + preread::TIMEOUT;
+        preread.reserve(EARLY_DATA_MAX);
+        // Readiness can wake without bytes: read until some come, the client closes, or the
+        // deadline passes.
+        while let Ok(Ok(())) = tokio::time::timeout_at(deadline, socket.readable()).await {
+            match socket.try_read_buf(&mut preread) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => break,
+            }
+        }
+    }
+    if guard_proxy && preread::looks_like_proxy_header(&preread) {
+        abort(socket);
+        let outcome = Outcome::ProxyHeaderRefused;
+        refused_before_open(endpoint, spec, (client, via), started, &outcome);
+        return;
+    }
     let mut bytes = (0, 0);
     let mut unreported = (0, 0);
     // The agents tried, in order: registry ids (in the task, no allocation: at most
@@ -140,7 +170,7 @@ pub(crate) async fn forward(
             entry,
             endpoint,
             &charge,
-            first.then_some(preread.as_slice()),
+            first.then_some((preread.as_slice(), guard_proxy)),
         )
         .await
         {
@@ -179,6 +209,7 @@ pub(crate) async fn forward(
     endpoint.metrics.connection_ended(&spec.name, outcome.label(), unreported);
     Flow {
         client,
+        via,
         endpoint: spec,
         agent: agents_tried.rsplit(',').next().filter(|a| !a.is_empty()).unwrap_or("-"),
         attempts,
@@ -187,6 +218,30 @@ pub(crate) async fn forward(
         bytes_from_client: bytes.0,
         bytes_to_client: bytes.1,
         outcome: &outcome,
+    }
+    .log();
+}
+
+/// Counts and flow-logs a connection turned away before any agent was asked.
+fn refused_before_open(
+    endpoint: &Endpoint,
+    spec: &EndpointSpec,
+    (client, via): (SocketAddr, Option<SocketAddr>),
+    started: Instant,
+    outcome: &Outcome,
+) {
+    endpoint.metrics.connection_ended(&spec.name, outcome.label(), (0, 0));
+    Flow {
+        client,
+        via,
+        endpoint: spec,
+        agent: "-",
+        attempts: 0,
+        agents_tried: "",
+        duration: started.elapsed(),
+        bytes_from_client: 0,
+        bytes_to_client: 0,
+        outcome,
     }
     .log();
 }
@@ -202,7 +257,8 @@ enum Attempt {
 }
 
 /// One agent's try: stream, open header with the client's bytes so far, then the copy.
-/// `first`: this is the first try, and these bytes were read from the client already.
+/// `first`: this is the first try, these bytes were read from the client already, and whether a
+/// PROXY header in its first bytes is to be refused.
 #[allow(clippy::too_many_arguments)] // one call site; the pieces are the connection's own
 async fn attempt(
     socket: &mut TcpStream,
@@ -213,7 +269,7 @@ async fn attempt(
     live: &Live<LiveClient>,
     endpoint: &Endpoint,
     charge: &BudgetCharge<'_>,
-    first: Option<&[u8]>,
+    first: Option<(&[u8], bool)>,
 ) -> Attempt {
     let force = &endpoint.force;
     let deadline = Instant::now() + spec.open.timeout;
@@ -253,7 +309,7 @@ async fn attempt(
         }
     };
     let header_len = first_write.len();
-    if let Some(preread) = first {
+    if let Some((preread, guard_proxy)) = first {
         // The ClientHello read to route the connection, and whatever came after it.
         first_write.extend_from_slice(preread);
         first_write.reserve_exact(EARLY_DATA_MAX);
@@ -270,6 +326,11 @@ async fn attempt(
             }
         }
         let early = &first_write[header_len..];
+        if guard_proxy && preread::looks_like_proxy_header(early) {
+            stream.reset(ResetCode::ProtocolError);
+            reset_on_close(socket);
+            return Attempt::Ended { outcome: Outcome::ProxyHeaderRefused, opened_at: None };
+        }
         live.bytes.add_socket_to_tunnel(early.len() as u64);
         replay.record(early);
     } else {

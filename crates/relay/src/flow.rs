@@ -27,6 +27,8 @@ pub struct EndpointCounters {
 #[derive(Debug)]
 pub(crate) struct Flow<'a> {
     pub(crate) client: SocketAddr,
+    /// The load balancer whose PROXY header named the client, if one did.
+    pub(crate) via: Option<SocketAddr>,
     pub(crate) endpoint: &'a EndpointSpec,
     /// The agent that carried it (`-` when none was chosen).
     pub(crate) agent: &'a str,
@@ -47,6 +49,7 @@ impl Flow<'_> {
         info!(
             target: "privlink::flow",
             client = %self.client,
+            via = self.via.map(tracing::field::display),
             endpoint = %self.endpoint.name,
             destination = %self.endpoint.destination,
             agent = %self.agent,

@@ -83,17 +83,28 @@ impl Listeners {
             async move {
                 let stop = endpoint.stop.clone();
                 tcp::accept_until(&listener, &stop, |socket, client| {
+                    let span = tracing::info_span!("client", endpoint = %endpoint.name, %client);
+                    let trust = endpoint.spec().proxy_protocol.clone();
+                    if trust.is_some_and(|trust| trust.trusts(client.ip())) {
+                        // The client is named in the balancer's PROXY header: it is judged once
+                        // that is read, in its own task.
+                        let (endpoint, registry) = (Arc::clone(&endpoint), Arc::clone(&registry));
+                        tasks.spawn(
+                            async move { behind_balancer(socket, client, &endpoint, &registry).await }
+                                .instrument(span),
+                        );
+                        return;
+                    }
                     let Some((spec, slot)) = admit(&endpoint, client) else {
                         tcp::abort(socket);
                         return;
                     };
-                    let span = tracing::info_span!("client", endpoint = %endpoint.name, %client);
                     let endpoint = Arc::clone(&endpoint);
                     let registry = Arc::clone(&registry);
                     tasks.spawn(
                         async move {
-                            dispatch::forward(socket, client, &endpoint, spec, &registry, None)
-                                .await;
+                            let arrival = dispatch::Arrival::direct(client);
+                            dispatch::forward(socket, arrival, &endpoint, spec, &registry).await;
                             drop(slot);
                         }
                         .instrument(span),
@@ -123,7 +134,10 @@ impl Listeners {
             async move {
                 let stop = port.stop.clone();
                 tcp::accept_until(&listener, &stop, |socket, client| {
-                    if !port.routing().spec.acl.permits(client.ip()) {
+                    let routing = port.routing();
+                    let trusted =
+                        routing.spec.proxy_protocol.as_ref().is_some_and(|t| t.trusts(client.ip()));
+                    if !trusted && !routing.spec.acl.permits(client.ip()) {
                         port.metrics.listener_refused(&port.name, "acl_denied");
                         debug!(%client, "connection denied by the listener's ACL");
                         tcp::abort(socket);
@@ -156,24 +170,107 @@ impl Listeners {
     }
 }
 
-/// One connection to a shared port: its ClientHello read, routed by the name it asks for,
-/// admitted by that endpoint's policy, forwarded.
+/// A connection to a dedicated endpoint from its trusted load balancer: the PROXY header read,
+/// the client it names judged by the endpoint's policy, forwarded (a `LOCAL` header — the
+/// balancer's health check — is answered by the close).
+async fn behind_balancer(
+    mut socket: tokio::net::TcpStream,
+    balancer: SocketAddr,
+    endpoint: &Endpoint,
+    registry: &Registry,
+) {
+    let arrival = match read_proxy_header(&mut socket, balancer, preread::TIMEOUT, &endpoint.force)
+        .await
+    {
+        Ok(Some(arrival)) => arrival,
+        Ok(None) => return,
+        Err(why) => {
+            endpoint.metrics.connection_refused(&endpoint.name, "proxy_header_invalid");
+            if let Some(left_out) = endpoint.over_limit_log.admit(std::time::Instant::now()) {
+                warn!(%balancer, left_out, "connection refused: {why} (left_out: refusals since the last such line)");
+            }
+            tcp::abort(socket);
+            return;
+        }
+    };
+    let Some((spec, slot)) = admit(endpoint, arrival.client) else {
+        tcp::abort(socket);
+        return;
+    };
+    dispatch::forward(socket, arrival, endpoint, spec, registry).await;
+    drop(slot);
+}
+
+/// Reads a trusted balancer's PROXY header: the client it names and what followed it; `None`
+/// for a `LOCAL` header or one that names no addresses (the balancer's own connection).
+async fn read_proxy_header(
+    socket: &mut tokio::net::TcpStream,
+    balancer: SocketAddr,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<Option<dispatch::Arrival>, String> {
+    let (header, read) = preread::proxy_header(socket, timeout, cancel).await?;
+    Ok(header.addresses.filter(|_| !header.local).map(|(client, _)| dispatch::Arrival {
+        client,
+        via: Some(balancer),
+        read,
+        routed: false,
+    }))
+}
+
+/// One connection to a shared port: the PROXY header of a trusted balancer, then its
+/// ClientHello read, routed by the name it asks for, admitted by that endpoint's policy,
+/// forwarded.
 async fn route(
     mut socket: tokio::net::TcpStream,
-    client: SocketAddr,
+    peer: SocketAddr,
     port: &SharedPort,
     endpoints: &EndpointTable,
     registry: &Registry,
     force: &CancellationToken,
 ) {
     let Some(waiting) = port.start_preread() else {
-        port.refused(client, "over_limit", "too many connections wait for their ClientHello");
+        port.refused(peer, "over_limit", "too many connections wait for their ClientHello");
         tcp::abort(socket);
         return;
     };
     let routing = port.routing();
-    let read = preread::server_name(&mut socket, routing.spec.preread_timeout, force).await;
+    let timeout = routing.spec.preread_timeout;
+    let trusted = routing.spec.proxy_protocol.as_ref().is_some_and(|t| t.trusts(peer.ip()));
+    let (client, via, first) = if trusted {
+        match read_proxy_header(&mut socket, peer, timeout, force).await {
+            Ok(Some(arrival)) => (arrival.client, arrival.via, arrival.read),
+            Ok(None) => return,
+            Err(why) => {
+                port.refused(peer, "proxy_header_invalid", &why);
+                tcp::abort(socket);
+                return;
+            }
+        }
+    } else {
+        (peer, None, Vec::new())
+    };
+    if via.is_some() && !routing.spec.acl.permits(client.ip()) {
+        port.metrics.listener_refused(&port.name, "acl_denied");
+        tcp::abort(socket);
+        return;
+    }
+    let read = preread::server_name(&mut socket, first, timeout, force).await;
     drop(waiting);
+    if routing.spec.proxy_protocol.is_some() && via.is_none() {
+        let forged = match &read {
+            Ok((bytes, _)) | Err((bytes, _)) => preread::looks_like_proxy_header(bytes),
+        };
+        if forged {
+            port.refused(
+                client,
+                "proxy_header_invalid",
+                "a PROXY header from a source not trusted to send one",
+            );
+            tcp::abort(socket);
+            return;
+        }
+    }
     let endpoint = match &read {
         Ok((_, Some(name))) => routing.names.route(name).and_then(|name| endpoints.get(name)),
         _ => None,
@@ -183,12 +280,12 @@ async fn route(
         port.refused(client, "sni_unmatched", &asked);
         return;
     };
-    let bytes = bytes.clone();
+    let arrival = dispatch::Arrival { client, via, read: bytes.clone(), routed: true };
     let Some((spec, slot)) = admit(&endpoint, client) else {
         tcp::abort(socket);
         return;
     };
-    dispatch::forward(socket, client, &endpoint, spec, registry, Some(bytes)).await;
+    dispatch::forward(socket, arrival, &endpoint, spec, registry).await;
     drop(slot);
 }
 
@@ -253,6 +350,8 @@ mod tests {
             open: OpenRetry::default(),
             server_names: Vec::new(),
             listener: None,
+            proxy_protocol: None,
+            send_proxy_protocol: None,
         };
         let listeners = Listeners::new(Arc::default(), Arc::default(), budget);
         listeners.endpoint(spec)

@@ -372,6 +372,8 @@ mod tests {
             open: OpenRetry::default(),
             server_names: Vec::new(),
             listener: None,
+            proxy_protocol: None,
+            send_proxy_protocol: None,
         }
     }
 

@@ -16,6 +16,8 @@ use crate::process::Running;
 /// How a backend judges its servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
+    /// Not at all.
+    None,
     /// A TCP connect to the server.
     Connect,
     /// `GET /readyz` answered 200 on the server's admin listener.
@@ -42,12 +44,34 @@ pub struct Frontend {
     pub servers: Vec<Server>,
     /// How their health is judged.
     pub check: Check,
+    /// Added to each `server` line (`send-proxy`, `send-proxy-v2`).
+    pub server_options: String,
+    /// Added to the `bind` line (`accept-proxy`).
+    pub bind_options: String,
+    /// Whether each connection is logged to standard output when it ends (`option tcplog`):
+    /// the client address HAProxy saw, after any PROXY header it accepted.
+    pub log: bool,
+}
+
+impl Frontend {
+    /// A frontend balancing round-robin over `servers`, checked as `check`, nothing more.
+    pub fn new(name: &str, bind: SocketAddr, servers: Vec<Server>, check: Check) -> Self {
+        Self {
+            name: name.to_owned(),
+            bind,
+            servers,
+            check,
+            server_options: String::new(),
+            bind_options: String::new(),
+            log: false,
+        }
+    }
 }
 
 /// A running HAProxy.
 #[derive(Debug)]
 pub struct Haproxy {
-    _process: Running,
+    process: Running,
     socket: PathBuf,
 }
 
@@ -69,16 +93,18 @@ impl Haproxy {
         assert!(installed, "haproxy is not installed: apt-get install haproxy (.ci/run does)");
         let socket = dir.join("haproxy.sock");
         let mut config = format!(
-            "global\n  maxconn 4000\n  stats socket {} mode 600 level admin\n\n\
+            "global\n  maxconn 4000\n  stats socket {} mode 600 level admin\n  \
+             log stdout format raw local0\n\n\
              defaults\n  mode tcp\n  balance roundrobin\n  timeout connect 2s\n  \
              timeout client 1h\n  timeout server 1h\n  timeout tunnel 1h\n  timeout check 1s\n",
             socket.display()
         );
         for frontend in frontends {
             let name = &frontend.name;
+            let log = if frontend.log { "  log global\n  option tcplog\n" } else { "" };
             config.push_str(&format!(
-                "\nfrontend {name}\n  bind {}\n  default_backend {name}\n\nbackend {name}\n",
-                frontend.bind
+                "\nfrontend {name}\n  bind {} {}\n{log}  default_backend {name}\n\nbackend {name}\n",
+                frontend.bind, frontend.bind_options
             ));
             if frontend.check == Check::Readyz {
                 // The admin listener answers only a Host it knows: an IP literal is one.
@@ -88,13 +114,17 @@ impl Haproxy {
                 );
             }
             for (i, server) in frontend.servers.iter().enumerate() {
-                let port = match frontend.check {
-                    Check::Connect => String::new(),
-                    Check::Readyz => format!(" port {}", server.admin.port()),
+                let check = match frontend.check {
+                    Check::None => String::new(),
+                    Check::Connect => format!(" check inter {CHECK_INTERVAL} fall 1 rise 1"),
+                    Check::Readyz => format!(
+                        " check inter {CHECK_INTERVAL} fall 1 rise 1 port {}",
+                        server.admin.port()
+                    ),
                 };
                 config.push_str(&format!(
-                    "  server s{i} {} check inter {CHECK_INTERVAL} fall 1 rise 1{port}\n",
-                    server.addr
+                    "  server s{i} {}{check} {}\n",
+                    server.addr, frontend.server_options
                 ));
             }
         }
@@ -103,7 +133,7 @@ impl Haproxy {
         let mut command = Command::new("haproxy");
         command.args(["-db", "-f", path.to_str().expect("utf-8")]);
         let process = Running::spawn(command);
-        let haproxy = Self { _process: process, socket };
+        let haproxy = Self { process, socket };
         let deadline = Instant::now() + WAIT;
         for frontend in frontends {
             while std::net::TcpStream::connect(frontend.bind).is_err() {
@@ -153,6 +183,11 @@ impl Haproxy {
             assert!(Instant::now() < deadline, "haproxy backend {backend}: {servers:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits for a line of HAProxy's output (its connection log) containing `needle`.
+    pub fn wait_for_log(&mut self, needle: &str) {
+        self.process.wait_for(needle);
     }
 
     /// Sends a command to the runtime API and returns its answer.

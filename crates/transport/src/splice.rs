@@ -81,6 +81,9 @@ pub enum Outcome {
     /// serves (relay only; refused before an agent was asked): what it asked for, or why it
     /// could not be read.
     SniUnmatched(String),
+    /// A connection from a source not trusted to send a PROXY header began with one (relay
+    /// only; refused before a byte reached the agent).
+    ProxyHeaderRefused,
     /// The receiver at `origin` took too little for the stall timeout while bytes waited for
     /// it (it stopped reading, or reads a trickle): reset both ways.
     Stalled(Origin),
@@ -114,6 +117,7 @@ impl Outcome {
             | Self::Shutdown
             | Self::NoAgent
             | Self::SniUnmatched(_)
+            | Self::ProxyHeaderRefused
             | Self::Stalled(_) => false,
         }
     }
@@ -126,6 +130,7 @@ impl Outcome {
             Self::Shutdown => "shutdown",
             Self::NoAgent => "no_agent",
             Self::SniUnmatched(_) => "sni_unmatched",
+            Self::ProxyHeaderRefused => "proxy_header_invalid",
             Self::Stalled(_) => "stalled",
             Self::OpenFailed(failure) if failure.code == OpenFailCode::OverBudget => "over_budget",
             Self::OpenFailed(_) | Self::Failed { origin: Origin::Destination, .. } => {
@@ -146,6 +151,9 @@ impl fmt::Display for Outcome {
             Self::Shutdown => f.write_str("shutdown"),
             Self::NoAgent => f.write_str("no-agent: no connected agent has approved this endpoint"),
             Self::SniUnmatched(asked) => write!(f, "sni-unmatched: {asked}"),
+            Self::ProxyHeaderRefused => f.write_str(
+                "proxy-header-invalid: a PROXY header from a source not trusted to send one",
+            ),
             Self::Stalled(origin) => {
                 write!(f, "stalled: the {origin} stopped taking bytes (or took a trickle)")
             }

@@ -11,6 +11,7 @@ use privlink_protocol::config::{
     ConfigError, ConfigSource, Spanned, deserialize_optional_positive_duration,
 };
 use privlink_protocol::destination::Destination;
+use privlink_protocol::proxy_header::ProxyVersion;
 use serde::Deserialize;
 
 use super::{
@@ -43,10 +44,59 @@ pub struct EndpointSpec {
     pub acl: Acl,
     /// How an open the agent did not answer is tried again on another agent.
     pub open: OpenRetry,
+    /// Sources whose connections begin with a PROXY header naming the real client
+    /// (`proxy_protocol = { trusted = [...] }`): a load balancer in front of the relay.
+    pub proxy_protocol: Option<ProxyTrust>,
+    /// The PROXY header the destination gets before the client's first byte, naming the
+    /// original client (`send_proxy_protocol = "v1" | "v2"`).
+    pub send_proxy_protocol: Option<ProxyVersion>,
     /// The names a client's TLS ClientHello may ask for (exact, or one-label `*.` wildcards,
     /// normalised); empty: any. On a port of its own this is SNI pinning: a ClientHello naming
     /// anything else is refused before an agent is asked.
     pub server_names: Vec<String>,
+}
+
+/// Who may put a PROXY header before a connection: from these sources it is required, from
+/// any other a connection that begins with one is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProxyTrust {
+    /// The load balancers' addresses.
+    pub trusted: Vec<IpNet>,
+}
+
+impl ProxyTrust {
+    /// Whether connections from `ip` carry a header.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// `proxy_protocol = { trusted = [...] }` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProxyProtocol {
+    trusted: Vec<AclEntry>,
+}
+
+impl RawProxyProtocol {
+    pub(super) fn into_trust(self) -> ProxyTrust {
+        ProxyTrust { trusted: self.trusted.into_iter().map(|entry| entry.0).collect() }
+    }
+}
+
+/// `send_proxy_protocol = "v1" | "v2"`.
+fn deserialize_send_proxy<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ProxyVersion>, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "v1" => Ok(Some(ProxyVersion::V1)),
+        "v2" => Ok(Some(ProxyVersion::V2)),
+        other => Err(serde::de::Error::custom(format!(
+            "`{}` is not a PROXY protocol version: \"v1\" or \"v2\"",
+            privlink_protocol::text::loggable(other)
+        ))),
+    }
 }
 
 impl EndpointSpec {
@@ -109,6 +159,10 @@ pub(super) struct RawEndpoint {
     pub(super) acl: RawAcl,
     #[serde(default)]
     pub(super) server_names: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub(super) proxy_protocol: Option<RawProxyProtocol>,
+    #[serde(default, deserialize_with = "deserialize_send_proxy")]
+    pub(super) send_proxy_protocol: Option<ProxyVersion>,
 }
 
 impl RawEndpoint {

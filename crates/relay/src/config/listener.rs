@@ -9,7 +9,7 @@ use privlink_protocol::acl::Acl;
 use privlink_protocol::config::{Spanned, deserialize_optional_positive_duration};
 use serde::Deserialize;
 
-use super::endpoint::RawAcl;
+use super::endpoint::{ProxyTrust, RawAcl, RawProxyProtocol};
 
 /// How long a shared listener waits for a whole ClientHello by default.
 pub const DEFAULT_PREREAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,6 +26,8 @@ pub struct ListenerSpec {
     /// Source-IP rules, judged on accept before any byte is read (each endpoint's own rules
     /// are judged once the name has chosen it).
     pub acl: Acl,
+    /// Sources whose connections begin with a PROXY header (a load balancer in front).
+    pub proxy_protocol: Option<ProxyTrust>,
     /// Each claimed name (exact, or `*.` and a domain) and the endpoint that claims it, sorted.
     pub routes: Vec<(String, String)>,
 }
@@ -40,6 +42,8 @@ pub(super) struct RawListener {
     pub(super) preread_timeout: Option<Duration>,
     #[serde(default)]
     pub(super) acl: RawAcl,
+    #[serde(default)]
+    pub(super) proxy_protocol: Option<RawProxyProtocol>,
 }
 
 impl RawListener {
@@ -50,6 +54,7 @@ impl RawListener {
             listen: self.listen.into_inner(),
             preread_timeout: self.preread_timeout.unwrap_or(DEFAULT_PREREAD_TIMEOUT),
             acl: self.acl.into_acl(),
+            proxy_protocol: self.proxy_protocol.map(RawProxyProtocol::into_trust),
             routes: Vec::new(),
         }
     }

@@ -27,7 +27,7 @@ mod endpoint;
 mod listener;
 
 use endpoint::RawEndpoint;
-pub use endpoint::{EndpointSpec, OpenRetry};
+pub use endpoint::{EndpointSpec, OpenRetry, ProxyTrust};
 use listener::RawListener;
 pub use listener::{DEFAULT_PREREAD_TIMEOUT, ListenerSpec};
 
@@ -348,6 +348,8 @@ impl RelayConfig {
             endpoints.push(EndpointSpec {
                 server_names,
                 listener,
+                proxy_protocol: e.proxy_protocol.map(|p| p.into_trust()),
+                send_proxy_protocol: e.send_proxy_protocol,
                 name: e.name.into_inner(),
                 connector: e.connector.into_inner(),
                 destination: e.destination,
