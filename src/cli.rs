@@ -61,9 +61,21 @@ pub(crate) enum Command {
     /// request and no credential to a destination. Exit 0 when every check passed (warnings
     /// included), 69 when one failed, 64 for an invalid configuration.
     Check {
-        /// Path to agent.toml.
+        /// Path to agent.toml (not needed with --endpoint alone).
+        #[arg(long, value_name = "FILE", required_unless_present = "endpoints")]
+        config: Option<PathBuf>,
+        /// Check, from where a client runs, the endpoint it reaches by this name
+        /// (`NAME:PORT`): DNS, TCP, whether a handshake asking for NAME is routed, and the
+        /// certificate that comes back. Needs no agent configuration. Repeat for several.
+        #[arg(long = "endpoint", value_name = "NAME:PORT")]
+        endpoints: Vec<String>,
+        /// With --endpoint: the CA the endpoint's certificate should chain to (default: the
+        /// system's trusted roots).
         #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        ca: Option<PathBuf>,
+        /// With --endpoint: the relay's address or name, which NAME should resolve to.
+        #[arg(long, value_name = "HOST")]
+        relay: Option<String>,
         /// Also check this destination (`host:port`), whether or not an endpoint names it.
         /// Repeat for several.
         #[arg(long = "destination", value_name = "HOST:PORT")]

@@ -213,9 +213,17 @@ async fn run_service(command: Command, env_token: Option<String>) -> anyhow::Res
         Command::Status { admin, token_file, json } => {
             cmd::status::run(&admin, token_file.as_deref(), json).await
         }
-        Command::Check { config, destinations, no_tls, json } => {
+        Command::Check { config, destinations, no_tls, json, endpoints, ca, relay } => {
             let options = privlink_agent::check::CheckOptions { destinations, tls: !no_tls };
-            cmd::check::run(&config, env_token, options, json).await
+            let endpoints = endpoints
+                .into_iter()
+                .map(|endpoint| privlink_agent::check::endpoint::EndpointCheck {
+                    endpoint,
+                    ca: ca.clone(),
+                    relay: relay.clone(),
+                })
+                .collect();
+            cmd::check::run(config.as_deref(), env_token, options, endpoints, json).await
         }
         Command::Token { .. } | Command::Certs { .. } => unreachable!("handled without a runtime"),
     }

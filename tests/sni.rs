@@ -268,3 +268,78 @@ on_both_transports!(
     a_pinned_endpoint_serves_its_names_and_refuses_every_other,
     two_vaults_behind_one_shared_port_each_by_its_own_name,
 );
+
+/// `privlink check --endpoint NAME:PORT`, run where a client runs: healthy (resolves to the
+/// relay, routed, the vault's certificate chains to the CA given), the name resolving
+/// elsewhere, a name no endpoint claims (`unrecognized_name`), and a certificate the client
+/// would refuse (another CA) — each named in its JSON output, exit 0 or 69.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_endpoint_explains_what_a_client_would_meet() {
+    let ca = privlink_transport::pki::CertificateAuthority::new("Test Vault CA").expect("CA");
+    let foreign = privlink_transport::pki::CertificateAuthority::new("Other CA").expect("CA");
+    // `localhost` is a name this machine resolves without help; the relay claims it.
+    let vault = vault::https_vault(&ca, "localhost").await;
+    let mut spec = endpoint("kv", vault);
+    spec.listener = Some("vaults".to_owned());
+    spec.server_names = vec!["localhost".to_owned()];
+    let listener = privlink_relay::config::ListenerSpec {
+        name: "vaults".to_owned(),
+        listen: loopback(0),
+        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
+        acl: Default::default(),
+        proxy_protocol: None,
+        routes: vec![("localhost".to_owned(), "kv".to_owned())],
+    };
+    let harness = Harness::start_with(vec![spec], vec![listener], None).await;
+    let agent =
+        harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &[rule_for(vault)]));
+    harness.wait_approved("kv").await;
+    let port = harness.addr("kv").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca_file, foreign_file) = (dir.path().join("ca.pem"), dir.path().join("foreign.pem"));
+    std::fs::write(&ca_file, &ca.identity.cert_pem).expect("ca");
+    std::fs::write(&foreign_file, &foreign.identity.cert_pem).expect("foreign ca");
+    let check = |endpoint: &str, ca: &Path, relay: &str| {
+        let out = Command::new(BIN)
+            .args(["check", "--endpoint", endpoint, "--ca", ca.to_str().expect("utf-8")])
+            .args(["--relay", relay, "--json"])
+            .output()
+            .expect("privlink check");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.code(), report)
+    };
+    let step = |report: &serde_json::Value, name: &str| {
+        report["steps"]
+            .as_array()
+            .and_then(|steps| steps.iter().find(|s| s["check"] == name).cloned())
+            .unwrap_or_else(|| panic!("no {name} step in {report:#}"))
+    };
+    tokio::task::block_in_place(|| {
+        let endpoint = format!("localhost:{port}");
+        let (code, report) = check(&endpoint, &ca_file, "127.0.0.1");
+        assert_eq!(code, Some(0), "{report:#}");
+        let tls = step(&report, "endpoint-tls");
+        assert_eq!(tls["outcome"], "pass", "{tls:#}");
+        assert!(tls["detail"].as_str().is_some_and(|d| d.contains("chain leads to")), "{tls:#}");
+
+        let (code, report) = check(&endpoint, &ca_file, "127.0.0.2");
+        assert_eq!(code, Some(69));
+        let dns = step(&report, "endpoint-dns");
+        assert!(dns["detail"].as_str().is_some_and(|d| d.contains("not to the relay")), "{dns:#}");
+
+        let (code, report) = check(&endpoint, &foreign_file, "127.0.0.1");
+        assert_eq!(code, Some(69));
+        let tls = step(&report, "endpoint-tls");
+        assert!(tls["detail"].as_str().is_some_and(|d| d.contains("would refuse")), "{tls:#}");
+    });
+    // A name no endpoint claims: the relay's unrecognized_name, explained.
+    let other = format!("127.0.0.1:{port}");
+    tokio::task::block_in_place(|| {
+        let (code, report) = check(&other, &ca_file, "127.0.0.1");
+        assert_eq!(code, Some(69));
+        let tls = step(&report, "endpoint-tls");
+        assert!(tls["detail"].as_str().is_some_and(|d| d.contains("unrecognized_name")), "{tls:#}");
+    });
+    harness.shutdown(&[agent]).await;
+}

@@ -5,9 +5,11 @@
 //! does but judges nothing there (the relay routes nothing to a session without verdicts), and
 //! it sends destinations no request and no credential: a TLS handshake, then close.
 //!
-//! [`facts`] holds the conclusions drawn without I/O; [`relay`] and [`destination`] the probes.
+//! [`facts`] holds the conclusions drawn without I/O; [`relay`] and [`destination`] the probes;
+//! [`endpoint`] is the client's side (`--endpoint`), which needs no agent configuration.
 
 pub mod destination;
+pub mod endpoint;
 pub mod facts;
 pub mod relay;
 mod tls_probe;

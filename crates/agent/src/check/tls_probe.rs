@@ -24,6 +24,16 @@ pub(super) async fn handshake(
     destination: &Destination,
     stream: TcpStream,
 ) -> Step {
+    handshake_keeping_chain(deadline, destination, stream).await.0
+}
+
+/// [`handshake`], and the chain the server presented (when the handshake completed) for the
+/// caller to judge against roots of its choosing.
+pub(super) async fn handshake_keeping_chain(
+    deadline: Duration,
+    destination: &Destination,
+    stream: TcpStream,
+) -> (Step, Option<Vec<CertificateDer<'static>>>) {
     let subject = destination.to_string();
     let (server_name, sni) = match &destination.host {
         Host::Name(name) => {
@@ -36,7 +46,7 @@ pub(super) async fn handshake(
     let (sni, connector) = match (sni, connector) {
         (Ok(sni), Ok(connector)) => (sni, connector),
         (Err(e), _) | (_, Err(e)) => {
-            return Step::new("destination-tls", subject, Outcome::Fail, Duration::ZERO, e);
+            return (Step::new("destination-tls", subject, Outcome::Fail, Duration::ZERO, e), None);
         }
     };
     let (result, took) =
@@ -44,26 +54,28 @@ pub(super) async fn handshake(
     let tls = match result {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            return Step::new(
-                "destination-tls",
-                subject,
-                Outcome::Fail,
-                took,
-                format!("TLS handshake failed: {e} (does {destination} speak TLS?)"),
-            );
+            let unrecognized = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+                == Some(&rustls::Error::AlertReceived(rustls::AlertDescription::UnrecognisedName));
+            let detail = match (unrecognized, &server_name) {
+                (true, Some(name)) => format!(
+                    "the server answered unrecognized_name: it serves no `{name}` (on a privlink \
+                     relay, no endpoint claims the name in server_names)"
+                ),
+                (true, None) => "the server answered unrecognized_name to a ClientHello \
+                                 without a server name (an IP address was dialled): connect by \
+                                 the name the endpoint claims"
+                    .to_owned(),
+                _ => format!("TLS handshake failed: {e} (does {destination} speak TLS?)"),
+            };
+            return (Step::new("destination-tls", subject, Outcome::Fail, took, detail), None);
         }
         Err(_) => {
-            return Step::new(
-                "destination-tls",
-                subject,
-                Outcome::Fail,
-                took,
-                format!(
-                    "no TLS handshake within {:?}: the destination accepted the connection \
-                     but did not answer a TLS ClientHello",
-                    deadline
-                ),
+            let detail = format!(
+                "no TLS handshake within {:?}: the destination accepted the connection but did \
+                 not answer a TLS ClientHello",
+                deadline
             );
+            return (Step::new("destination-tls", subject, Outcome::Fail, took, detail), None);
         }
     };
     let (_, session) = tls.get_ref();
@@ -73,10 +85,18 @@ pub(super) async fn handshake(
         Some(other) => format!("{other:?}"),
         None => "unknown".to_owned(),
     };
-    let Some(leaf) = session.peer_certificates().and_then(|chain| chain.first()).cloned() else {
-        return Step::new("destination-tls", subject, Outcome::Fail, took, "no certificate");
+    let chain: Vec<CertificateDer<'static>> = session
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let Some(leaf) = chain.first() else {
+        return (
+            Step::new("destination-tls", subject, Outcome::Fail, took, "no certificate"),
+            None,
+        );
     };
-    judge_certificate(subject, took, server_name, &sni, version, &leaf)
+    let step = judge_certificate(subject, took, server_name, &sni, version, leaf);
+    (step, Some(chain))
 }
 
 /// Reads the leaf certificate a destination presented and judges its name and validity.
