@@ -64,3 +64,67 @@ pub fn client_hello_for(name: &str) -> Vec<u8> {
     client.write_tls(&mut hello).expect("ClientHello");
     hello
 }
+
+/// The answer a Key Vault-like server gives a request head: without the bearer token, a 401
+/// with the challenge Azure SDKs parse (`resource` on `vault.azure.net`, which their challenge
+/// verification checks against the vault's name); with it, secret `name` as Key Vault's JSON.
+fn key_vault_answer(vault: &str, head: &str) -> String {
+    let authorized = head
+        .lines()
+        .any(|line| line.to_ascii_lowercase().starts_with("authorization: bearer test-token"));
+    if !authorized {
+        return "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer \
+                authorization=\"https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000\", \
+                resource=\"https://vault.azure.net\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            .to_owned();
+    }
+    let secret = head.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/");
+    let name = secret.trim_end_matches('/').rsplit('/').next().unwrap_or("secret");
+    let body = format!(
+        "{{\"value\":\"{vault}/{name}\",\"id\":\"https://{vault}/secrets/{name}/1\",\
+         \"attributes\":{{\"enabled\":true}}}}"
+    );
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A Key Vault stand-in for `name` (`<vault>.vault.azure.net`): HTTPS with a certificate for
+/// the name from `ca`, the bearer challenge, and secrets whose value is `<name>/<secret>`.
+pub async fn https_key_vault(ca: &CertificateAuthority, name: &str) -> SocketAddr {
+    let issued = ca.issue_server(&[name]).expect("vault certificate");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![issued.cert_der], issued.key_der)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind vault");
+    let addr = listener.local_addr().expect("addr");
+    let vault = name.to_owned();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (acceptor, vault) = (acceptor.clone(), vault.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else { return };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = key_vault_answer(&vault, &String::from_utf8_lossy(&head));
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
