@@ -290,11 +290,21 @@ async fn check_endpoint_explains_what_a_client_would_meet() {
         proxy_protocol: None,
         routes: vec![("localhost".to_owned(), "kv".to_owned())],
     };
-    let harness = Harness::start_with(vec![spec], vec![listener], None).await;
+    // A second listener that claims another name only: `localhost` is unmatched there.
+    let mut other = endpoint("other", vault);
+    other.listener = Some("others".to_owned());
+    other.server_names = vec!["other.test".to_owned()];
+    let others = privlink_relay::config::ListenerSpec {
+        name: "others".to_owned(),
+        routes: vec![("other.test".to_owned(), "other".to_owned())],
+        ..listener.clone()
+    };
+    let harness = Harness::start_with(vec![spec, other], vec![listener, others], None).await;
     let agent =
         harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &[rule_for(vault)]));
     harness.wait_approved("kv").await;
     let port = harness.addr("kv").port();
+    let other_port = harness.addr("other").port();
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca_file, foreign_file) = (dir.path().join("ca.pem"), dir.path().join("foreign.pem"));
     std::fs::write(&ca_file, &ca.identity.cert_pem).expect("ca");
@@ -333,13 +343,82 @@ async fn check_endpoint_explains_what_a_client_would_meet() {
         let tls = step(&report, "endpoint-tls");
         assert!(tls["detail"].as_str().is_some_and(|d| d.contains("would refuse")), "{tls:#}");
     });
-    // A name no endpoint claims: the relay's unrecognized_name, explained.
-    let other = format!("127.0.0.1:{port}");
+    // A name no endpoint claims, and no name at all: the relay's unrecognized_name, explained.
     tokio::task::block_in_place(|| {
-        let (code, report) = check(&other, &ca_file, "127.0.0.1");
+        let (code, report) = check(&format!("localhost:{other_port}"), &ca_file, "127.0.0.1");
         assert_eq!(code, Some(69));
         let tls = step(&report, "endpoint-tls");
-        assert!(tls["detail"].as_str().is_some_and(|d| d.contains("unrecognized_name")), "{tls:#}");
+        let detail = tls["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("unrecognized_name") && detail.contains("`localhost`"), "{tls:#}");
+        let (code, report) = check(&format!("127.0.0.1:{port}"), &ca_file, "127.0.0.1");
+        assert_eq!(code, Some(69));
+        let tls = step(&report, "endpoint-tls");
+        let detail = tls["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("without a server name"), "{tls:#}");
+    });
+    harness.shutdown(&[agent]).await;
+}
+
+/// A reload adds a shared listener (bound at once, its names routed) and removes it again
+/// (its port closes), leaving the other listener and its connections alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_shared_listeners() {
+    let ca = privlink_transport::pki::CertificateAuthority::new("Test Vault CA").expect("CA");
+    let contoso = vault::https_vault(&ca, VAULT).await;
+    let fabrikam = vault::https_vault(&ca, OTHER_VAULT).await;
+    let mut ca_file = tempfile::NamedTempFile::new().expect("ca file");
+    ca_file.write_all(ca.identity.cert_pem.as_bytes()).expect("write ca");
+    let on = |listener: &str, name: &str, destination: SocketAddr, vault: &str| {
+        let mut spec = endpoint(name, destination);
+        spec.listener = Some(listener.to_owned());
+        spec.server_names = vec![vault.to_owned()];
+        spec
+    };
+    let listener = |name: &str, routes: &[(&str, &str)]| privlink_relay::config::ListenerSpec {
+        name: name.to_owned(),
+        listen: loopback(0),
+        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
+        acl: Default::default(),
+        proxy_protocol: None,
+        routes: routes.iter().map(|(n, e)| ((*n).to_owned(), (*e).to_owned())).collect(),
+    };
+    let first = (
+        vec![on("vaults", "contoso", contoso, VAULT)],
+        vec![listener("vaults", &[(VAULT, "contoso")])],
+    );
+    let harness = Harness::start_with(first.0.clone(), first.1.clone(), None).await;
+    let allow = [rule_for(contoso), rule_for(fabrikam)];
+    let agent = harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &allow));
+    harness.wait_approved("contoso").await;
+    let vaults = harness.addr("contoso");
+
+    let mut endpoints = first.0.clone();
+    endpoints.push(on("more", "fabrikam", fabrikam, OTHER_VAULT));
+    let mut listeners = first.1.clone();
+    listeners.push(listener("more", &[(OTHER_VAULT, "fabrikam")]));
+    let summary = harness.relay.reload(harness.config_with(endpoints, listeners)).expect("reload");
+    assert_eq!(summary.listeners_added, ["more"]);
+    harness.wait_approved("fabrikam").await;
+    let more = harness.addr("fabrikam");
+    assert_ne!(more.port(), vaults.port(), "a port of its own");
+    tokio::task::block_in_place(|| {
+        let (code, body, stderr) = curl(more.port(), ca_file.path(), OTHER_VAULT);
+        assert_eq!((code, body.as_str()), (0, OTHER_VAULT), "{stderr}");
+        let (code, body, _) = curl(vaults.port(), ca_file.path(), VAULT);
+        assert_eq!((code, body.as_str()), (0, VAULT), "the first listener is untouched");
+    });
+
+    let summary = harness.relay.reload(harness.config_with(first.0, first.1)).expect("reload");
+    assert_eq!(summary.listeners_removed, ["more"]);
+    // Its accept loop ends as soon as it is polled again: wait until the port refuses.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TcpStream::connect(more).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "the removed listener's port stays open");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::task::block_in_place(|| {
+        let (code, body, _) = curl(vaults.port(), ca_file.path(), VAULT);
+        assert_eq!((code, body.as_str()), (0, VAULT));
     });
     harness.shutdown(&[agent]).await;
 }

@@ -61,6 +61,35 @@ pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
     }
 }
 
+/// A relay configuration on loopback for `pki`'s certificate and `token`'s connector.
+pub fn relay_config(
+    pki: &Pki,
+    token: &str,
+    endpoints: Vec<EndpointSpec>,
+    listeners: Vec<privlink_relay::config::ListenerSpec>,
+) -> RelayConfig {
+    RelayConfig {
+        tunnel_listen: "127.0.0.1:0".parse().expect("addr"),
+        identity: TlsIdentity {
+            chain: vec![pki.relay.cert_der.clone()],
+            key: pki.relay.key_der.clone_key(),
+        },
+        admin: None,
+        shutdown_grace: Duration::from_secs(5),
+        // Not what these tests are about (tests/budget.rs is): large enough that no burst
+        // of theirs meets it, whatever this machine's memory.
+        buffer_budget: 16 << 30,
+        connectors: vec![ConnectorSpec {
+            name: CONNECTOR.to_owned(),
+            token_sha256: vec![TokenDigest::of(token.as_bytes())],
+        }],
+        endpoints,
+        fleet: None,
+        listeners,
+        source_files: Vec::new(),
+    }
+}
+
 /// A relay on loopback, plus any agents the test starts.
 pub struct Harness {
     pub relay: RelayHandle,
@@ -92,32 +121,24 @@ impl Harness {
         init_tracing();
         let pki = pki();
         let token = format!("test-token-{}", hex(&random_bytes(8)));
-        let config = RelayConfig {
-            tunnel_listen: "127.0.0.1:0".parse().expect("addr"),
-            identity: TlsIdentity {
-                chain: vec![pki.relay.cert_der.clone()],
-                key: pki.relay.key_der.clone_key(),
-            },
-            admin,
-            shutdown_grace: Duration::from_secs(5),
-            // Not what these tests are about (tests/budget.rs is): large enough that no burst
-            // of theirs meets it, whatever this machine's memory.
-            buffer_budget: 16 << 30,
-            connectors: vec![ConnectorSpec {
-                name: CONNECTOR.to_owned(),
-                token_sha256: vec![TokenDigest::of(token.as_bytes())],
-            }],
-            endpoints,
-            fleet: None,
-            listeners,
-            source_files: Vec::new(),
-        };
+        let mut config = relay_config(&pki, &token, endpoints, listeners);
+        config.admin = admin;
         let relay = Relay::bind(config).await.expect("relay binds");
         let handle = relay.handle();
         let relay_stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(relay.run(relay_stop.clone()));
         Self { relay: handle, pki, token, relay_stop, tasks }
+    }
+
+    /// A configuration for this relay (its certificate and connector) with `endpoints` and
+    /// `listeners`, to reload it with.
+    pub fn config_with(
+        &self,
+        endpoints: Vec<EndpointSpec>,
+        listeners: Vec<privlink_relay::config::ListenerSpec>,
+    ) -> RelayConfig {
+        relay_config(&self.pki, &self.token, endpoints, listeners)
     }
 
     /// An agent configuration for this relay admitting `allow`, on `transport`.

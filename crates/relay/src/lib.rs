@@ -204,7 +204,9 @@ impl Relay {
             registry,
             metrics,
             fleet,
-            ports: ports.iter().map(|(port, _)| (port.name.clone(), Arc::clone(port))).collect(),
+            ports: std::sync::RwLock::new(
+                ports.iter().map(|(port, _)| (port.name.clone(), Arc::clone(port))).collect(),
+            ),
         });
         // Read after the binary raised the soft limit to the hard one.
         let caps = match rlimit::getrlimit(rlimit::Resource::NOFILE) {

@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use privlink_transport::listener::TunnelEndpoint;
 use privlink_transport::tunnel::CloseCode;
@@ -54,12 +54,17 @@ pub(crate) struct Reloader {
     /// The fleet this relay belongs to, when `[fleet]` is set: a reload may change its listed
     /// peers.
     pub(crate) fleet: Option<Arc<Fleet>>,
-    /// The shared listeners by name: a reload may change their routes, ACL and preread
-    /// timeout (adding, removing or moving one needs a restart).
-    pub(crate) ports: HashMap<String, Arc<SharedPort>>,
+    /// The shared listeners by name: a reload adds, removes and moves them, and changes their
+    /// routes, ACL, PROXY trust and preread timeout.
+    pub(crate) ports: RwLock<HashMap<String, Arc<SharedPort>>>,
 }
 
 impl Reloader {
+    /// The shared listeners now, by name.
+    pub(crate) fn ports(&self) -> HashMap<String, Arc<SharedPort>> {
+        self.ports.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// Applies `new` whole or not at all; the result is logged and shown by the metrics.
     pub(crate) fn reload(&self, new: RelayConfig) -> Result<ReloadSummary, ReloadError> {
         let result = self.apply(new);
@@ -92,12 +97,44 @@ impl Reloader {
             tls::tunnel_server_config(new.identity.chain.clone(), new.identity.key.clone_key())
                 .map_err(|e| ReloadError::Identity(e.to_string()))?;
         }
+        // Shared listeners added or moved are bound first, like added endpoints: a bind that
+        // fails changes nothing.
+        let ports_now = self.ports();
+        let mut new_ports = Vec::new();
+        for spec in &new.listeners {
+            if ports_now
+                .get(&spec.name)
+                .is_some_and(|port| port.routing().spec.listen == spec.listen)
+            {
+                continue;
+            }
+            let bind_error = |source| ReloadError::ListenerBind {
+                listener: spec.name.clone(),
+                addr: spec.listen,
+                source,
+            };
+            let socket = tcp::listen(spec.listen).map_err(bind_error)?;
+            let addr = socket.local_addr().map_err(bind_error)?;
+            let port = SharedPort::new(
+                spec.clone(),
+                addr,
+                Arc::clone(&self.metrics),
+                self.listeners.child_stop(),
+            );
+            new_ports.push((Arc::new(port), socket));
+        }
         let mut bound = Vec::new();
         let mut routed = Vec::new();
         for spec in plan.added {
-            if let Some(port) = spec.listener.as_ref().and_then(|name| self.ports.get(name)) {
+            if let Some(name) = &spec.listener {
                 // Reached through its shared listener, whose new routes name it.
-                routed.push((spec, port.addr));
+                let addr = new_ports
+                    .iter()
+                    .map(|(port, _)| port)
+                    .chain(ports_now.get(name))
+                    .find(|port| port.name == *name)
+                    .map_or(spec.listen, |port| port.addr);
+                routed.push((spec, addr));
                 continue;
             }
             let bind_error = |source| ReloadError::Bind {
@@ -125,9 +162,39 @@ impl Reloader {
                 endpoint.set_spec(spec);
             }
         }
-        for spec in &new.listeners {
-            if let Some(port) = self.ports.get(&spec.name) {
-                port.set_spec(spec.clone());
+        {
+            let mut ports = self.ports.write().unwrap_or_else(PoisonError::into_inner);
+            // Listeners gone, or moved to another address: their accept loops end (connections
+            // already routed carry on).
+            ports.retain(|name, port| {
+                let kept = new
+                    .listeners
+                    .iter()
+                    .any(|l| l.name == *name && l.listen == port.routing().spec.listen);
+                if !kept {
+                    info!(listener = %name, "shared listener stopped (reload)");
+                    port.stop.cancel();
+                    summary.listeners_removed.push(name.clone());
+                }
+                kept
+            });
+            for spec in &new.listeners {
+                if let Some(port) = ports.get(&spec.name) {
+                    port.set_spec(spec.clone());
+                }
+            }
+            for (port, socket) in new_ports {
+                info!(listener = %port.name, listen = %port.addr, "shared listener listening (reload)");
+                summary.listeners_added.push(port.name.clone());
+                ports.insert(port.name.clone(), Arc::clone(&port));
+                self.listeners.start_shared(port, socket, Arc::clone(&self.endpoints));
+            }
+            // Endpoints that stay on a listener that moved are listed at its new address.
+            for spec in new.endpoints.iter().filter(|e| e.listener.is_some()) {
+                let port = spec.listener.as_ref().and_then(|name| ports.get(name));
+                if let (Some(endpoint), Some(port)) = (self.endpoints.get(&spec.name), port) {
+                    self.endpoints.insert(endpoint, port.addr);
+                }
             }
         }
         for (spec, addr) in routed {
@@ -211,6 +278,10 @@ pub struct ReloadSummary {
     pub endpoints_added: Vec<String>,
     /// Endpoints removed (no new clients; their connections finish within the grace).
     pub endpoints_removed: Vec<String>,
+    /// Shared listeners added (listening now), or moved to a new address.
+    pub listeners_added: Vec<String>,
+    /// Shared listeners stopped (removed, or moved away from their old address).
+    pub listeners_removed: Vec<String>,
     /// Whether the tunnel's certificate and key were replaced (new handshakes use them).
     pub identity_replaced: bool,
     /// Agents disconnected because their connector or token is no longer configured.
@@ -228,6 +299,16 @@ pub enum ReloadError {
     /// It changes something that is not reloaded yet.
     #[error("not reloaded — these changes need a restart: {}", .0.join("; "))]
     NeedsRestart(Vec<String>),
+    /// An added shared listener's address could not be bound.
+    #[error("not reloaded — listener `{listener}` cannot listen on {addr}: {source}")]
+    ListenerBind {
+        /// The listener.
+        listener: String,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// An added endpoint's address could not be bound.
     #[error("not reloaded — endpoint `{endpoint}` cannot listen on {addr}: {source}")]
     Bind {
@@ -288,16 +369,7 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
     if !fleet_kept {
         restart.push("[fleet] (other than its listed peers)".to_owned());
     }
-    // A shared listener's routes, ACL and preread timeout are reloaded; not the set of
-    // listeners or their addresses.
-    let listeners = |config: &RelayConfig| -> Vec<(String, std::net::SocketAddr)> {
-        let mut all: Vec<_> = config.listeners.iter().map(|l| (l.name.clone(), l.listen)).collect();
-        all.sort();
-        all
-    };
-    if listeners(current) != listeners(new) {
-        restart.push("[[listener]] added, removed or moved".to_owned());
-    }
+
     let old: HashMap<&str, &EndpointSpec> =
         current.endpoints.iter().map(|e| (e.name.as_str(), e)).collect();
     for spec in &new.endpoints {
@@ -307,7 +379,8 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
                 for (field, changed) in [
                     ("connector", was.connector != spec.connector),
                     ("destination", was.destination != spec.destination),
-                    ("listen", was.listen != spec.listen),
+                    // An endpoint on a shared listener moves with it.
+                    ("listen", was.listen != spec.listen && spec.listener.is_none()),
                     ("listener", was.listener != spec.listener),
                 ] {
                     if changed {
@@ -339,6 +412,8 @@ fn log(result: &Result<ReloadSummary, ReloadError>) {
             endpoints_changed = %summary.endpoints_changed.join(","),
             endpoints_added = %summary.endpoints_added.join(","),
             endpoints_removed = %summary.endpoints_removed.join(","),
+            listeners_added = %summary.listeners_added.join(","),
+            listeners_removed = %summary.listeners_removed.join(","),
             identity_replaced = summary.identity_replaced,
             agents_disconnected = %summary.agents_disconnected.join(","),
             "configuration reloaded"

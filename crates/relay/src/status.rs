@@ -98,7 +98,7 @@ impl RelayHandle {
     pub fn listener_views(&self) -> Vec<privlink_admin::snapshot::ListenerView> {
         let mut views: Vec<_> = self
             .reloader
-            .ports
+            .ports()
             .values()
             .map(|port| privlink_admin::snapshot::ListenerView {
                 name: port.name.clone(),

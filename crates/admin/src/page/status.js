@@ -84,6 +84,15 @@ function linkRow(l) {
   return tr;
 }
 
+function routeRows(l) {
+  return Object.entries(l.routes || {}).map(([name, endpoint]) => {
+    const tr = element("tr");
+    tr.dataset.listener = l.name;
+    tr.append(cell(l.name), cell(l.listen), cell(name), cell(endpoint));
+    return tr;
+  });
+}
+
 function fleetRow(f) {
   const tr = element("tr");
   tr.dataset.relay = f.relay;
@@ -112,6 +121,9 @@ function draw(status) {
     endpoints.sort((a, b) => a.name.localeCompare(b.name));
     fill("endpoints", endpoints.map(endpointRow), 8, "No endpoints configured.");
     fill("agents", (status.agents || []).map(agentRow), 8, "No agent is connected.");
+    const listeners = status.listeners || [];
+    document.getElementById("listeners-part").hidden = listeners.length === 0;
+    fill("listeners", listeners.flatMap(routeRows), 4, "");
   } else {
     document.getElementById("agent").hidden = false;
     const links = status.links || [];
