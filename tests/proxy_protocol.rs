@@ -21,6 +21,38 @@ use privlink_testbed::process::free_fixed_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+/// Every flow-log line the relays of this test binary wrote (installed before any harness,
+/// whose own subscriber then stands aside).
+static FLOW_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct FlowLogWriter;
+
+impl std::io::Write for FlowLogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        FLOW_LOG.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capture; every test of this binary calls it first, so it is in place before
+/// any harness starts, whichever test runs first.
+fn capture_flow_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("privlink::flow=info")
+        .with_ansi(false)
+        .with_writer(|| FlowLogWriter)
+        .try_init();
+}
+
+fn flow_log() -> String {
+    String::from_utf8_lossy(&FLOW_LOG.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        .into_owned()
+}
+
 /// A client connection from `source` (a loopback address of its own) to `to`.
 async fn connect_from(source: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
@@ -58,6 +90,7 @@ fn scrape(admin: SocketAddr) -> String {
 }
 
 async fn a_balancers_proxy_header_names_the_client_the_acl_judges(transport: TransportChoice) {
+    capture_flow_log();
     let destination = echo_server().await;
     let trust = ProxyTrust { trusted: vec!["127.0.0.1/32".parse().expect("net")] };
     // `e`: only 127.0.0.2 may use it, and only through the balancer (its ACL sees the client the
@@ -93,6 +126,16 @@ async fn a_balancers_proxy_header_names_the_client_the_acl_judges(transport: Tra
         let local = allowed.local_addr().expect("local").to_string();
         assert!(listed.contains(&local), "{local} listed in {listed}");
         drop(allowed);
+        // Its flow-log line names it, and the balancer beside it.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !flow_log().contains(&format!("client={local} via=127.0.0.1:")) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no flow line for {local}:\n{}",
+                flow_log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let mut denied = connect_from(loopback_ip(3), balancer).await.expect("connect");
         assert!(!echoes(&mut denied).await, "127.0.0.3 through {balancer} is denied by the ACL");
     }
@@ -134,6 +177,7 @@ async fn a_balancers_proxy_header_names_the_client_the_acl_judges(transport: Tra
 /// `send_proxy_protocol`: HAProxy with `accept-proxy` in front of the destination logs the
 /// address of the client that connected to the relay.
 async fn the_destination_is_told_the_original_client(transport: TransportChoice) {
+    capture_flow_log();
     let backend = echo_server().await;
     for version in ["v1", "v2"] {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -166,6 +210,7 @@ async fn the_destination_is_told_the_original_client(transport: TransportChoice)
 /// A shared listener behind HAProxy (`send-proxy-v2`): the listener's ACL judges the client the
 /// header names, and the ClientHello after the header is routed by its name.
 async fn a_shared_listener_reads_the_header_then_routes_by_name(transport: TransportChoice) {
+    capture_flow_log();
     const VAULT: &str = "contoso-kv.vault.test";
     let ca = privlink_transport::pki::CertificateAuthority::new("Test Vault CA").expect("CA");
     let vault = vault::https_vault(&ca, VAULT).await;

@@ -358,8 +358,8 @@ impl LoadTls {
 }
 
 /// A new TLS connection with one echo round trip: connect, handshake (the destination's
-/// certificate verified end to end), 64 bytes each way.
-async fn tls_round_trip(addr: SocketAddr, tls: &LoadTls) -> io::Result<()> {
+/// certificate verified end to end), 64 bytes each way, close.
+pub async fn tls_round_trip(addr: SocketAddr, tls: &LoadTls) -> io::Result<()> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
