@@ -1,6 +1,8 @@
-//! A stand-in for a key vault: an HTTPS server whose certificate (from a test CA) names the
-//! vault, answering every request with `200` and the vault's name as the body, so a client
-//! can tell which vault it reached and verify that vault's own certificate end to end.
+//! Stand-ins for key vaults: HTTPS servers whose certificate (from a test CA) names the vault —
+//! one answering every request with `200` and the vault's name as the body, so a client can
+//! tell which vault it reached and verify that vault's own certificate end to end; one speaking
+//! enough of Key Vault (the bearer challenge, a secret) for the Azure SDK — and the ClientHello
+//! a client writes, to send by hand.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +12,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Starts an HTTPS "vault" for `name` on loopback, its certificate issued by `ca`.
 pub async fn https_vault(ca: &CertificateAuthority, name: &str) -> SocketAddr {
+    serve_https(ca, name, |vault, _head| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{vault}",
+            vault.len()
+        )
+    })
+    .await
+}
+
+/// An HTTPS server on loopback for `name` (its certificate issued by `ca`) that reads each
+/// connection's request head (bounded) and writes what `answer` makes of it (given the name and
+/// the head), then closes.
+async fn serve_https(
+    ca: &CertificateAuthority,
+    name: &str,
+    answer: fn(&str, &str) -> String,
+) -> SocketAddr {
     let issued = ca.issue_server(&[name]).expect("vault certificate");
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -22,13 +41,12 @@ pub async fn https_vault(ca: &CertificateAuthority, name: &str) -> SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind vault");
     let addr = listener.local_addr().expect("addr");
-    let body = name.to_owned();
+    let vault = name.to_owned();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
-            let (acceptor, body) = (acceptor.clone(), body.clone());
+            let (acceptor, vault) = (acceptor.clone(), vault.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(socket).await else { return };
-                // The request head, bounded.
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
                 while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
@@ -37,11 +55,8 @@ pub async fn https_vault(ca: &CertificateAuthority, name: &str) -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(answer.as_bytes()).await;
+                let response = answer(&vault, &String::from_utf8_lossy(&head));
+                let _ = tls.write_all(response.as_bytes()).await;
                 let _ = tls.shutdown().await;
             });
         }
@@ -94,37 +109,5 @@ fn key_vault_answer(vault: &str, head: &str) -> String {
 /// A Key Vault stand-in for `name` (`<vault>.vault.azure.net`): HTTPS with a certificate for
 /// the name from `ca`, the bearer challenge, and secrets whose value is `<name>/<secret>`.
 pub async fn https_key_vault(ca: &CertificateAuthority, name: &str) -> SocketAddr {
-    let issued = ca.issue_server(&[name]).expect("vault certificate");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(vec![issued.cert_der], issued.key_der)
-    .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind vault");
-    let addr = listener.local_addr().expect("addr");
-    let vault = name.to_owned();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let (acceptor, vault) = (acceptor.clone(), vault.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(socket).await else { return };
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let answer = key_vault_answer(&vault, &String::from_utf8_lossy(&head));
-                let _ = tls.write_all(answer.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-    addr
+    serve_https(ca, name, key_vault_answer).await
 }
