@@ -9,95 +9,10 @@
 //! multicast, and the IPv6 metadata address fd00:ec2::254 — are refused unless the matching
 //! rule names them explicitly (the same IP literal, or `localhost` for loopback).
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::str::FromStr;
 
-use privlink_protocol::destination::{
-    Destination, DestinationError, Host, normalize_dns_name, parse_port, split_host_port,
-};
-
-/// The host part of a rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostPattern {
-    /// Exactly this name.
-    Exact(String),
-    /// `*.suffix`: one label, then this suffix (stored without the leading `*.`).
-    Wildcard(String),
-    /// Exactly this address.
-    Ip(IpAddr),
-}
-
-/// One `[[allow]]` rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowRule {
-    /// Host pattern.
-    pub host: HostPattern,
-    /// Exact port.
-    pub port: u16,
-}
-
-impl fmt::Display for AllowRule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.host {
-            HostPattern::Exact(name) => write!(f, "{name}:{}", self.port),
-            HostPattern::Wildcard(suffix) => write!(f, "*.{suffix}:{}", self.port),
-            HostPattern::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
-            HostPattern::Ip(ip) => write!(f, "{ip}:{}", self.port),
-        }
-    }
-}
-
-impl FromStr for AllowRule {
-    type Err = DestinationError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (host, port) = split_host_port(s)?;
-        let port = parse_port(port)?;
-        let host = if let Some(suffix) = host.strip_prefix("*.") {
-            HostPattern::Wildcard(normalize_dns_name(suffix)?)
-        } else if host.contains('*') {
-            return Err(DestinationError::BadHost(format!(
-                "{host} (a wildcard must be the whole first label: *.example.net)"
-            )));
-        } else {
-            match host.parse::<Host>()? {
-                Host::Name(name) => HostPattern::Exact(name.as_str().to_owned()),
-                Host::Ip(ip) => HostPattern::Ip(ip.to_canonical()),
-            }
-        };
-        Ok(Self { host, port })
-    }
-}
-
-impl AllowRule {
-    /// Whether the rule admits `destination` (by name or literal; not yet resolved).
-    pub fn matches(&self, destination: &Destination) -> bool {
-        if destination.port != self.port {
-            return false;
-        }
-        match (&self.host, &destination.host) {
-            (HostPattern::Exact(rule), Host::Name(name)) => rule == name.as_str(),
-            (HostPattern::Wildcard(suffix), Host::Name(name)) => name
-                .as_str()
-                .strip_suffix(suffix.as_str())
-                .and_then(|head| head.strip_suffix('.'))
-                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
-            (HostPattern::Ip(rule), Host::Ip(ip)) => *rule == ip.to_canonical(),
-            _ => false,
-        }
-    }
-
-    /// Whether the rule names `ip` explicitly, which lifts the special-address refusal.
-    pub fn names_address(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        match &self.host {
-            HostPattern::Ip(rule) => *rule == ip,
-            HostPattern::Exact(name) => name == "localhost" && ip.is_loopback(),
-            HostPattern::Wildcard(_) => false,
-        }
-    }
-}
+use privlink_protocol::destination::Destination;
+pub use privlink_protocol::pattern::{DestinationPattern, HostPattern};
 
 /// AWS's IPv6 instance metadata address.
 const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
@@ -154,13 +69,18 @@ pub fn special_address_kind(ip: IpAddr) -> Option<&'static str> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Allowlist {
     /// Rules in configuration order.
-    pub rules: Vec<AllowRule>,
+    pub rules: Vec<DestinationPattern>,
 }
 
 impl Allowlist {
     /// The first rule that admits `destination`.
-    pub fn matching(&self, destination: &Destination) -> Option<&AllowRule> {
+    pub fn matching(&self, destination: &Destination) -> Option<&DestinationPattern> {
         self.rules.iter().find(|r| r.matches(destination))
+    }
+
+    /// Whether some destination `pattern` admits is allowed by a rule.
+    pub fn overlapping(&self, pattern: &DestinationPattern) -> bool {
+        self.rules.iter().any(|r| r.overlaps(pattern))
     }
 
     /// The rules as text, for the hello.
@@ -173,42 +93,8 @@ impl Allowlist {
 mod tests {
     use super::*;
 
-    fn rule(s: &str) -> AllowRule {
+    fn rule(s: &str) -> DestinationPattern {
         s.parse().expect("rule")
-    }
-
-    fn dest(s: &str) -> Destination {
-        s.parse().expect("destination")
-    }
-
-    #[test]
-    fn wildcards_match_exactly_one_label_and_the_port() {
-        let r = rule("*.privatelink.vaultcore.azure.net:443");
-        assert!(r.matches(&dest("contoso-kv.privatelink.vaultcore.azure.net:443")));
-        assert!(r.matches(&dest("CONTOSO-KV.PrivateLink.VaultCore.Azure.Net.:443")));
-        assert!(!r.matches(&dest("contoso-kv.privatelink.vaultcore.azure.net:8443")));
-        assert!(!r.matches(&dest("a.b.privatelink.vaultcore.azure.net:443")));
-        assert!(!r.matches(&dest("privatelink.vaultcore.azure.net:443")));
-        assert!(!r.matches(&dest("evilprivatelink.vaultcore.azure.net:443")));
-        assert!(!r.matches(&dest("x.privatelink.vaultcore.azure.net.evil.com:443")));
-    }
-
-    #[test]
-    fn exact_names_and_literals() {
-        assert!(rule("db.internal:5432").matches(&dest("DB.internal:5432")));
-        assert!(!rule("db.internal:5432").matches(&dest("db2.internal:5432")));
-        assert!(rule("10.0.0.4:443").matches(&dest("10.0.0.4:443")));
-        assert!(!rule("10.0.0.4:443").matches(&dest("10.0.0.5:443")));
-        assert!(rule("[2001:db8::4]:443").matches(&dest("[2001:db8::4]:443")));
-        // A name rule does not admit a literal that happens to be its address, nor vice versa.
-        assert!(!rule("db.internal:443").matches(&dest("10.0.0.4:443")));
-    }
-
-    #[test]
-    fn malformed_rules_are_refused() {
-        for bad in ["*.example.net", "a.*.example.net:443", "*example.net:443", "*:443", "x:0"] {
-            assert!(bad.parse::<AllowRule>().is_err(), "{bad}");
-        }
     }
 
     #[test]

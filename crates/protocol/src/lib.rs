@@ -15,6 +15,10 @@
 //!   [`control::AgentControl`], each fed messages and timer ticks, each yielding messages to
 //!   send and events for its driver.
 //! * [`destination`] — `host:port` destinations and the name syntax rules share.
+//! * [`pattern`] — destination patterns (`*.vault.azure.net:443`): an agent's allowlist, a
+//!   CONNECT endpoint's `destinations`.
+//! * [`http_connect`] — HTTP CONNECT: the request head a client sends a CONNECT endpoint, the
+//!   answers it gets, and the agent's side of a proxy it must cross.
 //! * [`client_hello`] — the server name a TLS ClientHello asks for, read as bytes arrive, and
 //!   the names endpoints claim on a shared port.
 //! * [`proxy_header`] — the PROXY protocol header (v1 and v2) a load balancer puts before a
@@ -31,7 +35,9 @@ pub mod config;
 pub mod control;
 pub mod destination;
 pub mod frame;
+pub mod http_connect;
 pub mod message;
+pub mod pattern;
 pub mod proxy_header;
 pub mod text;
 pub mod token;

@@ -212,8 +212,23 @@ pub struct Hello {
 pub struct EndpointAssignment {
     /// Endpoint name.
     pub name: String,
-    /// Destination as `host:port`.
+    /// Destination as `host:port`; for an `http-connect` endpoint, [`CONNECT_PREFIX`] and the
+    /// destination patterns its clients may ask for, space-separated.
     pub destination: String,
+}
+
+/// What an `http-connect` endpoint's assignment begins with. An agent that does not know the
+/// mode reads the whole as an invalid destination and rejects the endpoint: nothing is opened
+/// by mistake, and the relay shows why.
+pub const CONNECT_PREFIX: &str = "CONNECT ";
+
+impl EndpointAssignment {
+    /// The destination patterns of an `http-connect` endpoint, as written (unchecked); `None`
+    /// for an endpoint with one destination.
+    pub fn connect_patterns(&self) -> Option<impl Iterator<Item = &str>> {
+        let patterns = self.destination.strip_prefix(CONNECT_PREFIX)?;
+        Some(patterns.split(' ').filter(|p| !p.is_empty()))
+    }
 }
 
 /// The agent's answer for one endpoint.
