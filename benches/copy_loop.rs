@@ -142,7 +142,9 @@ async fn tunnel_stream_pair(kind: &str) -> (TunnelStream, TunnelStream) {
         };
         let agent_side = async {
             AgentConnection::from(
-                h2::dial(addr, "localhost", Arc::new(client_tls), LONG).await.expect("h2 agent"),
+                h2::dial(addr, None, "localhost", Arc::new(client_tls), LONG)
+                    .await
+                    .expect("h2 agent"),
             )
         };
         tokio::join!(relay_side, agent_side)

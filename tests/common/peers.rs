@@ -32,7 +32,7 @@ pub async fn dial_relay(
                 .expect("endpoint");
             quic::dial(&endpoint, relay, "localhost", WAIT).await.map_err(|e| e.to_string())
         }
-        TransportKind::Tcp => h2::dial(relay, "localhost", Arc::new(client_tls), WAIT)
+        TransportKind::Tcp => h2::dial(relay, None, "localhost", Arc::new(client_tls), WAIT)
             .await
             .map(AgentConnection::from)
             .map_err(|e| e.to_string()),

@@ -259,6 +259,9 @@ pub struct RelayConnectionView {
     pub client: String,
     /// The agent carrying it.
     pub agent: String,
+    /// Where it goes: the endpoint's destination, or the one a CONNECT client asked for.
+    #[serde(default)]
+    pub destination: String,
     /// When it was accepted.
     pub started_unix: u64,
     /// Bytes read from the client so far.

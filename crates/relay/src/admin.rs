@@ -36,24 +36,32 @@ impl AdminView for RelayAdmin {
 
     fn connections(&self) -> ConnectionsSnapshot {
         let endpoints = self.handle.endpoints();
-        let mut open: Vec<(&str, _)> = endpoints
+        let mut open: Vec<(&str, _, String)> = endpoints
             .iter()
             .flat_map(|(endpoint, _)| {
                 let name = endpoint.name.as_str();
-                endpoint.live.snapshot().into_iter().map(move |live| (name, live))
+                let destination = endpoint.spec().destination.to_string();
+                endpoint.live.snapshot().into_iter().map(move |live| {
+                    let destination = match &live.info.requested {
+                        Some(requested) => requested.to_string(),
+                        None => destination.clone(),
+                    };
+                    (name, live, destination)
+                })
             })
             .collect();
         let total = open.len();
-        open.sort_unstable_by_key(|(_, live)| (live.started, live.id));
+        open.sort_unstable_by_key(|(_, live, _)| (live.started, live.id));
         let listed = open
             .iter()
             .take(MAX_LISTED_CONNECTIONS)
-            .map(|(endpoint, live)| {
+            .map(|(endpoint, live, destination)| {
                 let (bytes_from_client, bytes_to_client) = live.bytes.get();
                 RelayConnectionView {
                     endpoint: (*endpoint).to_owned(),
                     client: live.info.client.to_string(),
                     agent: live.info.agent(),
+                    destination: destination.clone(),
                     started_unix: unix_seconds(live.started),
                     bytes_from_client,
                     bytes_to_client,

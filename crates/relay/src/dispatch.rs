@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use privlink_protocol::destination::Destination;
 use privlink_protocol::message::Open;
-use privlink_protocol::{frame, proxy_header};
+use privlink_protocol::{frame, http_connect, proxy_header};
 use privlink_transport::budget::BudgetCharge;
 use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::write_and_flush;
@@ -29,6 +30,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::{EndpointSpec, MAX_OPEN_ATTEMPTS};
+use crate::connect;
 use crate::endpoint::{Endpoint, LiveClient};
 use crate::flow::Flow;
 use crate::open::{OpenReplyGate, Recording, Replay, Unanswered, retry_elsewhere};
@@ -96,18 +98,11 @@ pub(crate) async fn forward(
             refused => {
                 let asked = preread::refuse(&socket, refused);
                 let outcome = Outcome::SniUnmatched(asked);
-                refused_before_open(endpoint, spec, (client, via), started, &outcome);
+                refused_before_open(endpoint, spec, (client, via), started, &outcome, None);
                 return;
             }
         }
     };
-    if let Some(version) = spec.send_proxy_protocol {
-        // The destination learns the original client first; the header rides with the open.
-        let local = socket.local_addr().unwrap_or(spec.listen);
-        let mut header = proxy_header::encode(version, client, local);
-        header.append(&mut preread);
-        preread = header;
-    }
     // From a source not trusted to send a PROXY header, a connection that begins with one is
     // a forgery (the endpoint expects headers from its balancer only): its first bytes are
     // looked at before an agent is asked (a client that says nothing for a while is let on).
@@ -127,9 +122,63 @@ pub(crate) async fn forward(
     if guard_proxy && preread::looks_like_proxy_header(&preread) {
         abort(socket);
         let outcome = Outcome::ProxyHeaderRefused;
-        refused_before_open(endpoint, spec, (client, via), started, &outcome);
+        refused_before_open(endpoint, spec, (client, via), started, &outcome, None);
         return;
     }
+    // An `http-connect` endpoint reads its client's CONNECT head: where the client asks to go
+    // (the open names it), and the bytes behind the head go with the open.
+    let mut requested = None;
+    if let Some(policy) = spec.destination.connect() {
+        let read = std::mem::take(&mut preread);
+        match connect::read_request(&mut socket, read, policy, preread::TIMEOUT, force).await {
+            Ok(request) => {
+                preread = std::mem::take(&mut requested.insert(request).early);
+            }
+            Err(turned) => {
+                if turned.wrong_credentials {
+                    // A guess is answered later the more a source guesses (at most 1 s).
+                    let delay = endpoint
+                        .proxy_auth_failures
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .record_failure(client.ip(), std::time::Instant::now());
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(status) = turned.answer {
+                    endpoint.metrics.connect_answered(&spec.name, None, status.code());
+                    connect::answer(&mut socket, status, &turned.reason).await;
+                }
+                let outcome = turned.outcome();
+                refused_before_open(
+                    endpoint,
+                    spec,
+                    (client, via),
+                    started,
+                    &outcome,
+                    turned.target.as_ref(),
+                );
+                return;
+            }
+        }
+    }
+    // Our own PROXY header, if the endpoint sends one, goes ahead of the client's bytes (so
+    // it is not taken for one the client forged, below and in `attempt`).
+    let ours = match spec.send_proxy_protocol {
+        Some(version) => {
+            // The destination learns the original client first; the header rides with the open.
+            let local = socket.local_addr().unwrap_or(spec.listen);
+            let mut header = proxy_header::encode(version, client, local);
+            let len = header.len();
+            header.append(&mut preread);
+            preread = header;
+            len
+        }
+        None => 0,
+    };
+    let destination = match &requested {
+        Some(request) => request.target.to_string(),
+        None => spec.destination.to_string(),
+    };
     let mut bytes = (0, 0);
     let mut unreported = (0, 0);
     // The agents tried, in order: registry ids (in the task, no allocation: at most
@@ -144,9 +193,14 @@ pub(crate) async fn forward(
     let mut live = None;
     let mut last_failure: Option<Outcome> = None;
 
+    // Whether the agent opened; whether the last attempt was left unanswered past its deadline.
+    let (mut opened, mut timed_out) = (false, false);
+    // Every way out of the loop leaves the socket to the close below: dropped (with a reset
+    // where the copy asked for one), reset, or — a CONNECT client the agent did not open
+    // for — answered.
+    let mut reset = true;
     let outcome = loop {
         let Some(agent) = registry.choose(&spec.connector, &spec.name, &tried[..attempts]) else {
-            abort(socket);
             break last_failure.unwrap_or(Outcome::NoAgent);
         };
         tried[attempts] = agent.id;
@@ -156,11 +210,14 @@ pub(crate) async fn forward(
         }
         agents_tried.push_str(&agent.name);
         let entry = live.get_or_insert_with(|| {
-            endpoint.live.insert(LiveClient::new(client, agent.name.clone()))
+            let target = requested.as_ref().map(|r| r.target.to_string().into_boxed_str());
+            endpoint.live.insert(LiveClient::new(client, agent.name.clone(), target))
         });
         entry.info.set_agent(&agent.name);
         let first = attempts == 1;
 
+        let first = first.then_some(First { preread: &preread, ours, guard_proxy });
+        let opening = Opening { destination: &destination, connect: requested.is_some() };
         match attempt(
             &mut socket,
             client,
@@ -170,7 +227,8 @@ pub(crate) async fn forward(
             entry,
             endpoint,
             &charge,
-            first.then_some((preread.as_slice(), guard_proxy)),
+            first,
+            opening,
         )
         .await
         {
@@ -178,14 +236,16 @@ pub(crate) async fn forward(
                 if let Some(at) = opened_at {
                     endpoint.metrics.opened(&spec.name, at.duration_since(started).as_secs_f64());
                 }
+                opened = opened_at.is_some();
+                reset = false; // the copy set the reset it wants, if any
                 bytes = entry.bytes.get();
                 // What a scrape has not counted yet; the entry leaves the list when it drops.
                 unreported = entry.unreported();
-                drop(socket); // closes the client's side now, with a reset where one was asked
                 break outcome;
             }
-            Attempt::Unanswered(Unanswered { failure, timed_out }) => {
-                if timed_out {
+            Attempt::Unanswered(Unanswered { failure, timed_out: late }) => {
+                timed_out = late;
+                if late {
                     agent.suspect();
                 }
                 registry.open_failed(agent.id, &spec.name);
@@ -195,7 +255,6 @@ pub(crate) async fn forward(
                 if !retry {
                     bytes = entry.bytes.get();
                     unreported = entry.unreported();
-                    abort(socket);
                     break failure;
                 }
                 debug!(agent = %agent.name, "open not answered, trying another agent: {failure}");
@@ -205,6 +264,22 @@ pub(crate) async fn forward(
         }
     };
     drop(live);
+    if let Some(request) = &requested {
+        let answer = if opened { None } else { connect::status_after(&outcome, timed_out) };
+        let status = answer.as_ref().map_or(200, |(status, _)| status.code());
+        if opened || answer.is_some() {
+            endpoint.metrics.connect_answered(&spec.name, Some(&request.pattern), status);
+        }
+        if let Some((status, reason)) = answer {
+            connect::answer(&mut socket, status, &reason).await;
+            reset = false;
+        }
+    }
+    if reset {
+        abort(socket);
+    } else {
+        drop(socket); // closes the client's side now, with a reset where one was asked
+    }
 
     endpoint.metrics.connection_ended(&spec.name, outcome.label(), unreported);
     Flow {
@@ -218,6 +293,7 @@ pub(crate) async fn forward(
         bytes_from_client: bytes.0,
         bytes_to_client: bytes.1,
         outcome: &outcome,
+        requested: requested.as_ref().map(|r| &r.target),
     }
     .log();
 }
@@ -229,6 +305,7 @@ fn refused_before_open(
     (client, via): (SocketAddr, Option<SocketAddr>),
     started: Instant,
     outcome: &Outcome,
+    requested: Option<&Destination>,
 ) {
     endpoint.metrics.connection_ended(&spec.name, outcome.label(), (0, 0));
     Flow {
@@ -242,6 +319,7 @@ fn refused_before_open(
         bytes_from_client: 0,
         bytes_to_client: 0,
         outcome,
+        requested,
     }
     .log();
 }
@@ -256,9 +334,26 @@ enum Attempt {
     Unanswered(Unanswered),
 }
 
+/// What the first try sends along with its open header.
+struct First<'a> {
+    /// Bytes read from the client already (behind our own PROXY header, if one is sent).
+    preread: &'a [u8],
+    /// How many of them, at the start, are our own PROXY header.
+    ours: usize,
+    /// Whether a PROXY header at the start of the client's bytes is to be refused.
+    guard_proxy: bool,
+}
+
+/// What every try opens: the destination the open names, and whether the client is a CONNECT
+/// client (it reads `200 Connection established` once the agent has opened).
+#[derive(Clone, Copy)]
+struct Opening<'a> {
+    destination: &'a str,
+    connect: bool,
+}
+
 /// One agent's try: stream, open header with the client's bytes so far, then the copy.
-/// `first`: this is the first try, these bytes were read from the client already, and whether a
-/// PROXY header in its first bytes is to be refused.
+/// `first`: this is the first try, with what was read from the client already.
 #[allow(clippy::too_many_arguments)] // one call site; the pieces are the connection's own
 async fn attempt(
     socket: &mut TcpStream,
@@ -269,15 +364,16 @@ async fn attempt(
     live: &Live<LiveClient>,
     endpoint: &Endpoint,
     charge: &BudgetCharge<'_>,
-    first: Option<(&[u8], bool)>,
+    first: Option<First<'_>>,
+    opening: Opening<'_>,
 ) -> Attempt {
     let force = &endpoint.force;
     let deadline = Instant::now() + spec.open.timeout;
     let unanswered = |origin, message: String, timed_out| {
         Attempt::Unanswered(Unanswered::new(origin, message, timed_out))
     };
-    let opening = agent.connection.open_stream(OPEN_STREAM_WAIT);
-    let mut stream = match tokio::time::timeout_at(deadline, opening).await {
+    let stream_opening = agent.connection.open_stream(OPEN_STREAM_WAIT);
+    let mut stream = match tokio::time::timeout_at(deadline, stream_opening).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return unanswered(Origin::Relay, e.to_string(), false),
         Err(_) => {
@@ -292,7 +388,7 @@ async fn attempt(
     // a local would keep its 88 bytes through the copy.)
     let mut first_write = match frame::encode(&Open {
         endpoint: spec.name.clone(),
-        destination: spec.destination.to_string(),
+        destination: opening.destination.to_owned(),
         client_addr: client,
         inactivity_timeout_ms: u64::try_from(spec.inactivity_timeout.as_millis())
             .unwrap_or(u64::MAX),
@@ -309,7 +405,7 @@ async fn attempt(
         }
     };
     let header_len = first_write.len();
-    if let Some((preread, guard_proxy)) = first {
+    if let Some(First { preread, ours, guard_proxy }) = first {
         // The ClientHello read to route the connection, and whatever came after it.
         first_write.extend_from_slice(preread);
         first_write.reserve_exact(EARLY_DATA_MAX);
@@ -326,7 +422,7 @@ async fn attempt(
             }
         }
         let early = &first_write[header_len..];
-        if guard_proxy && preread::looks_like_proxy_header(early) {
+        if guard_proxy && preread::looks_like_proxy_header(&early[ours..]) {
             stream.reset(ResetCode::ProtocolError);
             reset_on_close(socket);
             return Attempt::Ended { outcome: Outcome::ProxyHeaderRefused, opened_at: None };
@@ -355,7 +451,8 @@ async fn attempt(
     }
 
     let answered = AtomicBool::new(false);
-    let mut gated = OpenReplyGate::new(&mut stream, deadline, &answered);
+    let greeting = if opening.connect { http_connect::ESTABLISHED } else { b"" };
+    let mut gated = OpenReplyGate::new(&mut stream, deadline, &answered, greeting);
     let mut recording =
         Recording { socket: &mut *socket, replay: &mut *replay, answered: &answered };
     let timeouts =

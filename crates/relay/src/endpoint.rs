@@ -2,7 +2,8 @@
 //! one [`Endpoint`] per configured endpoint (its current policy, open-connection count and
 //! slots, counters, the live connections it forwards and the tokens that stop it), and the
 //! [`EndpointTable`] of every endpoint by name with its bound address. It imports nothing of
-//! the relay's own but the config and counters, so every file above can use it.
+//! the relay's own but the config, the counters and the failure limiter, so every file above
+//! can use it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use privlink_transport::live::LiveTable;
 use privlink_transport::throttle::Throttle;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::FailureLimiter;
 use crate::config::EndpointSpec;
 use crate::flow::EndpointCounters;
 use crate::metrics::RelayMetrics;
@@ -41,6 +43,9 @@ pub(crate) struct Endpoint {
     pub(crate) budget: Arc<BufferBudget>,
     /// The connections being forwarded now (from the agent's choice to the end).
     pub(crate) live: LiveTable<LiveClient>,
+    /// Wrong proxy credentials per source (a CONNECT endpoint's): each refusal waits a little
+    /// longer, so that guessing a human-chosen password is slow.
+    pub(crate) proxy_auth_failures: Mutex<FailureLimiter>,
     /// Ends its accept loop: a child of the relay's stop, cancelled early when a reload
     /// removes the endpoint.
     pub(crate) stop: CancellationToken,
@@ -85,6 +90,7 @@ impl Endpoint {
             metrics,
             budget,
             live: LiveTable::default(),
+            proxy_auth_failures: Mutex::default(),
             stop,
             force,
         }
@@ -141,11 +147,13 @@ pub(crate) struct LiveClient {
     pub(crate) client: SocketAddr,
     /// The agent carrying it (the one being tried, while an open is retried).
     agent: Mutex<String>,
+    /// Where a CONNECT client asked to go (other endpoints have one destination).
+    pub(crate) requested: Option<Box<str>>,
 }
 
 impl LiveClient {
-    pub(crate) fn new(client: SocketAddr, agent: String) -> Self {
-        Self { client, agent: Mutex::new(agent) }
+    pub(crate) fn new(client: SocketAddr, agent: String, requested: Option<Box<str>>) -> Self {
+        Self { client, agent: Mutex::new(agent), requested }
     }
 
     /// The agent carrying it now.

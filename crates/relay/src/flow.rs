@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use privlink_protocol::destination::Destination;
 use privlink_transport::splice::Outcome;
 use tracing::info;
 
@@ -40,6 +41,9 @@ pub(crate) struct Flow<'a> {
     pub(crate) bytes_from_client: u64,
     pub(crate) bytes_to_client: u64,
     pub(crate) outcome: &'a Outcome,
+    /// Where a CONNECT client asked to go, once that was read (the endpoint's destination
+    /// otherwise).
+    pub(crate) requested: Option<&'a Destination>,
 }
 
 impl Flow<'_> {
@@ -51,7 +55,10 @@ impl Flow<'_> {
             client = %self.client,
             via = self.via.map(tracing::field::display),
             endpoint = %self.endpoint.name,
-            destination = %self.endpoint.destination,
+            destination = %self.requested.map_or_else(
+                || self.endpoint.destination.to_string(),
+                ToString::to_string,
+            ),
             agent = %self.agent,
             attempts = self.attempts,
             agents_tried = %self.agents_tried,

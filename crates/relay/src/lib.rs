@@ -23,6 +23,8 @@
 //! * `endpoint` — endpoint state at run time (policy, slots, live connections, stop tokens)
 //!   and the table of endpoints by name.
 //! * `listen` — the one owner of endpoint accept loops, and the policy applied on accept.
+//! * `connect` — an `http-connect` endpoint's client: its CONNECT head read and judged, its
+//!   answers.
 //! * `dispatch` — one client connection: choose an agent, open, retry, splice, flow log.
 //! * `open` — the open exchange: the open-reply gate, the replay copy, the retry decision.
 //! * `preread` — an endpoint with server names reads the ClientHello first (SNI pinning).
@@ -41,6 +43,7 @@ pub mod admission;
 pub mod agents;
 pub mod auth;
 pub mod config;
+mod connect;
 mod dispatch;
 mod endpoint;
 pub mod fleet;

@@ -59,6 +59,16 @@ struct StatusLabels {
     status: &'static str,
 }
 
+/// A CONNECT endpoint's answer: the `destinations` pattern that admitted the request (`-`
+/// when it was refused before one did) — a pattern, not the name asked for, so that the
+/// series stay as few as the configuration's lines — and the status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectLabels {
+    endpoint: String,
+    destination: String,
+    status: u16,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AgentLabels {
     connector: String,
@@ -100,6 +110,7 @@ pub(crate) struct RelayMetrics {
     connections: Family<OutcomeLabels, Counter>,
     bytes: Family<DirectionLabels, Counter>,
     open_retries: Family<ReasonLabels, Counter>,
+    connect_answers: Family<ConnectLabels, Counter>,
     listener_refused: Family<ListenerLabels, Counter>,
     open_duration: Family<EndpointLabel, Histogram>,
     auth_failures: Family<ReasonLabel, Counter>,
@@ -134,6 +145,13 @@ impl Default for RelayMetrics {
             "Opens tried again on another agent, by endpoint and why the previous agent did not \
              serve it (destination_failed, agent_error, relay_error)",
             open_retries.clone(),
+        );
+        let connect_answers = Family::<ConnectLabels, Counter>::default();
+        registry.register(
+            "relay_connect_answers",
+            "HTTP CONNECT requests answered, by endpoint, the destinations pattern that admitted \
+             the request (- when none did) and status (200, 400, 403, 405, 407, 502, 503, 504)",
+            connect_answers.clone(),
         );
         let listener_refused = Family::<ListenerLabels, Counter>::default();
         registry.register(
@@ -183,6 +201,7 @@ impl Default for RelayMetrics {
             connections,
             bytes,
             open_retries,
+            connect_answers,
             listener_refused,
             open_duration,
             auth_failures,
@@ -216,6 +235,14 @@ impl RelayMetrics {
     pub(crate) fn open_retried(&self, endpoint: &str, reason: &'static str) {
         let labels = ReasonLabels { endpoint: endpoint.to_owned(), reason };
         self.open_retries.get_or_create(&labels).inc();
+    }
+
+    /// A CONNECT request to `endpoint` was answered with `status`; `destination` is the
+    /// pattern that admitted it, if one did.
+    pub(crate) fn connect_answered(&self, endpoint: &str, destination: Option<&str>, status: u16) {
+        let destination = destination.unwrap_or("-").to_owned();
+        let labels = ConnectLabels { endpoint: endpoint.to_owned(), destination, status };
+        self.connect_answers.get_or_create(&labels).inc();
     }
 
     /// A connection to the shared listener `listener` was turned away before any endpoint

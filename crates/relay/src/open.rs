@@ -176,10 +176,20 @@ pub(crate) struct OpenReplyGate<'a, S> {
     answered: &'a AtomicBool,
     /// The agent's refusal, when it answered `OpenFailed`.
     pub(crate) refusal: Option<OpenFailure>,
+    /// What the client reads first once the agent has opened, before the destination's bytes
+    /// (a CONNECT client's `200`); empty once given.
+    greeting: &'static [u8],
 }
 
 impl<'a, S> OpenReplyGate<'a, S> {
-    pub(crate) fn new(stream: &'a mut S, deadline: Instant, answered: &'a AtomicBool) -> Self {
+    /// `greeting`: what the client reads once the agent has opened, ahead of the destination's
+    /// first byte (empty: nothing).
+    pub(crate) fn new(
+        stream: &'a mut S,
+        deadline: Instant,
+        answered: &'a AtomicBool,
+        greeting: &'static [u8],
+    ) -> Self {
         Self {
             stream,
             reply: Some(BytesMut::new()),
@@ -188,6 +198,7 @@ impl<'a, S> OpenReplyGate<'a, S> {
             timed_out: false,
             answered,
             refusal: None,
+            greeting,
         }
     }
 
@@ -248,6 +259,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for OpenReplyGate<'_, S> {
                 }
             }
         }
+        if !this.greeting.is_empty() && out.remaining() > 0 {
+            let n = this.greeting.len().min(out.remaining());
+            out.put_slice(&this.greeting[..n]);
+            this.greeting = &this.greeting[n..];
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut *this.stream).poll_read(cx, out)
     }
 }
@@ -297,6 +314,16 @@ mod tests {
 
     /// What the agent sends on the stream, then whether it closes it.
     async fn gate_reads(agent_sends: &[u8], close: bool, wait: Duration) -> Gated {
+        gate_greets(agent_sends, close, wait, b"").await
+    }
+
+    /// [`gate_reads`], the gate giving `greeting` once the agent has opened.
+    async fn gate_greets(
+        agent_sends: &[u8],
+        close: bool,
+        wait: Duration,
+        greeting: &'static [u8],
+    ) -> Gated {
         let (mut relay_side, mut agent_side) = tokio::io::duplex(64 * 1024);
         agent_side.write_all(agent_sends).await.expect("agent writes");
         if close {
@@ -306,7 +333,8 @@ mod tests {
             std::mem::forget(agent_side);
         }
         let answered = AtomicBool::new(false);
-        let mut gate = OpenReplyGate::new(&mut relay_side, Instant::now() + wait, &answered);
+        let mut gate =
+            OpenReplyGate::new(&mut relay_side, Instant::now() + wait, &answered, greeting);
         let mut passed = Vec::new();
         let read = gate.read_to_end(&mut passed).await;
         Gated {
@@ -354,6 +382,20 @@ mod tests {
         assert!(gated.error.is_none());
         assert!(gated.answered && gated.open);
         assert!(gated.decision().is_none(), "an answered stream is never replayed");
+    }
+
+    #[tokio::test]
+    async fn a_greeting_comes_after_opened_and_before_the_destinations_bytes_and_never_before() {
+        let greeting = b"HTTP/1.1 200 Connection established\r\n\r\n";
+        let mut sent = frame::encode(&OpenReply::Opened).expect("encode");
+        sent.extend_from_slice(b"\x16\x03\x03 ServerHello");
+        let gated = gate_greets(&sent, true, Duration::from_secs(5), greeting).await;
+        assert_eq!(gated.passed, [&greeting[..], b"\x16\x03\x03 ServerHello"].concat());
+
+        let refusal = failed(OpenFailCode::Refused);
+        let refused = gate_greets(&refusal, true, Duration::from_secs(5), greeting).await;
+        assert!(refused.passed.is_empty(), "a refused open greets nobody: {:?}", refused.passed);
+        assert!(refused.refusal.is_some());
     }
 
     #[tokio::test]
@@ -492,7 +534,7 @@ mod tests {
         let mut stream = MemoryStream(relay_side, Vec::new());
         let answered = AtomicBool::new(false);
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut gate = OpenReplyGate::new(&mut stream, deadline, &answered);
+        let mut gate = OpenReplyGate::new(&mut stream, deadline, &answered, b"");
         assert!(!SpliceStream::answered(&gate));
         agent_side
             .write_all(&frame::encode(&OpenReply::Opened).expect("encode"))

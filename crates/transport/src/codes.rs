@@ -76,4 +76,8 @@ pub enum DialError {
     /// full speed nor falling back to another transport helps; an operator has to act.
     #[error("{0}")]
     Certificate(String),
+    /// The HTTP proxy on the way to the relay did not open the way: not the relay's failure,
+    /// and not one another transport avoids (QUIC cannot cross a proxy).
+    #[error(transparent)]
+    Proxy(#[from] crate::http_proxy::ProxyError),
 }

@@ -15,6 +15,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::codes::{CloseCode, DialError, TransportKind};
 use crate::h2;
+use crate::http_proxy::ProxyHop;
 use crate::quic::{self, QuicSetupError};
 use crate::tls::{self, RelayVerifier, TlsError};
 use crate::tunnel::AgentConnection;
@@ -94,10 +95,26 @@ impl Dialer {
                 let endpoint = self.own_endpoint(addr)?;
                 quic::dial(&endpoint, addr, server_name, deadline).await
             }
-            (TransportKind::Tcp, _) => h2::dial(addr, server_name, Arc::clone(&self.tls), deadline)
-                .await
-                .map(AgentConnection::from),
+            (TransportKind::Tcp, _) => {
+                h2::dial(addr, None, server_name, Arc::clone(&self.tls), deadline)
+                    .await
+                    .map(AgentConnection::from)
+            }
         }
+    }
+
+    /// A TLS-over-TCP tunnel connection through the HTTP proxy at `proxy`, which is asked to
+    /// CONNECT to `hop.target`; the relay's certificate is verified for `server_name`.
+    pub async fn dial_through_proxy(
+        &self,
+        proxy: SocketAddr,
+        hop: &ProxyHop,
+        server_name: &str,
+        deadline: Duration,
+    ) -> Result<AgentConnection, DialError> {
+        h2::dial(proxy, Some(hop), server_name, Arc::clone(&self.tls), deadline)
+            .await
+            .map(AgentConnection::from)
     }
 
     /// A new endpoint on a socket of its own, of the address family of `addr`, kept (for

@@ -28,6 +28,7 @@
 //! * [`listener`] — the relay's tunnel listener: QUIC and TLS/TCP on one port, both accept
 //!   loops, the identity replaced on reload.
 //! * [`dialer`] — the agent's dialler: one QUIC endpoint and the TLS settings for every relay.
+//! * [`http_proxy`] — crossing an HTTP proxy (CONNECT) on the way to a relay.
 //! * [`tcp`] — listening with a large backlog, the accept loop, closing with a reset.
 //! * [`throttle`] — log lines a flood could repeat, written at most once per interval.
 //! * [`tls`] — PEM loading and the tunnel's rustls configurations.
@@ -42,6 +43,7 @@ pub mod copy;
 pub mod dialer;
 pub mod drain;
 pub mod h2;
+pub mod http_proxy;
 pub mod io;
 pub mod limits;
 pub mod listener;

@@ -84,6 +84,14 @@ pub enum Outcome {
     /// A connection from a source not trusted to send a PROXY header began with one (relay
     /// only; refused before a byte reached the agent).
     ProxyHeaderRefused,
+    /// An HTTP CONNECT request refused before any agent was asked (relay only): the status
+    /// it was answered with and why.
+    ConnectRefused {
+        /// 400, 403, 405 or 407.
+        status: u16,
+        /// The one-line reason the client was given.
+        reason: String,
+    },
     /// The receiver at `origin` took too little for the stall timeout while bytes waited for
     /// it (it stopped reading, or reads a trickle): reset both ways.
     Stalled(Origin),
@@ -118,6 +126,7 @@ impl Outcome {
             | Self::NoAgent
             | Self::SniUnmatched(_)
             | Self::ProxyHeaderRefused
+            | Self::ConnectRefused { .. }
             | Self::Stalled(_) => false,
         }
     }
@@ -131,6 +140,9 @@ impl Outcome {
             Self::NoAgent => "no_agent",
             Self::SniUnmatched(_) => "sni_unmatched",
             Self::ProxyHeaderRefused => "proxy_header_invalid",
+            Self::ConnectRefused { status: 407, .. } => "proxy_auth_required",
+            Self::ConnectRefused { status: 403, .. } => "forbidden",
+            Self::ConnectRefused { .. } => "bad_request",
             Self::Stalled(_) => "stalled",
             Self::OpenFailed(failure) if failure.code == OpenFailCode::OverBudget => "over_budget",
             Self::OpenFailed(_) | Self::Failed { origin: Origin::Destination, .. } => {
@@ -154,6 +166,10 @@ impl fmt::Display for Outcome {
             Self::ProxyHeaderRefused => f.write_str(
                 "proxy-header-invalid: a PROXY header from a source not trusted to send one",
             ),
+            Self::ConnectRefused { status, reason } => {
+                let reason = privlink_protocol::text::loggable(reason);
+                write!(f, "connect-refused ({status}): {reason}")
+            }
             Self::Stalled(origin) => {
                 write!(f, "stalled: the {origin} stopped taking bytes (or took a trickle)")
             }

@@ -24,6 +24,12 @@ pub fn reset_on_close(socket: &TcpStream) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
+/// Undoes [`reset_on_close`]: the close of `socket` is a plain FIN again, after whatever is
+/// still to be written (an answer a client must read).
+pub fn close_plainly(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).set_linger(None);
+}
+
 /// Listen backlog for endpoint and tunnel listeners. `TcpListener::bind` uses std's 128, which
 /// a burst of client connections overflows (the kernel then drops or resets connections the
 /// relay never sees); the kernel caps this at `net.core.somaxconn`.

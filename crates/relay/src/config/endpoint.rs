@@ -1,5 +1,6 @@
 //! One `[[endpoint]]` table: as written ([`RawEndpoint`]) and validated ([`EndpointSpec`]),
-//! with the value checks its keys need (limits, retries, ACL entries, server names).
+//! with the value checks its keys need (limits, retries, ACL entries, server names, and what
+//! an `http-connect` endpoint's clients may ask for).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,8 +11,11 @@ use privlink_protocol::client_hello::{self, ServerNames};
 use privlink_protocol::config::{
     ConfigError, ConfigSource, Spanned, deserialize_optional_positive_duration,
 };
-use privlink_protocol::destination::Destination;
+use privlink_protocol::destination::{Destination, DestinationError};
+use privlink_protocol::message::CONNECT_PREFIX;
+use privlink_protocol::pattern::DestinationPattern;
 use privlink_protocol::proxy_header::ProxyVersion;
+use privlink_protocol::token::TokenDigest;
 use serde::Deserialize;
 
 use super::{
@@ -26,8 +30,9 @@ pub struct EndpointSpec {
     pub name: String,
     /// Connector whose agents serve it.
     pub connector: String,
-    /// Where the agent connects.
-    pub destination: Destination,
+    /// Where the agent connects: one destination, or (an `http-connect` endpoint) the one
+    /// each client asks for, within patterns.
+    pub destination: EndpointTarget,
     /// Where clients connect: its own port, or its listener's.
     pub listen: SocketAddr,
     /// The shared listener (`[[listener]]`) it is reached through by server name, if it has
@@ -54,6 +59,77 @@ pub struct EndpointSpec {
     /// normalised); empty: any. On a port of its own this is SNI pinning: a ClientHello naming
     /// anything else is refused before an agent is asked.
     pub server_names: Vec<String>,
+}
+
+/// Where an endpoint's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointTarget {
+    /// Always this destination (`destination = "host:port"`).
+    Fixed(Destination),
+    /// Where each client asks with HTTP CONNECT (`mode = "http-connect"`), within
+    /// `destinations`; an agent's allowlist still decides each one.
+    Connect(ConnectPolicy),
+}
+
+/// What an `http-connect` endpoint lets its clients ask for, and who may ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectPolicy {
+    /// The destinations clients may ask for (`destinations`).
+    pub destinations: Vec<DestinationPattern>,
+    /// SHA-256 digests of the Basic credentials (`user:password`) accepted
+    /// (`proxy_auth_sha256`); empty: no credentials asked for.
+    pub proxy_auth: Vec<TokenDigest>,
+}
+
+impl ConnectPolicy {
+    /// The first of `destinations` that admits `target`.
+    pub fn admitting(&self, target: &Destination) -> Option<&DestinationPattern> {
+        self.destinations.iter().find(|pattern| pattern.matches(target))
+    }
+}
+
+impl EndpointTarget {
+    /// The destination, for an endpoint that has one.
+    pub fn fixed(&self) -> Option<&Destination> {
+        match self {
+            Self::Fixed(destination) => Some(destination),
+            Self::Connect(_) => None,
+        }
+    }
+
+    /// The CONNECT policy, for an `http-connect` endpoint.
+    pub fn connect(&self) -> Option<&ConnectPolicy> {
+        match self {
+            Self::Connect(policy) => Some(policy),
+            Self::Fixed(_) => None,
+        }
+    }
+}
+
+/// An `http-connect` endpoint is shown (to agents, in status and in logs) as
+/// [`CONNECT_PREFIX`] and its patterns.
+impl std::fmt::Display for EndpointTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(destination) => write!(f, "{destination}"),
+            Self::Connect(policy) => {
+                f.write_str(CONNECT_PREFIX.trim_end())?;
+                for pattern in &policy.destinations {
+                    write!(f, " {pattern}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for EndpointTarget {
+    type Err = DestinationError;
+
+    /// A fixed destination.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self::Fixed)
+    }
 }
 
 /// Who may put a PROXY header before a connection: from these sources it is required, from
@@ -138,7 +214,14 @@ impl Default for OpenRetry {
 pub(super) struct RawEndpoint {
     pub(super) name: Spanned<String>,
     pub(super) connector: Spanned<String>,
-    pub(super) destination: Destination,
+    #[serde(default)]
+    pub(super) destination: Option<Destination>,
+    #[serde(default)]
+    pub(super) mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) destinations: Option<Spanned<Vec<String>>>,
+    #[serde(default, deserialize_with = "deserialize_proxy_auth")]
+    pub(super) proxy_auth_sha256: Option<Vec<TokenDigest>>,
     #[serde(default)]
     pub(super) listen: Option<Spanned<SocketAddr>>,
     #[serde(default)]
@@ -166,6 +249,82 @@ pub(super) struct RawEndpoint {
 }
 
 impl RawEndpoint {
+    /// Where its connections go: `destination`, or with `mode = "http-connect"`,
+    /// `destinations` and `proxy_auth_sha256` (endpoint `i`, for the error's key). A CONNECT
+    /// endpoint needs a port of its own: a shared listener routes TLS by server name, and a
+    /// CONNECT request is not TLS.
+    pub(super) fn target(
+        &self,
+        source: &ConfigSource,
+        i: usize,
+    ) -> Result<EndpointTarget, ConfigError> {
+        let key = |k: &str| format!("endpoint[{i}].{k}");
+        let connect = match &self.mode {
+            None => false,
+            Some(mode) => match mode.get_ref().as_str() {
+                "tcp" => false,
+                "http-connect" => true,
+                other => {
+                    let message = format!(
+                        "`{}` is not a mode: \"tcp\" (the default) or \"http-connect\"",
+                        privlink_protocol::text::loggable(other)
+                    );
+                    return Err(source.error_for(mode, &key("mode"), message));
+                }
+            },
+        };
+        if !connect {
+            if let Some(destinations) = &self.destinations {
+                let message = "destinations are for mode = \"http-connect\"; this endpoint has \
+                               one destination";
+                return Err(source.error_for(destinations, &key("destinations"), message));
+            }
+            if self.proxy_auth_sha256.is_some() {
+                let message = "proxy_auth_sha256 is for mode = \"http-connect\"";
+                return Err(source.error_for(&self.name, &key("proxy_auth_sha256"), message));
+            }
+            let Some(destination) = &self.destination else {
+                let message = "needs destination (host:port), or mode = \"http-connect\" with \
+                               destinations";
+                return Err(source.error_for(&self.name, &key("destination"), message));
+            };
+            return Ok(EndpointTarget::Fixed(destination.clone()));
+        }
+        let mode = self.mode.as_ref().expect("connect mode is written");
+        if self.destination.is_some() {
+            let message = "an http-connect endpoint goes where each client asks, within \
+                           destinations: leave destination out";
+            return Err(source.error_for(mode, &key("destination"), message));
+        }
+        if let Some(listener) = &self.listener {
+            let message = "an http-connect endpoint needs a port of its own (listen): a shared \
+                           listener routes TLS by server name";
+            return Err(source.error_for(listener, &key("listener"), message));
+        }
+        if let Some(names) = &self.server_names {
+            let message = "server_names are for TLS endpoints, not http-connect";
+            return Err(source.error_for(names, &key("server_names"), message));
+        }
+        let Some(written) = &self.destinations else {
+            let message = "an http-connect endpoint needs destinations: the host:port patterns \
+                           clients may ask for (\"*.vault.azure.net:443\")";
+            return Err(source.error_for(mode, &key("destinations"), message));
+        };
+        let mut destinations = Vec::new();
+        for (j, text) in written.get_ref().iter().enumerate() {
+            let pattern = text.parse::<DestinationPattern>().map_err(|e| {
+                source.error_for(written, &key(&format!("destinations[{j}]")), e.to_string())
+            })?;
+            destinations.push(pattern);
+        }
+        if destinations.is_empty() {
+            let message = "list at least one host:port pattern";
+            return Err(source.error_for(written, &key("destinations"), message));
+        }
+        let proxy_auth = self.proxy_auth_sha256.clone().unwrap_or_default();
+        Ok(EndpointTarget::Connect(ConnectPolicy { destinations, proxy_auth }))
+    }
+
     /// `server_names`, each checked and normalised (endpoint `i`, for the error's key).
     pub(super) fn server_names(
         &self,
@@ -192,6 +351,31 @@ impl RawEndpoint {
         }
         Ok(names)
     }
+}
+
+/// Most `proxy_auth_sha256` digests an endpoint may hold (credentials of a few clients, or
+/// old and new during a rotation).
+pub const MAX_PROXY_CREDENTIALS: usize = 16;
+
+/// `proxy_auth_sha256 = "…"` or a list: SHA-256 of `user:password`, lowercase hex.
+fn deserialize_proxy_auth<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<TokenDigest>>, D::Error> {
+    let texts = super::one_or_many(d)?;
+    if texts.is_empty() || texts.len() > MAX_PROXY_CREDENTIALS {
+        return Err(serde::de::Error::custom(format!(
+            "expected 1 to {MAX_PROXY_CREDENTIALS} hashes"
+        )));
+    }
+    let digests = texts.iter().map(|text| {
+        TokenDigest::from_hex(text).ok_or_else(|| {
+            serde::de::Error::custom(
+                "expected 64 lowercase hex digits: the SHA-256 of `user:password` \
+                 (printf '%s' 'user:password' | sha256sum)",
+            )
+        })
+    });
+    digests.collect::<Result<Vec<_>, _>>().map(Some)
 }
 
 fn deserialize_open_attempts<'de, D: serde::Deserializer<'de>>(

@@ -27,7 +27,9 @@ mod endpoint;
 mod listener;
 
 use endpoint::RawEndpoint;
-pub use endpoint::{EndpointSpec, OpenRetry, ProxyTrust};
+pub use endpoint::{
+    ConnectPolicy, EndpointSpec, EndpointTarget, MAX_PROXY_CREDENTIALS, OpenRetry, ProxyTrust,
+};
 use listener::RawListener;
 pub use listener::{DEFAULT_PREREAD_TIMEOUT, ListenerSpec};
 
@@ -151,21 +153,26 @@ struct RawConnector {
     token_sha256: Vec<TokenDigest>,
 }
 
-/// `token_sha256 = "…"`, or `token_sha256 = ["…", "…"]` during a rotation (at most
-/// [`MAX_TOKENS_PER_CONNECTOR`]).
-fn deserialize_sha256_list<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Vec<TokenDigest>, D::Error> {
+/// A key that takes one string or a list of them (`token_sha256`, `proxy_auth_sha256`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
         One(String),
         Many(Vec<String>),
     }
-    let texts = match OneOrMany::deserialize(d)? {
+    Ok(match OneOrMany::deserialize(d)? {
         OneOrMany::One(text) => vec![text],
         OneOrMany::Many(texts) => texts,
-    };
+    })
+}
+
+/// `token_sha256 = "…"`, or `token_sha256 = ["…", "…"]` during a rotation (at most
+/// [`MAX_TOKENS_PER_CONNECTOR`]).
+fn deserialize_sha256_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<TokenDigest>, D::Error> {
+    let texts = one_or_many(d)?;
     if texts.is_empty() || texts.len() > MAX_TOKENS_PER_CONNECTOR {
         return Err(serde::de::Error::custom(format!(
             "expected 1 to {MAX_TOKENS_PER_CONNECTOR} hashes (more than one only while a token \
@@ -287,6 +294,7 @@ impl RelayConfig {
                 ));
             }
             let server_names = e.server_names(source, i)?;
+            let destination = e.target(source, i)?;
             let (listen, listener) = match (&e.listen, &e.listener) {
                 (Some(listen), None) => {
                     bind(*listen.get_ref(), format!("endpoint[{i}]")).map_err(|m| {
@@ -352,7 +360,7 @@ impl RelayConfig {
                 send_proxy_protocol: e.send_proxy_protocol,
                 name: e.name.into_inner(),
                 connector: e.connector.into_inner(),
-                destination: e.destination,
+                destination,
                 listen,
                 inactivity_timeout: e.inactivity_timeout.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
                 stall_timeout: e.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT),

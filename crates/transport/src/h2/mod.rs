@@ -137,11 +137,13 @@ impl AsRef<CloseState> for H2Acceptor {
     }
 }
 
-/// Agent side: connects to a relay at `addr`, then TLS (verifying `server_name`) and the
-/// HTTP/2 handshake, all within `deadline`. The acceptor is the agent's half of the
-/// connection; `AgentConnection::from` wraps it.
+/// Agent side: connects to a relay at `addr` — or, with `via`, to the HTTP proxy at `addr`,
+/// which is asked to CONNECT to the relay — then TLS (verifying `server_name`) and the HTTP/2
+/// handshake, all within `deadline`. The acceptor is the agent's half of the connection;
+/// `AgentConnection::from` wraps it.
 pub async fn dial(
     addr: SocketAddr,
+    via: Option<&crate::http_proxy::ProxyHop>,
     server_name: &str,
     tls: Arc<rustls::ClientConfig>,
     deadline: Duration,
@@ -149,10 +151,17 @@ pub async fn dial(
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
         .map_err(|e| DialError::Handshake(format!("relay name: {e}")))?;
     let steps = async {
-        let socket = TcpStream::connect(addr)
-            .await
-            .map_err(|e| DialError::Handshake(format!("TCP connect: {e}")))?;
+        let mut socket = TcpStream::connect(addr).await.map_err(|e| match via {
+            Some(hop) => DialError::Proxy(crate::http_proxy::ProxyError::Unreachable {
+                proxy: hop.proxy.clone(),
+                reason: format!("TCP connect to {addr}: {e}"),
+            }),
+            None => DialError::Handshake(format!("TCP connect: {e}")),
+        })?;
         tune_socket(&socket);
+        if let Some(hop) = via {
+            crate::http_proxy::connect_through(&mut socket, hop).await?;
+        }
         let tls = tokio_rustls::TlsConnector::from(tls)
             .connect(name, socket)
             .await
