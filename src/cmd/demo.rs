@@ -129,6 +129,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         shutdown_grace: Duration::from_secs(5),
         buffer_budget: privlink_transport::budget::default_limit(),
         admin: None,
+        proxy: None,
         source_files: Vec::new(),
     };
     let agent = privlink_agent::Agent::new(agent_config)?;

@@ -16,7 +16,8 @@ use privlink_transport::tls;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
-use crate::allowlist::{AllowRule, Allowlist};
+use crate::allowlist::{Allowlist, DestinationPattern};
+use crate::proxy::{NoProxy, ProxyEnvironment, ProxyOrigin, ProxySettings};
 
 /// Environment variable that may carry the token instead of `token_file`.
 pub const TOKEN_ENV: &str = "PRIVLINK_TOKEN";
@@ -110,6 +111,8 @@ pub struct AgentConfig {
     pub buffer_budget: u64,
     /// The admin listener, when `[admin]` is set.
     pub admin: Option<AdminSettings>,
+    /// The HTTP proxy on the way to the relays (`proxy`, or `HTTPS_PROXY`), if there is one.
+    pub proxy: Option<ProxySettings>,
     /// The files besides the config file whose content this configuration holds (`token_file`,
     /// `relay_ca`): a change to one reloads it, like a change to the config file. Empty for a
     /// configuration built in memory.
@@ -147,6 +150,10 @@ struct RawConfig {
     allow: Vec<RawAllow>,
     #[serde(default)]
     admin: Option<AdminTable>,
+    #[serde(default)]
+    proxy: Option<Spanned<String>>,
+    #[serde(default)]
+    proxy_credentials_file: Option<Spanned<PathBuf>>,
 }
 
 fn default_transport() -> TransportChoice {
@@ -160,7 +167,7 @@ struct RawAllow {
 }
 
 #[derive(Debug)]
-struct RuleText(AllowRule);
+struct RuleText(DestinationPattern);
 
 impl<'de> Deserialize<'de> for RuleText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -169,15 +176,15 @@ impl<'de> Deserialize<'de> for RuleText {
     }
 }
 
-/// Warns when the token file can be read by users other than its owner: the token is the
-/// connector's only credential (`privlink token new --out` writes it with mode 0600).
+/// Warns when a secret's file (the token, the proxy credentials) can be read by users other
+/// than its owner (`privlink token new --out` writes the token with mode 0600).
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
     if let Ok(metadata) = std::fs::metadata(path) {
         let mode = metadata.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             tracing::warn!(
-                "token_file {} is readable by group or others (mode {mode:o}); `chmod 600` it",
+                "{} is readable by group or others (mode {mode:o}); `chmod 600` it",
                 path.display()
             );
         }
@@ -193,9 +200,19 @@ impl AgentConfig {
     }
 
     /// Validates a configuration already in memory; `env_token` stands for `PRIVLINK_TOKEN`.
+    /// The proxy variables are read from the process's environment.
     pub fn from_source(
         source: &ConfigSource,
         env_token: Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::from_source_in(source, env_token, &ProxyEnvironment::from_process())
+    }
+
+    /// [`from_source`](Self::from_source) with the proxy variables given.
+    pub fn from_source_in(
+        source: &ConfigSource,
+        env_token: Option<String>,
+        env: &ProxyEnvironment,
     ) -> Result<Self, ConfigError> {
         let raw: RawConfig = source.parse()?;
 
@@ -274,6 +291,7 @@ impl AgentConfig {
         };
 
         source_files.extend(relay_ca.clone());
+        let proxy = proxy_settings(&raw, source, env, &mut source_files)?;
         let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(default_agent_name);
         Ok(Self {
             name,
@@ -297,9 +315,72 @@ impl AgentConfig {
                 .buffer_budget
                 .unwrap_or_else(privlink_transport::budget::default_limit),
             admin: raw.admin.map(|a| a.validate(source)).transpose()?,
+            proxy,
             source_files,
         })
     }
+
+    /// The proxy on the way to `relay`, if one applies (QUIC never crosses one).
+    pub fn proxy_for(&self, relay: &RelayAddress) -> Option<&ProxySettings> {
+        self.proxy.as_ref().filter(|proxy| proxy.applies_to(relay))
+    }
+}
+
+/// The proxy: `proxy` (credentials in its URL or in `proxy_credentials_file`), or the
+/// environment's `HTTPS_PROXY` unless `transport = "quic"` (which no proxy carries); either
+/// with the environment's `NO_PROXY`.
+fn proxy_settings(
+    raw: &RawConfig,
+    source: &ConfigSource,
+    env: &ProxyEnvironment,
+    source_files: &mut Vec<PathBuf>,
+) -> Result<Option<ProxySettings>, ConfigError> {
+    let (address, mut credentials, origin) = match (&raw.proxy, &env.proxy) {
+        (Some(written), _) => {
+            if raw.transport == TransportChoice::Quic {
+                let message = "QUIC cannot cross an HTTP proxy: set transport = \"tcp\" (or \
+                               \"auto\", which then uses TLS over TCP), or remove proxy";
+                return Err(source.error_for(written, "proxy", message));
+            }
+            let (address, credentials) = crate::proxy::parse_proxy_url(written.get_ref())
+                .map_err(|e| source.error_for(written, "proxy", e))?;
+            (address, credentials, ProxyOrigin::Config)
+        }
+        (None, Some(_)) if raw.transport == TransportChoice::Quic => {
+            tracing::warn!(
+                "HTTPS_PROXY is set but transport = \"quic\": QUIC cannot cross an HTTP proxy, so it is not used"
+            );
+            return Ok(None);
+        }
+        (None, Some((name, value))) => {
+            let (address, credentials) = crate::proxy::parse_proxy_url(value).map_err(|e| {
+                source.error_at(None, "proxy", format!("the environment's {name}: {e}"))
+            })?;
+            (address, credentials, ProxyOrigin::Environment(name))
+        }
+        (None, None) => {
+            if let Some(file) = &raw.proxy_credentials_file {
+                let message = "proxy_credentials_file without a proxy (set proxy, or HTTPS_PROXY)";
+                return Err(source.error_for(file, "proxy_credentials_file", message));
+            }
+            return Ok(None);
+        }
+    };
+    if let Some(file) = &raw.proxy_credentials_file {
+        if credentials.is_some() {
+            let message = "the proxy URL has credentials already: keep them in one place \
+                           (proxy_credentials_file is the better one)";
+            return Err(source.error_for(file, "proxy_credentials_file", message));
+        }
+        let path = source.resolve_path(file.get_ref());
+        let read = crate::proxy::credentials_in_file(&path)
+            .map_err(|e| source.error_for(file, "proxy_credentials_file", e))?;
+        warn_if_readable_by_others(&path);
+        source_files.push(path);
+        credentials = Some(read);
+    }
+    let no_proxy = NoProxy::parse(env.no_proxy.as_deref().unwrap_or_default());
+    Ok(Some(ProxySettings { address, credentials, origin, no_proxy }))
 }
 
 /// The host name, or "agent" when it cannot be read.

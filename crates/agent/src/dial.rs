@@ -1,6 +1,7 @@
 //! One connection attempt to one relay address on the transport the configuration asks for:
 //! `quic`, `tcp`, or `auto` — QUIC first, TLS over TCP when QUIC does not get through in time,
-//! QUIC probed again while on TCP and promoted once it works, the TCP session then drained.
+//! QUIC probed again while on TCP and promoted once it works, the TCP session then drained;
+//! behind an HTTP proxy, TLS over TCP through it and nothing else.
 
 use std::time::Duration;
 
@@ -22,10 +23,13 @@ pub(crate) async fn session(
     shared: &AgentShared,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
+    // QUIC cannot cross an HTTP proxy: behind one, `auto` goes straight to TLS over TCP and
+    // probes no UDP (the configuration refuses `quic` with a proxy).
+    let proxied = shared.config.proxy_for(&link.relay).is_some();
     let only = match shared.config.transport {
-        TransportChoice::Auto => return auto_session(link, shared, stop).await,
+        TransportChoice::Auto if !proxied => return auto_session(link, shared, stop).await,
         TransportChoice::Quic => TransportKind::Quic,
-        TransportChoice::Tcp => TransportKind::Tcp,
+        TransportChoice::Auto | TransportChoice::Tcp => TransportKind::Tcp,
     };
     let connection = tokio::select! {
         () = stop.cancelled() => return Ok(()),

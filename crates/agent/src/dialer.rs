@@ -26,9 +26,9 @@ impl RelayDialer {
         Ok(Self { dialer: Dialer::new(&config.relay_roots)? })
     }
 
-    /// Establishes a tunnel connection to `addr` (an address of `relay`) on one transport
-    /// within `deadline`, a QUIC one from `source`; a rejected certificate is explained against
-    /// `config`'s `relay_ca`.
+    /// Establishes a tunnel connection to `addr` (an address of `relay`, or of the HTTP proxy
+    /// on the way to it) on one transport within `deadline`, a QUIC one from `source`; a
+    /// rejected certificate is explained against `config`'s `relay_ca`.
     pub(crate) async fn dial(
         &self,
         kind: TransportKind,
@@ -39,7 +39,14 @@ impl RelayDialer {
     ) -> Result<AgentConnection, DialError> {
         let server_name = relay.host.to_string();
         let server_name = server_name.trim_start_matches('[').trim_end_matches(']');
-        let dialed = self.dialer.dial_from(kind, addr, server_name, deadline, source).await;
+        let dialed = match config.proxy_for(relay) {
+            // `addr` is the proxy's: it is asked to CONNECT to the relay by name.
+            Some(proxy) if kind == TransportKind::Tcp => {
+                let hop = proxy.hop_to(relay);
+                self.dialer.dial_through_proxy(addr, &hop, server_name, deadline).await
+            }
+            _ => self.dialer.dial_from(kind, addr, server_name, deadline, source).await,
+        };
         dialed.map_err(|e| match e {
             DialError::Certificate(detail) => {
                 DialError::Certificate(self.explain_untrusted(&detail, server_name, addr, config))

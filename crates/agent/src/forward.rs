@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::allowlist::{AllowRule, Allowlist, special_address_kind};
+use crate::allowlist::{Allowlist, DestinationPattern, special_address_kind};
 
 /// Longest silence between two warnings of one kind about streams the relay asked for (a
 /// refused destination, a malformed header) while they keep coming; each counts the others.
@@ -319,7 +319,7 @@ pub async fn connect_allowed(
 /// unless `rule` names them explicitly; fails when nothing admissible is left.
 pub fn admissible_addresses(
     destination: &Destination,
-    rule: &AllowRule,
+    rule: &DestinationPattern,
     resolved: Vec<SocketAddr>,
 ) -> Result<Vec<SocketAddr>, OpenFailure> {
     let mut refused_special: Option<(IpAddr, &str)> = None;
@@ -400,7 +400,7 @@ mod tests {
     #[test]
     fn names_resolving_to_special_addresses_are_refused() {
         let destination: Destination = "vault.internal:443".parse().expect("dest");
-        let rule: AllowRule = "*.internal:443".parse().expect("rule");
+        let rule: DestinationPattern = "*.internal:443".parse().expect("rule");
         let refused = admissible_addresses(&destination, &rule, addrs(&["169.254.169.254:443"]))
             .expect_err("metadata");
         assert_eq!(refused.code, OpenFailCode::NotAllowed);
@@ -411,7 +411,7 @@ mod tests {
                 .expect("one ordinary address");
         assert_eq!(kept, addrs(&["10.0.0.4:443"]));
         // A rule naming the address lifts the refusal.
-        let explicit: AllowRule = "127.0.0.1:443".parse().expect("rule");
+        let explicit: DestinationPattern = "127.0.0.1:443".parse().expect("rule");
         let lo: Destination = "127.0.0.1:443".parse().expect("dest");
         assert!(admissible_addresses(&lo, &explicit, addrs(&["127.0.0.1:443"])).is_ok());
     }

@@ -12,6 +12,7 @@
 //!
 //! * [`config`] — `agent.toml` and its validation into [`AgentConfig`].
 //! * [`allowlist`] — rules, matching and the special-address refusal.
+//! * [`proxy`] — the HTTP proxy on the way to the relays (`proxy`, `HTTPS_PROXY`, `NO_PROXY`).
 //! * [`links`] — per relay name: resolve, keep a link to every address (and, for an address in
 //!   front of a relay fleet, one per relay of the fleet), back off, re-dial.
 //! * [`fleet`] — which relays of a fleet the links of one relay name reach; duplicates.
@@ -40,6 +41,7 @@ pub mod fleet;
 pub mod forward;
 pub mod links;
 pub mod metrics;
+pub mod proxy;
 pub mod reload;
 pub mod session;
 mod shared;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use privlink_transport::http_proxy::ProxyError;
 use privlink_transport::tunnel::DialError;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::time::Instant;
@@ -81,7 +82,7 @@ pub(crate) async fn maintain_relay(
     let mut resolve_at = Instant::now();
     loop {
         if Instant::now() >= resolve_at {
-            match resolve(&relay).await {
+            match resolve_first_hop(&relay, &shared.config).await {
                 Ok(resolved) => {
                     backoff.reset();
                     for gone in addrs.iter().filter(|a| !resolved.contains(a)) {
@@ -135,6 +136,18 @@ pub(crate) async fn maintain_relay(
             () = tokio::time::sleep_until(resolve_at) => {}
             _ = fleet_changes.changed() => {}
         }
+    }
+}
+
+/// Where links to `relay` connect: the addresses of the HTTP proxy on the way, when one
+/// applies (it resolves the relay's name itself), else the relay's own.
+pub(crate) async fn resolve_first_hop(
+    relay: &RelayAddress,
+    config: &crate::config::AgentConfig,
+) -> std::io::Result<Vec<SocketAddr>> {
+    match config.proxy_for(relay) {
+        Some(proxy) => resolve(&proxy.address).await,
+        None => resolve(relay).await,
     }
 }
 
@@ -244,6 +257,15 @@ fn link_down_delay(
         Err(SessionError::Dial(DialError::Certificate(explained))) => {
             let delay = operator_backoff.next_delay();
             error!("{explained} Retrying in {delay:?}.");
+            delay
+        }
+        // The proxy turned the agent away for its credentials or its policy: an operator has to
+        // act, so the retries slow down as for a refused token.
+        Err(SessionError::Dial(DialError::Proxy(
+            refused @ ProxyError::Refused { code: 401 | 403 | 407, .. },
+        ))) => {
+            let delay = operator_backoff.next_delay();
+            error!("{refused}. Retrying in {delay:?}.");
             delay
         }
         Err(e) => {

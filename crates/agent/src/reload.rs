@@ -8,7 +8,7 @@
 //!   on), the token (read again from `token_file`, presented at the next hello — links up now
 //!   stay), and `relays` (links started to added relays, drained from removed ones);
 //! * not applied yet (refused, saying what needs a restart): `name`, `connector`, `relay_ca`,
-//!   the transport settings, `[admin]` and `shutdown_grace`.
+//!   the transport settings, the proxy (and its credentials), `[admin]` and `shutdown_grace`.
 
 use std::sync::{Arc, PoisonError};
 
@@ -102,6 +102,7 @@ impl AgentReloader {
             ("quic_probe_interval", current.quic_probe_interval != new.quic_probe_interval),
             ("shutdown_grace", current.shutdown_grace != new.shutdown_grace),
             ("[admin]", current.admin != new.admin),
+            ("proxy", current.proxy != new.proxy),
         ] {
             if changed {
                 restart.push(key.to_owned());

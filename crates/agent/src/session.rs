@@ -13,6 +13,7 @@ use privlink_protocol::destination::Destination;
 use privlink_protocol::message::{
     EndpointAssignment, EndpointVerdict, Hello, PROTOCOL_VERSION, Verdict,
 };
+use privlink_protocol::pattern::DestinationPattern;
 use privlink_protocol::{SOFTWARE_VERSION, text};
 pub use privlink_transport::session::SessionError;
 use privlink_transport::session::{Peer, Session, Step, now};
@@ -280,10 +281,7 @@ pub(crate) fn hello(
 fn judge(endpoints: &[EndpointAssignment], shared: &AgentShared) -> Vec<EndpointVerdict> {
     let verdicts: Vec<EndpointVerdict> = endpoints
         .iter()
-        .map(|e| EndpointVerdict {
-            endpoint: e.name.clone(),
-            verdict: verdict_for(&e.destination, shared),
-        })
+        .map(|e| EndpointVerdict { endpoint: e.name.clone(), verdict: verdict_for(e, shared) })
         .collect();
     for v in &verdicts {
         match &v.verdict {
@@ -296,7 +294,31 @@ fn judge(endpoints: &[EndpointAssignment], shared: &AgentShared) -> Vec<Endpoint
     verdicts
 }
 
-fn verdict_for(destination: &str, shared: &AgentShared) -> Verdict {
+fn verdict_for(assignment: &EndpointAssignment, shared: &AgentShared) -> Verdict {
+    let allowlist = &shared.policy.rules().allowlist;
+    if let Some(patterns) = assignment.connect_patterns() {
+        // A CONNECT endpoint: approved when some destination its clients may ask for is one
+        // this agent allows; each stream is judged on its own when it comes.
+        let mut written = Vec::new();
+        for text in patterns {
+            match text.parse::<DestinationPattern>() {
+                Ok(pattern) if allowlist.overlapping(&pattern) => return Verdict::Approved,
+                Ok(_) => written.push(text),
+                Err(e) => {
+                    return Verdict::Rejected {
+                        reason: format!("invalid destination pattern: {e}"),
+                    };
+                }
+            }
+        }
+        return Verdict::Rejected {
+            reason: format!(
+                "none of the CONNECT destinations ({}) is in the agent's allowlist",
+                written.join(", ")
+            ),
+        };
+    }
+    let destination = &assignment.destination;
     match destination.parse::<Destination>() {
         Ok(d) if shared.policy.rules().allowlist.matching(&d).is_some() => Verdict::Approved,
         Ok(d) => Verdict::Rejected { reason: format!("{d} is not in the agent's allowlist") },

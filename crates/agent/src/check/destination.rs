@@ -13,9 +13,10 @@ use tokio::net::TcpStream;
 use super::facts::private_link_zone;
 use super::tls_probe;
 use super::{AddressFact, CheckOptions, EndpointFact, Outcome, Report, Step, timed};
-use crate::allowlist::{AllowRule, special_address_kind};
+use crate::allowlist::{DestinationPattern, special_address_kind};
 use crate::config::AgentConfig;
 use crate::forward::admissible_addresses;
+use privlink_protocol::message::CONNECT_PREFIX;
 
 /// Most addresses of one destination that are connected to.
 const MAX_ADDRESSES: usize = 8;
@@ -33,7 +34,7 @@ struct Deadlines {
 /// destination the agent rejects or cannot parse, or one already probed).
 struct Job {
     allowlist: Step,
-    probe: Option<(Destination, Option<AllowRule>)>,
+    probe: Option<(Destination, Option<DestinationPattern>)>,
 }
 
 /// Checks the approved endpoints' destinations and the options' own, each destination once.
@@ -130,6 +131,33 @@ pub(crate) async fn check_destinations(
 /// The allowlist step for an endpoint, and the probe when the agent would open it.
 fn endpoint_job(config: &AgentConfig, endpoint: &EndpointFact) -> Job {
     let subject = format!("endpoint {} → {}", endpoint.name, endpoint.destination);
+    if let Some(patterns) = endpoint.destination.strip_prefix(CONNECT_PREFIX) {
+        // A CONNECT endpoint has no one destination to probe: say which of its patterns this
+        // agent would open; a destination is probed with --destination HOST:PORT.
+        let (allowed, refused): (Vec<&str>, Vec<&str>) =
+            patterns.split(' ').filter(|p| !p.is_empty()).partition(|text| {
+                text.parse::<DestinationPattern>()
+                    .is_ok_and(|pattern| config.allowlist.overlapping(&pattern))
+            });
+        let mut step = Step::new(
+            "allowlist",
+            subject,
+            Outcome::Pass,
+            Duration::ZERO,
+            format!(
+                "CONNECT endpoint; this agent opens what its allowlist admits of: {}",
+                allowed.join(", ")
+            ),
+        );
+        if allowed.is_empty() {
+            step.warn(
+                "none of its destinations is in this agent's allowlist: it rejects the endpoint",
+            );
+        } else if !refused.is_empty() {
+            step.detail.push_str(&format!("; not of: {}", refused.join(", ")));
+        }
+        return Job { allowlist: step, probe: None };
+    }
     let destination = match endpoint.destination.parse::<Destination>() {
         Ok(d) => d,
         Err(e) => {
@@ -191,7 +219,7 @@ fn destination_job(config: &AgentConfig, text: &str) -> Job {
 async fn probe(
     deadlines: Deadlines,
     destination: &Destination,
-    rule: Option<&AllowRule>,
+    rule: Option<&DestinationPattern>,
     tls: bool,
 ) -> Vec<Step> {
     let mut steps = Report::default();
@@ -211,7 +239,7 @@ async fn probe(
 async fn resolve(
     deadlines: Deadlines,
     destination: &Destination,
-    rule: Option<&AllowRule>,
+    rule: Option<&DestinationPattern>,
     report: &mut Report,
 ) -> Option<Vec<SocketAddr>> {
     let subject = destination.to_string();

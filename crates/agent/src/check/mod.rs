@@ -5,12 +5,14 @@
 //! does but judges nothing there (the relay routes nothing to a session without verdicts), and
 //! it sends destinations no request and no credential: a TLS handshake, then close.
 //!
-//! [`facts`] holds the conclusions drawn without I/O; [`relay`] and [`destination`] the probes;
+//! [`facts`] holds the conclusions drawn without I/O; [`relay`] and [`destination`] the probes
+//! (`proxy` the HTTP proxy on the way to a relay, when there is one);
 //! [`endpoint`] is the client's side (`--endpoint`), which needs no agent configuration.
 
 pub mod destination;
 pub mod endpoint;
 pub mod facts;
+mod proxy;
 pub mod relay;
 mod tls_probe;
 
@@ -95,7 +97,8 @@ pub struct EndpointFact {
 /// One check and what it found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
-    /// What kind of check: `config`, `relay-dns`, `relay-quic`, `relay-tcp`, `endpoints`,
+    /// What kind of check: `config`, `proxy`, `proxy-connect`, `relay-dns`, `relay-quic`,
+    /// `relay-tcp`, `endpoints`,
     /// `allowlist`, `destination-dns`, `destination-tcp`, `destination-tls`.
     pub check: &'static str,
     /// What was checked: a file, a relay address, a destination.
@@ -215,8 +218,12 @@ pub fn config_step(path: &std::path::Path, config: &AgentConfig, took: Duration)
 /// One line about a valid agent configuration, for `--check-config` and `check`.
 pub fn summary(config: &AgentConfig) -> String {
     let relays: Vec<String> = config.relays.iter().map(ToString::to_string).collect();
+    let via = match &config.proxy {
+        Some(proxy) => format!(" via the HTTP proxy {}", proxy.address),
+        None => String::new(),
+    };
     format!(
-        "agent `{}` for connector `{}`; relays {} over {}; {} allow rule{}; admin {}",
+        "agent `{}` for connector `{}`; relays {}{via} over {}; {} allow rule{}; admin {}",
         config.name,
         config.connector,
         relays.join(", "),

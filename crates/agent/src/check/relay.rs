@@ -40,7 +40,11 @@ pub(crate) async fn check_relays(config: &AgentConfig, report: &mut Report) -> V
     };
     let mut endpoints: Vec<EndpointFact> = Vec::new();
     for relay in &config.relays {
-        let Some(addrs) = resolve(relay, config, report).await else { continue };
+        let addrs = match config.proxy_for(relay) {
+            Some(proxy) => super::proxy::check_proxy(proxy, relay, config, report).await,
+            None => resolve(relay, config, report).await,
+        };
+        let Some(addrs) = addrs else { continue };
         for addr in addrs.into_iter().take(MAX_ADDRESSES) {
             for assigned in check_address(&dialer, relay, addr, config, report).await {
                 if !endpoints.contains(&assigned) {
@@ -54,7 +58,7 @@ pub(crate) async fn check_relays(config: &AgentConfig, report: &mut Report) -> V
 }
 
 /// The relay's addresses (a `relay-dns` step for a name); `None` when it does not resolve.
-async fn resolve(
+pub(super) async fn resolve(
     relay: &RelayAddress,
     config: &AgentConfig,
     report: &mut Report,
@@ -139,8 +143,13 @@ async fn check_address(
         TransportChoice::Auto | TransportChoice::Tcp => config.quic_fallback_after,
         TransportChoice::Quic => Timers::HANDSHAKE,
     };
-    let quic = attempt(dialer, TransportKind::Quic, relay, addr, config, quic_deadline).await;
     let tcp = attempt(dialer, TransportKind::Tcp, relay, addr, config, Timers::HANDSHAKE).await;
+    if config.proxy_for(relay).is_some() {
+        // Through the proxy (at `addr`): TLS over TCP only, as the agent links.
+        let subject = format!("{relay} via the proxy at {addr}");
+        return tcp_only_through_proxy(tcp, subject, config, report);
+    }
+    let quic = attempt(dialer, TransportKind::Quic, relay, addr, config, quic_deadline).await;
     let tcp_works = tcp.result.is_ok();
     let quic_works = quic.result.is_ok();
     let mut quic = quic;
@@ -172,14 +181,7 @@ async fn check_address(
         };
         let step = match attempt.result {
             Ok(welcomed) => {
-                let facts: Vec<EndpointFact> = welcomed
-                    .endpoints
-                    .iter()
-                    .map(|e| EndpointFact {
-                        name: e.name.clone(),
-                        destination: e.destination.clone(),
-                    })
-                    .collect();
+                let facts = endpoint_facts(&welcomed.endpoints);
                 let mut listed: Vec<String> = facts
                     .iter()
                     .take(LISTED_ENDPOINTS)
@@ -240,6 +242,51 @@ async fn check_address(
         report.push(step);
     }
     endpoints
+}
+
+/// The `relay-tcp` step of a relay reached through the HTTP proxy.
+fn tcp_only_through_proxy(
+    tcp: Attempt,
+    subject: String,
+    config: &AgentConfig,
+    report: &mut Report,
+) -> Vec<EndpointFact> {
+    let step = match tcp.result {
+        Ok(welcomed) => {
+            let facts = endpoint_facts(&welcomed.endpoints);
+            let mut step = Step::new(
+                "relay-tcp",
+                subject,
+                Outcome::Pass,
+                tcp.took,
+                format!(
+                    "handshake through the proxy {:.1} ms, welcomed: {} endpoint(s)",
+                    welcomed.handshake.as_secs_f64() * 1000.0,
+                    facts.len()
+                ),
+            );
+            if facts.is_empty() {
+                step.warn(format!(
+                    "the relay assigns no endpoint to connector `{}`",
+                    config.connector
+                ));
+            }
+            step.endpoints = Some(facts);
+            step
+        }
+        Err(reason) => Step::new("relay-tcp", subject, Outcome::Fail, tcp.took, reason),
+    };
+    let endpoints = step.endpoints.clone().unwrap_or_default();
+    report.push(step);
+    endpoints
+}
+
+/// What a relay's welcome assigned, as the report lists it.
+fn endpoint_facts(endpoints: &[EndpointAssignment]) -> Vec<EndpointFact> {
+    endpoints
+        .iter()
+        .map(|e| EndpointFact { name: e.name.clone(), destination: e.destination.clone() })
+        .collect()
 }
 
 /// Dials on one transport, says hello and waits for the welcome.
@@ -305,6 +352,7 @@ fn explain_dial(kind: TransportKind, addr: SocketAddr, error: &DialError) -> Str
             format!("connection refused: nothing listens on TCP {addr} ({reason})")
         }
         (_, DialError::Handshake(reason)) => format!("handshake failed: {reason}"),
+        (_, DialError::Proxy(refused)) => refused.to_string(),
     }
 }
 
