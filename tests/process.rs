@@ -476,6 +476,30 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         )
         .replace("8444", "8443");
     assert_config_rejected("relay", &duplicate_listen, 23, "endpoint[1].listen", d);
+    // HTTP CONNECT endpoints: line 13 is `mode`, line 14 `destinations`.
+    let connect = |destinations: &str, extra: &str| {
+        relay(extra, "").replace(
+            "destination = \"vault.internal:443\"",
+            &format!("mode = \"http-connect\"\ndestinations = [{destinations}]"),
+        )
+    };
+    let vaults = "\"*.vault.azure.net:443\"";
+    assert_config_rejected(
+        "relay",
+        &connect("\"*.vault.azure.net\"", ""),
+        14,
+        "endpoint[0].destinations[0]",
+        d,
+    );
+    assert_config_rejected("relay", &connect("", ""), 14, "endpoint[0].destinations", d);
+    let socks = connect(vaults, "").replace("http-connect", "socks");
+    assert_config_rejected("relay", &socks, 13, "endpoint[0].mode", d);
+    let with_destination = connect(vaults, "destination = \"other.internal:443\"");
+    assert_config_rejected("relay", &with_destination, 13, "endpoint[0].destination", d);
+    let bad_hash = connect(vaults, "proxy_auth_sha256 = \"user:password\"");
+    assert_config_rejected("relay", &bad_hash, 16, "endpoint[0].proxy_auth_sha256", d);
+    let on_tcp = relay(&format!("destinations = [{vaults}]"), "");
+    assert_config_rejected("relay", &on_tcp, 15, "endpoint[0].destinations", d);
 
     let agent = |extra: &str| {
         format!(
@@ -490,6 +514,15 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         d,
     );
     assert_config_rejected("agent", &agent("transport = \"udp\""), 5, "transport", d);
+    let proxy = |url: &str| agent(&format!("proxy = \"{url}\""));
+    assert_config_rejected("agent", &proxy("https://proxy.corp:3128"), 5, "proxy", d);
+    assert_config_rejected("agent", &proxy("http://proxy.corp:3128/path"), 5, "proxy", d);
+    let quic = proxy("http://proxy.corp:3128") + "transport = \"quic\"\n";
+    assert_config_rejected("agent", &quic, 5, "proxy", d);
+    let no_file = proxy("http://proxy.corp:3128") + "proxy_credentials_file = \"certs/none\"\n";
+    assert_config_rejected("agent", &no_file, 6, "proxy_credentials_file", d);
+    let twice = proxy("http://u:p@proxy.corp:3128") + "proxy_credentials_file = \"certs/token\"\n";
+    assert_config_rejected("agent", &twice, 6, "proxy_credentials_file", d);
     assert_config_rejected("agent", &agent("buffer_budget = 0"), 5, "buffer_budget", d);
     assert_config_rejected("agent", &agent("buffer_budget = \"5GiB\""), 5, "buffer_budget", d);
     let open_admin = agent("[admin]\nlisten = \"[::]:9091\"");

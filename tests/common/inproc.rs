@@ -167,6 +167,7 @@ impl Harness {
             // of theirs meets it, whatever this machine's memory.
             buffer_budget: 16 << 30,
             admin: None,
+            proxy: None,
             source_files: Vec::new(),
         }
     }

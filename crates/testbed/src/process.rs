@@ -30,7 +30,8 @@ pub struct TunnelFiles<'a> {
     pub endpoint: &'a str,
     /// Where the endpoint listens.
     pub endpoint_listen: &'a str,
-    /// The endpoint's destination, `host:port`.
+    /// The endpoint's destination, `host:port` (empty: none, as for a CONNECT endpoint, whose
+    /// keys `endpoint_extra` holds).
     pub destination: &'a str,
     /// Lines appended to the `[[endpoint]]` table (timeouts, limits, `[endpoint.acl]`).
     pub endpoint_extra: &'a str,
@@ -72,13 +73,18 @@ pub fn write_tunnel_files(bin: &str, dir: &Path, files: &TunnelFiles<'_>) -> Tun
     let token = format!("plk_test_{:032x}", fastrand::u128(..));
     std::fs::write(certs.join("token"), &token).expect("token");
     let digest = TokenDigest::of(token.as_bytes()).to_hex();
-    let TunnelFiles { tunnel_listen, endpoint, endpoint_listen, destination, .. } = files;
+    let TunnelFiles { tunnel_listen, endpoint, endpoint_listen, .. } = files;
+    // An endpoint without one destination (`mode = "http-connect"`) has its keys in `extra`.
+    let destination = match files.destination {
+        "" => String::new(),
+        destination => format!("destination = \"{destination}\"\n"),
+    };
     let (relay_admin, agent_admin) = files.admin;
     let relay = format!(
         "[tunnel]\nlisten = \"{tunnel_listen}\"\ncert = \"certs/relay.crt\"\nkey = \"certs/relay.key\"\n\n\
          [admin]\nlisten = \"{relay_admin}\"\n\n\
          [[connector]]\nname = \"tunnel\"\ntoken_sha256 = \"{digest}\"\n\n\
-         [[endpoint]]\nname = \"{endpoint}\"\nconnector = \"tunnel\"\ndestination = \"{destination}\"\n\
+         [[endpoint]]\nname = \"{endpoint}\"\nconnector = \"tunnel\"\n{destination}\
          listen = \"{endpoint_listen}\"\n{}\n",
         files.endpoint_extra
     );
@@ -145,9 +151,14 @@ pub struct Running {
 impl Running {
     /// Runs a prepared command, collecting its stderr (and stdout, for helper scripts). It
     /// logs at `info`, or as `PRIVLINK_TEST_LOG` says (a `RUST_LOG` filter, for diagnosing a
-    /// failing test).
+    /// failing test). The machine's proxy variables are not passed on: a test's processes
+    /// talk to each other, never through whatever proxy the machine running the tests uses
+    /// (a test that wants a proxy names it in its configuration).
     pub fn spawn(mut command: Command) -> Self {
         let filter = std::env::var("PRIVLINK_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
+        for variable in ["https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"] {
+            command.env_remove(variable);
+        }
         let mut child = command
             .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
