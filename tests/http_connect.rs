@@ -127,6 +127,42 @@ async fn refusals_carry_their_status(transport: TransportChoice) {
     proxy.stop().await;
 }
 
+/// An agent that can take no stream (its whole buffer budget spent: `over_budget`) is answered
+/// `503` while it is the only one; once another agent approves, every request is served —
+/// replayed on the other agent when the spent one is tried first, as for any endpoint.
+async fn a_spent_agent_gets_503_alone_and_is_replayed_past_with_another(
+    transport: TransportChoice,
+) {
+    let proxy = ConnectProxy::start(transport).await;
+    proxy.agent.cancel();
+    let agents_of =
+        |n: usize| move |agents: &[privlink_relay::registry::AgentView]| agents.len() == n;
+    proxy.harness.relay.wait_for_agents(CONNECTOR, WAIT, agents_of(0)).await;
+    let named = |addr: SocketAddr| format!("{VAULT}:{}", addr.port());
+    let mut spent = proxy.harness.agent_config(transport, &[named(proxy.vault)]);
+    spent.buffer_budget = 1; // no stream's first charge fits
+    let spent = proxy.harness.spawn_agent(spent);
+    proxy.harness.wait_approved("proxy").await;
+    let (connect, _, body, stderr) = proxy.curl(proxy.vault.port(), Some(CREDENTIALS));
+    assert_eq!(connect, "503", "only a spent agent: {body}{stderr}");
+
+    let fresh =
+        proxy.harness.spawn_agent(proxy.harness.agent_config(transport, &[named(proxy.vault)]));
+    let both = proxy.harness.relay.wait_for_agents(CONNECTOR, WAIT, agents_of(2)).await;
+    assert_eq!(both.len(), 2);
+    proxy
+        .harness
+        .wait_status("proxy", |_| {
+            proxy.harness.relay.agents(CONNECTOR).iter().all(|a| a.verdict("proxy").is_some())
+        })
+        .await;
+    for _ in 0..4 {
+        let (connect, code, body, stderr) = proxy.curl(proxy.vault.port(), Some(CREDENTIALS));
+        assert_eq!((connect.as_str(), code, body.as_str()), ("200", 0, VAULT), "{stderr}");
+    }
+    proxy.harness.shutdown(&[spent, fresh]).await;
+}
+
 /// The head, the challenge and the reason a raw client reads for a missing credential.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_407_carries_the_basic_challenge_and_a_one_line_reason() {
@@ -168,6 +204,7 @@ async fn bytes_behind_the_head_are_forwarded_after_the_200(transport: TransportC
 
 on_both_transports!(
     curl_reaches_the_vault_through_connect_with_its_certificate_verified,
+    a_spent_agent_gets_503_alone_and_is_replayed_past_with_another,
     refusals_carry_their_status,
     bytes_behind_the_head_are_forwarded_after_the_200,
 );

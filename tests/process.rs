@@ -498,6 +498,8 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     assert_config_rejected("relay", &with_destination, 13, "endpoint[0].destination", d);
     let bad_hash = connect(vaults, "proxy_auth_sha256 = \"user:password\"");
     assert_config_rejected("relay", &bad_hash, 16, "endpoint[0].proxy_auth_sha256", d);
+    let instant = connect(vaults, "preread_timeout = \"0s\"");
+    assert_config_rejected("relay", &instant, 16, "endpoint[0].preread_timeout", d);
     let on_tcp = relay(&format!("destinations = [{vaults}]"), "");
     assert_config_rejected("relay", &on_tcp, 15, "endpoint[0].destinations", d);
 

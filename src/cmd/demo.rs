@@ -76,6 +76,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         listener: None,
         proxy_protocol: None,
         send_proxy_protocol: None,
+        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
     };
     let relay_config = |listen| RelayConfig {
         tunnel_listen: "127.0.0.1:0".parse().expect("addr"),

@@ -58,6 +58,7 @@ pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
         listener: None,
         proxy_protocol: None,
         send_proxy_protocol: None,
+        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
     }
 }
 

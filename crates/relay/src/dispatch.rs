@@ -93,7 +93,7 @@ pub(crate) async fn forward(
     let mut preread = if routed || spec.server_names.is_empty() {
         read
     } else {
-        match preread::server_name(&mut socket, read, preread::TIMEOUT, &endpoint.force).await {
+        match preread::server_name(&mut socket, read, spec.preread_timeout, force).await {
             Ok((bytes, name)) if spec.admits_server_name(name.as_deref()) => bytes,
             refused => {
                 let asked = preread::refuse(&socket, refused);
@@ -108,7 +108,7 @@ pub(crate) async fn forward(
     // looked at before an agent is asked (a client that says nothing for a while is let on).
     let guard_proxy = spec.proxy_protocol.is_some() && via.is_none();
     if guard_proxy && preread.is_empty() {
-        let deadline = Instant::now() + preread::TIMEOUT;
+        let deadline = Instant::now() + spec.preread_timeout;
         preread.reserve(EARLY_DATA_MAX);
         // Readiness can wake without bytes: read until some come, the client closes, or the
         // deadline passes.
@@ -130,7 +130,7 @@ pub(crate) async fn forward(
     let mut requested = None;
     if let Some(policy) = spec.destination.connect() {
         let read = std::mem::take(&mut preread);
-        match connect::read_request(&mut socket, read, policy, preread::TIMEOUT, force).await {
+        match connect::read_request(&mut socket, read, policy, spec.preread_timeout, force).await {
             Ok(request) => {
                 preread = std::mem::take(&mut requested.insert(request).early);
             }

@@ -179,9 +179,8 @@ async fn behind_balancer(
     endpoint: &Endpoint,
     registry: &Registry,
 ) {
-    let arrival = match read_proxy_header(&mut socket, balancer, preread::TIMEOUT, &endpoint.force)
-        .await
-    {
+    let timeout = endpoint.spec().preread_timeout;
+    let arrival = match read_proxy_header(&mut socket, balancer, timeout, &endpoint.force).await {
         Ok(Some(arrival)) => arrival,
         Ok(None) => return,
         Err(why) => {
@@ -352,6 +351,7 @@ mod tests {
             listener: None,
             proxy_protocol: None,
             send_proxy_protocol: None,
+            preread_timeout: crate::config::DEFAULT_PREREAD_TIMEOUT,
         };
         let listeners = Listeners::new(Arc::default(), Arc::default(), budget);
         listeners.endpoint(spec)

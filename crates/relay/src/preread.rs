@@ -16,11 +16,6 @@ use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// How long an endpoint's client (or its load balancer) has for what is read before its own
-/// bytes: the PROXY header, the ClientHello of a pinned endpoint. A shared listener has its
-/// own `preread_timeout`.
-pub(crate) const TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Why a connection's ClientHello could not be read.
 #[derive(Debug)]
 pub(crate) enum Unread {

@@ -449,6 +449,7 @@ mod tests {
             listener: None,
             proxy_protocol: None,
             send_proxy_protocol: None,
+            preread_timeout: crate::config::DEFAULT_PREREAD_TIMEOUT,
         }
     }
 

@@ -38,6 +38,10 @@ pub struct EndpointSpec {
     /// The shared listener (`[[listener]]`) it is reached through by server name, if it has
     /// no port of its own.
     pub listener: Option<String>,
+    /// How long a client has for what is read before its own bytes go to an agent: a PROXY
+    /// header, the ClientHello of a pinned endpoint, a CONNECT request head
+    /// (`preread_timeout`; a shared listener has its own).
+    pub preread_timeout: Duration,
     /// Close after this long with no byte in either direction.
     pub inactivity_timeout: Duration,
     /// Reset both ways when the client (or the tunnel) took too little of what waited for it
@@ -226,6 +230,8 @@ pub(super) struct RawEndpoint {
     pub(super) listen: Option<Spanned<SocketAddr>>,
     #[serde(default)]
     pub(super) listener: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
+    pub(super) preread_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     pub(super) inactivity_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]

@@ -362,6 +362,7 @@ impl RelayConfig {
                 connector: e.connector.into_inner(),
                 destination,
                 listen,
+                preread_timeout: e.preread_timeout.unwrap_or(DEFAULT_PREREAD_TIMEOUT),
                 inactivity_timeout: e.inactivity_timeout.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
                 stall_timeout: e.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT),
                 max_connections: e.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
