@@ -134,6 +134,12 @@ pub(crate) enum TokenCommand {
         #[arg(long, requires = "out")]
         force: bool,
     },
+    /// Print the token_sha256 line for an existing token file (the agent's token_file).
+    Hash {
+        /// The token file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -150,6 +150,7 @@ fn main() -> ExitCode {
         Command::Token { command: TokenCommand::New { out, force } } => {
             cmd::token::new(out.as_deref(), force)
         }
+        Command::Token { command: TokenCommand::Hash { file } } => cmd::token::hash(&file),
         Command::Certs { command: CertsCommand::Init { dir, names, force } } => {
             cmd::certs::init(&dir, &names, force)
         }

@@ -1,6 +1,9 @@
-//! `privlink token new`: a new connector token, and the digest the relay stores instead.
+//! `privlink token new`: a new connector token, and the digest the relay stores instead;
+//! `privlink token hash`: that digest again, for a token file that exists.
 
 use std::path::Path;
+
+use anyhow::Context as _;
 
 use privlink_protocol::token::{TokenDigest, hex};
 use ring::rand::{SecureRandom as _, SystemRandom};
@@ -19,10 +22,27 @@ pub(crate) fn new_token() -> anyhow::Result<String> {
     Ok(format!("plk_{}", hex(&bytes)))
 }
 
+/// The `token_sha256 = "…"` line relay.toml needs for `token`.
+fn hash_line(token: &str) -> String {
+    format!("token_sha256 = \"{}\"", TokenDigest::of(token.as_bytes()).to_hex())
+}
+
+/// `privlink token hash FILE`: the hash line of the token in an existing token file (read as
+/// the agent reads its `token_file`), so that a relay.toml can be written again without a new
+/// token.
+pub(crate) fn hash(file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the token file {}", file.display()))?;
+    let token = privlink_protocol::token::token_in_file(&text)
+        .map_err(|problem| anyhow::anyhow!("{}: {problem}", file.display()))?;
+    println!("{}", hash_line(token));
+    Ok(())
+}
+
 /// `privlink token new [--out FILE [--force]]`.
 pub(crate) fn new(out: Option<&Path>, force: bool) -> anyhow::Result<()> {
     let token = new_token()?;
-    let hash_line = format!("token_sha256 = \"{}\"", TokenDigest::of(token.as_bytes()).to_hex());
+    let hash_line = hash_line(&token);
     if let Some(path) = out {
         write_private_file(path, &format!("{token}\n"), force)?;
         eprintln!(

@@ -18,9 +18,20 @@ use crate::destination::normalize_dns_name;
 /// 2 KiB (post-quantum key shares push them past 1,500 bytes); 16 KiB is one full TLS record.
 pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
-/// A fatal `unrecognized_name` alert (RFC 6066 §3) as a TLS 1.2-versioned record, what a server
-/// that serves no such name answers before it closes.
-pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+/// A fatal alert with `description` (RFC 8446 §6) as a TLS 1.2-versioned record: what a server
+/// sends a client it turns away before its handshake. Clients print the description
+/// (curl: `tlsv1 alert access denied`), which an operator can search for.
+pub const fn fatal_alert(description: u8) -> [u8; 7] {
+    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
+}
+
+/// `unrecognized_name` (RFC 6066 §3): no endpoint serves the name the client asked for.
+pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = fatal_alert(112);
+/// `access_denied`: the client's address is not allowed, or its endpoint is at its limits.
+pub const ACCESS_DENIED_ALERT: [u8; 7] = fatal_alert(49);
+/// `internal_error`: nothing on the far side could take the connection (no agent, an endpoint
+/// its agents reject, a destination that failed).
+pub const INTERNAL_ERROR_ALERT: [u8; 7] = fatal_alert(80);
 
 /// TLS record content type of a handshake.
 const HANDSHAKE: u8 = 0x16;

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use privlink_protocol::client_hello::{ACCESS_DENIED_ALERT, INTERNAL_ERROR_ALERT};
 use privlink_protocol::destination::Destination;
-use privlink_protocol::message::Open;
+use privlink_protocol::message::{Open, OpenFailCode};
 use privlink_protocol::{frame, http_connect, proxy_header};
 use privlink_transport::budget::BudgetCharge;
 use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
@@ -35,7 +36,7 @@ use crate::endpoint::{Endpoint, LiveClient};
 use crate::flow::Flow;
 use crate::open::{OpenReplyGate, Recording, Replay, Unanswered, retry_elsewhere};
 use crate::preread;
-use crate::registry::{ChosenAgent, Registry};
+use crate::registry::{ChosenAgent, EndpointStatus, Registry};
 
 /// How long a client waits for a stream when the chosen agent's stream limit is full (within
 /// the endpoint's `open_timeout`, which is shorter by default).
@@ -82,7 +83,7 @@ pub(crate) async fn forward(
     // before any of them is charged).
     let Some(charge) = endpoint.budget.admit_stream() else {
         endpoint.refused_over_budget(client);
-        abort(socket);
+        preread::refuse_with_alert(socket, read.first().copied(), ACCESS_DENIED_ALERT).await;
         return;
     };
     let started = Instant::now();
@@ -201,7 +202,13 @@ pub(crate) async fn forward(
     let mut reset = true;
     let outcome = loop {
         let Some(agent) = registry.choose(&spec.connector, &spec.name, &tried[..attempts]) else {
-            break last_failure.unwrap_or(Outcome::NoAgent);
+            break last_failure.unwrap_or_else(|| {
+                match registry.status(&spec.connector, &spec.name) {
+                    // The real cause, not "no agent": the agents are there and said no.
+                    EndpointStatus::Rejected { reason } => Outcome::Rejected(reason),
+                    _ => Outcome::NoAgent,
+                }
+            });
         };
         tried[attempts] = agent.id;
         attempts += 1;
@@ -275,10 +282,16 @@ pub(crate) async fn forward(
             reset = false;
         }
     }
-    if reset {
-        abort(socket);
-    } else {
-        drop(socket); // closes the client's side now, with a reset where one was asked
+    // A client no destination byte reached, turned away for a reason on the relay's side, is
+    // told with a TLS alert when it speaks TLS (its first byte says).
+    let alert = if requested.is_none() && !opened { alert_for(&outcome) } else { None };
+    match alert {
+        Some(alert) => {
+            let first = preread.get(ours).copied().or(replay.first_byte());
+            preread::refuse_with_alert(socket, first, alert).await;
+        }
+        None if reset => abort(socket),
+        None => drop(socket), // closes the client's side now, with a reset where one was asked
     }
 
     endpoint.metrics.connection_ended(&spec.name, outcome.label(), unreported);
@@ -296,6 +309,24 @@ pub(crate) async fn forward(
         requested: requested.as_ref().map(|r| &r.target),
     }
     .log();
+}
+
+/// The TLS alert a client that got no byte from a destination is turned away with, for an
+/// outcome that is not the client's own doing: `access_denied` when the agent's allowlist
+/// refused the destination, `internal_error` when nothing on the far side could take it.
+fn alert_for(outcome: &Outcome) -> Option<[u8; 7]> {
+    match outcome {
+        Outcome::OpenFailed(failure) if failure.code == OpenFailCode::NotAllowed => {
+            Some(ACCESS_DENIED_ALERT)
+        }
+        Outcome::NoAgent
+        | Outcome::Rejected(_)
+        | Outcome::OpenFailed(_)
+        | Outcome::Failed { origin: Origin::Agent | Origin::Relay | Origin::Destination, .. } => {
+            Some(INTERNAL_ERROR_ALERT)
+        }
+        _ => None,
+    }
 }
 
 /// Counts and flow-logs a connection turned away before any agent was asked.

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use privlink_protocol::client_hello::ACCESS_DENIED_ALERT;
 use privlink_transport::budget::BufferBudget;
 use privlink_transport::{drain, tcp};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
@@ -39,7 +41,14 @@ pub(crate) struct Listeners {
     force: CancellationToken,
     /// Every accept loop and every client task, drained together at shutdown.
     tasks: TaskTracker,
+    /// Room for clients refused on accept (ACL, limits) to be told with a TLS alert: each
+    /// takes a task and a socket for up to two [`preread::ALERT_WAIT`]s, so a flood of them
+    /// beyond this many at once is reset as before.
+    courtesy: Arc<Semaphore>,
 }
+
+/// Most refused clients told with an alert at once (see [`Listeners`]).
+pub(crate) const MAX_COURTEOUS_REFUSALS: usize = 256;
 
 impl Listeners {
     pub(crate) fn new(
@@ -54,6 +63,22 @@ impl Listeners {
             stop: CancellationToken::new(),
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            courtesy: Arc::new(Semaphore::new(MAX_COURTEOUS_REFUSALS)),
+        }
+    }
+
+    /// Turns away a client refused on accept, before it has sent anything we read: with the
+    /// `access_denied` alert if it speaks TLS and there is room for the courtesy, else with a
+    /// reset.
+    fn refuse(tasks: &TaskTracker, courtesy: &Arc<Semaphore>, socket: tokio::net::TcpStream) {
+        match Arc::clone(courtesy).try_acquire_owned() {
+            Ok(permit) => {
+                tasks.spawn(async move {
+                    preread::refuse_with_alert(socket, None, ACCESS_DENIED_ALERT).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => tcp::abort(socket),
         }
     }
 
@@ -79,6 +104,7 @@ impl Listeners {
         let span = tracing::info_span!("endpoint", endpoint = %endpoint.name);
         let registry = Arc::clone(&self.registry);
         let tasks = self.tasks.clone();
+        let courtesy = Arc::clone(&self.courtesy);
         self.tasks.spawn(
             async move {
                 let stop = endpoint.stop.clone();
@@ -96,7 +122,7 @@ impl Listeners {
                         return;
                     }
                     let Some((spec, slot)) = admit(&endpoint, client) else {
-                        tcp::abort(socket);
+                        Self::refuse(&tasks, &courtesy, socket);
                         return;
                     };
                     let endpoint = Arc::clone(&endpoint);
@@ -130,6 +156,7 @@ impl Listeners {
         let registry = Arc::clone(&self.registry);
         let tasks = self.tasks.clone();
         let force = self.force.clone();
+        let courtesy = Arc::clone(&self.courtesy);
         self.tasks.spawn(
             async move {
                 let stop = port.stop.clone();
@@ -140,7 +167,7 @@ impl Listeners {
                     if !trusted && !routing.spec.acl.permits(client.ip()) {
                         port.metrics.listener_refused(&port.name, "acl_denied");
                         debug!(%client, "connection denied by the listener's ACL");
-                        tcp::abort(socket);
+                        Self::refuse(&tasks, &courtesy, socket);
                         return;
                     }
                     let span = tracing::info_span!("client", listener = %port.name, %client);
@@ -193,7 +220,9 @@ async fn behind_balancer(
         }
     };
     let Some((spec, slot)) = admit(endpoint, arrival.client) else {
-        tcp::abort(socket);
+        // In the client's own task already: the bytes after the header say whether it speaks TLS.
+        let first = arrival.read.first().copied();
+        preread::refuse_with_alert(socket, first, ACCESS_DENIED_ALERT).await;
         return;
     };
     dispatch::forward(socket, arrival, endpoint, spec, registry).await;
@@ -251,7 +280,7 @@ async fn route(
     };
     if via.is_some() && !routing.spec.acl.permits(client.ip()) {
         port.metrics.listener_refused(&port.name, "acl_denied");
-        tcp::abort(socket);
+        preread::refuse_with_alert(socket, first.first().copied(), ACCESS_DENIED_ALERT).await;
         return;
     }
     let read = preread::server_name(&mut socket, first, timeout, force).await;
@@ -281,7 +310,8 @@ async fn route(
     };
     let arrival = dispatch::Arrival { client, via, read: bytes.clone(), routed: true };
     let Some((spec, slot)) = admit(&endpoint, client) else {
-        tcp::abort(socket);
+        // Its ClientHello was read to route it.
+        preread::refuse_with_alert(socket, bytes.first().copied(), ACCESS_DENIED_ALERT).await;
         return;
     };
     dispatch::forward(socket, arrival, &endpoint, spec, registry).await;

@@ -71,14 +71,25 @@ pub(crate) struct Replay {
     /// `None` once the limit was passed.
     bytes: Option<Vec<u8>>,
     limit: usize,
+    /// The client's first byte, kept whatever the limit: whether it spoke TLS decides how it is
+    /// turned away if no agent serves it.
+    first_byte: Option<u8>,
 }
 
 impl Replay {
     pub(crate) fn new(limit: usize) -> Self {
-        Self { bytes: Some(Vec::new()), limit }
+        Self { bytes: Some(Vec::new()), limit, first_byte: None }
+    }
+
+    /// The first byte the client sent, once it sent one.
+    pub(crate) fn first_byte(&self) -> Option<u8> {
+        self.first_byte
     }
 
     pub(crate) fn record(&mut self, data: &[u8]) {
+        if self.first_byte.is_none() {
+            self.first_byte = data.first().copied();
+        }
         if let Some(bytes) = &mut self.bytes {
             if bytes.len() + data.len() > self.limit {
                 self.bytes = None;

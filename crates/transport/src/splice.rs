@@ -77,6 +77,8 @@ pub enum Outcome {
     Shutdown,
     /// No connected agent has approved the endpoint (relay only).
     NoAgent,
+    /// Every connected agent rejected the endpoint (relay only): one agent's reason.
+    Rejected(String),
     /// The client's first bytes were not a TLS ClientHello asking for a name the endpoint
     /// serves (relay only; refused before an agent was asked): what it asked for, or why it
     /// could not be read.
@@ -124,6 +126,7 @@ impl Outcome {
             | Self::IdleTimeout
             | Self::Shutdown
             | Self::NoAgent
+            | Self::Rejected(_)
             | Self::SniUnmatched(_)
             | Self::ProxyHeaderRefused
             | Self::ConnectRefused { .. }
@@ -138,6 +141,7 @@ impl Outcome {
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
             Self::NoAgent => "no_agent",
+            Self::Rejected(_) => "rejected",
             Self::SniUnmatched(_) => "sni_unmatched",
             Self::ProxyHeaderRefused => "proxy_header_invalid",
             Self::ConnectRefused { status: 407, .. } => "proxy_auth_required",
@@ -162,6 +166,10 @@ impl fmt::Display for Outcome {
             Self::IdleTimeout => f.write_str("idle-timeout"),
             Self::Shutdown => f.write_str("shutdown"),
             Self::NoAgent => f.write_str("no-agent: no connected agent has approved this endpoint"),
+            Self::Rejected(reason) => {
+                let reason = privlink_protocol::text::loggable(reason);
+                write!(f, "rejected: every connected agent rejects this endpoint ({reason})")
+            }
             Self::SniUnmatched(asked) => write!(f, "sni-unmatched: {asked}"),
             Self::ProxyHeaderRefused => f.write_str(
                 "proxy-header-invalid: a PROXY header from a source not trusted to send one",
