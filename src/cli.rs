@@ -55,11 +55,13 @@ pub(crate) enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
-    /// Diagnose, where the agent runs, everything it needs: its configuration, every relay
-    /// (DNS, QUIC and TLS over TCP, authentication) and every destination (DNS answer and
-    /// whether it is private, TCP connect, the TLS certificate a client would see). Sends no
-    /// request and no credential to a destination. Exit 0 when every check passed (warnings
-    /// included), 69 when one failed, 64 for an invalid configuration.
+    /// Diagnose, where the agent runs, everything it needs (relays, proxy, destinations)
+    ///
+    /// Checks the agent's configuration, every relay (DNS, QUIC and TLS over TCP,
+    /// authentication; the HTTP proxy on the way, if there is one) and every destination (DNS
+    /// answer and whether it is private, TCP connect, the TLS certificate a client would see).
+    /// Sends no request and no credential to a destination. Exit 0 when every check passed
+    /// (warnings included), 69 when one failed, 64 for an invalid configuration.
     Check {
         /// Path to agent.toml (not needed with --endpoint alone).
         #[arg(long, value_name = "FILE", required_unless_present = "endpoints")]

@@ -159,7 +159,13 @@ fn main() -> ExitCode {
             cmd::agent::check_config(&config, env_token)
         }
         command => runtime().and_then(|rt| {
-            raise_open_file_limit();
+            // Only the services hold many connections; `status` and `check` need no more.
+            if matches!(
+                command,
+                Command::Relay { .. } | Command::Agent { .. } | Command::Demo { .. }
+            ) {
+                raise_open_file_limit();
+            }
             let result = rt.block_on(run_service(command, env_token));
             // The services have drained and said "stopped"; a blocking task still running (a
             // DNS lookup of an unreachable relay name, say) must not hold the exit up.
@@ -169,6 +175,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<cmd::ConfigShown>().is_some() => {
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(error) => {
             eprintln!("privlink: {error:#}");
             if error.downcast_ref::<ConfigError>().is_some() {

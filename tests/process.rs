@@ -310,6 +310,13 @@ fn token_new_out_writes_only_the_token_privately() {
     let (code, _, err) = run(&["token", "new", "--out", path]);
     assert_ne!(code, 0, "an existing token file is not overwritten without --force");
     assert!(err.contains("--force"), "{err}");
+    // The hash line again, for the token file as it is (the walkthrough, run a second time).
+    let (code, again, err) = run(&["token", "hash", path]);
+    assert_eq!((code, again.trim()), (0, out.trim()), "{err}");
+    let missing = dir.path().join("missing");
+    let (code, _, err) = run(&["token", "hash", missing.to_str().expect("utf-8")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot read the token file") && err.contains("missing"), "{err}");
 }
 
 /// Writes `text` as a config file and checks the binary refuses it with exit code 64 and a
@@ -343,6 +350,10 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     // 11 name 12 connector 13 destination 14 listen 15 extra.
     let d = dir.path();
     assert_config_rejected("relay", &relay("listn = \"x\"", ""), 15, "endpoint[0].listn", d);
+    // A misspelt table is named, at its own line.
+    let tables =
+        relay("", "").replace("[[endpoint]]", "[[endpoints]]").replace("[endpoint.acl]", "");
+    assert_config_rejected("relay", &tables, 10, "endpoints", d);
     let names = |list: &str| relay(&format!("server_names = [{list}]"), "");
     assert_config_rejected("relay", &names("\"a.b.*.test\""), 15, "endpoint[0].server_names[0]", d);
     assert_config_rejected(

@@ -52,7 +52,8 @@ async fn the_status_page_shows_the_endpoint_approved_then_disconnected_in_chromi
 
     let approved = tokio::task::block_in_place(next_line);
     assert!(approved.starts_with("seen Approved"), "{approved}");
-    assert!(approved.contains("1 of 1 endpoints approved"), "the summary counts it: {approved}");
+    assert!(approved.contains("1 of 1 endpoint approved"), "the summary counts it: {approved}");
+    assert!(approved.contains(" 1 agent connected"), "one agent, not \"1 agents\": {approved}");
 
     agent.cancel();
     harness.wait_status("e", |s| *s == EndpointStatus::Disconnected).await;

@@ -11,7 +11,7 @@ use privlink_agent::check::endpoint::EndpointCheck;
 use privlink_agent::check::{self, CheckOptions, Outcome, Report, Step};
 use serde_json::json;
 
-use super::Unavailable;
+use super::{ConfigShown, Unavailable};
 
 /// `env_token` is `PRIVLINK_TOKEN`, already taken out of the environment; `endpoints` are the
 /// client-side checks (`--endpoint`), run after the configuration's, if any.
@@ -43,7 +43,7 @@ pub(crate) async fn run(
                 if json {
                     print_json(&shown, &report);
                 }
-                return Err(error.into());
+                return Err(ConfigShown.into());
             }
         };
         report.push(check::config_step(config_path, &config, started.elapsed()));

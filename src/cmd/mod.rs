@@ -14,6 +14,12 @@ pub(crate) mod token;
 #[error("{0}")]
 pub(crate) struct Unavailable(pub(crate) String);
 
+/// An invalid configuration the command has shown already (as a failed `check` step): exit 64
+/// without printing it a second time.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration (shown above)")]
+pub(crate) struct ConfigShown;
+
 /// How often a config file is read to see whether it changed.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 

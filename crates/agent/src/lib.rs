@@ -182,10 +182,16 @@ impl Agent {
         let tracker = shared.links.clone();
         shutdown.cancelled().await;
         info!(grace = ?config.shutdown_grace, "shutting down: draining relay links");
+        // Whether a relay may be waiting to hear the close of a link: only then is the QUIC
+        // endpoint kept open for its close to be repeated. An attempt to a relay that never
+        // answered would keep it for three probe timeouts (3 s) for nobody.
+        let relay_listening = shared.status.any_connected();
         shared.status.readiness().drain();
         shared.shutdown.cancel();
         drain::drain(&tracker, config.shutdown_grace, &shared.force, "streams").await;
-        shared.dialer.wait_idle(CLOSE_TIMEOUT).await;
+        if relay_listening {
+            shared.dialer.wait_idle(CLOSE_TIMEOUT).await;
+        }
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;

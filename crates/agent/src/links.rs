@@ -312,7 +312,9 @@ impl Backoff {
             Ok(()) => f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX),
             Err(_) => 0.5,
         };
-        ceiling / 2 + ceiling.mul_f64(fraction / 2.0)
+        let delay = ceiling / 2 + ceiling.mul_f64(fraction / 2.0);
+        // Whole milliseconds: the delay is logged ("in 3.101s", not "in 3.101219914s").
+        Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
     }
 }
 
@@ -324,6 +326,7 @@ mod tests {
     fn backoff_grows_is_capped_and_jittered() {
         let mut b = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
         let first = b.next_delay();
+        assert_eq!(first.subsec_nanos() % 1_000_000, 0, "whole milliseconds: {first:?}");
         assert!(first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL, "{first:?}");
         let mut last = first;
         for _ in 0..40 {

@@ -148,10 +148,26 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("`{text}` is too long a duration"))
 }
 
-/// Serde helper: a duration string with a unit (zero allowed).
+/// Serde helper: a duration string with a unit (zero allowed). A bare number is refused with
+/// what to write instead: `60` could mean seconds or milliseconds, so a unit is required.
 pub fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    parse_duration(&text).map_err(D::Error::custom)
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Whole(i64),
+        Fraction(f64),
+    }
+    let number = match Written::deserialize(d).map_err(|_| {
+        D::Error::custom("expected a duration with a unit, as a string: \"250ms\", \"60s\", \"5m\"")
+    })? {
+        Written::Text(text) => return parse_duration(&text).map_err(D::Error::custom),
+        Written::Whole(n) => n.to_string(),
+        Written::Fraction(x) => x.to_string(),
+    };
+    Err(D::Error::custom(format!(
+        "a duration needs a unit, as a string: \"{number}s\" (or ms, m, h), not {number}"
+    )))
 }
 
 /// Serde helper: a duration string with a unit that must be greater than zero.
@@ -364,6 +380,16 @@ mod tests {
         for bad in ["5", "s", "1.5s", "-1s", "10 sec", "", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_bare_number_for_a_duration_says_to_add_a_unit() {
+        let err = parse("timeout = 60\n").expect_err("no unit");
+        assert!(err.message.contains("a duration needs a unit, as a string: \"60s\""), "{err}");
+        let err = parse("timeout = 1.5\n").expect_err("no unit");
+        assert!(err.message.contains("\"1.5s\""), "{err}");
+        let err = parse("timeout = true\n").expect_err("not a duration");
+        assert!(err.message.contains("expected a duration with a unit"), "{err}");
     }
 
     #[test]

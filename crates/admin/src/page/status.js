@@ -103,6 +103,11 @@ function fleetRow(f) {
   return tr;
 }
 
+// "1 agent", "2 agents": a count and its noun, in the right number.
+function count(n, noun) {
+  return n + " " + noun + (n === 1 ? "" : "s");
+}
+
 function draw(status) {
   document.getElementById("role").textContent = status.role + " " + status.version;
   const summary = document.getElementById("summary");
@@ -114,8 +119,9 @@ function draw(status) {
     const approved = endpoints.filter((e) => e.status === "Approved").length;
     summary.textContent = (status.ready ? "Ready" : "Not ready") +
       (status.not_ready_reason ? " (" + status.not_ready_reason + ")" : "") + " · " + approved +
-      " of " + endpoints.length + " endpoints approved · " + (status.agents || []).length +
-      " agents connected · " + active + " connections open" +
+      " of " + count(endpoints.length, "endpoint") + " approved · " +
+      count((status.agents || []).length, "agent") + " connected · " +
+      count(active, "connection") + " open" +
       (status.fleet ? " · relay " + status.fleet.id + " of a fleet of " +
         status.fleet.members.length : "");
     endpoints.sort((a, b) => a.name.localeCompare(b.name));
@@ -130,8 +136,8 @@ function draw(status) {
     const streams = links.reduce((sum, l) => sum + (l.active_streams || 0), 0);
     summary.textContent = (status.ready ? "Ready" : "Not ready") + " · agent " + status.name +
       " of connector " + status.connector + " · " +
-      links.filter((l) => l.state === "connected").length + " of " + links.length +
-      " relay links connected · " + streams + " streams open";
+      links.filter((l) => l.state === "connected").length + " of " +
+      count(links.length, "relay link") + " connected · " + count(streams, "stream") + " open";
     fill("links", links.map(linkRow), 8, "No relay link yet.");
     const fleets = status.fleets || [];
     document.getElementById("fleets-part").hidden = fleets.length === 0;
