@@ -16,7 +16,8 @@ pub(crate) fn init(dir: &Path, extra_names: &[String], force: bool) -> anyhow::R
         }
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ca = CertificateAuthority::new("privlink private CA").context("creating the CA")?;
+    let ca =
+        CertificateAuthority::new_distinct("privlink private CA").context("creating the CA")?;
     let mut names: Vec<&str> = vec!["localhost", "127.0.0.1", "::1"];
     names.extend(extra_names.iter().map(String::as_str));
     let relay = ca.issue_server(&names).context("issuing the relay certificate")?;

@@ -79,12 +79,9 @@ impl RelayDialer {
             .relay_ca
             .as_ref()
             .map_or_else(|| "relay_ca".to_owned(), |p| format!("relay_ca ({})", p.display()));
-        let trusted: Vec<String> = config
-            .relay_roots
-            .iter()
-            .filter_map(CertificateSummary::of)
-            .map(|ca| format!("`{}`", ca.subject))
-            .collect();
+        let trusted_cas: Vec<CertificateSummary> =
+            config.relay_roots.iter().filter_map(CertificateSummary::of).collect();
+        let trusted: Vec<String> = trusted_cas.iter().map(describe_ca).collect();
         let mut message = format!("the relay's certificate is not trusted ({detail}).");
         match self
             .dialer
@@ -93,10 +90,15 @@ impl RelayDialer {
             .and_then(CertificateSummary::of)
         {
             Some(presented) => {
+                let signer = presented
+                    .issuer_key_id
+                    .as_ref()
+                    .map_or_else(String::new, |id| format!(" (the CA's key id {id})"));
                 message.push_str(&format!(
-                    " The relay at {addr} presented `{}`, issued by `{}`, for the names [{}]; \
-                     {relay_ca} holds {}.",
+                    " The relay at {addr} presented `{}` (fingerprint {}), issued by `{}`{signer}, \
+                     for the names [{}]; {relay_ca} holds {}.",
                     presented.subject,
+                    presented.fingerprint,
                     presented.issuer,
                     presented.names.join(", "),
                     if trusted.is_empty() {
@@ -105,6 +107,15 @@ impl RelayDialer {
                         trusted.join(", ")
                     }
                 ));
+                let signed_by_trusted = presented.issuer_key_id.is_some()
+                    && trusted_cas.iter().any(|ca| ca.key_id == presented.issuer_key_id);
+                if !signed_by_trusted && trusted_cas.iter().any(|ca| ca.subject == presented.issuer)
+                {
+                    message.push_str(
+                        " The names match but the keys do not: this is another CA of the same \
+                         name (a second `privlink certs init`).",
+                    );
+                }
                 if !presented.names.iter().any(|n| n.eq_ignore_ascii_case(server_name)) {
                     message.push_str(&format!(
                         " The agent dials it as `{server_name}`, a name the certificate does \
@@ -120,5 +131,13 @@ impl RelayDialer {
              `privlink certs init` wrote together with relay.crt)."
         ));
         message
+    }
+}
+
+/// A trusted CA as an operator can compare it: its name, key id and fingerprint.
+fn describe_ca(ca: &CertificateSummary) -> String {
+    match &ca.key_id {
+        Some(id) => format!("`{}` (key id {id}, fingerprint {})", ca.subject, ca.fingerprint),
+        None => format!("`{}` (fingerprint {})", ca.subject, ca.fingerprint),
     }
 }

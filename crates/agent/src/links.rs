@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use privlink_protocol::text::MAX_SHOWN_CHARS;
 use privlink_transport::http_proxy::ProxyError;
 use privlink_transport::tunnel::DialError;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -189,10 +190,10 @@ async fn maintain_link(link: Link, shared: Arc<AgentShared>, stop: CancellationT
             stop.cancel();
             return;
         }
-        let error = result
-            .as_ref()
-            .err()
-            .map(|e| privlink_protocol::text::loggable(&e.to_string()).into_owned());
+        let error = result.as_ref().err().map(|e| {
+            let text = e.to_string();
+            privlink_protocol::text::loggable_within(&text, MAX_SHOWN_CHARS).into_owned()
+        });
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
             operator_backoff.reset();

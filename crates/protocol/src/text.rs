@@ -18,16 +18,25 @@ pub fn is_valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'+'))
 }
 
+/// Most characters of a message of our own (which may quote a peer's text, escaped) shown in a
+/// status: the certificate explanations run to several hundred, and must not stop mid-sentence.
+pub const MAX_SHOWN_CHARS: usize = 2048;
+
 /// `text` as it may appear in a log line: control characters (newlines included) escaped,
 /// and cut after [`MAX_LOGGED_CHARS`] characters with a note of how much was left out.
 pub fn loggable(text: &str) -> Cow<'_, str> {
-    let clean = text.chars().take(MAX_LOGGED_CHARS).all(|c| !c.is_control());
-    let long = text.chars().nth(MAX_LOGGED_CHARS).is_some();
+    loggable_within(text, MAX_LOGGED_CHARS)
+}
+
+/// [`loggable`], cut after `max` characters instead.
+pub fn loggable_within(text: &str, max: usize) -> Cow<'_, str> {
+    let clean = text.chars().take(max).all(|c| !c.is_control());
+    let long = text.chars().nth(max).is_some();
     if clean && !long {
         return Cow::Borrowed(text);
     }
-    let mut out = String::with_capacity(MAX_LOGGED_CHARS + 32);
-    for c in text.chars().take(MAX_LOGGED_CHARS) {
+    let mut out = String::with_capacity(max.min(text.len()) + 32);
+    for c in text.chars().take(max) {
         if c.is_control() {
             out.extend(c.escape_default());
         } else {
@@ -35,7 +44,7 @@ pub fn loggable(text: &str) -> Cow<'_, str> {
         }
     }
     if long {
-        let kept: usize = text.chars().take(MAX_LOGGED_CHARS).map(char::len_utf8).sum();
+        let kept: usize = text.chars().take(max).map(char::len_utf8).sum();
         out.push_str(&format!("… ({} more bytes)", text.len() - kept));
     }
     Cow::Owned(out)

@@ -68,7 +68,22 @@ pub struct CertificateAuthority {
 impl CertificateAuthority {
     /// A new self-signed CA with the given common name.
     pub fn new(common_name: &str) -> Result<Self, PkiError> {
+        Self::with_key(common_name, KeyPair::generate()?)
+    }
+
+    /// A new CA named `prefix`, the day it was made and a short id of its key
+    /// (`privlink private CA 2026-12-07 3f9a1c22`): every CA `certs init` makes has a name of
+    /// its own, so that a message comparing the CA a relay's certificate names with the one
+    /// an agent trusts compares two different names when they differ.
+    pub fn new_distinct(prefix: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key_raw());
+        let key_id: String = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let today = time::OffsetDateTime::now_utc().date();
+        Self::with_key(&format!("{prefix} {today} {key_id}"), key)
+    }
+
+    fn with_key(common_name: &str, key: KeyPair) -> Result<Self, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
@@ -106,6 +121,8 @@ impl CertificateAuthority {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, names.first().copied().unwrap_or("privlink"));
         params.distinguished_name = dn;
+        // Names the CA's key: an agent that does not trust it can say which CA it needs.
+        params.use_authority_key_identifier_extension = true;
         for name in names {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -124,6 +141,20 @@ impl CertificateAuthority {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_cas_have_distinct_names_with_their_day() {
+        let summary = |ca: &CertificateAuthority| {
+            crate::tls::CertificateSummary::of(&ca.identity.cert_der).expect("parses").subject
+        };
+        let (a, b) = (
+            CertificateAuthority::new_distinct("privlink private CA").expect("CA"),
+            CertificateAuthority::new_distinct("privlink private CA").expect("CA"),
+        );
+        let today = time::OffsetDateTime::now_utc().date().to_string();
+        assert!(summary(&a).contains(&format!("privlink private CA {today} ")), "{}", summary(&a));
+        assert_ne!(summary(&a), summary(&b));
+    }
 
     #[test]
     fn certificates_have_finite_validity_and_the_ca_signs_no_other_ca() {

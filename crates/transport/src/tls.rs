@@ -178,6 +178,13 @@ pub struct CertificateSummary {
     pub not_before_unix: i64,
     /// End of validity, seconds since the Unix epoch.
     pub not_after_unix: i64,
+    /// SHA-256 of the certificate, the first 8 bytes as `openssl x509 -fingerprint -sha256`
+    /// prints them (`AB:CD:…`), enough to tell two apart.
+    pub fingerprint: String,
+    /// Its subject key identifier, hex, when it has one (a CA's names the key it signs with).
+    pub key_id: Option<String>,
+    /// Its authority key identifier, hex, when it has one: the key id of the CA that signed it.
+    pub issuer_key_id: Option<String>,
 }
 
 impl CertificateSummary {
@@ -205,7 +212,25 @@ impl CertificateSummary {
                 }
             }
         }
+        use x509_parser::extensions::ParsedExtension;
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let (mut key_id, mut issuer_key_id) = (None, None);
+        for extension in cert.extensions() {
+            match extension.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => key_id = Some(hex(id.0)),
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    issuer_key_id = aki.key_identifier.as_ref().map(|id| hex(id.0));
+                }
+                _ => {}
+            }
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+        let fingerprint: Vec<String> =
+            digest.as_ref()[..8].iter().map(|b| format!("{b:02X}")).collect();
         Some(Self {
+            fingerprint: format!("{}…", fingerprint.join(":")),
+            key_id,
+            issuer_key_id,
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
             names,
