@@ -65,6 +65,8 @@ async fn the_azure_sdk_reaches_two_vaults_by_their_own_names(transport: Transpor
         name: "vaults".to_owned(),
         listen: shared,
         preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
+        per_source: Default::default(),
+        max_duration: None,
         acl: Default::default(),
         proxy_protocol: None,
         routes,

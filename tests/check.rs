@@ -192,7 +192,10 @@ fn step<'a>(report: &'a Value, check: &str, subject: &str) -> &'a Value {
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn check_passes_on_private_answers_and_fails_a_refused_token() {
     let Some(bed) = CheckBed::start("ck", "quic_fallback_after = \"2s\"") else { return };
     let (code, report) = bed.check(&bed.configs.agent, &[]);
@@ -271,7 +274,10 @@ fn check_passes_on_private_answers_and_fails_a_refused_token() {
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn check_flags_a_public_answer_nothing_listening_a_wrong_name_and_an_expiring_certificate() {
     let Some(bed) = CheckBed::start("cf", "quic_fallback_after = \"2s\"") else { return };
 
@@ -361,7 +367,10 @@ fn check_flags_a_public_answer_nothing_listening_a_wrong_name_and_an_expiring_ce
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn check_with_udp_dropped_fails_quic_with_the_reason_and_passes_tcp() {
     let Some(bed) = CheckBed::start("cu", "quic_fallback_after = \"1s\"") else { return };
     drop_outbound_udp(bed.topology.ns(1));

@@ -144,7 +144,10 @@ fn curl(
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn through_http_proxies_on_both_sides() {
     for tool in ["curl", "python3", "tinyproxy"] {
         if !sh("sh", &["-c", &format!("command -v {tool}")]).0 {

@@ -122,7 +122,10 @@ fn echo_through_the_tunnel(topology: &Topology, label: &str) {
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_quic() {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(topology) = topology_or_skip("fb", &["cloud", "vnet"], &links) else { return };
@@ -211,7 +214,10 @@ const CONNECT_PROBE: &str = include_str!("scripts/connect_probe.py");
 const RESOLVE_PROBE: &str = include_str!("scripts/resolve_probe.py");
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn key_vault_behind_private_link_is_reached_from_another_network_by_real_clients() {
     // client ⇄ cloud ⇄ vnet; cloud does not route, so client and vnet cannot reach each other.
     let links = [
@@ -393,13 +399,19 @@ fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from(transport:
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from_over_quic() {
     a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from("quic", "lcq");
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from_over_tcp() {
     a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from("tcp", "lct");
 }
@@ -451,7 +463,10 @@ fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_a
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again_over_quic() {
     killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again(
         "quic", "k9q",
@@ -459,7 +474,10 @@ fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_a
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again_over_tcp() {
     killing_the_agent_during_50_live_transfers_closes_them_and_a_restart_serves_again("tcp", "k9t");
 }
@@ -553,13 +571,19 @@ fn bulk_transfer_over_a_lossy_wan_arrives_intact(transport: &str, tag: &str) {
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn bulk_transfer_over_a_lossy_wan_arrives_intact_over_quic() {
     bulk_transfer_over_a_lossy_wan_arrives_intact("quic", "wq");
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn bulk_transfer_over_a_lossy_wan_arrives_intact_over_tcp() {
     bulk_transfer_over_a_lossy_wan_arrives_intact("tcp", "wt");
 }
@@ -685,13 +709,19 @@ fn a_download_filling_a_thin_link_leaves_room_for_new_connections(transport: &st
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn a_download_filling_a_thin_link_leaves_room_for_new_connections_over_quic() {
     a_download_filling_a_thin_link_leaves_room_for_new_connections("quic", "tq");
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn a_download_filling_a_thin_link_leaves_room_for_new_connections_over_tcp() {
     a_download_filling_a_thin_link_leaves_room_for_new_connections("tcp", "tt");
 }
@@ -727,13 +757,19 @@ fn killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own(transport
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own_over_quic() {
     killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own("quic", "rq");
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own_over_tcp() {
     killing_the_relay_and_restarting_it_the_agent_reconnects_on_its_own("tcp", "rt");
 }
@@ -837,13 +873,19 @@ fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connecti
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections_over_quic() {
     sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections("quic", "stq");
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections_over_tcp() {
     sigterm_to_the_relay_lets_transfers_in_flight_finish_and_refuses_new_connections("tcp", "stt");
 }
@@ -888,7 +930,10 @@ const IMPOSTOR_ADDR: &str = "10.231.9.9";
 /// the system resolver does for every program — which is why absolute names exist, and the
 /// control showing that this test's resolver really applies the search domain.
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn an_absolute_destination_name_is_resolved_without_the_search_domains() {
     let links = [Link::veth(0, 1, CLOUD_ADDR, VNET_ADDR)];
     let Some(mut topology) = topology_or_skip("dn", &["cloud", "vnet"], &links) else { return };
@@ -964,7 +1009,10 @@ const SPLIT_VNET_2: &str = "10.231.4.2";
 /// `unreachable` before any answer and are replayed on the agent in `vnet1`, which the relay's
 /// retry counter shows.
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn a_destination_only_one_of_two_agents_can_reach_costs_no_client_a_failure() {
     use privlink_testbed::load;
     use privlink_testbed::netns::spawn_in_namespace;

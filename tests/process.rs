@@ -526,6 +526,14 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     assert_config_rejected("relay", &bad_hash, 16, "endpoint[0].proxy_auth_sha256", d);
     let instant = connect(vaults, "preread_timeout = \"0s\"");
     assert_config_rejected("relay", &instant, 16, "endpoint[0].preread_timeout", d);
+    for (extra, key) in [
+        ("per_source_rate = \"10/h\"", "per_source_rate"),
+        ("per_source_rate = 10", "per_source_rate"),
+        ("per_source_max_connections = 0", "per_source_max_connections"),
+        ("max_duration = \"0s\"", "max_duration"),
+    ] {
+        assert_config_rejected("relay", &relay(extra, ""), 15, &format!("endpoint[0].{key}"), d);
+    }
     let on_tcp = relay(&format!("destinations = [{vaults}]"), "");
     assert_config_rejected("relay", &on_tcp, 15, "endpoint[0].destinations", d);
 

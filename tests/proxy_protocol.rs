@@ -221,6 +221,8 @@ async fn a_shared_listener_reads_the_header_then_routes_by_name(transport: Trans
         name: "vaults".to_owned(),
         listen: loopback(0),
         preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
+        per_source: Default::default(),
+        max_duration: None,
         acl: privlink_protocol::acl::Acl {
             allow: vec!["127.0.0.2/32".parse().expect("net")],
             deny: vec![],

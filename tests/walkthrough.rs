@@ -20,7 +20,10 @@ fn walkthrough() -> String {
 }
 
 #[test]
-#[cfg_attr(privlink_no_netns, ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun")]
+#[cfg_attr(
+    privlink_no_netns,
+    ignore = "needs network namespaces: root, iproute2, nftables, /dev/net/tun"
+)]
 fn the_readme_walkthrough_runs_twice_in_a_row() {
     for tool in ["unshare", "ip", "curl", "openssl", "timeout"] {
         let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();

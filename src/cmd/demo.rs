@@ -70,6 +70,8 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         inactivity_timeout: Duration::from_secs(60),
         stall_timeout: Duration::from_secs(30),
         max_connections: 1024,
+        per_source: Default::default(),
+        max_duration: None,
         acl: Acl { allow: vec!["127.0.0.0/8".parse().expect("cidr")], deny: vec![] },
         open: OpenRetry::default(),
         server_names: Vec::new(),

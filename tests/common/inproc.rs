@@ -52,6 +52,8 @@ pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
         inactivity_timeout: Duration::from_secs(60),
         stall_timeout: Duration::from_secs(30),
         max_connections: 1024,
+        per_source: Default::default(),
+        max_duration: None,
         acl: Acl::default(),
         open: privlink_relay::config::OpenRetry::default(),
         server_names: Vec::new(),

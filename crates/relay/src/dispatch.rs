@@ -15,9 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use privlink_protocol::client_hello::{ACCESS_DENIED_ALERT, INTERNAL_ERROR_ALERT};
-use privlink_protocol::destination::Destination;
-use privlink_protocol::message::{Open, OpenFailCode};
+use privlink_protocol::client_hello::ACCESS_DENIED_ALERT;
+use privlink_protocol::message::Open;
 use privlink_protocol::{frame, http_connect, proxy_header};
 use privlink_transport::budget::BudgetCharge;
 use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
@@ -35,8 +34,8 @@ use crate::connect;
 use crate::endpoint::{Endpoint, LiveClient};
 use crate::flow::Flow;
 use crate::open::{OpenReplyGate, Recording, Replay, Unanswered, retry_elsewhere};
-use crate::preread;
 use crate::registry::{ChosenAgent, EndpointStatus, Registry};
+use crate::{preread, refuse};
 
 /// How long a client waits for a stream when the chosen agent's stream limit is full (within
 /// the endpoint's `open_timeout`, which is shorter by default).
@@ -59,12 +58,15 @@ pub(crate) struct Arrival {
     pub(crate) via: Option<SocketAddr>,
     pub(crate) read: Vec<u8>,
     pub(crate) routed: bool,
+    /// The shared listener's `max_duration`, for a connection it routed (the endpoint's own,
+    /// if shorter, wins).
+    pub(crate) max_duration: Option<Duration>,
 }
 
 impl Arrival {
     /// A client that connected itself, nothing read yet.
     pub(crate) fn direct(client: SocketAddr) -> Self {
-        Self { client, via: None, read: Vec::new(), routed: false }
+        Self { client, via: None, read: Vec::new(), routed: false, max_duration: None }
     }
 }
 
@@ -76,14 +78,14 @@ pub(crate) async fn forward(
     spec: Arc<EndpointSpec>,
     registry: &Registry,
 ) {
-    let Arrival { client, via, read, routed } = arrival;
+    let Arrival { client, via, read, routed, max_duration } = arrival;
     let force = &endpoint.force;
     // Taken before any agent is asked (`listen::admit` looked a moment ago; this takes the
     // charge and looks again in one step, so a burst of clients cannot all pass the look
     // before any of them is charged).
     let Some(charge) = endpoint.budget.admit_stream() else {
         endpoint.refused_over_budget(client);
-        preread::refuse_with_alert(socket, read.first().copied(), ACCESS_DENIED_ALERT).await;
+        refuse::with_alert(socket, read.first().copied(), ACCESS_DENIED_ALERT).await;
         return;
     };
     let started = Instant::now();
@@ -99,7 +101,7 @@ pub(crate) async fn forward(
             refused => {
                 let asked = preread::refuse(&socket, refused);
                 let outcome = Outcome::SniUnmatched(asked);
-                refused_before_open(endpoint, spec, (client, via), started, &outcome, None);
+                refuse::before_open(endpoint, spec, (client, via), started, &outcome, None);
                 return;
             }
         }
@@ -123,7 +125,7 @@ pub(crate) async fn forward(
     if guard_proxy && preread::looks_like_proxy_header(&preread) {
         abort(socket);
         let outcome = Outcome::ProxyHeaderRefused;
-        refused_before_open(endpoint, spec, (client, via), started, &outcome, None);
+        refuse::before_open(endpoint, spec, (client, via), started, &outcome, None);
         return;
     }
     // An `http-connect` endpoint reads its client's CONNECT head: where the client asks to go
@@ -150,7 +152,7 @@ pub(crate) async fn forward(
                     connect::answer(&mut socket, status, &turned.reason).await;
                 }
                 let outcome = turned.outcome();
-                refused_before_open(
+                refuse::before_open(
                     endpoint,
                     spec,
                     (client, via),
@@ -179,6 +181,12 @@ pub(crate) async fn forward(
     let destination = match &requested {
         Some(request) => request.target.to_string(),
         None => spec.destination.to_string(),
+    };
+    // Busy or not, the connection ends this long after it was accepted (the shorter of the
+    // endpoint's and its shared listener's `max_duration`).
+    let ends_at = match (spec.max_duration, max_duration) {
+        (Some(a), Some(b)) => Some(started + a.min(b)),
+        (a, b) => a.or(b).map(|d| started + d),
     };
     let mut bytes = (0, 0);
     let mut unreported = (0, 0);
@@ -224,7 +232,7 @@ pub(crate) async fn forward(
         let first = attempts == 1;
 
         let first = first.then_some(First { preread: &preread, ours, guard_proxy });
-        let opening = Opening { destination: &destination, connect: requested.is_some() };
+        let opening = Opening { destination: &destination, connect: requested.is_some(), ends_at };
         match attempt(
             &mut socket,
             client,
@@ -284,11 +292,11 @@ pub(crate) async fn forward(
     }
     // A client no destination byte reached, turned away for a reason on the relay's side, is
     // told with a TLS alert when it speaks TLS (its first byte says).
-    let alert = if requested.is_none() && !opened { alert_for(&outcome) } else { None };
+    let alert = if requested.is_none() && !opened { refuse::alert_for(&outcome) } else { None };
     match alert {
         Some(alert) => {
             let first = preread.get(ours).copied().or(replay.first_byte());
-            preread::refuse_with_alert(socket, first, alert).await;
+            refuse::with_alert(socket, first, alert).await;
         }
         None if reset => abort(socket),
         None => drop(socket), // closes the client's side now, with a reset where one was asked
@@ -307,50 +315,6 @@ pub(crate) async fn forward(
         bytes_to_client: bytes.1,
         outcome: &outcome,
         requested: requested.as_ref().map(|r| &r.target),
-    }
-    .log();
-}
-
-/// The TLS alert a client that got no byte from a destination is turned away with, for an
-/// outcome that is not the client's own doing: `access_denied` when the agent's allowlist
-/// refused the destination, `internal_error` when nothing on the far side could take it.
-fn alert_for(outcome: &Outcome) -> Option<[u8; 7]> {
-    match outcome {
-        Outcome::OpenFailed(failure) if failure.code == OpenFailCode::NotAllowed => {
-            Some(ACCESS_DENIED_ALERT)
-        }
-        Outcome::NoAgent
-        | Outcome::Rejected(_)
-        | Outcome::OpenFailed(_)
-        | Outcome::Failed { origin: Origin::Agent | Origin::Relay | Origin::Destination, .. } => {
-            Some(INTERNAL_ERROR_ALERT)
-        }
-        _ => None,
-    }
-}
-
-/// Counts and flow-logs a connection turned away before any agent was asked.
-fn refused_before_open(
-    endpoint: &Endpoint,
-    spec: &EndpointSpec,
-    (client, via): (SocketAddr, Option<SocketAddr>),
-    started: Instant,
-    outcome: &Outcome,
-    requested: Option<&Destination>,
-) {
-    endpoint.metrics.connection_ended(&spec.name, outcome.label(), (0, 0));
-    Flow {
-        client,
-        via,
-        endpoint: spec,
-        agent: "-",
-        attempts: 0,
-        agents_tried: "",
-        duration: started.elapsed(),
-        bytes_from_client: 0,
-        bytes_to_client: 0,
-        outcome,
-        requested,
     }
     .log();
 }
@@ -381,6 +345,8 @@ struct First<'a> {
 struct Opening<'a> {
     destination: &'a str,
     connect: bool,
+    /// When `max_duration` ends the connection, if it has one.
+    ends_at: Option<Instant>,
 }
 
 /// One agent's try: stream, open header with the client's bytes so far, then the copy.
@@ -488,12 +454,21 @@ async fn attempt(
         Recording { socket: &mut *socket, replay: &mut *replay, answered: &answered };
     let timeouts =
         CopyTimeouts { inactivity: spec.inactivity_timeout, stall: Some(spec.stall_timeout) };
+    let cancel = async {
+        match opening.ends_at {
+            Some(at) => tokio::select! {
+                () = force.cancelled() => {}
+                () = tokio::time::sleep_until(at) => {}
+            },
+            None => force.cancelled().await,
+        }
+    };
     let copied = copy_bidirectional_counted(
         &mut recording,
         &mut gated,
         timeouts,
         DEFAULT_BUFFER_SIZE,
-        force.cancelled(),
+        cancel,
         &live.bytes,
         Some(charge),
     )
@@ -509,6 +484,10 @@ async fn attempt(
     let mut spliced = splice::conclude(copied, socket, &mut gated, Hop::Relay);
     if let Some(failure) = refusal {
         spliced.outcome = Outcome::OpenFailed(failure);
+    }
+    let over_time = opening.ends_at.is_some_and(|at| Instant::now() >= at);
+    if spliced.outcome == Outcome::Shutdown && over_time && !force.is_cancelled() {
+        spliced.outcome = Outcome::MaxDuration;
     }
     if spliced.outcome == Outcome::Completed {
         // The client's last bytes may still be in flight to the agent; the relay's connection

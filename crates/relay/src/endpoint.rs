@@ -2,8 +2,8 @@
 //! one [`Endpoint`] per configured endpoint (its current policy, open-connection count and
 //! slots, counters, the live connections it forwards and the tokens that stop it), and the
 //! [`EndpointTable`] of every endpoint by name with its bound address. It imports nothing of
-//! the relay's own but the config, the counters and the failure limiter, so every file above
-//! can use it.
+//! the relay's own but the config, the counters and the limiters, so every file above can use
+//! it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +20,7 @@ use crate::auth::FailureLimiter;
 use crate::config::EndpointSpec;
 use crate::flow::EndpointCounters;
 use crate::metrics::RelayMetrics;
+use crate::source_limits::{SourceLimits, SourceSlot};
 
 /// Longest silence between two warnings about connections refused over the limit, while
 /// they keep coming (each line counts the ones left out).
@@ -43,6 +44,8 @@ pub(crate) struct Endpoint {
     pub(crate) budget: Arc<BufferBudget>,
     /// The connections being forwarded now (from the agent's choice to the end).
     pub(crate) live: LiveTable<LiveClient>,
+    /// What each source holds and may still open (`per_source_*`).
+    pub(crate) sources: Arc<SourceLimits>,
     /// Wrong proxy credentials per source (a CONNECT endpoint's): each refusal waits a little
     /// longer, so that guessing a human-chosen password is slow.
     pub(crate) proxy_auth_failures: Mutex<FailureLimiter>,
@@ -90,6 +93,7 @@ impl Endpoint {
             metrics,
             budget,
             live: LiveTable::default(),
+            sources: Arc::default(),
             proxy_auth_failures: Mutex::default(),
             stop,
             force,
@@ -134,6 +138,19 @@ impl Endpoint {
 /// One connection counted against its endpoint's `max_connections` until dropped.
 #[derive(Debug)]
 pub(crate) struct Slot(Arc<AtomicUsize>);
+
+/// What an admitted connection holds until it ends: its endpoint slot and its source's.
+#[derive(Debug)]
+pub(crate) struct Held {
+    _slot: Slot,
+    _source: SourceSlot,
+}
+
+impl Held {
+    pub(crate) fn new(slot: Slot, source: SourceSlot) -> Self {
+        Self { _slot: slot, _source: source }
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {

@@ -16,6 +16,8 @@
 //! * [`admission`] — caps on unauthenticated tunnel connections, in all and per source.
 //! * [`auth`] — token checks against stored digests, failed-attempt limiting.
 //! * `source` — a source address as per-source limits count it (IPv4, or an IPv6 /64).
+//! * `source_limits` — per-source restraint: connections open and new ones per second, in a
+//!   bounded table.
 //! * [`agents`] — accepting agents on both transports and driving their control streams.
 //! * [`registry`] — connected agents, their verdicts, endpoint status, load-based choice.
 //! * [`fleet`] — `[fleet]`: this relay's id and every member's, told to agents so they cover
@@ -28,6 +30,8 @@
 //! * `dispatch` — one client connection: choose an agent, open, retry, splice, flow log.
 //! * `open` — the open exchange: the open-reply gate, the replay copy, the retry decision.
 //! * `preread` — an endpoint with server names reads the ClientHello first (SNI pinning).
+//! * `refuse` — turning a client away before a destination byte reached it: TLS alerts or a
+//!   reset, and the flow-log line of a refusal.
 //! * `shared_port` — a shared TLS port (`[[listener]]`) at run time: its routes by server name.
 //! * [`flow`] — the flow-log line and endpoint counters.
 //! * `metrics` — the Prometheus metrics `/metrics` serves, rendered from scraped state.
@@ -52,10 +56,12 @@ mod listen;
 mod metrics;
 mod open;
 mod preread;
+mod refuse;
 pub mod registry;
 pub mod reload;
 mod shared_port;
 mod source;
+mod source_limits;
 pub mod status;
 
 use std::net::SocketAddr;

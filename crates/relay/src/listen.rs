@@ -20,11 +20,12 @@ use tracing::{Instrument, debug, warn};
 
 use crate::config::EndpointSpec;
 use crate::dispatch;
-use crate::endpoint::{Endpoint, EndpointTable, Slot};
+use crate::endpoint::{Endpoint, EndpointTable, Held};
 use crate::metrics::RelayMetrics;
-use crate::preread;
 use crate::registry::Registry;
 use crate::shared_port::SharedPort;
+use crate::source_limits::SourceSlot;
+use crate::{preread, refuse};
 
 /// The owner of every endpoint accept loop and the client connections they accept.
 #[derive(Debug)]
@@ -42,7 +43,7 @@ pub(crate) struct Listeners {
     /// Every accept loop and every client task, drained together at shutdown.
     tasks: TaskTracker,
     /// Room for clients refused on accept (ACL, limits) to be told with a TLS alert: each
-    /// takes a task and a socket for up to two [`preread::ALERT_WAIT`]s, so a flood of them
+    /// takes a task and a socket for up to two [`refuse::ALERT_WAIT`]s, so a flood of them
     /// beyond this many at once is reset as before.
     courtesy: Arc<Semaphore>,
 }
@@ -74,7 +75,7 @@ impl Listeners {
         match Arc::clone(courtesy).try_acquire_owned() {
             Ok(permit) => {
                 tasks.spawn(async move {
-                    preread::refuse_with_alert(socket, None, ACCESS_DENIED_ALERT).await;
+                    refuse::with_alert(socket, None, ACCESS_DENIED_ALERT).await;
                     drop(permit);
                 });
             }
@@ -170,12 +171,24 @@ impl Listeners {
                         Self::refuse(&tasks, &courtesy, socket);
                         return;
                     }
+                    // A balancer's connections are judged by the client its header names, in
+                    // the connection's task.
+                    let source = if trusted {
+                        SourceSlot::none()
+                    } else {
+                        let Some(source) = port.admit_source(client) else {
+                            Self::refuse(&tasks, &courtesy, socket);
+                            return;
+                        };
+                        source
+                    };
                     let span = tracing::info_span!("client", listener = %port.name, %client);
                     let (port, endpoints) = (Arc::clone(&port), Arc::clone(&endpoints));
                     let (registry, force) = (Arc::clone(&registry), force.clone());
                     tasks.spawn(
                         async move {
-                            route(socket, client, &port, &endpoints, &registry, &force).await;
+                            let peer = (client, source);
+                            route(socket, peer, &port, &endpoints, &registry, &force).await;
                         }
                         .instrument(span),
                     );
@@ -222,7 +235,7 @@ async fn behind_balancer(
     let Some((spec, slot)) = admit(endpoint, arrival.client) else {
         // In the client's own task already: the bytes after the header say whether it speaks TLS.
         let first = arrival.read.first().copied();
-        preread::refuse_with_alert(socket, first, ACCESS_DENIED_ALERT).await;
+        refuse::with_alert(socket, first, ACCESS_DENIED_ALERT).await;
         return;
     };
     dispatch::forward(socket, arrival, endpoint, spec, registry).await;
@@ -243,6 +256,7 @@ async fn read_proxy_header(
         via: Some(balancer),
         read,
         routed: false,
+        max_duration: None,
     }))
 }
 
@@ -251,7 +265,7 @@ async fn read_proxy_header(
 /// forwarded.
 async fn route(
     mut socket: tokio::net::TcpStream,
-    peer: SocketAddr,
+    (peer, mut source): (SocketAddr, SourceSlot),
     port: &SharedPort,
     endpoints: &EndpointTable,
     registry: &Registry,
@@ -278,10 +292,17 @@ async fn route(
     } else {
         (peer, None, Vec::new())
     };
-    if via.is_some() && !routing.spec.acl.permits(client.ip()) {
-        port.metrics.listener_refused(&port.name, "acl_denied");
-        preread::refuse_with_alert(socket, first.first().copied(), ACCESS_DENIED_ALERT).await;
-        return;
+    if via.is_some() {
+        if !routing.spec.acl.permits(client.ip()) {
+            port.metrics.listener_refused(&port.name, "acl_denied");
+            refuse::with_alert(socket, first.first().copied(), ACCESS_DENIED_ALERT).await;
+            return;
+        }
+        let Some(admitted) = port.admit_source(client) else {
+            refuse::with_alert(socket, first.first().copied(), ACCESS_DENIED_ALERT).await;
+            return;
+        };
+        source = admitted;
     }
     let read = preread::server_name(&mut socket, first, timeout, force).await;
     drop(waiting);
@@ -308,20 +329,26 @@ async fn route(
         port.refused(client, "sni_unmatched", &asked);
         return;
     };
-    let arrival = dispatch::Arrival { client, via, read: bytes.clone(), routed: true };
+    let arrival = dispatch::Arrival {
+        client,
+        via,
+        read: bytes.clone(),
+        routed: true,
+        max_duration: routing.spec.max_duration,
+    };
     let Some((spec, slot)) = admit(&endpoint, client) else {
         // Its ClientHello was read to route it.
-        preread::refuse_with_alert(socket, bytes.first().copied(), ACCESS_DENIED_ALERT).await;
+        refuse::with_alert(socket, bytes.first().copied(), ACCESS_DENIED_ALERT).await;
         return;
     };
     dispatch::forward(socket, arrival, &endpoint, spec, registry).await;
-    drop(slot);
+    drop((slot, source));
 }
 
-/// The policy on accept: the ACL, then `max_connections`, then the buffer budget. An admitted
-/// connection gets the spec in force now and a slot counted until it ends; a refused one is
-/// counted by reason.
-pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<EndpointSpec>, Slot)> {
+/// The policy on accept: the ACL, then the source's own limits, then `max_connections`, then
+/// the buffer budget. An admitted connection gets the spec in force now and what it holds
+/// until it ends; a refused one is counted by reason.
+pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<EndpointSpec>, Held)> {
     let spec = endpoint.spec();
     if !spec.acl.permits(client.ip()) {
         endpoint.counters.denied.fetch_add(1, Ordering::Relaxed);
@@ -329,6 +356,25 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
         debug!(%client, "connection denied by ACL");
         return None;
     }
+    let now = std::time::Instant::now();
+    let source = match endpoint.sources.admit(client.ip(), &spec.per_source, now) {
+        Ok(source) => source,
+        Err(refusal) => {
+            endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
+            endpoint.metrics.connection_refused(&endpoint.name, refusal.label());
+            if let Some(left_out) = endpoint.over_limit_log.admit(now) {
+                warn!(
+                    %client,
+                    limit = refusal.label(),
+                    left_out,
+                    "connection refused: its source is over the endpoint's per-source limit \
+                     (left_out: refusals since the last such line; all are counted in \
+                     privlink_relay_connections_total)"
+                );
+            }
+            return None;
+        }
+    };
     let Some(slot) = endpoint.admit(spec.max_connections) else {
         endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
         endpoint.metrics.connection_refused(&endpoint.name, "over_limit");
@@ -348,7 +394,7 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
         return None;
     }
     endpoint.counters.accepted.fetch_add(1, Ordering::Relaxed);
-    Some((spec, slot))
+    Some((spec, Held::new(slot, source)))
 }
 
 #[cfg(test)]
@@ -375,6 +421,8 @@ mod tests {
             inactivity_timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(30),
             max_connections,
+            per_source: Default::default(),
+            max_duration: None,
             acl,
             open: OpenRetry::default(),
             server_names: Vec::new(),

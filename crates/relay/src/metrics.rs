@@ -157,7 +157,8 @@ impl Default for RelayMetrics {
         registry.register(
             "relay_listener_refused",
             "Connections a shared listener turned away before any endpoint took them, by reason \
-             (acl_denied, over_limit, sni_unmatched, proxy_header_invalid)",
+             (acl_denied, over_limit, rate_limited, source_over_limit, sni_unmatched, \
+             proxy_header_invalid)",
             listener_refused.clone(),
         );
         let open_duration = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {

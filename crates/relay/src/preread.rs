@@ -12,7 +12,7 @@ use privlink_protocol::client_hello::{
     MAX_CLIENT_HELLO, NotRoutable, Preread, ServerNameReader, UNRECOGNIZED_NAME_ALERT,
 };
 use privlink_protocol::proxy_header::{self as proxy, ProxyHeader, ProxyParse};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -113,53 +113,6 @@ pub(crate) async fn proxy_header(
 pub(crate) fn looks_like_proxy_header(bytes: &[u8]) -> bool {
     !bytes.is_empty() && proxy::parse(bytes) != ProxyParse::NotProxy
 }
-
-/// How long a client turned away is given to show it speaks TLS (its first byte), and then to
-/// read the alert.
-pub(crate) const ALERT_WAIT: Duration = Duration::from_secs(1);
-/// Most bytes read (and dropped) from a refused client after its alert, so that the close does
-/// not reset the alert away.
-const DRAIN_AFTER_ALERT: usize = 64 * 1024;
-
-/// Turns away a client before any of its bytes reached a destination. One that speaks TLS —
-/// its first byte, `first` when it was read already, else waited for up to [`ALERT_WAIT`],
-/// begins a handshake record — gets the fatal `alert` and a plain close, so that curl or an
-/// SDK prints a reason (`tlsv1 alert access denied`) rather than "connection reset"; any other
-/// client gets the reset it always got.
-pub(crate) async fn refuse_with_alert(mut socket: TcpStream, first: Option<u8>, alert: [u8; 7]) {
-    let first = match first {
-        Some(byte) => Some(byte),
-        None => {
-            let mut head = [0u8; 1];
-            match tokio::time::timeout(ALERT_WAIT, socket.peek(&mut head)).await {
-                Ok(Ok(1)) => Some(head[0]),
-                _ => None,
-            }
-        }
-    };
-    if first != Some(HANDSHAKE_RECORD) {
-        privlink_transport::tcp::abort(socket);
-        return;
-    }
-    privlink_transport::tcp::close_plainly(&socket);
-    let refused = async {
-        socket.write_all(&alert).await?;
-        socket.shutdown().await?;
-        let mut drained = 0;
-        let mut sink = [0u8; 4096];
-        while drained < DRAIN_AFTER_ALERT {
-            match socket.read(&mut sink).await? {
-                0 => break,
-                n => drained += n,
-            }
-        }
-        std::io::Result::Ok(())
-    };
-    let _ = tokio::time::timeout(ALERT_WAIT, refused).await;
-}
-
-/// The first byte of a TLS handshake record: a ClientHello begins with it.
-const HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Turns away a client whose ClientHello `read` found (or did not) a name the endpoint serves:
 /// the `unrecognized_name` alert to one that spoke TLS, then the close (when the socket drops).

@@ -443,6 +443,8 @@ mod tests {
             inactivity_timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            per_source: Default::default(),
+            max_duration: None,
             acl: Acl::default(),
             open: OpenRetry::default(),
             server_names: Vec::new(),

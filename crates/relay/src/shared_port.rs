@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::config::ListenerSpec;
 use crate::metrics::RelayMetrics;
+use crate::source_limits::{SourceLimits, SourceSlot};
 
 /// Most connections of one shared port waiting for their ClientHello at once.
 pub(crate) const MAX_PREREADS: usize = 4096;
@@ -53,6 +54,8 @@ pub(crate) struct SharedPort {
     prereads: AtomicUsize,
     refusal_log: Throttle,
     pub(crate) metrics: Arc<RelayMetrics>,
+    /// What each source holds and may still open through this port (`per_source_*`).
+    pub(crate) sources: Arc<SourceLimits>,
     /// Ends its accept loop.
     pub(crate) stop: CancellationToken,
 }
@@ -81,6 +84,7 @@ impl SharedPort {
             prereads: AtomicUsize::new(0),
             refusal_log: Throttle::new(REFUSAL_LOG_INTERVAL),
             metrics,
+            sources: Arc::default(),
             stop,
         }
     }
@@ -103,6 +107,19 @@ impl SharedPort {
             })
             .ok()?;
         Some(Prereading(&self.prereads))
+    }
+
+    /// Admits a connection from `client` under the port's per-source limits now in force, or
+    /// counts and logs its refusal.
+    pub(crate) fn admit_source(&self, client: SocketAddr) -> Option<SourceSlot> {
+        let policy = self.routing().spec.per_source;
+        match self.sources.admit(client.ip(), &policy, std::time::Instant::now()) {
+            Ok(slot) => Some(slot),
+            Err(refusal) => {
+                self.refused(client, refusal.label(), "its source is over the per-source limit");
+                None
+            }
+        }
     }
 
     /// Counts a connection turned away before any endpoint took it, and says so in the log at

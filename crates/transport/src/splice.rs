@@ -75,6 +75,8 @@ pub enum Outcome {
     IdleTimeout,
     /// The process was shutting down and the grace period ended.
     Shutdown,
+    /// The connection lived its endpoint's `max_duration` and was closed, busy or not.
+    MaxDuration,
     /// No connected agent has approved the endpoint (relay only).
     NoAgent,
     /// Every connected agent rejected the endpoint (relay only): one agent's reason.
@@ -125,6 +127,7 @@ impl Outcome {
             Self::Completed
             | Self::IdleTimeout
             | Self::Shutdown
+            | Self::MaxDuration
             | Self::NoAgent
             | Self::Rejected(_)
             | Self::SniUnmatched(_)
@@ -140,6 +143,7 @@ impl Outcome {
             Self::Completed => "completed",
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
+            Self::MaxDuration => "max_duration",
             Self::NoAgent => "no_agent",
             Self::Rejected(_) => "rejected",
             Self::SniUnmatched(_) => "sni_unmatched",
@@ -165,6 +169,9 @@ impl fmt::Display for Outcome {
             Self::Completed => f.write_str("completed"),
             Self::IdleTimeout => f.write_str("idle-timeout"),
             Self::Shutdown => f.write_str("shutdown"),
+            Self::MaxDuration => {
+                f.write_str("max-duration: closed after the endpoint's max_duration")
+            }
             Self::NoAgent => f.write_str("no-agent: no connected agent has approved this endpoint"),
             Self::Rejected(reason) => {
                 let reason = privlink_protocol::text::loggable(reason);

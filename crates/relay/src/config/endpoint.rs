@@ -18,6 +18,7 @@ use privlink_protocol::proxy_header::ProxyVersion;
 use privlink_protocol::token::TokenDigest;
 use serde::Deserialize;
 
+use super::limits::{Rate, SourcePolicy, deserialize_per_source_max, deserialize_rate};
 use super::{
     DEFAULT_OPEN_ATTEMPTS, DEFAULT_OPEN_RETRY_BUFFER, DEFAULT_OPEN_TIMEOUT, MAX_OPEN_ATTEMPTS,
     MAX_OPEN_RETRY_BUFFER,
@@ -49,6 +50,10 @@ pub struct EndpointSpec {
     pub stall_timeout: Duration,
     /// Concurrent connections beyond which new ones are refused.
     pub max_connections: usize,
+    /// What one source may open (`per_source_max_connections`, `per_source_rate`).
+    pub per_source: SourcePolicy,
+    /// A connection is closed after this long, busy or not (`max_duration`).
+    pub max_duration: Option<Duration>,
     /// Source-IP rules.
     pub acl: Acl,
     /// How an open the agent did not answer is tried again on another agent.
@@ -238,6 +243,12 @@ pub(super) struct RawEndpoint {
     pub(super) stall_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_limit")]
     pub(super) max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "deserialize_per_source_max")]
+    pub(super) per_source_max_connections: Option<u32>,
+    #[serde(default, deserialize_with = "deserialize_rate")]
+    pub(super) per_source_rate: Option<Rate>,
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
+    pub(super) max_duration: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
     pub(super) open_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_open_attempts")]

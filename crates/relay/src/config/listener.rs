@@ -10,6 +10,7 @@ use privlink_protocol::config::{Spanned, deserialize_optional_positive_duration}
 use serde::Deserialize;
 
 use super::endpoint::{ProxyTrust, RawAcl, RawProxyProtocol};
+use super::limits::{Rate, SourcePolicy, deserialize_per_source_max, deserialize_rate};
 
 /// How long a shared listener waits for a whole ClientHello by default.
 pub const DEFAULT_PREREAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,6 +29,11 @@ pub struct ListenerSpec {
     pub acl: Acl,
     /// Sources whose connections begin with a PROXY header (a load balancer in front).
     pub proxy_protocol: Option<ProxyTrust>,
+    /// What one source may open through this port, whichever endpoint it reaches.
+    pub per_source: SourcePolicy,
+    /// Its connections are closed after this long, busy or not (an endpoint's own
+    /// `max_duration`, if shorter, wins).
+    pub max_duration: Option<Duration>,
     /// Each claimed name (exact, or `*.` and a domain) and the endpoint that claims it, sorted.
     pub routes: Vec<(String, String)>,
 }
@@ -44,6 +50,12 @@ pub(super) struct RawListener {
     pub(super) acl: RawAcl,
     #[serde(default)]
     pub(super) proxy_protocol: Option<RawProxyProtocol>,
+    #[serde(default, deserialize_with = "deserialize_per_source_max")]
+    pub(super) per_source_max_connections: Option<u32>,
+    #[serde(default, deserialize_with = "deserialize_rate")]
+    pub(super) per_source_rate: Option<Rate>,
+    #[serde(default, deserialize_with = "deserialize_optional_positive_duration")]
+    pub(super) max_duration: Option<Duration>,
 }
 
 impl RawListener {
@@ -55,6 +67,11 @@ impl RawListener {
             preread_timeout: self.preread_timeout.unwrap_or(DEFAULT_PREREAD_TIMEOUT),
             acl: self.acl.into_acl(),
             proxy_protocol: self.proxy_protocol.map(RawProxyProtocol::into_trust),
+            per_source: SourcePolicy {
+                max_connections: self.per_source_max_connections,
+                rate: self.per_source_rate,
+            },
+            max_duration: self.max_duration,
             routes: Vec::new(),
         }
     }

@@ -24,12 +24,14 @@ use serde::Deserialize;
 use crate::fleet::{FleetSpec, RawFleet};
 
 mod endpoint;
+mod limits;
 mod listener;
 
 use endpoint::RawEndpoint;
 pub use endpoint::{
     ConnectPolicy, EndpointSpec, EndpointTarget, MAX_PROXY_CREDENTIALS, OpenRetry, ProxyTrust,
 };
+pub use limits::{MAX_RATE, Rate, SourcePolicy};
 use listener::RawListener;
 pub use listener::{DEFAULT_PREREAD_TIMEOUT, ListenerSpec};
 
@@ -366,6 +368,11 @@ impl RelayConfig {
                 inactivity_timeout: e.inactivity_timeout.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
                 stall_timeout: e.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT),
                 max_connections: e.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                per_source: SourcePolicy {
+                    max_connections: e.per_source_max_connections,
+                    rate: e.per_source_rate,
+                },
+                max_duration: e.max_duration,
                 acl: e.acl.into_acl(),
                 open: OpenRetry {
                     timeout: e.open_timeout.unwrap_or(DEFAULT_OPEN_TIMEOUT),
