@@ -112,6 +112,33 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Audit trails.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check an audit trail's hash chain: the first record that does not follow is named
+    Verify {
+        /// The trail's files, oldest first (a rotated trail's files in their order).
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+        /// The trail's HMAC key (`[audit] key_file`), when it has one.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// The last hash an outside copy recorded: a trail that ends elsewhere was cut.
+        #[arg(long, value_name = "HASH")]
+        expect_last: Option<String>,
+        /// The first file continues a trail whose earlier files are not given.
+        #[arg(long)]
+        continues: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How log lines are written.

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use privlink_protocol::config::ConfigError;
 
-use crate::cli::{CertsCommand, Cli, Command, LogFormat, TokenCommand};
+use crate::cli::{AuditCommand, CertsCommand, Cli, Command, LogFormat, TokenCommand};
 
 /// Keeps glibc's malloc from handing freed memory back to the kernel at every turn: rustls,
 /// h2 and quinn allocate and free a buffer per record, frame and datagram batch, and with the
@@ -141,6 +141,7 @@ fn main() -> ExitCode {
         | Command::Demo { log_format, .. } => log_format,
         Command::Token { .. }
         | Command::Certs { .. }
+        | Command::Audit { .. }
         | Command::Status { .. }
         | Command::Check { .. } => LogFormat::Text,
     };
@@ -151,6 +152,15 @@ fn main() -> ExitCode {
             cmd::token::new(out.as_deref(), force)
         }
         Command::Token { command: TokenCommand::Hash { file } } => cmd::token::hash(&file),
+        Command::Audit {
+            command: AuditCommand::Verify { files, key_file, expect_last, continues, json },
+        } => cmd::audit::verify(&cmd::audit::VerifyArgs {
+            files: &files,
+            key_file: key_file.as_deref(),
+            expect_last: expect_last.as_deref(),
+            continues,
+            json,
+        }),
         Command::Certs { command: CertsCommand::Init { dir, names, force } } => {
             cmd::certs::init(&dir, &names, force)
         }
@@ -235,6 +245,8 @@ async fn run_service(command: Command, env_token: Option<String>) -> anyhow::Res
                 .collect();
             cmd::check::run(config.as_deref(), env_token, options, endpoints, json).await
         }
-        Command::Token { .. } | Command::Certs { .. } => unreachable!("handled without a runtime"),
+        Command::Token { .. } | Command::Certs { .. } | Command::Audit { .. } => {
+            unreachable!("handled without a runtime")
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! result, on top of the library crates.
 
 pub(crate) mod agent;
+pub(crate) mod audit;
 pub(crate) mod certs;
 pub(crate) mod check;
 pub(crate) mod demo;

@@ -24,12 +24,14 @@
 //! * [`proxy_header`] — the PROXY protocol header (v1 and v2) a load balancer puts before a
 //!   connection, read and written.
 //! * [`acl`] — per-endpoint source-IP allow/deny lists.
+//! * [`audit`] — the audit trail's records and hash chain: sealing a record, checking a trail.
 //! * [`token`] — connector tokens (redacted in `Debug`), SHA-256 digests, hex.
 //! * [`text`] — peer-supplied strings made safe to log: strict names, escaped free text.
 //! * [`config`] — TOML loading with errors that name file, line and key; durations with units.
 #![forbid(unsafe_code)]
 
 pub mod acl;
+pub mod audit;
 pub mod client_hello;
 pub mod config;
 pub mod control;

@@ -65,6 +65,11 @@ impl TokenDigest {
         Some(Self(out))
     }
 
+    /// The digest's 32 bytes.
+    pub fn into_bytes(self) -> [u8; 32] {
+        self.0
+    }
+
     /// Lowercase hex, as `relay.toml` writes it.
     pub fn to_hex(&self) -> String {
         hex(&self.0)
