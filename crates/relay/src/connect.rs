@@ -12,18 +12,16 @@ use privlink_protocol::destination::Destination;
 use privlink_protocol::http_connect::{self, Authorization, RequestError, Status};
 use privlink_protocol::message::OpenFailCode;
 use privlink_transport::splice::{Origin, Outcome};
-use privlink_transport::tcp;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConnectPolicy;
+use crate::refuse;
 
-/// How long an answer may take to be written, and how long the client's remaining bytes are
-/// read (and dropped) after it, so that closing does not reset the answer away.
+/// How long an answer may take to be written and the client's remaining bytes to be read (and
+/// dropped) after it, so that closing does not reset the answer away.
 const ANSWER_WAIT: Duration = Duration::from_secs(2);
-/// Most bytes read and dropped after an answer.
-const DRAIN_AFTER_ANSWER: usize = 64 * 1024;
 
 /// A request that passed: where it goes, the pattern that admitted it, and what the client
 /// sent after its head.
@@ -169,33 +167,18 @@ pub(crate) fn status_after(outcome: &Outcome, timed_out: bool) -> Option<(Status
     Some((status, reason.to_owned()))
 }
 
-/// Writes a refusal to the client, then closes: the write side first, then the client's
-/// remaining bytes are read and dropped for a moment, so that a close with unread bytes does
-/// not reset the answer away. Everything within [`ANSWER_WAIT`].
+/// Writes a refusal to the client, then closes ([`refuse::answer_and_close`], within
+/// [`ANSWER_WAIT`]).
 pub(crate) async fn answer(socket: &mut TcpStream, status: Status, reason: &str) {
-    // A reset may have been asked for while the attempt ended: an answer needs a plain close.
-    tcp::close_plainly(socket);
     let refusal = http_connect::refusal(status, reason);
-    let written = async {
-        socket.write_all(&refusal).await?;
-        socket.shutdown().await?;
-        let mut drained = 0;
-        let mut sink = [0u8; 4096];
-        while drained < DRAIN_AFTER_ANSWER {
-            match socket.read(&mut sink).await? {
-                0 => break,
-                n => drained += n,
-            }
-        }
-        std::io::Result::Ok(())
-    };
-    let _ = tokio::time::timeout(ANSWER_WAIT, written).await;
+    refuse::answer_and_close(socket, &refusal, ANSWER_WAIT).await;
 }
 
 #[cfg(test)]
 mod tests {
     use privlink_protocol::message::OpenFailure;
     use privlink_protocol::token::TokenDigest;
+    use tokio::io::AsyncWriteExt as _;
     use tokio::net::TcpListener;
 
     use super::*;

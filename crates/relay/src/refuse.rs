@@ -22,9 +22,9 @@ use crate::flow::Flow;
 /// How long a client turned away is given to show it speaks TLS (its first byte), and then to
 /// read the alert.
 pub(crate) const ALERT_WAIT: Duration = Duration::from_secs(1);
-/// Most bytes read (and dropped) from a refused client after its alert, so that the close does
-/// not reset the alert away.
-const DRAIN_AFTER_ALERT: usize = 64 * 1024;
+/// Most bytes read (and dropped) from a refused client after its answer, so that the close does
+/// not reset the answer away.
+const DRAIN_AFTER_ANSWER: usize = 64 * 1024;
 
 /// Turns away a client before any of its bytes reached a destination. One that speaks TLS —
 /// its first byte, `first` when it was read already, else waited for up to [`ALERT_WAIT`],
@@ -46,13 +46,21 @@ pub(crate) async fn with_alert(mut socket: TcpStream, first: Option<u8>, alert: 
         privlink_transport::tcp::abort(socket);
         return;
     }
-    privlink_transport::tcp::close_plainly(&socket);
-    let refused = async {
-        socket.write_all(&alert).await?;
+    answer_and_close(&mut socket, &alert, ALERT_WAIT).await;
+}
+
+/// Writes `answer` to a client being turned away and closes: a plain close (not the reset a
+/// copy may have asked for), the write side first, then the client's remaining bytes read and
+/// dropped (at most 64 KiB) so that a close with unread bytes does not reset the answer away
+/// before the client reads it. All within `wait`.
+pub(crate) async fn answer_and_close(socket: &mut TcpStream, answer: &[u8], wait: Duration) {
+    privlink_transport::tcp::close_plainly(socket);
+    let answered = async {
+        socket.write_all(answer).await?;
         socket.shutdown().await?;
         let mut drained = 0;
         let mut sink = [0u8; 4096];
-        while drained < DRAIN_AFTER_ALERT {
+        while drained < DRAIN_AFTER_ANSWER {
             match socket.read(&mut sink).await? {
                 0 => break,
                 n => drained += n,
@@ -60,7 +68,7 @@ pub(crate) async fn with_alert(mut socket: TcpStream, first: Option<u8>, alert: 
         }
         std::io::Result::Ok(())
     };
-    let _ = tokio::time::timeout(ALERT_WAIT, refused).await;
+    let _ = tokio::time::timeout(wait, answered).await;
 }
 
 /// The first byte of a TLS handshake record: a ClientHello begins with it.
