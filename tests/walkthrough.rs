@@ -47,8 +47,12 @@ fn the_readme_walkthrough_runs_twice_in_a_row() {
     );
     std::fs::write(dir.path().join("walkthrough.sh"), script).expect("script");
     for run in 1..=2 {
+        // A PID namespace as well: when the script ends, however it ends, the kernel stops
+        // whatever it left running (a failed step leaves the relay and the agent behind, and
+        // they would hold this test's pipes open).
         let out = Command::new("unshare")
-            .args(["--net", "sh", "-c", "ip link set lo up && exec timeout 90 bash walkthrough.sh"])
+            .args(["--net", "--pid", "--fork", "sh", "-c"])
+            .arg("ip link set lo up && exec timeout 90 bash walkthrough.sh")
             .current_dir(dir.path())
             .output()
             .expect("unshare (util-linux)");
