@@ -68,6 +68,18 @@ pub struct RelayAddress {
     pub port: u16,
 }
 
+impl RelayAddress {
+    /// The relay as a destination (what a proxy is asked to CONNECT to).
+    pub fn destination(&self) -> privlink_protocol::destination::Destination {
+        privlink_protocol::destination::Destination { host: self.host.clone(), port: self.port }
+    }
+
+    /// A destination as a relay address (the proxy's, which is dialled like one).
+    pub fn of(destination: &privlink_protocol::destination::Destination) -> Self {
+        Self { host: destination.host.clone(), port: destination.port }
+    }
+}
+
 impl std::fmt::Display for RelayAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.host, self.port)
@@ -322,7 +334,7 @@ impl AgentConfig {
 
     /// The proxy on the way to `relay`, if one applies (QUIC never crosses one).
     pub fn proxy_for(&self, relay: &RelayAddress) -> Option<&ProxySettings> {
-        self.proxy.as_ref().filter(|proxy| proxy.applies_to(relay))
+        self.proxy.as_ref().filter(|proxy| proxy.applies_to(&relay.host))
     }
 }
 

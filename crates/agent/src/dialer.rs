@@ -42,7 +42,7 @@ impl RelayDialer {
         let dialed = match config.proxy_for(relay) {
             // `addr` is the proxy's: it is asked to CONNECT to the relay by name.
             Some(proxy) if kind == TransportKind::Tcp => {
-                let hop = proxy.hop_to(relay);
+                let hop = proxy.hop_to(relay.destination());
                 self.dialer.dial_through_proxy(addr, &hop, server_name, deadline).await
             }
             _ => self.dialer.dial_from(kind, addr, server_name, deadline, source).await,

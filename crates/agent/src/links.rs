@@ -147,7 +147,7 @@ pub(crate) async fn resolve_first_hop(
     config: &crate::config::AgentConfig,
 ) -> std::io::Result<Vec<SocketAddr>> {
     match config.proxy_for(relay) {
-        Some(proxy) => resolve(&proxy.address).await,
+        Some(proxy) => resolve(&RelayAddress::of(&proxy.address)).await,
         None => resolve(relay).await,
     }
 }

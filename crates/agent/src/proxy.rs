@@ -16,8 +16,6 @@ use privlink_protocol::destination::{Destination, Host, parse_port, split_host_p
 use privlink_protocol::http_connect::BasicCredentials;
 use privlink_transport::http_proxy::ProxyHop;
 
-use crate::config::RelayAddress;
-
 /// The port a proxy URL without one means (curl's default).
 pub const DEFAULT_PROXY_PORT: u16 = 1080;
 /// The environment variables a proxy is taken from, in curl's order of preference.
@@ -38,7 +36,7 @@ pub enum ProxyOrigin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxySettings {
     /// The proxy's host and port.
-    pub address: RelayAddress,
+    pub address: Destination,
     /// Basic credentials (`Debug` redacts them).
     pub credentials: Option<BasicCredentials>,
     /// Where the setting came from.
@@ -48,17 +46,17 @@ pub struct ProxySettings {
 }
 
 impl ProxySettings {
-    /// Whether the way to `relay` crosses the proxy.
-    pub fn applies_to(&self, relay: &RelayAddress) -> bool {
-        !self.no_proxy.exempts(&relay.host)
+    /// Whether the way to a relay on `host` crosses the proxy.
+    pub fn applies_to(&self, host: &Host) -> bool {
+        !self.no_proxy.exempts(host)
     }
 
     /// The CONNECT the proxy is asked for to reach `relay`: by the name the agent dials (the
     /// proxy resolves it — an agent behind a proxy often has no outside DNS).
-    pub fn hop_to(&self, relay: &RelayAddress) -> ProxyHop {
+    pub fn hop_to(&self, relay: Destination) -> ProxyHop {
         ProxyHop {
             proxy: self.address.to_string(),
-            target: Destination { host: relay.host.clone(), port: relay.port },
+            target: relay,
             credentials: self.credentials.clone(),
         }
     }
@@ -87,7 +85,7 @@ impl ProxyEnvironment {
 
 /// A proxy URL, read: `http://[user:password@]host[:port][/]`, or `host:port` (then `http` is
 /// meant). Credentials are percent-decoded.
-pub fn parse_proxy_url(text: &str) -> Result<(RelayAddress, Option<BasicCredentials>), String> {
+pub fn parse_proxy_url(text: &str) -> Result<(Destination, Option<BasicCredentials>), String> {
     let text = text.trim();
     let rest = match text.split_once("://") {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
@@ -122,7 +120,7 @@ pub fn parse_proxy_url(text: &str) -> Result<(RelayAddress, Option<BasicCredenti
     };
     let (host, port) = split_host_port(&with_port).map_err(|e| e.to_string())?;
     let host = host.parse::<Host>().map_err(|e| e.to_string())?;
-    Ok((RelayAddress { host, port: parse_port(port).map_err(|e| e.to_string())? }, credentials))
+    Ok((Destination { host, port: parse_port(port).map_err(|e| e.to_string())? }, credentials))
 }
 
 /// `%XX` escapes decoded (credentials may hold `@`, `:` or `%` that way).
@@ -264,7 +262,7 @@ mod tests {
             origin: ProxyOrigin::Config,
             no_proxy: NoProxy::default(),
         };
-        let shown = format!("{settings:?} {:?}", settings.hop_to(&settings.address));
+        let shown = format!("{settings:?} {:?}", settings.hop_to(settings.address.clone()));
         assert!(!shown.contains("hunter2"), "{shown}");
         let error = parse_proxy_url("http://agent:hunter2@proxy.corp:99999").expect_err("port");
         assert!(!error.contains("hunter2"), "{error}");

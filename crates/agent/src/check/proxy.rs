@@ -26,9 +26,10 @@ pub(super) async fn check_proxy(
         ProxyOrigin::Environment(name) => format!("the environment's {name}"),
     };
     let subject = format!("{} ({origin})", proxy.address);
+    let proxy_address = RelayAddress::of(&proxy.address);
     let ((reached, addr), took) = timed(async {
         let resolved =
-            tokio::time::timeout(config.dns_timeout, crate::links::resolve(&proxy.address));
+            tokio::time::timeout(config.dns_timeout, crate::links::resolve(&proxy_address));
         let addrs = match resolved.await {
             Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
             Ok(Ok(_)) => return (Err("the proxy's name resolves to no address".to_owned()), None),
@@ -68,7 +69,7 @@ pub(super) async fn check_proxy(
             return None;
         }
     };
-    let hop = proxy.hop_to(relay);
+    let hop = proxy.hop_to(relay.destination());
     let (answered, took) =
         timed(tokio::time::timeout(Timers::HANDSHAKE, connect_through(&mut socket, &hop))).await;
     let subject = format!("CONNECT {} via {}", hop.target, proxy.address);
