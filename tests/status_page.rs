@@ -1,7 +1,8 @@
 //! The status page in a real browser: Debian's headless Chromium, driven over the DevTools
 //! protocol by `scripts/browse_status.py`, loads `/` from a running relay once and watches it
-//! refresh itself — the endpoint shows `Approved` while the agent is connected and turns
-//! `Disconnected` after the agent stops, with no reload. Screenshots of both go under
+//! refresh itself — the endpoint shows `Approved` with an open connection listed (its client
+//! address) while the agent is connected, and turns `Disconnected` with none after the
+//! connection closes and the agent stops, with no reload. Screenshots of both go under
 //! `target/tmp/`. CI installs `chromium`; without it the test fails saying so.
 
 mod common;
@@ -30,7 +31,17 @@ async fn the_status_page_shows_the_endpoint_approved_then_disconnected_in_chromi
     let agent =
         harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]));
     harness.wait_approved("e").await;
-    let url = format!("http://{}/", harness.relay.admin_addr().expect("admin listener"));
+    let admin = harness.relay.admin_addr().expect("admin listener");
+    let url = format!("http://{admin}/");
+    // One open connection, for the page's connection list.
+    let mut open = tokio::net::TcpStream::connect(harness.addr("e")).await.expect("connect");
+    let client = open.local_addr().expect("addr").to_string();
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        open.write_all(b"ping").await.expect("write");
+        let mut back = [0u8; 4];
+        open.read_exact(&mut back).await.expect("echoed: forwarded");
+    }
 
     let shots = env!("CARGO_TARGET_TMPDIR");
     let mut browser = Command::new("python3")
@@ -54,7 +65,11 @@ async fn the_status_page_shows_the_endpoint_approved_then_disconnected_in_chromi
     assert!(approved.starts_with("seen Approved"), "{approved}");
     assert!(approved.contains("1 of 1 endpoint approved"), "the summary counts it: {approved}");
     assert!(approved.contains(" 1 agent connected"), "one agent, not \"1 agents\": {approved}");
+    assert!(approved.contains(&format!("\"client\": \"{client}\"")), "listed: {approved}");
 
+    drop(open);
+    let gone = |_: u16, body: &str| body.contains("\"total\":0");
+    tokio::task::block_in_place(|| wait_admin(admin, "/api/v1/connections", gone));
     agent.cancel();
     harness.wait_status("e", |s| *s == EndpointStatus::Disconnected).await;
     writeln!(to_script, "agent stopped").expect("tell the script");

@@ -2,10 +2,10 @@
 # (--remote-debugging-pipe: JSON messages ending in NUL, browser reads fd 3, writes fd 4) to
 # watch privlink's status page in ONE page load:
 #   browse_status.py URL ENDPOINT SCREENSHOT_DIR
-# It waits until the endpoint's row shows Approved, takes a screenshot, prints
-# "seen Approved", waits for a line on stdin (the test stops the agent), waits until the same
-# page — refreshing itself — shows Disconnected, takes a second screenshot and prints
-# "seen Disconnected". Every wait has a deadline; on one it prints what the page showed and
+# It waits until the endpoint's row shows Approved with one open connection listed, takes a
+# screenshot, prints "seen Approved", waits for a line on stdin (the test closes the connection
+# and stops the agent), waits until the same page — refreshing itself — shows Disconnected and
+# no connection, takes a second screenshot and prints "seen Disconnected". Every wait has a deadline; on one it prints what the page showed and
 # exits 1.
 import base64, json, os, selectors, shutil, subprocess, sys, tempfile, time
 
@@ -82,10 +82,14 @@ PROBE = """(() => {
   const row = [...document.querySelectorAll('#endpoints tr')]
     .find((r) => r.dataset.endpoint === %s);
   const badge = row && row.querySelector('.badge');
+  const open = [...document.querySelectorAll('#connections tr')]
+    .filter((r) => r.dataset.endpoint === %s);
   return JSON.stringify({ status: row ? row.dataset.status : null,
                           badge: badge ? badge.textContent : null,
-                          summary: document.getElementById('summary')?.textContent });
-})()""" % json.dumps(endpoint)
+                          summary: document.getElementById('summary')?.textContent,
+                          connections: open.length,
+                          client: open.length ? open[0].cells[0].textContent : null });
+})()""" % (json.dumps(endpoint), json.dumps(endpoint))
 
 
 def shown():
@@ -96,15 +100,17 @@ def shown():
     return json.loads(result["result"]["value"])
 
 
-def wait_for(status):
+def wait_for(status, connections):
     deadline = time.monotonic() + WAIT
     last = None
     while time.monotonic() < deadline:
         last = shown()
-        if last["status"] == status and last["badge"] == status:
+        if (last["status"] == status and last["badge"] == status
+                and last.get("connections") == connections):
             return last
         time.sleep(0.1)
-    fail("the page never showed %s; it showed %s" % (status, json.dumps(last)))
+    fail("the page never showed %s with %d open connections; it showed %s"
+         % (status, connections, json.dumps(last)))
 
 
 def screenshot(name):
@@ -115,12 +121,12 @@ def screenshot(name):
     return path
 
 
-seen = wait_for("Approved")
+seen = wait_for("Approved", 1)
 print("seen Approved " + json.dumps(seen) + " " + screenshot("status-page-approved.png"),
       flush=True)
 if not sys.stdin.readline():
     fail("the test went away")
-seen = wait_for("Disconnected")
+seen = wait_for("Disconnected", 0)
 print("seen Disconnected " + json.dumps(seen) + " " + screenshot("status-page-disconnected.png"),
       flush=True)
 call("Browser.close")

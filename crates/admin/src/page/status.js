@@ -1,6 +1,7 @@
-// The privlink status page: asks /api/v1/status every two seconds and draws the relay's
-// endpoints and agents, or the agent's relay links. Every value is written with textContent,
-// never as HTML: names and reasons come from configurations and from agents.
+// The privlink status page: asks /api/v1/status and /api/v1/connections every two seconds and
+// draws the relay's endpoints, agents and open connections, or the agent's relay links and
+// streams. Every value is written with textContent, never as HTML: names, reasons and
+// addresses come from configurations, agents and clients.
 "use strict";
 
 const REFRESH_MS = 2000;
@@ -103,6 +104,61 @@ function fleetRow(f) {
   return tr;
 }
 
+// Most open connections drawn (the API lists up to 10,000, oldest first).
+const SHOWN_CONNECTIONS = 100;
+
+function bytes(n) {
+  if (n < 1024) return n + " B";
+  const units = ["KiB", "MiB", "GiB", "TiB"];
+  let value = n / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return value.toFixed(value < 10 ? 1 : 0) + " " + units[unit];
+}
+
+function age(unixSeconds) {
+  if (!unixSeconds) return "–";
+  const seconds = Math.max(0, Math.round(Date.now() / 1000 - unixSeconds));
+  if (seconds < 60) return seconds + " s";
+  if (seconds < 3600) return Math.floor(seconds / 60) + " min " + (seconds % 60) + " s";
+  return Math.floor(seconds / 3600) + " h " + Math.floor((seconds % 3600) / 60) + " min";
+}
+
+// One open connection: the relay's view (a client's) or the agent's (a stream's).
+function connectionRow(c) {
+  const tr = element("tr");
+  tr.dataset.endpoint = c.endpoint;
+  if ("agent" in c) {
+    tr.append(
+      cell(c.client), cell(c.endpoint), cell(c.destination || "–"), cell(c.agent),
+      cell(age(c.started_unix), "number"), cell(bytes(c.bytes_from_client), "number"),
+      cell(bytes(c.bytes_to_client), "number"));
+  } else {
+    tr.append(
+      cell(c.endpoint), cell(c.client), cell(c.destination), cell(age(c.started_unix), "number"),
+      cell(bytes(c.bytes_to_destination), "number"),
+      cell(bytes(c.bytes_from_destination), "number"));
+  }
+  return tr;
+}
+
+function drawConnections(role, listed) {
+  const columns = role === "relay"
+    ? ["Client", "Endpoint", "Destination", "Agent", "Age", "From client", "To client"]
+    : ["Endpoint", "Client", "Destination", "Age", "To destination", "From destination"];
+  document.getElementById("connections-head")
+    .replaceChildren(...columns.map((name) => element("th", name)));
+  const connections = listed.connections || [];
+  fill("connections", connections.slice(0, SHOWN_CONNECTIONS).map(connectionRow), columns.length,
+    "No connection is open.");
+  const more = (listed.total || 0) - Math.min(connections.length, SHOWN_CONNECTIONS);
+  document.getElementById("connections-more").textContent =
+    more > 0 ? "… and " + count(more, "more connection") + " (the oldest are shown)." : "";
+}
+
 // "1 agent", "2 agents": a count and its noun, in the right number.
 function count(n, noun) {
   return n + " " + noun + (n === 1 ? "" : "s");
@@ -170,7 +226,10 @@ async function refresh() {
       return;
     }
     document.getElementById("token-form").hidden = true;
-    draw(await response.json());
+    const status = await response.json();
+    draw(status);
+    const listed = await fetch("/api/v1/connections", { headers, cache: "no-store" });
+    if (listed.ok) drawConnections(status.role, await listed.json());
   } catch (e) {
     unreachable("The admin listener cannot be reached (" + e.message + "); retrying.");
   } finally {
