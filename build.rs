@@ -2,13 +2,30 @@
 //! tests (root, iproute2, nftables, /dev/net/tun), and marks them `#[ignore]` with a reason when
 //! it cannot — or when `PRIVLINK_SKIP_NETNS=1` asks for that — so that a plain `cargo test`
 //! summary counts them as ignored instead of passing them silently. (The tests themselves still
-//! fail loudly if the machine said yes here and then cannot make a namespace.)
+//! fail loudly if the machine said yes here and then cannot make a namespace.) Likewise the
+//! version-skew test, which builds the previous release from the repository's history: ignored,
+//! with the reason, in a checkout that does not hold that commit (a shallow clone).
 
 use std::path::Path;
 use std::process::Command;
 
+/// The previous release the version-skew test builds (tests/version_skew.rs says the same).
+const PREVIOUS_RELEASE: &str = "9538b35";
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(privlink_no_netns)");
+    println!("cargo::rustc-check-cfg=cfg(privlink_no_previous_release)");
+    let has_previous = Command::new("git")
+        .args(["cat-file", "-e", &format!("{PREVIOUS_RELEASE}^{{commit}}")])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !has_previous {
+        println!("cargo::rustc-cfg=privlink_no_previous_release");
+        println!(
+            "cargo::warning=the version-skew test will be ignored: commit {PREVIOUS_RELEASE} is not \
+             in this checkout (a shallow clone?)"
+        );
+    }
     println!("cargo::rerun-if-env-changed=PRIVLINK_SKIP_NETNS");
     println!("cargo::rerun-if-changed=build.rs");
     if let Some(reason) = netns_missing() {
