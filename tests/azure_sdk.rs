@@ -61,16 +61,9 @@ async fn the_azure_sdk_reaches_two_vaults_by_their_own_names(transport: Transpor
         allow.push(rule_for(vault));
     }
     let shared = shared_port(transport);
-    let listener = privlink_relay::config::ListenerSpec {
-        name: "vaults".to_owned(),
-        listen: shared,
-        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
-        per_source: Default::default(),
-        max_duration: None,
-        acl: Default::default(),
-        proxy_protocol: None,
-        routes,
-    };
+    let routes: Vec<(&str, &str)> = routes.iter().map(|(n, e)| (n.as_str(), e.as_str())).collect();
+    let mut listener = listener("vaults", &routes);
+    listener.listen = shared;
     let harness = Harness::start_with(endpoints, vec![listener], None).await;
     let agent = harness.spawn_agent(harness.agent_config(transport, &allow));
     harness.wait_approved("kv0").await;

@@ -32,6 +32,8 @@ const CREDENTIALS: &str = "kv-client:s3cret word";
 /// and the closed port — but not `localhost:1`, which the endpoint admits.
 struct ConnectProxy {
     harness: Harness,
+    /// The relay's admin listener.
+    admin: SocketAddr,
     agent: tokio_util::sync::CancellationToken,
     ca_file: tempfile::NamedTempFile,
     vault: SocketAddr,
@@ -59,11 +61,13 @@ impl ConnectProxy {
                 .collect(),
             proxy_auth: vec![TokenDigest::of(CREDENTIALS.as_bytes())],
         });
-        let harness = Harness::start(vec![proxy]).await;
+        let admin = loopback(privlink_testbed::process::free_fixed_port());
+        let settings = privlink_protocol::config::AdminSettings::new(admin, None);
+        let harness = Harness::start_with_admin(vec![proxy], Some(settings)).await;
         let allow = [named(vault), named(echo), named(closed)];
         let agent = harness.spawn_agent(harness.agent_config(transport, &allow));
         harness.wait_approved("proxy").await;
-        Self { harness, agent, ca_file, vault, echo, closed }
+        Self { harness, admin, agent, ca_file, vault, echo, closed }
     }
 
     /// curl through the endpoint to `https://localhost:PORT/` with `credentials`: the status
@@ -192,12 +196,19 @@ async fn bytes_behind_the_head_are_forwarded_after_the_200(transport: TransportC
         base64_of(CREDENTIALS)
     );
     client.write_all(request.as_bytes()).await.expect("write");
+    let mut greeting = [0u8; 39 + 15];
+    client.read_exact(&mut greeting).await.expect("the 200 and the echo");
+    // While it is open, the relay's connection list names where it asked to go.
+    let (_, listed) = admin_get(proxy.admin, "/api/v1/connections");
+    let asked = format!("\"destination\":\"{VAULT}:{}\"", proxy.echo.port());
+    assert!(listed.contains(&asked), "{asked} in {listed}");
     client.shutdown().await.expect("half-close");
     let mut answer = String::new();
     tokio::time::timeout(WAIT, client.read_to_string(&mut answer))
         .await
         .expect("answered in time")
         .expect("read");
+    let answer = String::from_utf8_lossy(&greeting).into_owned() + &answer;
     assert_eq!(answer, "HTTP/1.1 200 Connection established\r\n\r\nping, pipelined");
     proxy.stop().await;
 }

@@ -359,6 +359,13 @@ fn through_http_proxies_on_both_sides() {
     drop(wrong_agent);
     let mut tunnel = tunnel;
     let logged = tunnel.agent.output_so_far().join("\n") + &tunnel.relay.output_so_far().join("\n");
+    // The flow log names where each CONNECT client asked to go.
+    assert!(
+        logged.lines().any(|l| l.contains("privlink::flow")
+            && l.contains(&format!("destination={VAULT_NAME}:443"))
+            && l.contains("outcome=completed")),
+        "no completed flow line names {VAULT_NAME}:443"
+    );
     for secret in [PROXY_PASSWORD, "s3cret"] {
         assert!(!logged.contains(secret), "`{secret}` in a log line");
     }

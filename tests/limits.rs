@@ -15,7 +15,7 @@ use common::*;
 use privlink_agent::config::TransportChoice;
 use privlink_protocol::client_hello::ACCESS_DENIED_ALERT;
 use privlink_protocol::config::AdminSettings;
-use privlink_relay::config::{EndpointSpec, ListenerSpec, SourcePolicy};
+use privlink_relay::config::{EndpointSpec, SourcePolicy};
 use privlink_testbed::process::free_fixed_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -62,7 +62,11 @@ async fn a_burst_from_one_source_is_cut_to_its_rate_and_others_are_untouched(
     .await;
     let to = harness.addr("e");
     let started = Instant::now();
-    let burst: Vec<bool> = futures_join_all((0..50).map(|_| served_from("127.0.0.2", to))).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        burst.spawn(served_from("127.0.0.2", to));
+    }
+    let burst = burst.join_all().await;
     let elapsed = started.elapsed();
     let served = burst.iter().filter(|s| **s).count();
     // The bucket holds 5, and gains 5 a second while the burst lasts.
@@ -144,16 +148,8 @@ async fn a_shared_listener_limits_each_source_before_routing() {
     let mut spec = endpoint("kv", echo);
     spec.listener = Some("vaults".to_owned());
     spec.server_names = vec![NAME.to_owned()];
-    let listener = ListenerSpec {
-        name: "vaults".to_owned(),
-        listen: loopback(0),
-        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
-        per_source: SourcePolicy { max_connections: Some(1), rate: None },
-        max_duration: None,
-        acl: Default::default(),
-        proxy_protocol: None,
-        routes: vec![(NAME.to_owned(), "kv".to_owned())],
-    };
+    let mut listener = listener("vaults", &[(NAME, "kv")]);
+    listener.per_source = SourcePolicy { max_connections: Some(1), rate: None };
     let harness = Harness::start_with(vec![spec], vec![listener], None).await;
     let agent = harness.spawn_agent(harness.agent_config(TransportChoice::Tcp, &[rule_for(echo)]));
     harness.wait_approved("kv").await;
@@ -176,16 +172,4 @@ async fn a_shared_listener_limits_each_source_before_routing() {
     other.read_exact(&mut back).await.expect("another source is routed");
     drop((first, other));
     harness.shutdown(&[agent]).await;
-}
-
-/// Runs the futures at once and collects their outputs in order (no futures crate here).
-async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<bool> {
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut outputs = Vec::with_capacity(handles.len());
-    for handle in handles {
-        outputs.push(handle.await.expect("task"));
-    }
-    outputs
 }

@@ -217,19 +217,13 @@ async fn a_shared_listener_reads_the_header_then_routes_by_name(transport: Trans
     let mut spec = endpoint("kv", vault);
     spec.listener = Some("vaults".to_owned());
     spec.server_names = vec![VAULT.to_owned()];
-    let listener = privlink_relay::config::ListenerSpec {
-        name: "vaults".to_owned(),
-        listen: loopback(0),
-        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
-        per_source: Default::default(),
-        max_duration: None,
-        acl: privlink_protocol::acl::Acl {
-            allow: vec!["127.0.0.2/32".parse().expect("net")],
-            deny: vec![],
-        },
-        proxy_protocol: Some(ProxyTrust { trusted: vec!["127.0.0.1/32".parse().expect("net")] }),
-        routes: vec![(VAULT.to_owned(), "kv".to_owned())],
+    let mut listener = listener("vaults", &[(VAULT, "kv")]);
+    listener.acl = privlink_protocol::acl::Acl {
+        allow: vec!["127.0.0.2/32".parse().expect("net")],
+        deny: vec![],
     };
+    listener.proxy_protocol =
+        Some(ProxyTrust { trusted: vec!["127.0.0.1/32".parse().expect("net")] });
     let harness = Harness::start_with(vec![spec], vec![listener], None).await;
     let agent = harness.spawn_agent(harness.agent_config(transport, &[rule_for(vault)]));
     harness.wait_approved("kv").await;

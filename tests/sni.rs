@@ -210,16 +210,7 @@ async fn two_vaults_behind_one_shared_port_each_by_its_own_name(transport: Trans
         on_port("wild", wild, &["*.wild.test"]),
     ];
     let routes = [(VAULT, "contoso"), (OTHER_VAULT, "fabrikam"), ("*.wild.test", "wild")];
-    let listener = privlink_relay::config::ListenerSpec {
-        name: "vaults".to_owned(),
-        listen: loopback(0),
-        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
-        per_source: Default::default(),
-        max_duration: None,
-        acl: Default::default(),
-        proxy_protocol: None,
-        routes: routes.iter().map(|(n, e)| ((*n).to_owned(), (*e).to_owned())).collect(),
-    };
+    let listener = listener("vaults", &routes);
     let admin = loopback(privlink_testbed::process::free_fixed_port());
     let harness =
         Harness::start_with(endpoints, vec![listener], Some(AdminSettings::new(admin, None))).await;
@@ -284,25 +275,12 @@ async fn check_endpoint_explains_what_a_client_would_meet() {
     let mut spec = endpoint("kv", vault);
     spec.listener = Some("vaults".to_owned());
     spec.server_names = vec!["localhost".to_owned()];
-    let listener = privlink_relay::config::ListenerSpec {
-        name: "vaults".to_owned(),
-        listen: loopback(0),
-        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
-        per_source: Default::default(),
-        max_duration: None,
-        acl: Default::default(),
-        proxy_protocol: None,
-        routes: vec![("localhost".to_owned(), "kv".to_owned())],
-    };
+    let listener = listener("vaults", &[("localhost", "kv")]);
     // A second listener that claims another name only: `localhost` is unmatched there.
     let mut other = endpoint("other", vault);
     other.listener = Some("others".to_owned());
     other.server_names = vec!["other.test".to_owned()];
-    let others = privlink_relay::config::ListenerSpec {
-        name: "others".to_owned(),
-        routes: vec![("other.test".to_owned(), "other".to_owned())],
-        ..listener.clone()
-    };
+    let others = common::listener("others", &[("other.test", "other")]);
     let harness = Harness::start_with(vec![spec, other], vec![listener, others], None).await;
     let agent =
         harness.spawn_agent(harness.agent_config(TransportChoice::Quic, &[rule_for(vault)]));
@@ -377,16 +355,6 @@ async fn a_reload_adds_and_removes_shared_listeners() {
         spec.listener = Some(listener.to_owned());
         spec.server_names = vec![vault.to_owned()];
         spec
-    };
-    let listener = |name: &str, routes: &[(&str, &str)]| privlink_relay::config::ListenerSpec {
-        name: name.to_owned(),
-        listen: loopback(0),
-        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
-        per_source: Default::default(),
-        max_duration: None,
-        acl: Default::default(),
-        proxy_protocol: None,
-        routes: routes.iter().map(|(n, e)| ((*n).to_owned(), (*e).to_owned())).collect(),
     };
     let first = (
         vec![on("vaults", "contoso", contoso, VAULT)],

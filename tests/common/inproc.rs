@@ -64,6 +64,21 @@ pub fn endpoint(name: &str, destination: SocketAddr) -> EndpointSpec {
     }
 }
 
+/// A shared listener `name` on an ephemeral loopback port routing `routes` (server name,
+/// endpoint), with defaults; a test sets what it is about on the result.
+pub fn listener(name: &str, routes: &[(&str, &str)]) -> privlink_relay::config::ListenerSpec {
+    privlink_relay::config::ListenerSpec {
+        name: name.to_owned(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        preread_timeout: privlink_relay::config::DEFAULT_PREREAD_TIMEOUT,
+        per_source: Default::default(),
+        max_duration: None,
+        acl: Acl::default(),
+        proxy_protocol: None,
+        routes: routes.iter().map(|(n, e)| ((*n).to_owned(), (*e).to_owned())).collect(),
+    }
+}
+
 /// A relay configuration on loopback for `pki`'s certificate and `token`'s connector.
 pub fn relay_config(
     pki: &Pki,

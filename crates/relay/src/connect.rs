@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use privlink_protocol::destination::Destination;
-use privlink_protocol::http_connect::{self, Authorization, RequestError, Status};
+use privlink_protocol::http_connect::{self, Authorization, Status};
 use privlink_protocol::message::OpenFailCode;
 use privlink_transport::splice::{Origin, Outcome};
 use tokio::io::AsyncReadExt as _;
@@ -80,7 +80,7 @@ pub(crate) async fn read_request(
         match http_connect::parse_request(&bytes) {
             Ok(Some(request)) => break request,
             Ok(None) => {}
-            Err(e) => return Err(Turned::answered(e.status(), refusal_reason(&e), None)),
+            Err(e) => return Err(Turned::answered(e.status(), e.to_string(), None)),
         }
         let mut chunk = [0u8; 2048];
         let n = tokio::select! {
@@ -124,11 +124,6 @@ pub(crate) async fn read_request(
     let pattern = pattern.to_string();
     let early = bytes.split_off(request.head_len);
     Ok(Requested { target, pattern, early })
-}
-
-/// What a refused head is told: the parser's reason.
-fn refusal_reason(e: &RequestError) -> String {
-    e.to_string()
 }
 
 /// The status, and the one-line reason, a CONNECT client gets for an attempt that ended with

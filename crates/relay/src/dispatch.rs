@@ -99,7 +99,7 @@ pub(crate) async fn forward(
         match preread::server_name(&mut socket, read, spec.preread_timeout, force).await {
             Ok((bytes, name)) if spec.admits_server_name(name.as_deref()) => bytes,
             refused => {
-                let asked = preread::refuse(&socket, refused);
+                let asked = preread::refuse(socket, refused).await;
                 let outcome = Outcome::SniUnmatched(asked);
                 refuse::before_open(endpoint, spec, (client, via), started, &outcome, None);
                 return;

@@ -18,7 +18,7 @@ pub struct EndpointCounters {
     pub accepted: AtomicU64,
     /// Connections closed at once by the ACL.
     pub denied: AtomicU64,
-    /// Connections closed at once because `max_connections` was reached.
+    /// Connections closed at once because `max_connections` or a per-source limit was reached.
     pub over_limit: AtomicU64,
     /// Connections closed at once because the relay held its whole buffer budget.
     pub over_budget: AtomicU64,

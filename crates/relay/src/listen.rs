@@ -71,7 +71,11 @@ impl Listeners {
     /// Turns away a client refused on accept, before it has sent anything we read: with the
     /// `access_denied` alert if it speaks TLS and there is room for the courtesy, else with a
     /// reset.
-    fn refuse(tasks: &TaskTracker, courtesy: &Arc<Semaphore>, socket: tokio::net::TcpStream) {
+    fn refuse_on_accept(
+        tasks: &TaskTracker,
+        courtesy: &Arc<Semaphore>,
+        socket: tokio::net::TcpStream,
+    ) {
         match Arc::clone(courtesy).try_acquire_owned() {
             Ok(permit) => {
                 tasks.spawn(async move {
@@ -123,7 +127,7 @@ impl Listeners {
                         return;
                     }
                     let Some((spec, slot)) = admit(&endpoint, client) else {
-                        Self::refuse(&tasks, &courtesy, socket);
+                        Self::refuse_on_accept(&tasks, &courtesy, socket);
                         return;
                     };
                     let endpoint = Arc::clone(&endpoint);
@@ -168,7 +172,7 @@ impl Listeners {
                     if !trusted && !routing.spec.acl.permits(client.ip()) {
                         port.metrics.listener_refused(&port.name, "acl_denied");
                         debug!(%client, "connection denied by the listener's ACL");
-                        Self::refuse(&tasks, &courtesy, socket);
+                        Self::refuse_on_accept(&tasks, &courtesy, socket);
                         return;
                     }
                     // A balancer's connections are judged by the client its header names, in
@@ -177,7 +181,7 @@ impl Listeners {
                         SourceSlot::none()
                     } else {
                         let Some(source) = port.admit_source(client) else {
-                            Self::refuse(&tasks, &courtesy, socket);
+                            Self::refuse_on_accept(&tasks, &courtesy, socket);
                             return;
                         };
                         source
@@ -325,7 +329,7 @@ async fn route(
         _ => None,
     };
     let (Some(endpoint), Ok((bytes, _))) = (endpoint, read.as_ref()) else {
-        let asked = preread::refuse(&socket, read);
+        let asked = preread::refuse(socket, read).await;
         port.refused(client, "sni_unmatched", &asked);
         return;
     };

@@ -16,6 +16,8 @@ use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::refuse;
+
 /// Why a connection's ClientHello could not be read.
 #[derive(Debug)]
 pub(crate) enum Unread {
@@ -115,9 +117,10 @@ pub(crate) fn looks_like_proxy_header(bytes: &[u8]) -> bool {
 }
 
 /// Turns away a client whose ClientHello `read` found (or did not) a name the endpoint serves:
-/// the `unrecognized_name` alert to one that spoke TLS, then the close (when the socket drops).
-/// Returns what the flow log says it asked for.
-pub(crate) fn refuse(socket: &TcpStream, read: Result<Read, (Vec<u8>, Unread)>) -> String {
+/// the `unrecognized_name` alert to one that spoke TLS, answered and closed as every refusal is
+/// ([`refuse::answer_and_close`]), a plain close to any other. Returns what the flow log says
+/// it asked for.
+pub(crate) async fn refuse(mut socket: TcpStream, read: Result<Read, (Vec<u8>, Unread)>) -> String {
     let (spoke_tls, asked) = match read {
         Ok((_, Some(name))) => {
             (true, format!("the client asked for {name}, a name this endpoint does not serve"))
@@ -134,8 +137,7 @@ pub(crate) fn refuse(socket: &TcpStream, read: Result<Read, (Vec<u8>, Unread)>) 
         Err((_, Unread::Cancelled)) => (false, "the relay is shutting down".to_owned()),
     };
     if spoke_tls {
-        // Seven bytes into an empty send buffer: written at once or not at all, never waited on.
-        let _ = socket.try_write(&UNRECOGNIZED_NAME_ALERT);
+        refuse::answer_and_close(&mut socket, &UNRECOGNIZED_NAME_ALERT, refuse::ALERT_WAIT).await;
     }
     asked
 }

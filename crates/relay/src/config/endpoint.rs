@@ -98,14 +98,6 @@ impl ConnectPolicy {
 }
 
 impl EndpointTarget {
-    /// The destination, for an endpoint that has one.
-    pub fn fixed(&self) -> Option<&Destination> {
-        match self {
-            Self::Fixed(destination) => Some(destination),
-            Self::Connect(_) => None,
-        }
-    }
-
     /// The CONNECT policy, for an `http-connect` endpoint.
     pub fn connect(&self) -> Option<&ConnectPolicy> {
         match self {
