@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use privlink_protocol::audit::{ChainHead, Sealer};
 
@@ -32,17 +31,7 @@ fn write_trail(dir: &Path, sealer: &Sealer, per_file: usize) -> (Vec<PathBuf>, S
     (files, head.prev.to_string())
 }
 
-/// Runs `privlink audit verify` with `args`: exit code, stdout, stderr.
-fn verify(files: &[PathBuf], args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::BIN)
-        .args(["audit", "verify"])
-        .args(files)
-        .args(args)
-        .output()
-        .expect("run privlink");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-}
+use common::audit_verify as verify;
 
 /// Rewrites `file`'s lines with `change`.
 fn edit(file: &Path, change: impl FnOnce(&mut Vec<String>)) {

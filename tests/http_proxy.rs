@@ -222,7 +222,7 @@ fn through_http_proxies_on_both_sides() {
             endpoint_extra: &format!(
                 "mode = \"http-connect\"\ndestinations = [\"*.vault.azure.net:443\"]\n\
                  proxy_auth_sha256 = \"{client_hash}\"\nopen_timeout = \"8s\"\nopen_attempts = 1\n\
-                 [endpoint.acl]\nallow = [\"{CLIENT}/32\"]"
+                 [endpoint.acl]\nallow = [\"{CLIENT}/32\"]\n\n[audit]\npath = \"relay-audit.jsonl\""
             ),
             agent_extra: &format!(
                 "transport = \"auto\"\nproxy = \"http://{CORP_INNER}:3128\"\n\
@@ -372,5 +372,24 @@ fn through_http_proxies_on_both_sides() {
 
     let (agent, relay) = tunnel.stop();
     assert!(agent.success() && relay.success(), "exits: agent {agent}, relay {relay}");
+    // The audit trail names where each CONNECT client asked to go, served or refused, and
+    // holds no credential.
+    let trail = std::fs::read_to_string(dir.path().join("relay-audit.jsonl")).expect("trail");
+    let records: Vec<serde_json::Value> =
+        trail.lines().map(|l| serde_json::from_str(l).expect("a record")).collect();
+    let vault_destination = format!("{VAULT_NAME}:443");
+    let with = |event: &str, outcome: Option<&str>, destination: &str| {
+        records.iter().any(|r| {
+            r["event"] == event
+                && outcome.is_none_or(|o| r["outcome"] == o)
+                && r["destination"] == destination
+        })
+    };
+    assert!(with("connection.opened", None, &vault_destination), "{trail}");
+    assert!(with("connection.closed", Some("completed"), &vault_destination), "{trail}");
+    assert!(with("connection.denied", Some("forbidden"), "db.corp.example:443"), "{trail}");
+    for secret in [PROXY_PASSWORD, "s3cret", CLIENT_CREDENTIALS] {
+        assert!(!trail.contains(secret), "`{secret}` in the audit trail");
+    }
     drop(vault);
 }

@@ -137,7 +137,7 @@ fn the_flow_log_names_the_rejection_and_its_reason() {
             endpoint: "kv",
             endpoint_listen: &format!("127.0.0.1:{endpoint_port}"),
             destination: "127.0.0.1:9",
-            endpoint_extra: "",
+            endpoint_extra: "\n[audit]\npath = \"audit.jsonl\"",
             agent_extra: "transport = \"tcp\"",
             allow: "127.0.0.1:1",
             admin: (relay_admin, agent_admin),
@@ -159,4 +159,17 @@ fn the_flow_log_names_the_rejection_and_its_reason() {
     assert!(line.contains("is not in the agent's allowlist"), "the agent's reason: {line}");
     agent.terminate();
     relay.terminate();
+    // The audit record names the real cause too.
+    let trail = std::fs::read_to_string(dir.path().join("audit.jsonl")).expect("trail");
+    let closed = trail
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a record"))
+        .find(|r| r["event"] == "connection.closed")
+        .unwrap_or_else(|| panic!("no connection.closed in {trail}"));
+    assert_eq!(closed["outcome"], "rejected", "{closed}");
+    let reason = closed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("rejected: ") && reason.contains("is not in the agent's allowlist"),
+        "{closed}"
+    );
 }

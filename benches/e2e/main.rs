@@ -11,7 +11,8 @@
 //! 4 Mbit/s link. It prints a Markdown report (every figure also as a
 //! ratio to direct) and writes it to `target/e2e-report.md`; `docs/benchmarks.md` explains it.
 //! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, haproxy2,
-//! quic, tcp, wan) to run a subset and `E2E_MEASURES=connections` (any of memory, bulk, rr,
+//! quic, tcp, wan; and quic-audit, tcp-audit — the audit trail on — which run only when named)
+//! to run a subset and `E2E_MEASURES=connections` (any of memory, bulk, rr,
 //! connections = sequential + concurrent, stalled) to run only some measurements, e.g. under a
 //! profiler.
 //! Nothing here asserts on timing.
@@ -128,12 +129,24 @@ fn main() {
         }),
     ));
 
-    for (transport, label) in [("quic", "privlink QUIC"), ("tcp", "privlink TCP")] {
-        if !wanted(transport) {
-            columns.push((label, None));
+    // `quic-audit` and `tcp-audit` (not run unless named in E2E_ONLY): the same with the audit
+    // trail on, to measure what it costs.
+    for (part, transport, audit, label) in [
+        ("quic", "quic", false, "privlink QUIC"),
+        ("tcp", "tcp", false, "privlink TCP"),
+        ("quic-audit", "quic", true, "privlink QUIC + audit"),
+        ("tcp-audit", "tcp", true, "privlink TCP + audit"),
+    ] {
+        let named =
+            std::env::var("E2E_ONLY").is_ok_and(|list| list.split(',').any(|p| p.trim() == part));
+        if !(wanted(part) && (!audit || named)) {
+            if !audit {
+                columns.push((label, None));
+            }
             continue;
         }
-        let tunnel = PrivlinkTarget::start(dir.path(), "127.0.0.1", transport, backend, None);
+        let kind = (transport, audit);
+        let tunnel = PrivlinkTarget::start(dir.path(), "127.0.0.1", kind, backend, None);
         let pids = tunnel.pids();
         let figures = runtime.block_on(measure(tunnel.endpoint, budget, Some(&pids)));
         columns.push((label, Some(figures)));

@@ -76,11 +76,12 @@ pub(crate) struct PrivlinkTarget {
 impl PrivlinkTarget {
     /// Starts a relay whose tunnel listens on `relay_ip` and an agent that dials it over
     /// `transport`; the endpoint forwards to `destination`. With `namespaces` = (cloud, vnet)
-    /// the relay runs in the first and the agent in the second.
+    /// the relay runs in the first and the agent in the second. With `audit`, both write an
+    /// audit trail (`[audit]`, defaults) into the target's directory.
     pub(crate) fn start(
         dir: &Path,
         relay_ip: &str,
-        transport: &str,
+        (transport, audit): (&str, bool),
         destination: SocketAddr,
         namespaces: Option<(&str, &str)>,
     ) -> Self {
@@ -102,8 +103,14 @@ impl PrivlinkTarget {
                 endpoint: "backend",
                 endpoint_listen: &format!("127.0.0.1:{endpoint_port}"),
                 destination: &destination,
-                endpoint_extra: "inactivity_timeout = \"300s\"\nmax_connections = 20000",
-                agent_extra: &format!("transport = \"{transport}\""),
+                endpoint_extra: &format!(
+                    "inactivity_timeout = \"300s\"\nmax_connections = 20000\n{}",
+                    if audit { "[audit]\npath = \"relay-audit.jsonl\"" } else { "" }
+                ),
+                agent_extra: &format!(
+                    "transport = \"{transport}\"\n{}",
+                    if audit { "[audit]\npath = \"agent-audit.jsonl\"" } else { "" }
+                ),
                 allow: &destination,
                 admin: (loopback(admin.0), loopback(admin.1)),
             },

@@ -183,12 +183,18 @@ pub(crate) fn wan(dir: &Path, budget: Budget) -> Result<String, String> {
         let direct = bulk_down(&cloud, bulk_backend);
         loss_rows.push((label, "direct TCP", direct, direct));
         for (transport, path) in [("quic", "privlink QUIC"), ("tcp", "privlink TCP")] {
-            let tunnel = PrivlinkTarget::start(dir, CLOUD_ADDR, transport, tls_backend, on_the_wan);
+            let tunnel =
+                PrivlinkTarget::start(dir, CLOUD_ADDR, (transport, false), tls_backend, on_the_wan);
             let through = ttfb(&cloud, tunnel.endpoint);
             ttfb_rows.push((label, path, through, 2));
             tunnel.stop();
-            let tunnel =
-                PrivlinkTarget::start(dir, CLOUD_ADDR, transport, bulk_backend, on_the_wan);
+            let tunnel = PrivlinkTarget::start(
+                dir,
+                CLOUD_ADDR,
+                (transport, false),
+                bulk_backend,
+                on_the_wan,
+            );
             loss_rows.push((label, path, bulk_down(&cloud, tunnel.endpoint), direct));
             tunnel.stop();
         }
@@ -212,7 +218,8 @@ pub(crate) fn wan(dir: &Path, budget: Budget) -> Result<String, String> {
     };
     let mut thin_rows = vec![("direct TCP", beside_bulk(&cloud, bulk_backend))];
     for (transport, path) in [("quic", "privlink QUIC"), ("tcp", "privlink TCP")] {
-        let tunnel = PrivlinkTarget::start(dir, CLOUD_ADDR, transport, bulk_backend, on_the_wan);
+        let tunnel =
+            PrivlinkTarget::start(dir, CLOUD_ADDR, (transport, false), bulk_backend, on_the_wan);
         thin_rows.push((path, beside_bulk(&cloud, tunnel.endpoint)));
         tunnel.stop();
     }

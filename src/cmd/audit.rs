@@ -8,6 +8,7 @@ use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+use privlink_protocol::audit::settings::AuditKey;
 use privlink_protocol::audit::{ChainCheck, Digest, Sealer};
 use serde_json::json;
 
@@ -30,13 +31,11 @@ pub(crate) struct VerifyArgs<'a> {
 pub(crate) fn verify(args: &VerifyArgs<'_>) -> anyhow::Result<()> {
     let sealer = match args.key_file {
         Some(path) => {
-            let key = std::fs::read(path)
+            let bytes = std::fs::read(path)
                 .with_context(|| format!("cannot read the audit key {}", path.display()))?;
-            let key = key.trim_ascii_end();
-            if key.len() < 32 {
-                bail!("{}: an audit key is at least 32 bytes", path.display());
-            }
-            Sealer::keyed(key)
+            AuditKey::from_file_bytes(&bytes)
+                .map_err(|problem| anyhow::anyhow!("{}: {problem}", path.display()))?
+                .sealer()
         }
         None => Sealer::Sha256,
     };

@@ -97,6 +97,8 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         fleet: None,
         listeners: Vec::new(),
         source_files: Vec::new(),
+        audit: None,
+        source: None,
     };
     let wanted: SocketAddr = ([127, 0, 0, 1], port).into();
     let relay = match Relay::bind(relay_config(wanted)).await {
@@ -134,6 +136,8 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         admin: None,
         proxy: None,
         source_files: Vec::new(),
+        audit: None,
+        source: None,
     };
     let agent = privlink_agent::Agent::new(agent_config)?;
     let agent_stop = CancellationToken::new();

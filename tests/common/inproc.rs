@@ -105,6 +105,8 @@ pub fn relay_config(
         fleet: None,
         listeners,
         source_files: Vec::new(),
+        audit: None,
+        source: None,
     }
 }
 
@@ -187,6 +189,8 @@ impl Harness {
             admin: None,
             proxy: None,
             source_files: Vec::new(),
+            audit: None,
+            source: None,
         }
     }
 

@@ -93,3 +93,15 @@ pub fn wait_endpoint_status(admin: std::net::SocketAddr, endpoint: &str, status:
             )
     });
 }
+
+/// Runs `privlink audit verify FILES… ARGS…`: exit code, stdout, stderr.
+pub fn audit_verify(files: &[std::path::PathBuf], args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(["audit", "verify"])
+        .args(files)
+        .args(args)
+        .output()
+        .expect("run privlink");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}

@@ -11,9 +11,11 @@
 //! requests.
 //!
 //! What is reported is the role's business: it implements [`AdminView`]. This crate decides
-//! only how it is served — and, in [`client`], how `privlink status` asks for it.
+//! only how it is served — and, in [`client`], how `privlink status` asks for it; [`audit`]
+//! holds the audit-trail metrics and status view both roles report.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod client;
 mod latch;
 mod slots;

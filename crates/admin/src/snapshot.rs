@@ -67,6 +67,9 @@ pub struct RelayStatus {
     /// Shared TLS ports (`[[listener]]`) and which endpoint each server name routes to.
     #[serde(default)]
     pub listeners: Vec<ListenerView>,
+    /// The audit trail, when `[audit]` is set.
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditView>,
 }
 
 /// A shared TLS port as the relay reports it.
@@ -169,6 +172,9 @@ pub struct AgentStatus {
     /// reaches and which not (empty without fleets; absent from older agents).
     #[serde(default)]
     pub fleets: Vec<FleetView>,
+    /// The audit trail, when `[audit]` is set.
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditView>,
 }
 
 /// A relay fleet as an agent covers it.
@@ -316,6 +322,7 @@ mod tests {
             not_ready_reason: None,
             fleet: Some(RelayFleetView { id: "10.0.0.1:7443".into(), members: vec![] }),
             listeners: vec![],
+            audit: None,
         });
         let json = serde_json::to_value(&snapshot).expect("serialize");
         assert_eq!(json["role"], "relay");

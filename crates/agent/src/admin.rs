@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use privlink_admin::audit::AuditView;
 use privlink_admin::snapshot::{
     AgentConnectionView, AgentStatus as AgentStatusView, ConnectionList, ConnectionsSnapshot,
     FleetView, StatusSnapshot,
@@ -38,6 +39,9 @@ impl AdminView for AgentAdmin {
             (sum.0 + from_destination, sum.1 + to_destination)
         });
         let buffer = (self.policy.budget.held(), self.policy.budget.limit());
+        if let Some(trail) = self.policy.audit.status() {
+            self.policy.metrics.audit.set(&trail);
+        }
         Some(self.policy.metrics.render(&self.status, unreported, buffer))
     }
 
@@ -82,6 +86,7 @@ impl AdminView for AgentAdmin {
                     missing: coverage.missing,
                 })
                 .collect(),
+            audit: self.policy.audit.status().as_ref().map(AuditView::from),
         })
     }
 }

@@ -2,6 +2,8 @@
 //! validated [`AgentConfig`] the agent runs from. The token comes from `token_file` or the
 //! `PRIVLINK_TOKEN` environment variable and is never logged.
 
+use privlink_protocol::audit::settings::{AuditSettings, AuditTable};
+use privlink_protocol::config::SourceDigest;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -129,6 +131,11 @@ pub struct AgentConfig {
     /// `relay_ca`): a change to one reloads it, like a change to the config file. Empty for a
     /// configuration built in memory.
     pub source_files: Vec<PathBuf>,
+    /// The audit trail (`[audit]`), when one is written.
+    pub audit: Option<AuditSettings>,
+    /// The file it was read from and the SHA-256 of its text (for the audit trail); `None` for
+    /// a configuration built in memory.
+    pub source: Option<SourceDigest>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +173,8 @@ struct RawConfig {
     proxy: Option<Spanned<String>>,
     #[serde(default)]
     proxy_credentials_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    audit: Option<AuditTable>,
 }
 
 fn default_transport() -> TransportChoice {
@@ -329,6 +338,8 @@ impl AgentConfig {
             admin: raw.admin.map(|a| a.validate(source)).transpose()?,
             proxy,
             source_files,
+            audit: raw.audit.map(|a| a.validate(source)).transpose()?,
+            source: Some(source.digest()),
         })
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use privlink_protocol::destination::{Destination, Host};
 use privlink_protocol::message::{MAX_OPEN_BODY, Open, OpenFailCode, OpenFailure, OpenReply};
 use privlink_protocol::text;
+use privlink_transport::audit::AuditTrail;
 use privlink_transport::budget::BufferBudget;
 use privlink_transport::copy::{CopyTimeouts, DEFAULT_BUFFER_SIZE, copy_bidirectional_counted};
 use privlink_transport::io::{read_frame, write_frame};
@@ -49,6 +50,8 @@ pub struct StreamPolicy {
     pub budget: std::sync::Arc<BufferBudget>,
     /// Each endpoint's share of it, by name (only endpoints this agent approved get one).
     shares: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<BufferBudget>>>,
+    /// The agent's audit trail: destinations refused, streams closed (off unless `[audit]`).
+    pub audit: AuditTrail,
 }
 
 /// The part of the agent's configuration a stream is judged and connected by.
@@ -78,6 +81,7 @@ impl StreamPolicy {
             live: LiveTable::default(),
             budget: std::sync::Arc::new(BufferBudget::new(budget)),
             shares: std::sync::Mutex::default(),
+            audit: AuditTrail::off(),
         }
     }
 
@@ -199,6 +203,10 @@ async fn forward(
                 _ => "destination_failed",
             };
             policy.metrics.stream_ended(outcome, 0, 0);
+            if failure.code == OpenFailCode::NotAllowed {
+                let asked = (endpoint.as_str(), client_addr, destination.as_str());
+                crate::audit::destination_refused(&policy.audit, asked, &failure.message);
+            }
             if matches!(failure.code, OpenFailCode::NotAllowed | OpenFailCode::OverBudget) {
                 // A relay asking for what the allowlist refuses can ask as fast as it likes;
                 // over the budget, every new stream is refused until some is returned.
@@ -251,6 +259,9 @@ async fn forward(
     }
     // What a scrape has not counted yet (socket → tunnel is from the destination).
     let (from_destination, to_destination) = live.unreported();
+    let asked = (live.info.endpoint.as_str(), live.info.client, live.info.destination.as_str());
+    let moved = (spliced.tunnel_to_socket, spliced.socket_to_tunnel);
+    crate::audit::stream_closed(&policy.audit, asked, started.elapsed(), moved, &spliced.outcome);
     drop(live);
     policy.metrics.stream_ended(spliced.outcome.label(), to_destination, from_destination);
     debug!(

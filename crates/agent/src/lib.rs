@@ -12,6 +12,7 @@
 //!
 //! * [`config`] — `agent.toml` and its validation into [`AgentConfig`].
 //! * [`allowlist`] — rules, matching and the special-address refusal.
+//! * `audit` — the records the agent writes to its audit trail (`[audit]`).
 //! * [`proxy`] — the HTTP proxy on the way to the relays (`proxy`, `HTTPS_PROXY`, `NO_PROXY`).
 //! * [`links`] — per relay name: resolve, keep a link to every address (and, for an address in
 //!   front of a relay fleet, one per relay of the fleet), back off, re-dial.
@@ -33,6 +34,7 @@
 
 mod admin;
 pub mod allowlist;
+mod audit;
 pub mod check;
 pub mod config;
 pub mod dial;
@@ -51,6 +53,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use privlink_transport::audit::AuditTrail;
 use privlink_transport::dialer::DialerError;
 use privlink_transport::drain;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +78,9 @@ pub enum AgentError {
     /// The relay CA or the QUIC endpoint could not be set up.
     #[error(transparent)]
     Dialer(#[from] DialerError),
+    /// The audit trail could not be opened or continued.
+    #[error(transparent)]
+    Audit(#[from] privlink_transport::audit::TrailError),
     /// The admin listener could not be bound.
     #[error("admin listener: cannot listen on {addr}")]
     AdminBind {
@@ -105,18 +111,24 @@ impl Agent {
         };
         let dialer = RelayDialer::new(&config)?;
         let metrics = Arc::new(AgentMetrics::default());
-        let policy = Arc::new(StreamPolicy::new(
+        let agent_id = random_id();
+        let mut policy = StreamPolicy::new(
             reload::rules_of(&config),
             Arc::clone(&metrics),
             config.buffer_budget,
-        ));
+        );
+        if let Some(settings) = &config.audit {
+            policy.audit = AuditTrail::open(settings, audit::opening(&config, &agent_id))?;
+            audit::config_loaded(&policy.audit, &config);
+        }
+        let policy = Arc::new(policy);
         let shutdown = CancellationToken::new();
         let token = config.token.clone();
         Ok(Self {
             shared: Arc::new(AgentShared {
                 config,
                 policy,
-                agent_id: random_id(),
+                agent_id,
                 dialer,
                 force: CancellationToken::new(),
                 shutdown,
@@ -196,6 +208,7 @@ impl Agent {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        shared.policy.audit.close(audit::closing()).await;
         info!("agent stopped");
     }
 }

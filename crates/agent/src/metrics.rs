@@ -48,6 +48,8 @@ pub struct AgentMetrics {
     streams_active: Gauge,
     reloads: privlink_admin::ReloadMetrics,
     buffer: privlink_admin::BufferMetrics,
+    /// `privlink_audit_*`, set from the trail at each scrape.
+    pub(crate) audit: privlink_admin::audit::AuditMetrics,
 }
 
 impl Default for AgentMetrics {
@@ -89,6 +91,7 @@ impl Default for AgentMetrics {
         registry.register("agent_streams_active", "Streams open now", streams_active.clone());
         let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
         let buffer = privlink_admin::BufferMetrics::register(&mut registry);
+        let audit = privlink_admin::audit::AuditMetrics::register(&mut registry);
         Self {
             registry,
             streams,
@@ -100,6 +103,7 @@ impl Default for AgentMetrics {
             streams_active,
             reloads,
             buffer,
+            audit,
         }
     }
 }

@@ -10,10 +10,14 @@
 //! * not applied yet (refused, saying what needs a restart): `name`, `connector`, `relay_ca`,
 //!   the transport settings, the proxy (and its credentials), `[admin]` and `shutdown_grace`.
 
+use privlink_protocol::audit::record::Code;
+use privlink_protocol::config::SourceDigest;
+use privlink_transport::audit::AuditTrail;
 use std::sync::{Arc, PoisonError};
 
 use tracing::{info, warn};
 
+use crate::audit;
 use crate::config::AgentConfig;
 use crate::forward::StreamRules;
 use crate::shared::AgentShared;
@@ -72,9 +76,13 @@ impl AgentReloader {
         path: &std::path::Path,
         env_token: Option<String>,
     ) -> Result<AgentReloadSummary, AgentReloadError> {
-        let result = AgentConfig::load(path, env_token)
-            .map_err(AgentReloadError::from)
-            .and_then(|new| self.apply(new));
+        let mut digest = SourceDigest { path: path.to_owned(), sha256: String::new() };
+        let result =
+            AgentConfig::load(path, env_token).map_err(AgentReloadError::from).and_then(|new| {
+                digest = new.source.clone().unwrap_or(digest.clone());
+                self.apply(new)
+            });
+        audit_reload(&self.shared.policy.audit, &digest, &result);
         match &result {
             Ok(summary) => info!(
                 rules_changed = summary.rules_changed,
@@ -103,6 +111,7 @@ impl AgentReloader {
             ("shutdown_grace", current.shutdown_grace != new.shutdown_grace),
             ("[admin]", current.admin != new.admin),
             ("proxy", current.proxy != new.proxy),
+            ("[audit]", current.audit != new.audit),
         ] {
             if changed {
                 restart.push(key.to_owned());
@@ -155,4 +164,22 @@ impl AgentReloader {
         summary.source_files = new.source_files;
         Ok(summary)
     }
+}
+
+/// A reload of the file at `path`, applied or refused.
+fn audit_reload(
+    trail: &AuditTrail,
+    source_digest: &SourceDigest,
+    result: &Result<AgentReloadSummary, AgentReloadError>,
+) {
+    let record = match result {
+        Ok(summary) => audit::source(audit::now(Code::ConfigReloaded), Some(source_digest))
+            .flag("rules_changed", summary.rules_changed)
+            .flag("token_changed", summary.token_changed)
+            .text("relays_added", &summary.relays_added.join(","))
+            .text("relays_removed", &summary.relays_removed.join(",")),
+        Err(e) => audit::source(audit::now(Code::ConfigReloadRefused), Some(source_digest))
+            .display("reason", e),
+    };
+    trail.record(record);
 }

@@ -49,6 +49,14 @@ pub(crate) async fn serve_connection(
         () = streams.wait() => {}
         () = shared.force.cancelled() => streams.wait().await,
     }
+    if ready.current() == Readiness::Ready {
+        let reason = match (&result, connection.close_reason()) {
+            (Err(e), _) => e.to_string(),
+            (Ok(_), Some(reason)) => reason.to_string(),
+            (Ok(_), None) => "session ended".to_owned(),
+        };
+        crate::audit::link_down(&shared.policy.audit, &link.relay, link.key.address, &reason);
+    }
     let (code, reason) = if shared.shutdown.is_cancelled() {
         (CloseCode::Shutdown, "agent shutting down")
     } else if result.as_ref().is_ok_and(|end| *end == SessionEnd::Duplicate) {
@@ -97,6 +105,12 @@ async fn run_session(
         if session.machine().is_established() && ready.current() != Readiness::Ready {
             let endpoints = session.machine().endpoints().len();
             info!(transport = %connection.kind(), endpoints, "connected to relay");
+            crate::audit::link_up(
+                &shared.policy.audit,
+                &link.relay,
+                key.address,
+                connection.kind(),
+            );
             shared.status.connected(key, connection.kind(), session.machine().verdicts());
             ready.set(Readiness::Ready);
         }

@@ -72,6 +72,14 @@ impl ConfigSource {
         &self.path
     }
 
+    /// The file's path and the SHA-256 of its text, as the audit trail names a configuration.
+    pub fn digest(&self) -> SourceDigest {
+        SourceDigest {
+            path: self.path.clone(),
+            sha256: crate::token::TokenDigest::of(self.text.as_bytes()).to_hex(),
+        }
+    }
+
     /// Parses the whole file into `T`, reporting the first problem with line and key.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
         let deserializer = toml::de::Deserializer::parse(&self.text)
@@ -122,6 +130,15 @@ impl ConfigSource {
             _ => written.to_owned(),
         }
     }
+}
+
+/// Which file a configuration was read from, and the SHA-256 (hex) of its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceDigest {
+    /// The file.
+    pub path: PathBuf,
+    /// SHA-256 of its text, hex.
+    pub sha256: String,
 }
 
 /// Parses a duration written with a unit: `250ms`, `60s`, `5m`, `2h`.

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
+use privlink_admin::audit::AuditView;
 use privlink_admin::snapshot::RelayFleetView;
 use privlink_admin::snapshot::{
     ConnectionList, ConnectionsSnapshot, EndpointView, RelayAgentView, RelayConnectionView,
@@ -148,6 +149,7 @@ impl AdminView for RelayAdmin {
                 RelayFleetView { id: view.relay, members: view.members }
             }),
             listeners: handle.listener_views(),
+            audit: handle.audit_status().as_ref().map(AuditView::from),
         })
     }
 }
@@ -159,6 +161,7 @@ fn scrape(handle: &RelayHandle) -> ScrapedState {
     let mut state = ScrapedState::default();
     let budget = handle.buffer_budget();
     state.buffer = (budget.held(), budget.limit());
+    state.audit = handle.audit_status();
     let mut connectors: Vec<String> = Vec::new();
     for (endpoint, _) in handle.endpoints() {
         let spec = endpoint.spec();

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::admission::{Admission, PendingSlot};
+use crate::audit::RelayAudit;
 use crate::auth::{AuthFailure, FailureLimiter, authenticate};
 use crate::config::CurrentConfig;
 use crate::fleet::Fleet;
@@ -58,6 +59,8 @@ pub(crate) struct AgentsContext {
     /// The fleet this relay belongs to, told to every agent before its welcome and whenever
     /// it changes.
     pub(crate) fleet: Option<Arc<Fleet>>,
+    /// Agents authenticated, refused, draining and gone are audited.
+    pub(crate) audit: Arc<RelayAudit>,
 }
 
 /// The fleet's next view, once it changes (never, without a fleet). An agent is told the view
@@ -157,6 +160,8 @@ struct AgentSession<'a> {
     connector: Option<String>,
     /// Refusals decided here are logged by `admit`; the machine's own (version) are not.
     refused_here: bool,
+    /// When it was registered, and its name.
+    registered: Option<(Instant, String)>,
 }
 
 type RelaySession = Session<RelayControl, RelaySide>;
@@ -176,12 +181,29 @@ impl<'a> AgentSession<'a> {
             registration: None,
             connector: None,
             refused_here: false,
+            registered: None,
         }
+    }
+
+    /// Drives the session ([`converse`](Self::converse)) and audits the end of a registered
+    /// agent's.
+    async fn run(mut self) -> Result<(), SessionError> {
+        let result = self.converse().await;
+        if let (Some(connector), Some((since, agent))) = (&self.connector, &self.registered) {
+            let reason = match (&result, self.connection.close_reason()) {
+                (_, Some(reason)) => reason.to_string(),
+                (Err(e), None) => e.to_string(),
+                (Ok(()), None) => "closed".to_owned(),
+            };
+            let who = (connector.as_str(), agent.as_str());
+            self.ctx.audit.agent_disconnected(who, self.remote, &reason, since.elapsed());
+        }
+        result
     }
 
     /// Drives the relay's control state machine on the connection's control stream until the
     /// connection ends.
-    async fn run(mut self) -> Result<(), SessionError> {
+    async fn converse(&mut self) -> Result<(), SessionError> {
         let machine = RelayControl::new(now(), Timers::default());
         let mut session = Session::open(self.connection, machine, Timers::HANDSHAKE).await?;
         let mut config_changes = self.ctx.config.subscribe();
@@ -262,6 +284,7 @@ impl<'a> AgentSession<'a> {
                     let fleet = self.ctx.fleet.as_ref().map(|fleet| fleet.view());
                     session.machine_mut().accept(endpoints, fleet, now());
                     self.registration = Some(registered);
+                    self.registered = Some((Instant::now(), hello.agent_name.clone()));
                     drop(self.pending.take()); // admitted: no longer pending
                 }
                 Err((reason, delay)) => {
@@ -285,6 +308,10 @@ impl<'a> AgentSession<'a> {
                 info!(%reason, "agent is draining: no new streams go to it");
                 if let Some(registration) = &self.registration {
                     registration.set_draining();
+                    if let (Some(connector), Some((_, agent))) = (&self.connector, &self.registered)
+                    {
+                        self.ctx.audit.agent_draining((connector, agent), &reason);
+                    }
                 }
             }
             RelayEvent::Refused { reason } => {
@@ -358,6 +385,8 @@ fn admit(
     if let Some((field, value)) = fields.iter().find(|(_, value)| !text::is_valid_name(value)) {
         let delay = record_failure(ctx, remote);
         ctx.metrics.auth_failed(AuthFailureReason::InvalidHello);
+        let claimed = (text::loggable(&hello.connector), text::loggable(&hello.agent_name));
+        ctx.audit.auth_failed(remote, (&claimed.0, &claimed.1), "invalid_hello");
         static INVALID_HELLOS: Throttle = Throttle::new(PRE_AUTH_LOG_INTERVAL);
         if let Some(left_out) = INVALID_HELLOS.admit(Instant::now()) {
             warn!(field, value = %text::loggable(value), left_out, "refusing agent: invalid hello");
@@ -375,6 +404,11 @@ fn admit(
             AuthFailure::UnknownConnector => "unknown connector",
             AuthFailure::WrongToken => "wrong token",
         };
+        let label = match failure {
+            AuthFailure::UnknownConnector => "unknown_connector",
+            AuthFailure::WrongToken => "wrong_token",
+        };
+        ctx.audit.auth_failed(remote, (&hello.connector, &hello.agent_name), label);
         ctx.metrics.auth_failed(match failure {
             AuthFailure::UnknownConnector => AuthFailureReason::UnknownConnector,
             AuthFailure::WrongToken => AuthFailureReason::WrongToken,
@@ -433,6 +467,8 @@ fn register(
     let Some(registration) =
         ctx.registry.register(info, connection.clone(), MAX_AGENTS_PER_CONNECTOR)
     else {
+        let who = (hello.connector.as_str(), hello.agent_name.as_str());
+        ctx.audit.auth_failed(connection.remote_address(), who, "too_many_agents");
         warn!(
             connector = %hello.connector,
             agent = %hello.agent_name,
@@ -448,6 +484,12 @@ fn register(
     };
     let label = format!("{}/{}", hello.connector, hello.agent_name);
     tracing::Span::current().record("agent", tracing::field::display(&label));
+    ctx.audit.agent_authenticated(
+        (&hello.connector, &hello.agent_name, &hello.agent_id),
+        connection.remote_address(),
+        connection.kind(),
+        &hello.software_version,
+    );
     info!(
         connector = %hello.connector,
         agent = %hello.agent_name,

@@ -151,6 +151,7 @@ pub(crate) fn status_after(outcome: &Outcome, timed_out: bool) -> Option<(Status
         },
         Outcome::NoAgent => (Status::ServiceUnavailable, "no agent serves this endpoint now"),
         Outcome::Shutdown => (Status::ServiceUnavailable, "the relay is shutting down"),
+        Outcome::Unaudited => (Status::ServiceUnavailable, "the relay cannot audit it now"),
         Outcome::Failed { origin: Origin::Agent | Origin::Relay, .. } if timed_out => {
             (Status::GatewayTimeout, "the agent did not answer in time")
         }

@@ -84,7 +84,7 @@ pub(crate) async fn forward(
     // charge and looks again in one step, so a burst of clients cannot all pass the look
     // before any of them is charged).
     let Some(charge) = endpoint.budget.admit_stream() else {
-        endpoint.refused_over_budget(client);
+        endpoint.refused_over_budget((client, via));
         refuse::with_alert(socket, read.first().copied(), ACCESS_DENIED_ALERT).await;
         return;
     };
@@ -182,6 +182,12 @@ pub(crate) async fn forward(
         Some(request) => request.target.to_string(),
         None => spec.destination.to_string(),
     };
+    let Some(connection) = endpoint.audit.opened((client, via), &spec.name, &destination) else {
+        let target = requested.as_ref().map(|r| &r.target);
+        refuse::unaudited(socket, preread.get(ours).copied(), target.is_some()).await;
+        refuse::before_open(endpoint, spec, (client, via), started, &Outcome::Unaudited, target);
+        return;
+    };
     // Busy or not, the connection ends this long after it was accepted (the shorter of the
     // endpoint's and its shared listener's `max_duration`).
     let ends_at = match (spec.max_duration, max_duration) {
@@ -226,7 +232,7 @@ pub(crate) async fn forward(
         agents_tried.push_str(&agent.name);
         let entry = live.get_or_insert_with(|| {
             let target = requested.as_ref().map(|r| r.target.to_string().into_boxed_str());
-            endpoint.live.insert(LiveClient::new(client, agent.name.clone(), target))
+            endpoint.live.insert(LiveClient::new((client, connection), agent.name.clone(), target))
         });
         entry.info.set_agent(&agent.name);
         let first = attempts == 1;
@@ -315,8 +321,9 @@ pub(crate) async fn forward(
         bytes_to_client: bytes.1,
         outcome: &outcome,
         requested: requested.as_ref().map(|r| &r.target),
+        connection: Some(connection),
     }
-    .log();
+    .record(&endpoint.audit);
 }
 
 /// How one agent's try at a connection ended.

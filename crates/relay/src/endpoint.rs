@@ -16,6 +16,7 @@ use privlink_transport::live::LiveTable;
 use privlink_transport::throttle::Throttle;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Place, RelayAudit};
 use crate::auth::FailureLimiter;
 use crate::config::EndpointSpec;
 use crate::flow::EndpointCounters;
@@ -40,6 +41,8 @@ pub(crate) struct Endpoint {
     /// flood of connections over the limit must not become a flood of log lines.
     pub(crate) over_limit_log: Throttle,
     pub(crate) metrics: Arc<RelayMetrics>,
+    /// The relay's audit trail: its connections, denied, opened and closed.
+    pub(crate) audit: Arc<RelayAudit>,
     /// Its share of the relay-wide budget of bytes held for clients that do not read.
     pub(crate) budget: Arc<BufferBudget>,
     /// The connections being forwarded now (from the agent's choice to the end).
@@ -60,9 +63,11 @@ pub(crate) struct Endpoint {
 impl Endpoint {
     /// Counts a client refused because the buffer budget (the relay's, or this endpoint's
     /// share) is spent, and says so in the log at most once per [`REFUSAL_LOG_INTERVAL`].
-    pub(crate) fn refused_over_budget(&self, client: SocketAddr) {
+    pub(crate) fn refused_over_budget(&self, peer: (SocketAddr, Option<SocketAddr>)) {
+        let client = peer.0;
         self.counters.over_budget.fetch_add(1, Ordering::Relaxed);
         self.metrics.connection_refused(&self.name, "over_budget");
+        self.audit.denied(peer, Place::Endpoint(&self.name), "over_budget", None);
         if let Some(left_out) = self.over_limit_log.admit(std::time::Instant::now()) {
             tracing::warn!(
                 %client,
@@ -79,7 +84,7 @@ impl Endpoint {
     /// An endpoint stopped by `stop` and forced by `force` (children of the relay's own).
     pub(crate) fn new(
         spec: EndpointSpec,
-        metrics: Arc<RelayMetrics>,
+        (metrics, audit): (Arc<RelayMetrics>, Arc<RelayAudit>),
         budget: Arc<BufferBudget>,
         stop: CancellationToken,
         force: CancellationToken,
@@ -91,6 +96,7 @@ impl Endpoint {
             counters: EndpointCounters::default(),
             over_limit_log: Throttle::new(REFUSAL_LOG_INTERVAL),
             metrics,
+            audit,
             budget,
             live: LiveTable::default(),
             sources: Arc::default(),
@@ -166,11 +172,17 @@ pub(crate) struct LiveClient {
     agent: Mutex<String>,
     /// Where a CONNECT client asked to go (other endpoints have one destination).
     pub(crate) requested: Option<Box<str>>,
+    /// Its number in the audit trail.
+    pub(crate) connection: u64,
 }
 
 impl LiveClient {
-    pub(crate) fn new(client: SocketAddr, agent: String, requested: Option<Box<str>>) -> Self {
-        Self { client, agent: Mutex::new(agent), requested }
+    pub(crate) fn new(
+        (client, connection): (SocketAddr, u64),
+        agent: String,
+        requested: Option<Box<str>>,
+    ) -> Self {
+        Self { client, agent: Mutex::new(agent), requested, connection }
     }
 
     /// The agent carrying it now.

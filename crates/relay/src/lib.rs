@@ -14,6 +14,7 @@
 //! * `admin` — what the admin listener (`privlink-admin`) reports: readiness (the latch in
 //!   [`RelayHandle::readiness`]), the typed status and connections snapshots, scraped state.
 //! * [`admission`] — caps on unauthenticated tunnel connections, in all and per source.
+//! * `audit` — the records the relay writes to its audit trail (`[audit]`).
 //! * [`auth`] — token checks against stored digests, failed-attempt limiting.
 //! * `source` — a source address as per-source limits count it (IPv4, or an IPv6 /64).
 //! * `source_limits` — per-source restraint: connections open and new ones per second, in a
@@ -45,6 +46,7 @@
 mod admin;
 pub mod admission;
 pub mod agents;
+mod audit;
 pub mod auth;
 pub mod config;
 mod connect;
@@ -68,6 +70,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use privlink_transport::audit::{AuditTrail, TrailError};
 use privlink_transport::budget::BufferBudget;
 use privlink_transport::listener::{ListenError, TunnelListener};
 use privlink_transport::tcp;
@@ -82,6 +85,7 @@ use privlink_admin::AdminServer;
 use crate::admin::RelayAdmin;
 use crate::admission::{Admission, PendingCaps};
 use crate::agents::AgentsContext;
+use crate::audit::RelayAudit;
 use crate::config::CurrentConfig;
 pub use crate::config::RelayConfig;
 use crate::endpoint::{Endpoint, EndpointTable};
@@ -121,6 +125,9 @@ pub enum RelayError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The audit trail could not be opened or continued.
+    #[error(transparent)]
+    Audit(#[from] TrailError),
     /// A shared listener could not be bound.
     #[error("listener `{listener}`: cannot listen on {addr}")]
     ListenerBind {
@@ -156,11 +163,20 @@ impl Relay {
             config.identity.key.clone_key(),
         )?;
 
+        let trail = match &config.audit {
+            Some(settings) => AuditTrail::open(settings, audit::opening())?,
+            None => AuditTrail::off(),
+        };
+        let audit = Arc::new(RelayAudit::new(trail));
+        audit.config_loaded(&config);
         let metrics = Arc::new(RelayMetrics::default());
         let registry = Arc::new(Registry::default());
         let budget = Arc::new(BufferBudget::new(config.buffer_budget));
-        let listeners =
-            Arc::new(Listeners::new(Arc::clone(&registry), Arc::clone(&metrics), budget));
+        let listeners = Arc::new(Listeners::new(
+            Arc::clone(&registry),
+            (Arc::clone(&metrics), Arc::clone(&audit)),
+            budget,
+        ));
         let endpoints = Arc::new(EndpointTable::default());
         let mut ports = Vec::new();
         for spec in &config.listeners {
@@ -171,8 +187,12 @@ impl Relay {
             };
             let listener = tcp::listen(spec.listen).map_err(bind_error)?;
             let addr = listener.local_addr().map_err(bind_error)?;
-            let port =
-                SharedPort::new(spec.clone(), addr, Arc::clone(&metrics), listeners.child_stop());
+            let port = SharedPort::new(
+                spec.clone(),
+                addr,
+                (Arc::clone(&metrics), Arc::clone(&audit)),
+                listeners.child_stop(),
+            );
             ports.push((Arc::new(port), listener));
         }
         let mut bound = Vec::new();
@@ -212,6 +232,7 @@ impl Relay {
             tunnel: tunnel.endpoint(),
             registry,
             metrics,
+            audit,
             fleet,
             ports: std::sync::RwLock::new(
                 ports.iter().map(|(port, _)| (port.name.clone(), Arc::clone(port))).collect(),
@@ -255,6 +276,7 @@ impl Relay {
             metrics: Arc::clone(handle.metrics()),
             readiness: handle.readiness().clone(),
             fleet: handle.fleet().cloned(),
+            audit: Arc::clone(handle.audit()),
         });
         let fleet_stop = CancellationToken::new();
         let fleet_task = match (handle.fleet(), config.get().fleet.clone()) {
@@ -289,6 +311,13 @@ impl Relay {
             );
             listeners.start_shared(port, listener, Arc::clone(handle.endpoint_table()));
         }
+        // Endpoint status changes, and a progress record of every open connection every
+        // `periodic`.
+        let progress_task = config.get().audit.as_ref().map(|settings| {
+            let every = settings.periodic;
+            let (handle, stop) = (handle.clone(), fleet_stop.clone());
+            tokio::spawn(async move { handle.watch_for_audit(every, stop).await })
+        });
         let acceptors = TaskTracker::new();
         let tunnel_stop = CancellationToken::new();
         acceptors.spawn(agents::accept_agents(
@@ -322,9 +351,10 @@ impl Relay {
         .await;
         admin_stop.cancel();
         fleet_stop.cancel();
-        for task in admin_task.into_iter().chain(fleet_task) {
+        for task in admin_task.into_iter().chain(fleet_task).chain(progress_task) {
             let _ = task.await;
         }
+        handle.audit().trail.close(audit::closing()).await;
         info!("relay stopped");
     }
 }

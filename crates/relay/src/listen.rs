@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
 
+use crate::audit::{Place, RelayAudit};
 use crate::config::EndpointSpec;
 use crate::dispatch;
 use crate::endpoint::{Endpoint, EndpointTable, Held};
@@ -34,6 +35,8 @@ pub(crate) struct Listeners {
     registry: Arc<Registry>,
     /// Counters and histograms every endpoint reports into.
     metrics: Arc<RelayMetrics>,
+    /// The audit trail every endpoint records its connections in.
+    pub(crate) audit: Arc<RelayAudit>,
     /// What clients that do not read may make the relay hold, all endpoints together.
     pub(crate) budget: Arc<BufferBudget>,
     /// Cancelled when the relay stops accepting clients; each endpoint's stop is a child.
@@ -54,12 +57,13 @@ pub(crate) const MAX_COURTEOUS_REFUSALS: usize = 256;
 impl Listeners {
     pub(crate) fn new(
         registry: Arc<Registry>,
-        metrics: Arc<RelayMetrics>,
+        (metrics, audit): (Arc<RelayMetrics>, Arc<RelayAudit>),
         budget: Arc<BufferBudget>,
     ) -> Self {
         Self {
             registry,
             metrics,
+            audit,
             budget,
             stop: CancellationToken::new(),
             force: CancellationToken::new(),
@@ -96,7 +100,7 @@ impl Listeners {
     pub(crate) fn endpoint(&self, spec: EndpointSpec) -> Arc<Endpoint> {
         Arc::new(Endpoint::new(
             spec,
-            Arc::clone(&self.metrics),
+            (Arc::clone(&self.metrics), Arc::clone(&self.audit)),
             Arc::new(BufferBudget::share_of(&self.budget)),
             self.stop.child_token(),
             self.force.child_token(),
@@ -126,7 +130,7 @@ impl Listeners {
                         );
                         return;
                     }
-                    let Some((spec, slot)) = admit(&endpoint, client) else {
+                    let Some((spec, slot)) = admit(&endpoint, (client, None)) else {
                         Self::refuse_on_accept(&tasks, &courtesy, socket);
                         return;
                     };
@@ -170,8 +174,7 @@ impl Listeners {
                     let trusted =
                         routing.spec.proxy_protocol.as_ref().is_some_and(|t| t.trusts(client.ip()));
                     if !trusted && !routing.spec.acl.permits(client.ip()) {
-                        port.metrics.listener_refused(&port.name, "acl_denied");
-                        debug!(%client, "connection denied by the listener's ACL");
+                        port.refused(client, "acl_denied", "the listener's ACL denies its source");
                         Self::refuse_on_accept(&tasks, &courtesy, socket);
                         return;
                     }
@@ -229,6 +232,8 @@ async fn behind_balancer(
         Ok(None) => return,
         Err(why) => {
             endpoint.metrics.connection_refused(&endpoint.name, "proxy_header_invalid");
+            let place = Place::Endpoint(&endpoint.name);
+            endpoint.audit.denied((balancer, None), place, "proxy_header_invalid", Some(&why));
             if let Some(left_out) = endpoint.over_limit_log.admit(std::time::Instant::now()) {
                 warn!(%balancer, left_out, "connection refused: {why} (left_out: refusals since the last such line)");
             }
@@ -236,7 +241,7 @@ async fn behind_balancer(
             return;
         }
     };
-    let Some((spec, slot)) = admit(endpoint, arrival.client) else {
+    let Some((spec, slot)) = admit(endpoint, (arrival.client, arrival.via)) else {
         // In the client's own task already: the bytes after the header say whether it speaks TLS.
         let first = arrival.read.first().copied();
         refuse::with_alert(socket, first, ACCESS_DENIED_ALERT).await;
@@ -298,7 +303,7 @@ async fn route(
     };
     if via.is_some() {
         if !routing.spec.acl.permits(client.ip()) {
-            port.metrics.listener_refused(&port.name, "acl_denied");
+            port.refused(client, "acl_denied", "the listener's ACL denies its source");
             refuse::with_alert(socket, first.first().copied(), ACCESS_DENIED_ALERT).await;
             return;
         }
@@ -340,7 +345,7 @@ async fn route(
         routed: true,
         max_duration: routing.spec.max_duration,
     };
-    let Some((spec, slot)) = admit(&endpoint, client) else {
+    let Some((spec, slot)) = admit(&endpoint, (client, via)) else {
         // Its ClientHello was read to route it.
         refuse::with_alert(socket, bytes.first().copied(), ACCESS_DENIED_ALERT).await;
         return;
@@ -352,11 +357,17 @@ async fn route(
 /// The policy on accept: the ACL, then the source's own limits, then `max_connections`, then
 /// the buffer budget. An admitted connection gets the spec in force now and what it holds
 /// until it ends; a refused one is counted by reason.
-pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<EndpointSpec>, Held)> {
+pub(crate) fn admit(
+    endpoint: &Endpoint,
+    peer: (SocketAddr, Option<SocketAddr>),
+) -> Option<(Arc<EndpointSpec>, Held)> {
+    let client = peer.0;
     let spec = endpoint.spec();
+    let place = Place::Endpoint(&endpoint.name);
     if !spec.acl.permits(client.ip()) {
         endpoint.counters.denied.fetch_add(1, Ordering::Relaxed);
         endpoint.metrics.connection_refused(&endpoint.name, "acl_denied");
+        endpoint.audit.denied(peer, place, "acl_denied", None);
         debug!(%client, "connection denied by ACL");
         return None;
     }
@@ -366,6 +377,7 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
         Err(refusal) => {
             endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
             endpoint.metrics.connection_refused(&endpoint.name, refusal.label());
+            endpoint.audit.denied(peer, place, refusal.label(), None);
             if let Some(left_out) = endpoint.over_limit_log.admit(now) {
                 warn!(
                     %client,
@@ -382,6 +394,7 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
     let Some(slot) = endpoint.admit(spec.max_connections) else {
         endpoint.counters.over_limit.fetch_add(1, Ordering::Relaxed);
         endpoint.metrics.connection_refused(&endpoint.name, "over_limit");
+        endpoint.audit.denied(peer, place, "over_limit", None);
         if let Some(left_out) = endpoint.over_limit_log.admit(std::time::Instant::now()) {
             warn!(
                 %client,
@@ -394,7 +407,7 @@ pub(crate) fn admit(endpoint: &Endpoint, client: SocketAddr) -> Option<(Arc<Endp
         return None;
     };
     if !endpoint.budget.has_room() {
-        endpoint.refused_over_budget(client);
+        endpoint.refused_over_budget(peer);
         return None;
     }
     endpoint.counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -435,12 +448,12 @@ mod tests {
             send_proxy_protocol: None,
             preread_timeout: crate::config::DEFAULT_PREREAD_TIMEOUT,
         };
-        let listeners = Listeners::new(Arc::default(), Arc::default(), budget);
+        let listeners = Listeners::new(Arc::default(), Default::default(), budget);
         listeners.endpoint(spec)
     }
 
-    fn client(ip: &str) -> SocketAddr {
-        SocketAddr::new(ip.parse().expect("ip"), 40000)
+    fn client(ip: &str) -> (SocketAddr, Option<SocketAddr>) {
+        (SocketAddr::new(ip.parse().expect("ip"), 40000), None)
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub(crate) struct ScrapedState {
     pub(crate) agents: Vec<(String, usize, usize)>,
     /// The buffer budget: (held, limit).
     pub(crate) buffer: (u64, u64),
+    /// The audit trail, when one is written.
+    pub(crate) audit: Option<privlink_transport::audit::TrailStatus>,
 }
 
 /// One endpoint's gauges at a scrape.
@@ -119,6 +121,7 @@ pub(crate) struct RelayMetrics {
     agents_connected: Family<AgentLabels, Gauge>,
     reloads: privlink_admin::ReloadMetrics,
     buffer: privlink_admin::BufferMetrics,
+    audit: privlink_admin::audit::AuditMetrics,
 }
 
 /// The endpoint statuses, in the order the gauge lists them.
@@ -195,9 +198,11 @@ impl Default for RelayMetrics {
         );
         let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
         let buffer = privlink_admin::BufferMetrics::register(&mut registry);
+        let audit = privlink_admin::audit::AuditMetrics::register(&mut registry);
         Self {
             reloads,
             buffer,
+            audit,
             registry,
             connections,
             bytes,
@@ -304,6 +309,9 @@ impl RelayMetrics {
             }
         }
         self.buffer.set(state.buffer.0, state.buffer.1);
+        if let Some(trail) = &state.audit {
+            self.audit.set(trail);
+        }
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

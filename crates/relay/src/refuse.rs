@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use privlink_protocol::client_hello::{ACCESS_DENIED_ALERT, INTERNAL_ERROR_ALERT};
 use privlink_protocol::destination::Destination;
+use privlink_protocol::http_connect::{self, Status};
 use privlink_protocol::message::OpenFailCode;
 use privlink_transport::splice::{Origin, Outcome};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -83,6 +84,7 @@ pub(crate) fn alert_for(outcome: &Outcome) -> Option<[u8; 7]> {
             Some(ACCESS_DENIED_ALERT)
         }
         Outcome::NoAgent
+        | Outcome::Unaudited
         | Outcome::Rejected(_)
         | Outcome::OpenFailed(_)
         | Outcome::Failed { origin: Origin::Agent | Origin::Relay | Origin::Destination, .. } => {
@@ -114,6 +116,18 @@ pub(crate) fn before_open(
         bytes_to_client: 0,
         outcome,
         requested,
+        connection: None,
     }
-    .log();
+    .record(&endpoint.audit);
+}
+
+/// Turns away a connection that passed the policy but cannot be audited (`[audit] require`):
+/// a CONNECT client is answered 503, a TLS client gets the `internal_error` alert.
+pub(crate) async fn unaudited(mut socket: TcpStream, first: Option<u8>, connect: bool) {
+    if connect {
+        let answer = http_connect::refusal(Status::ServiceUnavailable, "the relay cannot audit it");
+        answer_and_close(&mut socket, &answer, ALERT_WAIT).await;
+    } else {
+        with_alert(socket, first, INTERNAL_ERROR_ALERT).await;
+    }
 }

@@ -28,7 +28,10 @@ use privlink_transport::tunnel::CloseCode;
 use privlink_transport::{tcp, tls};
 use tracing::{info, warn};
 
-use crate::config::{CurrentConfig, EndpointSpec, RelayConfig};
+use privlink_protocol::audit::record::Code;
+
+use crate::audit::{self, RelayAudit};
+use crate::config::{CurrentConfig, EndpointSpec, RelayConfig, SourceDigest};
 use crate::endpoint::EndpointTable;
 use crate::fleet::{Fleet, Members};
 use crate::listen::Listeners;
@@ -51,6 +54,8 @@ pub(crate) struct Reloader {
     pub(crate) registry: Arc<Registry>,
     /// `privlink_config_last_reload_*`.
     pub(crate) metrics: Arc<RelayMetrics>,
+    /// Each reload is audited, applied or refused.
+    pub(crate) audit: Arc<RelayAudit>,
     /// The fleet this relay belongs to, when `[fleet]` is set: a reload may change its listed
     /// peers.
     pub(crate) fleet: Option<Arc<Fleet>>,
@@ -67,8 +72,9 @@ impl Reloader {
 
     /// Applies `new` whole or not at all; the result is logged and shown by the metrics.
     pub(crate) fn reload(&self, new: RelayConfig) -> Result<ReloadSummary, ReloadError> {
+        let source = new.source.clone();
         let result = self.apply(new);
-        self.report(&result);
+        self.report(source.as_ref(), &result);
         result
     }
 
@@ -78,15 +84,17 @@ impl Reloader {
             Ok(new) => self.reload(new),
             Err(e) => {
                 let result = Err(ReloadError::Invalid(e));
-                self.report(&result);
+                let source = SourceDigest { path: path.to_owned(), sha256: String::new() };
+                self.report(Some(&source), &result);
                 result
             }
         }
     }
 
-    fn report(&self, result: &Result<ReloadSummary, ReloadError>) {
+    fn report(&self, source: Option<&SourceDigest>, result: &Result<ReloadSummary, ReloadError>) {
         log(result);
         self.metrics.reloaded(result.is_ok());
+        audit_reload(&self.audit, source, result);
     }
 
     /// Works out what `new` changes, prepares everything that can fail (the identity is
@@ -118,7 +126,7 @@ impl Reloader {
             let port = SharedPort::new(
                 spec.clone(),
                 addr,
-                Arc::clone(&self.metrics),
+                (Arc::clone(&self.metrics), Arc::clone(&self.audit)),
                 self.listeners.child_stop(),
             );
             new_ports.push((Arc::new(port), socket));
@@ -353,6 +361,9 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
     if current.shutdown_grace != new.shutdown_grace {
         restart.push("shutdown_grace".to_owned());
     }
+    if current.audit != new.audit {
+        restart.push("[audit]".to_owned());
+    }
     // A listed fleet's peers are reloaded; anything else about the fleet needs a restart.
     let fleet_kept = match (&current.fleet, &new.fleet) {
         (None, None) => true,
@@ -406,6 +417,36 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// Logs a reload's result.
+/// A reload, applied or refused.
+fn audit_reload(
+    audit: &RelayAudit,
+    source: Option<&SourceDigest>,
+    result: &Result<ReloadSummary, ReloadError>,
+) {
+    let record = match result {
+        Ok(_) => audit::now(Code::ConfigReloaded),
+        Err(_) => audit::now(Code::ConfigReloadRefused),
+    };
+    let record = match source {
+        Some(source) if source.sha256.is_empty() => record.display("path", source.path.display()),
+        Some(source) => {
+            record.display("path", source.path.display()).text("sha256", &source.sha256)
+        }
+        None => record,
+    };
+    audit.trail.record(match result {
+        Ok(summary) => record
+            .text("endpoints_changed", &summary.endpoints_changed.join(","))
+            .text("endpoints_added", &summary.endpoints_added.join(","))
+            .text("endpoints_removed", &summary.endpoints_removed.join(","))
+            .text("listeners_added", &summary.listeners_added.join(","))
+            .text("listeners_removed", &summary.listeners_removed.join(","))
+            .flag("identity_replaced", summary.identity_replaced)
+            .text("agents_disconnected", &summary.agents_disconnected.join(",")),
+        Err(e) => record.display("reason", e),
+    });
+}
+
 fn log(result: &Result<ReloadSummary, ReloadError>) {
     match result {
         Ok(summary) => info!(
@@ -470,6 +511,8 @@ mod tests {
             fleet: None,
             listeners: Vec::new(),
             source_files: Vec::new(),
+            audit: None,
+            source: None,
         }
     }
 

@@ -3,7 +3,7 @@
 //! connections are waiting for their ClientHello (capped: a flood of silent connections holds
 //! tasks until `preread_timeout`), and the throttle on its refusal log lines. The accept loop in
 //! `listen` reads it; `reload` and `status` replace and show it. It imports nothing of the
-//! relay's own but the config and metrics.
+//! relay's own but the config, metrics and audit records.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +15,7 @@ use privlink_transport::throttle::Throttle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::audit::{Place, RelayAudit};
 use crate::config::ListenerSpec;
 use crate::metrics::RelayMetrics;
 use crate::source_limits::{SourceLimits, SourceSlot};
@@ -54,6 +55,8 @@ pub(crate) struct SharedPort {
     prereads: AtomicUsize,
     refusal_log: Throttle,
     pub(crate) metrics: Arc<RelayMetrics>,
+    /// Refusals here are audited (`connection.denied` naming the listener).
+    pub(crate) audit: Arc<RelayAudit>,
     /// What each source holds and may still open through this port (`per_source_*`).
     pub(crate) sources: Arc<SourceLimits>,
     /// Ends its accept loop.
@@ -74,7 +77,7 @@ impl SharedPort {
     pub(crate) fn new(
         spec: ListenerSpec,
         addr: SocketAddr,
-        metrics: Arc<RelayMetrics>,
+        (metrics, audit): (Arc<RelayMetrics>, Arc<RelayAudit>),
         stop: CancellationToken,
     ) -> Self {
         Self {
@@ -84,6 +87,7 @@ impl SharedPort {
             prereads: AtomicUsize::new(0),
             refusal_log: Throttle::new(REFUSAL_LOG_INTERVAL),
             metrics,
+            audit,
             sources: Arc::default(),
             stop,
         }
@@ -126,6 +130,7 @@ impl SharedPort {
     /// most once per interval (`detail`: why, for the line).
     pub(crate) fn refused(&self, client: SocketAddr, reason: &'static str, detail: &str) {
         self.metrics.listener_refused(&self.name, reason);
+        self.audit.denied((client, None), Place::Listener(&self.name), reason, Some(detail));
         if let Some(left_out) = self.refusal_log.admit(std::time::Instant::now()) {
             info!(
                 listener = %self.name,

@@ -5,11 +5,15 @@
 use std::net::SocketAddr;
 
 use privlink_admin::{Readiness, ReadyLatch};
+use privlink_transport::audit::TrailStatus;
 use privlink_transport::budget::BufferBudget;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admission::Admission;
+use privlink_protocol::audit::record::Code;
+
+use crate::audit::{self, RelayAudit};
 use crate::config::RelayConfig;
 use crate::endpoint::{Endpoint, EndpointTable};
 use crate::fleet::Fleet;
@@ -117,6 +121,40 @@ impl RelayHandle {
 
     pub(crate) fn metrics(&self) -> &Arc<RelayMetrics> {
         &self.metrics
+    }
+
+    pub(crate) fn audit(&self) -> &Arc<RelayAudit> {
+        &self.reloader.audit
+    }
+
+    /// The audit trail's last seq and hash and its counters, when `[audit]` is set.
+    pub fn audit_status(&self) -> Option<TrailStatus> {
+        self.reloader.audit.trail.status()
+    }
+
+    /// Until `stop`: records each endpoint status change, and a progress record of every open
+    /// connection every `periodic`.
+    pub(crate) async fn watch_for_audit(
+        &self,
+        periodic: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let audit = &self.reloader.audit;
+        let mut changes = self.registry.subscribe();
+        let mut ticks = tokio::time::interval(periodic);
+        ticks.reset(); // the first tick one period from now
+        loop {
+            audit.endpoint_statuses(&self.registry, self.reloader.config.get().endpoints.iter());
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = ticks.tick() => {
+                    for (endpoint, _) in self.endpoints.all() {
+                        audit_progress(audit, &endpoint);
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) fn registry(&self) -> &Arc<Registry> {
@@ -230,5 +268,25 @@ impl RelayHandle {
                 return agents;
             }
         }
+    }
+}
+
+/// A progress record of each connection `endpoint` forwards now.
+fn audit_progress(audit: &RelayAudit, endpoint: &Endpoint) {
+    let destination = endpoint.spec().destination.to_string();
+    for live in endpoint.live.snapshot() {
+        let (from_client, to_client) = live.bytes.get();
+        let age = live.started.elapsed().unwrap_or_default();
+        audit.trail.record(
+            audit::now(Code::ConnectionProgress)
+                .number("connection", live.info.connection)
+                .display("client", live.info.client)
+                .text("endpoint", &endpoint.name)
+                .text("destination", live.info.requested.as_deref().unwrap_or(&destination))
+                .text("agent", &live.info.agent())
+                .number("duration_ms", audit::millis(age))
+                .number("bytes_from_client", from_client)
+                .number("bytes_to_client", to_client),
+        );
     }
 }

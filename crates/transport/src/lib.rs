@@ -16,6 +16,8 @@
 //!   bytes and time moved, events handed to the role; the session error both roles share.
 //! * [`copy`] — the bidirectional copy loop with inactivity and stall timeouts and byte
 //!   counts (`copy::watch`: what watches it from outside the loop).
+//! * [`audit`] — the audit trail's file writer: a bounded queue, batched appends and fsync,
+//!   rotation by size, the chain continued across restarts.
 //! * [`budget`] — the process-wide budget of bytes held for streams whose receiver is not
 //!   keeping up, charged by the copy loop, asked before a new stream starts.
 //! * [`live`] — the connections open now, with bytes each way as they move, for the admin API.
@@ -37,6 +39,7 @@
 //!   demo and tests.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod budget;
 mod codes;
 pub mod copy;

@@ -96,6 +96,9 @@ pub enum Outcome {
         /// The one-line reason the client was given.
         reason: String,
     },
+    /// The relay must audit every connection (`[audit] require = true`) and its trail could
+    /// not take the record (relay only; refused before an agent was asked).
+    Unaudited,
     /// The receiver at `origin` took too little for the stall timeout while bytes waited for
     /// it (it stopped reading, or reads a trickle): reset both ways.
     Stalled(Origin),
@@ -133,6 +136,7 @@ impl Outcome {
             | Self::SniUnmatched(_)
             | Self::ProxyHeaderRefused
             | Self::ConnectRefused { .. }
+            | Self::Unaudited
             | Self::Stalled(_) => false,
         }
     }
@@ -151,6 +155,7 @@ impl Outcome {
             Self::ConnectRefused { status: 407, .. } => "proxy_auth_required",
             Self::ConnectRefused { status: 403, .. } => "forbidden",
             Self::ConnectRefused { .. } => "bad_request",
+            Self::Unaudited => "audit_unavailable",
             Self::Stalled(_) => "stalled",
             Self::OpenFailed(failure) if failure.code == OpenFailCode::OverBudget => "over_budget",
             Self::OpenFailed(_) | Self::Failed { origin: Origin::Destination, .. } => {
@@ -185,6 +190,9 @@ impl fmt::Display for Outcome {
                 let reason = privlink_protocol::text::loggable(reason);
                 write!(f, "connect-refused ({status}): {reason}")
             }
+            Self::Unaudited => f.write_str(
+                "audit-unavailable: the audit trail cannot take records now and require = true",
+            ),
             Self::Stalled(origin) => {
                 write!(f, "stalled: the {origin} stopped taking bytes (or took a trickle)")
             }

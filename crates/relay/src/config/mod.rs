@@ -9,8 +9,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use privlink_protocol::audit::settings::AuditSettings;
+use privlink_protocol::audit::settings::AuditTable;
 use privlink_protocol::client_hello::ServerNames;
 pub use privlink_protocol::config::AdminSettings;
+pub use privlink_protocol::config::SourceDigest;
 use privlink_protocol::config::{
     AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_buffer_budget,
     deserialize_optional_duration,
@@ -84,6 +87,11 @@ pub struct RelayConfig {
     /// certificate and key): a change to one reloads it, like a change to the config file.
     /// Empty for a configuration built in memory.
     pub source_files: Vec<PathBuf>,
+    /// The audit trail (`[audit]`), when one is written.
+    pub audit: Option<AuditSettings>,
+    /// The file it was read from and the SHA-256 of its text (for the audit trail); `None` for
+    /// a configuration built in memory.
+    pub source: Option<SourceDigest>,
 }
 
 /// A certificate chain and its private key. `Debug` never shows the key.
@@ -135,6 +143,8 @@ struct RawConfig {
     endpoint: Vec<RawEndpoint>,
     #[serde(default)]
     fleet: Option<RawFleet>,
+    #[serde(default)]
+    audit: Option<AuditTable>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -416,6 +426,8 @@ impl RelayConfig {
             listeners,
             fleet,
             source_files: vec![cert_path, key_path],
+            audit: raw.audit.map(|a| a.validate(source)).transpose()?,
+            source: Some(source.digest()),
         })
     }
 

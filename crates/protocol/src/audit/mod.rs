@@ -9,12 +9,37 @@
 //! the body (HMAC-SHA256 with the trail's key when it has one); the body holds `prev`, the
 //! previous record's hash (64 zeros for the first record of a trail), and `seq`, one more than
 //! the previous record's. A rotated file's first record continues the chain of the file before.
+//!
+//! * [`record`] — the stable event codes and a record's fields as they are written.
+//! * [`settings`] — the `[audit]` table both roles share.
+
+pub mod record;
+pub mod settings;
 
 use std::fmt;
 
 use ring::{digest, hmac};
 
 use crate::token::hex;
+
+/// What the status API and `/metrics` show of a trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrailStatus {
+    /// The current file.
+    pub path: std::path::PathBuf,
+    /// The last record written: its seq and hash.
+    pub last_seq: u64,
+    /// Its hash, hex.
+    pub last_hash: String,
+    /// Records written, by code (in [`record::Code::ALL`] order).
+    pub written: Vec<(record::Code, u64)>,
+    /// Records lost since start (queue full, or the disk failed).
+    pub lost: u64,
+    /// Whether the last write failed.
+    pub failing: bool,
+    /// Whether new connections are refused while records cannot be written.
+    pub require: bool,
+}
 
 /// `prev` of a trail's first record.
 pub const GENESIS: Digest = Digest([0; 32]);
@@ -95,6 +120,15 @@ impl Default for ChainHead {
 const HASH_FIELD: &str = ",\"hash\":\"";
 
 impl ChainHead {
+    /// The head that continues a trail whose last record is `line` (a restarted process goes
+    /// on with the chain it left): the record must check under `sealer`.
+    pub fn after(sealer: &Sealer, line: &str) -> Result<Self, Break> {
+        let mut check = ChainCheck::new();
+        check.next(sealer, line, true)?;
+        let (seq, prev) = check.last.unwrap_or((0, GENESIS));
+        Ok(Self { seq: seq + 1, prev })
+    }
+
     /// Seals one record: `fields` is the JSON text of its other fields (`"code":"PL3001",…`,
     /// without braces, already escaped by the caller's JSON writer), `time` its RFC 3339 time.
     /// Returns the whole line (without the newline) and advances the head.
@@ -286,6 +320,18 @@ mod tests {
             }
         }
         panic!("a missing file went unnoticed");
+    }
+
+    #[test]
+    fn a_restarted_writer_continues_the_chain() {
+        let sealer = Sealer::Sha256;
+        let mut lines = trail(&sealer, 3);
+        let mut head = ChainHead::after(&sealer, &lines[2]).expect("resumes");
+        assert_eq!(head.seq, 4);
+        lines.push(head.seal(&sealer, "t", "\"code\":\"PL0001\""));
+        assert_eq!(check(&sealer, &lines), Ok(4));
+        let keyed = Sealer::keyed(b"0123456789abcdef0123456789abcdef");
+        assert_eq!(ChainHead::after(&keyed, &lines[3]), Err(Break::Edited));
     }
 
     #[test]
