@@ -635,12 +635,14 @@ fn documented_example(heading: &str) -> Value {
 }
 
 /// Every key path in `value` (`agents[].verdicts.*.verdict`): array items merged, and the
-/// keys of a `verdicts` map — endpoint names — as `*`.
+/// keys of a `verdicts` map (endpoint names) and of an `ended` map (outcomes) as `*`.
 fn key_paths(value: &Value, path: &str, into: &mut std::collections::BTreeSet<String>) {
     match value {
         Value::Object(map) => {
             for (key, inner) in map {
-                let key = if path.ends_with("verdicts") { "*" } else { key.as_str() };
+                // Maps keyed by endpoint or by outcome.
+                let any = path.ends_with("verdicts") || path.ends_with("ended");
+                let key = if any { "*" } else { key.as_str() };
                 let here = if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
                 into.insert(here.clone());
                 key_paths(inner, &here, into);
@@ -667,7 +669,9 @@ fn empty_paths(value: &Value, path: &str, into: &mut std::collections::BTreeSet<
         }
         Value::Object(map) => {
             for (key, inner) in map {
-                let key = if path.ends_with("verdicts") { "*" } else { key.as_str() };
+                // Maps keyed by endpoint or by outcome.
+                let any = path.ends_with("verdicts") || path.ends_with("ended");
+                let key = if any { "*" } else { key.as_str() };
                 let here = if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
                 empty_paths(inner, &here, into);
             }
@@ -714,6 +718,30 @@ async fn live_answers_have_exactly_the_keys_the_doc_shows() {
     assert_same_keys(&status(relay_admin).await, "## `/api/v1/status` (relay)");
     assert_same_keys(&agent_status, "## `/api/v1/status` (agent)");
     assert_same_keys(&connections(relay_admin).await, "## `/api/v1/connections`");
+    // The connection above ends with a completed outcome the history counts.
+    drop(open);
+    let history = poll("the history to count the connection that ended", || async {
+        let (_, body) = curl(relay_admin, "/api/v1/history", &[]).await;
+        let history: Value = serde_json::from_str(&body).expect("JSON");
+        let counted = history["buckets"].as_array().is_some_and(|buckets| {
+            buckets.iter().any(|b| b["ended"]["completed"].as_u64().is_some_and(|n| n > 0))
+        });
+        counted.then_some(history)
+    })
+    .await;
+    assert_same_keys(&history, "## `/api/v1/history`");
+    for admin in [relay_admin, agent_admin] {
+        let (code, body) = curl(admin, "/api/v1/events", &[]).await;
+        assert_eq!(code, 200, "{body}");
+        let live: Value = serde_json::from_str(&body).expect("JSON");
+        let mut served = Default::default();
+        key_paths(&live, "", &mut served);
+        let mut documented = Default::default();
+        key_paths(&documented_example("## `/api/v1/events`"), "", &mut documented);
+        for common in ["events", "events[].time", "events[].code", "events[].event"] {
+            assert!(documented.contains(common) && served.contains(common), "{common}: {live:#}");
+        }
+    }
     // What the types read back is what was served.
     let (_, body) = curl(relay_admin, "/api/v1/status", &[]).await;
     let typed: privlink_admin::snapshot::StatusSnapshot =
@@ -723,7 +751,6 @@ async fn live_answers_have_exactly_the_keys_the_doc_shows() {
         serde_json::from_str::<Value>(&body).expect("JSON")
     );
 
-    drop(open);
     stop.cancel();
     tokio::time::timeout(WAIT, running).await.expect("agent stops").expect("agent task");
     harness.shutdown(&[]).await;

@@ -99,19 +99,34 @@ impl FakeAgent {
         on_open: OnOpen,
         answers_heartbeats: bool,
     ) -> Self {
+        let approve = EndpointVerdict { endpoint: "e".into(), verdict: Verdict::Approved };
+        Self::judging(harness, transport, approve, on_open, answers_heartbeats).await
+    }
+
+    /// [`FakeAgent::start`] with another verdict (say, a rejection whose reason is hostile
+    /// text): waits until the relay has it.
+    pub async fn judging(
+        harness: &Harness,
+        transport: TransportKind,
+        verdict: EndpointVerdict,
+        on_open: OnOpen,
+        answers_heartbeats: bool,
+    ) -> Self {
         let connection = dial_relay(harness, transport).await.expect("dial");
         let (mut control, welcome, _) =
             hello_on(&connection, CONNECTOR, &harness.token, "fake").await.expect("hello");
         assert!(matches!(welcome, Control::Welcome { .. }), "{welcome:?}");
         connection.allow_data_streams();
-        let approve = vec![EndpointVerdict { endpoint: "e".into(), verdict: Verdict::Approved }];
-        write_frame(&mut control, &Control::Verdicts(approve)).await.expect("verdicts");
+        let expected = verdict.clone();
+        write_frame(&mut control, &Control::Verdicts(vec![verdict])).await.expect("verdicts");
         harness
             .relay
             .wait_for_agents(CONNECTOR, WAIT, |agents| {
                 agents.iter().any(|a| {
                     a.name == "fake"
-                        && a.verdicts.iter().any(|(e, v)| e == "e" && *v == Verdict::Approved)
+                        && a.verdicts
+                            .iter()
+                            .any(|(e, v)| *e == expected.endpoint && *v == expected.verdict)
                 })
             })
             .await;

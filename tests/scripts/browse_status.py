@@ -1,15 +1,21 @@
 # Drives headless Chromium (Debian's `chromium`) over the DevTools protocol on a pipe
 # (--remote-debugging-pipe: JSON messages ending in NUL, browser reads fd 3, writes fd 4) to
 # watch privlink's status page in ONE page load:
-#   browse_status.py URL ENDPOINT SCREENSHOT_DIR
-# It waits until the endpoint's row shows Approved with one open connection listed, takes a
-# screenshot, prints "seen Approved", waits for a line on stdin (the test closes the connection
-# and stops the agent), waits until the same page — refreshing itself — shows Disconnected and
-# no connection, takes a second screenshot and prints "seen Disconnected". Every wait has a deadline; on one it prints what the page showed and
-# exits 1.
+#   browse_status.py URL ENDPOINT_JSON SCREENSHOT_DIR PHASES_JSON   (ENDPOINT_JSON: a name or null)
+# PHASES_JSON is a list of what the page must come to show, in order: {"shot": the screenshot's
+# name, "status": the endpoint's status word (a relay's page) or "link": the first relay link's
+# state (an agent's), "connections": the endpoint's open connections listed (a relay's page; on
+# an agent's, every stream listed), and optionally
+# "denials" / "failed": at least that many highlighted refusals / bad ends in the event list, "series": an outcome
+# the connections chart draws, "code": an event code listed, "peers": the peers chart's last
+# value}. For each phase it waits until the same page — refreshing itself — shows it, takes a
+# screenshot (<shot>.png), prints "seen <shot> <what the page showed> <its file>", and
+# before the next phase waits for a line on stdin (the test changes something). Every wait has
+# a deadline; on one it prints what the page showed and exits 1.
 import base64, json, os, selectors, shutil, subprocess, sys, tempfile, time
 
-url, endpoint, shots = sys.argv[1], sys.argv[2], sys.argv[3]
+url, endpoint, shots = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+phases = json.loads(sys.argv[4])
 WAIT = 20.0
 
 to_browser_r, to_browser_w = os.pipe()
@@ -77,58 +83,96 @@ def call(method, params=None, session=None, deadline=None):
 target = call("Target.createTarget", {"url": url})["targetId"]
 session = call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
 
-# What the page shows for the endpoint: its row's status attribute and the badge's words.
+# What the page shows: the endpoint's row (status attribute, badge), every endpoint's reason as
+# text, the open connections of the endpoint, the event list (codes, highlighted refusals, its
+# text), what the charts draw, and how many elements the page holds that its own markup and
+# script never make (markup smuggled in through a name or a reason would add some).
 PROBE = """(() => {
   const row = [...document.querySelectorAll('#endpoints tr')]
     .find((r) => r.dataset.endpoint === %s);
   const badge = row && row.querySelector('.badge');
   const open = [...document.querySelectorAll('#connections tr')]
-    .filter((r) => r.dataset.endpoint === %s);
+    .filter((r) => r.dataset.endpoint === %s || (%s === null && r.dataset.endpoint));
+  const link = document.querySelector('#links tr[data-state]');
+  const events = [...document.querySelectorAll('#events tr[data-code]')];
+  const denials = events.filter((r) => r.classList.contains('denial'));
+  const failed = events.filter((r) => r.classList.contains('failed'));
+  const peers = document.querySelector('#legend-peers li');
   return JSON.stringify({ status: row ? row.dataset.status : null,
+                          link: link ? link.dataset.state : null,
                           badge: badge ? badge.textContent : null,
                           summary: document.getElementById('summary')?.textContent,
                           connections: open.length,
-                          client: open.length ? open[0].cells[0].textContent : null });
-})()""" % (json.dumps(endpoint), json.dumps(endpoint))
+                          client: open.length ? open[0].cells[0].textContent : null,
+                          reasons: [...document.querySelectorAll('#endpoints .reason')]
+                            .map((r) => r.textContent),
+                          codes: events.map((r) => r.dataset.code),
+                          denials: denials.map((r) => r.textContent),
+                          failed: failed.map((r) => r.textContent),
+                          events_text: events.map((r) => r.textContent).join('\\n'),
+                          series: [...document.querySelectorAll('#chart-ended polyline')]
+                            .map((l) => l.dataset.series),
+                          bytes_lines: document.querySelectorAll('#chart-bytes polyline').length,
+                          peers: peers ? peers.textContent : null,
+                          smuggled: document.querySelectorAll(
+                            'img, iframe, object, embed, b, i, u, a, form input:not(#token)')
+                            .length });
+})()""" % (json.dumps(endpoint), json.dumps(endpoint), json.dumps(endpoint))
 
 
 def shown():
     result = call("Runtime.evaluate", {"expression": PROBE, "returnByValue": True}, session)
     if "exceptionDetails" in result or "value" not in result.get("result", {}):
         # Still loading (or the page broke: then the deadline reports what was seen).
-        return {"status": None, "badge": None, "error": json.dumps(result)[:500]}
+        return {"status": None, "badge": None, "link": None, "error": json.dumps(result)[:500]}
     return json.loads(result["result"]["value"])
 
 
-def wait_for(status, connections):
+def shows(page, phase):
+    return (("status" not in phase
+             or (page["status"] == phase["status"] and page["badge"] == phase["status"]))
+            and ("link" not in phase or page.get("link") == phase["link"])
+            and page.get("connections") == phase["connections"]
+            and len(page.get("denials", [])) >= phase.get("denials", 0)
+            and len(page.get("failed", [])) >= phase.get("failed", 0)
+            and ("series" not in phase or phase["series"] in page.get("series", []))
+            and ("code" not in phase or phase["code"] in page.get("codes", []))
+            and ("peers" not in phase or page.get("peers") == phase["peers"]))
+
+
+def wait_for(phase):
     deadline = time.monotonic() + WAIT
     last = None
     while time.monotonic() < deadline:
         last = shown()
-        if (last["status"] == status and last["badge"] == status
-                and last.get("connections") == connections):
+        if shows(last, phase):
             return last
         time.sleep(0.1)
-    fail("the page never showed %s with %d open connections; it showed %s"
-         % (status, connections, json.dumps(last)))
+    fail("the page never showed %s; it showed %s" % (json.dumps(phase), json.dumps(last)))
 
 
 def screenshot(name):
-    data = call("Page.captureScreenshot", {"format": "png"}, session)["data"]
+    # The whole page, not only the window.
+    size = call("Runtime.evaluate", {
+        "expression": "JSON.stringify([document.documentElement.scrollWidth, "
+                      "document.documentElement.scrollHeight])",
+        "returnByValue": True}, session)["result"]["value"]
+    width, height = json.loads(size)
+    clip = {"x": 0, "y": 0, "width": width, "height": min(height, 8000), "scale": 1}
+    data = call("Page.captureScreenshot",
+                {"format": "png", "captureBeyondViewport": True, "clip": clip}, session)["data"]
     path = os.path.join(shots, name)
     with open(path, "wb") as f:
         f.write(base64.b64decode(data))
     return path
 
 
-seen = wait_for("Approved", 1)
-print("seen Approved " + json.dumps(seen) + " " + screenshot("status-page-approved.png"),
-      flush=True)
-if not sys.stdin.readline():
-    fail("the test went away")
-seen = wait_for("Disconnected", 0)
-print("seen Disconnected " + json.dumps(seen) + " " + screenshot("status-page-disconnected.png"),
-      flush=True)
+for number, phase in enumerate(phases):
+    if number > 0 and not sys.stdin.readline():
+        fail("the test went away")
+    seen = wait_for(phase)
+    shot = screenshot(phase["shot"] + ".png")
+    print("seen %s %s %s" % (phase["shot"], json.dumps(seen), shot), flush=True)
 call("Browser.close")
 browser.wait(timeout=WAIT)
 shutil.rmtree(profile, ignore_errors=True)

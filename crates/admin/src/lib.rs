@@ -1,7 +1,8 @@
 //! privlink-admin: the admin HTTP listener the relay and the agent both run — liveness
 //! (`/healthz`), readiness (`/readyz`), metrics (`/metrics`, OpenMetrics text) and the status
-//! snapshot (`/api/v1/status`, JSON), the open connections (`/api/v1/connections`), and the
-//! status page (`/`, embedded) — over
+//! snapshot (`/api/v1/status`, JSON), the open connections (`/api/v1/connections`), the last
+//! events (`/api/v1/events`) and ten minutes of traffic (`/api/v1/history`, from [`history`]),
+//! and the status page (`/`, embedded) — over
 //! HTTP/1.1 with every request bounded: headers in 16 KiB and 5 s, one request per connection,
 //! [`MAX_CONNECTIONS`] connections at once, each on its own task, so a slow or hostile admin
 //! client never touches the data path. With a token configured, `/api/*` needs
@@ -17,6 +18,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod history;
 mod latch;
 mod slots;
 pub mod snapshot;
@@ -73,6 +75,10 @@ pub trait AdminView: Send + Sync + 'static {
     /// For `/api/v1/connections`: the connections open now, at most
     /// [`MAX_LISTED_CONNECTIONS`] of them, oldest first.
     fn connections(&self) -> snapshot::ConnectionsSnapshot;
+    /// For `/api/v1/events`: the last audit records.
+    fn events(&self) -> snapshot::EventsSnapshot;
+    /// For `/api/v1/history`: the last ten minutes of traffic.
+    fn history(&self) -> history::HistorySnapshot;
     /// For `/metrics`: OpenMetrics text, or `None` where the role has no metrics yet.
     fn metrics(&self) -> Option<String> {
         None
@@ -356,6 +362,8 @@ fn route(
         "/status.css" => page(STATUS_STYLE, "text/css; charset=utf-8"),
         "/api/v1/status" => json(&view.status()),
         "/api/v1/connections" => json(&view.connections()),
+        "/api/v1/events" => json(&view.events()),
+        "/api/v1/history" => json(&view.history()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -387,7 +395,7 @@ fn authorized(headers: &hyper::HeaderMap, token: Option<&TokenDigest>) -> bool {
 }
 
 /// The status page, embedded: no build step, nothing fetched from elsewhere, so it works on an
-/// isolated network. Its script asks `/api/v1/status` every two seconds.
+/// isolated network. Its script asks the `/api/v1/` answers every two seconds.
 const STATUS_PAGE: &str = include_str!("page/status.html");
 const STATUS_SCRIPT: &str = include_str!("page/status.js");
 const STATUS_STYLE: &str = include_str!("page/status.css");

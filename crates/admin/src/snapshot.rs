@@ -276,6 +276,28 @@ pub struct RelayConnectionView {
     pub bytes_to_client: u64,
 }
 
+/// `/api/v1/events`: the role's last audit records (kept in memory whether or not a trail is
+/// written; without the per-connection `connection.opened` and `connection.progress`), oldest
+/// first, each the JSON object of its trail line without `seq`, `prev` and `hash`: `time`,
+/// `code`, `event` and the event's fields (docs/audit.md lists them), in the trail's order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventsSnapshot {
+    /// The records, oldest first, as their JSON text (so that their fields keep their order).
+    pub events: Vec<Box<serde_json::value::RawValue>>,
+}
+
+impl EventsSnapshot {
+    /// Takes the JSON objects a trail keeps; one that is not JSON (none should be) is left
+    /// out.
+    pub fn from_json_objects(objects: Vec<String>) -> Self {
+        let events = objects
+            .into_iter()
+            .filter_map(|text| serde_json::value::RawValue::from_string(text).ok())
+            .collect();
+        Self { events }
+    }
+}
+
 /// A stream the agent forwards to its destination.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentConnectionView {

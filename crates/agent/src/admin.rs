@@ -1,15 +1,17 @@
 //! The agent as its admin listener reports it (served by `privlink-admin`): ready while at
 //! least one relay link is welcomed with its verdicts sent, and not while draining; the status
 //! snapshot of `/api/v1/status` — the agent's name and connector and each relay link with its
-//! state, transport, verdicts and streams — and the open streams of `/api/v1/connections`
-//! (shapes in `docs/admin-api.md`).
+//! state, transport, verdicts and streams — the open streams of `/api/v1/connections`, the
+//! last audit records of `/api/v1/events` and the ten minutes of `/api/v1/history`, which
+//! [`AgentAdmin::keep_history`] samples every second (shapes in `docs/admin-api.md`).
 
 use std::sync::Arc;
 
 use privlink_admin::audit::AuditView;
+use privlink_admin::history::HistorySnapshot;
 use privlink_admin::snapshot::{
     AgentConnectionView, AgentStatus as AgentStatusView, ConnectionList, ConnectionsSnapshot,
-    FleetView, StatusSnapshot,
+    EventsSnapshot, FleetView, StatusSnapshot,
 };
 use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
 
@@ -34,15 +36,20 @@ impl AdminView for AgentAdmin {
     }
 
     fn metrics(&self) -> Option<String> {
-        let unreported = self.policy.live.snapshot().iter().fold((0, 0), |sum, live| {
-            let (from_destination, to_destination) = live.unreported();
-            (sum.0 + from_destination, sum.1 + to_destination)
-        });
-        let buffer = (self.policy.budget.held(), self.policy.budget.limit());
+        self.update_metrics();
         if let Some(trail) = self.policy.audit.status() {
             self.policy.metrics.audit.set(&trail);
         }
-        Some(self.policy.metrics.render(&self.status, unreported, buffer))
+        Some(self.policy.metrics.render())
+    }
+
+    fn events(&self) -> EventsSnapshot {
+        EventsSnapshot::from_json_objects(self.policy.audit.recent())
+    }
+
+    fn history(&self) -> HistorySnapshot {
+        self.update_metrics();
+        self.policy.metrics.history.snapshot()
     }
 
     fn connections(&self) -> ConnectionsSnapshot {
@@ -88,5 +95,30 @@ impl AdminView for AgentAdmin {
                 .collect(),
             audit: self.policy.audit.status().as_ref().map(AuditView::from),
         })
+    }
+}
+
+impl AgentAdmin {
+    /// Sets the gauges and counts the bytes open streams moved since the last update.
+    fn update_metrics(&self) {
+        let unreported = self.policy.live.snapshot().iter().fold((0, 0), |sum, live| {
+            let (from_destination, to_destination) = live.unreported();
+            (sum.0 + from_destination, sum.1 + to_destination)
+        });
+        let buffer = (self.policy.budget.held(), self.policy.budget.limit());
+        self.policy.metrics.update(&self.status, unreported, buffer);
+    }
+
+    /// Until `stop`: every second, counts the bytes open streams moved and notes the relay
+    /// links connected, for the status page's history (which `/metrics` scrapes also feed).
+    pub(crate) async fn keep_history(&self, stop: tokio_util::sync::CancellationToken) {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => self.update_metrics(),
+            }
+        }
     }
 }

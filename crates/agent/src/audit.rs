@@ -106,6 +106,28 @@ pub(crate) fn destination_refused(
     );
 }
 
+/// A stream whose destination could not be reached (or that the buffer budget refused):
+/// `stream.closed` with nothing moved, its outcome label and the failure's message.
+pub(crate) fn stream_failed(
+    trail: &AuditTrail,
+    (endpoint, client, destination): Asked<'_>,
+    duration: Duration,
+    outcome: &str,
+    reason: &str,
+) {
+    trail.record(
+        now(Code::StreamClosed)
+            .text("endpoint", endpoint)
+            .display("client", client)
+            .text("destination", destination)
+            .number("duration_ms", millis(duration))
+            .number("bytes_to_destination", 0)
+            .number("bytes_from_destination", 0)
+            .text("outcome", outcome)
+            .text("reason", reason),
+    );
+}
+
 /// A stream carried to its destination ended.
 pub(crate) fn stream_closed(
     trail: &AuditTrail,

@@ -203,9 +203,12 @@ async fn forward(
                 _ => "destination_failed",
             };
             policy.metrics.stream_ended(outcome, 0, 0);
+            let asked = (endpoint.as_str(), client_addr, destination.as_str());
             if failure.code == OpenFailCode::NotAllowed {
-                let asked = (endpoint.as_str(), client_addr, destination.as_str());
                 crate::audit::destination_refused(&policy.audit, asked, &failure.message);
+            } else {
+                let took = started.elapsed();
+                crate::audit::stream_failed(&policy.audit, asked, took, outcome, &failure.message);
             }
             if matches!(failure.code, OpenFailCode::NotAllowed | OpenFailCode::OverBudget) {
                 // A relay asking for what the allowlist refuses can ask as fast as it likes;

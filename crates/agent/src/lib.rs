@@ -175,7 +175,10 @@ impl Agent {
                 id: shared.agent_id.clone(),
                 connector: config.connector.clone(),
             });
-            tokio::spawn(server.run(view, admin_stop.clone()))
+            let (sampled, stop) = (Arc::clone(&view), admin_stop.clone());
+            let history = tokio::spawn(async move { sampled.keep_history(stop).await });
+            let served = tokio::spawn(server.run(view, admin_stop.clone()));
+            [served, history]
         });
         if config.allowlist.rules.is_empty() {
             warn!("the allowlist is empty: every endpoint will be rejected");
@@ -205,7 +208,7 @@ impl Agent {
             shared.dialer.wait_idle(CLOSE_TIMEOUT).await;
         }
         admin_stop.cancel();
-        if let Some(task) = admin_task {
+        for task in admin_task.into_iter().flatten() {
             let _ = task.await;
         }
         shared.policy.audit.close(audit::closing()).await;

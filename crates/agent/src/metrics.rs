@@ -50,6 +50,8 @@ pub struct AgentMetrics {
     buffer: privlink_admin::BufferMetrics,
     /// `privlink_audit_*`, set from the trail at each scrape.
     pub(crate) audit: privlink_admin::audit::AuditMetrics,
+    /// Streams ended, bytes moved and relay links connected over the last ten minutes.
+    pub(crate) history: privlink_admin::history::History,
 }
 
 impl Default for AgentMetrics {
@@ -104,6 +106,7 @@ impl Default for AgentMetrics {
             reloads,
             buffer,
             audit,
+            history: Default::default(),
         }
     }
 }
@@ -112,6 +115,7 @@ impl AgentMetrics {
     /// A stream ended with `outcome`; the bytes are what it moved that no scrape counted yet.
     pub(crate) fn stream_ended(&self, outcome: &'static str, to_destination: u64, from: u64) {
         self.streams.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.history.ended(outcome);
         self.count_bytes(to_destination, from);
     }
 
@@ -119,6 +123,7 @@ impl AgentMetrics {
         let bytes = |direction| DirectionLabel { direction };
         self.bytes.get_or_create(&bytes("to_destination")).inc_by(to_destination);
         self.bytes.get_or_create(&bytes("from_destination")).inc_by(from_destination);
+        self.history.moved(to_destination, from_destination);
     }
 
     /// A destination was resolved and connected in `seconds`.
@@ -136,22 +141,26 @@ impl AgentMetrics {
         self.fallbacks.inc();
     }
 
-    /// The OpenMetrics text, with the link gauges read from `status` now and `unreported`,
-    /// the bytes open streams moved since the last scrape (from the destination, to it),
-    /// counted: the counters rise during a long transfer; `buffer` is the buffer budget
-    /// (held, limit).
-    pub(crate) fn render(
-        &self,
-        status: &AgentStatus,
-        unreported: (u64, u64),
-        buffer: (u64, u64),
-    ) -> String {
+    /// The OpenMetrics text, as of the last [`update`](Self::update).
+    pub(crate) fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Sets the link gauges from `status` now and counts `unreported`, the bytes open streams
+    /// moved since the last update (from the destination, to it): the counters rise during a
+    /// long transfer; `buffer` is the buffer budget (held, limit). At each scrape, and every
+    /// second for the history.
+    pub(crate) fn update(&self, status: &AgentStatus, unreported: (u64, u64), buffer: (u64, u64)) {
         self.buffer.set(buffer.0, buffer.1);
         let (from_destination, to_destination) = unreported;
         self.count_bytes(to_destination, from_destination);
         // Links that changed state since the last scrape would otherwise keep their old series.
         self.links.clear();
         let mut active = 0i64;
+        let mut connected = 0;
         for link in status.links() {
             let transport = match link.transport {
                 Some(privlink_transport::tunnel::TransportKind::Quic) => "quic",
@@ -166,6 +175,7 @@ impl AgentMetrics {
             let labels = LinkLabels { relay: link.relay.clone(), transport, state };
             self.links.get_or_create(&labels).inc();
             active += i64::from(link.active_streams);
+            connected += usize::from(link.state == LinkState::Connected);
         }
         self.streams_active.set(active);
         for (relay, coverage) in status.fleets() {
@@ -175,9 +185,6 @@ impl AgentMetrics {
             gauge("reached").set(i64::try_from(coverage.reached.len()).unwrap_or(i64::MAX));
             gauge("missing").set(i64::try_from(coverage.missing.len()).unwrap_or(i64::MAX));
         }
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+        self.history.peers(connected);
     }
 }

@@ -1,17 +1,20 @@
 //! The relay as its admin listener reports it (served by `privlink-admin`): ready once every
 //! listener is bound and until it starts draining; the status snapshot of `/api/v1/status` —
 //! every endpoint with its status in the Private Link vocabulary, and every connected agent;
-//! and the open connections of `/api/v1/connections`, read from each endpoint's live table.
-//! The JSON shapes are documented in `docs/admin-api.md`.
+//! the open connections of `/api/v1/connections`, read from each endpoint's live table; the
+//! last audit records of `/api/v1/events`; and the ten minutes of `/api/v1/history`, which
+//! [`keep_history`] samples every second. The JSON shapes are documented in
+//! `docs/admin-api.md`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use privlink_admin::audit::AuditView;
+use privlink_admin::history::HistorySnapshot;
 use privlink_admin::snapshot::RelayFleetView;
 use privlink_admin::snapshot::{
-    ConnectionList, ConnectionsSnapshot, EndpointView, RelayAgentView, RelayConnectionView,
-    RelayStatus, StatusSnapshot, VerdictView,
+    ConnectionList, ConnectionsSnapshot, EndpointView, EventsSnapshot, RelayAgentView,
+    RelayConnectionView, RelayStatus, StatusSnapshot, VerdictView,
 };
 use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
 use privlink_protocol::message::Verdict;
@@ -70,6 +73,16 @@ impl AdminView for RelayAdmin {
             })
             .collect();
         ConnectionsSnapshot { total, connections: ConnectionList::Relay(listed) }
+    }
+
+    fn events(&self) -> EventsSnapshot {
+        EventsSnapshot::from_json_objects(self.handle.audit().trail.recent())
+    }
+
+    fn history(&self) -> HistorySnapshot {
+        let metrics = self.handle.metrics();
+        metrics.update(&scrape(&self.handle));
+        metrics.history.snapshot()
     }
 
     fn status(&self) -> StatusSnapshot {
@@ -151,6 +164,19 @@ impl AdminView for RelayAdmin {
             listeners: handle.listener_views(),
             audit: handle.audit_status().as_ref().map(AuditView::from),
         })
+    }
+}
+
+/// Until `stop`: every second, counts the bytes open connections moved and notes the agents
+/// connected, for the status page's history (which `/metrics` scrapes also feed).
+pub(crate) async fn keep_history(handle: &RelayHandle, stop: tokio_util::sync::CancellationToken) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => handle.metrics().update(&scrape(handle)),
+        }
     }
 }
 

@@ -23,8 +23,8 @@ use crate::registry::{EndpointStatus, Registry};
 #[derive(Debug, Default)]
 pub(crate) struct RelayAudit {
     pub(crate) trail: AuditTrail,
-    /// The status last recorded of each endpoint.
-    statuses: Mutex<HashMap<String, String>>,
+    /// The status (and reason) last recorded of each endpoint.
+    statuses: Mutex<HashMap<String, (&'static str, Option<String>)>>,
     /// Numbers connections, so that a connection's opened, progress and closed records can be
     /// told apart from another's (unique within one `trail.opened`).
     next_connection: AtomicU64,
@@ -147,36 +147,35 @@ impl RelayAudit {
         );
     }
 
-    /// Records the status of each of `endpoints` that changed since it was last recorded.
+    /// Records the status of each of `endpoints` that changed (or, rejected, changed its
+    /// reason) since it was last recorded.
     pub(crate) fn endpoint_statuses<'a>(
         &self,
         registry: &Registry,
         endpoints: impl Iterator<Item = &'a EndpointSpec>,
     ) {
-        if !self.trail.is_on() {
-            return;
-        }
         let mut last = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
         for spec in endpoints {
             let status = registry.status(&spec.connector, &spec.name);
-            let label = match &status {
-                EndpointStatus::Disconnected => "disconnected",
-                EndpointStatus::Pending => "pending",
-                EndpointStatus::Approved => "approved",
-                EndpointStatus::Rejected { .. } => "rejected",
+            let (label, reason) = match &status {
+                EndpointStatus::Disconnected => ("disconnected", None),
+                EndpointStatus::Pending => ("pending", None),
+                EndpointStatus::Approved => ("approved", None),
+                EndpointStatus::Rejected { reason } => ("rejected", Some(reason.as_str())),
             };
-            if last.get(&spec.name).is_some_and(|l| l == label) {
+            let seen = last.get(&spec.name);
+            if seen.is_some_and(|(l, r)| *l == label && r.as_deref() == reason) {
                 continue;
             }
             let record = now(Code::EndpointStatus)
                 .text("endpoint", &spec.name)
                 .text("connector", &spec.connector)
                 .text("status", label);
-            self.trail.record(match &status {
-                EndpointStatus::Rejected { reason } => record.text("reason", reason),
-                _ => record,
+            self.trail.record(match reason {
+                Some(reason) => record.text("reason", reason),
+                None => record,
             });
-            last.insert(spec.name.clone(), label.to_owned());
+            last.insert(spec.name.clone(), (label, reason.map(str::to_owned)));
         }
     }
 

@@ -79,11 +79,9 @@ impl Flow<'_> {
 }
 
 /// A forwarded connection ended (`connection` from [`RelayAudit::opened`]), or — without
-/// a number — one refused before it was forwarded (SNI, PROXY, CONNECT).
+/// a number — one refused before it was forwarded (SNI, PROXY, CONNECT). Recorded with the
+/// trail off too: the status page lists the last ones.
 fn audit_end(audit: &RelayAudit, flow: &Flow<'_>, connection: Option<u64>) {
-    if !audit.trail.is_on() {
-        return;
-    }
     let destination = flow
         .requested
         .map_or_else(|| flow.endpoint.destination.to_string(), Destination::to_string);

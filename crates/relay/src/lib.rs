@@ -312,12 +312,12 @@ impl Relay {
             listeners.start_shared(port, listener, Arc::clone(handle.endpoint_table()));
         }
         // Endpoint status changes, and a progress record of every open connection every
-        // `periodic`.
-        let progress_task = config.get().audit.as_ref().map(|settings| {
-            let every = settings.periodic;
-            let (handle, stop) = (handle.clone(), fleet_stop.clone());
-            tokio::spawn(async move { handle.watch_for_audit(every, stop).await })
-        });
+        // `periodic`; the status page's history, sampled every second.
+        let every = config.get().audit.as_ref().map(|settings| settings.periodic);
+        let (watched, stop) = (handle.clone(), fleet_stop.clone());
+        let progress_task = tokio::spawn(async move { watched.watch_for_audit(every, stop).await });
+        let (sampled, stop) = (handle.clone(), fleet_stop.clone());
+        let history_task = tokio::spawn(async move { admin::keep_history(&sampled, stop).await });
         let acceptors = TaskTracker::new();
         let tunnel_stop = CancellationToken::new();
         acceptors.spawn(agents::accept_agents(
@@ -351,7 +351,7 @@ impl Relay {
         .await;
         admin_stop.cancel();
         fleet_stop.cancel();
-        for task in admin_task.into_iter().chain(fleet_task).chain(progress_task) {
+        for task in admin_task.into_iter().chain(fleet_task).chain([progress_task, history_task]) {
             let _ = task.await;
         }
         handle.audit().trail.close(audit::closing()).await;

@@ -2,7 +2,7 @@
 //! OpenMetrics text on the admin listener's `/metrics`. Counters are counted where things
 //! happen (accept, the flow log, authentication); the state gauges — endpoint status, active
 //! connections, connected agents — are read from the registry when scraped. No label carries
-//! a client address.
+//! a client address. The same counts feed the status page's ten-minute [`History`].
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use privlink_admin::history::History;
 
 /// The state gauges at a scrape, read by the caller from the endpoints and the registry
 /// just before [`RelayMetrics::render`].
@@ -119,6 +121,8 @@ pub(crate) struct RelayMetrics {
     endpoint_status: Family<StatusLabels, Gauge>,
     connections_active: Family<EndpointLabel, Gauge>,
     agents_connected: Family<AgentLabels, Gauge>,
+    /// Connections ended, bytes moved and agents connected over the last ten minutes.
+    pub(crate) history: History,
     reloads: privlink_admin::ReloadMetrics,
     buffer: privlink_admin::BufferMetrics,
     audit: privlink_admin::audit::AuditMetrics,
@@ -214,6 +218,7 @@ impl Default for RelayMetrics {
             endpoint_status,
             connections_active,
             agents_connected,
+            history: History::default(),
         }
     }
 }
@@ -224,6 +229,7 @@ impl RelayMetrics {
     pub(crate) fn connection_ended(&self, endpoint: &str, outcome: &str, unreported: (u64, u64)) {
         let labels = OutcomeLabels { endpoint: endpoint.to_owned(), outcome: outcome.to_owned() };
         self.connections.get_or_create(&labels).inc();
+        self.history.ended(outcome);
         self.count_bytes(endpoint, unreported);
     }
 
@@ -234,6 +240,7 @@ impl RelayMetrics {
         let bytes = |direction| DirectionLabels { endpoint: endpoint.to_owned(), direction };
         self.bytes.get_or_create(&bytes("from_client")).inc_by(from_client);
         self.bytes.get_or_create(&bytes("to_client")).inc_by(to_client);
+        self.history.moved(from_client, to_client);
     }
 
     /// An open of `endpoint` is tried on another agent after one ended with `reason` (an
@@ -256,12 +263,14 @@ impl RelayMetrics {
     pub(crate) fn listener_refused(&self, listener: &str, reason: &'static str) {
         let labels = ListenerLabels { listener: listener.to_owned(), reason };
         self.listener_refused.get_or_create(&labels).inc();
+        self.history.ended(reason);
     }
 
     /// A connection of `endpoint` was turned away on accept (`acl_denied`, `over_limit`).
     pub(crate) fn connection_refused(&self, endpoint: &str, outcome: &str) {
         let labels = OutcomeLabels { endpoint: endpoint.to_owned(), outcome: outcome.to_owned() };
         self.connections.get_or_create(&labels).inc();
+        self.history.ended(outcome);
     }
 
     /// The agent answered an open request for `endpoint` after `seconds`.
@@ -287,6 +296,17 @@ impl RelayMetrics {
 
     /// The OpenMetrics text, with the state gauges set from `state`.
     pub(crate) fn render(&self, state: &ScrapedState) -> String {
+        self.update(state);
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Sets the state gauges from `state`, counts the bytes open connections moved since the
+    /// last update, and notes the agents connected in the history: at each scrape, and every
+    /// second for the history.
+    pub(crate) fn update(&self, state: &ScrapedState) {
         for endpoint in &state.endpoints {
             for status in STATUSES {
                 let labels = StatusLabels { endpoint: endpoint.name.clone(), status };
@@ -312,9 +332,6 @@ impl RelayMetrics {
         if let Some(trail) = &state.audit {
             self.audit.set(trail);
         }
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+        self.history.peers(state.agents.iter().map(|(_, quic, tcp)| quic + tcp).sum());
     }
 }

@@ -388,12 +388,13 @@ impl Registry {
     /// The status of `endpoint`, served by `connector`.
     pub fn status(&self, connector: &str, endpoint: &str) -> EndpointStatus {
         let state = self.lock();
+        // Oldest connection first, as `agents` lists them: of several rejections, the reason
+        // given is the same one the status API shows.
+        let mut agents: Vec<_> =
+            state.agents.iter().filter(|(_, a)| a.connector == connector).collect();
+        agents.sort_unstable_by_key(|(id, _)| **id);
         EndpointStatus::among(
-            state
-                .agents
-                .values()
-                .filter(|a| a.connector == connector)
-                .map(|a| (a.draining, a.verdicts.get(endpoint))),
+            agents.into_iter().map(|(_, a)| (a.draining, a.verdicts.get(endpoint))),
         )
     }
 

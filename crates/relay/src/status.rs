@@ -132,23 +132,31 @@ impl RelayHandle {
         self.reloader.audit.trail.status()
     }
 
-    /// Until `stop`: records each endpoint status change, and a progress record of every open
-    /// connection every `periodic`.
+    /// Until `stop`: records each endpoint status change (kept for the status page even
+    /// without a trail), and — with a trail — a progress record of every open connection every
+    /// `periodic`.
     pub(crate) async fn watch_for_audit(
         &self,
-        periodic: Duration,
+        periodic: Option<Duration>,
         stop: tokio_util::sync::CancellationToken,
     ) {
         let audit = &self.reloader.audit;
         let mut changes = self.registry.subscribe();
-        let mut ticks = tokio::time::interval(periodic);
-        ticks.reset(); // the first tick one period from now
+        let mut ticks = periodic.map(|periodic| {
+            let mut ticks = tokio::time::interval(periodic);
+            ticks.reset(); // the first tick one period from now
+            ticks
+        });
+        let tick = async |ticks: &mut Option<tokio::time::Interval>| match ticks {
+            Some(ticks) => ticks.tick().await,
+            None => std::future::pending().await,
+        };
         loop {
             audit.endpoint_statuses(&self.registry, self.reloader.config.get().endpoints.iter());
             tokio::select! {
                 () = stop.cancelled() => return,
                 changed = changes.changed() => if changed.is_err() { return },
-                _ = ticks.tick() => {
+                _ = tick(&mut ticks) => {
                     for (endpoint, _) in self.endpoints.all() {
                         audit_progress(audit, &endpoint);
                     }

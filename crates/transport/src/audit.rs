@@ -8,7 +8,13 @@
 //!
 //! A thread, not a task: file writes and fsync block, and a thread with a blocking queue does
 //! this with no `spawn_blocking` per batch.
+//!
+//! Every trail, written or [`off`](AuditTrail::off), also keeps its last [`RECENT_RECORDS`]
+//! records in memory (not the per-connection `connection.opened` and `connection.progress`,
+//! which the open-connection list shows better) for the status page's event list
+//! (`/api/v1/events`).
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -32,6 +38,8 @@ pub const SYNC_WITHIN: Duration = Duration::from_secs(1);
 const BATCH_BYTES: usize = 256 * 1024;
 /// How long closing waits for the writer to write what is queued.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Records kept in memory for the status page.
+pub const RECENT_RECORDS: usize = 100;
 
 /// Why a trail could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +88,7 @@ struct Shared {
 #[derive(Clone, Default)]
 pub struct AuditTrail {
     inner: Option<Arc<Inner>>,
+    recent: Arc<Mutex<VecDeque<Record>>>,
 }
 
 struct Inner {
@@ -100,7 +109,7 @@ impl std::fmt::Debug for AuditTrail {
 impl AuditTrail {
     /// No trail: records go nowhere.
     pub fn off() -> Self {
-        Self { inner: None }
+        Self::default()
     }
 
     /// Opens the trail of `settings` (continuing the chain found there), writes and syncs
@@ -140,9 +149,12 @@ impl AuditTrail {
             })
             .map_err(io_error)?;
         info!(path = %settings.path.display(), seq = head.seq - 1, "audit trail open");
-        Ok(Self {
+        let trail = Self {
             inner: Some(Arc::new(Inner { shared, sender, writer: Mutex::new(Some(thread)) })),
-        })
+            recent: Arc::default(),
+        };
+        trail.keep(&opening);
+        Ok(trail)
     }
 
     /// Whether a trail is written at all.
@@ -153,6 +165,7 @@ impl AuditTrail {
     /// Hands `record` to the writer without waiting. `false` when it was lost (the queue is
     /// full or the writer is gone); it is counted, and told in the trail when writing resumes.
     pub fn record(&self, record: Record) -> bool {
+        self.keep(&record);
         let Some(inner) = &self.inner else { return true };
         let shared = &inner.shared;
         shared.queued.fetch_add(1, Ordering::Relaxed);
@@ -164,6 +177,27 @@ impl AuditTrail {
                 false
             }
         }
+    }
+
+    /// The last records, oldest first, each as one JSON object (`time` and its fields, without
+    /// the chain's `seq`, `prev` and `hash`).
+    pub fn recent(&self) -> Vec<String> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent
+            .iter()
+            .map(|record| format!("{{\"time\":\"{}\",{}}}", rfc3339(record.time), record.fields()))
+            .collect()
+    }
+
+    fn keep(&self, record: &Record) {
+        if matches!(record.code, Code::ConnectionOpened | Code::ConnectionProgress) {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() == RECENT_RECORDS {
+            recent.pop_front();
+        }
+        recent.push_back(record.clone());
     }
 
     /// Whether records are being written now: the queue has room and the last write worked.

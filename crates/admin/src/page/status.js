@@ -1,7 +1,8 @@
-// The privlink status page: asks /api/v1/status and /api/v1/connections every two seconds and
-// draws the relay's endpoints, agents and open connections, or the agent's relay links and
-// streams. Every value is written with textContent, never as HTML: names, reasons and
-// addresses come from configurations, agents and clients.
+// The privlink status page: asks /api/v1/status, /api/v1/connections, /api/v1/history and
+// /api/v1/events every two seconds and draws the relay's endpoints, agents and open
+// connections (or the agent's relay links and streams), charts of the last ten minutes and the
+// last events. Every value is written with textContent or as an SVG attribute, never as HTML:
+// names, reasons and addresses come from configurations, agents and clients.
 "use strict";
 
 const REFRESH_MS = 2000;
@@ -203,6 +204,145 @@ function draw(status) {
     "Last refreshed " + new Date().toLocaleTimeString() + ".";
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+const CHART = { width: 360, height: 120, left: 44, bottom: 16, top: 6 };
+// Fixed colours for the outcomes an operator looks for; others take the palette in turn.
+const OUTCOME_COLOURS = {
+  completed: "#1a7f37", idle_timeout: "#6e7781", shutdown: "#8a93a5", max_duration: "#9a6700",
+  acl_denied: "#cf222e", over_limit: "#bc4c00", rejected: "#a40e26", no_agent: "#8250df",
+};
+const PALETTE = ["#0969da", "#bf3989", "#1b7c83", "#953800", "#6639ba", "#4d2d00", "#116329"];
+
+function svg(tag, attributes) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes || {})) {
+    node.setAttribute(name, String(value));
+  }
+  return node;
+}
+
+// "1.2k", "3.4M": short numbers for an axis.
+function short(n, unit) {
+  const steps = [[1e9, "G"], [1e6, "M"], [1e3, "k"]];
+  for (const [size, prefix] of steps) {
+    if (n >= size) return (n / size).toFixed(n >= 10 * size ? 0 : 1) + " " + prefix + unit;
+  }
+  return (n >= 10 || Number.isInteger(n) ? n.toFixed(0) : n.toFixed(1)) + (unit ? " " + unit : "");
+}
+
+// Draws `series` ([{name, colour, values}], one value per bucket) into the SVG `id`, with its
+// legend (each series' total or last value, from `legendValue`).
+function chart(id, series, unit, legendValue) {
+  const node = document.getElementById(id);
+  const { width, height, left, bottom, top } = CHART;
+  const plotHeight = height - bottom - top;
+  const count = Math.max(...series.map((s) => s.values.length), 2);
+  const max = Math.max(1e-9, ...series.flatMap((s) => s.values));
+  const ceiling = unit === "" && max < 1 ? 1 : max;
+  const x = (i) => left + (i * (width - left - 2)) / (count - 1);
+  const y = (v) => top + plotHeight - (v / ceiling) * plotHeight;
+  const parts = [
+    svg("line", { class: "grid", x1: left, y1: top, x2: width, y2: top }),
+    svg("line", { class: "grid", x1: left, y1: top + plotHeight, x2: width, y2: top + plotHeight }),
+  ];
+  const label = (text, attributes) => {
+    const t = svg("text", Object.assign({ class: "axis" }, attributes));
+    t.textContent = text;
+    return t;
+  };
+  parts.push(label(short(ceiling, unit), { x: left - 4, y: top + 8, "text-anchor": "end" }));
+  parts.push(label("0", { x: left - 4, y: top + plotHeight, "text-anchor": "end" }));
+  parts.push(label("−10 min", { x: left, y: height - 2 }));
+  parts.push(label("now", { x: width - 2, y: height - 2, "text-anchor": "end" }));
+  for (const s of series) {
+    // Right-aligned: the newest bucket at "now".
+    const offset = count - s.values.length;
+    const points = s.values.map((v, i) => x(i + offset).toFixed(1) + "," + y(v).toFixed(1));
+    const line = svg("polyline", { points: points.join(" "), stroke: s.colour });
+    line.dataset.series = s.name;
+    parts.push(line);
+    // The newest value as a dot too: with a single bucket yet, the line has no length.
+    if (s.values.length) {
+      const last = s.values.length - 1;
+      parts.push(svg("circle",
+        { cx: x(last + offset).toFixed(1), cy: y(s.values[last]).toFixed(1), r: 2.5, fill: s.colour }));
+    }
+  }
+  node.replaceChildren(...parts);
+  const legend = document.getElementById("legend-" + id.replace("chart-", ""));
+  legend.replaceChildren(...series.map((s) => {
+    const item = element("li");
+    const swatch = element("span", undefined, "swatch");
+    swatch.style.backgroundColor = s.colour;
+    item.append(swatch, document.createTextNode(s.name + ": " + legendValue(s)));
+    item.dataset.series = s.name;
+    return item;
+  }));
+}
+
+function drawHistory(role, history) {
+  // Ten minutes are BUCKETS of bucket_seconds; a bucket still filling is as long as it has run
+  // (at least a second, so that its first events do not read as a burst).
+  const buckets = (history.buckets || []).slice(-Math.ceil(600 / (history.bucket_seconds || 5)));
+  const perSecond = (value, b) => value / Math.max(b.seconds || 0, 1);
+  const outcomes = [...new Set(buckets.flatMap((b) => Object.keys(b.ended || {})))].sort();
+  let next = 0;
+  const ended = outcomes.map((name) => ({
+    name,
+    colour: OUTCOME_COLOURS[name] || PALETTE[next++ % PALETTE.length],
+    values: buckets.map((b) => perSecond((b.ended || {})[name] || 0, b)),
+    total: buckets.reduce((sum, b) => sum + ((b.ended || {})[name] || 0), 0),
+  }));
+  document.getElementById("ended-caption").textContent = (role === "relay"
+    ? "Connections" : "Streams") + " ended per second, by outcome";
+  chart("chart-ended", ended, "/s", (s) => s.total + " in 10 min");
+  const moved = [
+    ["to destination", "#0969da", "bytes_to_destination"],
+    ["to client", "#bf3989", "bytes_to_client"],
+  ].map(([name, colour, key]) => ({
+    name, colour,
+    values: buckets.map((b) => perSecond(b[key] || 0, b)),
+    total: buckets.reduce((sum, b) => sum + (b[key] || 0), 0),
+  }));
+  chart("chart-bytes", moved, "B/s", (s) => bytes(s.total) + " in 10 min");
+  const peers = role === "relay" ? "agents connected" : "relay links connected";
+  document.getElementById("peers-caption").textContent =
+    peers.charAt(0).toUpperCase() + peers.slice(1);
+  const levels = [{ name: peers, colour: "#1a7f37", values: buckets.map((b) => b.peers || 0) }];
+  chart("chart-peers", levels, "", (s) => s.values.length ? s.values[s.values.length - 1] + " now" : "–");
+}
+
+// The events that mean someone or something was refused, and those that ended badly.
+const DENIALS = new Set(["PL0003", "PL1003", "PL2002", "PL3004", "PL4003"]);
+const ORDINARY_ENDS = new Set(["completed", "idle_timeout", "shutdown", "max_duration"]);
+const SHOWN_EVENTS = 50;
+
+function eventRow(e) {
+  const tr = element("tr");
+  tr.dataset.code = e.code;
+  if (DENIALS.has(e.code)) tr.className = "denial";
+  else if (e.outcome !== undefined && !ORDINARY_ENDS.has(e.outcome)) tr.className = "failed";
+  const when = e.time ? new Date(e.time).toLocaleTimeString() : "–";
+  const name = element("span", e.event);
+  const code = element("span", e.code, "code");
+  const details = element("span");
+  for (const [key, value] of Object.entries(e)) {
+    if (key === "time" || key === "code" || key === "event") continue;
+    const field = element("span", undefined, "field");
+    field.append(element("span", key, "key"), document.createTextNode(" " + String(value)));
+    details.append(field);
+  }
+  const event = element("span");
+  event.append(name, code);
+  tr.append(cell(when, "time"), cell(event, "event"), cell(details));
+  return tr;
+}
+
+function drawEvents(listed) {
+  const events = (listed.events || []).slice(-SHOWN_EVENTS).reverse();
+  fill("events", events.map(eventRow), 3, "No event yet.");
+}
+
 function unreachable(message) {
   const summary = document.getElementById("summary");
   summary.className = "unreachable";
@@ -228,8 +368,12 @@ async function refresh() {
     document.getElementById("token-form").hidden = true;
     const status = await response.json();
     draw(status);
-    const listed = await fetch("/api/v1/connections", { headers, cache: "no-store" });
+    const ask = (path) => fetch(path, { headers, cache: "no-store" });
+    const [listed, history, events] =
+      await Promise.all([ask("/api/v1/connections"), ask("/api/v1/history"), ask("/api/v1/events")]);
     if (listed.ok) drawConnections(status.role, await listed.json());
+    if (history.ok) drawHistory(status.role, await history.json());
+    if (events.ok) drawEvents(await events.json());
   } catch (e) {
     unreachable("The admin listener cannot be reached (" + e.message + "); retrying.");
   } finally {

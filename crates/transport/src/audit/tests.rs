@@ -187,3 +187,23 @@ fn times_are_rfc3339_utc_in_microseconds() {
     let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_796_641_200_123_456_789);
     assert_eq!(rfc3339(time), "2026-12-07T11:00:00.123456Z");
 }
+
+#[test]
+fn a_trail_keeps_its_last_records_for_the_status_page_even_when_off() {
+    let trail = AuditTrail::off();
+    trail.record(Record::new(Code::ConnectionOpened, SystemTime::now()).number("connection", 1));
+    trail.record(Record::new(Code::ConnectionProgress, SystemTime::now()).number("connection", 1));
+    for n in 0..(RECENT_RECORDS as u64 + 5) {
+        trail.record(record(n).text("reason", "<b>\"quoted\"</b>"));
+    }
+    let recent = trail.recent();
+    assert_eq!(recent.len(), RECENT_RECORDS, "bounded");
+    for (i, text) in recent.iter().enumerate() {
+        let value: serde_json::Value = serde_json::from_str(text).expect("one JSON object");
+        assert_eq!(value["code"], "PL3003", "opened and progress are not kept: {text}");
+        assert_eq!(value["n"], i as u64 + 5, "the oldest went first");
+        assert_eq!(value["reason"], "<b>\"quoted\"</b>");
+        assert!(text.starts_with("{\"time\":\""), "time first, then the fields in order: {text}");
+        assert!(text.contains("\"code\":\"PL3003\",\"event\":\"connection.closed\",\"n\":"));
+    }
+}
