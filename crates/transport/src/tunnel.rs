@@ -200,6 +200,10 @@ impl Connection<AgentSide> {
 
 fn describe_close(error: &quinn::ConnectionError) -> String {
     match error {
+        // A peer that drops its connection without closing it says nothing but code 0.
+        quinn::ConnectionError::ApplicationClosed(close) if close.reason.is_empty() => {
+            format!("closed by peer (code {}, no reason given)", close.error_code)
+        }
         quinn::ConnectionError::ApplicationClosed(close) => format!(
             "closed by peer (code {}): {}",
             close.error_code,
