@@ -113,10 +113,12 @@ async fn tunnel_stream_pair(kind: &str) -> (TunnelStream, TunnelStream) {
     let server_tls = tls::tunnel_server_config(
         vec![relay_cert.cert_der.clone()],
         relay_cert.key_der.clone_key(),
+        Default::default(),
     )
     .expect("server tls");
     let client_tls =
-        tls::tunnel_client_config(std::slice::from_ref(&ca.identity.cert_der)).expect("client tls");
+        tls::tunnel_client_config(std::slice::from_ref(&ca.identity.cert_der), Default::default())
+            .expect("client tls");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let (relay, agent): (RelayConnection, AgentConnection) = if kind == "quic" {
         let relay_ep = quic::relay_endpoint(any, server_tls, b"bench secret").expect("relay ep");

@@ -9,11 +9,29 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "privlink",
     version,
+    long_version = long_version(),
     about = "Reach TCP/TLS destinations inside a private network through an outbound-only tunnel"
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// `privlink --version`: the version, and the build's cryptography — its provider, whether it
+/// runs in FIPS mode, and the tunnel's key exchange by default.
+fn long_version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let fips = privlink_transport::crypto::fips_mode();
+        format!(
+            "{}\ncrypto: {} (FIPS mode: {})\ntunnel key exchange: X25519MLKEM768 preferred, \
+             X25519 for peers without it (post_quantum = \"prefer\", the default; \"require\" \
+             and \"off\" in relay.toml [tunnel] and agent.toml)",
+            env!("CARGO_PKG_VERSION"),
+            privlink_transport::crypto::PROVIDER,
+            if fips { "yes" } else { "no" },
+        )
+    })
 }
 
 #[derive(Debug, Subcommand)]

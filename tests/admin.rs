@@ -424,6 +424,8 @@ async fn metrics_parse_with_prometheus_and_count_what_happens() {
     let admin = harness.relay.admin_addr().expect("admin listener");
     let before = scrape(admin).await;
     assert_eq!(sample(&before, "privlink_build_info", &[("role", "relay")]), Some(1.0));
+    let posture = [("crypto", "aws-lc-rs"), ("fips", "false")];
+    assert_eq!(sample(&before, "privlink_build_info", &posture), Some(1.0), "the build's crypto");
     let e_status = |samples: &[Value], status| {
         sample(samples, "privlink_relay_endpoint_status", &[("endpoint", "e"), ("status", status)])
     };

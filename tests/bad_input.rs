@@ -122,9 +122,12 @@ async fn hellos_with_names_that_could_forge_log_lines_are_refused() {
 /// A QUIC endpoint with the relay's certificate and transport settings but no relay logic:
 /// the test plays the relay by hand.
 fn bare_relay_endpoint(pki: &Pki) -> quinn::Endpoint {
-    let server_tls =
-        tls::tunnel_server_config(vec![pki.relay.cert_der.clone()], pki.relay.key_der.clone_key())
-            .expect("tls");
+    let server_tls = tls::tunnel_server_config(
+        vec![pki.relay.cert_der.clone()],
+        pki.relay.key_der.clone_key(),
+        Default::default(),
+    )
+    .expect("tls");
     let reset_secret = pki.relay.key_der.secret_der();
     quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls, reset_secret)
         .expect("endpoint")
@@ -235,8 +238,11 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
 async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
     let pki = pki();
     let relay = bare_relay_endpoint(&pki);
-    let client_tls =
-        tls::tunnel_client_config(std::slice::from_ref(&pki.ca.identity.cert_der)).expect("tls");
+    let client_tls = tls::tunnel_client_config(
+        std::slice::from_ref(&pki.ca.identity.cert_der),
+        Default::default(),
+    )
+    .expect("tls");
     let agent =
         quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls).expect("agent");
     let relay_addr = relay.local_addr().expect("addr");
@@ -709,6 +715,7 @@ impl FakeRelay {
                 let server_tls = tls::tunnel_server_config(
                     vec![pki.relay.cert_der.clone()],
                     pki.relay.key_der.clone_key(),
+                    Default::default(),
                 )
                 .expect("tls");
                 let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

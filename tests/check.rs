@@ -133,9 +133,9 @@ fn start_vaults(vnet: &str, stop: CancellationToken) {
             let issued = ca
                 .issue_server_valid_for(&[name], Duration::from_secs(days * 86_400))
                 .expect("certificate");
-            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
+            let config = rustls::ServerConfig::builder_with_provider(
+                privlink_transport::crypto::default_provider(),
+            )
             .with_safe_default_protocol_versions()
             .expect("versions")
             .with_no_client_auth()

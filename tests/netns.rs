@@ -492,10 +492,10 @@ const WAN_BYTES: usize = 128 * 1024 * 1024;
 async fn read_to_end_hashed(
     conn: &mut tokio::net::TcpStream,
     mut first_byte: Option<tokio::sync::oneshot::Sender<()>>,
-) -> (usize, ring::digest::Digest) {
+) -> (usize, aws_lc_rs::digest::Digest) {
     use tokio::io::AsyncReadExt as _;
 
-    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buf = vec![0u8; 256 * 1024];
     let mut received = 0usize;
     loop {

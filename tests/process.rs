@@ -490,6 +490,19 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         "tunnel.buffer_budget",
         d,
     );
+    // The tunnel's crypto: an unknown key exchange setting; FIPS asked of a build without it.
+    let tunnel_key = |line: &str| {
+        relay("", "")
+            .replace("key = \"certs/relay.key\"\n", &format!("key = \"certs/relay.key\"\n{line}\n"))
+    };
+    assert_config_rejected(
+        "relay",
+        &tunnel_key("post_quantum = \"maybe\""),
+        5,
+        "tunnel.post_quantum",
+        d,
+    );
+    assert_config_rejected("relay", &tunnel_key("fips = true"), 5, "tunnel.fips", d);
     let duplicate_name = format!(
         "{}\n[[endpoint]]\nname = \"e\"\nconnector = \"c\"\ndestination = \"v.internal:443\"\nlisten = \"127.0.0.1:8444\"\n",
         relay("", "")
@@ -559,6 +572,8 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
     assert_config_rejected("agent", &no_file, 6, "proxy_credentials_file", d);
     let twice = proxy("http://u:p@proxy.corp:3128") + "proxy_credentials_file = \"certs/token\"\n";
     assert_config_rejected("agent", &twice, 6, "proxy_credentials_file", d);
+    assert_config_rejected("agent", &agent("post_quantum = \"on\""), 5, "post_quantum", d);
+    assert_config_rejected("agent", &agent("fips = true"), 5, "fips", d);
     assert_config_rejected("agent", &agent("buffer_budget = 0"), 5, "buffer_budget", d);
     assert_config_rejected("agent", &agent("buffer_budget = \"5GiB\""), 5, "buffer_budget", d);
     let open_admin = agent("[admin]\nlisten = \"[::]:9091\"");

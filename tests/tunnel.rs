@@ -20,7 +20,7 @@ async fn tls_destination_is_verified_end_to_end(transport: TransportChoice) {
     // The vault: TLS with a certificate for its public name, from the test CA.
     let pki = pki();
     let vault_cert = pki.ca.issue_server(&["contoso-kv.vault.azure.net"]).expect("cert");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = privlink_transport::crypto::default_provider();
     let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -78,13 +78,12 @@ async fn tls_destination_is_verified_end_to_end(transport: TransportChoice) {
     let other = common::pki();
     let mut other_roots = rustls::RootCertStore::empty();
     other_roots.add(other.ca.identity.cert_der.clone()).expect("root");
-    let untrusting = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(other_roots)
-    .with_no_client_auth();
+    let untrusting =
+        rustls::ClientConfig::builder_with_provider(privlink_transport::crypto::default_provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(other_roots)
+            .with_no_client_auth();
     let tcp = TcpStream::connect(harness.addr("e")).await.expect("connect endpoint");
     let result = tokio_rustls::TlsConnector::from(Arc::new(untrusting))
         .connect(ServerName::try_from("contoso-kv.vault.azure.net").expect("name"), tcp)

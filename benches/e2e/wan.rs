@@ -47,14 +47,13 @@ pub(crate) const VAULT_NAME: &str = "contoso-kv.vault.azure.net";
 /// response: what a client's time to first byte is measured against.
 pub(crate) async fn serve_tls(listener: TcpListener, ca: Arc<CertificateAuthority>) {
     let issued = ca.issue_server(&[VAULT_NAME]).expect("vault cert");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("TLS 1.3")
-    .with_no_client_auth()
-    .with_single_cert(vec![issued.cert_der.clone()], issued.key_der.clone_key())
-    .expect("server config");
+    let config =
+        rustls::ServerConfig::builder_with_provider(privlink_transport::crypto::default_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![issued.cert_der.clone()], issued.key_der.clone_key())
+            .expect("server config");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     loop {
         let Ok((conn, _)) = listener.accept().await else { continue };
@@ -79,13 +78,12 @@ pub(crate) async fn tls_ttfb(
 ) -> std::io::Result<Duration> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.identity.cert_der.clone()).map_err(std::io::Error::other)?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(std::io::Error::other)?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(privlink_transport::crypto::default_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name =
         rustls::pki_types::ServerName::try_from(VAULT_NAME).map_err(std::io::Error::other)?;

@@ -49,12 +49,11 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
     write_file(&ca_path, &ca.identity.cert_pem, 0o644)?;
 
     // The "key vault": a TLS server only the agent's side can see (here: loopback).
-    let vault_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(vec![vault_cert.cert_der.clone()], vault_cert.key_der.clone_key())?;
+    let vault_tls =
+        rustls::ServerConfig::builder_with_provider(privlink_transport::crypto::default_provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![vault_cert.cert_der.clone()], vault_cert.key_der.clone_key())?;
     let vault_listener =
         TcpListener::bind("127.0.0.1:0").await.context("binding the demo vault")?;
     let vault_addr = vault_listener.local_addr()?;
@@ -89,6 +88,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         admin: None,
         shutdown_grace: Duration::from_secs(5),
         buffer_budget: privlink_transport::budget::default_limit(),
+        crypto: Default::default(),
         connectors: vec![ConnectorSpec {
             name: "demo".into(),
             token_sha256: vec![TokenDigest::of(token.as_bytes())],
@@ -133,6 +133,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         dns_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
         buffer_budget: privlink_transport::budget::default_limit(),
+        crypto: Default::default(),
         admin: None,
         proxy: None,
         source_files: Vec::new(),
@@ -186,12 +187,11 @@ async fn request_through_tunnel(
 ) -> anyhow::Result<Seen> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.identity.cert_der.clone())?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(privlink_transport::crypto::default_provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let started = Instant::now();
     let work = async {
         let tcp = TcpStream::connect(endpoint).await.context("connecting to the relay endpoint")?;

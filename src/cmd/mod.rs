@@ -91,7 +91,7 @@ impl WatchedFiles {
     fn read_again(&self) -> Vec<Option<[u8; 32]>> {
         let digest_of = |path: &std::path::PathBuf| {
             let bytes = std::fs::read(path).ok()?;
-            let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
             digest.as_ref().try_into().ok()
         };
         self.paths.iter().map(digest_of).collect()

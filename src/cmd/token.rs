@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
+use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
 use privlink_protocol::token::{TokenDigest, hex};
-use ring::rand::{SecureRandom as _, SystemRandom};
 
 use crate::cmd::certs::write_private_file;
 

@@ -97,6 +97,7 @@ pub fn relay_config(
         // Not what these tests are about (tests/budget.rs is): large enough that no burst
         // of theirs meets it, whatever this machine's memory.
         buffer_budget: 16 << 30,
+        crypto: Default::default(),
         connectors: vec![ConnectorSpec {
             name: CONNECTOR.to_owned(),
             token_sha256: vec![TokenDigest::of(token.as_bytes())],
@@ -138,11 +139,20 @@ impl Harness {
         listeners: Vec<privlink_relay::config::ListenerSpec>,
         admin: Option<privlink_relay::config::AdminSettings>,
     ) -> Self {
+        Self::start_tuned(endpoints, listeners, |config| config.admin = admin).await
+    }
+
+    /// [`Harness::start_with`], the relay's configuration changed by `tune` first.
+    pub async fn start_tuned(
+        endpoints: Vec<EndpointSpec>,
+        listeners: Vec<privlink_relay::config::ListenerSpec>,
+        tune: impl FnOnce(&mut RelayConfig),
+    ) -> Self {
         init_tracing();
         let pki = pki();
         let token = format!("test-token-{}", hex(&random_bytes(8)));
         let mut config = relay_config(&pki, &token, endpoints, listeners);
-        config.admin = admin;
+        tune(&mut config);
         let relay = Relay::bind(config).await.expect("relay binds");
         let handle = relay.handle();
         let relay_stop = CancellationToken::new();
@@ -186,6 +196,7 @@ impl Harness {
             // Not what these tests are about (tests/budget.rs is): large enough that no burst
             // of theirs meets it, whatever this machine's memory.
             buffer_budget: 16 << 30,
+            crypto: Default::default(),
             admin: None,
             proxy: None,
             source_files: Vec::new(),

@@ -68,7 +68,11 @@ pub async fn hello_on(
 
 /// The TLS settings an agent of `harness` dials with.
 pub fn tls_for(harness: &Harness) -> rustls::ClientConfig {
-    tls::tunnel_client_config(std::slice::from_ref(&harness.pki.ca.identity.cert_der)).expect("tls")
+    tls::tunnel_client_config(
+        std::slice::from_ref(&harness.pki.ca.identity.cert_der),
+        Default::default(),
+    )
+    .expect("tls")
 }
 
 /// What a [`FakeAgent`] does with the relay's open requests.

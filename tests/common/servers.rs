@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use ring::rand::SecureRandom as _;
+use aws_lc_rs::rand::SecureRandom as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -54,12 +54,12 @@ pub async fn reply_after_eof_server() -> SocketAddr {
 
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; n];
-    ring::rand::SystemRandom::new().fill(&mut bytes).expect("random");
+    aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes).expect("random");
     bytes
 }
 
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 

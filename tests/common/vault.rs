@@ -30,14 +30,13 @@ async fn serve_https(
     answer: fn(&str, &str) -> String,
 ) -> SocketAddr {
     let issued = ca.issue_server(&[name]).expect("vault certificate");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(vec![issued.cert_der], issued.key_der)
-    .expect("server config");
+    let config =
+        rustls::ServerConfig::builder_with_provider(privlink_transport::crypto::default_provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![issued.cert_der], issued.key_der)
+            .expect("server config");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind vault");
     let addr = listener.local_addr().expect("addr");
@@ -66,13 +65,12 @@ async fn serve_https(
 
 /// The ClientHello rustls writes for `name` (to send by hand, a byte at a time, say).
 pub fn client_hello_for(name: &str) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(privlink_transport::crypto::default_provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
     let server = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
     let mut client = rustls::ClientConnection::new(Arc::new(config), server).expect("client");
     let mut hello = Vec::new();

@@ -85,13 +85,19 @@ pub trait AdminView: Send + Sync + 'static {
     }
 }
 
-/// A metrics registry with the `privlink_` prefix and `privlink_build_info{version, role}`,
-/// which both roles' `/metrics` start from.
-pub fn metrics_registry(role: &'static str) -> prometheus_client::registry::Registry {
+/// A metrics registry with the `privlink_` prefix and
+/// `privlink_build_info{version, role, crypto, fips}` (`crypto`: the provider; `fips`: whether
+/// it runs in FIPS mode), which both roles' `/metrics` start from.
+pub fn metrics_registry(
+    role: &'static str,
+    (crypto, fips): (&'static str, bool),
+) -> prometheus_client::registry::Registry {
     #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
     struct BuildLabels {
         version: &'static str,
         role: &'static str,
+        crypto: &'static str,
+        fips: &'static str,
     }
     let mut registry = prometheus_client::registry::Registry::with_prefix("privlink");
     registry.register(
@@ -100,6 +106,8 @@ pub fn metrics_registry(role: &'static str) -> prometheus_client::registry::Regi
         prometheus_client::metrics::info::Info::new(BuildLabels {
             version: env!("CARGO_PKG_VERSION"),
             role,
+            crypto,
+            fips: if fips { "true" } else { "false" },
         }),
     );
     registry

@@ -14,6 +14,7 @@ use privlink_protocol::config::{
 };
 use privlink_protocol::destination::{Host, parse_port, split_host_port};
 use privlink_protocol::token::Token;
+use privlink_transport::crypto::{self, PostQuantum, TunnelCrypto};
 use privlink_transport::tls;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
@@ -127,6 +128,8 @@ pub struct AgentConfig {
     pub admin: Option<AdminSettings>,
     /// The HTTP proxy on the way to the relays (`proxy`, or `HTTPS_PROXY`), if there is one.
     pub proxy: Option<ProxySettings>,
+    /// The tunnel's key exchange and whether FIPS mode is required (`post_quantum`, `fips`).
+    pub crypto: TunnelCrypto,
     /// The files besides the config file whose content this configuration holds (`token_file`,
     /// `relay_ca`): a change to one reloads it, like a change to the config file. Empty for a
     /// configuration built in memory.
@@ -175,6 +178,10 @@ struct RawConfig {
     proxy_credentials_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     audit: Option<AuditTable>,
+    #[serde(default)]
+    post_quantum: PostQuantum,
+    #[serde(default)]
+    fips: Option<Spanned<bool>>,
 }
 
 fn default_transport() -> TransportChoice {
@@ -313,6 +320,11 @@ impl AgentConfig {
 
         source_files.extend(relay_ca.clone());
         let proxy = proxy_settings(&raw, source, env, &mut source_files)?;
+        let fips = raw.fips.as_ref().is_some_and(|fips| *fips.get_ref());
+        if let (true, Some(refusal)) = (fips, crypto::fips_refusal(raw.post_quantum)) {
+            let at = raw.fips.as_ref().expect("fips is set");
+            return Err(source.error_for(at, "fips", refusal));
+        }
         let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(default_agent_name);
         Ok(Self {
             name,
@@ -337,6 +349,7 @@ impl AgentConfig {
                 .unwrap_or_else(privlink_transport::budget::default_limit),
             admin: raw.admin.map(|a| a.validate(source)).transpose()?,
             proxy,
+            crypto: TunnelCrypto { post_quantum: raw.post_quantum, fips },
             source_files,
             audit: raw.audit.map(|a| a.validate(source)).transpose()?,
             source: Some(source.digest()),

@@ -52,8 +52,11 @@ async fn auto_session(
         () = stop.cancelled() => return Ok(()),
         dialed = dial(TransportKind::Quic, link, shared, fallback_after) => match dialed {
             Ok(connection) => return serve_connection(&connection, link, shared, stop, &session_latch()).await,
-            // A rejected certificate is not UDP being blocked: TCP would fail the same way.
-            Err(e @ SessionError::Dial(DialError::Certificate(_))) => return Err(e),
+            // A rejected certificate or key exchange is not UDP being blocked: TCP would fail
+            // the same way.
+            Err(e @ SessionError::Dial(DialError::Certificate(_) | DialError::KeyExchange(_))) => {
+                return Err(e);
+            }
             Err(e) => e,
         },
     };

@@ -189,6 +189,9 @@ impl Agent {
             relays = config.relays.len(),
             transport = %config.transport,
             rules = config.allowlist.rules.len(),
+            crypto = privlink_transport::crypto::PROVIDER,
+            fips = privlink_transport::crypto::fips_mode(),
+            post_quantum = %config.crypto.post_quantum,
             "agent starting"
         );
         for relay in &config.relays {

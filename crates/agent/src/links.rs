@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use privlink_protocol::text::MAX_SHOWN_CHARS;
 use privlink_transport::http_proxy::ProxyError;
 use privlink_transport::tunnel::DialError;
-use ring::rand::{SecureRandom, SystemRandom};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -255,7 +255,9 @@ fn link_down_delay(
             error!("relay refused this agent: {reason}.{hint} Retrying in {delay:?}.");
             delay
         }
-        Err(SessionError::Dial(DialError::Certificate(explained))) => {
+        Err(SessionError::Dial(
+            DialError::Certificate(explained) | DialError::KeyExchange(explained),
+        )) => {
             let delay = operator_backoff.next_delay();
             error!("{explained} Retrying in {delay:?}.");
             delay

@@ -56,7 +56,10 @@ pub struct AgentMetrics {
 
 impl Default for AgentMetrics {
     fn default() -> Self {
-        let mut registry = privlink_admin::metrics_registry("agent");
+        let mut registry = privlink_admin::metrics_registry(
+            "agent",
+            (privlink_transport::crypto::PROVIDER, privlink_transport::crypto::fips_mode()),
+        );
         let streams = Family::<OutcomeLabel, Counter>::default();
         registry.register("agent_streams", "Streams by how they ended", streams.clone());
         let bytes = Family::<DirectionLabel, Counter>::default();

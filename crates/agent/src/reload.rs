@@ -112,6 +112,8 @@ impl AgentReloader {
             ("[admin]", current.admin != new.admin),
             ("proxy", current.proxy != new.proxy),
             ("[audit]", current.audit != new.audit),
+            ("post_quantum", current.crypto.post_quantum != new.crypto.post_quantum),
+            ("fips", current.crypto.fips != new.crypto.fips),
         ] {
             if changed {
                 restart.push(key.to_owned());

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use privlink_protocol::token::Token;
-use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

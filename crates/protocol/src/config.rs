@@ -361,6 +361,40 @@ impl AdminTable {
     }
 }
 
+/// `post_quantum` (relay `[tunnel]`, agent top level): how the tunnel's TLS (TLS/TCP and QUIC
+/// alike) exchanges keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PostQuantum {
+    /// The hybrid X25519MLKEM768 first, X25519 (then P-256, P-384) for peers without it.
+    #[default]
+    Prefer,
+    /// X25519MLKEM768 only: a peer without it cannot connect, and the error says why.
+    Require,
+    /// Classical key exchange only (X25519, P-256, P-384).
+    Off,
+}
+
+impl fmt::Display for PostQuantum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// The tunnel's crypto settings, as both roles configure them (DESIGN "Crypto").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TunnelCrypto {
+    /// The key exchange.
+    pub post_quantum: PostQuantum,
+    /// `fips = true`: start only as a FIPS build in FIPS mode (checked when the configuration
+    /// is read).
+    pub fips: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

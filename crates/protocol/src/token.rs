@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use ring::digest;
+use aws_lc_rs::digest;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 

@@ -140,7 +140,13 @@ async fn serve_agent(
             // Before any authentication: anyone can cause these, as fast as they connect.
             static HANDSHAKE_FAILURES: Throttle = Throttle::new(PRE_AUTH_LOG_INTERVAL);
             if let Some(left_out) = HANDSHAKE_FAILURES.admit(Instant::now()) {
-                warn!(left_out, "agent session ended: tunnel handshake: {e}");
+                if matches!(e, privlink_transport::tunnel::DialError::KeyExchange(_)) {
+                    let own = ctx.config.get().crypto.post_quantum;
+                    let why = privlink_transport::crypto::no_common_key_exchange(own);
+                    warn!(left_out, "agent session ended: tunnel handshake: {why} ({e})");
+                } else {
+                    warn!(left_out, "agent session ended: tunnel handshake: {e}");
+                }
             }
         }
         Err(e) => warn!("agent session ended: {e}"),

@@ -157,11 +157,9 @@ pub struct Relay {
 impl Relay {
     /// Binds the tunnel endpoint and every endpoint listener.
     pub async fn bind(config: RelayConfig) -> Result<Self, RelayError> {
-        let tunnel = TunnelListener::bind(
-            config.tunnel_listen,
-            config.identity.chain.clone(),
-            config.identity.key.clone_key(),
-        )?;
+        let identity = (config.identity.chain.clone(), config.identity.key.clone_key());
+        let tunnel =
+            TunnelListener::bind(config.tunnel_listen, identity, config.crypto.post_quantum)?;
 
         let trail = match &config.audit {
             Some(settings) => AuditTrail::open(settings, audit::opening())?,
@@ -288,7 +286,14 @@ impl Relay {
             _ => None,
         };
 
-        info!(tunnel = %handle.tunnel_addr(), "relay listening for agents (QUIC on UDP, TLS on TCP)");
+        let posture = privlink_transport::crypto::Posture::of(config.get().crypto.post_quantum);
+        info!(
+            tunnel = %handle.tunnel_addr(),
+            crypto = posture.provider,
+            fips = posture.fips,
+            post_quantum = %posture.post_quantum,
+            "relay listening for agents (QUIC on UDP, TLS on TCP)"
+        );
         for (endpoint, listener) in bound {
             let addr = handle.endpoint_addr(&endpoint.name);
             let spec = endpoint.spec();

@@ -133,7 +133,10 @@ const STATUSES: [&str; 4] = ["Approved", "Pending", "Rejected", "Disconnected"];
 
 impl Default for RelayMetrics {
     fn default() -> Self {
-        let mut registry = privlink_admin::metrics_registry("relay");
+        let mut registry = privlink_admin::metrics_registry(
+            "relay",
+            (privlink_transport::crypto::PROVIDER, privlink_transport::crypto::fips_mode()),
+        );
         let connections = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "relay_connections",

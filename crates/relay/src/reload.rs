@@ -102,7 +102,8 @@ impl Reloader {
     fn apply(&self, new: RelayConfig) -> Result<ReloadSummary, ReloadError> {
         let plan = plan(&self.config.get(), &new)?;
         if plan.identity_changed {
-            tls::tunnel_server_config(new.identity.chain.clone(), new.identity.key.clone_key())
+            let identity = (new.identity.chain.clone(), new.identity.key.clone_key());
+            tls::tunnel_server_config(identity.0, identity.1, new.crypto.post_quantum)
                 .map_err(|e| ReloadError::Identity(e.to_string()))?;
         }
         // Shared listeners added or moved are bound first, like added endpoints: a bind that
@@ -361,6 +362,12 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
     if current.shutdown_grace != new.shutdown_grace {
         restart.push("shutdown_grace".to_owned());
     }
+    if current.crypto.post_quantum != new.crypto.post_quantum {
+        restart.push("tunnel.post_quantum".to_owned());
+    }
+    if current.crypto.fips != new.crypto.fips {
+        restart.push("tunnel.fips".to_owned());
+    }
     if current.audit != new.audit {
         restart.push("[audit]".to_owned());
     }
@@ -506,6 +513,7 @@ mod tests {
             admin: None,
             shutdown_grace: Duration::from_secs(30),
             buffer_budget: privlink_transport::budget::default_limit(),
+            crypto: Default::default(),
             connectors: Vec::new(),
             endpoints,
             fleet: None,

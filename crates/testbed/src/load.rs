@@ -338,7 +338,7 @@ impl LoadTls {
     pub fn new(name: &str) -> Self {
         let ca = privlink_transport::pki::CertificateAuthority::new("load backend CA").expect("CA");
         let issued = ca.issue_server(&[name]).expect("certificate");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = privlink_transport::crypto::default_provider();
         let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .expect("versions")

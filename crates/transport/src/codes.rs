@@ -76,6 +76,11 @@ pub enum DialError {
     /// full speed nor falling back to another transport helps; an operator has to act.
     #[error("{0}")]
     Certificate(String),
+    /// The peer refused the key exchange (`handshake_failure`: no group in common, as when
+    /// one side has `post_quantum = "require"` and the other cannot). Like a certificate, an
+    /// operator has to act.
+    #[error("{0}")]
+    KeyExchange(String),
     /// The HTTP proxy on the way to the relay did not open the way: not the relay's failure,
     /// and not one another transport avoids (QUIC cannot cross a proxy).
     #[error(transparent)]

@@ -14,6 +14,7 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 
 use crate::codes::{CloseCode, DialError, TransportKind};
+use crate::crypto::{self, PostQuantum};
 use crate::h2;
 use crate::http_proxy::ProxyHop;
 use crate::quic::{self, QuicSetupError};
@@ -52,18 +53,24 @@ pub struct Dialer {
     tls: Arc<rustls::ClientConfig>,
     /// Keeps rejected certificates so that errors can say whose they were.
     verifier: Arc<RelayVerifier>,
+    /// The key exchange offered, for explaining a refused one.
+    post_quantum: PostQuantum,
 }
 
 impl Dialer {
     /// Trusts `relay_roots`; binds one dual-stack UDP socket for every relay (IPv4 only on
     /// hosts without IPv6). Call it within a tokio runtime.
-    pub fn new(relay_roots: &[CertificateDer<'static>]) -> Result<Self, DialerError> {
-        let (tls, verifier) = tls::tunnel_client_config_with_verifier(relay_roots)?;
+    pub fn new(
+        relay_roots: &[CertificateDer<'static>],
+        post_quantum: PostQuantum,
+    ) -> Result<Self, DialerError> {
+        let (tls, verifier) = tls::tunnel_client_config_with_verifier(relay_roots, post_quantum)?;
         let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
             .or_else(|_| {
                 quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls.clone())
             })?;
-        Ok(Self { quic, own: std::sync::Mutex::default(), tls: Arc::new(tls), verifier })
+        let own = std::sync::Mutex::default();
+        Ok(Self { quic, own, tls: Arc::new(tls), verifier, post_quantum })
     }
 
     /// Establishes a tunnel connection to `addr` on one transport within `deadline`,
@@ -87,7 +94,7 @@ impl Dialer {
         deadline: Duration,
         source: QuicSource,
     ) -> Result<AgentConnection, DialError> {
-        match (kind, source) {
+        let dialed = match (kind, source) {
             (TransportKind::Quic, QuicSource::Shared) => {
                 quic::dial(&self.quic, addr, server_name, deadline).await
             }
@@ -100,6 +107,17 @@ impl Dialer {
                     .await
                     .map(AgentConnection::from)
             }
+        };
+        dialed.map_err(|e| self.explained(e))
+    }
+
+    /// A refused key exchange, explained from this agent's `post_quantum`.
+    fn explained(&self, error: DialError) -> DialError {
+        match error {
+            DialError::KeyExchange(failure) => {
+                DialError::KeyExchange(crypto::refused_key_exchange(self.post_quantum, &failure))
+            }
+            other => other,
         }
     }
 
@@ -115,6 +133,7 @@ impl Dialer {
         h2::dial(proxy, Some(hop), server_name, Arc::clone(&self.tls), deadline)
             .await
             .map(AgentConnection::from)
+            .map_err(|e| self.explained(e))
     }
 
     /// A new endpoint on a socket of its own, of the address family of `addr`, kept (for

@@ -33,6 +33,7 @@
 //! * [`http_proxy`] — crossing an HTTP proxy (CONNECT) on the way to a relay.
 //! * [`tcp`] — listening with a large backlog, the accept loop, closing with a reset.
 //! * [`throttle`] — log lines a flood could repeat, written at most once per interval.
+//! * [`crypto`] — the one place every crypto provider is built (aws-lc-rs, the key exchange).
 //! * [`tls`] — PEM loading and the tunnel's rustls configurations.
 //! * [`drain`] — letting tracked tasks finish within a grace period, then forcing them.
 //! * `pki` (feature `pki`) — a private CA and server certificates for first deployments, the
@@ -43,6 +44,7 @@ pub mod audit;
 pub mod budget;
 mod codes;
 pub mod copy;
+pub mod crypto;
 pub mod dialer;
 pub mod drain;
 pub mod h2;

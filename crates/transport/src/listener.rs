@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::codes::{CloseCode, DialError, TransportKind};
+use crate::crypto::PostQuantum;
 use crate::quic::{self, QuicSetupError};
 use crate::tls::{self, TlsError};
 use crate::tunnel::RelayConnection;
@@ -143,6 +144,8 @@ pub struct TunnelEndpoint {
     quic: quinn::Endpoint,
     /// TLS/TCP's settings, read at each accept.
     tcp: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    /// The key exchange both transports accept.
+    post_quantum: PostQuantum,
 }
 
 impl TunnelEndpoint {
@@ -153,7 +156,7 @@ impl TunnelEndpoint {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<(), ListenError> {
-        let tls = tls::tunnel_server_config(chain, key)?;
+        let tls = tls::tunnel_server_config(chain, key, self.post_quantum)?;
         let quic = quic::relay_server_config(tls.clone())?;
         self.quic.set_server_config(Some(quic));
         *self.tcp.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tls);
@@ -186,19 +189,19 @@ pub struct TunnelListener {
 
 impl TunnelListener {
     /// Binds TCP (TLS) and UDP (QUIC) on the same port number of `listen`, presenting `chain`
-    /// and `key`. With port 0 the kernel picks the TCP port — the crowded space, where every
+    /// and `key`, accepting the key exchanges `post_quantum` allows. With port 0 the kernel picks the TCP port — the crowded space, where every
     /// outgoing connection holds an ephemeral port — and UDP follows it; if that UDP port is
     /// taken, a new pair is tried.
     pub fn bind(
         listen: SocketAddr,
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
+        (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+        post_quantum: PostQuantum,
     ) -> Result<Self, ListenError> {
         const ATTEMPTS: usize = 32;
         // The stateless-reset and connection-ID keys are derived from the private key (see
         // `quic`), so a restarted relay recognises its agents' packets.
         let reset_secret = key.secret_der().to_vec();
-        let tls = tls::tunnel_server_config(chain, key)?;
+        let tls = tls::tunnel_server_config(chain, key, post_quantum)?;
         let mut attempt = 1;
         loop {
             let tcp_error = |source| ListenError::Tcp { addr: listen, source };
@@ -208,7 +211,7 @@ impl TunnelListener {
             match quic::relay_endpoint(udp_addr, tls.clone(), &reset_secret) {
                 Ok(quic) => {
                     let tcp_tls = Arc::new(RwLock::new(Arc::new(tls)));
-                    let endpoint = TunnelEndpoint { quic, tcp: tcp_tls };
+                    let endpoint = TunnelEndpoint { quic, tcp: tcp_tls, post_quantum };
                     return Ok(Self { endpoint, tcp, local_addr });
                 }
                 Err(QuicSetupError::Bind(_, e))

@@ -77,7 +77,7 @@ impl CertificateAuthority {
     /// an agent trusts compares two different names when they differ.
     pub fn new_distinct(prefix: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key_raw());
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_key_raw());
         let key_id: String = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
         let today = time::OffsetDateTime::now_utc().date();
         Self::with_key(&format!("{prefix} {today} {key_id}"), key)

@@ -107,18 +107,18 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 /// same stateless-reset tokens for them. The derivation is HKDF-Extract (HMAC-SHA256 keyed
 /// with a label of each purpose); neither key reveals anything about the secret.
 struct RestartStableKeys {
-    reset: ring::hmac::Key,
+    reset: aws_lc_rs::hmac::Key,
     connection_id: u64,
 }
 
 impl RestartStableKeys {
     fn derive(secret: &[u8]) -> Self {
         let extract = |label: &[u8]| {
-            let salt = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, label);
-            ring::hmac::sign(&salt, secret)
+            let salt = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, label);
+            aws_lc_rs::hmac::sign(&salt, secret)
         };
-        let reset = ring::hmac::Key::new(
-            ring::hmac::HMAC_SHA256,
+        let reset = aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
             extract(b"privlink QUIC stateless reset v1").as_ref(),
         );
         let cid = extract(b"privlink QUIC connection id v1");
@@ -209,8 +209,23 @@ pub async fn dial(
         {
             Err(DialError::Certificate(format!("handshake failed: {}", e.reason)))
         }
+        Ok(Err(e)) if refused_key_exchange(&e) => {
+            Err(DialError::KeyExchange(describe_handshake_error(&e)))
+        }
         Ok(Err(e)) => Err(DialError::Handshake(describe_handshake_error(&e))),
         Err(_) => Err(DialError::Timeout(deadline)),
+    }
+}
+
+/// Whether the handshake ended with a TLS `handshake_failure` alert, from either side: in
+/// privlink's TLS 1.3 with fixed suites, no key exchange group in common.
+fn refused_key_exchange(error: &quinn::ConnectionError) -> bool {
+    const HANDSHAKE_FAILURE: u8 = 40;
+    let code = quinn_proto::TransportErrorCode::crypto(HANDSHAKE_FAILURE);
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code == code,
+        quinn::ConnectionError::TransportError(e) => e.code == code,
+        _ => false,
     }
 }
 
@@ -222,6 +237,9 @@ pub async fn accept(
 ) -> Result<RelayConnection, DialError> {
     match tokio::time::timeout(deadline, incoming).await {
         Ok(Ok(connection)) => Ok(RelayConnection::from_quic(connection)),
+        Ok(Err(e)) if refused_key_exchange(&e) => {
+            Err(DialError::KeyExchange(describe_handshake_error(&e)))
+        }
         Ok(Err(e)) => Err(DialError::Handshake(describe_handshake_error(&e))),
         Err(_) => Err(DialError::Timeout(deadline)),
     }
@@ -269,8 +287,9 @@ mod tests {
             .expect("cert");
         let chain = vec![cert.der().clone()];
         let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let server = crate::tls::tunnel_server_config(chain.clone(), key_der).expect("server");
-        let client = crate::tls::tunnel_client_config(&chain).expect("client");
+        let server = crate::tls::tunnel_server_config(chain.clone(), key_der, Default::default())
+            .expect("server");
+        let client = crate::tls::tunnel_client_config(&chain, Default::default()).expect("client");
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let relay = relay_endpoint(any, server, b"test").expect("relay endpoint");
         let agent = agent_endpoint(any, client).expect("agent endpoint");
@@ -288,7 +307,9 @@ mod tests {
     }
 
     fn token(secret: &[u8], connection_id: &[u8]) -> Vec<u8> {
-        ring::hmac::sign(&RestartStableKeys::derive(secret).reset, connection_id).as_ref().to_vec()
+        aws_lc_rs::hmac::sign(&RestartStableKeys::derive(secret).reset, connection_id)
+            .as_ref()
+            .to_vec()
     }
 
     #[test]
@@ -298,8 +319,8 @@ mod tests {
         assert_ne!(token(relay_key, b"cid-1"), token(relay_key, b"cid-2"));
         assert_ne!(token(relay_key, b"cid-1"), token(b"another relay's key", b"cid-1"));
         // The reset key is derived, not the secret itself.
-        let raw = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, relay_key);
-        assert_ne!(token(relay_key, b"cid-1"), ring::hmac::sign(&raw, b"cid-1").as_ref());
+        let raw = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, relay_key);
+        assert_ne!(token(relay_key, b"cid-1"), aws_lc_rs::hmac::sign(&raw, b"cid-1").as_ref());
 
         let cid_key = |secret: &[u8]| RestartStableKeys::derive(secret).connection_id;
         assert_eq!(cid_key(relay_key), cid_key(relay_key));

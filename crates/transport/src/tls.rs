@@ -3,6 +3,7 @@
 //! config for the agent that trusts the configured relay CA, both with privlink's ALPN. The
 //! agent's verifier is rustls' own, wrapped so that a rejected relay certificate is kept and
 //! can be described ([`CertificateSummary`]): "not trusted" alone tells an operator nothing.
+//! Their provider and key exchange come from [`crate::crypto`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,6 +16,8 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 pub use rustls::pki_types;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::crypto::{self, PostQuantum};
 
 /// ALPN protocol name: the protocol and its major version.
 pub const ALPN: &[u8] = b"privlink/1";
@@ -56,16 +59,14 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The relay's TLS 1.3-only server configuration for the tunnel.
+/// The relay's TLS 1.3-only server configuration for the tunnel, accepting the key exchanges
+/// `post_quantum` allows.
 pub fn tunnel_server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    post_quantum: PostQuantum,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(crypto::provider(post_quantum))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
@@ -73,26 +74,30 @@ pub fn tunnel_server_config(
     Ok(config)
 }
 
-/// The agent's TLS 1.3-only client configuration: trusts exactly `roots`.
+/// The agent's TLS 1.3-only client configuration: trusts exactly `roots`, offers the key
+/// exchanges `post_quantum` allows.
 pub fn tunnel_client_config(
     roots: &[CertificateDer<'static>],
+    post_quantum: PostQuantum,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    tunnel_client_config_with_verifier(roots).map(|(config, _)| config)
+    tunnel_client_config_with_verifier(roots, post_quantum).map(|(config, _)| config)
 }
 
 /// [`tunnel_client_config`], and its verifier, which remembers the certificates it rejected.
 pub fn tunnel_client_config_with_verifier(
     roots: &[CertificateDer<'static>],
+    post_quantum: PostQuantum,
 ) -> Result<(rustls::ClientConfig, Arc<RelayVerifier>), TlsError> {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         store.add(root.clone())?;
     }
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
+    let provider = crypto::provider(post_quantum);
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(store), Arc::clone(&provider))
         .build()
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let verifier = Arc::new(RelayVerifier { inner, rejected: Mutex::default() });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::clone(&verifier) as Arc<dyn ServerCertVerifier>)
@@ -224,7 +229,7 @@ impl CertificateSummary {
                 _ => {}
             }
         }
-        let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der.as_ref());
         let fingerprint: Vec<String> =
             digest.as_ref()[..8].iter().map(|b| format!("{b:02X}")).collect();
         Some(Self {

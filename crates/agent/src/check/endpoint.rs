@@ -185,7 +185,7 @@ fn judge_chain(
         step.warn(format!("the chain was not checked: {trusted} holds no certificate"));
         return;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = privlink_transport::crypto::default_provider();
     let verifier = match rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(store),
         provider,

@@ -339,7 +339,9 @@ async fn authenticate(
 /// A dial failure as an operator reads it, with the likely cause.
 fn explain_dial(kind: TransportKind, addr: SocketAddr, error: &DialError) -> String {
     match (kind, error) {
-        (_, DialError::Certificate(explained)) => explained.clone(),
+        (_, DialError::Certificate(explained) | DialError::KeyExchange(explained)) => {
+            explained.clone()
+        }
         (TransportKind::Quic, DialError::Timeout(after)) => format!(
             "no QUIC handshake within {after:?}: UDP to {addr} is blocked on the way (a \
              firewall or proxy that passes only TCP), or nothing answers there on UDP"

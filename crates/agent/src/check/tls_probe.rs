@@ -182,7 +182,7 @@ fn judge_certificate(
 /// on a certificate clients may not trust rather than stopping at it, and sends nothing over
 /// the connection.
 fn look_only_config() -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = privlink_transport::crypto::default_provider();
     let verifier = Arc::new(LookOnly(Arc::clone(&provider)));
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -18,7 +18,7 @@ pub mod settings;
 
 use std::fmt;
 
-use ring::{digest, hmac};
+use aws_lc_rs::{digest, hmac};
 
 use crate::token::hex;
 
@@ -72,8 +72,9 @@ impl Digest {
 pub enum Sealer {
     /// SHA-256 of the body.
     Sha256,
-    /// HMAC-SHA256 of the body with this key.
-    Hmac(hmac::Key),
+    /// HMAC-SHA256 of the body with this key (boxed: aws-lc-rs keeps the whole HMAC context,
+    /// over a kilobyte, in its key).
+    Hmac(Box<hmac::Key>),
 }
 
 impl fmt::Debug for Sealer {
@@ -88,7 +89,7 @@ impl fmt::Debug for Sealer {
 impl Sealer {
     /// A sealer keyed with `key`'s bytes.
     pub fn keyed(key: &[u8]) -> Self {
-        Self::Hmac(hmac::Key::new(hmac::HMAC_SHA256, key))
+        Self::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA256, key)))
     }
 
     fn seal(&self, body: &[u8]) -> Digest {

@@ -20,6 +20,7 @@ use privlink_protocol::config::{
 };
 use privlink_protocol::message::MAX_ENDPOINTS_PER_CONNECTOR;
 use privlink_protocol::token::TokenDigest;
+use privlink_transport::crypto::{self, PostQuantum, TunnelCrypto};
 use privlink_transport::tls::pki_types::{CertificateDer, PrivateKeyDer};
 use privlink_transport::{budget, tls};
 use serde::Deserialize;
@@ -75,6 +76,9 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// Bytes the relay may hold for clients that do not read (`[tunnel] buffer_budget`).
     pub buffer_budget: u64,
+    /// The tunnel's key exchange and whether FIPS mode is required (`[tunnel] post_quantum`,
+    /// `fips`).
+    pub crypto: TunnelCrypto,
     /// Connectors and their token hashes.
     pub connectors: Vec<ConnectorSpec>,
     /// Endpoints clients connect to.
@@ -155,6 +159,10 @@ struct RawTunnel {
     key: Spanned<PathBuf>,
     #[serde(default, deserialize_with = "deserialize_optional_buffer_budget")]
     buffer_budget: Option<u64>,
+    #[serde(default)]
+    post_quantum: PostQuantum,
+    #[serde(default)]
+    fips: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -404,7 +412,13 @@ impl RelayConfig {
             .map_err(|e| source.error_for(&raw.tunnel.key, "tunnel.key", e.to_string()))?;
         // Build the TLS configuration once now so a key that does not match the certificate
         // is a configuration error, not a failure at the first agent's handshake.
-        tls::tunnel_server_config(chain.clone(), key.clone_key()).map_err(|e| {
+        let post_quantum = raw.tunnel.post_quantum;
+        let fips = raw.tunnel.fips.as_ref().is_some_and(|fips| *fips.get_ref());
+        if let (true, Some(refusal)) = (fips, crypto::fips_refusal(post_quantum)) {
+            let at = raw.tunnel.fips.as_ref().expect("fips is set");
+            return Err(source.error_for(at, "tunnel.fips", refusal));
+        }
+        tls::tunnel_server_config(chain.clone(), key.clone_key(), post_quantum).map_err(|e| {
             source.error_for(
                 &raw.tunnel.key,
                 "tunnel.key",
@@ -421,6 +435,7 @@ impl RelayConfig {
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             // Unset: a quarter of memory (see `budget::default_limit`).
             buffer_budget: raw.tunnel.buffer_budget.unwrap_or_else(budget::default_limit),
+            crypto: TunnelCrypto { post_quantum, fips },
             connectors,
             endpoints,
             listeners,

@@ -182,6 +182,10 @@ fn tls_failure(error: io::Error) -> DialError {
     let message = format!("TLS handshake failed: {error}");
     match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::InvalidCertificate(_)) => DialError::Certificate(message),
+        Some(
+            rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)
+            | rustls::Error::PeerIncompatible(_),
+        ) => DialError::KeyExchange(message),
         _ => DialError::Handshake(message),
     }
 }
@@ -197,12 +201,22 @@ pub async fn accept(
 ) -> Result<H2Opener, DialError> {
     tune_socket(&socket);
     let steps = async {
-        let tls = tls.accept(socket).await.map_err(|e| format!("TLS: {e}"))?;
-        relay_handshake(tls, remote).await.map_err(|e| format!("HTTP/2: {e}"))
+        let tls = tls.accept(socket).await.map_err(|e| {
+            let no_common_group = e
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| matches!(e, rustls::Error::PeerIncompatible(_)));
+            let message = format!("TLS: {e}");
+            if no_common_group {
+                DialError::KeyExchange(message)
+            } else {
+                DialError::Handshake(message)
+            }
+        })?;
+        relay_handshake(tls, remote).await.map_err(|e| DialError::Handshake(format!("HTTP/2: {e}")))
     };
     match tokio::time::timeout(deadline, steps).await {
-        Ok(Ok(opener)) => Ok(opener),
-        Ok(Err(e)) => Err(DialError::Handshake(e)),
+        Ok(result) => result,
         Err(_) => Err(DialError::Timeout(deadline)),
     }
 }

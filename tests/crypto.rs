@@ -1,0 +1,225 @@
+//! The tunnel's key exchange, confirmed from outside: Debian's `tcpdump` captures the TLS/TCP
+//! handshake on loopback, and the relay's ServerHello names the group it chose in its
+//! key_share — X25519MLKEM768 (0x11EC) by default and with `require`, X25519 (0x001D) when
+//! one side has `post_quantum = "off"`. A side that requires it against one that has it off
+//! fails on both transports, and the agent's link says which setting to change. CI installs
+//! `tcpdump` (the tests run as root, as the capture needs).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use privlink_agent::config::TransportChoice;
+use privlink_transport::crypto::PostQuantum;
+
+const X25519MLKEM768: u16 = 0x11ec;
+const X25519: u16 = 0x001d;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_prefers_x25519mlkem768_as_a_capture_of_the_handshake_shows() {
+    for (relay, agent, expected) in [
+        (PostQuantum::Prefer, PostQuantum::Prefer, X25519MLKEM768),
+        (PostQuantum::Require, PostQuantum::Prefer, X25519MLKEM768),
+        (PostQuantum::Prefer, PostQuantum::Off, X25519),
+        (PostQuantum::Off, PostQuantum::Prefer, X25519),
+    ] {
+        let group = captured_group(relay, agent).await;
+        assert_eq!(
+            group, expected,
+            "relay {relay}, agent {agent}: the ServerHello chose {group:#06x}, not {expected:#06x}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_against_off_fails_on_both_transports_naming_the_setting() {
+    for transport in [TransportChoice::Quic, TransportChoice::Tcp] {
+        for (relay, agent, says) in [
+            (PostQuantum::Require, PostQuantum::Off, "this agent has post_quantum = \"off\""),
+            (PostQuantum::Off, PostQuantum::Require, "this agent has post_quantum = \"require\""),
+        ] {
+            let error = refused_link(relay, agent, transport).await;
+            assert!(error.contains(says), "{transport}, relay {relay}, agent {agent}: {error}");
+            assert!(error.contains("post_quantum = \"prefer\""), "names the fix: {error}");
+        }
+    }
+}
+
+/// Runs a relay and an agent on TLS/TCP with these settings, capturing the tunnel's handshake;
+/// returns the group of the relay's key_share.
+async fn captured_group(relay: PostQuantum, agent: PostQuantum) -> u16 {
+    let destination = echo_server().await;
+    let harness = Harness::start_tuned(vec![endpoint("e", destination)], Vec::new(), |config| {
+        config.crypto.post_quantum = relay;
+    })
+    .await;
+    let port = harness.relay.tunnel_addr().port();
+    let dir = tempfile::tempdir().expect("dir");
+    let pcap = dir.path().join("handshake.pcap");
+    // The capture's waits block: off the runtime's workers.
+    let capture = tokio::task::block_in_place(|| Capture::start(port, &pcap));
+    let mut config = harness.agent_config(TransportChoice::Tcp, &[rule_for(destination)]);
+    config.crypto.post_quantum = agent;
+    let running = harness.spawn_agent(config);
+    harness.wait_approved("e").await;
+    let group = tokio::task::block_in_place(|| capture.stop_at(&pcap, port, server_hello_group));
+    harness.shutdown(&[running]).await;
+    group
+}
+
+/// Runs a relay and an agent whose settings cannot agree; returns the agent link's error.
+async fn refused_link(
+    relay: PostQuantum,
+    agent: PostQuantum,
+    transport: TransportChoice,
+) -> String {
+    let destination = echo_server().await;
+    let harness = Harness::start_tuned(vec![endpoint("e", destination)], Vec::new(), |config| {
+        config.crypto.post_quantum = relay;
+    })
+    .await;
+    let mut config = harness.agent_config(transport, &[rule_for(destination)]);
+    config.crypto.post_quantum = agent;
+    let agent = privlink_agent::Agent::new(config).expect("agent starts");
+    let status = agent.status();
+    let mut changes = status.subscribe();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(agent.run(stop.clone()));
+    let error = async {
+        loop {
+            if let Some(error) = status.links().iter().find_map(|l| l.last_error.clone()) {
+                return error;
+            }
+            changes.changed().await.expect("the agent runs");
+        }
+    };
+    let error = tokio::time::timeout(WAIT, error).await.expect("the link fails in time");
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
+    harness.shutdown(&[]).await;
+    error
+}
+
+/// `tcpdump` writing what crosses loopback to or from `port` into a file, packet by packet.
+struct Capture(Child);
+
+impl Capture {
+    fn start(port: u16, file: &Path) -> Self {
+        let child = Command::new("tcpdump")
+            .args(["-i", "lo", "-U", "--immediate-mode", "-s", "0", "-w"])
+            .arg(file)
+            .args(["tcp", "port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "the capture test needs Debian's tcpdump (apt-get install tcpdump; .ci/run does)",
+            );
+        // The file's header is written once the capture is live.
+        let deadline = Instant::now() + WAIT;
+        while std::fs::metadata(file).map_or(0, |m| m.len()) < 24 {
+            assert!(Instant::now() < deadline, "tcpdump did not start capturing (as root?)");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
+    }
+
+    /// Stops the capture once `found` finds what it looks for in the TCP payload `port` sent
+    /// (in sequence order) — tcpdump writes what it reads as it reads it; returns that.
+    fn stop_at<T>(mut self, file: &Path, port: u16, found: impl Fn(&[u8]) -> Option<T>) -> T {
+        let deadline = Instant::now() + WAIT;
+        let seen = loop {
+            let pcap = std::fs::read(file).expect("the capture");
+            let sent = tcp_payload_from(&pcap, port);
+            if let Some(seen) = found(&sent) {
+                break seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not in the capture: {} bytes from {port}",
+                sent.len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        seen
+    }
+}
+
+/// The payload of every TCP segment from `port` in a pcap file (Ethernet or Linux cooked
+/// frames, IPv4), ordered by sequence number, each byte once.
+fn tcp_payload_from(pcap: &[u8], port: u16) -> Vec<u8> {
+    let u32_at = |b: &[u8], at: usize, little: bool| {
+        let bytes: [u8; 4] = b[at..at + 4].try_into().expect("4 bytes");
+        if little { u32::from_le_bytes(bytes) } else { u32::from_be_bytes(bytes) }
+    };
+    let little = match &pcap[..4] {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
+        other => panic!("not a pcap file: {other:?}"),
+    };
+    let link_header = match u32_at(pcap, 20, little) {
+        1 => 14,   // Ethernet
+        113 => 16, // Linux cooked
+        276 => 20, // Linux cooked v2
+        other => panic!("link type {other}"),
+    };
+    let mut segments: Vec<(u32, Vec<u8>)> = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let captured = u32_at(pcap, at + 8, little) as usize;
+        let frame = &pcap[at + 16..(at + 16 + captured).min(pcap.len())];
+        at += 16 + captured;
+        let Some(ip) = frame.get(link_header..) else { continue };
+        if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 6 {
+            continue;
+        }
+        let tcp = &ip[usize::from(ip[0] & 0x0f) * 4..];
+        if tcp.len() < 20 || u16::from_be_bytes([tcp[0], tcp[1]]) != port {
+            continue;
+        }
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let payload = &tcp[usize::from(tcp[12] >> 4) * 4..];
+        if !payload.is_empty() && !segments.iter().any(|(s, _)| *s == seq) {
+            segments.push((seq, payload.to_vec()));
+        }
+    }
+    segments.sort_by_key(|(seq, _)| *seq);
+    segments.into_iter().flat_map(|(_, payload)| payload).collect()
+}
+
+/// The group in the key_share extension of the first ServerHello in a server's TLS bytes.
+fn server_hello_group(tls: &[u8]) -> Option<u16> {
+    let mut at = 0;
+    while at + 5 <= tls.len() {
+        let length = usize::from(u16::from_be_bytes([tls[at + 3], tls[at + 4]]));
+        let record = tls.get(at + 5..at + 5 + length)?;
+        at += 5 + length;
+        // A handshake record holding a ServerHello (type 2).
+        if tls[at - 5 - length] != 22 || record.first() != Some(&2) {
+            continue;
+        }
+        let hello = record.get(4..)?;
+        // version (2), random (32), session id (1 + n), cipher suite (2), compression (1).
+        let mut cursor = 2 + 32;
+        cursor += 1 + usize::from(*hello.get(cursor)?);
+        cursor += 2 + 1;
+        let extensions_end =
+            cursor + 2 + usize::from(u16::from_be_bytes([hello[cursor], hello[cursor + 1]]));
+        cursor += 2;
+        while cursor + 4 <= extensions_end.min(hello.len()) {
+            let kind = u16::from_be_bytes([hello[cursor], hello[cursor + 1]]);
+            let size = usize::from(u16::from_be_bytes([hello[cursor + 2], hello[cursor + 3]]));
+            if kind == 0x0033 {
+                return Some(u16::from_be_bytes([hello[cursor + 4], hello[cursor + 5]]));
+            }
+            cursor += 4 + size;
+        }
+        return None;
+    }
+    None
+}
