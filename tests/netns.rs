@@ -149,9 +149,11 @@ fn across_namespaces_auto_falls_back_to_tcp_when_udp_is_dropped_and_returns_to_q
     // The agent's one link is up over TCP, after a fallback it counted, and the relay has its
     // approval over TCP.
     let link_on = |transport: &'static str| {
+        // The agent answers before its first link exists: no link is not yet.
         move |status: &AgentStatus| {
-            status.links[0].state == "connected"
-                && status.links[0].transport.as_deref() == Some(transport)
+            status.links.first().is_some_and(|link| {
+                link.state == "connected" && link.transport.as_deref() == Some(transport)
+            })
         }
     };
     let agent_status = agent_admin.wait_agent_status(link_on("tcp"));
@@ -383,7 +385,9 @@ fn a_cut_link_longer_than_the_keepalive_is_noticed_and_recovered_from(transport:
     // Cut the cloud–vnet link for longer than the keep-alive/idle timeout.
     let cut = std::time::Instant::now();
     topology.set_link_up(0, false);
-    tunnel.agent_admin.wait_agent_status(|s| s.links[0].state != "connected");
+    tunnel
+        .agent_admin
+        .wait_agent_status(|s| s.links.first().is_some_and(|l| l.state != "connected"));
     let noticed = cut.elapsed();
     tunnel.relay_admin.wait_relay_status(|s| s.agents.is_empty());
     topology.set_link_up(0, true);
