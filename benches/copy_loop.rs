@@ -121,12 +121,13 @@ async fn tunnel_stream_pair(kind: &str) -> (TunnelStream, TunnelStream) {
             .expect("client tls");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let (relay, agent): (RelayConnection, AgentConnection) = if kind == "quic" {
-        let relay_ep = quic::relay_endpoint(any, server_tls, b"bench secret").expect("relay ep");
+        let relay_ep =
+            quic::relay_endpoint(any, server_tls.clone(), b"bench secret").expect("relay ep");
         let addr = relay_ep.local_addr().expect("addr");
         let agent_ep = quic::agent_endpoint(any, client_tls).expect("agent ep");
         let accept = async {
             let incoming = relay_ep.accept().await.expect("incoming");
-            quic::accept(incoming, LONG).await.expect("handshake")
+            quic::accept(incoming, LONG, &server_tls).await.expect("handshake")
         };
         let (relay, agent) = tokio::join!(accept, quic::dial(&agent_ep, addr, "localhost", LONG));
         // The endpoints must outlive the bench; leak them (a benchmark process is short-lived).

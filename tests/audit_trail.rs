@@ -358,7 +358,9 @@ async fn with_require_a_relay_that_cannot_write_its_trail_refuses_new_connection
     assert!(count("privlink_audit_records_lost_total ") >= 1, "{metrics}");
     let status = tokio::task::block_in_place(|| relay_admin.relay_status());
     let trail = status.audit.expect("the trail in the status API");
-    assert!(trail.failing && trail.require && trail.lost >= 1, "{trail:?}");
+    // Not `failing` itself: a small batch (a `trail.lost` record) may still fit below the
+    // limit after a large one was cut off, and `failing` clears while it does.
+    assert!(trail.require && trail.lost >= 1, "{trail:?}");
     assert!(status.ready, "the relay keeps running");
     // What is on disk still follows.
     let (code, out) = verify(&[dir.path().join("relay.jsonl")], &[]);

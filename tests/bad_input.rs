@@ -122,15 +122,19 @@ async fn hellos_with_names_that_could_forge_log_lines_are_refused() {
 /// A QUIC endpoint with the relay's certificate and transport settings but no relay logic:
 /// the test plays the relay by hand.
 fn bare_relay_endpoint(pki: &Pki) -> quinn::Endpoint {
-    let server_tls = tls::tunnel_server_config(
+    let reset_secret = pki.relay.key_der.secret_der();
+    quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), bare_relay_tls(pki), reset_secret)
+        .expect("endpoint")
+}
+
+/// The relay's TLS settings for `pki`'s certificate, as a bare relay accepts with them.
+fn bare_relay_tls(pki: &Pki) -> rustls::ServerConfig {
+    tls::tunnel_server_config(
         vec![pki.relay.cert_der.clone()],
         pki.relay.key_der.clone_key(),
         Default::default(),
     )
-    .expect("tls");
-    let reset_secret = pki.relay.key_der.secret_der();
-    quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), server_tls, reset_secret)
-        .expect("endpoint")
+    .expect("tls")
 }
 
 /// A relay that does not follow the rules: it assigns and then opens a destination the agent
@@ -158,7 +162,8 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
         .await
         .expect("agent dials")
         .expect("incoming");
-    let connection: RelayConnection = quic::accept(incoming, WAIT).await.expect("handshake");
+    let connection: RelayConnection =
+        quic::accept(incoming, WAIT, &bare_relay_tls(&pki)).await.expect("handshake");
     let mut control = connection.open_stream(WAIT).await.expect("control stream");
     write_frame(
         &mut control,
@@ -249,7 +254,7 @@ async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
     let (dialed, accepted) =
         tokio::join!(quic::dial(&agent, relay_addr, "localhost", WAIT), async {
             let incoming = relay.accept().await.expect("incoming");
-            quic::accept(incoming, WAIT).await
+            quic::accept(incoming, WAIT, &bare_relay_tls(&pki)).await
         });
     let agent_side = dialed.expect("dial");
     agent_side.allow_data_streams();
@@ -704,7 +709,7 @@ async fn stalled_receivers_are_reset_at_the_stall_timeout() {
 
 /// A relay played by hand on either transport: a bound listener with the relay's certificate.
 enum FakeRelay {
-    Quic(quinn::Endpoint),
+    Quic(quinn::Endpoint, Box<rustls::ServerConfig>),
     Tcp(TcpListener, tokio_rustls::TlsAcceptor),
 }
 
@@ -721,13 +726,13 @@ impl FakeRelay {
                 let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
                 Self::Tcp(listener, tokio_rustls::TlsAcceptor::from(Arc::new(server_tls)))
             }
-            _ => Self::Quic(bare_relay_endpoint(pki)),
+            _ => Self::Quic(bare_relay_endpoint(pki), Box::new(bare_relay_tls(pki))),
         }
     }
 
     fn addr(&self) -> SocketAddr {
         match self {
-            Self::Quic(endpoint) => endpoint.local_addr().expect("addr"),
+            Self::Quic(endpoint, _) => endpoint.local_addr().expect("addr"),
             Self::Tcp(listener, _) => listener.local_addr().expect("addr"),
         }
     }
@@ -735,12 +740,12 @@ impl FakeRelay {
     /// The relay's side of the next agent connection.
     async fn accept(&self) -> RelayConnection {
         match self {
-            Self::Quic(endpoint) => {
+            Self::Quic(endpoint, tls) => {
                 let incoming = tokio::time::timeout(WAIT, endpoint.accept())
                     .await
                     .expect("agent dials")
                     .expect("incoming");
-                quic::accept(incoming, WAIT).await.expect("handshake")
+                quic::accept(incoming, WAIT, tls).await.expect("handshake")
             }
             Self::Tcp(listener, acceptor) => {
                 let (socket, remote) = tokio::time::timeout(WAIT, listener.accept())

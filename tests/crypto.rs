@@ -26,11 +26,45 @@ async fn the_tunnel_prefers_x25519mlkem768_as_a_capture_of_the_handshake_shows()
         (PostQuantum::Prefer, PostQuantum::Off, X25519),
         (PostQuantum::Off, PostQuantum::Prefer, X25519),
     ] {
-        let group = captured_group(relay, agent).await;
+        let (group, shown) = captured_group(relay, agent).await;
         assert_eq!(
             group, expected,
             "relay {relay}, agent {agent}: the ServerHello chose {group:#06x}, not {expected:#06x}"
         );
+        let name = if expected == X25519MLKEM768 { "X25519MLKEM768" } else { "X25519" };
+        assert_eq!(shown, [name, name], "the relay's and the agent's status say what was chosen");
+    }
+}
+
+/// Over QUIC the relay's status names the key exchange too (worked out from the ClientHello,
+/// as quinn hides the TLS connection), and `privlink_tunnel_links` counts the link under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_names_each_quic_links_key_exchange() {
+    for (agent, expected, post_quantum) in
+        [(PostQuantum::Prefer, "X25519MLKEM768", true), (PostQuantum::Off, "X25519", false)]
+    {
+        let destination = echo_server().await;
+        let admin =
+            privlink_relay::config::AdminSettings::new("127.0.0.1:0".parse().expect("addr"), None);
+        let harness =
+            Harness::start_with_admin(vec![endpoint("e", destination)], Some(admin)).await;
+        let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]);
+        config.crypto.post_quantum = agent;
+        let running = harness.spawn_agent(config);
+        harness.wait_approved("e").await;
+        let agents = harness.relay.agents(CONNECTOR);
+        let tls = agents[0].tls.as_ref().expect("the relay knows the QUIC link's TLS");
+        assert_eq!((tls.key_exchange.as_str(), tls.post_quantum), (expected, post_quantum));
+        assert_eq!(tls.version, "TLS 1.3");
+        let addr = harness.relay.admin_addr().expect("admin");
+        let (_, metrics) =
+            tokio::task::spawn_blocking(move || admin_get(addr, "/metrics")).await.expect("join");
+        let line = format!(
+            "privlink_tunnel_links{{role=\"relay\",transport=\"quic\",key_exchange=\"{expected}\",cipher=\"{}\"}} 1",
+            tls.cipher
+        );
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+        harness.shutdown(&[running]).await;
     }
 }
 
@@ -49,8 +83,9 @@ async fn require_against_off_fails_on_both_transports_naming_the_setting() {
 }
 
 /// Runs a relay and an agent on TLS/TCP with these settings, capturing the tunnel's handshake;
-/// returns the group of the relay's key_share.
-async fn captured_group(relay: PostQuantum, agent: PostQuantum) -> u16 {
+/// returns the group of the relay's key_share, and the key exchange the relay's status and the
+/// agent's show for the link.
+async fn captured_group(relay: PostQuantum, agent: PostQuantum) -> (u16, [String; 2]) {
     let destination = echo_server().await;
     let harness = Harness::start_tuned(vec![endpoint("e", destination)], Vec::new(), |config| {
         config.crypto.post_quantum = relay;
@@ -63,11 +98,21 @@ async fn captured_group(relay: PostQuantum, agent: PostQuantum) -> u16 {
     let capture = tokio::task::block_in_place(|| Capture::start(port, &pcap));
     let mut config = harness.agent_config(TransportChoice::Tcp, &[rule_for(destination)]);
     config.crypto.post_quantum = agent;
-    let running = harness.spawn_agent(config);
+    let agent = privlink_agent::Agent::new(config).expect("agent starts");
+    let status = agent.status();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(agent.run(stop.clone()));
     harness.wait_approved("e").await;
     let group = tokio::task::block_in_place(|| capture.stop_at(&pcap, port, server_hello_group));
-    harness.shutdown(&[running]).await;
-    group
+    let key_exchange = |tls: Option<&privlink_transport::crypto::TlsSummary>| {
+        tls.map_or_else(|| "none".to_owned(), |tls| tls.key_exchange.clone())
+    };
+    let on_relay = key_exchange(harness.relay.agents(CONNECTOR)[0].tls.as_ref());
+    let on_agent = key_exchange(status.links()[0].tls.as_ref());
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
+    harness.shutdown(&[]).await;
+    (group, [on_relay, on_agent])
 }
 
 /// Runs a relay and an agent whose settings cannot agree; returns the agent link's error.

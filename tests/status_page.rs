@@ -55,14 +55,8 @@ async fn the_status_page_shows_connections_events_and_charts_in_chromium() {
     let admin = harness.relay.admin_addr().expect("admin listener");
     let url = format!("http://{admin}/");
     // One open connection, for the page's connection list.
-    let mut open = tokio::net::TcpStream::connect(harness.addr("e")).await.expect("connect");
+    let open = forwarded_connection(harness.addr("e")).await;
     let client = open.local_addr().expect("addr").to_string();
-    {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        open.write_all(b"ping").await.expect("write");
-        let mut back = [0u8; 4];
-        open.read_exact(&mut back).await.expect("echoed: forwarded");
-    }
     // One client the ACL refuses.
     let refused = tokio::net::TcpStream::connect(harness.addr("locked")).await;
     assert!(is_refused(refused).await, "the ACL refuses loopback");
@@ -142,13 +136,7 @@ async fn the_agents_page_shows_its_links_streams_and_refusals_in_chromium() {
     let running = tokio::spawn(agent.run(stop.clone()));
     harness.wait_approved("e").await;
     harness.wait_approved("dead").await;
-    let mut open = tokio::net::TcpStream::connect(harness.addr("e")).await.expect("connect");
-    {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        open.write_all(b"ping").await.expect("write");
-        let mut back = [0u8; 4];
-        open.read_exact(&mut back).await.expect("echoed: forwarded");
-    }
+    let open = forwarded_connection(harness.addr("e")).await;
     let unanswered = tokio::net::TcpStream::connect(harness.addr("dead")).await;
     assert!(is_refused(unanswered).await, "nothing listens behind `dead`");
 
@@ -185,6 +173,16 @@ async fn the_agents_page_shows_its_links_streams_and_refusals_in_chromium() {
     browser.finish(&["agent-page-connected", "agent-page-down"]);
     stop.cancel();
     tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
+}
+
+/// A connection to `endpoint` that has been forwarded (a ping echoed back), left open.
+async fn forwarded_connection(endpoint: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut open = tokio::net::TcpStream::connect(endpoint).await.expect("connect");
+    open.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back).await.expect("echoed: forwarded");
+    open
 }
 
 /// `scripts/browse_status.py` watching one page through its phases.

@@ -148,6 +148,59 @@ impl BufferMetrics {
     }
 }
 
+/// `privlink_tunnel_links{role, transport, key_exchange, cipher}`: tunnel connections up now,
+/// by what their TLS negotiated (`unknown` where this side cannot tell: an agent's QUIC links),
+/// so that a link that is not post-quantum shows at a glance. Set at each scrape.
+#[derive(Debug)]
+pub struct TunnelLinkMetrics {
+    role: &'static str,
+    links: prometheus_client::metrics::family::Family<
+        TunnelLinkLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+}
+
+/// The labels of `privlink_tunnel_links`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TunnelLinkLabels {
+    role: &'static str,
+    transport: String,
+    key_exchange: String,
+    cipher: String,
+}
+
+impl TunnelLinkMetrics {
+    /// Registers it in `registry` for `role`.
+    pub fn register(
+        registry: &mut prometheus_client::registry::Registry,
+        role: &'static str,
+    ) -> Self {
+        let metrics = Self { role, links: Default::default() };
+        registry.register(
+            "tunnel_links",
+            "Tunnel connections up now, by transport, key exchange group and cipher suite",
+            metrics.links.clone(),
+        );
+        metrics
+    }
+
+    /// Counts `links` — each its transport, key exchange and cipher, when known.
+    pub fn set<'a>(&self, links: impl IntoIterator<Item = (&'a str, Option<(&'a str, &'a str)>)>) {
+        // Links that went away would otherwise keep their series.
+        self.links.clear();
+        for (transport, tls) in links {
+            let (key_exchange, cipher) = tls.unwrap_or(("unknown", "unknown"));
+            let labels = TunnelLinkLabels {
+                role: self.role,
+                transport: transport.to_owned(),
+                key_exchange: key_exchange.to_owned(),
+                cipher: cipher.to_owned(),
+            };
+            self.links.get_or_create(&labels).inc();
+        }
+    }
+}
+
 /// The configuration-reload metrics both roles expose: `privlink_config_last_reload_successful`
 /// (1 until a reload is refused), `…_success_timestamp_seconds`, and
 /// `privlink_config_reloads_total{result}`.

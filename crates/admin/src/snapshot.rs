@@ -150,6 +150,22 @@ pub struct RelayAgentView {
     pub draining: bool,
     /// Its verdict per endpoint; an endpoint not listed is pending.
     pub verdicts: BTreeMap<String, VerdictView>,
+    /// What its tunnel connection's TLS negotiated (absent from older relays).
+    #[serde(default)]
+    pub tls: Option<TlsView>,
+}
+
+/// What a tunnel connection's TLS negotiated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsView {
+    /// `TLS 1.3`.
+    pub version: String,
+    /// The cipher suite, as IANA names it (`TLS13_AES_256_GCM_SHA384`).
+    pub cipher: String,
+    /// The key exchange group (`X25519MLKEM768`, `X25519`, …).
+    pub key_exchange: String,
+    /// Whether the key exchange is post-quantum.
+    pub post_quantum: bool,
 }
 
 /// An agent's status.
@@ -212,6 +228,10 @@ pub struct LinkView {
     pub verdicts: BTreeMap<String, VerdictView>,
     /// Streams open on it.
     pub active_streams: u32,
+    /// What its connection's TLS negotiated, over TLS/TCP (`null` over QUIC, whose library
+    /// does not tell the agent; the relay's status shows it; absent from older agents).
+    #[serde(default)]
+    pub tls: Option<TlsView>,
 }
 
 /// A verdict on an endpoint: `{"verdict": "Approved"}` or `{"verdict": "Rejected", "reason": …}`.
@@ -336,6 +356,7 @@ mod tests {
                 connected_since_unix: 1,
                 active_streams: 0,
                 draining: false,
+                tls: None,
                 verdicts: BTreeMap::from([
                     ("e".to_owned(), VerdictView::Approved),
                     ("f".to_owned(), VerdictView::Rejected { reason: "no rule".into() }),

@@ -52,6 +52,7 @@ pub struct AgentMetrics {
     pub(crate) audit: privlink_admin::audit::AuditMetrics,
     /// Streams ended, bytes moved and relay links connected over the last ten minutes.
     pub(crate) history: privlink_admin::history::History,
+    tunnel_links: privlink_admin::TunnelLinkMetrics,
 }
 
 impl Default for AgentMetrics {
@@ -97,6 +98,7 @@ impl Default for AgentMetrics {
         let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
         let buffer = privlink_admin::BufferMetrics::register(&mut registry);
         let audit = privlink_admin::audit::AuditMetrics::register(&mut registry);
+        let tunnel_links = privlink_admin::TunnelLinkMetrics::register(&mut registry, "agent");
         Self {
             registry,
             streams,
@@ -110,6 +112,7 @@ impl Default for AgentMetrics {
             buffer,
             audit,
             history: Default::default(),
+            tunnel_links,
         }
     }
 }
@@ -164,7 +167,8 @@ impl AgentMetrics {
         self.links.clear();
         let mut active = 0i64;
         let mut connected = 0;
-        for link in status.links() {
+        let links = status.links();
+        for link in &links {
             let transport = match link.transport {
                 Some(privlink_transport::tunnel::TransportKind::Quic) => "quic",
                 Some(privlink_transport::tunnel::TransportKind::Tcp) => "tcp",
@@ -189,5 +193,13 @@ impl AgentMetrics {
             gauge("missing").set(i64::try_from(coverage.missing.len()).unwrap_or(i64::MAX));
         }
         self.history.peers(connected);
+        let up = links.iter().filter(|link| link.state == LinkState::Connected);
+        self.tunnel_links.set(up.map(|link| {
+            let transport = match link.transport {
+                Some(privlink_transport::tunnel::TransportKind::Tcp) => "tcp",
+                _ => "quic",
+            };
+            (transport, link.tls.as_ref().map(|t| (t.key_exchange.as_str(), t.cipher.as_str())))
+        }));
     }
 }

@@ -111,7 +111,7 @@ async fn run_session(
                 key.address,
                 connection.kind(),
             );
-            shared.status.connected(key, connection.kind(), session.machine().verdicts());
+            shared.status.connected(key, connection, session.machine().verdicts());
             ready.set(Readiness::Ready);
         }
         let active_streams = u32::try_from(streams.len()).unwrap_or(u32::MAX);

@@ -53,6 +53,8 @@ pub struct LinkView {
     pub state: LinkState,
     /// The transport of its connection, once connected.
     pub transport: Option<TransportKind>,
+    /// What its connection's TLS negotiated, where the agent can tell (TLS/TCP).
+    pub tls: Option<privlink_transport::crypto::TlsSummary>,
     /// When it entered its state.
     pub since: SystemTime,
     /// Why it last went down.
@@ -125,6 +127,7 @@ impl AgentStatus {
             relay_id: None,
             state: LinkState::Connecting,
             transport: None,
+            tls: None,
             since: SystemTime::now(),
             last_error: None,
             verdicts: Vec::new(),
@@ -139,16 +142,18 @@ impl AgentStatus {
         self.changed_now();
     }
 
-    /// The link `key` was welcomed over `transport` and sent `verdicts`.
+    /// The link `key` was welcomed over `connection` (its transport and TLS) and sent
+    /// `verdicts`.
     pub(crate) fn connected(
         &self,
         key: LinkKey,
-        transport: TransportKind,
+        connection: &privlink_transport::tunnel::AgentConnection,
         verdicts: &[EndpointVerdict],
     ) {
         self.update(key, |link| {
             link.state = LinkState::Connected;
-            link.transport = Some(transport);
+            link.transport = Some(connection.kind());
+            link.tls = connection.tls().cloned();
             link.since = SystemTime::now();
             link.verdicts = verdicts.to_vec();
         });
@@ -244,6 +249,12 @@ impl AgentStatus {
                     .map(|v| (v.endpoint.clone(), VerdictView::from(&v.verdict)))
                     .collect(),
                 active_streams: link.active_streams,
+                tls: link.tls.as_ref().map(|tls| snapshot::TlsView {
+                    version: tls.version.clone(),
+                    cipher: tls.cipher.clone(),
+                    key_exchange: tls.key_exchange.clone(),
+                    post_quantum: tls.post_quantum,
+                }),
             })
             .collect()
     }

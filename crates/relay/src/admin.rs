@@ -14,7 +14,7 @@ use privlink_admin::history::HistorySnapshot;
 use privlink_admin::snapshot::RelayFleetView;
 use privlink_admin::snapshot::{
     ConnectionList, ConnectionsSnapshot, EndpointView, EventsSnapshot, RelayAgentView,
-    RelayConnectionView, RelayStatus, StatusSnapshot, VerdictView,
+    RelayConnectionView, RelayStatus, StatusSnapshot, TlsView, VerdictView,
 };
 use privlink_admin::{AdminView, MAX_LISTED_CONNECTIONS, Readiness, unix_seconds};
 use privlink_protocol::message::Verdict;
@@ -139,6 +139,12 @@ impl AdminView for RelayAdmin {
                 connected_since_unix: unix_seconds(a.connected_since),
                 active_streams: a.active_streams,
                 draining: a.draining,
+                tls: a.tls.as_ref().map(|tls| TlsView {
+                    version: tls.version.clone(),
+                    cipher: tls.cipher.clone(),
+                    key_exchange: tls.key_exchange.clone(),
+                    post_quantum: tls.post_quantum,
+                }),
                 verdicts: a
                     .verdicts
                     .iter()
@@ -212,6 +218,13 @@ fn scrape(handle: &RelayHandle) -> ScrapedState {
         };
         let (quic, tcp) = (on("quic"), on("tcp"));
         state.agents.push((connector, quic, tcp));
+        state.tunnel_links.extend(agents.iter().map(|a| {
+            let transport = match a.transport {
+                privlink_transport::tunnel::TransportKind::Quic => "quic",
+                privlink_transport::tunnel::TransportKind::Tcp => "tcp",
+            };
+            (transport, a.tls.as_ref().map(|t| (t.key_exchange.clone(), t.cipher.clone())))
+        }));
     }
     state
 }

@@ -25,6 +25,8 @@ pub(crate) struct ScrapedState {
     pub(crate) buffer: (u64, u64),
     /// The audit trail, when one is written.
     pub(crate) audit: Option<privlink_transport::audit::TrailStatus>,
+    /// Each connected agent's transport and (key exchange, cipher suite).
+    pub(crate) tunnel_links: Vec<(&'static str, Option<(String, String)>)>,
 }
 
 /// One endpoint's gauges at a scrape.
@@ -123,6 +125,7 @@ pub(crate) struct RelayMetrics {
     agents_connected: Family<AgentLabels, Gauge>,
     /// Connections ended, bytes moved and agents connected over the last ten minutes.
     pub(crate) history: History,
+    tunnel_links: privlink_admin::TunnelLinkMetrics,
     reloads: privlink_admin::ReloadMetrics,
     buffer: privlink_admin::BufferMetrics,
     audit: privlink_admin::audit::AuditMetrics,
@@ -206,7 +209,9 @@ impl Default for RelayMetrics {
         let reloads = privlink_admin::ReloadMetrics::register(&mut registry);
         let buffer = privlink_admin::BufferMetrics::register(&mut registry);
         let audit = privlink_admin::audit::AuditMetrics::register(&mut registry);
+        let tunnel_links = privlink_admin::TunnelLinkMetrics::register(&mut registry, "relay");
         Self {
+            tunnel_links,
             reloads,
             buffer,
             audit,
@@ -336,5 +341,8 @@ impl RelayMetrics {
             self.audit.set(trail);
         }
         self.history.peers(state.agents.iter().map(|(_, quic, tcp)| quic + tcp).sum());
+        self.tunnel_links.set(state.tunnel_links.iter().map(|(transport, tls)| {
+            (*transport, tls.as_ref().map(|(kx, cipher)| (kx.as_str(), cipher.as_str())))
+        }));
     }
 }

@@ -107,6 +107,8 @@ pub struct AgentView {
     pub verdicts: Vec<(String, Verdict)>,
     /// The transport its connection uses.
     pub transport: TransportKind,
+    /// What its connection's TLS negotiated (key exchange, cipher suite).
+    pub tls: Option<privlink_transport::crypto::TlsSummary>,
     /// Whether it announced a drain (it gets no new streams).
     pub draining: bool,
     /// Streams the relay has open on it.
@@ -415,6 +417,7 @@ impl Registry {
                     connected_since: a.connected_since,
                     verdicts,
                     transport: a.connection.kind(),
+                    tls: a.connection.tls().cloned(),
                     draining: a.draining,
                     active_streams: a.active_streams.load(Ordering::Relaxed),
                 };
@@ -504,6 +507,7 @@ mod tests {
             connected_since: std::time::SystemTime::UNIX_EPOCH,
             verdicts,
             transport: TransportKind::Quic,
+            tls: None,
             draining: false,
             active_streams: 0,
         };

@@ -43,6 +43,103 @@ pub fn key_exchange_groups(post_quantum: PostQuantum) -> Vec<&'static dyn Suppor
     }
 }
 
+/// What one tunnel connection's TLS negotiated: what the status API shows per link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSummary {
+    /// `TLS 1.3`.
+    pub version: String,
+    /// The cipher suite (`TLS13_AES_256_GCM_SHA384`).
+    pub cipher: String,
+    /// The key exchange group (`X25519MLKEM768`).
+    pub key_exchange: String,
+    /// Whether that group is post-quantum.
+    pub post_quantum: bool,
+}
+
+impl TlsSummary {
+    /// What a finished rustls handshake negotiated (`None` before it finished).
+    pub fn of(state: &rustls::CommonState) -> Option<Self> {
+        let version = match state.protocol_version()? {
+            rustls::ProtocolVersion::TLSv1_3 => "TLS 1.3".to_owned(),
+            rustls::ProtocolVersion::TLSv1_2 => "TLS 1.2".to_owned(),
+            other => format!("{other:?}"),
+        };
+        let cipher = state.negotiated_cipher_suite()?.suite();
+        let group = state.negotiated_key_exchange_group()?.name();
+        Some(Self::from_parts(version, cipher, group))
+    }
+
+    fn from_parts(version: String, cipher: rustls::CipherSuite, group: rustls::NamedGroup) -> Self {
+        Self {
+            version,
+            cipher: cipher.as_str().map_or_else(|| format!("{cipher:?}"), str::to_owned),
+            key_exchange: group.as_str().map_or_else(|| format!("{group:?}"), str::to_owned),
+            post_quantum: is_post_quantum(group),
+        }
+    }
+
+    /// What a rustls server with `provider` chooses for a TLS 1.3 ClientHello offering
+    /// `groups` and `suites`: the first of the *client's* groups it supports, and the first of
+    /// the client's suites (rustls `server::hs::choose_suite_and_kx_group`, with the client's
+    /// order honoured as privlink's configurations leave it). For QUIC, whose connection quinn
+    /// does not show: see [`ClientHelloRecorder`].
+    pub fn chosen_by(
+        provider: &CryptoProvider,
+        groups: &[rustls::NamedGroup],
+        suites: &[rustls::CipherSuite],
+    ) -> Option<Self> {
+        let group = groups.iter().find(|g| provider.kx_groups.iter().any(|k| k.name() == **g))?;
+        let suite = suites.iter().find(|s| {
+            provider.cipher_suites.iter().any(|c| {
+                c.suite() == **s && c.version().version == rustls::ProtocolVersion::TLSv1_3
+            })
+        })?;
+        Some(Self::from_parts("TLS 1.3".to_owned(), *suite, *group))
+    }
+}
+
+/// A certificate resolver that remembers the last ClientHello's key exchange groups and cipher
+/// suites before handing the choice of certificate to the real resolver: given to one QUIC
+/// connection's rustls configuration, it tells what that connection negotiated.
+#[derive(Debug)]
+pub struct ClientHelloRecorder {
+    inner: Arc<dyn rustls::server::ResolvesServerCert>,
+    seen: std::sync::Mutex<Option<(Vec<rustls::NamedGroup>, Vec<rustls::CipherSuite>)>>,
+}
+
+impl ClientHelloRecorder {
+    /// `config`, its certificate resolver wrapped in a recorder (returned too).
+    pub fn wrap(config: &rustls::ServerConfig) -> (rustls::ServerConfig, Arc<Self>) {
+        let recorder = Arc::new(Self {
+            inner: Arc::clone(&config.cert_resolver),
+            seen: std::sync::Mutex::default(),
+        });
+        let mut config = config.clone();
+        config.cert_resolver = Arc::clone(&recorder) as Arc<dyn rustls::server::ResolvesServerCert>;
+        (config, recorder)
+    }
+
+    /// What the server (with `provider`) chose for the last ClientHello seen.
+    pub fn chosen(&self, provider: &CryptoProvider) -> Option<TlsSummary> {
+        let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (groups, suites) = seen.as_ref()?;
+        TlsSummary::chosen_by(provider, groups, suites)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ClientHelloRecorder {
+    fn resolve(
+        &self,
+        client_hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let groups = client_hello.named_groups().unwrap_or_default().to_vec();
+        let suites = client_hello.cipher_suites().to_vec();
+        *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((groups, suites));
+        self.inner.resolve(client_hello)
+    }
+}
+
 /// Whether `group` (a negotiated key exchange's name) is post-quantum.
 pub fn is_post_quantum(group: rustls::NamedGroup) -> bool {
     matches!(
@@ -148,6 +245,27 @@ mod tests {
         assert_eq!(names(PostQuantum::Require), vec![rustls::NamedGroup::X25519MLKEM768]);
         assert!(names(PostQuantum::Off).iter().all(|g| !is_post_quantum(*g)));
         assert_eq!(u16::from(rustls::NamedGroup::X25519MLKEM768), 0x11ec);
+    }
+
+    #[test]
+    fn a_server_chooses_the_clients_first_group_and_suite_it_supports() {
+        use rustls::{CipherSuite, NamedGroup};
+        let server = provider(PostQuantum::Prefer);
+        let client_groups = [NamedGroup::X25519, NamedGroup::X25519MLKEM768];
+        let suites =
+            [CipherSuite::TLS13_CHACHA20_POLY1305_SHA256, CipherSuite::TLS13_AES_128_GCM_SHA256];
+        let chosen = TlsSummary::chosen_by(&server, &client_groups, &suites).expect("chosen");
+        assert_eq!(chosen.key_exchange, "X25519", "the client's order");
+        assert_eq!(chosen.cipher, "TLS13_CHACHA20_POLY1305_SHA256");
+        assert!(!chosen.post_quantum);
+        let pq_first = [NamedGroup::X25519MLKEM768, NamedGroup::X25519];
+        let chosen = TlsSummary::chosen_by(&server, &pq_first, &suites).expect("chosen");
+        assert_eq!((chosen.key_exchange.as_str(), chosen.post_quantum), ("X25519MLKEM768", true));
+        let classical = provider(PostQuantum::Off);
+        let chosen = TlsSummary::chosen_by(&classical, &pq_first, &suites).expect("chosen");
+        assert_eq!(chosen.key_exchange, "X25519", "the first the server supports");
+        let required = provider(PostQuantum::Require);
+        assert_eq!(TlsSummary::chosen_by(&required, &[NamedGroup::X25519], &suites), None);
     }
 
     #[test]

@@ -142,7 +142,8 @@ async fn first_byte(socket: &tokio::net::TcpStream) -> Result<(), DialError> {
 #[derive(Debug, Clone)]
 pub struct TunnelEndpoint {
     quic: quinn::Endpoint,
-    /// TLS/TCP's settings, read at each accept.
+    /// The TLS settings in force, read at each accept (by QUIC too, which gives each incoming
+    /// connection its own copy to learn what it negotiated).
     tcp: Arc<RwLock<Arc<rustls::ServerConfig>>>,
     /// The key exchange both transports accept.
     post_quantum: PostQuantum,
@@ -174,8 +175,12 @@ impl TunnelEndpoint {
     }
 
     fn tcp_acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        let config = Arc::clone(&self.tcp.read().unwrap_or_else(PoisonError::into_inner));
-        tokio_rustls::TlsAcceptor::from(config)
+        tokio_rustls::TlsAcceptor::from(self.current_tls())
+    }
+
+    /// The TLS settings in force (both transports use the same).
+    fn current_tls(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.tcp.read().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -273,7 +278,10 @@ impl TunnelListener {
                     incoming.refuse();
                     continue;
                 };
-                let handshake = Handshake(Box::pin(quic::accept(incoming, handshake_deadline)));
+                let tls = endpoint.current_tls();
+                let handshake = Handshake(Box::pin(async move {
+                    quic::accept(incoming, handshake_deadline, &tls).await
+                }));
                 on_connection(handshake, remote, TransportKind::Quic, ticket);
             }
         };

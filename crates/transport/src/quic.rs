@@ -29,6 +29,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 use crate::codes::DialError;
+use crate::crypto::ClientHelloRecorder;
 use crate::limits::QUIC_CONNECTION_WINDOW;
 pub use crate::limits::{MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW};
 use crate::tls::TlsError;
@@ -199,7 +200,8 @@ pub async fn dial(
         endpoint.connect(relay, server_name).map_err(|e| DialError::Handshake(e.to_string()))?;
     let started = std::time::Instant::now();
     match tokio::time::timeout(deadline, connecting).await {
-        Ok(Ok(connection)) => Ok(AgentConnection::from_quic(connection)),
+        // quinn does not show what the TLS inside negotiated; the relay's side works it out.
+        Ok(Ok(connection)) => Ok(AgentConnection::from_quic(connection, None)),
         // The idle timeout ended the handshake before `deadline`: no answer, as for a timeout.
         Ok(Err(quinn::ConnectionError::TimedOut)) => Err(DialError::Timeout(Duration::from_secs(
             (started.elapsed() + Duration::from_millis(500)).as_secs(),
@@ -229,14 +231,24 @@ fn refused_key_exchange(error: &quinn::ConnectionError) -> bool {
     }
 }
 
-/// Relay side: completes an incoming agent connection's handshake within `deadline`. Call it
-/// from a task of its own: a stalled peer must not block the accept loop.
+/// Relay side: completes an incoming agent connection's handshake within `deadline`, with
+/// `tls` (the tunnel's current settings) given a [`ClientHelloRecorder`] of its own so that
+/// the connection knows what it negotiated. Call it from a task of its own: a stalled peer
+/// must not block the accept loop.
 pub async fn accept(
     incoming: quinn::Incoming,
     deadline: Duration,
+    tls: &rustls::ServerConfig,
 ) -> Result<RelayConnection, DialError> {
-    match tokio::time::timeout(deadline, incoming).await {
-        Ok(Ok(connection)) => Ok(RelayConnection::from_quic(connection)),
+    let (recording, recorder) = ClientHelloRecorder::wrap(tls);
+    let server = relay_server_config(recording).map_err(|e| DialError::Handshake(e.to_string()))?;
+    let connecting =
+        incoming.accept_with(Arc::new(server)).map_err(|e| DialError::Handshake(e.to_string()))?;
+    match tokio::time::timeout(deadline, connecting).await {
+        Ok(Ok(connection)) => {
+            let summary = recorder.chosen(tls.crypto_provider());
+            Ok(RelayConnection::from_quic(connection, summary))
+        }
         Ok(Err(e)) if refused_key_exchange(&e) => {
             Err(DialError::KeyExchange(describe_handshake_error(&e)))
         }
@@ -291,15 +303,20 @@ mod tests {
             .expect("server");
         let client = crate::tls::tunnel_client_config(&chain, Default::default()).expect("client");
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let relay = relay_endpoint(any, server, b"test").expect("relay endpoint");
+        let relay = relay_endpoint(any, server.clone(), b"test").expect("relay endpoint");
         let agent = agent_endpoint(any, client).expect("agent endpoint");
         let addr = relay.local_addr().expect("addr");
         let wait = Duration::from_secs(5);
         let (accepted, dialed) = tokio::join!(
-            async { accept(relay.accept().await.expect("incoming"), wait).await },
+            async { accept(relay.accept().await.expect("incoming"), wait, &server).await },
             dial(&agent, addr, "localhost", wait)
         );
         let (relay_side, agent_side) = (accepted.expect("accept"), dialed.expect("dial"));
+        // The relay's side knows what the handshake chose, from the agent's ClientHello.
+        let tls = relay_side.tls().expect("the relay's side knows its TLS");
+        assert_eq!((tls.key_exchange.as_str(), tls.post_quantum), ("X25519MLKEM768", true));
+        assert_eq!(tls.version, "TLS 1.3");
+        assert!(agent_side.tls().is_none(), "quinn does not tell the agent's side");
         for (side, connection) in [("relay", relay_side.quic()), ("agent", agent_side.quic())] {
             let connection = connection.expect("a QUIC connection");
             assert_eq!(connection.max_datagram_size(), None, "the {side} accepts datagrams");

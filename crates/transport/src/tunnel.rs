@@ -11,6 +11,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -55,6 +56,9 @@ impl Role for AgentSide {
 #[derive(Debug)]
 pub struct Connection<R: Role> {
     inner: Inner<R::H2Half>,
+    /// What its TLS negotiated, where this side can tell (not an agent's QUIC connection:
+    /// quinn does not show it; the relay works it out from the ClientHello).
+    tls: Option<Arc<crate::crypto::TlsSummary>>,
 }
 
 /// The relay's tunnel connection to one agent.
@@ -70,25 +74,36 @@ enum Inner<H> {
 
 impl From<h2::H2Opener> for RelayConnection {
     fn from(opener: h2::H2Opener) -> Self {
-        Self { inner: Inner::H2(opener) }
+        let tls = opener.as_ref().tls.clone();
+        Self { inner: Inner::H2(opener), tls }
     }
 }
 
 impl From<h2::H2Acceptor> for AgentConnection {
     fn from(acceptor: h2::H2Acceptor) -> Self {
-        Self { inner: Inner::H2(acceptor) }
+        let tls = acceptor.as_ref().tls.clone();
+        Self { inner: Inner::H2(acceptor), tls }
     }
 }
 
 impl<R: Role> Clone for Connection<R> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone() }
+        Self { inner: self.inner.clone(), tls: self.tls.clone() }
     }
 }
 
 impl<R: Role> Connection<R> {
-    pub(crate) fn from_quic(connection: quinn::Connection) -> Self {
-        Self { inner: Inner::Quic(connection) }
+    pub(crate) fn from_quic(
+        connection: quinn::Connection,
+        tls: Option<crate::crypto::TlsSummary>,
+    ) -> Self {
+        Self { inner: Inner::Quic(connection), tls: tls.map(Arc::new) }
+    }
+
+    /// What this connection's TLS negotiated — version, cipher suite, key exchange — where
+    /// this side can tell: both sides of TLS/TCP, the relay's side of QUIC.
+    pub fn tls(&self) -> Option<&crate::crypto::TlsSummary> {
+        self.tls.as_deref()
     }
 
     /// The QUIC connection underneath, for this crate's tests.

@@ -64,13 +64,23 @@ function endpointRow(e) {
   return tr;
 }
 
+// A link's key exchange: post-quantum in green, classical in amber (with the version and the
+// cipher suite on hover); "–" where this side cannot tell (an agent's QUIC link).
+function keyExchange(tls, unknown) {
+  if (!tls) return element("span", unknown || "–", "empty");
+  const word = element("span", tls.key_exchange, "badge " + (tls.post_quantum ? "pq" : "classical"));
+  word.title = tls.version + ", " + tls.cipher;
+  return word;
+}
+
 function agentRow(a) {
   const tr = element("tr");
   tr.dataset.agent = a.name;
+  tr.dataset.keyExchange = a.tls ? a.tls.key_exchange : "";
   tr.append(
     cell(a.name + (a.draining ? " (draining)" : "")), cell(a.connector), cell(a.transport),
     cell(a.remote), cell(since(a.connected_since_unix)), cell(a.active_streams, "number"),
-    cell(a.version), cell(verdicts(a.verdicts)));
+    cell(a.version), cell(keyExchange(a.tls)), cell(verdicts(a.verdicts)));
   return tr;
 }
 
@@ -81,6 +91,7 @@ function linkRow(l) {
   tr.append(
     cell(l.relay + (l.relay_id ? " → " + l.relay_id : "")), cell(l.address),
     cell(badge(l.state)), cell(l.transport || "–"),
+    cell(keyExchange(l.tls, l.transport === "quic" ? "on the relay's page" : "–")),
     cell(since(l.since_unix)), cell(l.active_streams, "number"), cell(verdicts(l.verdicts)),
     cell(l.last_error || "–"));
   return tr;
@@ -183,7 +194,7 @@ function draw(status) {
         status.fleet.members.length : "");
     endpoints.sort((a, b) => a.name.localeCompare(b.name));
     fill("endpoints", endpoints.map(endpointRow), 8, "No endpoints configured.");
-    fill("agents", (status.agents || []).map(agentRow), 8, "No agent is connected.");
+    fill("agents", (status.agents || []).map(agentRow), 9, "No agent is connected.");
     const listeners = status.listeners || [];
     document.getElementById("listeners-part").hidden = listeners.length === 0;
     fill("listeners", listeners.flatMap(routeRows), 4, "");
@@ -195,7 +206,7 @@ function draw(status) {
       " of connector " + status.connector + " · " +
       links.filter((l) => l.state === "connected").length + " of " +
       count(links.length, "relay link") + " connected · " + count(streams, "stream") + " open";
-    fill("links", links.map(linkRow), 8, "No relay link yet.");
+    fill("links", links.map(linkRow), 9, "No relay link yet.");
     const fleets = status.fleets || [];
     document.getElementById("fleets-part").hidden = fleets.length === 0;
     fill("fleets", fleets.map(fleetRow), 4, "");

@@ -82,11 +82,15 @@ pub struct CloseState {
     /// Why it closed, once it has.
     reason: watch::Sender<Option<String>>,
     remote: SocketAddr,
+    /// What the TLS underneath negotiated.
+    pub(crate) tls: Option<Arc<crate::crypto::TlsSummary>>,
 }
 
 impl CloseState {
-    fn new(remote: SocketAddr) -> Arc<Self> {
-        Arc::new(Self { stop: CancellationToken::new(), reason: watch::Sender::new(None), remote })
+    fn new(remote: SocketAddr, tls: Option<crate::crypto::TlsSummary>) -> Arc<Self> {
+        let reason = watch::Sender::new(None);
+        let tls = tls.map(Arc::new);
+        Arc::new(Self { stop: CancellationToken::new(), reason, remote, tls })
     }
 
     pub(crate) fn remote_address(&self) -> SocketAddr {
@@ -166,7 +170,8 @@ pub async fn dial(
             .connect(name, socket)
             .await
             .map_err(tls_failure)?;
-        agent_handshake(tls, addr)
+        let summary = crate::crypto::TlsSummary::of(tls.get_ref().1);
+        agent_handshake(tls, addr, summary)
             .await
             .map_err(|e| DialError::Handshake(format!("HTTP/2 handshake failed: {e}")))
     };
@@ -213,7 +218,10 @@ pub async fn accept(
                 DialError::Handshake(message)
             }
         })?;
-        relay_handshake(tls, remote).await.map_err(|e| DialError::Handshake(format!("HTTP/2: {e}")))
+        let summary = crate::crypto::TlsSummary::of(tls.get_ref().1);
+        relay_handshake(tls, remote, summary)
+            .await
+            .map_err(|e| DialError::Handshake(format!("HTTP/2: {e}")))
     };
     match tokio::time::timeout(deadline, steps).await {
         Ok(result) => result,
@@ -240,7 +248,11 @@ pub struct H2Acceptor {
 
 /// Relay side: runs the HTTP/2 client handshake over an accepted, TLS-wrapped TCP connection
 /// and spawns the task that drives it.
-async fn relay_handshake<S>(io: S, remote: SocketAddr) -> Result<H2Opener, h2::Error>
+async fn relay_handshake<S>(
+    io: S,
+    remote: SocketAddr,
+    tls: Option<crate::crypto::TlsSummary>,
+) -> Result<H2Opener, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -254,7 +266,7 @@ where
         .enable_push(false)
         .handshake(io)
         .await?;
-    let state = CloseState::new(remote);
+    let state = CloseState::new(remote, tls);
     let driver = Arc::clone(&state);
     tokio::spawn(async move {
         let reason = tokio::select! {
@@ -271,7 +283,11 @@ where
 
 /// Agent side: runs the HTTP/2 server handshake over a dialled, TLS-wrapped TCP connection and
 /// spawns the task that drives it and queues the relay's streams.
-async fn agent_handshake<S>(io: S, remote: SocketAddr) -> Result<H2Acceptor, h2::Error>
+async fn agent_handshake<S>(
+    io: S,
+    remote: SocketAddr,
+    tls: Option<crate::crypto::TlsSummary>,
+) -> Result<H2Acceptor, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -284,7 +300,7 @@ where
         .max_header_list_size(MAX_HEADER_LIST)
         .handshake(io)
         .await?;
-    let state = CloseState::new(remote);
+    let state = CloseState::new(remote, tls);
     let driver = Arc::clone(&state);
     let (queue, incoming) = mpsc::unbounded_channel();
     let data_streams_allowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -388,8 +404,10 @@ mod tests {
     async fn pair() -> (H2Opener, H2Acceptor) {
         let (relay_io, agent_io) = tokio::io::duplex(64 * 1024);
         let remote: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-        let (opener, acceptor) =
-            tokio::join!(relay_handshake(relay_io, remote), agent_handshake(agent_io, remote));
+        let (opener, acceptor) = tokio::join!(
+            relay_handshake(relay_io, remote, None),
+            agent_handshake(agent_io, remote, None)
+        );
         (opener.expect("relay handshake"), acceptor.expect("agent handshake"))
     }
 
