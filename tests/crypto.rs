@@ -50,8 +50,15 @@ async fn the_relay_names_each_quic_links_key_exchange() {
             Harness::start_with_admin(vec![endpoint("e", destination)], Some(admin)).await;
         let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]);
         config.crypto.post_quantum = agent;
-        let running = harness.spawn_agent(config);
+        let agent = privlink_agent::Agent::new(config).expect("agent starts");
+        let status = agent.status();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let running = tokio::spawn(agent.run(stop.clone()));
         harness.wait_approved("e").await;
+        // The agent's side of QUIC cannot tell the key exchange, but knows the certificate.
+        let link = &status.links()[0];
+        assert!(link.tls.is_none(), "{link:?}");
+        assert_relay_certificate_expiry(link.relay_certificate_expires);
         let agents = harness.relay.agents(CONNECTOR);
         let tls = agents[0].tls.as_ref().expect("the relay knows the QUIC link's TLS");
         assert_eq!((tls.key_exchange.as_str(), tls.post_quantum), (expected, post_quantum));
@@ -64,7 +71,9 @@ async fn the_relay_names_each_quic_links_key_exchange() {
             tls.cipher
         );
         assert!(metrics.contains(&line), "{line} in:\n{metrics}");
-        harness.shutdown(&[running]).await;
+        stop.cancel();
+        tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
+        harness.shutdown(&[]).await;
     }
 }
 
@@ -108,11 +117,23 @@ async fn captured_group(relay: PostQuantum, agent: PostQuantum) -> (u16, [String
         tls.map_or_else(|| "none".to_owned(), |tls| tls.key_exchange.clone())
     };
     let on_relay = key_exchange(harness.relay.agents(CONNECTOR)[0].tls.as_ref());
-    let on_agent = key_exchange(status.links()[0].tls.as_ref());
+    let link = &status.links()[0];
+    let on_agent = key_exchange(link.tls.as_ref());
+    assert_relay_certificate_expiry(link.relay_certificate_expires);
     stop.cancel();
     tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
     harness.shutdown(&[]).await;
     (group, [on_relay, on_agent])
+}
+
+/// The link says when the relay's test certificate expires: `SERVER_VALIDITY` from its issue,
+/// a moment ago.
+fn assert_relay_certificate_expiry(expires: Option<i64>) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("now");
+    let validity = privlink_transport::pki::SERVER_VALIDITY.as_secs();
+    let expected = i64::try_from(now.as_secs() + validity).expect("secs");
+    let expires = expires.expect("the link knows when the relay's certificate expires");
+    assert!((expected - 600..=expected).contains(&expires), "{expires}, not about {expected}");
 }
 
 /// Runs a relay and an agent whose settings cannot agree; returns the agent link's error.

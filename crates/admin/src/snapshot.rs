@@ -232,6 +232,9 @@ pub struct LinkView {
     /// does not tell the agent; the relay's status shows it; absent from older agents).
     #[serde(default)]
     pub tls: Option<TlsView>,
+    /// When the certificate the relay presented on this link expires, while connected.
+    #[serde(default)]
+    pub relay_certificate_expires_unix: Option<i64>,
 }
 
 /// A verdict on an endpoint: `{"verdict": "Approved"}` or `{"verdict": "Rejected", "reason": …}`.

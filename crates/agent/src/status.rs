@@ -55,6 +55,8 @@ pub struct LinkView {
     pub transport: Option<TransportKind>,
     /// What its connection's TLS negotiated, where the agent can tell (TLS/TCP).
     pub tls: Option<privlink_transport::crypto::TlsSummary>,
+    /// When the relay's certificate on its connection expires (Unix seconds).
+    pub relay_certificate_expires: Option<i64>,
     /// When it entered its state.
     pub since: SystemTime,
     /// Why it last went down.
@@ -128,6 +130,7 @@ impl AgentStatus {
             state: LinkState::Connecting,
             transport: None,
             tls: None,
+            relay_certificate_expires: None,
             since: SystemTime::now(),
             last_error: None,
             verdicts: Vec::new(),
@@ -154,6 +157,7 @@ impl AgentStatus {
             link.state = LinkState::Connected;
             link.transport = Some(connection.kind());
             link.tls = connection.tls().cloned();
+            link.relay_certificate_expires = connection.peer_certificate_expires();
             link.since = SystemTime::now();
             link.verdicts = verdicts.to_vec();
         });
@@ -249,11 +253,16 @@ impl AgentStatus {
                     .map(|v| (v.endpoint.clone(), VerdictView::from(&v.verdict)))
                     .collect(),
                 active_streams: link.active_streams,
-                tls: link.tls.as_ref().map(|tls| snapshot::TlsView {
-                    version: tls.version.clone(),
-                    cipher: tls.cipher.clone(),
-                    key_exchange: tls.key_exchange.clone(),
-                    post_quantum: tls.post_quantum,
+                relay_certificate_expires_unix: (link.state == LinkState::Connected)
+                    .then_some(link.relay_certificate_expires)
+                    .flatten(),
+                tls: link.tls.as_ref().filter(|_| link.state == LinkState::Connected).map(|tls| {
+                    snapshot::TlsView {
+                        version: tls.version.clone(),
+                        cipher: tls.cipher.clone(),
+                        key_exchange: tls.key_exchange.clone(),
+                        post_quantum: tls.post_quantum,
+                    }
                 }),
             })
             .collect()

@@ -59,6 +59,9 @@ pub struct Connection<R: Role> {
     /// What its TLS negotiated, where this side can tell (not an agent's QUIC connection:
     /// quinn does not show it; the relay works it out from the ClientHello).
     tls: Option<Arc<crate::crypto::TlsSummary>>,
+    /// When the certificate the peer presented expires (seconds since the Unix epoch): the
+    /// relay's, on the agent's side; `None` on the relay's (agents present none).
+    peer_certificate_expires: Option<i64>,
 }
 
 /// The relay's tunnel connection to one agent.
@@ -74,22 +77,33 @@ enum Inner<H> {
 
 impl From<h2::H2Opener> for RelayConnection {
     fn from(opener: h2::H2Opener) -> Self {
-        let tls = opener.as_ref().tls.clone();
-        Self { inner: Inner::H2(opener), tls }
+        let state: &h2::CloseState = opener.as_ref();
+        let (tls, peer_certificate_expires) = (state.tls.clone(), state.peer_certificate_expires);
+        Self { inner: Inner::H2(opener), tls, peer_certificate_expires }
     }
 }
 
 impl From<h2::H2Acceptor> for AgentConnection {
     fn from(acceptor: h2::H2Acceptor) -> Self {
-        let tls = acceptor.as_ref().tls.clone();
-        Self { inner: Inner::H2(acceptor), tls }
+        let state: &h2::CloseState = acceptor.as_ref();
+        let (tls, peer_certificate_expires) = (state.tls.clone(), state.peer_certificate_expires);
+        Self { inner: Inner::H2(acceptor), tls, peer_certificate_expires }
     }
 }
 
 impl<R: Role> Clone for Connection<R> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), tls: self.tls.clone() }
+        Self {
+            inner: self.inner.clone(),
+            tls: self.tls.clone(),
+            peer_certificate_expires: self.peer_certificate_expires,
+        }
     }
+}
+
+/// When the first of `certificates` (the peer's end-entity certificate) expires.
+pub(crate) fn leaf_expiry(certificates: &[rustls::pki_types::CertificateDer<'_>]) -> Option<i64> {
+    crate::tls::CertificateSummary::of(certificates.first()?).map(|c| c.not_after_unix)
 }
 
 impl<R: Role> Connection<R> {
@@ -97,7 +111,17 @@ impl<R: Role> Connection<R> {
         connection: quinn::Connection,
         tls: Option<crate::crypto::TlsSummary>,
     ) -> Self {
-        Self { inner: Inner::Quic(connection), tls: tls.map(Arc::new) }
+        let certificates = connection.peer_identity().and_then(|identity| {
+            identity.downcast::<Vec<rustls::pki_types::CertificateDer>>().ok()
+        });
+        let peer_certificate_expires = certificates.and_then(|c| leaf_expiry(&c));
+        Self { inner: Inner::Quic(connection), tls: tls.map(Arc::new), peer_certificate_expires }
+    }
+
+    /// When the certificate the peer presented expires (seconds since the Unix epoch): the
+    /// relay's certificate, on the agent's side.
+    pub fn peer_certificate_expires(&self) -> Option<i64> {
+        self.peer_certificate_expires
     }
 
     /// What this connection's TLS negotiated — version, cipher suite, key exchange — where

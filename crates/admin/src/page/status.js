@@ -73,6 +73,15 @@ function keyExchange(tls, unknown) {
   return word;
 }
 
+// When the relay's certificate expires, flagged within two weeks.
+function expiry(unixSeconds) {
+  if (!unixSeconds) return element("span", "–", "empty");
+  const days = Math.floor((unixSeconds * 1000 - Date.now()) / 86400000);
+  const text = new Date(unixSeconds * 1000).toLocaleDateString() + " (" +
+    (days < 0 ? "expired" : count(days, "day")) + ")";
+  return element("span", text, days < 14 ? "reason" : undefined);
+}
+
 function agentRow(a) {
   const tr = element("tr");
   tr.dataset.agent = a.name;
@@ -92,6 +101,7 @@ function linkRow(l) {
     cell(l.relay + (l.relay_id ? " → " + l.relay_id : "")), cell(l.address),
     cell(badge(l.state)), cell(l.transport || "–"),
     cell(keyExchange(l.tls, l.transport === "quic" ? "on the relay's page" : "–")),
+    cell(expiry(l.relay_certificate_expires_unix)),
     cell(since(l.since_unix)), cell(l.active_streams, "number"), cell(verdicts(l.verdicts)),
     cell(l.last_error || "–"));
   return tr;
@@ -206,7 +216,7 @@ function draw(status) {
       " of connector " + status.connector + " · " +
       links.filter((l) => l.state === "connected").length + " of " +
       count(links.length, "relay link") + " connected · " + count(streams, "stream") + " open";
-    fill("links", links.map(linkRow), 9, "No relay link yet.");
+    fill("links", links.map(linkRow), 10, "No relay link yet.");
     const fleets = status.fleets || [];
     document.getElementById("fleets-part").hidden = fleets.length === 0;
     fill("fleets", fleets.map(fleetRow), 4, "");

@@ -84,13 +84,25 @@ pub struct CloseState {
     remote: SocketAddr,
     /// What the TLS underneath negotiated.
     pub(crate) tls: Option<Arc<crate::crypto::TlsSummary>>,
+    /// When the peer's certificate expires (the relay's, on the agent's side).
+    pub(crate) peer_certificate_expires: Option<i64>,
+}
+
+/// What a finished TLS handshake tells about itself: what it negotiated, and when the peer's
+/// certificate expires.
+type Negotiated = (Option<crate::crypto::TlsSummary>, Option<i64>);
+
+fn negotiated(state: &rustls::CommonState) -> Negotiated {
+    let expires = state.peer_certificates().and_then(crate::tunnel::leaf_expiry);
+    (crate::crypto::TlsSummary::of(state), expires)
 }
 
 impl CloseState {
-    fn new(remote: SocketAddr, tls: Option<crate::crypto::TlsSummary>) -> Arc<Self> {
+    fn new(remote: SocketAddr, (tls, peer_certificate_expires): Negotiated) -> Arc<Self> {
         let reason = watch::Sender::new(None);
         let tls = tls.map(Arc::new);
-        Arc::new(Self { stop: CancellationToken::new(), reason, remote, tls })
+        let stop = CancellationToken::new();
+        Arc::new(Self { stop, reason, remote, tls, peer_certificate_expires })
     }
 
     pub(crate) fn remote_address(&self) -> SocketAddr {
@@ -170,7 +182,7 @@ pub async fn dial(
             .connect(name, socket)
             .await
             .map_err(tls_failure)?;
-        let summary = crate::crypto::TlsSummary::of(tls.get_ref().1);
+        let summary = negotiated(tls.get_ref().1);
         agent_handshake(tls, addr, summary)
             .await
             .map_err(|e| DialError::Handshake(format!("HTTP/2 handshake failed: {e}")))
@@ -218,7 +230,7 @@ pub async fn accept(
                 DialError::Handshake(message)
             }
         })?;
-        let summary = crate::crypto::TlsSummary::of(tls.get_ref().1);
+        let summary = negotiated(tls.get_ref().1);
         relay_handshake(tls, remote, summary)
             .await
             .map_err(|e| DialError::Handshake(format!("HTTP/2: {e}")))
@@ -251,7 +263,7 @@ pub struct H2Acceptor {
 async fn relay_handshake<S>(
     io: S,
     remote: SocketAddr,
-    tls: Option<crate::crypto::TlsSummary>,
+    tls: Negotiated,
 ) -> Result<H2Opener, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -286,7 +298,7 @@ where
 async fn agent_handshake<S>(
     io: S,
     remote: SocketAddr,
-    tls: Option<crate::crypto::TlsSummary>,
+    tls: Negotiated,
 ) -> Result<H2Acceptor, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -405,8 +417,8 @@ mod tests {
         let (relay_io, agent_io) = tokio::io::duplex(64 * 1024);
         let remote: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         let (opener, acceptor) = tokio::join!(
-            relay_handshake(relay_io, remote, None),
-            agent_handshake(agent_io, remote, None)
+            relay_handshake(relay_io, remote, (None, None)),
+            agent_handshake(agent_io, remote, (None, None))
         );
         (opener.expect("relay handshake"), acceptor.expect("agent handshake"))
     }
