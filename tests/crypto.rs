@@ -50,13 +50,10 @@ async fn the_relay_names_each_quic_links_key_exchange() {
             Harness::start_with_admin(vec![endpoint("e", destination)], Some(admin)).await;
         let mut config = harness.agent_config(TransportChoice::Quic, &[rule_for(destination)]);
         config.crypto.post_quantum = agent;
-        let agent = privlink_agent::Agent::new(config).expect("agent starts");
-        let status = agent.status();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let running = tokio::spawn(agent.run(stop.clone()));
+        let agent = harness.watch_agent(config);
         harness.wait_approved("e").await;
         // The agent's side of QUIC cannot tell the key exchange, but knows the certificate.
-        let link = &status.links()[0];
+        let link = &agent.status.links()[0];
         assert!(link.tls.is_none(), "{link:?}");
         assert_relay_certificate_expiry(link.relay_certificate_expires);
         let agents = harness.relay.agents(CONNECTOR);
@@ -71,8 +68,7 @@ async fn the_relay_names_each_quic_links_key_exchange() {
             tls.cipher
         );
         assert!(metrics.contains(&line), "{line} in:\n{metrics}");
-        stop.cancel();
-        tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
+        agent.stop().await;
         harness.shutdown(&[]).await;
     }
 }
@@ -107,21 +103,17 @@ async fn captured_group(relay: PostQuantum, agent: PostQuantum) -> (u16, [String
     let capture = tokio::task::block_in_place(|| Capture::start(port, &pcap));
     let mut config = harness.agent_config(TransportChoice::Tcp, &[rule_for(destination)]);
     config.crypto.post_quantum = agent;
-    let agent = privlink_agent::Agent::new(config).expect("agent starts");
-    let status = agent.status();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(agent.run(stop.clone()));
+    let agent = harness.watch_agent(config);
     harness.wait_approved("e").await;
     let group = tokio::task::block_in_place(|| capture.stop_at(&pcap, port, server_hello_group));
     let key_exchange = |tls: Option<&privlink_transport::crypto::TlsSummary>| {
         tls.map_or_else(|| "none".to_owned(), |tls| tls.key_exchange.clone())
     };
     let on_relay = key_exchange(harness.relay.agents(CONNECTOR)[0].tls.as_ref());
-    let link = &status.links()[0];
+    let link = &agent.status.links()[0];
     let on_agent = key_exchange(link.tls.as_ref());
     assert_relay_certificate_expiry(link.relay_certificate_expires);
-    stop.cancel();
-    tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
+    agent.stop().await;
     harness.shutdown(&[]).await;
     (group, [on_relay, on_agent])
 }
@@ -149,22 +141,18 @@ async fn refused_link(
     .await;
     let mut config = harness.agent_config(transport, &[rule_for(destination)]);
     config.crypto.post_quantum = agent;
-    let agent = privlink_agent::Agent::new(config).expect("agent starts");
-    let status = agent.status();
-    let mut changes = status.subscribe();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(agent.run(stop.clone()));
+    let agent = harness.watch_agent(config);
+    let mut changes = agent.status.subscribe();
     let error = async {
         loop {
-            if let Some(error) = status.links().iter().find_map(|l| l.last_error.clone()) {
+            if let Some(error) = agent.status.links().iter().find_map(|l| l.last_error.clone()) {
                 return error;
             }
             changes.changed().await.expect("the agent runs");
         }
     };
     let error = tokio::time::timeout(WAIT, error).await.expect("the link fails in time");
-    stop.cancel();
-    tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
+    agent.stop().await;
     harness.shutdown(&[]).await;
     error
 }

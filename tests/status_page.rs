@@ -130,10 +130,8 @@ async fn the_agents_page_shows_its_links_streams_and_refusals_in_chromium() {
     let allow = [rule_for(destination), rule_for(closed)];
     let mut config = harness.agent_config(TransportChoice::Quic, &allow);
     config.admin = Some(AdminSettings::new("127.0.0.1:0".parse().expect("addr"), None));
-    let agent = privlink_agent::Agent::new(config).expect("agent starts");
-    let admin = agent.admin_addr().expect("the agent's admin listener");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(agent.run(stop.clone()));
+    let agent = harness.watch_agent(config);
+    let admin = agent.admin.expect("the agent's admin listener");
     harness.wait_approved("e").await;
     harness.wait_approved("dead").await;
     let open = forwarded_connection(harness.addr("e")).await;
@@ -171,8 +169,7 @@ async fn the_agents_page_shows_its_links_streams_and_refusals_in_chromium() {
         "the stream that ended is drawn: {line}"
     );
     browser.finish(&["agent-page-connected", "agent-page-down"]);
-    stop.cancel();
-    tokio::time::timeout(WAIT, running).await.expect("the agent stops").expect("join");
+    agent.stop().await;
 }
 
 /// A connection to `endpoint` that has been forwarded (a ping echoed back), left open.

@@ -205,6 +205,16 @@ impl Harness {
         }
     }
 
+    /// Starts an agent whose status and admin listener the test reads; [`WatchedAgent::stop`]
+    /// stops it and waits until it has.
+    pub fn watch_agent(&self, config: AgentConfig) -> WatchedAgent {
+        let agent = Agent::new(config).expect("agent starts");
+        let (status, admin) = (agent.status(), agent.admin_addr());
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(agent.run(stop.clone()));
+        WatchedAgent { status, admin, stop, running }
+    }
+
     /// Starts an agent; cancel the returned token to stop it.
     pub fn spawn_agent(&self, config: AgentConfig) -> CancellationToken {
         let stop = CancellationToken::new();
@@ -259,5 +269,23 @@ impl Harness {
         self.relay_stop.cancel();
         self.tasks.close();
         tokio::time::timeout(WAIT, self.tasks.wait()).await.expect("relay and agents stop in time");
+    }
+}
+
+/// An agent started by [`Harness::watch_agent`].
+pub struct WatchedAgent {
+    /// Its links as it sees them.
+    pub status: std::sync::Arc<privlink_agent::status::AgentStatus>,
+    /// Its admin listener, when its configuration has one.
+    pub admin: Option<SocketAddr>,
+    stop: CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl WatchedAgent {
+    /// Stops it (a drain) and waits until it has stopped.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.running).await.expect("the agent stops").expect("join");
     }
 }

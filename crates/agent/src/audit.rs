@@ -110,41 +110,44 @@ pub(crate) fn destination_refused(
 /// `stream.closed` with nothing moved, its outcome label and the failure's message.
 pub(crate) fn stream_failed(
     trail: &AuditTrail,
-    (endpoint, client, destination): Asked<'_>,
+    asked: Asked<'_>,
     duration: Duration,
     outcome: &str,
     reason: &str,
 ) {
-    trail.record(
-        now(Code::StreamClosed)
-            .text("endpoint", endpoint)
-            .display("client", client)
-            .text("destination", destination)
-            .number("duration_ms", millis(duration))
-            .number("bytes_to_destination", 0)
-            .number("bytes_from_destination", 0)
-            .text("outcome", outcome)
-            .text("reason", reason),
-    );
+    trail.record(stream_record(asked, duration, (0, 0), outcome, Some(reason)));
 }
 
 /// A stream carried to its destination ended.
 pub(crate) fn stream_closed(
     trail: &AuditTrail,
-    (endpoint, client, destination): Asked<'_>,
+    asked: Asked<'_>,
     duration: Duration,
-    (to_destination, from_destination): (u64, u64),
+    moved: (u64, u64),
     outcome: &privlink_transport::splice::Outcome,
 ) {
     let label = outcome.label();
     let full = outcome.to_string();
-    let record = now(Code::StreamClosed)
+    let reason = (full != label).then_some(full.as_str());
+    trail.record(stream_record(asked, duration, moved, label, reason));
+}
+
+/// `stream.closed`: what was asked, how long it ran, what it moved (to the destination, from
+/// it), its outcome label and — when the label does not say it all — the reason.
+fn stream_record(
+    (endpoint, client, destination): Asked<'_>,
+    duration: Duration,
+    (to_destination, from_destination): (u64, u64),
+    outcome: &str,
+    reason: Option<&str>,
+) -> Record {
+    now(Code::StreamClosed)
         .text("endpoint", endpoint)
         .display("client", client)
         .text("destination", destination)
         .number("duration_ms", millis(duration))
         .number("bytes_to_destination", to_destination)
         .number("bytes_from_destination", from_destination)
-        .text("outcome", label);
-    trail.record(if full == label { record } else { record.text("reason", &full) });
+        .text("outcome", outcome)
+        .maybe("reason", reason)
 }

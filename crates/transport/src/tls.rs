@@ -192,6 +192,12 @@ pub struct CertificateSummary {
     pub issuer_key_id: Option<String>,
 }
 
+/// When the first of `certificates` (a peer's end-entity certificate) expires, in seconds
+/// since the Unix epoch.
+pub(crate) fn leaf_expiry(certificates: &[CertificateDer<'_>]) -> Option<i64> {
+    CertificateSummary::of(certificates.first()?).map(|c| c.not_after_unix)
+}
+
 impl CertificateSummary {
     /// Parses a DER certificate (bytes from a peer: the parser is bounded by the input and
     /// never panics); `None` when it is not a valid X.509 certificate.

@@ -101,11 +101,6 @@ impl<R: Role> Clone for Connection<R> {
     }
 }
 
-/// When the first of `certificates` (the peer's end-entity certificate) expires.
-pub(crate) fn leaf_expiry(certificates: &[rustls::pki_types::CertificateDer<'_>]) -> Option<i64> {
-    crate::tls::CertificateSummary::of(certificates.first()?).map(|c| c.not_after_unix)
-}
-
 impl<R: Role> Connection<R> {
     pub(crate) fn from_quic(
         connection: quinn::Connection,
@@ -114,7 +109,7 @@ impl<R: Role> Connection<R> {
         let certificates = connection.peer_identity().and_then(|identity| {
             identity.downcast::<Vec<rustls::pki_types::CertificateDer>>().ok()
         });
-        let peer_certificate_expires = certificates.and_then(|c| leaf_expiry(&c));
+        let peer_certificate_expires = certificates.and_then(|c| crate::tls::leaf_expiry(&c));
         Self { inner: Inner::Quic(connection), tls: tls.map(Arc::new), peer_certificate_expires }
     }
 

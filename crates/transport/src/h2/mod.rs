@@ -93,7 +93,7 @@ pub struct CloseState {
 type Negotiated = (Option<crate::crypto::TlsSummary>, Option<i64>);
 
 fn negotiated(state: &rustls::CommonState) -> Negotiated {
-    let expires = state.peer_certificates().and_then(crate::tunnel::leaf_expiry);
+    let expires = state.peer_certificates().and_then(crate::tls::leaf_expiry);
     (crate::crypto::TlsSummary::of(state), expires)
 }
 
@@ -199,10 +199,10 @@ fn tls_failure(error: io::Error) -> DialError {
     let message = format!("TLS handshake failed: {error}");
     match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::InvalidCertificate(_)) => DialError::Certificate(message),
-        Some(
-            rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)
-            | rustls::Error::PeerIncompatible(_),
-        ) => DialError::KeyExchange(message),
+        // The relay found no key exchange group in common (it says no more than this alert).
+        Some(rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)) => {
+            DialError::KeyExchange(message)
+        }
         _ => DialError::Handshake(message),
     }
 }
@@ -219,10 +219,15 @@ pub async fn accept(
     tune_socket(&socket);
     let steps = async {
         let tls = tls.accept(socket).await.map_err(|e| {
-            let no_common_group = e
-                .get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>())
-                .is_some_and(|e| matches!(e, rustls::Error::PeerIncompatible(_)));
+            let no_common_group =
+                e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some_and(|e| {
+                    matches!(
+                        e,
+                        rustls::Error::PeerIncompatible(
+                            rustls::PeerIncompatible::NoKxGroupsInCommon
+                        )
+                    )
+                });
             let message = format!("TLS: {e}");
             if no_common_group {
                 DialError::KeyExchange(message)
