@@ -22,14 +22,15 @@ pub(crate) struct Cli {
 fn long_version() -> &'static str {
     static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TEXT.get_or_init(|| {
-        let fips = privlink_transport::crypto::fips_mode();
+        use privlink_transport::crypto;
         format!(
-            "{}\ncrypto: {} (FIPS mode: {})\ntunnel key exchange: X25519MLKEM768 preferred, \
-             X25519 for peers without it (post_quantum = \"prefer\", the default; \"require\" \
-             and \"off\" in relay.toml [tunnel] and agent.toml)",
+            "{}\ncrypto: {} (FIPS mode: {})\ntunnel key exchange, in order of preference: {} \
+             (post_quantum = \"prefer\", the default; \"require\" and \"off\" in relay.toml \
+             [tunnel] and agent.toml)",
             env!("CARGO_PKG_VERSION"),
-            privlink_transport::crypto::PROVIDER,
-            if fips { "yes" } else { "no" },
+            crypto::PROVIDER,
+            if crypto::fips_mode() { "yes" } else { "no" },
+            crypto::group_names(crypto::PostQuantum::Prefer),
         )
     })
 }

@@ -37,7 +37,8 @@ async fn the_tunnel_prefers_x25519mlkem768_as_a_capture_of_the_handshake_shows()
 }
 
 /// Over QUIC the relay's status names the key exchange too (worked out from the ClientHello,
-/// as quinn hides the TLS connection), and `privlink_tunnel_links` counts the link under it.
+/// as quinn hides the TLS connection), the agent's the same (read from the ServerHello), and
+/// `privlink_tunnel_links` counts the link under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_names_each_quic_links_key_exchange() {
     for (agent, expected, post_quantum) in
@@ -52,14 +53,18 @@ async fn the_relay_names_each_quic_links_key_exchange() {
         config.crypto.post_quantum = agent;
         let agent = harness.watch_agent(config);
         harness.wait_approved("e").await;
-        // The agent's side of QUIC cannot tell the key exchange, but knows the certificate.
         let link = &agent.status.links()[0];
-        assert!(link.tls.is_none(), "{link:?}");
         assert_relay_certificate_expiry(link.relay_certificate_expires);
         let agents = harness.relay.agents(CONNECTOR);
         let tls = agents[0].tls.as_ref().expect("the relay knows the QUIC link's TLS");
         assert_eq!((tls.key_exchange.as_str(), tls.post_quantum), (expected, post_quantum));
         assert_eq!(tls.version, "TLS 1.3");
+        // The agent read the same from the relay's ServerHello.
+        let agent_tls = link.tls.as_ref().expect("the agent knows its QUIC link's TLS");
+        assert_eq!(
+            (agent_tls.key_exchange.as_str(), agent_tls.cipher.as_str(), agent_tls.post_quantum),
+            (tls.key_exchange.as_str(), tls.cipher.as_str(), tls.post_quantum)
+        );
         let addr = harness.relay.admin_addr().expect("admin");
         let (_, metrics) =
             tokio::task::spawn_blocking(move || admin_get(addr, "/metrics")).await.expect("join");

@@ -228,8 +228,8 @@ pub struct LinkView {
     pub verdicts: BTreeMap<String, VerdictView>,
     /// Streams open on it.
     pub active_streams: u32,
-    /// What its connection's TLS negotiated, over TLS/TCP (`null` over QUIC, whose library
-    /// does not tell the agent; the relay's status shows it; absent from older agents).
+    /// What its connection's TLS negotiated, while connected (absent from older agents; `null`
+    /// over QUIC from agents that could not tell it yet).
     #[serde(default)]
     pub tls: Option<TlsView>,
     /// When the certificate the relay presented on this link expires, while connected.

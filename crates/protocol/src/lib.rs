@@ -21,6 +21,8 @@
 //!   answers it gets, and the agent's side of a proxy it must cross.
 //! * [`client_hello`] — the server name a TLS ClientHello asks for, read as bytes arrive, and
 //!   the names endpoints claim on a shared port.
+//! * [`server_hello`] — what a TLS 1.3 server chose, from its ServerHello as a QUIC client
+//!   receives it (quinn does not tell).
 //! * [`proxy_header`] — the PROXY protocol header (v1 and v2) a load balancer puts before a
 //!   connection, read and written.
 //! * [`acl`] — per-endpoint source-IP allow/deny lists.
@@ -41,6 +43,7 @@ pub mod http_connect;
 pub mod message;
 pub mod pattern;
 pub mod proxy_header;
+pub mod server_hello;
 pub mod text;
 pub mod token;
 

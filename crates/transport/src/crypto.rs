@@ -3,8 +3,11 @@
 //! the tests' servers — is built here, on aws-lc-rs, with the key exchange `post_quantum`
 //! asks for; nothing relies on a process-wide default provider. The hybrid X25519MLKEM768
 //! (ML-KEM-768 with X25519, the group browsers and Cloudflare use) comes first unless told
-//! `off`; with `require` it is the only one. [`Posture`] says what a build and a setting
-//! amount to, for `--version`, the start-up log and the metrics.
+//! `off`; with `require` it is the only one. A build with the `fips` feature starts from
+//! rustls' FIPS provider (the AWS-LC FIPS 140-3 module; AES-GCM suites only) and keeps only the
+//! groups that provider counts as approved: X25519MLKEM768 (ML-KEM first in the hybrid), P-256
+//! and P-384 — not X25519. [`Posture`] says what a build and a setting amount to, for
+//! `--version`, the start-up log and the metrics.
 
 use std::sync::Arc;
 
@@ -18,7 +21,10 @@ pub const PROVIDER: &str = "aws-lc-rs";
 
 /// The provider for the tunnel's TLS (TLS/TCP and QUIC) with `post_quantum`'s key exchange.
 pub fn provider(post_quantum: PostQuantum) -> Arc<CryptoProvider> {
+    #[cfg(not(feature = "fips"))]
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(feature = "fips")]
+    let mut provider = rustls::crypto::default_fips_provider();
     provider.kx_groups = key_exchange_groups(post_quantum);
     Arc::new(provider)
 }
@@ -29,8 +35,29 @@ pub fn default_provider() -> Arc<CryptoProvider> {
     provider(PostQuantum::Prefer)
 }
 
-/// The key exchange groups offered (client) or accepted (server), in order of preference.
+/// The key exchange groups offered (client) or accepted (server), in order of preference; in a
+/// FIPS build only those the FIPS provider approves (X25519 is not).
 pub fn key_exchange_groups(post_quantum: PostQuantum) -> Vec<&'static dyn SupportedKxGroup> {
+    let mut groups = every_key_exchange_group(post_quantum);
+    if cfg!(feature = "fips") {
+        groups.retain(|group| group.fips());
+    }
+    groups
+}
+
+/// [`key_exchange_groups`]' names, comma-separated (`X25519MLKEM768, X25519, secp256r1, …`).
+pub fn group_names(post_quantum: PostQuantum) -> String {
+    let names: Vec<String> = key_exchange_groups(post_quantum)
+        .iter()
+        .map(|group| {
+            let name = group.name();
+            name.as_str().map_or_else(|| format!("{name:?}"), str::to_owned)
+        })
+        .collect();
+    names.join(", ")
+}
+
+fn every_key_exchange_group(post_quantum: PostQuantum) -> Vec<&'static dyn SupportedKxGroup> {
     match post_quantum {
         PostQuantum::Prefer => vec![
             kx_group::X25519MLKEM768,
@@ -59,17 +86,23 @@ pub struct TlsSummary {
 impl TlsSummary {
     /// What a finished rustls handshake negotiated (`None` before it finished).
     pub fn of(state: &rustls::CommonState) -> Option<Self> {
-        let version = match state.protocol_version()? {
+        let version = state.protocol_version()?;
+        let cipher = state.negotiated_cipher_suite()?.suite();
+        let group = state.negotiated_key_exchange_group()?.name();
+        Some(Self::negotiated(version, cipher, group))
+    }
+
+    /// The summary of a handshake that negotiated `version`, `cipher` and `group`.
+    pub fn negotiated(
+        version: rustls::ProtocolVersion,
+        cipher: rustls::CipherSuite,
+        group: rustls::NamedGroup,
+    ) -> Self {
+        let version = match version {
             rustls::ProtocolVersion::TLSv1_3 => "TLS 1.3".to_owned(),
             rustls::ProtocolVersion::TLSv1_2 => "TLS 1.2".to_owned(),
             other => format!("{other:?}"),
         };
-        let cipher = state.negotiated_cipher_suite()?.suite();
-        let group = state.negotiated_key_exchange_group()?.name();
-        Some(Self::from_parts(version, cipher, group))
-    }
-
-    fn from_parts(version: String, cipher: rustls::CipherSuite, group: rustls::NamedGroup) -> Self {
         Self {
             version,
             cipher: cipher.as_str().map_or_else(|| format!("{cipher:?}"), str::to_owned),
@@ -94,7 +127,7 @@ impl TlsSummary {
                 c.suite() == **s && c.version().version == rustls::ProtocolVersion::TLSv1_3
             })
         })?;
-        Some(Self::from_parts("TLS 1.3".to_owned(), *suite, *group))
+        Some(Self::negotiated(rustls::ProtocolVersion::TLSv1_3, *suite, *group))
     }
 }
 
@@ -241,13 +274,37 @@ mod tests {
             key_exchange_groups(pq).iter().map(|g| g.name()).collect()
         };
         assert_eq!(names(PostQuantum::Prefer)[0], rustls::NamedGroup::X25519MLKEM768);
-        assert_eq!(names(PostQuantum::Prefer)[1], rustls::NamedGroup::X25519);
         assert_eq!(names(PostQuantum::Require), vec![rustls::NamedGroup::X25519MLKEM768]);
         assert!(names(PostQuantum::Off).iter().all(|g| !is_post_quantum(*g)));
+        assert!(!names(PostQuantum::Off).is_empty());
         assert_eq!(u16::from(rustls::NamedGroup::X25519MLKEM768), 0x11ec);
+        if cfg!(feature = "fips") {
+            assert_eq!(group_names(PostQuantum::Prefer), "X25519MLKEM768, secp256r1, secp384r1");
+            assert_eq!(group_names(PostQuantum::Off), "secp256r1, secp384r1");
+        } else {
+            assert_eq!(
+                group_names(PostQuantum::Prefer),
+                "X25519MLKEM768, X25519, secp256r1, secp384r1"
+            );
+            assert_eq!(group_names(PostQuantum::Off), "X25519, secp256r1, secp384r1");
+        }
     }
 
     #[test]
+    fn a_fips_build_offers_only_what_its_module_approves() {
+        for setting in [PostQuantum::Prefer, PostQuantum::Require, PostQuantum::Off] {
+            let provider = provider(setting);
+            assert_eq!(provider.fips(), cfg!(feature = "fips"), "{setting}");
+            if cfg!(feature = "fips") {
+                assert!(provider.kx_groups.iter().all(|group| group.fips()), "{setting}");
+                assert!(provider.cipher_suites.iter().all(|suite| suite.fips()), "{setting}");
+            }
+        }
+        assert_eq!(fips_refusal(PostQuantum::Prefer).is_none(), cfg!(feature = "fips"));
+    }
+
+    #[test]
+    #[cfg(not(feature = "fips"))] // it offers X25519 and ChaCha20, which a FIPS build does not
     fn a_server_chooses_the_clients_first_group_and_suite_it_supports() {
         use rustls::{CipherSuite, NamedGroup};
         let server = provider(PostQuantum::Prefer);
@@ -271,9 +328,10 @@ mod tests {
     #[test]
     fn the_posture_says_provider_fips_and_setting() {
         let posture = Posture::of(PostQuantum::Prefer);
+        let fips = if cfg!(feature = "fips") { "yes" } else { "no" };
         assert_eq!(
             posture.to_string(),
-            "crypto aws-lc-rs, FIPS no, post-quantum key exchange prefer"
+            format!("crypto aws-lc-rs, FIPS {fips}, post-quantum key exchange prefer")
         );
     }
 }

@@ -26,7 +26,8 @@
 //! * [`tunnel`] — the connection and stream types both transports share; the codes and
 //!   errors both report (`codes`, re-exported there).
 //! * [`limits`] — stream and connection windows and the stream limit both transports use.
-//! * [`quic`], [`h2`] — the two transports.
+//! * [`quic`], [`h2`] — the two transports; `quic_session` the agent's QUIC TLS session,
+//!   which reads what the relay chose from its ServerHello (quinn does not tell).
 //! * [`listener`] — the relay's tunnel listener: QUIC and TLS/TCP on one port, both accept
 //!   loops, the identity replaced on reload.
 //! * [`dialer`] — the agent's dialler: one QUIC endpoint and the TLS settings for every relay.
@@ -56,6 +57,7 @@ pub mod live;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod quic;
+mod quic_session;
 pub mod session;
 pub mod splice;
 pub mod tcp;

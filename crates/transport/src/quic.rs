@@ -32,6 +32,7 @@ use crate::codes::DialError;
 use crate::crypto::ClientHelloRecorder;
 use crate::limits::QUIC_CONNECTION_WINDOW;
 pub use crate::limits::{MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW};
+use crate::quic_session::{WatchedClientConfig, WatchedHandshake};
 use crate::tls::TlsError;
 use crate::tunnel::{AgentConnection, RelayConnection};
 
@@ -175,7 +176,7 @@ pub fn agent_endpoint(
     tls: rustls::ClientConfig,
 ) -> Result<quinn::Endpoint, QuicSetupError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut client = quinn::ClientConfig::new(Arc::new(WatchedClientConfig(Arc::new(crypto))));
     client.transport_config(Arc::new(transport_config(Role::Agent)));
     let socket = bind_udp(bind).map_err(|e| QuicSetupError::Bind(bind, e))?;
     let mut endpoint = quinn::Endpoint::new(
@@ -200,8 +201,12 @@ pub async fn dial(
         endpoint.connect(relay, server_name).map_err(|e| DialError::Handshake(e.to_string()))?;
     let started = std::time::Instant::now();
     match tokio::time::timeout(deadline, connecting).await {
-        // quinn does not show what the TLS inside negotiated; the relay's side works it out.
-        Ok(Ok(connection)) => Ok(AgentConnection::from_quic(connection, None)),
+        // quinn does not show what the TLS inside negotiated: the session read the relay's
+        // ServerHello (`quic_session`).
+        Ok(Ok(connection)) => {
+            let tls = WatchedHandshake::of(&connection);
+            Ok(AgentConnection::from_quic(connection, tls))
+        }
         // The idle timeout ended the handshake before `deadline`: no answer, as for a timeout.
         Ok(Err(quinn::ConnectionError::TimedOut)) => Err(DialError::Timeout(Duration::from_secs(
             (started.elapsed() + Duration::from_millis(500)).as_secs(),
@@ -302,25 +307,55 @@ mod tests {
         let server = crate::tls::tunnel_server_config(chain.clone(), key_der, Default::default())
             .expect("server");
         let client = crate::tls::tunnel_client_config(&chain, Default::default()).expect("client");
+        let (relay_side, agent_side) = connect(&server, client).await;
+        for (side, connection) in [("relay", relay_side.quic()), ("agent", agent_side.quic())] {
+            let connection = connection.expect("a QUIC connection");
+            assert_eq!(connection.max_datagram_size(), None, "the {side} accepts datagrams");
+        }
+    }
+
+    /// Both sides know what the handshake chose: the relay from the agent's ClientHello, the
+    /// agent from the relay's ServerHello — also after a HelloRetryRequest (the relay has no
+    /// X25519MLKEM768 for the agent's first key share and asks for X25519).
+    #[tokio::test]
+    async fn both_sides_know_the_key_exchange_and_suite() {
+        use crate::crypto::PostQuantum::{Off, Prefer};
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let chain = vec![cert.der().clone()];
+        for (relay, agent, expected) in
+            [(Prefer, Prefer, "X25519MLKEM768"), (Off, Prefer, "X25519"), (Prefer, Off, "X25519")]
+        {
+            let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+            let server =
+                crate::tls::tunnel_server_config(chain.clone(), key_der, relay).expect("server");
+            let client = crate::tls::tunnel_client_config(&chain, agent).expect("client");
+            let (relay_side, agent_side) = connect(&server, client).await;
+            let relay_tls = relay_side.tls().expect("the relay's side knows its TLS");
+            assert_eq!(relay_tls.key_exchange, expected, "relay {relay}, agent {agent}");
+            assert_eq!(relay_tls.version, "TLS 1.3");
+            let agent_tls = agent_side.tls().expect("the agent's side knows its TLS");
+            assert_eq!(agent_tls, relay_tls, "relay {relay}, agent {agent}");
+        }
+    }
+
+    async fn connect(
+        server: &rustls::ServerConfig,
+        client: rustls::ClientConfig,
+    ) -> (RelayConnection, AgentConnection) {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let relay = relay_endpoint(any, server.clone(), b"test").expect("relay endpoint");
         let agent = agent_endpoint(any, client).expect("agent endpoint");
         let addr = relay.local_addr().expect("addr");
         let wait = Duration::from_secs(5);
         let (accepted, dialed) = tokio::join!(
-            async { accept(relay.accept().await.expect("incoming"), wait, &server).await },
+            async { accept(relay.accept().await.expect("incoming"), wait, server).await },
             dial(&agent, addr, "localhost", wait)
         );
-        let (relay_side, agent_side) = (accepted.expect("accept"), dialed.expect("dial"));
-        // The relay's side knows what the handshake chose, from the agent's ClientHello.
-        let tls = relay_side.tls().expect("the relay's side knows its TLS");
-        assert_eq!((tls.key_exchange.as_str(), tls.post_quantum), ("X25519MLKEM768", true));
-        assert_eq!(tls.version, "TLS 1.3");
-        assert!(agent_side.tls().is_none(), "quinn does not tell the agent's side");
-        for (side, connection) in [("relay", relay_side.quic()), ("agent", agent_side.quic())] {
-            let connection = connection.expect("a QUIC connection");
-            assert_eq!(connection.max_datagram_size(), None, "the {side} accepts datagrams");
-        }
+        (accepted.expect("accept"), dialed.expect("dial"))
     }
 
     fn token(secret: &[u8], connection_id: &[u8]) -> Vec<u8> {

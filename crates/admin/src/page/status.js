@@ -100,7 +100,7 @@ function linkRow(l) {
   tr.append(
     cell(l.relay + (l.relay_id ? " → " + l.relay_id : "")), cell(l.address),
     cell(badge(l.state)), cell(l.transport || "–"),
-    cell(keyExchange(l.tls, l.transport === "quic" ? "on the relay's page" : "–")),
+    cell(keyExchange(l.tls, "–")),
     cell(expiry(l.relay_certificate_expires_unix)),
     cell(since(l.since_unix)), cell(l.active_streams, "number"), cell(verdicts(l.verdicts)),
     cell(l.last_error || "–"));
