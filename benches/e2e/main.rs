@@ -1,8 +1,9 @@
 //! The end-to-end benchmark harness: `cargo bench --bench e2e` (release build). It starts a
 //! backend (the test bed's load tool), HAProxy in TCP mode (installed from Debian packages when
-//! missing), and the real `privlink` relay and agent processes over QUIC and over TLS/TCP, and
+//! missing; one, and two in a row), rathole with its Noise transport (built from crates.io into
+//! target/), and the real `privlink` relay and agent processes over QUIC and over TLS/TCP, and
 //! measures each of them in the same run with the same load tool: bulk throughput (one and
-//! eight streams, each way), 1 KiB request/response latency, new connections (sequential and
+//! eight streams, each way) and the forwarders' CPU per GB moved, 1 KiB request/response latency, new connections (sequential and
 //! 64 concurrent workers), resident memory per idle connection, single-stream bulk beside ten
 //! stalled transfers each way (and the memory they hold); then, in network namespaces
 //! joined by the test bed's link emulator (25 ms each way, then 0.5 % loss), time to first byte
@@ -11,10 +12,13 @@
 //! 4 Mbit/s link. It prints a Markdown report (every figure also as a
 //! ratio to direct) and writes it to `target/e2e-report.md`; `docs/benchmarks.md` explains it.
 //! Set `E2E_QUICK=1` for a short smoke run, `E2E_ONLY=quic,tcp` (any of direct, haproxy, haproxy2,
-//! quic, tcp, wan; and quic-audit, tcp-audit — the audit trail on — which run only when named)
+//! rathole, quic, tcp, wan; and quic-audit, tcp-audit — the audit trail on — which run only when
+//! named; rathole, built from crates.io the first time, only when named in a quick run)
 //! to run a subset and `E2E_MEASURES=connections` (any of memory, bulk, rr,
-//! connections = sequential + concurrent, stalled) to run only some measurements, e.g. under a
-//! profiler.
+//! connections = sequential + concurrent, stalled, curves) to run only some measurements, e.g.
+//! under a profiler. `curves` (memory and idle CPU at 1, 100, 1,000 and 5,000 connections
+//! held, throughput at 1, 8 and 64 streams) is drawn in `target/e2e-curves.svg`, and the
+//! sizing lines come from the figures.
 //! Nothing here asserts on timing.
 
 mod measures;
@@ -31,8 +35,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::measures::{Figures, measure};
-use crate::report::{machine_line, write_loopback_table};
-use crate::targets::{PrivlinkTarget, start_haproxy};
+use crate::report::{curves_svg, machine_line, write_curves, write_loopback_table, write_sizing};
+use crate::targets::{PrivlinkTarget, start_haproxy, start_rathole};
 use crate::wan::wan;
 
 const IDLE_CONNECTIONS: usize = 5_000;
@@ -80,6 +84,10 @@ impl Budget {
 
 fn main() {
     let budget = Budget::from_env();
+    // Held connections take two descriptors each here (client and backend ends).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("open-file limit not raised: {e}");
+    }
     let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -129,6 +137,30 @@ fn main() {
         }),
     ));
 
+    // rathole with its Noise transport: the encrypted tunnel peer. Built from crates.io the
+    // first time (minutes), so a quick run leaves it out unless E2E_ONLY names it.
+    let named = |part: &str| {
+        std::env::var("E2E_ONLY").is_ok_and(|list| list.split(',').any(|p| p.trim() == part))
+    };
+    let quick = std::env::var_os("E2E_QUICK").is_some();
+    let rathole = if wanted("rathole") && (!quick || named("rathole")) {
+        start_rathole(dir.path(), backend)
+    } else {
+        if wanted("rathole") {
+            eprintln!("rathole column left out of a quick run (E2E_ONLY=rathole runs it)");
+        }
+        None
+    };
+    columns.push((
+        "rathole (noise)",
+        rathole.map(|(server, client, addr)| {
+            let pids = [server.pid(), client.pid()];
+            let figures = runtime.block_on(measure(addr, budget, Some(&pids)));
+            drop((server, client));
+            figures
+        }),
+    ));
+
     // `quic-audit` and `tcp-audit` (not run unless named in E2E_ONLY): the same with the audit
     // trail on, to measure what it costs.
     for (part, transport, audit, label) in [
@@ -137,9 +169,7 @@ fn main() {
         ("quic-audit", "quic", true, "privlink QUIC + audit"),
         ("tcp-audit", "tcp", true, "privlink TCP + audit"),
     ] {
-        let named =
-            std::env::var("E2E_ONLY").is_ok_and(|list| list.split(',').any(|p| p.trim() == part));
-        if !(wanted(part) && (!audit || named)) {
+        if !(wanted(part) && (!audit || named(part))) {
             if !audit {
                 columns.push((label, None));
             }
@@ -156,6 +186,15 @@ fn main() {
     let mut report = String::new();
     let _ = writeln!(report, "{}", machine_line());
     write_loopback_table(&mut report, &columns, budget);
+    write_curves(&mut report, &columns);
+    write_sizing(&mut report, &columns);
+    if let Some(svg) = curves_svg(&columns) {
+        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-curves.svg");
+        match std::fs::write(&out, svg) {
+            Ok(()) => eprintln!("growth curves drawn in {}", out.display()),
+            Err(e) => eprintln!("could not write {}: {e}", out.display()),
+        }
+    }
     if wanted("wan") {
         match wan(dir.path(), budget) {
             Ok(wan_report) => report.push_str(&wan_report),

@@ -133,3 +133,84 @@ impl PrivlinkTarget {
         let _ = self.tunnel.stop();
     }
 }
+
+/// rathole's version the harness builds: the encrypted-tunnel peer of the comparison (its
+/// Noise transport: Noise_NK_25519_ChaChaPoly_BLAKE2s, a server and a client like relay and
+/// agent).
+const RATHOLE_VERSION: &str = "0.5.0";
+
+/// rathole (server and client, Noise transport) in front of the backend: built once from
+/// crates.io into `target/rathole/`, or `None` with a visible reason when it cannot be.
+pub(crate) fn start_rathole(
+    dir: &Path,
+    backend: SocketAddr,
+) -> Option<(Running, Running, SocketAddr)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rathole");
+    let binary = root.join("bin/rathole");
+    if !binary.exists() {
+        eprintln!("building rathole {RATHOLE_VERSION} from crates.io into {} …", root.display());
+        let root_arg = root.to_str().expect("utf-8");
+        let (ok, out) = sh(
+            "cargo",
+            &[
+                "install",
+                "--quiet",
+                &format!("rathole@{RATHOLE_VERSION}"),
+                "--no-default-features",
+                "--features",
+                "server,client,noise",
+                "--root",
+                root_arg,
+            ],
+        );
+        if !ok {
+            let last = out.lines().rev().take(5).collect::<Vec<_>>().join(" / ");
+            eprintln!("!! rathole column skipped: it could not be built here: {last}");
+            return None;
+        }
+    }
+    let keys = Command::new(&binary).arg("--genkey").output().ok()?;
+    let keys = String::from_utf8_lossy(&keys.stdout).into_owned();
+    // "Private Key:\n<base64>\n\nPublic Key:\n<base64>"
+    let after = |label: &str| -> Option<String> {
+        let rest = keys.split_once(label)?.1;
+        rest.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_owned)
+    };
+    let (Some(private), Some(public)) = (after("Private Key:"), after("Public Key:")) else {
+        eprintln!("!! rathole column skipped: `rathole --genkey` printed no key pair: {keys}");
+        return None;
+    };
+    let control = free_port("127.0.0.1");
+    let service: SocketAddr =
+        format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
+    // Loopback only, for one run: any unguessed string will do.
+    let token =
+        format!("bench{:x}", Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()));
+    let server = format!(
+        "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"noise\"\n\
+         [server.transport.noise]\nlocal_private_key = \"{private}\"\n\
+         [server.services.bench]\ntoken = \"{token}\"\nbind_addr = \"{service}\"\n"
+    );
+    let client = format!(
+        "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.transport]\ntype = \"noise\"\n\
+         [client.transport.noise]\nremote_public_key = \"{public}\"\n\
+         [client.services.bench]\ntoken = \"{token}\"\nlocal_addr = \"{backend}\"\n"
+    );
+    let server_path = dir.join("rathole-server.toml");
+    let client_path = dir.join("rathole-client.toml");
+    std::fs::write(&server_path, server).expect("rathole server config");
+    std::fs::write(&client_path, client).expect("rathole client config");
+    let spawn = |flag: &str, path: &Path| {
+        let mut command = Command::new(&binary);
+        command.env("RUST_LOG", "error").args([flag, path.to_str().expect("utf-8")]);
+        Running::spawn(command)
+    };
+    let server = spawn("--server", &server_path);
+    let client = spawn("--client", &client_path);
+    // The server binds the service's port once the client's control channel is up.
+    if !wait_listening(service) {
+        eprintln!("!! rathole column skipped: rathole did not listen on {service}");
+        return None;
+    }
+    Some((server, client, service))
+}

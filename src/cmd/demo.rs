@@ -316,7 +316,7 @@ async fn serve_vault(
                 tracing::debug!("demo vault: {e:#}");
             }
         });
-    })
+    }, |_| {})
     .await;
     connections.close();
     connections.wait().await;

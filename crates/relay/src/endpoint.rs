@@ -81,6 +81,26 @@ impl Endpoint {
         }
     }
 
+    /// Counts a client refused because the relay had no file descriptor left (its accept
+    /// loop took it with the reserve descriptor and reset it), and says so in the log at most
+    /// once per [`REFUSAL_LOG_INTERVAL`].
+    pub(crate) fn refused_without_descriptors(&self, client: SocketAddr) {
+        self.counters.over_limit.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connection_refused(&self.name, crate::listen::NO_DESCRIPTORS);
+        let place = Place::Endpoint(&self.name);
+        self.audit.denied((client, None), place, crate::listen::NO_DESCRIPTORS, None);
+        if let Some(left_out) = self.over_limit_log.admit(std::time::Instant::now()) {
+            tracing::warn!(
+                %client,
+                left_out,
+                "connection refused: the relay has no file descriptor left (raise its open-file \
+                 limit: LimitNOFILE, ulimit -n; connections already open go on) (left_out: \
+                 refusals since the last such line; all are counted in \
+                 privlink_relay_connections_total)"
+            );
+        }
+    }
+
     /// An endpoint stopped by `stop` and forced by `force` (children of the relay's own).
     pub(crate) fn new(
         spec: EndpointSpec,

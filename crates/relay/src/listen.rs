@@ -28,6 +28,10 @@ use crate::shared_port::SharedPort;
 use crate::source_limits::SourceSlot;
 use crate::{preread, refuse};
 
+/// The outcome (metrics, audit trail) of a client refused because the relay had no file
+/// descriptor left: `privlink_transport::tcp::accept_until` reset it at once.
+pub(crate) const NO_DESCRIPTORS: &str = "no_descriptors";
+
 /// The owner of every endpoint accept loop and the client connections they accept.
 #[derive(Debug)]
 pub(crate) struct Listeners {
@@ -117,34 +121,44 @@ impl Listeners {
         self.tasks.spawn(
             async move {
                 let stop = endpoint.stop.clone();
-                tcp::accept_until(&listener, &stop, |socket, client| {
-                    let span = tracing::info_span!("client", endpoint = %endpoint.name, %client);
-                    let trust = endpoint.spec().proxy_protocol.clone();
-                    if trust.is_some_and(|trust| trust.trusts(client.ip())) {
-                        // The client is named in the balancer's PROXY header: it is judged once
-                        // that is read, in its own task.
-                        let (endpoint, registry) = (Arc::clone(&endpoint), Arc::clone(&registry));
-                        tasks.spawn(
-                            async move { behind_balancer(socket, client, &endpoint, &registry).await }
+                tcp::accept_until(
+                    &listener,
+                    &stop,
+                    |socket, client| {
+                        let span =
+                            tracing::info_span!("client", endpoint = %endpoint.name, %client);
+                        let trust = endpoint.spec().proxy_protocol.clone();
+                        if trust.is_some_and(|trust| trust.trusts(client.ip())) {
+                            // The client is named in the balancer's PROXY header: it is judged once
+                            // that is read, in its own task.
+                            let (endpoint, registry) =
+                                (Arc::clone(&endpoint), Arc::clone(&registry));
+                            tasks.spawn(
+                                async move {
+                                    behind_balancer(socket, client, &endpoint, &registry).await
+                                }
                                 .instrument(span),
-                        );
-                        return;
-                    }
-                    let Some((spec, slot)) = admit(&endpoint, (client, None)) else {
-                        Self::refuse_on_accept(&tasks, &courtesy, socket);
-                        return;
-                    };
-                    let endpoint = Arc::clone(&endpoint);
-                    let registry = Arc::clone(&registry);
-                    tasks.spawn(
-                        async move {
-                            let arrival = dispatch::Arrival::direct(client);
-                            dispatch::forward(socket, arrival, &endpoint, spec, &registry).await;
-                            drop(slot);
+                            );
+                            return;
                         }
-                        .instrument(span),
-                    );
-                })
+                        let Some((spec, slot)) = admit(&endpoint, (client, None)) else {
+                            Self::refuse_on_accept(&tasks, &courtesy, socket);
+                            return;
+                        };
+                        let endpoint = Arc::clone(&endpoint);
+                        let registry = Arc::clone(&registry);
+                        tasks.spawn(
+                            async move {
+                                let arrival = dispatch::Arrival::direct(client);
+                                dispatch::forward(socket, arrival, &endpoint, spec, &registry)
+                                    .await;
+                                drop(slot);
+                            }
+                            .instrument(span),
+                        );
+                    },
+                    |client| endpoint.refused_without_descriptors(client),
+                )
                 .await;
             }
             .instrument(span),
@@ -169,37 +183,53 @@ impl Listeners {
         self.tasks.spawn(
             async move {
                 let stop = port.stop.clone();
-                tcp::accept_until(&listener, &stop, |socket, client| {
-                    let routing = port.routing();
-                    let trusted =
-                        routing.spec.proxy_protocol.as_ref().is_some_and(|t| t.trusts(client.ip()));
-                    if !trusted && !routing.spec.acl.permits(client.ip()) {
-                        port.refused(client, "acl_denied", "the listener's ACL denies its source");
-                        Self::refuse_on_accept(&tasks, &courtesy, socket);
-                        return;
-                    }
-                    // A balancer's connections are judged by the client its header names, in
-                    // the connection's task.
-                    let source = if trusted {
-                        SourceSlot::none()
-                    } else {
-                        let Some(source) = port.admit_source(client) else {
+                tcp::accept_until(
+                    &listener,
+                    &stop,
+                    |socket, client| {
+                        let routing = port.routing();
+                        let trusted = routing
+                            .spec
+                            .proxy_protocol
+                            .as_ref()
+                            .is_some_and(|t| t.trusts(client.ip()));
+                        if !trusted && !routing.spec.acl.permits(client.ip()) {
+                            port.refused(
+                                client,
+                                "acl_denied",
+                                "the listener's ACL denies its source",
+                            );
                             Self::refuse_on_accept(&tasks, &courtesy, socket);
                             return;
-                        };
-                        source
-                    };
-                    let span = tracing::info_span!("client", listener = %port.name, %client);
-                    let (port, endpoints) = (Arc::clone(&port), Arc::clone(&endpoints));
-                    let (registry, force) = (Arc::clone(&registry), force.clone());
-                    tasks.spawn(
-                        async move {
-                            let peer = (client, source);
-                            route(socket, peer, &port, &endpoints, &registry, &force).await;
                         }
-                        .instrument(span),
-                    );
-                })
+                        // A balancer's connections are judged by the client its header names, in
+                        // the connection's task.
+                        let source = if trusted {
+                            SourceSlot::none()
+                        } else {
+                            let Some(source) = port.admit_source(client) else {
+                                Self::refuse_on_accept(&tasks, &courtesy, socket);
+                                return;
+                            };
+                            source
+                        };
+                        let span = tracing::info_span!("client", listener = %port.name, %client);
+                        let (port, endpoints) = (Arc::clone(&port), Arc::clone(&endpoints));
+                        let (registry, force) = (Arc::clone(&registry), force.clone());
+                        tasks.spawn(
+                            async move {
+                                let peer = (client, source);
+                                route(socket, peer, &port, &endpoints, &registry, &force).await;
+                            }
+                            .instrument(span),
+                        );
+                    },
+                    |client| {
+                        let detail = "the relay has no file descriptor left (raise its open-file \
+                                  limit: LimitNOFILE, ulimit -n)";
+                        port.refused(client, NO_DESCRIPTORS, detail);
+                    },
+                )
                 .await;
             }
             .instrument(span),

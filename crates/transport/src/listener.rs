@@ -285,24 +285,40 @@ impl TunnelListener {
                 on_connection(handshake, remote, TransportKind::Quic, ticket);
             }
         };
-        let tcp_loop = tcp::accept_until(&tcp, stop, |socket, remote| {
-            // Under a flood an agent's task may run long after its ClientHello has come: the
-            // admission looks at the socket itself before it takes it for a silent one.
-            let first = Arc::new(FirstBytes::watching(&socket));
-            let Some(ticket) = admission.admit(remote, Arc::clone(&first)) else {
-                tcp::abort(socket);
-                return;
-            };
-            // Read at each accept: a reload may have replaced the certificate.
-            let acceptor = endpoint.tcp_acceptor();
-            let handshake = Handshake(Box::pin(async move {
-                first_byte(&socket).await?;
-                first.record();
-                let accepted = h2::accept(socket, remote, acceptor, handshake_deadline).await;
-                accepted.map(RelayConnection::from)
-            }));
-            on_connection(handshake, remote, TransportKind::Tcp, ticket);
-        });
+        let shed_log = crate::throttle::Throttle::new(tcp::ACCEPT_ERROR_LOG_INTERVAL);
+        let tcp_loop = tcp::accept_until(
+            &tcp,
+            stop,
+            |socket, remote| {
+                // Under a flood an agent's task may run long after its ClientHello has come: the
+                // admission looks at the socket itself before it takes it for a silent one.
+                let first = Arc::new(FirstBytes::watching(&socket));
+                let Some(ticket) = admission.admit(remote, Arc::clone(&first)) else {
+                    tcp::abort(socket);
+                    return;
+                };
+                // Read at each accept: a reload may have replaced the certificate.
+                let acceptor = endpoint.tcp_acceptor();
+                let handshake = Handshake(Box::pin(async move {
+                    first_byte(&socket).await?;
+                    first.record();
+                    let accepted = h2::accept(socket, remote, acceptor, handshake_deadline).await;
+                    accepted.map(RelayConnection::from)
+                }));
+                on_connection(handshake, remote, TransportKind::Tcp, ticket);
+            },
+            |remote| {
+                if let Some(left_out) = shed_log.admit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        %remote,
+                        left_out,
+                        "agent connection refused: this relay has no file descriptor left (raise \
+                         its open-file limit: LimitNOFILE, ulimit -n) (left_out: refusals since the \
+                         last such line)"
+                    );
+                }
+            },
+        );
         tokio::join!(quic_loop, tcp_loop);
     }
 }

@@ -50,21 +50,36 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpList
 
 /// Accepts connections on `listener` until `stop` is cancelled, handing each to `on_accept`,
 /// which should spawn the connection's work rather than await it: a stalled peer must never
-/// block the loop. Accept errors (EMFILE and friends) are logged — at most once per
-/// [`ACCEPT_ERROR_LOG_INTERVAL`], with a count of the others — and the loop pauses briefly, so
-/// that it neither spins nor stops serving.
+/// block the loop.
+///
+/// When the process has no file descriptor left (EMFILE, ENFILE), a waiting connection would
+/// sit in the backlog until its client gives up, and the loop would spin on it. Instead the
+/// loop frees the one descriptor the process keeps in reserve, accepts the connection with it,
+/// closes it at once with a reset, hands its address to `on_shed` (to count and log why) and
+/// takes the reserve again: clients learn at once, connections already open are untouched, and
+/// service is back as soon as descriptors free. Other accept errors are logged — at most once
+/// per [`ACCEPT_ERROR_LOG_INTERVAL`], with a count of the others — and the loop pauses
+/// briefly, so that it neither spins nor stops serving.
 pub async fn accept_until(
     listener: &tokio::net::TcpListener,
     stop: &CancellationToken,
     mut on_accept: impl FnMut(TcpStream, std::net::SocketAddr),
+    mut on_shed: impl FnMut(std::net::SocketAddr),
 ) {
     let throttle = Throttle::new(ACCEPT_ERROR_LOG_INTERVAL);
+    keep_reserve();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => on_accept(socket, peer),
                 Err(e) => {
+                    if out_of_descriptors(&e) {
+                        if let Some(peer) = shed(listener).await {
+                            on_shed(peer);
+                            continue;
+                        }
+                    }
                     if let Some(left_out) = throttle.admit(std::time::Instant::now()) {
                         tracing::warn!(
                             left_out,
@@ -76,6 +91,43 @@ pub async fn accept_until(
             },
         }
     }
+}
+
+/// The descriptor kept for [`shed`]: `/dev/null`, opened while descriptors are plentiful.
+static RESERVE: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// Opens the reserve descriptor if it is not held (at start, and after each use).
+fn keep_reserve() {
+    let mut reserve = RESERVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if reserve.is_none() {
+        *reserve = std::fs::File::open("/dev/null").ok();
+    }
+}
+
+/// EMFILE (this process's limit) or ENFILE (the system's): 24 and 23 on Linux and the BSDs;
+/// std has no `ErrorKind` for them.
+fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(23 | 24))
+}
+
+/// With no descriptor left: frees the reserve, accepts the waiting connection with it and
+/// resets it at once; its address, or `None` when there was no reserve to free or another
+/// thread took the freed descriptor first.
+async fn shed(listener: &tokio::net::TcpListener) -> Option<std::net::SocketAddr> {
+    let freed = RESERVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
+    drop(freed);
+    // The connection that failed is still waiting: this returns at once, and the bound only
+    // covers a client that left in between.
+    let accepted = tokio::time::timeout(ACCEPT_ERROR_PAUSE, listener.accept()).await;
+    let shed = match accepted {
+        Ok(Ok((socket, peer))) => {
+            abort(socket);
+            Some(peer)
+        }
+        _ => None,
+    };
+    keep_reserve();
+    shed
 }
 
 /// Longest silence between two "accept failed" lines while accepts keep failing.
