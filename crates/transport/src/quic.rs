@@ -295,8 +295,11 @@ impl From<TlsError> for QuicSetupError {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn neither_end_accepts_datagrams() {
+    /// A relay's and an agent's tunnel TLS settings for a fresh self-signed `localhost`.
+    fn tunnel_configs(
+        relay: crate::crypto::PostQuantum,
+        agent: crate::crypto::PostQuantum,
+    ) -> (rustls::ServerConfig, rustls::ClientConfig) {
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
             .expect("params")
@@ -304,9 +307,15 @@ mod tests {
             .expect("cert");
         let chain = vec![cert.der().clone()];
         let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let server = crate::tls::tunnel_server_config(chain.clone(), key_der, Default::default())
-            .expect("server");
-        let client = crate::tls::tunnel_client_config(&chain, Default::default()).expect("client");
+        let server =
+            crate::tls::tunnel_server_config(chain.clone(), key_der, relay).expect("server");
+        let client = crate::tls::tunnel_client_config(&chain, agent).expect("client");
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn neither_end_accepts_datagrams() {
+        let (server, client) = tunnel_configs(Default::default(), Default::default());
         let (relay_side, agent_side) = connect(&server, client).await;
         for (side, connection) in [("relay", relay_side.quic()), ("agent", agent_side.quic())] {
             let connection = connection.expect("a QUIC connection");
@@ -320,19 +329,10 @@ mod tests {
     #[tokio::test]
     async fn both_sides_know_the_key_exchange_and_suite() {
         use crate::crypto::PostQuantum::{Off, Prefer};
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("cert");
-        let chain = vec![cert.der().clone()];
         for (relay, agent, expected) in
             [(Prefer, Prefer, "X25519MLKEM768"), (Off, Prefer, "X25519"), (Prefer, Off, "X25519")]
         {
-            let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-            let server =
-                crate::tls::tunnel_server_config(chain.clone(), key_der, relay).expect("server");
-            let client = crate::tls::tunnel_client_config(&chain, agent).expect("client");
+            let (server, client) = tunnel_configs(relay, agent);
             let (relay_side, agent_side) = connect(&server, client).await;
             let relay_tls = relay_side.tls().expect("the relay's side knows its TLS");
             assert_eq!(relay_tls.key_exchange, expected, "relay {relay}, agent {agent}");
