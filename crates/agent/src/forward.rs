@@ -278,7 +278,8 @@ async fn forward(
 
 /// Reads and drops what the peer still sends until it ends or resets the stream.
 async fn discard_until_end(stream: &mut TunnelStream) {
-    let mut sink = [0u8; 1024];
+    // On the heap: an array here would size every stream's task for its whole life.
+    let mut sink = vec![0u8; 1024];
     while let Ok(n) = tokio::io::AsyncReadExt::read(stream, &mut sink).await {
         if n == 0 {
             return;

@@ -96,7 +96,9 @@ pub(crate) async fn forward(
     let mut preread = if routed || spec.server_names.is_empty() {
         read
     } else {
-        match preread::server_name(&mut socket, read, spec.preread_timeout, force).await {
+        // Boxed here and below: a future awaited inline sizes the whole connection's task for
+        // as long as it lives, and these reads are over before the copy starts.
+        match Box::pin(preread::server_name(&mut socket, read, spec.preread_timeout, force)).await {
             Ok((bytes, name)) if spec.admits_server_name(name.as_deref()) => bytes,
             refused => {
                 let asked = preread::refuse(socket, refused).await;
@@ -133,7 +135,8 @@ pub(crate) async fn forward(
     let mut requested = None;
     if let Some(policy) = spec.destination.connect() {
         let read = std::mem::take(&mut preread);
-        match connect::read_request(&mut socket, read, policy, spec.preread_timeout, force).await {
+        let request = connect::read_request(&mut socket, read, policy, spec.preread_timeout, force);
+        match Box::pin(request).await {
             Ok(request) => {
                 preread = std::mem::take(&mut requested.insert(request).early);
             }
