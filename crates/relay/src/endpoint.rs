@@ -60,6 +60,10 @@ pub(crate) struct Endpoint {
     pub(crate) force: CancellationToken,
 }
 
+/// The outcome (metrics, audit trail) of a client refused because the relay had no file
+/// descriptor left: `privlink_transport::tcp::accept_until` reset it at once.
+pub(crate) const NO_DESCRIPTORS: &str = "no_descriptors";
+
 impl Endpoint {
     /// Counts a client refused because the buffer budget (the relay's, or this endpoint's
     /// share) is spent, and says so in the log at most once per [`REFUSAL_LOG_INTERVAL`].
@@ -86,9 +90,9 @@ impl Endpoint {
     /// once per [`REFUSAL_LOG_INTERVAL`].
     pub(crate) fn refused_without_descriptors(&self, client: SocketAddr) {
         self.counters.over_limit.fetch_add(1, Ordering::Relaxed);
-        self.metrics.connection_refused(&self.name, crate::listen::NO_DESCRIPTORS);
+        self.metrics.connection_refused(&self.name, NO_DESCRIPTORS);
         let place = Place::Endpoint(&self.name);
-        self.audit.denied((client, None), place, crate::listen::NO_DESCRIPTORS, None);
+        self.audit.denied((client, None), place, NO_DESCRIPTORS, None);
         if let Some(left_out) = self.over_limit_log.admit(std::time::Instant::now()) {
             tracing::warn!(
                 %client,

@@ -28,10 +28,6 @@ use crate::shared_port::SharedPort;
 use crate::source_limits::SourceSlot;
 use crate::{preread, refuse};
 
-/// The outcome (metrics, audit trail) of a client refused because the relay had no file
-/// descriptor left: `privlink_transport::tcp::accept_until` reset it at once.
-pub(crate) const NO_DESCRIPTORS: &str = "no_descriptors";
-
 /// The owner of every endpoint accept loop and the client connections they accept.
 #[derive(Debug)]
 pub(crate) struct Listeners {
@@ -227,7 +223,7 @@ impl Listeners {
                     |client| {
                         let detail = "the relay has no file descriptor left (raise its open-file \
                                   limit: LimitNOFILE, ulimit -n)";
-                        port.refused(client, NO_DESCRIPTORS, detail);
+                        port.refused(client, crate::endpoint::NO_DESCRIPTORS, detail);
                     },
                 )
                 .await;
