@@ -43,19 +43,25 @@ pub(crate) async fn measure(addr: SocketAddr, budget: Budget, pids: Option<&[u32
     let wanted = |part: &str| selected("E2E_MEASURES", part);
     // Memory first, while the processes are fresh: a heap that already served bulk transfers
     // would hand its free space to the idle connections and hide their cost.
+    // The memory curve is the idle-memory measurement in steps: its last step (`budget.idle`
+    // connections) gives the figure per connection.
     let quick = std::env::var_os("E2E_QUICK").is_some();
-    if let Some(pids) = pids.filter(|_| wanted("curves")) {
-        // The memory curve is the idle-memory measurement in steps; its last step gives the
-        // figure per connection.
-        let held = held_curve(addr, pids, quick).await;
+    let steps = if wanted("curves") {
+        held_steps(quick)
+    } else if wanted("memory") {
+        std::slice::from_ref(&budget.idle)
+    } else {
+        &[]
+    };
+    if let Some(pids) = pids.filter(|_| !steps.is_empty()) {
+        let held = held_curve(addr, pids, steps, quick).await;
         figures.idle_kib = held
             .last()
             .filter(|(count, _, _)| *count == budget.idle)
             .map(|(count, mib, _)| mib * 1024.0 / *count as f64);
-        figures.curves = Some(Curves { held, streams: Vec::new() });
-    }
-    if let Some(pids) = pids.filter(|_| wanted("memory") && figures.idle_kib.is_none()) {
-        figures.idle_kib = idle_memory(addr, budget.idle, pids).await;
+        if wanted("curves") {
+            figures.curves = Some(Curves { held, streams: Vec::new() });
+        }
     }
     // Gbit/s, and the forwarders' CPU seconds per GB moved.
     let bulk = |direction, streams| async move {
@@ -142,24 +148,6 @@ pub(crate) fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// Opens `count` connections (each with one 64-byte round trip, then idle) and returns the
-/// growth of the processes' resident memory per connection, in KiB.
-pub(crate) async fn idle_memory(addr: SocketAddr, count: usize, pids: &[u32]) -> Option<f64> {
-    // Warm up: the first connections pay for one-time allocations (runtime, TLS, tables).
-    drop(load::open_idle(addr, 50, Duration::from_secs(30)).await.ok()?);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(pids);
-    let open = load::open_idle(addr, count, Duration::from_secs(120))
-        .await
-        .unwrap_or_else(|e| fail("idle connections", &e));
-    // Let the processes finish the work the last connections started (flow state, acks).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_kib(pids);
-    drop(open);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    Some(after.saturating_sub(before) as f64 / count as f64)
-}
-
 /// One stream down beside [`STALLED`] stalled downloads, then one up beside as many stalled
 /// uploads (the downloads still stalled): does a transfer whose reader stopped hold back the
 /// others on the same path, and what memory do they hold?
@@ -199,7 +187,7 @@ async fn stalled(addr: SocketAddr, budget: Budget, pids: Option<&[u32]>, figures
 
 /// How a target grows: memory and idle CPU with the connections it holds, throughput with the
 /// streams it carries.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub(crate) struct Curves {
     /// (connections held, MiB of resident memory grown, % of one core used while they idle).
     pub(crate) held: Vec<(usize, f64, f64)>,
@@ -219,11 +207,12 @@ pub(crate) const STREAM_STEPS: [usize; 3] = [1, 8, 64];
 
 /// The memory and idle-CPU curve against `addr` served by `pids`, measured while the
 /// processes are fresh (a heap that already served transfers hides growth): connections
-/// opened in steps and held (each after one 64-byte round trip), the forwarders' memory growth
+/// opened in `steps` and held (each after one 64-byte round trip), the forwarders' memory growth
 /// and their CPU over an idle second at each step.
 pub(crate) async fn held_curve(
     addr: SocketAddr,
     pids: &[u32],
+    steps: &[usize],
     quick: bool,
 ) -> Vec<(usize, f64, f64)> {
     let mut curve = Vec::new();
@@ -232,7 +221,7 @@ pub(crate) async fn held_curve(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(pids);
     let mut held = Vec::new();
-    for &step in held_steps(quick) {
+    for &step in steps {
         match load::open_idle(addr, step - held.len(), Duration::from_secs(120)).await {
             Ok(more) => held.extend(more),
             Err(e) => {

@@ -21,7 +21,8 @@ pub struct EndpointCounters {
     pub accepted: AtomicU64,
     /// Connections closed at once by the ACL.
     pub denied: AtomicU64,
-    /// Connections closed at once because `max_connections` or a per-source limit was reached.
+    /// Connections closed at once because `max_connections`, a per-source limit or the relay's
+    /// open-file limit (`no_descriptors`) was reached.
     pub over_limit: AtomicU64,
     /// Connections closed at once because the relay held its whole buffer budget.
     pub over_budget: AtomicU64,
