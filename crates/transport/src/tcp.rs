@@ -111,10 +111,14 @@ fn out_of_descriptors(error: &std::io::Error) -> bool {
 }
 
 /// With no descriptor left: frees the reserve, accepts the waiting connection with it and
-/// resets it at once; its address, or `None` when there was no reserve to free or another
-/// thread took the freed descriptor first.
+/// resets it at once; its address, or `None` when there was no reserve to free (it is taken
+/// again as soon as a descriptor is free) or another thread took the freed descriptor first.
 async fn shed(listener: &tokio::net::TcpListener) -> Option<std::net::SocketAddr> {
-    let freed = RESERVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
+    let reserve = RESERVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    let Some(freed) = reserve else {
+        keep_reserve();
+        return None;
+    };
     drop(freed);
     // The connection that failed is still waiting: this returns at once, and the bound only
     // covers a client that left in between.
