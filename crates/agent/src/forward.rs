@@ -133,13 +133,26 @@ fn inactivity_timeout(requested_ms: u64) -> Duration {
 /// Serves one relay-opened stream to completion. `approved` holds the endpoints this agent
 /// approved on the stream's connection: an open for any other is refused, even when its
 /// destination would match the allowlist.
+///
+/// The stream is borrowed, not taken: the task that owns it holds it once, where an `async fn`
+/// taking it would hold it twice (the argument and the local it is moved into), for as long as
+/// the stream lives.
 pub async fn serve_stream(
-    mut stream: TunnelStream,
+    stream: &mut TunnelStream,
     policy: &StreamPolicy,
     approved: &HashSet<String>,
     force: &CancellationToken,
 ) {
-    let open: Open = match read_frame(&mut stream, MAX_OPEN_BODY, OPEN_HEADER_TIMEOUT).await {
+    // Read in a future of its own, so that no borrow of `open` keeps a second copy of it in
+    // this one while `forward` runs.
+    let Some((open, span)) = read_open(stream).await else { return };
+    forward(stream, open, policy, approved, force).instrument(span).await;
+}
+
+/// Reads the relay's open header and makes the stream's span from it; on a bad header,
+/// resets the stream (a throttled warning says why).
+async fn read_open(stream: &mut TunnelStream) -> Option<(Open, tracing::Span)> {
+    let open: Open = match read_frame(stream, MAX_OPEN_BODY, OPEN_HEADER_TIMEOUT).await {
         Ok(open) => open,
         Err(e) => {
             static BAD_HEADERS: Throttle = Throttle::new(STREAM_LOG_INTERVAL);
@@ -147,7 +160,7 @@ pub async fn serve_stream(
                 warn!(left_out, "bad open header from relay: {e}");
             }
             stream.reset(ResetCode::ProtocolError);
-            return;
+            return None;
         }
     };
     let span = tracing::info_span!(
@@ -156,124 +169,146 @@ pub async fn serve_stream(
         client = %open.client_addr,
         destination = %text::loggable(&open.destination),
     );
-    forward(stream, open, policy, approved, force).instrument(span).await;
+    Some((open, span))
 }
 
-async fn forward(
-    mut stream: TunnelStream,
+/// The open's connect, answer and copy. Not an `async fn`, which would keep `open` twice in
+/// the task for the stream's whole life (see `serve_stream`); its fields are used in place.
+fn forward<'a>(
+    stream: &'a mut TunnelStream,
     open: Open,
-    policy: &StreamPolicy,
-    approved: &HashSet<String>,
-    force: &CancellationToken,
-) {
-    let started = Instant::now();
-    // Taken apart so that each field's storage ends where it is moved: a partly moved `open`
-    // would keep its whole 88 bytes in the task through the copy.
-    let Open { endpoint, destination, client_addr, inactivity_timeout_ms } = open;
-    let approved = approved.contains(&endpoint);
-    let share = approved.then(|| policy.share(&endpoint));
-    // Taken now, before the connect: a burst of opens meets the budget as it will be.
-    let charge = share.as_deref().and_then(BufferBudget::admit_stream);
-    let connected = if !approved {
-        Err(failure(
-            OpenFailCode::NotAllowed,
-            format!("endpoint `{}` was not approved by this agent", text::loggable(&endpoint)),
-        ))
-    } else if charge.is_none() {
-        Err(failure(
-            OpenFailCode::OverBudget,
-            format!(
-                "destinations that do not read hold the agent's buffer_budget ({} bytes: all \
-                 of it, or this endpoint's three quarters)",
-                policy.budget.limit()
-            ),
-        ))
-    } else {
-        connect_allowed(&destination, policy).await
-    };
-    let mut socket = match connected {
-        Ok(socket) => {
-            policy.metrics.connected(started.elapsed().as_secs_f64());
-            socket
-        }
-        Err(failure) => {
-            let outcome = match failure.code {
-                OpenFailCode::NotAllowed => "not_allowed",
-                OpenFailCode::OverBudget => "over_budget",
-                _ => "destination_failed",
-            };
-            policy.metrics.stream_ended(outcome, 0, 0);
-            let asked = (endpoint.as_str(), client_addr, destination.as_str());
-            if failure.code == OpenFailCode::NotAllowed {
-                crate::audit::destination_refused(&policy.audit, asked, &failure.message);
-            } else {
-                let took = started.elapsed();
-                crate::audit::stream_failed(&policy.audit, asked, took, outcome, &failure.message);
+    policy: &'a StreamPolicy,
+    approved: &'a HashSet<String>,
+    force: &'a CancellationToken,
+) -> impl Future<Output = ()> + 'a {
+    async move {
+        let started = Instant::now();
+        let approved = approved.contains(&open.endpoint);
+        let share = approved.then(|| policy.share(&open.endpoint));
+        // Taken now, before the connect: a burst of opens meets the budget as it will be.
+        let charge = share.as_deref().and_then(BufferBudget::admit_stream);
+        let connected = if !approved {
+            Err(failure(
+                OpenFailCode::NotAllowed,
+                format!(
+                    "endpoint `{}` was not approved by this agent",
+                    text::loggable(&open.endpoint)
+                ),
+            ))
+        } else if charge.is_none() {
+            Err(failure(
+                OpenFailCode::OverBudget,
+                format!(
+                    "destinations that do not read hold the agent's buffer_budget ({} bytes: all \
+                     of it, or this endpoint's three quarters)",
+                    policy.budget.limit()
+                ),
+            ))
+        } else {
+            connect_allowed(&open.destination, policy).await
+        };
+        let mut socket = match connected {
+            Ok(socket) => {
+                policy.metrics.connected(started.elapsed().as_secs_f64());
+                socket
             }
-            if matches!(failure.code, OpenFailCode::NotAllowed | OpenFailCode::OverBudget) {
-                // A relay asking for what the allowlist refuses can ask as fast as it likes;
-                // over the budget, every new stream is refused until some is returned.
-                static REFUSALS: Throttle = Throttle::new(STREAM_LOG_INTERVAL);
-                if let Some(left_out) = REFUSALS.admit(std::time::Instant::now()) {
-                    warn!(left_out, "refused: {}", failure.message);
+            Err(failure) => {
+                let outcome = match failure.code {
+                    OpenFailCode::NotAllowed => "not_allowed",
+                    OpenFailCode::OverBudget => "over_budget",
+                    _ => "destination_failed",
+                };
+                policy.metrics.stream_ended(outcome, 0, 0);
+                let asked = (open.endpoint.as_str(), open.client_addr, open.destination.as_str());
+                if failure.code == OpenFailCode::NotAllowed {
+                    crate::audit::destination_refused(&policy.audit, asked, &failure.message);
+                } else {
+                    let took = started.elapsed();
+                    crate::audit::stream_failed(
+                        &policy.audit,
+                        asked,
+                        took,
+                        outcome,
+                        &failure.message,
+                    );
                 }
-            } else {
-                info!(code = %failure.code, "destination not opened: {}", failure.message);
+                if matches!(failure.code, OpenFailCode::NotAllowed | OpenFailCode::OverBudget) {
+                    // A relay asking for what the allowlist refuses can ask as fast as it likes;
+                    // over the budget, every new stream is refused until some is returned.
+                    static REFUSALS: Throttle = Throttle::new(STREAM_LOG_INTERVAL);
+                    if let Some(left_out) = REFUSALS.admit(std::time::Instant::now()) {
+                        warn!(left_out, "refused: {}", failure.message);
+                    }
+                } else {
+                    info!(code = %failure.code, "destination not opened: {}", failure.message);
+                }
+                // Tell the relay why and finish our side, then keep the stream until the relay
+                // has read the answer and ended it: dropping it now would reset it, and over
+                // HTTP/2 a reset can overtake the answer (the relay would see a lost stream, not
+                // the reason, and try another agent for a policy refusal).
+                let _ = write_frame(&mut *stream, &OpenReply::Failed(failure)).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut *stream).await;
+                // Boxed: this rare path's read buffer would otherwise sit in every stream's task
+                // for its whole life (the task is as large as its largest await).
+                let _ =
+                    Box::pin(tokio::time::timeout(DELIVERY_WAIT, discard_until_end(&mut *stream)))
+                        .await;
+                return;
             }
-            // Tell the relay why and finish our side, then keep the stream until the relay
-            // has read the answer and ended it: dropping it now would reset it, and over
-            // HTTP/2 a reset can overtake the answer (the relay would see a lost stream, not
-            // the reason, and try another agent for a policy refusal).
-            let _ = write_frame(&mut stream, &OpenReply::Failed(failure)).await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
-            // Boxed: this rare path's read buffer would otherwise sit in every stream's task
-            // for its whole life (the task is as large as its largest await).
-            let _ =
-                Box::pin(tokio::time::timeout(DELIVERY_WAIT, discard_until_end(&mut stream))).await;
+        };
+        if let Err(e) = write_frame(&mut *stream, &OpenReply::Opened).await {
+            debug!("relay went away before the reply: {e}");
+            abort(socket);
             return;
         }
-    };
-    if let Err(e) = write_frame(&mut stream, &OpenReply::Opened).await {
-        debug!("relay went away before the reply: {e}");
-        abort(socket);
-        return;
+        let timeouts = CopyTimeouts {
+            inactivity: inactivity_timeout(open.inactivity_timeout_ms),
+            stall: Some(policy.rules().stall_timeout),
+            ends_at: None,
+        };
+        let live = policy.live.insert(LiveStream {
+            endpoint: open.endpoint,
+            client: open.client_addr,
+            destination: open.destination,
+        });
+        let copied = copy_bidirectional_counted(
+            &mut socket,
+            &mut *stream,
+            timeouts,
+            DEFAULT_BUFFER_SIZE,
+            std::pin::pin!(force.cancelled()),
+            &live.bytes,
+            charge.as_ref(),
+        )
+        .await;
+        let spliced = splice::conclude(copied, &socket, &mut *stream, Hop::Agent);
+        drop(socket);
+        if spliced.outcome == Outcome::Completed {
+            // The stream's end may still be in flight; the agent's connection must not close
+            // under it (a drain ends by closing it once the streams are done).
+            stream.delivered().await;
+        }
+        // What a scrape has not counted yet (socket → tunnel is from the destination).
+        let (from_destination, to_destination) = live.unreported();
+        let asked = (live.info.endpoint.as_str(), live.info.client, live.info.destination.as_str());
+        let moved = (spliced.tunnel_to_socket, spliced.socket_to_tunnel);
+        crate::audit::stream_closed(
+            &policy.audit,
+            asked,
+            started.elapsed(),
+            moved,
+            &spliced.outcome,
+        );
+        drop(live);
+        policy.metrics.stream_ended(spliced.outcome.label(), to_destination, from_destination);
+        debug!(
+            duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            bytes_to_destination = spliced.tunnel_to_socket,
+            bytes_from_destination = spliced.socket_to_tunnel,
+            end = %spliced.outcome,
+            "stream closed"
+        );
     }
-    let timeouts = CopyTimeouts {
-        inactivity: inactivity_timeout(inactivity_timeout_ms),
-        stall: Some(policy.rules().stall_timeout),
-    };
-    let live = policy.live.insert(LiveStream { endpoint, client: client_addr, destination });
-    let copied = copy_bidirectional_counted(
-        &mut socket,
-        &mut stream,
-        timeouts,
-        DEFAULT_BUFFER_SIZE,
-        force.cancelled(),
-        &live.bytes,
-        charge.as_ref(),
-    )
-    .await;
-    let spliced = splice::conclude(copied, &socket, &mut stream, Hop::Agent);
-    drop(socket);
-    if spliced.outcome == Outcome::Completed {
-        // The stream's end may still be in flight; the agent's connection must not close
-        // under it (a drain ends by closing it once the streams are done).
-        stream.delivered().await;
-    }
-    // What a scrape has not counted yet (socket → tunnel is from the destination).
-    let (from_destination, to_destination) = live.unreported();
-    let asked = (live.info.endpoint.as_str(), live.info.client, live.info.destination.as_str());
-    let moved = (spliced.tunnel_to_socket, spliced.socket_to_tunnel);
-    crate::audit::stream_closed(&policy.audit, asked, started.elapsed(), moved, &spliced.outcome);
-    drop(live);
-    policy.metrics.stream_ended(spliced.outcome.label(), to_destination, from_destination);
-    debug!(
-        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        bytes_to_destination = spliced.tunnel_to_socket,
-        bytes_from_destination = spliced.socket_to_tunnel,
-        end = %spliced.outcome,
-        "stream closed"
-    );
 }
 
 /// Reads and drops what the peer still sends until it ends or resets the stream.

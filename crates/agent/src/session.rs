@@ -149,11 +149,14 @@ async fn run_session(
                 shared.status.set_verdicts(key, machine.verdicts());
             }
             accepted = connection.accept_stream(), if established => match accepted {
-                Ok(stream) => {
+                Ok(mut stream) => {
                     let policy = Arc::clone(&shared.policy);
                     let approved = Arc::clone(&approved);
                     let force = shared.force.clone();
-                    streams.spawn(async move { serve_stream(stream, &policy, &approved, &force).await });
+                    // The task owns the stream (once); `serve_stream` borrows it.
+                    streams.spawn(async move {
+                        serve_stream(&mut stream, &policy, &approved, &force).await;
+                    });
                 }
                 Err(e) => return Err(SessionError::Lost(e.to_string())),
             },

@@ -29,6 +29,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 mod watch;
 
@@ -66,12 +67,16 @@ pub struct CopyTimeouts {
     /// A writer that took less than [`STALL_MIN_PROGRESS`] for this long while bytes waited
     /// for it ends the copy ([`CopyEnd::Stalled`]); seen within half as long again.
     pub stall: Option<Duration>,
+    /// However busy, the copy ends at this instant as if cancelled ([`CopyEnd::Cancelled`]):
+    /// a connection's `max_duration`. Watched by the same timer as the other two, so a
+    /// connection's task carries one timer, not two.
+    pub ends_at: Option<Instant>,
 }
 
 impl From<Duration> for CopyTimeouts {
     /// An inactivity timeout alone.
     fn from(inactivity: Duration) -> Self {
-        Self { inactivity, stall: None }
+        Self { inactivity, stall: None, ends_at: None }
     }
 }
 
@@ -82,7 +87,7 @@ pub enum CopyEnd {
     Finished,
     /// No byte moved in either direction for the inactivity timeout.
     IdleTimeout,
-    /// The caller's cancellation fired (shutdown).
+    /// The caller's cancellation fired (shutdown), or [`CopyTimeouts::ends_at`] came.
     Cancelled,
     /// The writer towards `side` took too little for the stall timeout while bytes waited, or
     /// it blocked when the buffer budget's ceiling left no room for its stream's charge.
@@ -141,53 +146,60 @@ where
 /// towards the socket). While the tunnel
 /// does not take what the socket delivers, the budget is charged the copy's buffer alone (the
 /// socket's kernel buffer holds the rest).
-pub async fn copy_bidirectional_counted<S, T, C>(
-    socket: &mut S,
-    tunnel: &mut T,
+///
+/// Not an `async fn`: an `async fn` keeps each argument twice in its future (the argument, and
+/// the local it is moved into), and this future is part of every connection's task for its
+/// whole life. For the same reason `cancel` is best passed pinned (`pin!(…)` in the caller, an
+/// 8-byte `Pin<&mut _>` here) when it is more than a few bytes.
+pub fn copy_bidirectional_counted<'a, S, T, C>(
+    socket: &'a mut S,
+    tunnel: &'a mut T,
     timeouts: impl Into<CopyTimeouts>,
     buffer_size: usize,
     cancel: C,
-    counts: &ByteCounts,
-    charge: Option<&BudgetCharge<'_>>,
-) -> CopyReport
+    counts: &'a ByteCounts,
+    charge: Option<&'a BudgetCharge<'a>>,
+) -> impl Future<Output = CopyReport> + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    C: Future<Output = ()>,
+    C: Future<Output = ()> + 'a,
 {
     let timeouts = timeouts.into();
-    let activity = ActivityClock::new();
-    let own_buffer = buffer_size.clamp(1, MAX_READ) as u64;
-    let budget = charge.and_then(BudgetCharge::budget);
-    let to_tunnel = StallMeter::new(MeterCharge::Own(BudgetCharge::new(budget, own_buffer)));
-    let to_socket = match charge {
-        Some(charge) => StallMeter::on_probation(charge),
-        None => StallMeter::new(MeterCharge::Own(BudgetCharge::new(None, 0))),
-    };
-    let socket_meter =
-        SideMeter { bytes: &counts.socket_to_tunnel, failed: AtomicBool::new(false) };
-    let tunnel_meter =
-        SideMeter { bytes: &counts.tunnel_to_socket, failed: AtomicBool::new(false) };
-    let mut socket_side = Metered { inner: socket, meter: &socket_meter, clock: &activity };
-    let mut tunnel_side = Metered { inner: tunnel, meter: &tunnel_meter, clock: &activity };
+    async move {
+        let activity = ActivityClock::new();
+        let own_buffer = buffer_size.clamp(1, MAX_READ) as u64;
+        let budget = charge.and_then(BudgetCharge::budget);
+        let to_tunnel = StallMeter::new(MeterCharge::Own(BudgetCharge::new(budget, own_buffer)));
+        let to_socket = match charge {
+            Some(charge) => StallMeter::on_probation(charge),
+            None => StallMeter::new(MeterCharge::Own(BudgetCharge::new(None, 0))),
+        };
+        let socket_meter =
+            SideMeter { bytes: &counts.socket_to_tunnel, failed: AtomicBool::new(false) };
+        let tunnel_meter =
+            SideMeter { bytes: &counts.tunnel_to_socket, failed: AtomicBool::new(false) };
+        let mut socket_side = Metered { inner: socket, meter: &socket_meter, clock: &activity };
+        let mut tunnel_side = Metered { inner: tunnel, meter: &tunnel_meter, clock: &activity };
 
-    let end = tokio::select! {
-        result = copy_both_ways(&mut socket_side, &mut tunnel_side, buffer_size, [&to_tunnel, &to_socket], &activity) => match result {
-            Ok(_) => CopyEnd::Finished,
-            // Blocked when the budget's ceiling had no room for its charge: cut as stalled.
-            Err(_) if to_socket.over_ceiling() => CopyEnd::Stalled { side: Side::Socket },
-            Err(error) => {
-                // The side that saw an error first is the one that failed; if neither recorded
-                // one (cannot happen with these wrappers), blame the tunnel.
-                let side = if socket_meter.failed.load(Ordering::Relaxed) { Side::Socket } else { Side::Tunnel };
-                CopyEnd::Failed { side, error }
-            }
-        },
-        end = watchdog(&activity, timeouts, &to_tunnel, &to_socket, &counts.tunnel_to_socket) => end,
-        () = cancel => CopyEnd::Cancelled,
-    };
-    let (socket_to_tunnel, tunnel_to_socket) = counts.get();
-    CopyReport { socket_to_tunnel, tunnel_to_socket, end }
+        let end = tokio::select! {
+            result = copy_both_ways(&mut socket_side, &mut tunnel_side, buffer_size, [&to_tunnel, &to_socket], &activity) => match result {
+                Ok(()) => CopyEnd::Finished,
+                // Blocked when the budget's ceiling had no room for its charge: cut as stalled.
+                Err(_) if to_socket.over_ceiling() => CopyEnd::Stalled { side: Side::Socket },
+                Err(error) => {
+                    // The side that saw an error first is the one that failed; if neither recorded
+                    // one (cannot happen with these wrappers), blame the tunnel.
+                    let side = if socket_meter.failed.load(Ordering::Relaxed) { Side::Socket } else { Side::Tunnel };
+                    CopyEnd::Failed { side, error }
+                }
+            },
+            end = watchdog(&activity, &timeouts, [&to_tunnel, &to_socket], &counts.tunnel_to_socket) => end,
+            () = cancel => CopyEnd::Cancelled,
+        };
+        let (socket_to_tunnel, tunnel_to_socket) = counts.get();
+        CopyReport { socket_to_tunnel, tunnel_to_socket, end }
+    }
 }
 
 /// Bytes moved each way by one connection, readable while it runs.
@@ -220,26 +232,27 @@ impl ByteCounts {
 
 /// Copies a→b and b→a until both have reached EOF and shut their writer down, or one fails;
 /// `stalls` are the meters of a→b and b→a.
-async fn copy_both_ways<A, B>(
-    a: &mut A,
-    b: &mut B,
+fn copy_both_ways<'a, A, B>(
+    a: &'a mut A,
+    b: &'a mut B,
     max_read: usize,
-    stalls: [&StallMeter<'_>; 2],
-    clock: &ActivityClock,
-) -> io::Result<()>
+    stalls: [&'a StallMeter<'a>; 2],
+    clock: &'a ActivityClock,
+) -> impl Future<Output = io::Result<()>> + 'a
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    // A `poll_fn` rather than an `async fn`: it holds the two directions and the two sides
+    // once, with nothing else (see `copy_bidirectional_counted` on sizes).
     let max_read = max_read.clamp(1, MAX_READ);
     let mut a_to_b = OneWay::new(max_read, stalls[0], clock);
     let mut b_to_a = OneWay::new(max_read, stalls[1], clock);
-    poll_fn(|cx| {
+    poll_fn(move |cx| {
         let a_to_b_done = a_to_b.poll(cx, &mut *a, &mut *b)?.is_ready();
         let b_to_a_done = b_to_a.poll(cx, &mut *b, &mut *a)?.is_ready();
         if a_to_b_done && b_to_a_done { Poll::Ready(Ok(())) } else { Poll::Pending }
     })
-    .await
 }
 
 /// One direction of the copy.
@@ -856,7 +869,8 @@ mod tests {
     fn stall_copy() -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<CopyReport>) {
         let (mut socket, socket_far) = duplex(16 * 1024);
         let (mut tunnel, tunnel_far) = duplex(16 * 1024);
-        let timeouts = CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)) };
+        let timeouts =
+            CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)), ends_at: None };
         let copy = tokio::spawn(async move {
             copy_bidirectional_metered(&mut socket, &mut tunnel, timeouts, 4096, pending()).await
         });
@@ -893,7 +907,8 @@ mod tests {
     ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<CopyReport>) {
         let (mut socket, socket_far) = duplex(16 * 1024);
         let (mut tunnel, tunnel_far) = duplex(16 * 1024);
-        let timeouts = CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)) };
+        let timeouts =
+            CopyTimeouts { inactivity: LONG, stall: Some(Duration::from_secs(30)), ends_at: None };
         let budget = std::sync::Arc::clone(budget);
         let copy = tokio::spawn(async move {
             let charge = budget.charge_stream();

@@ -1,6 +1,6 @@
 //! What watches a copy from outside its loop: the clock of the last byte moved
 //! ([`ActivityClock`]), each direction's [`StallMeter`], the [`watchdog`] that ends the copy on
-//! the inactivity or the stall timeout, and the [`Metered`] wrapper that counts each side's
+//! the inactivity or the stall timeout or at the copy's end time, and the [`Metered`] wrapper that counts each side's
 //! bytes, stamps the clock and remembers which side failed first.
 
 use std::io;
@@ -15,53 +15,65 @@ use tokio::time::Instant;
 use super::{CopyEnd, CopyTimeouts, STALL_MIN_PROGRESS, Side};
 use crate::budget::BudgetCharge;
 
-/// Ends the copy when no byte has moved for the inactivity timeout, or when a direction's
+/// Ends the copy when no byte has moved for the inactivity timeout, when its end time
+/// ([`CopyTimeouts::ends_at`]) comes, or when a direction's
 /// writer is stalled (see [`CopyTimeouts::stall`]); ends a new stream's probation once it has
 /// delivered nothing for [`PROBATION_IDLE`]. `to_tunnel` meters the socket→tunnel direction,
 /// `to_socket` the other, whose bytes read so far are `delivered`.
-pub(super) async fn watchdog(
-    clock: &ActivityClock,
-    timeouts: CopyTimeouts,
-    to_tunnel: &StallMeter<'_>,
-    to_socket: &StallMeter<'_>,
-    delivered: &AtomicU64,
-) -> CopyEnd {
-    loop {
-        let now = Instant::now();
-        let idle_at = clock.last() + timeouts.inactivity;
-        if now >= idle_at {
-            return CopyEnd::IdleTimeout;
-        }
-        let mut wake = idle_at;
-        if let Some(ends) = to_socket.probation_ends(clock, delivered.load(Ordering::Relaxed)) {
-            if now >= ends {
-                to_socket.end_probation();
-            } else {
-                wake = wake.min(ends);
+///
+/// Not an `async fn`, which would keep its arguments twice (see
+/// [`super::copy_bidirectional_counted`]).
+pub(super) fn watchdog<'a>(
+    clock: &'a ActivityClock,
+    timeouts: &'a CopyTimeouts,
+    [to_tunnel, to_socket]: [&'a StallMeter<'a>; 2],
+    delivered: &'a AtomicU64,
+) -> impl Future<Output = CopyEnd> + 'a {
+    async move {
+        loop {
+            let now = Instant::now();
+            let idle_at = clock.last() + timeouts.inactivity;
+            if now >= idle_at {
+                return CopyEnd::IdleTimeout;
             }
-        }
-        if let Some(stall) = timeouts.stall {
-            // Over the budget, a stream that holds a window without taking from it gets less
-            // patience: streams admitted while idle that back up later are charged past the
-            // limit (up to the ceiling), and should not hold that for the whole timeout.
-            let stall = if to_socket.charge.budget().is_some_and(|b| !b.has_room()) {
-                stall.min(PRESSURE_STALL)
-            } else {
-                stall
-            };
-            for (meter, side) in [(to_tunnel, Side::Tunnel), (to_socket, Side::Socket)] {
-                if let Some(since) = meter.blocked_since(clock) {
-                    let stalled_at = since + stall;
-                    if now >= stalled_at {
-                        return CopyEnd::Stalled { side };
-                    }
-                    wake = wake.min(stalled_at);
+            let mut wake = idle_at;
+            if let Some(ends_at) = timeouts.ends_at {
+                if now >= ends_at {
+                    return CopyEnd::Cancelled;
+                }
+                wake = wake.min(ends_at);
+            }
+            if let Some(ends) = to_socket.probation_ends(clock, delivered.load(Ordering::Relaxed)) {
+                if now >= ends {
+                    to_socket.end_probation();
+                } else {
+                    wake = wake.min(ends);
                 }
             }
-            // A writer that blocks while this sleeps is seen within half the timeout.
-            wake = wake.min(now + stall / 2);
+            if let Some(stall) = timeouts.stall {
+                // Over the budget, a stream that holds a window without taking from it gets
+                // less patience: streams admitted while idle that back up later are charged
+                // past the limit (up to the ceiling), and should not hold that for the whole
+                // timeout.
+                let stall = if to_socket.charge.budget().is_some_and(|b| !b.has_room()) {
+                    stall.min(PRESSURE_STALL)
+                } else {
+                    stall
+                };
+                for (meter, side) in [(to_tunnel, Side::Tunnel), (to_socket, Side::Socket)] {
+                    if let Some(since) = meter.blocked_since(clock) {
+                        let stalled_at = since + stall;
+                        if now >= stalled_at {
+                            return CopyEnd::Stalled { side };
+                        }
+                        wake = wake.min(stalled_at);
+                    }
+                }
+                // A writer that blocks while this sleeps is seen within half the timeout.
+                wake = wake.min(now + stall / 2);
+            }
+            tokio::time::sleep_until(wake).await;
         }
-        tokio::time::sleep_until(wake).await;
     }
 }
 
