@@ -174,6 +174,7 @@ async fn read_open(stream: &mut TunnelStream) -> Option<(Open, tracing::Span)> {
 
 /// The open's connect, answer and copy. Not an `async fn`, which would keep `open` twice in
 /// the task for the stream's whole life (see `serve_stream`); its fields are used in place.
+#[expect(clippy::manual_async_fn, reason = "an `async fn` keeps each argument twice in its future")]
 fn forward<'a>(
     stream: &'a mut TunnelStream,
     open: Open,

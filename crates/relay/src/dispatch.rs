@@ -75,6 +75,7 @@ impl Arrival {
 /// Not an `async fn`: that would keep the socket and the arrival twice in the connection's
 /// task (each argument, and the local it is moved into) for the connection's whole life; the
 /// block here uses them in place.
+#[expect(clippy::manual_async_fn, reason = "an `async fn` keeps each argument twice in its future")]
 pub(crate) fn forward<'a>(
     mut socket: TcpStream,
     arrival: Arrival,
@@ -413,6 +414,7 @@ struct Opening<'a> {
 /// `first`: this is the first try, with what was read from the client already. (Not an
 /// `async fn`, for the reason `forward` gives.)
 #[allow(clippy::too_many_arguments)] // one call site; the pieces are the connection's own
+#[expect(clippy::manual_async_fn, reason = "an `async fn` keeps each argument twice in its future")]
 fn attempt<'a>(
     socket: &'a mut TcpStream,
     client: SocketAddr,

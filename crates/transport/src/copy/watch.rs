@@ -23,6 +23,7 @@ use crate::budget::BudgetCharge;
 ///
 /// Not an `async fn`, which would keep its arguments twice (see
 /// [`super::copy_bidirectional_counted`]).
+#[expect(clippy::manual_async_fn, reason = "an `async fn` keeps each argument twice in its future")]
 pub(super) fn watchdog<'a>(
     clock: &'a ActivityClock,
     timeouts: &'a CopyTimeouts,
