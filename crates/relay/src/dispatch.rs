@@ -68,6 +68,11 @@ impl Arrival {
     pub(crate) fn direct(client: SocketAddr) -> Self {
         Self { client, via: None, read: Vec::new(), routed: false, max_duration: None }
     }
+
+    /// The client, and the balancer that named it: what refusals and the audit trail record.
+    fn source(&self) -> (SocketAddr, Option<SocketAddr>) {
+        (self.client, self.via)
+    }
 }
 
 /// Forwards one admitted client connection and writes its flow-log line.
@@ -78,7 +83,7 @@ impl Arrival {
 #[expect(clippy::manual_async_fn, reason = "an `async fn` keeps each argument twice in its future")]
 pub(crate) fn forward<'a>(
     mut socket: TcpStream,
-    arrival: Arrival,
+    mut arrival: Arrival,
     endpoint: &'a Endpoint,
     spec: Arc<EndpointSpec>,
     registry: &'a Registry,
@@ -89,7 +94,7 @@ pub(crate) fn forward<'a>(
         // charge and looks again in one step, so a burst of clients cannot all pass the look
         // before any of them is charged).
         let Some(charge) = endpoint.budget.admit_stream() else {
-            endpoint.refused_over_budget((arrival.client, arrival.via));
+            endpoint.refused_over_budget(arrival.source());
             refuse::with_alert(socket, arrival.read.first().copied(), ACCESS_DENIED_ALERT).await;
             return;
         };
@@ -99,13 +104,13 @@ pub(crate) fn forward<'a>(
         // An endpoint with server names reads the ClientHello first: one that asks for another
         // name gets no agent (SNI pinning). What was read goes to the agent with the open header.
         let mut preread = if arrival.routed || spec.server_names.is_empty() {
-            arrival.read
+            std::mem::take(&mut arrival.read)
         } else {
             // Boxed here and below: a future awaited inline sizes the whole connection's task for
             // as long as it lives, and these reads are over before the copy starts.
             match Box::pin(preread::server_name(
                 &mut socket,
-                arrival.read,
+                std::mem::take(&mut arrival.read),
                 spec.preread_timeout,
                 force,
             ))
@@ -115,14 +120,7 @@ pub(crate) fn forward<'a>(
                 refused => {
                     let asked = preread::refuse(socket, refused).await;
                     let outcome = Outcome::SniUnmatched(asked);
-                    refuse::before_open(
-                        endpoint,
-                        spec,
-                        (arrival.client, arrival.via),
-                        started,
-                        &outcome,
-                        None,
-                    );
+                    refuse::before_open(endpoint, spec, arrival.source(), started, &outcome, None);
                     return;
                 }
             }
@@ -138,14 +136,7 @@ pub(crate) fn forward<'a>(
         if guard_proxy && preread::looks_like_proxy_header(&preread) {
             abort(socket);
             let outcome = Outcome::ProxyHeaderRefused;
-            refuse::before_open(
-                endpoint,
-                spec,
-                (arrival.client, arrival.via),
-                started,
-                &outcome,
-                None,
-            );
+            refuse::before_open(endpoint, spec, arrival.source(), started, &outcome, None);
             return;
         }
         // An `http-connect` endpoint reads its client's CONNECT head: where the client asks to go
@@ -179,7 +170,7 @@ pub(crate) fn forward<'a>(
                     refuse::before_open(
                         endpoint,
                         spec,
-                        (arrival.client, arrival.via),
+                        arrival.source(),
                         started,
                         &outcome,
                         turned.target.as_ref(),
@@ -206,15 +197,14 @@ pub(crate) fn forward<'a>(
             Some(request) => request.target.to_string(),
             None => spec.destination.to_string(),
         };
-        let Some(connection) =
-            endpoint.audit.opened((arrival.client, arrival.via), &spec.name, &destination)
+        let Some(connection) = endpoint.audit.opened(arrival.source(), &spec.name, &destination)
         else {
             let target = requested.as_ref().map(|r| &r.target);
             refuse::unaudited(socket, preread.get(ours).copied(), target.is_some()).await;
             refuse::before_open(
                 endpoint,
                 spec,
-                (arrival.client, arrival.via),
+                arrival.source(),
                 started,
                 &Outcome::Unaudited,
                 target,
