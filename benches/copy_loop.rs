@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use privlink_transport::copy::{DEFAULT_BUFFER_SIZE, copy_bidirectional_metered};
+use privlink_transport::limits::STREAM_RECEIVE_WINDOW as WINDOW;
 use privlink_transport::pki::CertificateAuthority;
 use privlink_transport::tls;
 use privlink_transport::tunnel::{AgentConnection, RelayConnection, TunnelStream};
@@ -121,13 +122,13 @@ async fn tunnel_stream_pair(kind: &str) -> (TunnelStream, TunnelStream) {
             .expect("client tls");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let (relay, agent): (RelayConnection, AgentConnection) = if kind == "quic" {
-        let relay_ep =
-            quic::relay_endpoint(any, server_tls.clone(), b"bench secret").expect("relay ep");
+        let relay_ep = quic::relay_endpoint(any, server_tls.clone(), b"bench secret", WINDOW)
+            .expect("relay ep");
         let addr = relay_ep.local_addr().expect("addr");
-        let agent_ep = quic::agent_endpoint(any, client_tls).expect("agent ep");
+        let agent_ep = quic::agent_endpoint(any, client_tls, WINDOW).expect("agent ep");
         let accept = async {
             let incoming = relay_ep.accept().await.expect("incoming");
-            quic::accept(incoming, LONG, &server_tls).await.expect("handshake")
+            quic::accept(incoming, LONG, &server_tls, WINDOW).await.expect("handshake")
         };
         let (relay, agent) = tokio::join!(accept, quic::dial(&agent_ep, addr, "localhost", LONG));
         // The endpoints must outlive the bench; leak them (a benchmark process is short-lived).
@@ -140,12 +141,12 @@ async fn tunnel_stream_pair(kind: &str) -> (TunnelStream, TunnelStream) {
         let relay_side = async {
             let (socket, remote) = listener.accept().await.expect("accept");
             RelayConnection::from(
-                h2::accept(socket, remote, acceptor, LONG).await.expect("h2 relay"),
+                h2::accept(socket, remote, acceptor, WINDOW, LONG).await.expect("h2 relay"),
             )
         };
         let agent_side = async {
             AgentConnection::from(
-                h2::dial(addr, None, "localhost", Arc::new(client_tls), LONG)
+                h2::dial(addr, None, "localhost", Arc::new(client_tls), WINDOW, LONG)
                     .await
                     .expect("h2 agent"),
             )

@@ -18,6 +18,7 @@ use privlink_protocol::message::{
     Verdict,
 };
 use privlink_transport::io::{read_frame, write_frame};
+use privlink_transport::limits::STREAM_RECEIVE_WINDOW as WINDOW;
 use privlink_transport::tls;
 use privlink_transport::tunnel::{CloseCode, RelayConnection, StreamError, TransportKind};
 use privlink_transport::{h2, quic};
@@ -123,8 +124,13 @@ async fn hellos_with_names_that_could_forge_log_lines_are_refused() {
 /// the test plays the relay by hand.
 fn bare_relay_endpoint(pki: &Pki) -> quinn::Endpoint {
     let reset_secret = pki.relay.key_der.secret_der();
-    quic::relay_endpoint("127.0.0.1:0".parse().expect("addr"), bare_relay_tls(pki), reset_secret)
-        .expect("endpoint")
+    quic::relay_endpoint(
+        "127.0.0.1:0".parse().expect("addr"),
+        bare_relay_tls(pki),
+        reset_secret,
+        WINDOW,
+    )
+    .expect("endpoint")
 }
 
 /// The relay's TLS settings for `pki`'s certificate, as a bare relay accepts with them.
@@ -163,7 +169,7 @@ async fn agent_refuses_destinations_outside_its_allowlist_even_when_a_relay_asks
         .expect("agent dials")
         .expect("incoming");
     let connection: RelayConnection =
-        quic::accept(incoming, WAIT, &bare_relay_tls(&pki)).await.expect("handshake");
+        quic::accept(incoming, WAIT, &bare_relay_tls(&pki), WINDOW).await.expect("handshake");
     let mut control = connection.open_stream(WAIT).await.expect("control stream");
     write_frame(
         &mut control,
@@ -248,13 +254,13 @@ async fn a_full_stream_limit_is_a_clear_error_not_a_hang() {
         Default::default(),
     )
     .expect("tls");
-    let agent =
-        quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls).expect("agent");
+    let agent = quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls, WINDOW)
+        .expect("agent");
     let relay_addr = relay.local_addr().expect("addr");
     let (dialed, accepted) =
         tokio::join!(quic::dial(&agent, relay_addr, "localhost", WAIT), async {
             let incoming = relay.accept().await.expect("incoming");
-            quic::accept(incoming, WAIT, &bare_relay_tls(&pki)).await
+            quic::accept(incoming, WAIT, &bare_relay_tls(&pki), WINDOW).await
         });
     let agent_side = dialed.expect("dial");
     agent_side.allow_data_streams();
@@ -362,14 +368,15 @@ async fn stalled_clients_hold_only_their_own_windows(transport: TransportChoice)
 async fn an_agent_that_takes_no_data_gets_no_client_stuck_on_it() {
     let harness = Harness::start(vec![endpoint("e", "192.0.2.1:443".parse().expect("addr"))]).await;
     // The misbehaving agent: a 64 KiB connection window, and it never reads a data stream.
-    let mut transport = quic::transport_config(quic::Role::Agent);
+    let mut transport = quic::transport_config(quic::Role::Agent, WINDOW);
     transport.receive_window(quinn::VarInt::from_u32(64 * 1024));
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls_for(&harness)).expect("quic tls");
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(transport));
     let mut quic_endpoint =
-        quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), tls_for(&harness)).expect("ep");
+        quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), tls_for(&harness), WINDOW)
+            .expect("ep");
     quic_endpoint.set_default_client_config(client);
     let connection = quic::dial(&quic_endpoint, harness.relay.tunnel_addr(), "localhost", WAIT)
         .await
@@ -534,9 +541,12 @@ async fn a_flood_of_unauthenticated_connections_is_capped_and_agents_still_get_i
     // QUIC from the same sources: each gets a place, made from its own source's oldest.
     let mut quic_flood = Vec::new();
     for source in sources {
-        let endpoint =
-            quic::agent_endpoint(format!("{source}:0").parse().expect("addr"), tls_for(&harness))
-                .expect("endpoint");
+        let endpoint = quic::agent_endpoint(
+            format!("{source}:0").parse().expect("addr"),
+            tls_for(&harness),
+            WINDOW,
+        )
+        .expect("endpoint");
         let dialed = quic::dial(&endpoint, tunnel, "localhost", WAIT).await;
         quic_flood.push((endpoint, dialed.expect("a place is made for it")));
         assert!(harness.relay.pending_tunnel_connections() <= held, "{source} over its share");
@@ -745,14 +755,17 @@ impl FakeRelay {
                     .await
                     .expect("agent dials")
                     .expect("incoming");
-                quic::accept(incoming, WAIT, tls).await.expect("handshake")
+                quic::accept(incoming, WAIT, tls, WINDOW).await.expect("handshake")
             }
             Self::Tcp(listener, acceptor) => {
                 let (socket, remote) = tokio::time::timeout(WAIT, listener.accept())
                     .await
                     .expect("agent dials")
                     .expect("accept");
-                h2::accept(socket, remote, acceptor.clone(), WAIT).await.expect("handshake").into()
+                h2::accept(socket, remote, acceptor.clone(), WINDOW, WAIT)
+                    .await
+                    .expect("handshake")
+                    .into()
             }
         }
     }

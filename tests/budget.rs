@@ -4,7 +4,8 @@
 //! connections beyond it are refused with a counted reason (`over_budget`) — while the tunnel
 //! link stays up and other connections are served; the stalled ones end at `stall_timeout`.
 //! Clients let in while idle that all stop keeping up at once cost at most the budget's
-//! ceiling, a quarter above it: past it each is cut the moment it backs up.
+//! ceiling, a quarter above it: past it each is cut the moment it backs up. A larger
+//! `stream_window` lets a stream carry more and is charged for it.
 
 #[macro_use]
 mod common;
@@ -484,6 +485,69 @@ async fn idle_clients_that_all_stall_at_once_cost_at_most_the_ceiling(
     assert_eq!(full_download(net.e).await, DOWNLOAD, "endpoint e after the flood");
 }
 
+/// `stream_window` reaches the transport and the budget, on each side for what it receives.
+/// With both windows at 32 MiB, a download whose client reads nothing moves more out of the
+/// destination than a 2 MiB window and every kernel buffer on the way could hold, and so does
+/// an upload into a destination that reads nothing; the relay charges the stalled download 2.5
+/// windows and the copy's buffer, and the agent at least that for the stalled upload.
+async fn a_larger_stream_window_carries_more_and_is_charged_for_it(transport: TransportChoice) {
+    const WINDOW: u32 = 32 << 20;
+    /// More than a 2 MiB window plus the socket buffers between destination and client (about
+    /// 10 MB moved with the default windows here).
+    const MOVED_AT_LEAST: u64 = 24 << 20;
+    let server = choosy_server(96 << 20).await;
+    let window = format!("stream_window = \"{}MiB\"", WINDOW >> 20);
+    let net = Budgeted::start(transport, server.addr, &window, "", &window).await;
+    let charge = privlink_transport::budget::stream_charge(WINDOW);
+
+    // The relay's window: a download nobody reads.
+    let mut client = TcpStream::connect(net.e).await.expect("connect");
+    client.write_all(&[ask::DOWNLOAD]).await.expect("ask");
+    let mut first = vec![0u8; 4096];
+    client.read_exact(&mut first).await.expect("the download starts");
+    let mut sent = server.sent.clone();
+    let reached = tokio::time::timeout(WAIT, sent.wait_for(|&sent| sent >= MOVED_AT_LEAST))
+        .await
+        .map(|seen| *seen.expect("the server runs"));
+    let moved = reached.unwrap_or_else(|_| *sent.borrow());
+    assert!(
+        moved >= MOVED_AT_LEAST,
+        "{moved} bytes left the destination for a client that reads nothing: the relay's \
+         {} MiB window was not in force",
+        WINDOW >> 20
+    );
+    let relay_held = decided_by_metrics(&net.relay_admin, |body| {
+        Some(series(body, "privlink_buffer_held_bytes")).filter(|&held| held > 0)
+    })
+    .await;
+    assert_eq!(relay_held, charge, "the relay's charge for the stalled download");
+    drop(client);
+
+    // The agent's window: an upload the destination never reads.
+    let mut client = TcpStream::connect(net.e).await.expect("connect");
+    client.write_all(&[ask::SINK]).await.expect("ask");
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    // Bounded: far more than the window and every buffer on the way hold.
+    for _ in 0..(96 << 20) / chunk.len() {
+        match tokio::time::timeout(Duration::from_millis(500), client.write_all(&chunk)).await {
+            Ok(Ok(())) => written += chunk.len() as u64,
+            _ => break,
+        }
+    }
+    assert!(
+        written >= MOVED_AT_LEAST,
+        "{written} bytes of an upload nobody reads went in: the agent's {} MiB window was not in \
+         force",
+        WINDOW >> 20
+    );
+    let agent_held = series(
+        &tokio::task::block_in_place(|| scrape(&net.agent_admin)),
+        "privlink_buffer_held_bytes",
+    );
+    assert!(agent_held >= charge, "the agent's charge for the stalled upload: {agent_held}");
+}
+
 async fn idle_downloads_that_all_stall_at_once_cost_the_relay_at_most_its_ceiling(
     transport: TransportChoice,
 ) {
@@ -501,4 +565,5 @@ on_both_transports!(
     uploads_nobody_reads_cost_the_agent_at_most_its_budget,
     idle_downloads_that_all_stall_at_once_cost_the_relay_at_most_its_ceiling,
     idle_uploads_that_all_stall_at_once_cost_the_agent_at_most_its_ceiling,
+    a_larger_stream_window_carries_more_and_is_charged_for_it,
 );

@@ -503,6 +503,9 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         d,
     );
     assert_config_rejected("relay", &tunnel_key("fips = true"), 5, "tunnel.fips", d);
+    // A stream window outside 64 KiB – 64 MiB.
+    let window = tunnel_key("stream_window = \"32KiB\"");
+    assert_config_rejected("relay", &window, 5, "tunnel.stream_window", d);
     let duplicate_name = format!(
         "{}\n[[endpoint]]\nname = \"e\"\nconnector = \"c\"\ndestination = \"v.internal:443\"\nlisten = \"127.0.0.1:8444\"\n",
         relay("", "")
@@ -563,6 +566,7 @@ fn invalid_configs_exit_64_naming_file_line_and_key() {
         d,
     );
     assert_config_rejected("agent", &agent("transport = \"udp\""), 5, "transport", d);
+    assert_config_rejected("agent", &agent("stream_window = \"128MiB\""), 5, "stream_window", d);
     let proxy = |url: &str| agent(&format!("proxy = \"{url}\""));
     assert_config_rejected("agent", &proxy("https://proxy.corp:3128"), 5, "proxy", d);
     assert_config_rejected("agent", &proxy("http://proxy.corp:3128/path"), 5, "proxy", d);

@@ -18,7 +18,8 @@
 //! connections = sequential + concurrent, stalled, curves) to run only some measurements, e.g.
 //! under a profiler. `curves` (memory and idle CPU at 1, 100, 1,000 and 5,000 connections
 //! held, throughput at 1, 8 and 64 streams) is drawn in `target/e2e-curves.svg`, and the
-//! sizing lines come from the figures.
+//! sizing lines come from the figures. `E2E_STREAM_WINDOW=8MiB` (say) sets both sides'
+//! `stream_window`.
 //! Nothing here asserts on timing.
 
 mod measures;

@@ -119,6 +119,15 @@ impl PrivlinkTarget {
             Some((relay, agent)) => Placement::Namespaces { relay, agent },
             None => Placement::Here,
         };
+        // `E2E_STREAM_WINDOW=8MiB` (say): both sides' `stream_window`, for comparing windows.
+        if let Ok(window) = std::env::var("E2E_STREAM_WINDOW") {
+            let relay = std::fs::read_to_string(&configs.relay).expect("relay.toml");
+            let line = format!("[tunnel]\nstream_window = \"{window}\"\n");
+            std::fs::write(&configs.relay, relay.replacen("[tunnel]\n", &line, 1)).expect("relay");
+            let agent = std::fs::read_to_string(&configs.agent).expect("agent.toml");
+            let agent = format!("stream_window = \"{window}\"\n{agent}");
+            std::fs::write(&configs.agent, agent).expect("agent.toml");
+        }
         let tunnel = Tunnel::start(BIN, &configs, placement);
         let endpoint = format!("127.0.0.1:{endpoint_port}").parse().expect("endpoint");
         Self { tunnel, endpoint, _files: files }

@@ -88,6 +88,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         admin: None,
         shutdown_grace: Duration::from_secs(5),
         buffer_budget: privlink_transport::budget::default_limit(),
+        stream_window: privlink_transport::limits::STREAM_RECEIVE_WINDOW,
         crypto: Default::default(),
         connectors: vec![ConnectorSpec {
             name: "demo".into(),
@@ -133,6 +134,7 @@ pub(crate) async fn run(port: u16, shutdown: CancellationToken) -> anyhow::Resul
         dns_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
         buffer_budget: privlink_transport::budget::default_limit(),
+        stream_window: privlink_transport::limits::STREAM_RECEIVE_WINDOW,
         crypto: Default::default(),
         admin: None,
         proxy: None,

@@ -97,6 +97,7 @@ pub fn relay_config(
         // Not what these tests are about (tests/budget.rs is): large enough that no burst
         // of theirs meets it, whatever this machine's memory.
         buffer_budget: 16 << 30,
+        stream_window: privlink_transport::limits::STREAM_RECEIVE_WINDOW,
         crypto: Default::default(),
         connectors: vec![ConnectorSpec {
             name: CONNECTOR.to_owned(),
@@ -196,6 +197,7 @@ impl Harness {
             // Not what these tests are about (tests/budget.rs is): large enough that no burst
             // of theirs meets it, whatever this machine's memory.
             buffer_budget: 16 << 30,
+            stream_window: privlink_transport::limits::STREAM_RECEIVE_WINDOW,
             crypto: Default::default(),
             admin: None,
             proxy: None,

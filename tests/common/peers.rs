@@ -18,6 +18,7 @@ use privlink_transport::{h2, quic};
 use tokio::task::JoinHandle;
 
 use super::inproc::{CONNECTOR, Harness, WAIT};
+use privlink_transport::limits::STREAM_RECEIVE_WINDOW as WINDOW;
 
 /// Dials the harness's relay as an agent would, on `transport`.
 pub async fn dial_relay(
@@ -28,14 +29,17 @@ pub async fn dial_relay(
     let relay = harness.relay.tunnel_addr();
     match transport {
         TransportKind::Quic => {
-            let endpoint = quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls)
-                .expect("endpoint");
+            let endpoint =
+                quic::agent_endpoint("127.0.0.1:0".parse().expect("addr"), client_tls, WINDOW)
+                    .expect("endpoint");
             quic::dial(&endpoint, relay, "localhost", WAIT).await.map_err(|e| e.to_string())
         }
-        TransportKind::Tcp => h2::dial(relay, None, "localhost", Arc::new(client_tls), WAIT)
-            .await
-            .map(AgentConnection::from)
-            .map_err(|e| e.to_string()),
+        TransportKind::Tcp => {
+            h2::dial(relay, None, "localhost", Arc::new(client_tls), WINDOW, WAIT)
+                .await
+                .map(AgentConnection::from)
+                .map_err(|e| e.to_string())
+        }
     }
 }
 

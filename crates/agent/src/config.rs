@@ -11,6 +11,7 @@ pub use privlink_protocol::config::AdminSettings;
 use privlink_protocol::config::{
     AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_buffer_budget,
     deserialize_optional_duration, deserialize_optional_positive_duration,
+    deserialize_optional_stream_window,
 };
 use privlink_protocol::destination::{Host, parse_port, split_host_port};
 use privlink_protocol::token::Token;
@@ -124,6 +125,9 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     /// Bytes the agent may hold for destinations that do not read (`buffer_budget`).
     pub buffer_budget: u64,
+    /// Each tunnel stream's receive window on the agent, for what relays send
+    /// (`stream_window`; default 2 MiB).
+    pub stream_window: u32,
     /// The admin listener, when `[admin]` is set.
     pub admin: Option<AdminSettings>,
     /// The HTTP proxy on the way to the relays (`proxy`, or `HTTPS_PROXY`), if there is one.
@@ -168,6 +172,8 @@ struct RawConfig {
     shutdown_grace: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_optional_buffer_budget")]
     buffer_budget: Option<u64>,
+    #[serde(default, deserialize_with = "deserialize_optional_stream_window")]
+    stream_window: Option<u32>,
     #[serde(default)]
     allow: Vec<RawAllow>,
     #[serde(default)]
@@ -347,6 +353,9 @@ impl AgentConfig {
             buffer_budget: raw
                 .buffer_budget
                 .unwrap_or_else(privlink_transport::budget::default_limit),
+            stream_window: raw
+                .stream_window
+                .unwrap_or(privlink_transport::limits::STREAM_RECEIVE_WINDOW),
             admin: raw.admin.map(|a| a.validate(source)).transpose()?,
             proxy,
             crypto: TunnelCrypto { post_quantum: raw.post_quantum, fips },

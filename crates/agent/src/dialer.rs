@@ -23,7 +23,9 @@ pub(crate) struct RelayDialer {
 impl RelayDialer {
     /// Trusts `config`'s relay roots. Call it within a tokio runtime.
     pub(crate) fn new(config: &AgentConfig) -> Result<Self, DialerError> {
-        Ok(Self { dialer: Dialer::new(&config.relay_roots, config.crypto.post_quantum)? })
+        let dialer =
+            Dialer::new(&config.relay_roots, config.crypto.post_quantum, config.stream_window)?;
+        Ok(Self { dialer })
     }
 
     /// Establishes a tunnel connection to `addr` (an address of `relay`, or of the HTTP proxy

@@ -69,17 +69,19 @@ pub struct StreamRules {
 
 impl StreamPolicy {
     /// A policy with `rules`, counting into `metrics`, holding at most `budget` bytes for
-    /// destinations that do not read.
+    /// destinations that do not read (a budget that charges each stream for a receive window
+    /// of `stream_window` bytes).
     pub fn new(
         rules: StreamRules,
         metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
         budget: u64,
+        stream_window: u32,
     ) -> Self {
         Self {
             rules: std::sync::RwLock::new(std::sync::Arc::new(rules)),
             metrics,
             live: LiveTable::default(),
-            budget: std::sync::Arc::new(BufferBudget::new(budget)),
+            budget: std::sync::Arc::new(BufferBudget::new(budget).for_stream_window(stream_window)),
             shares: std::sync::Mutex::default(),
             audit: AuditTrail::off(),
         }
@@ -474,7 +476,8 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             stall_timeout: Duration::from_secs(30),
         };
-        StreamPolicy::new(rules, std::sync::Arc::default(), 1 << 20)
+        let window = privlink_transport::limits::STREAM_RECEIVE_WINDOW;
+        StreamPolicy::new(rules, std::sync::Arc::default(), 1 << 20, window)
     }
 
     #[tokio::test]

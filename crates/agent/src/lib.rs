@@ -116,6 +116,7 @@ impl Agent {
             reload::rules_of(&config),
             Arc::clone(&metrics),
             config.buffer_budget,
+            config.stream_window,
         );
         if let Some(settings) = &config.audit {
             policy.audit = AuditTrail::open(settings, audit::opening(&config, &agent_id))?;

@@ -114,6 +114,8 @@ impl AgentReloader {
             ("[audit]", current.audit != new.audit),
             ("post_quantum", current.crypto.post_quantum != new.crypto.post_quantum),
             ("fips", current.crypto.fips != new.crypto.fips),
+            // Links keep the window they were set up with, and the budget charges by it.
+            ("stream_window", current.stream_window != new.stream_window),
         ] {
             if changed {
                 restart.push(key.to_owned());

@@ -276,6 +276,24 @@ pub fn deserialize_optional_buffer_budget<'de, D: Deserializer<'de>>(
     Ok(bytes)
 }
 
+/// The smallest `stream_window` either role accepts: a few dozen packets in flight.
+pub const MIN_STREAM_WINDOW: u32 = 64 * 1024;
+/// The largest `stream_window` either role accepts: a stalled stream is charged 2.5 windows on
+/// the buffer budget, so one at 64 MiB already takes 160 MiB of it.
+pub const MAX_STREAM_WINDOW: u32 = 64 * 1024 * 1024;
+
+/// Serde helper for `stream_window`: a size ([`deserialize_optional_size`]) from
+/// [`MIN_STREAM_WINDOW`] to [`MAX_STREAM_WINDOW`].
+pub fn deserialize_optional_stream_window<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u32>, D::Error> {
+    let Some(bytes) = deserialize_optional_size(d)? else { return Ok(None) };
+    match u32::try_from(bytes) {
+        Ok(window) if (MIN_STREAM_WINDOW..=MAX_STREAM_WINDOW).contains(&window) => Ok(Some(window)),
+        _ => Err(D::Error::custom("from 64KiB to 64MiB")),
+    }
+}
+
 /// The `[admin]` table both configs share, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

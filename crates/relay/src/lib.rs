@@ -158,8 +158,8 @@ impl Relay {
     /// Binds the tunnel endpoint and every endpoint listener.
     pub async fn bind(config: RelayConfig) -> Result<Self, RelayError> {
         let identity = (config.identity.chain.clone(), config.identity.key.clone_key());
-        let tunnel =
-            TunnelListener::bind(config.tunnel_listen, identity, config.crypto.post_quantum)?;
+        let (post_quantum, window) = (config.crypto.post_quantum, config.stream_window);
+        let tunnel = TunnelListener::bind(config.tunnel_listen, identity, post_quantum, window)?;
 
         let trail = match &config.audit {
             Some(settings) => AuditTrail::open(settings, audit::opening())?,
@@ -169,7 +169,9 @@ impl Relay {
         audit.config_loaded(&config);
         let metrics = Arc::new(RelayMetrics::default());
         let registry = Arc::new(Registry::default());
-        let budget = Arc::new(BufferBudget::new(config.buffer_budget));
+        let budget = Arc::new(
+            BufferBudget::new(config.buffer_budget).for_stream_window(config.stream_window),
+        );
         let listeners = Arc::new(Listeners::new(
             Arc::clone(&registry),
             (Arc::clone(&metrics), Arc::clone(&audit)),

@@ -368,6 +368,10 @@ fn needs_restart(current: &RelayConfig, new: &RelayConfig) -> Vec<String> {
     if current.crypto.fips != new.crypto.fips {
         restart.push("tunnel.fips".to_owned());
     }
+    if current.stream_window != new.stream_window {
+        // Links keep the window they were set up with, and the budget charges by it.
+        restart.push("tunnel.stream_window".to_owned());
+    }
     if current.audit != new.audit {
         restart.push("[audit]".to_owned());
     }
@@ -513,6 +517,7 @@ mod tests {
             admin: None,
             shutdown_grace: Duration::from_secs(30),
             buffer_budget: privlink_transport::budget::default_limit(),
+            stream_window: privlink_transport::limits::STREAM_RECEIVE_WINDOW,
             crypto: Default::default(),
             connectors: Vec::new(),
             endpoints,
@@ -560,10 +565,17 @@ mod tests {
         let mut new = config(1, vec![moved, endpoint("b", 8444), endpoint("c", 8445)]);
         new.shutdown_grace = Duration::from_secs(5);
         new.tunnel_listen = "127.0.0.1:7444".parse().expect("addr");
+        new.stream_window *= 4;
         let Err(ReloadError::NeedsRestart(what)) = plan(&current, &new) else { panic!("refused") };
         assert_eq!(
             what,
-            ["tunnel.listen", "shutdown_grace", "endpoint `a` destination", "endpoint `a` listen"]
+            [
+                "tunnel.listen",
+                "shutdown_grace",
+                "tunnel.stream_window",
+                "endpoint `a` destination",
+                "endpoint `a` listen"
+            ]
         );
         let message = ReloadError::NeedsRestart(what).to_string();
         assert!(message.contains("need a restart"), "{message}");

@@ -25,7 +25,7 @@
 
 use std::sync::Arc;
 
-use crate::limits::{DEFAULT_BUFFER_SIZE, STALLED_STREAM_COST};
+use crate::limits::{DEFAULT_BUFFER_SIZE, STREAM_RECEIVE_WINDOW, stalled_stream_cost};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A budget of buffered tunnel bytes, shared by every copy in the process.
@@ -40,18 +40,43 @@ pub struct BufferBudget {
     held: AtomicU64,
     /// The budget this one is a share of.
     whole: Option<Arc<BufferBudget>>,
+    /// What one new or stalled stream is charged ([`stream_charge`]).
+    stream_charge: u64,
 }
 
 impl BufferBudget {
     /// A budget of `limit` bytes.
     pub fn new(limit: u64) -> Self {
-        Self { limit: AtomicU64::new(limit), held: AtomicU64::new(0), whole: None }
+        Self {
+            limit: AtomicU64::new(limit),
+            held: AtomicU64::new(0),
+            whole: None,
+            stream_charge: STREAM_CHARGE,
+        }
+    }
+
+    /// This budget, for streams whose receive window is `window` bytes (`stream_window`; the
+    /// default otherwise): each is charged what that window can cost ([`stream_charge`]).
+    #[must_use]
+    pub fn for_stream_window(mut self, window: u32) -> Self {
+        self.stream_charge = stream_charge(window);
+        self
     }
 
     /// A share of `whole`, of at most three quarters of it (following its limit as a reload changes
     /// it).
     pub fn share_of(whole: &Arc<BufferBudget>) -> Self {
-        Self { limit: AtomicU64::new(0), held: AtomicU64::new(0), whole: Some(Arc::clone(whole)) }
+        Self {
+            limit: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            whole: Some(Arc::clone(whole)),
+            stream_charge: whole.stream_charge,
+        }
+    }
+
+    /// What one new or stalled stream is charged.
+    pub fn stream_charge(&self) -> u64 {
+        self.stream_charge
     }
 
     /// The most this process (or this share) means to hold.
@@ -99,13 +124,13 @@ impl BufferBudget {
         let limit = self.limit();
         self.held
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                (held < limit).then_some(held + STREAM_CHARGE)
+                (held < limit).then_some(held + self.stream_charge)
             })
             .ok()?;
         if let Some(whole) = &self.whole {
-            whole.add(STREAM_CHARGE);
+            whole.add(self.stream_charge);
         }
-        let charge = BudgetCharge::new(Some(self), STREAM_CHARGE);
+        let charge = BudgetCharge::new(Some(self), self.stream_charge);
         charge.held.store(true, Ordering::Relaxed);
         Some(charge)
     }
@@ -113,7 +138,7 @@ impl BufferBudget {
     /// A new stream's charge, taken now whatever the budget holds (for a stream already
     /// admitted by [`has_room`](Self::has_room) a moment before).
     pub fn charge_stream(&self) -> BudgetCharge<'_> {
-        let charge = BudgetCharge::new(Some(self), STREAM_CHARGE);
+        let charge = BudgetCharge::new(Some(self), self.stream_charge);
         charge.take();
         charge
     }
@@ -175,9 +200,14 @@ pub fn default_limit() -> u64 {
     }
 }
 
-/// What a stream whose socket stopped taking bytes is charged: what its window can cost the
-/// transport, and the copy loop's buffer.
-pub const STREAM_CHARGE: u64 = STALLED_STREAM_COST + DEFAULT_BUFFER_SIZE as u64;
+/// What a stream whose socket stopped taking bytes is charged with the default window: what
+/// its window can cost the transport, and the copy loop's buffer.
+pub const STREAM_CHARGE: u64 = stream_charge(STREAM_RECEIVE_WINDOW);
+
+/// [`STREAM_CHARGE`] for a stream window of `window` bytes.
+pub const fn stream_charge(window: u32) -> u64 {
+    stalled_stream_cost(window) + DEFAULT_BUFFER_SIZE as u64
+}
 
 /// One direction's charge on a [`BufferBudget`]: taken while its writer cannot keep up (and a
 /// new stream's from the start), returned when it drains and when the charge is dropped.
@@ -246,6 +276,18 @@ impl Drop for BudgetCharge<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_is_charged_for_the_window_it_was_given() {
+        let budget = Arc::new(BufferBudget::new(1 << 30).for_stream_window(8 << 20));
+        assert_eq!(budget.stream_charge(), 20 * (1 << 20) + DEFAULT_BUFFER_SIZE as u64);
+        let share = BufferBudget::share_of(&budget);
+        let charge = share.admit_stream().expect("room");
+        assert_eq!((share.held(), budget.held()), (budget.stream_charge(), budget.stream_charge()));
+        drop(charge);
+        assert_eq!(budget.held(), 0);
+        assert_eq!(BufferBudget::new(1).stream_charge(), STREAM_CHARGE, "the default window's");
+    }
 
     #[test]
     fn a_charge_is_taken_once_and_always_given_back() {

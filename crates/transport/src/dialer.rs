@@ -55,22 +55,32 @@ pub struct Dialer {
     verifier: Arc<RelayVerifier>,
     /// The key exchange offered, for explaining a refused one.
     post_quantum: PostQuantum,
+    /// Each relay stream's receive window, on both transports (`stream_window`).
+    stream_window: u32,
 }
 
 impl Dialer {
     /// Trusts `relay_roots`; binds one dual-stack UDP socket for every relay (IPv4 only on
-    /// hosts without IPv6). Call it within a tokio runtime.
+    /// hosts without IPv6); gives each stream `stream_window` bytes of receive window. Call it
+    /// within a tokio runtime.
     pub fn new(
         relay_roots: &[CertificateDer<'static>],
         post_quantum: PostQuantum,
+        stream_window: u32,
     ) -> Result<Self, DialerError> {
         let (tls, verifier) = tls::tunnel_client_config_with_verifier(relay_roots, post_quantum)?;
-        let quic = quic::agent_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), tls.clone())
-            .or_else(|_| {
-                quic::agent_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), tls.clone())
-            })?;
+        let any = |ip: std::net::IpAddr| SocketAddr::new(ip, 0);
+        let quic =
+            quic::agent_endpoint(any(Ipv6Addr::UNSPECIFIED.into()), tls.clone(), stream_window)
+                .or_else(|_| {
+                    quic::agent_endpoint(
+                        any(Ipv4Addr::UNSPECIFIED.into()),
+                        tls.clone(),
+                        stream_window,
+                    )
+                })?;
         let own = std::sync::Mutex::default();
-        Ok(Self { quic, own, tls: Arc::new(tls), verifier, post_quantum })
+        Ok(Self { quic, own, tls: Arc::new(tls), verifier, post_quantum, stream_window })
     }
 
     /// Establishes a tunnel connection to `addr` on one transport within `deadline`,
@@ -103,7 +113,8 @@ impl Dialer {
                 quic::dial(&endpoint, addr, server_name, deadline).await
             }
             (TransportKind::Tcp, _) => {
-                h2::dial(addr, None, server_name, Arc::clone(&self.tls), deadline)
+                let tls = Arc::clone(&self.tls);
+                h2::dial(addr, None, server_name, tls, self.stream_window, deadline)
                     .await
                     .map(AgentConnection::from)
             }
@@ -130,7 +141,8 @@ impl Dialer {
         server_name: &str,
         deadline: Duration,
     ) -> Result<AgentConnection, DialError> {
-        h2::dial(proxy, Some(hop), server_name, Arc::clone(&self.tls), deadline)
+        let tls = Arc::clone(&self.tls);
+        h2::dial(proxy, Some(hop), server_name, tls, self.stream_window, deadline)
             .await
             .map(AgentConnection::from)
             .map_err(|e| self.explained(e))
@@ -143,7 +155,7 @@ impl Dialer {
             SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
-        let endpoint = quic::agent_endpoint(bind, (*self.tls).clone())
+        let endpoint = quic::agent_endpoint(bind, (*self.tls).clone(), self.stream_window)
             .map_err(|e| DialError::Handshake(format!("a UDP socket of its own: {e}")))?;
         let mut own = self.own.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         own.retain(|endpoint| endpoint.open_connections() > 0);

@@ -147,6 +147,8 @@ pub struct TunnelEndpoint {
     tcp: Arc<RwLock<Arc<rustls::ServerConfig>>>,
     /// The key exchange both transports accept.
     post_quantum: PostQuantum,
+    /// Each agent stream's receive window, on both transports (`stream_window`).
+    stream_window: u32,
 }
 
 impl TunnelEndpoint {
@@ -158,7 +160,7 @@ impl TunnelEndpoint {
         key: PrivateKeyDer<'static>,
     ) -> Result<(), ListenError> {
         let tls = tls::tunnel_server_config(chain, key, self.post_quantum)?;
-        let quic = quic::relay_server_config(tls.clone())?;
+        let quic = quic::relay_server_config(tls.clone(), self.stream_window)?;
         self.quic.set_server_config(Some(quic));
         *self.tcp.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tls);
         Ok(())
@@ -194,13 +196,15 @@ pub struct TunnelListener {
 
 impl TunnelListener {
     /// Binds TCP (TLS) and UDP (QUIC) on the same port number of `listen`, presenting `chain`
-    /// and `key`, accepting the key exchanges `post_quantum` allows. With port 0 the kernel picks the TCP port — the crowded space, where every
+    /// and `key`, accepting the key exchanges `post_quantum` allows, giving each agent stream
+    /// `stream_window` bytes of receive window. With port 0 the kernel picks the TCP port — the crowded space, where every
     /// outgoing connection holds an ephemeral port — and UDP follows it; if that UDP port is
     /// taken, a new pair is tried.
     pub fn bind(
         listen: SocketAddr,
         (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
         post_quantum: PostQuantum,
+        stream_window: u32,
     ) -> Result<Self, ListenError> {
         const ATTEMPTS: usize = 32;
         // The stateless-reset and connection-ID keys are derived from the private key (see
@@ -213,10 +217,11 @@ impl TunnelListener {
             let tcp = tcp::listen(listen).map_err(tcp_error)?;
             let local_addr = tcp.local_addr().map_err(tcp_error)?;
             let udp_addr = SocketAddr::new(listen.ip(), local_addr.port());
-            match quic::relay_endpoint(udp_addr, tls.clone(), &reset_secret) {
+            match quic::relay_endpoint(udp_addr, tls.clone(), &reset_secret, stream_window) {
                 Ok(quic) => {
                     let tcp_tls = Arc::new(RwLock::new(Arc::new(tls)));
-                    let endpoint = TunnelEndpoint { quic, tcp: tcp_tls, post_quantum };
+                    let endpoint =
+                        TunnelEndpoint { quic, tcp: tcp_tls, post_quantum, stream_window };
                     return Ok(Self { endpoint, tcp, local_addr });
                 }
                 Err(QuicSetupError::Bind(_, e))
@@ -279,8 +284,9 @@ impl TunnelListener {
                     continue;
                 };
                 let tls = endpoint.current_tls();
+                let window = endpoint.stream_window;
                 let handshake = Handshake(Box::pin(async move {
-                    quic::accept(incoming, handshake_deadline, &tls).await
+                    quic::accept(incoming, handshake_deadline, &tls, window).await
                 }));
                 on_connection(handshake, remote, TransportKind::Quic, ticket);
             }
@@ -299,10 +305,12 @@ impl TunnelListener {
                 };
                 // Read at each accept: a reload may have replaced the certificate.
                 let acceptor = endpoint.tcp_acceptor();
+                let window = endpoint.stream_window;
                 let handshake = Handshake(Box::pin(async move {
                     first_byte(&socket).await?;
                     first.record();
-                    let accepted = h2::accept(socket, remote, acceptor, handshake_deadline).await;
+                    let accepted =
+                        h2::accept(socket, remote, acceptor, window, handshake_deadline).await;
                     accepted.map(RelayConnection::from)
                 }));
                 on_connection(handshake, remote, TransportKind::Tcp, ticket);

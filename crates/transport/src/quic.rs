@@ -30,7 +30,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 use crate::codes::DialError;
 use crate::crypto::ClientHelloRecorder;
-use crate::limits::QUIC_CONNECTION_WINDOW;
+use crate::limits::quic_connection_window;
 pub use crate::limits::{MAX_CONCURRENT_STREAMS, Role, STREAM_RECEIVE_WINDOW};
 use crate::quic_session::{WatchedClientConfig, WatchedHandshake};
 use crate::tls::TlsError;
@@ -45,8 +45,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
 /// Requested UDP socket buffer size for each direction.
 pub const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
-/// The transport parameters both ends use, with the stream limit set for `role`.
-pub fn transport_config(role: Role) -> quinn::TransportConfig {
+/// The transport parameters both ends use, with the stream limit set for `role` and each
+/// stream's receive window `stream_window` bytes (the connection's follows it).
+pub fn transport_config(role: Role, stream_window: u32) -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     let incoming_streams = match role {
         // The control stream; data streams are allowed once the handshake is done.
@@ -56,9 +57,10 @@ pub fn transport_config(role: Role) -> quinn::TransportConfig {
     config
         .max_concurrent_bidi_streams(incoming_streams.into())
         .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
+        .stream_receive_window(stream_window.into())
         .receive_window(
-            quinn::VarInt::from_u64(QUIC_CONNECTION_WINDOW).unwrap_or(quinn::VarInt::MAX),
+            quinn::VarInt::from_u64(quic_connection_window(stream_window))
+                .unwrap_or(quinn::VarInt::MAX),
         )
         .send_window(SEND_WINDOW)
         .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
@@ -141,13 +143,14 @@ impl RestartStableKeys {
 
 /// A QUIC endpoint for the relay, listening for agents on `listen`. `reset_secret` (the
 /// relay's private key) seeds the stateless-reset and connection-ID keys; see the module
-/// notes.
+/// notes. Streams from agents get `stream_window` bytes of receive window each.
 pub fn relay_endpoint(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
     reset_secret: &[u8],
+    stream_window: u32,
 ) -> Result<quinn::Endpoint, QuicSetupError> {
-    let server = relay_server_config(tls)?;
+    let server = relay_server_config(tls, stream_window)?;
     let socket = bind_udp(listen).map_err(|e| QuicSetupError::Bind(listen, e))?;
     quinn::Endpoint::new(
         RestartStableKeys::derive(reset_secret).endpoint_config(),
@@ -163,21 +166,24 @@ pub fn relay_endpoint(
 /// handshakes use it; connections already up keep theirs).
 pub fn relay_server_config(
     tls: rustls::ServerConfig,
+    stream_window: u32,
 ) -> Result<quinn::ServerConfig, QuicSetupError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(Role::Relay)));
+    server.transport_config(Arc::new(transport_config(Role::Relay, stream_window)));
     Ok(server)
 }
 
-/// A QUIC endpoint for the agent, dialling out from an ephemeral port on `bind`.
+/// A QUIC endpoint for the agent, dialling out from an ephemeral port on `bind`; streams from
+/// relays get `stream_window` bytes of receive window each.
 pub fn agent_endpoint(
     bind: SocketAddr,
     tls: rustls::ClientConfig,
+    stream_window: u32,
 ) -> Result<quinn::Endpoint, QuicSetupError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(WatchedClientConfig(Arc::new(crypto))));
-    client.transport_config(Arc::new(transport_config(Role::Agent)));
+    client.transport_config(Arc::new(transport_config(Role::Agent, stream_window)));
     let socket = bind_udp(bind).map_err(|e| QuicSetupError::Bind(bind, e))?;
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -244,9 +250,11 @@ pub async fn accept(
     incoming: quinn::Incoming,
     deadline: Duration,
     tls: &rustls::ServerConfig,
+    stream_window: u32,
 ) -> Result<RelayConnection, DialError> {
     let (recording, recorder) = ClientHelloRecorder::wrap(tls);
-    let server = relay_server_config(recording).map_err(|e| DialError::Handshake(e.to_string()))?;
+    let server = relay_server_config(recording, stream_window)
+        .map_err(|e| DialError::Handshake(e.to_string()))?;
     let connecting =
         incoming.accept_with(Arc::new(server)).map_err(|e| DialError::Handshake(e.to_string()))?;
     match tokio::time::timeout(deadline, connecting).await {
@@ -347,12 +355,13 @@ mod tests {
         client: rustls::ClientConfig,
     ) -> (RelayConnection, AgentConnection) {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let relay = relay_endpoint(any, server.clone(), b"test").expect("relay endpoint");
-        let agent = agent_endpoint(any, client).expect("agent endpoint");
+        let window = STREAM_RECEIVE_WINDOW;
+        let relay = relay_endpoint(any, server.clone(), b"test", window).expect("relay endpoint");
+        let agent = agent_endpoint(any, client, window).expect("agent endpoint");
         let addr = relay.local_addr().expect("addr");
         let wait = Duration::from_secs(5);
         let (accepted, dialed) = tokio::join!(
-            async { accept(relay.accept().await.expect("incoming"), wait, server).await },
+            async { accept(relay.accept().await.expect("incoming"), wait, server, window).await },
             dial(&agent, addr, "localhost", wait)
         );
         (accepted.expect("accept"), dialed.expect("dial"))

@@ -16,7 +16,7 @@ pub use privlink_protocol::config::AdminSettings;
 pub use privlink_protocol::config::SourceDigest;
 use privlink_protocol::config::{
     AdminTable, ConfigError, ConfigSource, Spanned, deserialize_optional_buffer_budget,
-    deserialize_optional_duration,
+    deserialize_optional_duration, deserialize_optional_stream_window,
 };
 use privlink_protocol::message::MAX_ENDPOINTS_PER_CONNECTOR;
 use privlink_protocol::token::TokenDigest;
@@ -76,6 +76,9 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// Bytes the relay may hold for clients that do not read (`[tunnel] buffer_budget`).
     pub buffer_budget: u64,
+    /// Each tunnel stream's receive window on the relay, for what agents send (`[tunnel]
+    /// stream_window`; default 2 MiB).
+    pub stream_window: u32,
     /// The tunnel's key exchange and whether FIPS mode is required (`[tunnel] post_quantum`,
     /// `fips`).
     pub crypto: TunnelCrypto,
@@ -159,6 +162,8 @@ struct RawTunnel {
     key: Spanned<PathBuf>,
     #[serde(default, deserialize_with = "deserialize_optional_buffer_budget")]
     buffer_budget: Option<u64>,
+    #[serde(default, deserialize_with = "deserialize_optional_stream_window")]
+    stream_window: Option<u32>,
     #[serde(default)]
     post_quantum: PostQuantum,
     #[serde(default)]
@@ -435,6 +440,10 @@ impl RelayConfig {
             shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             // Unset: a quarter of memory (see `budget::default_limit`).
             buffer_budget: raw.tunnel.buffer_budget.unwrap_or_else(budget::default_limit),
+            stream_window: raw
+                .tunnel
+                .stream_window
+                .unwrap_or(privlink_transport::limits::STREAM_RECEIVE_WINDOW),
             crypto: TunnelCrypto { post_quantum, fips },
             connectors,
             endpoints,

@@ -28,7 +28,7 @@ pub use stream::H2Stream;
 use stream::{RecvState, SendState, Unsent};
 
 use crate::codes::{DialError, StreamError};
-use crate::limits::{H2_CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_RECEIVE_WINDOW};
+use crate::limits::{H2_CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS};
 
 /// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB). A frame is
 /// what another stream's next bytes may wait behind (about 1 s at 2 Mbit/s); 16 KiB frames
@@ -157,11 +157,13 @@ impl AsRef<CloseState> for H2Acceptor {
 /// which is asked to CONNECT to the relay — then TLS (verifying `server_name`) and the HTTP/2
 /// handshake, all within `deadline`. The acceptor is the agent's half of the connection;
 /// `AgentConnection::from` wraps it.
+/// Streams from the relay get `stream_window` bytes of receive window each.
 pub async fn dial(
     addr: SocketAddr,
     via: Option<&crate::http_proxy::ProxyHop>,
     server_name: &str,
     tls: Arc<rustls::ClientConfig>,
+    stream_window: u32,
     deadline: Duration,
 ) -> Result<H2Acceptor, DialError> {
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
@@ -183,7 +185,7 @@ pub async fn dial(
             .await
             .map_err(tls_failure)?;
         let summary = negotiated(tls.get_ref().1);
-        agent_handshake(tls, addr, summary)
+        agent_handshake(tls, addr, summary, stream_window)
             .await
             .map_err(|e| DialError::Handshake(format!("HTTP/2 handshake failed: {e}")))
     };
@@ -210,10 +212,12 @@ fn tls_failure(error: io::Error) -> DialError {
 /// Relay side: TLS and the HTTP/2 handshake on an accepted TCP connection, within `deadline`.
 /// Call it from a task of its own: a stalled peer must not block the accept loop. The opener
 /// is the relay's half of the connection; `RelayConnection::from` wraps it.
+/// Streams from the agent get `stream_window` bytes of receive window each.
 pub async fn accept(
     socket: TcpStream,
     remote: SocketAddr,
     tls: tokio_rustls::TlsAcceptor,
+    stream_window: u32,
     deadline: Duration,
 ) -> Result<H2Opener, DialError> {
     tune_socket(&socket);
@@ -236,7 +240,7 @@ pub async fn accept(
             }
         })?;
         let summary = negotiated(tls.get_ref().1);
-        relay_handshake(tls, remote, summary)
+        relay_handshake(tls, remote, summary, stream_window)
             .await
             .map_err(|e| DialError::Handshake(format!("HTTP/2: {e}")))
     };
@@ -269,12 +273,13 @@ async fn relay_handshake<S>(
     io: S,
     remote: SocketAddr,
     tls: Negotiated,
+    stream_window: u32,
 ) -> Result<H2Opener, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (send_request, connection) = h2::client::Builder::new()
-        .initial_window_size(STREAM_RECEIVE_WINDOW)
+        .initial_window_size(stream_window)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
@@ -304,12 +309,13 @@ async fn agent_handshake<S>(
     io: S,
     remote: SocketAddr,
     tls: Negotiated,
+    stream_window: u32,
 ) -> Result<H2Acceptor, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut connection = h2::server::Builder::new()
-        .initial_window_size(STREAM_RECEIVE_WINDOW)
+        .initial_window_size(stream_window)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
@@ -414,6 +420,7 @@ mod tests {
 
     use super::*;
     use crate::codes::ResetCode;
+    use crate::limits::STREAM_RECEIVE_WINDOW;
 
     const WAIT: Duration = Duration::from_secs(5);
 
@@ -422,8 +429,8 @@ mod tests {
         let (relay_io, agent_io) = tokio::io::duplex(64 * 1024);
         let remote: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         let (opener, acceptor) = tokio::join!(
-            relay_handshake(relay_io, remote, (None, None)),
-            agent_handshake(agent_io, remote, (None, None))
+            relay_handshake(relay_io, remote, (None, None), STREAM_RECEIVE_WINDOW),
+            agent_handshake(agent_io, remote, (None, None), STREAM_RECEIVE_WINDOW)
         );
         (opener.expect("relay handshake"), acceptor.expect("agent handshake"))
     }
