@@ -528,9 +528,15 @@ async fn a_larger_stream_window_carries_more_and_is_charged_for_it(transport: Tr
     client.write_all(&[ask::SINK]).await.expect("ask");
     let chunk = vec![0u8; 64 * 1024];
     let mut written = 0u64;
-    // Bounded: far more than the window and every buffer on the way hold.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Bounded: far more than the window and every buffer on the way hold, and by `WAIT`.
     for _ in 0..(96 << 20) / chunk.len() {
-        match tokio::time::timeout(Duration::from_millis(500), client.write_all(&chunk)).await {
+        let pause = Duration::from_millis(500);
+        let write = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + pause),
+            client.write_all(&chunk),
+        );
+        match write.await {
             Ok(Ok(())) => written += chunk.len() as u64,
             _ => break,
         }

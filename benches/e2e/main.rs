@@ -113,11 +113,9 @@ fn main() {
     let haproxy = wanted("haproxy").then(|| start_haproxy(dir.path(), backend)).flatten();
     columns.push((
         "HAProxy (tcp)",
-        haproxy.map(|(running, addr)| {
-            let figures = runtime.block_on(measure(addr, budget, Some(&[running.pid()])));
-            drop(running);
-            figures
-        }),
+        // Each process stops when the closure that measured it returns.
+        haproxy
+            .map(|(running, addr)| runtime.block_on(measure(addr, budget, Some(&[running.pid()])))),
     ));
     // Two HAProxy processes in a row: what two user-space hops without a tunnel cost here,
     // the reference for privlink's relay + agent.
@@ -131,10 +129,7 @@ fn main() {
     columns.push((
         "2 × HAProxy",
         chained.map(|(first, second, addr)| {
-            let pids = [first.pid(), second.pid()];
-            let figures = runtime.block_on(measure(addr, budget, Some(&pids)));
-            drop((first, second));
-            figures
+            runtime.block_on(measure(addr, budget, Some(&[first.pid(), second.pid()])))
         }),
     ));
 
@@ -155,10 +150,7 @@ fn main() {
     columns.push((
         "rathole (noise)",
         rathole.map(|(server, client, addr)| {
-            let pids = [server.pid(), client.pid()];
-            let figures = runtime.block_on(measure(addr, budget, Some(&pids)));
-            drop((server, client));
-            figures
+            runtime.block_on(measure(addr, budget, Some(&[server.pid(), client.pid()])))
         }),
     ));
 

@@ -69,16 +69,11 @@ impl Dialer {
         stream_window: u32,
     ) -> Result<Self, DialerError> {
         let (tls, verifier) = tls::tunnel_client_config_with_verifier(relay_roots, post_quantum)?;
-        let any = |ip: std::net::IpAddr| SocketAddr::new(ip, 0);
+        let bind = |ip: std::net::IpAddr| {
+            quic::agent_endpoint(SocketAddr::new(ip, 0), tls.clone(), stream_window)
+        };
         let quic =
-            quic::agent_endpoint(any(Ipv6Addr::UNSPECIFIED.into()), tls.clone(), stream_window)
-                .or_else(|_| {
-                    quic::agent_endpoint(
-                        any(Ipv4Addr::UNSPECIFIED.into()),
-                        tls.clone(),
-                        stream_window,
-                    )
-                })?;
+            bind(Ipv6Addr::UNSPECIFIED.into()).or_else(|_| bind(Ipv4Addr::UNSPECIFIED.into()))?;
         let own = std::sync::Mutex::default();
         Ok(Self { quic, own, tls: Arc::new(tls), verifier, post_quantum, stream_window })
     }

@@ -50,8 +50,9 @@ pub const fn quic_connection_window(window: u32) -> u64 {
 /// stream would wait for credit. On this transport the invariant is the buffer budget's: no
 /// more streams are charged at once than its ceiling allows (1.25 × the budget, at most 4 GiB:
 /// 1,017 streams of the default window), and a stream that backs up past the ceiling is cut.
-/// A stream is charged 2.5 windows whatever the window, so the ceiling's streams hold at most
-/// 4 GiB ÷ 2.5 of window, within this one for any `stream_window`.
+/// A stream is charged 2.5 windows (and the copy's buffer) whatever the window, so the streams
+/// a ceiling of at most 5 GiB admits hold less than 5 GiB ÷ 2.5 = 2 GiB of window: within
+/// this one for any `stream_window` (with 64 MiB windows, about 400 KiB to spare).
 pub const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Which end of the tunnel a transport's settings are for.
