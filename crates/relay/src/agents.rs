@@ -292,6 +292,7 @@ impl<'a> AgentSession<'a> {
                     self.registration = Some(registered);
                     self.registered = Some((Instant::now(), hello.agent_name.clone()));
                     drop(self.pending.take()); // admitted: no longer pending
+                    self.connection.admitted();
                 }
                 Err((reason, delay)) => {
                     self.refused_here = true;

@@ -185,6 +185,16 @@ impl<R: Role> Connection<R> {
 }
 
 impl Connection<RelaySide> {
+    /// The agent is authenticated and admitted: the connection may spend memory on speed.
+    /// Over TLS/TCP its socket is read ahead from now on (one 64 KiB buffer per connection,
+    /// a quarter of the reads in a bulk transfer); a pending, unauthenticated connection
+    /// holds none. Nothing changes over QUIC.
+    pub fn admitted(&self) {
+        if let Inner::H2(opener) = &self.inner {
+            opener.as_ref().read_ahead();
+        }
+    }
+
     /// Opens a stream, waiting at most `wait` for the peer's stream limit to allow it.
     ///
     /// Nothing but the stream's opening is sent until the caller writes, and the open header

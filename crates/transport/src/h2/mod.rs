@@ -22,8 +22,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+mod read_ahead;
 mod stream;
 
+use read_ahead::{ReadAhead, ReadAheadSwitch};
 pub use stream::H2Stream;
 use stream::{RecvState, SendState, Unsent};
 
@@ -86,6 +88,8 @@ pub struct CloseState {
     pub(crate) tls: Option<Arc<crate::crypto::TlsSummary>>,
     /// When the peer's certificate expires (the relay's, on the agent's side).
     pub(crate) peer_certificate_expires: Option<i64>,
+    /// Turns on reading the TCP connection ahead, once the peer is trusted.
+    read_ahead: Arc<ReadAheadSwitch>,
 }
 
 /// What a finished TLS handshake tells about itself: what it negotiated, and when the peer's
@@ -98,11 +102,21 @@ fn negotiated(state: &rustls::CommonState) -> Negotiated {
 }
 
 impl CloseState {
-    fn new(remote: SocketAddr, (tls, peer_certificate_expires): Negotiated) -> Arc<Self> {
+    fn new(
+        remote: SocketAddr,
+        (tls, peer_certificate_expires): Negotiated,
+        read_ahead: Arc<ReadAheadSwitch>,
+    ) -> Arc<Self> {
         let reason = watch::Sender::new(None);
         let tls = tls.map(Arc::new);
         let stop = CancellationToken::new();
-        Arc::new(Self { stop, reason, remote, tls, peer_certificate_expires })
+        Arc::new(Self { stop, reason, remote, tls, peer_certificate_expires, read_ahead })
+    }
+
+    /// The peer is trusted: from now on the TCP connection is read in [`read_ahead::READ_AHEAD`]
+    /// bytes at a time, at the cost of a buffer that size for the connection's life.
+    pub(crate) fn read_ahead(&self) {
+        self.read_ahead.enable();
     }
 
     pub(crate) fn remote_address(&self) -> SocketAddr {
@@ -180,12 +194,16 @@ pub async fn dial(
         if let Some(hop) = via {
             crate::http_proxy::connect_through(&mut socket, hop).await?;
         }
+        let switch = Arc::new(ReadAheadSwitch::default());
+        let socket = ReadAhead::new(socket, Arc::clone(&switch));
         let tls = tokio_rustls::TlsConnector::from(tls)
             .connect(name, socket)
             .await
             .map_err(tls_failure)?;
+        // The relay's certificate is verified: the agent trusts this connection.
+        switch.enable();
         let summary = negotiated(tls.get_ref().1);
-        agent_handshake(tls, addr, summary, stream_window)
+        agent_handshake(tls, addr, summary, switch, stream_window)
             .await
             .map_err(|e| DialError::Handshake(format!("HTTP/2 handshake failed: {e}")))
     };
@@ -222,6 +240,10 @@ pub async fn accept(
 ) -> Result<H2Opener, DialError> {
     tune_socket(&socket);
     let steps = async {
+        // Read-ahead waits for the agent's hello to be admitted (`CloseState::read_ahead`):
+        // until then the peer is anyone.
+        let switch = Arc::new(ReadAheadSwitch::default());
+        let socket = ReadAhead::new(socket, Arc::clone(&switch));
         let tls = tls.accept(socket).await.map_err(|e| {
             let no_common_group =
                 e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some_and(|e| {
@@ -240,7 +262,7 @@ pub async fn accept(
             }
         })?;
         let summary = negotiated(tls.get_ref().1);
-        relay_handshake(tls, remote, summary, stream_window)
+        relay_handshake(tls, remote, summary, switch, stream_window)
             .await
             .map_err(|e| DialError::Handshake(format!("HTTP/2: {e}")))
     };
@@ -273,6 +295,7 @@ async fn relay_handshake<S>(
     io: S,
     remote: SocketAddr,
     tls: Negotiated,
+    read_ahead: Arc<ReadAheadSwitch>,
     stream_window: u32,
 ) -> Result<H2Opener, h2::Error>
 where
@@ -288,7 +311,7 @@ where
         .enable_push(false)
         .handshake(io)
         .await?;
-    let state = CloseState::new(remote, tls);
+    let state = CloseState::new(remote, tls, read_ahead);
     let driver = Arc::clone(&state);
     tokio::spawn(async move {
         let reason = tokio::select! {
@@ -309,6 +332,7 @@ async fn agent_handshake<S>(
     io: S,
     remote: SocketAddr,
     tls: Negotiated,
+    read_ahead: Arc<ReadAheadSwitch>,
     stream_window: u32,
 ) -> Result<H2Acceptor, h2::Error>
 where
@@ -323,7 +347,7 @@ where
         .max_header_list_size(MAX_HEADER_LIST)
         .handshake(io)
         .await?;
-    let state = CloseState::new(remote, tls);
+    let state = CloseState::new(remote, tls, read_ahead);
     let driver = Arc::clone(&state);
     let (queue, incoming) = mpsc::unbounded_channel();
     let data_streams_allowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -429,8 +453,8 @@ mod tests {
         let (relay_io, agent_io) = tokio::io::duplex(64 * 1024);
         let remote: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         let (opener, acceptor) = tokio::join!(
-            relay_handshake(relay_io, remote, (None, None), STREAM_RECEIVE_WINDOW),
-            agent_handshake(agent_io, remote, (None, None), STREAM_RECEIVE_WINDOW)
+            relay_handshake(relay_io, remote, (None, None), Arc::default(), STREAM_RECEIVE_WINDOW),
+            agent_handshake(agent_io, remote, (None, None), Arc::default(), STREAM_RECEIVE_WINDOW)
         );
         (opener.expect("relay handshake"), acceptor.expect("agent handshake"))
     }
