@@ -11,6 +11,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::codes::ResetCode;
 
+/// Most bytes one write hands h2, and so the largest DATA frame it sends: h2 sends each write
+/// as a frame of its own, and a frame is what other streams' next bytes wait behind on the
+/// one TCP connection. The copy loop reads 64 KiB at a time (fewer reads of the client's
+/// socket); handed over whole, those reads made 64 KiB frames, and a 1 KiB exchange beside a
+/// download on a 4 Mbit/s link waited longer (p99 652–830 ms against 520–559 ms with 32 KiB).
+/// 32 KiB frames keep the wait where it was (553–594 ms) and cost a second `send_data` per
+/// read, no bulk throughput (`docs/benchmarks.md`, "Round 2, third part").
+const MAX_DATA_FRAME: usize = 32 * 1024;
+
 /// The sending half of an h2 tunnel stream.
 ///
 /// Headers are held back until the stream's first bytes (or its end, or a reset), so that
@@ -164,7 +173,7 @@ impl AsyncWrite for H2Stream {
             // `reserve_capacity` never wakes it, so look at what is already there first.
             let available = send.capacity();
             if available > 0 {
-                let n = available.min(buf.len());
+                let n = available.min(buf.len()).min(MAX_DATA_FRAME);
                 send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(to_io)?;
                 return Poll::Ready(Ok(n));
             }
