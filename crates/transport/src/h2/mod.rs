@@ -32,9 +32,10 @@ use stream::{RecvState, SendState, Unsent};
 use crate::codes::{DialError, StreamError};
 use crate::limits::{H2_CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS};
 
-/// Largest HTTP/2 DATA frame either side sends (the protocol's maximum is 16 MiB). A frame is
-/// what another stream's next bytes may wait behind (about 1 s at 2 Mbit/s); 16 KiB frames
-/// saved little of that and cost eight-stream bulk a quarter of its throughput
+/// Largest HTTP/2 DATA frame either side accepts (the protocol's maximum is 16 MiB); what each
+/// sends is at most one write, and writes are cut at `stream::MAX_DATA_FRAME` (32 KiB). A frame
+/// is what another stream's next bytes may wait behind (about 1 s at 2 Mbit/s for 256 KiB);
+/// 16 KiB frames saved little of that and cost eight-stream bulk a quarter of its throughput
 /// (`docs/benchmarks.md`, "Thin links").
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Bytes the h2 layer may buffer per stream before `poll_write` waits for the socket.
