@@ -12,7 +12,7 @@
 /// The copy loop's largest read per direction. It lives on the stack while a read is in
 /// hand; heap memory of this size is taken only while a writer is not keeping up. 64 KiB
 /// rather than 32: half the reads of a client's or destination's socket in a bulk transfer,
-/// measured as 8–18 % less CPU per GB on both transports and one-stream bulk 0.74 → 0.91×
+/// measured as 8–18 % less CPU per GB on both transports and one-stream upload 0.74 → 0.91×
 /// (TLS/TCP) and 0.44 → 0.53× (QUIC) of 2 × HAProxy (`docs/benchmarks.md`, "Round 2, third
 /// part"), for 32 KiB more per direction whose writer is blocked.
 pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
